@@ -1,0 +1,39 @@
+# make demo / make test work on a fresh machine: they create .venv and install everything first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PIPC := $(PIP) install --disable-pip-version-check -q -c constraints.txt
+# torch first and alone: on a machine without CUDA pip takes the CPU wheel of the pinned release.
+TORCH_SPEC ?= torch
+NPROC ?= 4
+
+.PHONY: install install-test demo test test-fast clean
+
+$(VENV)/.installed: constraints.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIPC) $(TORCH_SPEC)
+	$(PIPC) megatron-core numpy pyyaml tiktoken safetensors pybind11 setuptools wheel
+	$(PIPC) --no-deps dashscope
+	$(PIPC) --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIPC) pytest transformers
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(PY) tools/demo.py --nproc $(NPROC)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q tests
+
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -q tests -m "not slow"
+
+clean:
+	rm -rf build *.egg-info megatron_qwen/_C*.so
