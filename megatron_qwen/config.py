@@ -1,0 +1,415 @@
+"""Run configuration: one typed dataclass tree, loaded from YAML, overridden with dotted keys.
+
+    python -m megatron_qwen.config configs/qwen-7b.yaml parallel.tp=4 --world-size 16
+
+prints the resolved configuration, or every problem found (exit 2). Validation runs before any
+process group exists and each message names the value, the rule and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+TOKENIZER_VOCAB_SIZE = 151851  # regular + special tokens of qwen.tiktoken (QWEN.md)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; `problems` lists every message found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.problems))
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of a Qwen (v1) network; see QWEN.md for the released sizes."""
+
+    name: str = "custom"
+    num_layers: int = 2
+    hidden_size: int = 256
+    num_attention_heads: int = 2
+    ffn_hidden_size: int = 512  # per-branch SwiGLU width (QWEN.md's FFN column; v1 config's intermediate_size / 2)
+    padded_vocab_size: int = 151936  # embedding rows; kept when TP divides it, else padded up
+    seq_length: int = 2048  # training context; NTK/LogN start beyond it
+    max_position_embeddings: int = 8192
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-6
+    init_method_std: float = 0.02
+    use_dynamic_ntk: bool = False  # inference only, beyond seq_length
+    use_logn_attn: bool = False  # inference only, beyond seq_length
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    transformer_impl: str = "auto"  # auto (TE when importable), local, transformer_engine
+    fp8: typing.Optional[str] = None  # None, "hybrid" or "e4m3"; needs Transformer Engine
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks are laid out; data parallelism takes what TP x PP leaves of the world size."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
+    sp: bool = False  # sequence parallelism over the TP group
+    use_distributed_optimizer: bool = False
+    device: str = "auto"  # auto (CUDA when available), cpu (gloo ranks), cuda
+    timeout_minutes: float = 10.0  # every collective; a dead rank ends the job instead of hanging
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation recipe (QWEN.md pretraining defaults) and run length."""
+
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    train_iters: int = 100
+    lr: float = 3e-4
+    min_lr: float = 3e-5  # cosine decay ends at 10 % of the peak
+    lr_warmup_iters: int = 2000
+    lr_decay_iters: typing.Optional[int] = None  # defaults to train_iters
+    lr_decay_style: str = "cosine"  # cosine, linear, constant
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
+    recompute: str = "none"  # none, selective (core attention), full
+    recompute_num_layers: int = 1
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from."""
+
+    paths: list = field(default_factory=list)  # [weight, prefix, weight, prefix, ...] of .bin/.idx shards
+    split: str = "969,30,1"
+    tokenizer_file: typing.Optional[str] = None  # default: qwen.tiktoken from the dashscope wheel
+    cache_dir: typing.Optional[str] = None
+
+
+@dataclass
+class WandbConfig:
+    project: typing.Optional[str] = None  # None disables W&B
+    entity: typing.Optional[str] = None
+    name: typing.Optional[str] = None
+    mode: str = "auto"  # auto (online with WANDB_API_KEY, else offline), online, offline, disabled
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    run_dir: str = "runs/default"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """The resolved rank layout: every size the rest of the code needs, computed once."""
+
+    world_size: int
+    tp: int
+    pp: int
+    vpp: int
+    dp: int
+    sp: bool
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _field_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value, typ, where: str):
+    """Check/convert a YAML value to the dataclass field type; raise ConfigError naming the key."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError([f"{where}: expected a mapping, got {value!r}"])
+        return _build(typ, value, where)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError([f"{where}={value!r}: expected true or false"])
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError([f"{where}={value!r}: expected an integer"])
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError([f"{where}={value!r}: expected a number"])
+        return float(value)
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError([f"{where}={value!r}: expected a string"])
+        return str(value)
+    if typ is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError([f"{where}={value!r}: expected a list"])
+        return list(value)
+    return value
+
+
+def _build(cls, data: dict, where: str = ""):
+    types = _field_types(cls)
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            [f"unknown key {prefix}{k!r}; valid keys under {where or 'the top level'}: {', '.join(sorted(types))}" for k in unknown]
+        )
+    kwargs = {}
+    for name, typ in types.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], typ, f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a YAML config, following its optional ``base:`` (a path relative to the file) first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {str(path)!r} does not exist"])
+    if path.resolve() in _seen:
+        raise ConfigError([f"config {path} includes itself through 'base:'"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML ({exc})"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections (model, parallel, ...)"])
+    base = data.pop("base", None)
+    if base is not None:
+        data = _deep_merge(load_yaml_tree(path.parent / base, _seen + (path.resolve(),)), data)
+    return data
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides; values are parsed as YAML (``parallel.sp=true``)."""
+    tree = _deep_merge({}, tree)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError([f"override {item!r} is not of the form section.key=value (e.g. parallel.tp=2)"])
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"override {item!r}: {key!r} is not a section"])
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a `Config` from a YAML file (or the defaults) plus dotted overrides; types are checked."""
+    tree = load_yaml_tree(path) if path is not None else {}
+    tree = apply_overrides(tree, overrides or [])
+    return _build(Config, tree)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def padded_vocab_size(size: int, tp: int) -> int:
+    """The embedding rows used at tensor-parallel size `tp`: `size` if TP divides it, else the next multiple."""
+    return size if size % tp == 0 else int(math.ceil(size / tp) * tp)
+
+
+def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], list[str]]:
+    """Check `cfg` (for `world_size` ranks when given). Returns (errors, notes)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    errors: list[str] = []
+    notes: list[str] = []
+
+    for section, name, value in (
+        ("model", "num_layers", m.num_layers),
+        ("model", "hidden_size", m.hidden_size),
+        ("model", "num_attention_heads", m.num_attention_heads),
+        ("model", "ffn_hidden_size", m.ffn_hidden_size),
+        ("model", "seq_length", m.seq_length),
+        ("parallel", "tp", p.tp),
+        ("parallel", "pp", p.pp),
+        ("parallel", "vpp", p.vpp),
+        ("training", "micro_batch_size", t.micro_batch_size),
+        ("training", "global_batch_size", t.global_batch_size),
+    ):
+        if value < 1:
+            errors.append(f"{section}.{name}={value} must be >= 1")
+    if errors:
+        return errors, notes
+
+    if m.hidden_size % m.num_attention_heads:
+        errors.append(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}; "
+            "Qwen uses head_dim = hidden_size / heads (128 in every released size)"
+        )
+    if m.padded_vocab_size < TOKENIZER_VOCAB_SIZE and m.name.startswith("qwen"):
+        errors.append(
+            f"model.padded_vocab_size={m.padded_vocab_size} is smaller than the tokenizer's {TOKENIZER_VOCAB_SIZE} tokens; "
+            "use 151936 (1.8B/7B/14B) or 152064 (72B)"
+        )
+    if m.max_position_embeddings < m.seq_length:
+        errors.append(
+            f"model.seq_length={m.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}; "
+            "raise max_position_embeddings or shorten seq_length"
+        )
+    if m.transformer_impl not in ("auto", "local", "transformer_engine"):
+        errors.append(f"model.transformer_impl={m.transformer_impl!r} must be auto, local or transformer_engine")
+    if m.fp8 not in (None, "hybrid", "e4m3"):
+        errors.append(f"model.fp8={m.fp8!r} must be null, hybrid or e4m3")
+    if m.fp8 is not None and m.transformer_impl == "local":
+        errors.append("model.fp8 needs the Transformer Engine layers: set model.transformer_impl=auto or transformer_engine")
+
+    if m.num_attention_heads % p.tp:
+        errors.append(
+            f"parallel.tp={p.tp} does not divide model.num_attention_heads={m.num_attention_heads}; "
+            f"choose tp from {_divisors(m.num_attention_heads)}"
+        )
+    if m.ffn_hidden_size % p.tp:
+        errors.append(
+            f"parallel.tp={p.tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}; "
+            f"choose tp from {_divisors(m.ffn_hidden_size)}"
+        )
+    vocab = padded_vocab_size(m.padded_vocab_size, p.tp)
+    if vocab != m.padded_vocab_size:
+        notes.append(
+            f"model.padded_vocab_size={m.padded_vocab_size} is not divisible by parallel.tp={p.tp}; "
+            f"padded up to {vocab} (the extra rows are zero and never predicted)"
+        )
+    if m.num_layers % (p.pp * p.vpp):
+        errors.append(
+            f"parallel.pp={p.pp} x parallel.vpp={p.vpp} = {p.pp * p.vpp} does not divide model.num_layers={m.num_layers}; "
+            f"choose pp*vpp from {_divisors(m.num_layers)}"
+        )
+    if p.vpp > 1 and p.pp < 2:
+        errors.append(f"parallel.vpp={p.vpp} needs pipeline parallelism: set parallel.pp >= 2 or vpp=1")
+    if p.sp and p.tp < 2:
+        errors.append("parallel.sp=true needs tensor parallelism: set parallel.tp >= 2 or parallel.sp=false")
+    if p.device not in ("auto", "cpu", "cuda"):
+        errors.append(f"parallel.device={p.device!r} must be auto, cpu or cuda")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        errors.append(f"training.precision={t.precision!r} must be auto, bf16 or fp32")
+    if t.recompute not in ("none", "selective", "full"):
+        errors.append(f"training.recompute={t.recompute!r} must be none, selective or full")
+    if t.lr_decay_style not in ("cosine", "linear", "constant"):
+        errors.append(f"training.lr_decay_style={t.lr_decay_style!r} must be cosine, linear or constant")
+
+    if world_size is not None:
+        mp = p.tp * p.pp
+        if world_size % mp:
+            errors.append(
+                f"world size {world_size} is not a multiple of parallel.tp x parallel.pp = {mp}; "
+                f"launch a multiple of {mp} ranks or change tp/pp"
+            )
+        else:
+            dp = world_size // mp
+            if t.global_batch_size % (t.micro_batch_size * dp):
+                errors.append(
+                    f"training.global_batch_size={t.global_batch_size} is not a multiple of "
+                    f"micro_batch_size={t.micro_batch_size} x data-parallel size {dp}; "
+                    f"use a multiple of {t.micro_batch_size * dp}"
+                )
+            elif p.pp > 1 and p.vpp > 1 and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pp:
+                errors.append(
+                    f"interleaved pipelining needs the number of micro-batches "
+                    f"({t.global_batch_size // (t.micro_batch_size * dp)}) to be a multiple of parallel.pp={p.pp}; "
+                    "change global_batch_size or micro_batch_size"
+                )
+    return errors, notes
+
+
+def resolve(cfg: Config, world_size: int) -> tuple[Config, ParallelLayout, list[str]]:
+    """Validate for `world_size` ranks and return the config to run (vocabulary padded for TP),
+    its `ParallelLayout` and the notes. Raises ConfigError with every problem found."""
+    errors, notes = validate(cfg, world_size)
+    if errors:
+        raise ConfigError(errors)
+    p = cfg.parallel
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, padded_vocab_size=padded_vocab_size(cfg.model.padded_vocab_size, p.tp))
+    )
+    layout = ParallelLayout(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp, dp=world_size // (p.tp * p.pp), sp=p.sp)
+    return cfg, layout, notes
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_qwen.config", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
+    parser.add_argument("--world-size", type=int, default=None, help="check the layout for this many ranks")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.world_size is not None:
+            cfg, layout, notes = resolve(cfg, args.world_size)
+        else:
+            errors, notes = validate(cfg)
+            if errors:
+                raise ConfigError(errors)
+            layout = None
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    out = cfg.to_dict()
+    if layout is not None:
+        out["resolved_layout"] = dataclasses.asdict(layout)
+    print(yaml.safe_dump(out, sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

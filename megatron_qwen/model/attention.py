@@ -1,0 +1,93 @@
+"""Core attention through torch's scaled_dot_product_attention, with Qwen's LogN scaling.
+
+A drop-in for megatron-core's DotProductAttention (same constructor and forward), except that the
+(seq x seq) score matrix is never materialised in Python: SDPA picks the flash or memory-efficient
+kernel on GPU where the shape allows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_qwen.model.rotary import logn_scale
+
+
+class SDPAttention(MegatronModule):
+    """Causal self-attention core: [sq, b, np, hn] queries/keys/values -> [sq, b, np * hn] context.
+
+    Queries may be fewer than keys (decoding with a KV cache); they are the last ``sq`` positions.
+    In eval mode with ``config.use_logn_attn``, queries beyond ``config.qwen_seq_length`` are scaled
+    by log(p + 1) / log(seq_length) (QWEN.md).
+    """
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not implement context parallelism; set context_parallel_size=1")
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.use_logn_attn = getattr(config, "use_logn_attn", False)
+        self.qwen_seq_length = getattr(config, "qwen_seq_length", None)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("SDPAttention takes neither attention_bias nor packed_seq_params")
+        sq, b, heads, hn = query.shape
+        sk = key.shape[0]
+        if key.shape[2] != heads:  # grouped-query attention: share each K/V head across its queries
+            key = key.repeat_interleave(heads // key.shape[2], dim=2)
+            value = value.repeat_interleave(heads // value.shape[2], dim=2)
+
+        if self.use_logn_attn and not self.training and sk > self.qwen_seq_length:
+            positions = torch.arange(sk - sq, sk, device=query.device)
+            query = query * logn_scale(positions, self.qwen_seq_length).to(query.dtype)[:, None, None, None]
+
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # -> [b, np, s, hn]
+        mask = None
+        is_causal = False
+        if attention_mask is not None:
+            mask = ~attention_mask  # megatron-core masks mark positions to drop; SDPA marks those to keep
+        elif sq == sk:
+            is_causal = True
+        elif sq > 1:
+            # Causal with queries aligned to the end of the keys (SDPA's is_causal aligns to the start).
+            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+
+        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p > 0.0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                context = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale
+                )
+        else:
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale
+            )
+        return context.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)

@@ -1,0 +1,82 @@
+"""The Qwen transformer layer as a megatron-core ModuleSpec: local torch modules or Transformer Engine.
+
+Qwen v1 in megatron-core terms: pre-norm RMSNorm, fused QKV projection with bias, no bias on the
+attention output or the MLP, SwiGLU with fc1 = [gate; up], rotate-half RoPE (set on the model), SDPA
+core attention. The Transformer Engine spec fuses each RMSNorm into the following linear layer and is
+what FP8 runs on; both specs keep the same checkpoint keys.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_qwen.model.attention import SDPAttention
+from megatron_qwen.model.norm import QwenRMSNorm
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine can be imported (it is optional everywhere)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def qwen_layer_spec(use_transformer_engine: bool = False) -> ModuleSpec:
+    """One Qwen decoder layer."""
+    if use_transformer_engine:
+        from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear, TERowParallelLinear
+
+        qkv, proj, fc1, fc2 = TELayerNormColumnParallelLinear, TERowParallelLinear, TELayerNormColumnParallelLinear, TERowParallelLinear
+        input_norm = pre_mlp_norm = IdentityOp  # fused into qkv / fc1
+        keys_map = {}
+    else:
+        qkv, proj, fc1, fc2 = ColumnParallelLinear, RowParallelLinear, ColumnParallelLinear, RowParallelLinear
+        input_norm = pre_mlp_norm = QwenRMSNorm
+        # Store the norms under Transformer Engine's fused names so both specs share checkpoints.
+        keys_map = {
+            "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+            "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+        }
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=input_norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=qkv,
+                    core_attention=SDPAttention,
+                    linear_proj=proj,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=pre_mlp_norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=keys_map,
+        ),
+    )
+
+
+def qwen_block_spec(num_layers: int, use_transformer_engine: bool = False) -> TransformerBlockSubmodules:
+    """`num_layers` Qwen layers (this pipeline stage's share) and the final RMSNorm."""
+    if use_transformer_engine:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    else:
+        final_norm = QwenRMSNorm
+    return TransformerBlockSubmodules(
+        layer_specs=[qwen_layer_spec(use_transformer_engine)] * num_layers, layer_norm=final_norm
+    )

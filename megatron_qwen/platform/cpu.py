@@ -1,0 +1,236 @@
+"""The CPU harness: megatron-core's real parallel code on CPU tensors over gloo.
+
+megatron-core 0.16.1 assumes CUDA in a handful of places. Each `Patch` below replaces exactly one
+such assumption, says why, and can be undone. They are applied only when the ranks run on CPU (no
+CUDA, or CPU asked for explicitly; see `megatron_qwen.platform.launch.use_cpu_ranks`), so GPU runs
+use megatron-core untouched. `tests/test_cpu_harness.py` proves each patch still needed (the
+unpatched call fails on CPU) and sufficient (the patched call works), so a megatron-core upgrade
+shows exactly which ones changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import types
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One named replacement of a CUDA assumption; `apply()` returns the function that undoes it."""
+
+    name: str
+    why: str
+    apply: Callable[[], Callable[[], None]]
+    # (module, qualified name, source snippet): where megatron-core makes the assumption. The harness
+    # test checks each site still contains its snippet, so an upgrade that drops one is noticed.
+    sites: tuple[tuple[str, str, str], ...] = ()
+
+
+def _set_attr(owner, attr: str, value) -> Callable[[], None]:
+    old = getattr(owner, attr)
+    setattr(owner, attr, value)
+    return lambda: setattr(owner, attr, old)
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.startswith("cuda")
+
+
+class _CpuFactoryTorch(types.ModuleType):
+    """A stand-in for the `torch` name inside one megatron-core module: factory calls that hard-code
+    ``device="cuda"`` get the CPU instead; every other attribute is torch's own."""
+
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange")
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in self._FACTORIES:
+            setattr(self, name, self._wrap(getattr(torch, name)))
+
+    @staticmethod
+    def _wrap(factory):
+        def cpu_factory(*args, **kwargs):
+            if _is_cuda(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            return factory(*args, **kwargs)
+
+        return cpu_factory
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+# megatron-core modules whose code creates tensors with a literal device="cuda".
+CUDA_FACTORY_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",  # total_num_tokens counter of every schedule
+    "megatron.core.optimizer.clip_grads",  # grad-norm and zero-count accumulators
+    "megatron.core.optimizer.optimizer",  # found_inf / scale tensors of the optimizer
+    "megatron.core.rerun_state_machine",  # validation-result reductions
+    "megatron.core.utils",  # local (non-apex) multi-tensor l2 norm used for the grad norm
+)
+
+
+def _patch_cuda_factories():
+    proxy = _CpuFactoryTorch()
+    undo = [_set_attr(importlib.import_module(m), "torch", proxy) for m in CUDA_FACTORY_MODULES]
+    return lambda: [u() for u in undo]
+
+
+def _patch_current_device():
+    return _set_attr(torch.cuda, "current_device", lambda: torch.device("cpu"))
+
+
+def _patch_synchronize():
+    return _set_attr(torch.cuda, "synchronize", lambda device=None: None)
+
+
+def _patch_rng():
+    random = importlib.import_module("megatron.core.tensor_parallel.random")
+    cuda_ns = types.SimpleNamespace(
+        get_rng_state=lambda device=None: torch.get_rng_state(),
+        set_rng_state=lambda state, device=None: torch.set_rng_state(state),
+        manual_seed=torch.manual_seed,
+    )
+    proxy = types.ModuleType("torch")
+    proxy.__getattr__ = lambda name: getattr(torch, name)  # type: ignore[method-assign]
+    proxy.cuda = cuda_ns
+    undo = [
+        _set_attr(random, "torch", proxy),
+        _set_attr(random, "_get_cuda_rng_state", lambda device=None, clone=False, graph_safe=False: torch.get_rng_state()),
+        _set_attr(random, "_set_cuda_rng_state", lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)),
+    ]
+    return lambda: [u() for u in undo]
+
+
+@contextlib.contextmanager
+def _cpu_tensors_pose_as_cuda():
+    """Inside this block CPU tensors answer `.type()` with CUDA names ('torch.cuda.FloatTensor') and
+    `.cuda()` returns the tensor itself."""
+    original_type, original_cuda = torch.Tensor.type, torch.Tensor.cuda
+
+    def cuda_named_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return original_type(self).replace("torch.", "torch.cuda.", 1)
+        return original_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = cuda_named_type
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.type, torch.Tensor.cuda = original_type, original_cuda
+
+
+# (module, owner attribute path) of megatron-core functions that check `.type()` for CUDA names or
+# call `.cuda()` on tensors that gloo can reduce on the CPU as they are.
+CUDA_TENSOR_METHOD_SITES = (
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),  # asserts grad.type()
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._build_model_and_main_param_groups"),  # param.type()
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero"),  # .cuda() before gather
+)
+
+
+def _patch_tensor_methods():
+    def scoped(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with _cpu_tensors_pose_as_cuda():
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    undo = []
+    for module_name, path in CUDA_TENSOR_METHOD_SITES:
+        owner = importlib.import_module(module_name)
+        *parents, attr = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent)
+        raw = owner.__dict__[attr]
+        if isinstance(raw, classmethod):
+            replacement = classmethod(scoped(raw.__func__))
+        else:
+            replacement = scoped(raw)
+        undo.append(_set_attr(owner, attr, replacement))
+    return lambda: [u() for u in undo]
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch(
+        "cuda_current_device",
+        "megatron-core allocates buffers with device=torch.cuda.current_device(); on CPU ranks that device is the CPU.",
+        _patch_current_device,
+        sites=(
+            ("megatron.core.models.common.embeddings.rotary_pos_embedding", "RotaryEmbedding.get_emb", "torch.cuda.current_device()"),
+            ("megatron.core.pipeline_parallel.p2p_communication", "P2PCommunicator._communicate", "torch.cuda.current_device()"),
+            ("megatron.core.distributed.param_and_grad_buffer", "_ParamAndGradBuffer.__init__", "torch.cuda.current_device()"),
+        ),
+    ),
+    Patch(
+        "cuda_rng_tracker",
+        "The tensor-parallel RNG tracker saves/restores the CUDA generator; CPU ranks track the CPU generator.",
+        _patch_rng,
+        sites=(
+            ("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker.add", "torch.cuda.get_rng_state()"),
+            ("megatron.core.tensor_parallel.random", "model_parallel_cuda_manual_seed", "torch.cuda.manual_seed"),
+        ),
+    ),
+    Patch(
+        "cuda_synchronize",
+        "Pipeline p2p exchanges call torch.cuda.synchronize() after batched send/recv; CPU work is already synchronous.",
+        _patch_synchronize,
+        sites=(("megatron.core.pipeline_parallel.p2p_communication", "P2PCommunicator._communicate", "torch.cuda.synchronize()"),),
+    ),
+    Patch(
+        "cuda_factory_device",
+        "A few megatron-core modules create tensors with a literal device='cuda'; on CPU ranks they get the CPU.",
+        _patch_cuda_factories,
+        sites=(
+            ("megatron.core.pipeline_parallel.schedules", "forward_backward_no_pipelining", 'device="cuda"'),
+            ("megatron.core.optimizer.clip_grads", "count_zeros_fp32", "device='cuda'"),
+            ("megatron.core.optimizer.optimizer", "FP32Optimizer.__init__", "device='cuda'"),
+            ("megatron.core.rerun_state_machine", "RerunStateMachine._reduce_any", "device='cuda'"),
+            ("megatron.core.utils", "local_multi_tensor_l2_norm", 'device="cuda"'),
+        ),
+    ),
+    Patch(
+        "cuda_tensor_methods",
+        "Grad clipping and the distributed optimizer accept only tensors whose .type() is "
+        "'torch.cuda.FloatTensor' and move state with .cuda() before a gather; while those functions "
+        "run, CPU tensors report CUDA type names and .cuda() leaves them on the CPU.",
+        _patch_tensor_methods,
+        sites=(
+            ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32", "'torch.cuda.FloatTensor'"),
+            ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._build_model_and_main_param_groups", "'torch.cuda.FloatTensor'"),
+            ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero", ".cuda()"),
+        ),
+    ),
+)
+
+_undo: dict[str, Callable[[], None]] = {}
+
+
+def apply_cpu_harness(names: tuple[str, ...] | None = None) -> None:
+    """Apply the named patches (all by default); applying one twice is a no-op."""
+    for patch in PATCHES:
+        if (names is None or patch.name in names) and patch.name not in _undo:
+            _undo[patch.name] = patch.apply()
+
+
+def remove_cpu_harness(names: tuple[str, ...] | None = None) -> None:
+    """Undo the named patches (all by default), restoring megatron-core's and torch's own code."""
+    for name in list(_undo):
+        if names is None or name in names:
+            _undo.pop(name)()
+
+
+def applied_patches() -> tuple[str, ...]:
+    """Names of the patches currently applied in this process."""
+    return tuple(_undo)

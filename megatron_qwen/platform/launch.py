@@ -1,0 +1,199 @@
+"""Where ranks come from: torchrun, Slurm (`srun`), MPI (`mpirun`) or a single process.
+
+`detect_launch()` reads the launcher's environment variables, `init_distributed()` turns them into a
+torch.distributed process group (nccl on GPUs, gloo on CPU ranks) and megatron-core's parallel state.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    """Rank layout of this process as the launcher described it."""
+
+    launcher: str  # "torchrun", "slurm", "mpi" or "single"
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+
+
+def _int_env(env, *names):
+    for name in names:
+        if env.get(name) not in (None, ""):
+            return int(env[name])
+    return None
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """Expand a Slurm node list such as ``gpu[01-03,07],login1`` into host names.
+
+    Implemented here (rather than calling ``scontrol show hostnames``) so it works inside
+    containers that do not ship the Slurm client.
+    """
+    hosts: list[str] = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        match = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not match:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for item in ranges.split(","):
+            if "-" in item:
+                lo, hi = item.split("-", 1)
+                width = len(lo)
+                hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(f"{prefix}{item}{suffix}")
+    return hosts
+
+
+def detect_launch(env: dict | None = None) -> LaunchInfo:
+    """Describe this process's rank from the launcher's environment.
+
+    Precedence: torchrun's ``RANK``/``WORLD_SIZE`` (also set by our own launch scripts), then
+    Slurm's ``SLURM_PROCID``/``SLURM_NTASKS`` (only inside an ``srun`` step, i.e. with
+    ``SLURM_STEP_ID`` set), then Open MPI's ``OMPI_COMM_WORLD_*`` or PMI's ``PMI_RANK``/``PMI_SIZE``,
+    else a single process. ``MASTER_ADDR``/``MASTER_PORT`` win when set; otherwise Slurm's first
+    node (or localhost) and a port derived from the job id so that jobs sharing a node do not clash.
+    """
+    env = os.environ if env is None else env
+    port = _int_env(env, "MASTER_PORT")
+    addr = env.get("MASTER_ADDR")
+
+    if env.get("RANK") not in (None, "") and env.get("WORLD_SIZE") not in (None, ""):
+        launcher = "torchrun"
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_rank = _int_env(env, "LOCAL_RANK") or 0
+        local_world = _int_env(env, "LOCAL_WORLD_SIZE") or world
+    elif env.get("SLURM_PROCID") not in (None, "") and env.get("SLURM_STEP_ID") not in (None, ""):
+        launcher = "slurm"
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local_rank = _int_env(env, "SLURM_LOCALID") or 0
+        # SLURM_TASKS_PER_NODE looks like "4(x2)" or "4,3": this node's count is the first number.
+        per_node = re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1")
+        local_world = int(per_node.group()) if per_node else 1
+        if addr is None:
+            nodes = expand_slurm_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
+            addr = nodes[0] if nodes else "127.0.0.1"
+        if port is None:
+            port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+    elif env.get("OMPI_COMM_WORLD_RANK") not in (None, ""):
+        launcher = "mpi"
+        rank, world = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
+        local_rank = _int_env(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0
+        local_world = _int_env(env, "OMPI_COMM_WORLD_LOCAL_SIZE") or world
+    elif env.get("PMI_RANK") not in (None, "") and env.get("PMI_SIZE") not in (None, ""):
+        launcher = "mpi"
+        rank, world = int(env["PMI_RANK"]), int(env["PMI_SIZE"])
+        local_rank = _int_env(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK") or 0
+        local_world = _int_env(env, "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE") or world
+    else:
+        launcher, rank, world, local_rank, local_world = "single", 0, 1, 0, 1
+
+    if rank < 0 or rank >= world:
+        raise ValueError(f"{launcher} launch gave rank {rank} outside world size {world}: check the launcher's environment")
+    return LaunchInfo(
+        launcher=launcher,
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        local_world_size=local_world,
+        master_addr=addr or "127.0.0.1",
+        master_port=port or DEFAULT_MASTER_PORT,
+    )
+
+
+def use_cpu_ranks(device: str = "auto") -> bool:
+    """Whether ranks run on CPU: no CUDA, ``device == "cpu"``, or ``MEGATRON_QWEN_DEVICE=cpu``.
+
+    Asking for CPU explicitly lets multi-rank tests run on a box with a single GPU, where several
+    ranks cannot share the GPU under NCCL.
+    """
+    device = os.environ.get("MEGATRON_QWEN_DEVICE", device)
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not one of auto, cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch.cuda.is_available() is False; use device=auto or cpu")
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
+def init_distributed(
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    device: str = "auto",
+    timeout_minutes: float = 10.0,
+    seed: int = 1234,
+) -> LaunchInfo:
+    """Create the process group for this launch and megatron-core's TP/PP/DP groups.
+
+    nccl when ranks use GPUs, gloo on CPU ranks (where the CPU harness of
+    `megatron_qwen.platform.cpu` is applied first). `timeout_minutes` bounds every collective so a
+    dead rank ends the job with an error instead of a silent hang. Idempotent within a process.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    info = detect_launch()
+    cpu = use_cpu_ranks(device)
+    if cpu:
+        from megatron_qwen.platform.cpu import apply_cpu_harness
+
+        apply_cpu_harness()
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", info.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(info.master_port))
+        if not cpu:
+            torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+        torch.distributed.init_process_group(
+            backend="gloo" if cpu else "nccl",
+            init_method=f"tcp://{_format_host(os.environ['MASTER_ADDR'])}:{os.environ['MASTER_PORT']}",
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+            distributed_timeout_minutes=int(max(1, timeout_minutes)),
+        )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return info
+
+
+def _format_host(host: str) -> str:
+    # IPv6 literals need brackets inside a tcp:// URL.
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]"
+    if host != "127.0.0.1" and host != "localhost":
+        try:
+            socket.getaddrinfo(host, None)
+        except socket.gaierror as exc:
+            raise RuntimeError(f"master address {host!r} does not resolve ({exc}); set MASTER_ADDR to a reachable host") from exc
+    return host
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron-core's groups and the process group (end of a run or a test)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,110 @@
+"""One forward+backward over a global batch with megatron-core's schedules, DDP and grad finalisation.
+
+The loss is the per-token mean over every trained token of the global batch: each micro-batch
+returns (sum of token losses, token count), megatron-core sums gradients and `finalize_model_grads`
+divides them once by the global token count. That makes loss and gradients identical (to rounding)
+at every TP/PP/VPP/DP layout.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterator
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_qwen.config import Config
+
+
+def wrap_ddp(chunks: list[torch.nn.Module], cfg: Config) -> list[DistributedDataParallel]:
+    """Wrap model chunks in megatron-core's DDP (gradient buckets in fp32, reduced across DP)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        wrapped.append(
+            DistributedDataParallel(
+                config=chunk.config,
+                ddp_config=ddp_config,
+                module=chunk,
+                # Later chunks' buckets would only be overlapped with compute; keep one bucket each.
+                disable_bucketing=i > 0,
+            )
+        )
+    return wrapped
+
+
+def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of masked per-token losses and the number of trained tokens of one micro-batch."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def lm_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+    """megatron-core forward_step_func for next-token prediction.
+
+    Each item of the iterator is a dict with ``tokens``, ``labels``, ``loss_mask`` of shape
+    (micro_batch, seq) and optional ``position_ids``/``attention_mask``.
+    """
+    batch = next(data_iterator)
+    tokens = batch["tokens"]
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, position_ids, batch.get("attention_mask"), labels=batch["labels"])
+    return output, partial(lm_loss, batch["loss_mask"])
+
+
+def forward_backward(
+    model: list[torch.nn.Module],
+    data_iterator,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_step_func=lm_forward_step,
+    forward_only: bool = False,
+) -> torch.Tensor:
+    """Run one global batch through megatron-core's schedule for this layout (no pipelining, 1F1B or
+    interleaved) and finalise gradients. Returns the global per-token mean loss on every rank.
+
+    `data_iterator` is one iterator, or one per model chunk with virtual pipelining.
+    """
+    for chunk in model:
+        chunk.config.finalize_model_grads_func = finalize_model_grads
+        chunk.config.no_sync_func = None
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterator,
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    return reduce_loss(losses)
+
+
+def reduce_loss(losses: list[dict]) -> torch.Tensor:
+    """The global per-token mean loss from the last stage's reports, broadcast to every rank."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    for item in losses:
+        totals += item["lm loss"].detach().to("cpu", torch.float64)
+    # Sum across data-parallel replicas, then take the last pipeline stage's value everywhere.
+    device = "cpu" if torch.distributed.get_backend() == "gloo" else torch.cuda.current_device()
+    totals = totals.to(device)
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        last = parallel_state.get_pipeline_model_parallel_last_rank()
+        torch.distributed.broadcast(totals, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    return (totals[0] / totals[1].clamp(min=1)).to("cpu", torch.float32)

@@ -1,0 +1,94 @@
+"""Worker for tests/test_parallel_equivalence.py, launched with torchrun on gloo CPU ranks.
+
+--reference (1 rank): build the tiny Qwen from a seed, save its weights, run one forward+backward.
+--layouts L1,L2,... (N ranks): for each layout (e.g. ``tp2-pp2-vpp1-sp1``) rebuild the parallel
+state, load those weights, run the same global batch. Each run writes its loss and its gradients
+(as a dist_checkpointing checkpoint, so they are stored at full, unsharded shapes) under --workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+MODEL_OVERRIDES = ["model.padded_vocab_size=1024", "model.seq_length=32"]
+SEQ, GLOBAL_BATCH, MICRO_BATCH, SEED = 32, 8, 1, 1234
+
+
+def parse_layout(name: str) -> dict:
+    match = re.fullmatch(r"tp(\d+)-pp(\d+)-vpp(\d+)-sp([01])", name)
+    if not match:
+        raise SystemExit(f"bad layout {name!r}; expected e.g. tp2-pp2-vpp1-sp1")
+    tp, pp, vpp, sp = (int(g) for g in match.groups())
+    return {"tp": tp, "pp": pp, "vpp": vpp, "sp": bool(sp)}
+
+
+def global_batch(vocab: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(SEED)
+    return torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+
+
+def run(name: str, workdir: Path, reference: bool) -> None:
+    from megatron.core import parallel_state
+
+    from megatron_qwen.config import load_config, resolve
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.launch import detect_launch, init_distributed
+    from megatron_qwen.training.checkpointing import load_model, save_model
+    from megatron_qwen.training.forward_backward import forward_backward, wrap_ddp
+
+    layout_args = parse_layout(name)
+    overrides = MODEL_OVERRIDES + [f"parallel.{k}={str(v).lower()}" for k, v in layout_args.items()]
+    overrides += [f"training.micro_batch_size={MICRO_BATCH}", f"training.global_batch_size={GLOBAL_BATCH}"]
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml", overrides)
+    cfg, layout, _ = resolve(cfg, detect_launch().world_size)
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    init_distributed(layout.tp, layout.pp, layout.vpp, device="cpu", seed=SEED)
+    chunks = build_model(cfg, on_cpu=True)
+    if reference:
+        save_model(chunks, workdir / "weights")
+    else:
+        load_model(chunks, workdir / "weights")
+    model = wrap_ddp(chunks, cfg)
+
+    num_micro = GLOBAL_BATCH // (MICRO_BATCH * layout.dp)
+    tokens = global_batch(cfg.model.padded_vocab_size)
+    mine = tokens.view(layout.dp, num_micro, MICRO_BATCH, SEQ + 1)[parallel_state.get_data_parallel_rank()]
+    batches = [
+        {"tokens": b[:, :-1], "labels": b[:, 1:], "loss_mask": torch.ones(MICRO_BATCH, SEQ)} for b in mine
+    ]
+    iterators = [iter(list(batches)) for _ in model] if len(model) > 1 else iter(batches)
+    loss = forward_backward(model, iterators, num_micro, SEQ, MICRO_BATCH)
+
+    # Store gradients in the parameters so that dist_checkpointing writes them at full shape.
+    for chunk in model:
+        for param in chunk.parameters():
+            param.data.copy_(param.main_grad)
+    out = workdir / ("reference" if reference else name)
+    save_model(model, out / "grads")
+    if torch.distributed.get_rank() == 0:
+        (out / "loss.json").write_text(json.dumps({"loss": loss.item(), "dp": layout.dp}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", type=Path, required=True)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--reference", action="store_true")
+    group.add_argument("--layouts", type=str)
+    args = parser.parse_args()
+    if args.reference:
+        run("tp1-pp1-vpp1-sp0", args.workdir, reference=True)
+    else:
+        for name in args.layouts.split(","):
+            run(name, args.workdir, reference=False)
+
+
+if __name__ == "__main__":
+    main()

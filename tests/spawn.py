@@ -1,0 +1,46 @@
+"""Launch a script on several gloo CPU ranks with torchrun, as users do, and report its output."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict:
+    """Environment for CPU ranks: the CPU harness forced, one thread per rank, W&B never online."""
+    env = dict(os.environ)
+    env.update(
+        MEGATRON_QWEN_DEVICE="cpu",
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="disabled",
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    env.update(extra)
+    return env
+
+
+def run_torchrun(nproc: int, argv: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``torchrun --nproc-per-node nproc ARGV`` on loopback; fail the test with its output on error."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        *argv,
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited with {proc.returncode}\n--- stdout ---\n{proc.stdout[-8000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+        )
+    return proc
