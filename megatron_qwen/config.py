@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-TOKENIZER_VOCAB_SIZE = 151851  # regular + special tokens of qwen.tiktoken (QWEN.md)
+TOKENIZER_VOCAB_SIZE = 151851  # regular + special tokens of qwen.tiktoken
 
 
 class ConfigError(ValueError):
@@ -31,13 +31,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Shape and numerics of a Qwen (v1) network; see QWEN.md for the released sizes."""
+    """Shape and numerics of a Qwen (v1) network; configs/ holds the released sizes."""
 
     name: str = "custom"
     num_layers: int = 2
     hidden_size: int = 256
     num_attention_heads: int = 2
-    ffn_hidden_size: int = 512  # per-branch SwiGLU width (QWEN.md's FFN column; v1 config's intermediate_size / 2)
+    ffn_hidden_size: int = 512  # per-branch SwiGLU width (the v1 config's intermediate_size / 2)
     padded_vocab_size: int = 151936  # embedding rows; kept when TP divides it, else padded up
     seq_length: int = 2048  # training context; NTK/LogN start beyond it
     max_position_embeddings: int = 8192
@@ -71,7 +71,7 @@ class ParallelConfig:
 
 @dataclass
 class TrainingConfig:
-    """Optimisation recipe (QWEN.md pretraining defaults) and run length."""
+    """Optimisation recipe (the Qwen report's pretraining defaults) and run length."""
 
     micro_batch_size: int = 1
     global_batch_size: int = 8

@@ -1,7 +1,7 @@
-"""Independent references for the Qwen network, written for the tests from QWEN.md alone.
+"""Independent references for the Qwen network, written for the tests from the Qwen v1 facts alone.
 
 `megatron_to_qwen2` maps a TP=1 megatron-core state dict onto transformers' Qwen2 names by the
-QWEN.md layout table; `qwen_v1_forward` is a plain-torch Qwen v1 forward pass (fp32) including the
+Qwen v1 / Qwen2 layout table; `qwen_v1_forward` is a plain-torch Qwen v1 forward pass (fp32) including the
 inference-only dynamic NTK and LogN scaling, for lengths transformers' Qwen2 does not model.
 """
 

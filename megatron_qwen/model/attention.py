@@ -23,7 +23,7 @@ class SDPAttention(MegatronModule):
 
     Queries may be fewer than keys (decoding with a KV cache); they are the last ``sq`` positions.
     In eval mode with ``config.use_logn_attn``, queries beyond ``config.qwen_seq_length`` are scaled
-    by log(p + 1) / log(seq_length) (QWEN.md).
+    by log(p + 1) / log(seq_length), as in the released modeling_qwen.py.
     """
 
     def __init__(
