@@ -173,6 +173,12 @@ def _coerce(value, typ, where: str):
             raise ConfigError([f"{where}={value!r}: expected an integer"])
         return int(value)
     if typ is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it plainly is.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError([f"{where}={value!r}: expected a number"])
         return float(value)
@@ -193,7 +199,7 @@ def _build(cls, data: dict, where: str = ""):
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
-            [f"unknown key {prefix}{k!r}; valid keys under {where or 'the top level'}: {', '.join(sorted(types))}" for k in unknown]
+            [f"unknown key '{prefix}{k}'; valid keys under {where or 'the top level'}: {', '.join(sorted(types))}" for k in unknown]
         )
     kwargs = {}
     for name, typ in types.items():

