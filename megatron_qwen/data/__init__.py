@@ -1,0 +1,1 @@
+"""Data tooling: Megatron indexed shards (indexed.py), corpus preprocessing (preprocess.py) and datasets."""
