@@ -1,0 +1,611 @@
+"""Corpora (JSON lines, optionally gzipped) -> Megatron shards ``PREFIX_{key}_document.bin/.idx``.
+
+How the work is split: the input files, in order, form one byte stream that is cut into equal parts,
+``PARTS_PER_WORKER`` per worker process; each MPI rank owns a contiguous run of them. A line belongs to the
+part holding its first byte (in a .gz file, to the part holding the compressed 1 MiB block that decompresses
+to it). A rank's workers take its parts one after another, so a stretch of slow text does not leave the
+other workers idle; each reads only its part, tokenizes in batches and streams the part's own partial shard
+per key through the C++ builder, so no token crosses between processes. Rank 0 then merges the partial
+shards in part order and deletes them. Documents therefore keep input order and the output is
+byte-identical for any worker count and any number of MPI ranks.
+
+Nothing half-written is left behind: shards are written under temporary names and renamed when complete,
+and on any failure every partial shard and temporary is removed. A bad line (invalid JSON, not an object,
+missing key, non-string value) stops the run with ``file:line`` and the reason, or is counted and skipped
+with ``skip_bad_lines``.
+
+The command-line front end is ``tools/preprocess_data.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import itertools
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import sys
+import time
+import traceback
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megatron_qwen.data.indexed import IndexedShardWriter, ShardSummary, merge_shards
+from megatron_qwen.tokenizer import default_tokenizer_file, load_tokenizer
+
+BLOCK_BYTES = 1 << 20  # read size, and the unit in which .gz files are split between workers
+PARTS_PER_WORKER = 8  # more, smaller parts balance uneven text better but make more partial shards
+BATCH_BYTES = 1 << 20  # JSONL text tokenized per batch: large enough to amortise per-call costs
+MAX_BAD_LINE_EXAMPLES = 10
+_SKIP_HINT = "fix or remove the line, or skip such lines with --skip-bad-lines (skip_bad_lines=True)"
+
+
+class PreprocessError(RuntimeError):
+    """The corpus or the arguments cannot be preprocessed; the message says where and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The lines of ``path`` that start in raw bytes [start, end) (compressed bytes for .gz files)."""
+
+    path: str
+    start: int
+    end: int
+
+
+@dataclass
+class PreprocessResult:
+    """What a run read and wrote (identical on every MPI rank)."""
+
+    documents: int = 0
+    tokens: dict[str, int] = field(default_factory=dict)
+    text_bytes: int = 0
+    bad_lines: int = 0
+    bad_line_examples: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    outputs: dict[str, ShardSummary] = field(default_factory=dict)
+
+
+def output_prefix_for(output_prefix: str, key: str) -> str:
+    """The shard prefix written for one JSON key (Megatron-LM's naming)."""
+    return f"{output_prefix}_{key}_document"
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[str]:
+    """Input files in processing order: each argument in turn, a glob expanded in sorted order."""
+    files: list[str] = []
+    seen: dict[str, str] = {}
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise PreprocessError(f"--input {pattern!r} matches no file; check the path or quote the glob")
+        for path in matches:
+            if not os.path.isfile(path):
+                raise PreprocessError(f"--input {path!r} is not a readable file")
+            real = os.path.realpath(path)
+            if real in seen:
+                raise PreprocessError(
+                    f"input file {path!r} is given twice (by {seen[real]!r} and {pattern!r}); list each file once"
+                )
+            seen[real] = pattern
+            files.append(path)
+    return files
+
+
+def plan_parts(files: Sequence[tuple[str, int]], num_parts: int, gz_cut_every: int = 1) -> list[list[Piece]]:
+    """Cut the concatenated (path, size) files into ``num_parts`` contiguous, equal byte ranges.
+
+    Inside a .gz file only every ``gz_cut_every``-th cut is kept (the parts in between stay empty): each cut
+    in a .gz file costs one more decompression of the file up to it.
+    """
+    total = sum(size for _, size in files)
+    bounds = [total * p // num_parts for p in range(num_parts + 1)]
+    offset = 0
+    for path, size in files:
+        if path.endswith(".gz"):
+            for p in range(1, num_parts):
+                if offset < bounds[p] < offset + size and p % gz_cut_every:
+                    bounds[p] = max(offset, bounds[p - p % gz_cut_every])
+        offset += size
+    parts: list[list[Piece]] = [[] for _ in range(num_parts)]
+    offset = 0
+    for path, size in files:
+        for p in range(num_parts):
+            lo, hi = max(bounds[p], offset), min(bounds[p + 1], offset + size)
+            if lo < hi:
+                parts[p].append(Piece(path, lo - offset, hi - offset))
+        offset += size
+    return parts
+
+
+def _plain_chunks(piece: Piece) -> Iterator[tuple[int, bool, bytes]]:
+    """(raw offset, exact, data) blocks from the byte before ``piece.start`` (it shows whether start begins a line)."""
+    with open(piece.path, "rb", buffering=0) as f:
+        pos = max(piece.start - 1, 0)
+        f.seek(pos)
+        while data := f.read(BLOCK_BYTES):
+            yield pos, True, data
+            pos += len(data)
+
+
+def _gzip_chunks(piece: Piece) -> Iterator[tuple[int, bool, bytes]]:
+    """(compressed offset, exact=False, decompressed data) per compressed block, from the start of the file.
+
+    Concatenated gzip members (pigz, ``cat a.gz b.gz``) are read as one stream.
+    """
+    with open(piece.path, "rb", buffering=0) as f:
+        inflater = None
+        pos = 0
+        while raw := f.read(BLOCK_BYTES):
+            out = []
+            data = raw
+            try:
+                while data:
+                    if inflater is None or inflater.eof:
+                        inflater = zlib.decompressobj(wbits=31)
+                    out.append(inflater.decompress(data))
+                    data = inflater.unused_data if inflater.eof else b""
+            except zlib.error as e:
+                raise PreprocessError(f"{piece.path}: not a valid gzip file near compressed byte {pos} ({e})") from None
+            yield pos, False, b"".join(out)
+            pos += len(raw)
+        if inflater is not None and not inflater.eof:
+            raise PreprocessError(f"{piece.path}: truncated gzip file (its last member does not end); re-create it")
+
+
+def iter_piece_lines(piece: Piece) -> Iterator[tuple[bytes, int]]:
+    """Yield (line without its newline, newlines read before it) for every line the piece owns.
+
+    The newline count is relative to where reading began (see :func:`_line_number`).
+    """
+    chunks = _gzip_chunks(piece) if piece.path.endswith(".gz") else _plain_chunks(piece)
+    start, end = piece.start, piece.end
+    carry: list[bytes] = []  # the unfinished line, kept only when it is ours
+    carry_pos = None  # where the unfinished line began; None when the next byte starts a line
+    newlines = 0
+    for raw_pos, exact, data in chunks:
+        if raw_pos >= end and (carry_pos is None or carry_pos >= end):
+            return
+        if not exact and raw_pos < start:
+            # A block before this part (only in .gz files): track line numbers and the open line, nothing else.
+            count = data.count(b"\n")
+            newlines += count
+            if count:
+                carry_pos = raw_pos if data[-1:] != b"\n" else None
+            elif carry_pos is None and data:
+                carry_pos = raw_pos
+            continue
+        segments = data.split(b"\n")
+        offset = 0
+        for i in range(len(segments) - 1):
+            if i == 0 and carry_pos is not None:
+                line_pos, line = carry_pos, b"".join(carry) + segments[0]
+                carry = []
+            else:
+                line_pos, line = (raw_pos + offset if exact else raw_pos), segments[i]
+            if line_pos >= end:
+                return
+            if line_pos >= start:
+                yield line, newlines
+            newlines += 1
+            offset += len(segments[i]) + 1
+        last = segments[-1]
+        if len(segments) > 1 or carry_pos is None:
+            carry_pos = (raw_pos + offset if exact else raw_pos) if last else None
+            carry = []
+        if carry_pos is not None and start <= carry_pos < end:
+            carry.append(last)
+    if carry_pos is not None and start <= carry_pos < end:
+        yield b"".join(carry), newlines
+
+
+def _line_number(piece: Piece, newlines_before: int) -> int:
+    """1-based line number in the file of a line that ``iter_piece_lines`` reported ``newlines_before`` for."""
+    if piece.path.endswith(".gz") or piece.start == 0:
+        return newlines_before + 1  # reading began at the start of the (decompressed) file
+    return _newlines_before(piece.path, piece.start - 1) + newlines_before + 1
+
+
+@functools.lru_cache(maxsize=64)
+def _newlines_before(path: str, offset: int) -> int:
+    """Newlines in the first ``offset`` bytes of a file (only needed to report a bad line, so cached, not tracked)."""
+    count = 0
+    with open(path, "rb") as f:
+        while offset > 0 and (block := f.read(min(BLOCK_BYTES, offset))):
+            count += block.count(b"\n")
+            offset -= len(block)
+    return count
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _json_type(value) -> str:
+    return "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _texts_of(line: bytes, keys: Sequence[str]) -> list[str] | str:
+    """The string values of ``keys`` in a JSON-object line, or the reason the line is unusable."""
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 text ({e.reason} at byte {e.start})"
+    except json.JSONDecodeError as e:
+        return f"invalid JSON ({e.msg} at column {e.colno})"
+    if not isinstance(record, dict):
+        return f"expected a JSON object, found a JSON {_json_type(record)}"
+    texts = []
+    for key in keys:
+        if key not in record:
+            present = ", ".join(repr(k) for k in list(record)[:8]) or "none"
+            return f"missing key {key!r} (keys present: {present}); choose the keys with --json-keys"
+        value = record[key]
+        if not isinstance(value, str):
+            return f"the value of {key!r} is a JSON {_json_type(value)}, not a string"
+        texts.append(value)
+    return texts
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a worker needs besides its part (picklable for spawned processes)."""
+
+    json_keys: tuple[str, ...]
+    append_eod: bool
+    tokenizer_file: str
+    skip_bad_lines: bool
+    output_prefix: str | None  # None: tokenize and count only
+    num_parts: int
+
+    def partial_prefix(self, key: str, part: int) -> str:
+        return f"{output_prefix_for(self.output_prefix, key)}.part-{part:05d}-of-{self.num_parts:05d}"
+
+
+# Slots per part in the shared progress counters.
+_DOCS, _TOKENS, _BYTES, _BAD = range(4)
+
+
+def _run_worker(parts: dict[int, list[Piece]], next_part, job: _Job, counters, conn) -> None:
+    """Worker process: take this rank's parts in turn (``next_part`` is their shared cursor) and tokenize each
+    into its partial shards; finally send {part: result} or {"error": message} through ``conn``."""
+    try:
+        try:
+            tokenizer = load_tokenizer(job.tokenizer_file)
+        except (OSError, ValueError) as e:
+            raise PreprocessError(f"cannot load the tokenizer: {e}") from None
+        results = {}
+        while True:
+            with next_part.get_lock():
+                part = next_part.value
+                next_part.value += 1
+            if part not in parts:
+                break
+            results[part] = _tokenize_part(part, parts[part], job, tokenizer, counters)
+        conn.send({"parts": results})
+    except PreprocessError as e:
+        conn.send({"error": str(e)})
+    except BaseException as e:  # noqa: BLE001 - report anything (also KeyboardInterrupt) instead of dying silently
+        conn.send({"error": f"a worker failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"})
+    finally:
+        conn.close()
+
+
+def _tokenize_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counters) -> dict:
+    """Read, check and tokenize the lines of ``pieces`` in batches into the part's shards (if writing)."""
+    slot = 4 * part
+    keys = job.json_keys
+    texts: dict[str, list[str]] = {key: [] for key in keys}
+    tokens = dict.fromkeys(keys, 0)
+    bad_examples: list[str] = []
+    pending_bytes = 0
+
+    with ExitStack() as stack:
+        writers = {}
+        if job.output_prefix is not None:
+            writers = {
+                key: stack.enter_context(IndexedShardWriter(job.partial_prefix(key, part), tokenizer.n_vocab))
+                for key in keys
+            }
+
+        def flush() -> None:
+            nonlocal pending_bytes
+            count = len(texts[keys[0]])
+            for key in keys:
+                ids = tokenizer.encode_batch(texts[key], num_threads=1)
+                if job.append_eod:
+                    for doc in ids:
+                        if doc:  # Megatron-LM leaves empty documents empty
+                            doc.append(tokenizer.eod_id)
+                lengths = np.fromiter(map(len, ids), np.int64, count=count)
+                total = int(lengths.sum())
+                if writers:
+                    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=total)
+                    writers[key].add_documents(flat, lengths)
+                tokens[key] += total
+                counters[slot + _TOKENS] += total
+                texts[key].clear()
+            counters[slot + _DOCS] += count
+            counters[slot + _BYTES] += pending_bytes
+            pending_bytes = 0
+
+        for piece in pieces:
+            for line, newlines_before in iter_piece_lines(piece):
+                pending_bytes += len(line) + 1
+                found = _texts_of(line, keys)
+                if isinstance(found, str):
+                    if not job.skip_bad_lines:
+                        line_number = _line_number(piece, newlines_before)
+                        raise PreprocessError(f"{piece.path}:{line_number}: {found}; {_SKIP_HINT}")
+                    counters[slot + _BAD] += 1
+                    if len(bad_examples) < MAX_BAD_LINE_EXAMPLES:
+                        bad_examples.append(f"{piece.path}:{_line_number(piece, newlines_before)}: {found}")
+                    continue
+                for key, text in zip(keys, found):
+                    texts[key].append(text)
+                if pending_bytes >= BATCH_BYTES:
+                    flush()
+        flush()
+    return {"tokens": tokens, "bad_examples": bad_examples}
+
+
+class _SingleProcess:
+    """The collective operations of a one-rank run (the subset of an mpi4py communicator that is used)."""
+
+    rank, size = 0, 1
+
+    def allreduce(self, value):
+        return value
+
+    def gather(self, value, root=0):
+        return [value]
+
+    def bcast(self, value, root=0):
+        return value
+
+
+def _on_root(comm, fn):
+    """Run ``fn`` on rank 0 and give every rank its value, or raise its PreprocessError on every rank."""
+    outcome = None
+    if comm.rank == 0:
+        try:
+            outcome = ("ok", fn())
+        except (PreprocessError, OSError, ValueError) as e:
+            outcome = ("error", str(e))
+    status, value = comm.bcast(outcome, root=0)
+    if status == "error":
+        raise PreprocessError(value)
+    return value
+
+
+def _plan(inputs: Sequence[str], output_prefix: str | None, num_parts: int) -> list[list[Piece]]:
+    files = expand_inputs(inputs)
+    if output_prefix is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    return plan_parts([(path, os.path.getsize(path)) for path in files], num_parts, gz_cut_every=PARTS_PER_WORKER)
+
+
+def _remove_partials(job: _Job, parts: Sequence[int]) -> None:
+    """Delete the partial shards of ``parts`` and any temporaries their writers left (e.g. when killed)."""
+    for part in parts:
+        for key in job.json_keys:
+            prefix = job.partial_prefix(key, part)
+            for path in [prefix + ".bin", prefix + ".idx", *glob.glob(glob.escape(prefix) + ".*.tmp-*")]:
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+
+
+class _Progress:
+    """Rank 0's progress line on stderr: in place every second on a terminal, a new line every 30 s otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.interval = 1.0 if self.tty else 30.0
+        self.started = self.last = time.monotonic()
+
+    def update(self, docs: int, tokens: int, text_bytes: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not final and now - self.last < self.interval):
+            return
+        self.last = now
+        elapsed = max(now - self.started, 1e-9)
+        line = (
+            f"[preprocess] {docs:,} docs | {tokens:,} tokens | {text_bytes / 1e6:,.1f} MB | "
+            f"{text_bytes / 1e6 / elapsed:,.2f} MB/s | {elapsed:,.0f} s"
+        )
+        sys.stderr.write(("\r" + line + ("\n" if final else "")) if self.tty else line + "\n")
+        sys.stderr.flush()
+
+
+def _run_workers(plan: list[list[Piece]], my_parts: range, workers: int, job: _Job, comm, progress: bool):
+    """Run this rank's parts in ``workers`` processes; return {part: result} and the global counter totals.
+
+    Every rank loops in step (one allreduce per round) so all of them see a failure anywhere at once; then
+    each removes its partial shards and all raise the same PreprocessError.
+    """
+    # Spawned (not forked) workers: safe under MPI and with threads in the parent.
+    ctx = multiprocessing.get_context("spawn")
+    counters = ctx.RawArray("q", 4 * job.num_parts)
+    next_part = ctx.Value("q", my_parts.start)
+    parts = {p: plan[p] for p in my_parts}
+    procs, conns, results, errors = [], [], {}, []
+    meter = _Progress(progress and comm.rank == 0)
+    try:
+        for _ in range(workers):
+            receiver, sender = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_run_worker, args=(parts, next_part, job, counters, sender), daemon=True)
+            proc.start()
+            sender.close()
+            procs.append(proc)
+            conns.append(receiver)
+        while True:
+            pending = [w for w in range(workers) if w not in results]
+            if pending:
+                multiprocessing.connection.wait([conns[w] for w in pending] + [procs[w].sentinel for w in pending], 0.2)
+            else:
+                time.sleep(0.2)  # this rank is done; keep in step while the others finish
+            for w in pending:
+                if conns[w].poll():
+                    try:
+                        results[w] = conns[w].recv()
+                    except EOFError:
+                        results[w] = {"error": "a worker process exited without a result"}
+                elif procs[w].exitcode is not None:
+                    results[w] = {
+                        "error": f"a worker process died with exit code {procs[w].exitcode} (a negative code is the "
+                        "signal that killed it, e.g. -9 when the machine ran out of memory)"
+                    }
+                if w in results and "error" in results[w]:
+                    errors.append(results[w]["error"])
+            mine = np.frombuffer(counters, np.int64).reshape(-1, 4)[my_parts.start : my_parts.stop].sum(axis=0)
+            state = np.concatenate([[len(errors), workers - len(results)], mine])
+            failed, running, *totals = comm.allreduce(state)
+            meter.update(totals[_DOCS], totals[_TOKENS], totals[_BYTES], final=not running and not failed)
+            if failed or not running:
+                break
+    except BaseException:
+        _stop(procs)
+        if job.output_prefix is not None:
+            _remove_partials(job, my_parts)
+        raise
+    _stop(procs)
+    if failed:
+        if job.output_prefix is not None:
+            _remove_partials(job, my_parts)
+        first = comm.gather(errors[:1], root=0)
+        raise PreprocessError(comm.bcast(next(e for errs in first for e in errs) if comm.rank == 0 else None, root=0))
+    by_part = {part: result for r in results.values() for part, result in r["parts"].items()}
+    return by_part, [int(t) for t in totals]
+
+
+def _stop(procs) -> None:
+    for proc in procs:
+        if proc.exitcode is None:
+            proc.terminate()
+        proc.join()
+
+
+def _merge(job: _Job, gathered: list[dict[int, dict]], totals: list[int], started: float) -> PreprocessResult:
+    """Rank 0: merge the partial shards in part order into the final shards and build the result."""
+    per_part = [rank_results[p] for rank_results in gathered for p in sorted(rank_results)]
+    result = PreprocessResult(
+        documents=totals[_DOCS],
+        tokens={key: sum(r["tokens"][key] for r in per_part) for key in job.json_keys},
+        text_bytes=totals[_BYTES],
+        bad_lines=totals[_BAD],
+        bad_line_examples=[e for r in per_part for e in r["bad_examples"]][:MAX_BAD_LINE_EXAMPLES],
+    )
+    if job.output_prefix is not None:
+        try:
+            for key in job.json_keys:
+                partials = [job.partial_prefix(key, p) for p in range(job.num_parts)]
+                result.outputs[key] = merge_shards(partials, output_prefix_for(job.output_prefix, key))
+        finally:
+            _remove_partials(job, range(job.num_parts))
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _run(inputs: Sequence[str], job: _Job, workers: int, comm, progress: bool) -> PreprocessResult:
+    started = time.monotonic()
+    comm = comm if comm is not None else _SingleProcess()
+    plan = _on_root(comm, lambda: _plan(inputs, job.output_prefix, job.num_parts))
+    per_rank = workers * PARTS_PER_WORKER
+    my_parts = range(comm.rank * per_rank, (comm.rank + 1) * per_rank)
+    results, totals = _run_workers(plan, my_parts, workers, job, comm, progress)
+    gathered = comm.gather(results, root=0)
+    return _on_root(comm, lambda: _merge(job, gathered, totals, started))
+
+
+def _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_prefix, workers, comm) -> _Job:
+    keys = tuple(json_keys)
+    if not keys or len(set(keys)) != len(keys):
+        raise PreprocessError(f"--json-keys must name one or more distinct keys, got {list(keys)}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise PreprocessError(f"--workers must be a positive integer, got {workers!r}")
+    try:
+        tokenizer_file = os.fspath(tokenizer_file if tokenizer_file is not None else default_tokenizer_file())
+    except FileNotFoundError as e:
+        raise PreprocessError(str(e)) from None
+    if not os.path.isfile(tokenizer_file):
+        raise PreprocessError(f"--tokenizer-file {tokenizer_file!r} does not exist; pass the path of qwen.tiktoken")
+    size = comm.size if comm is not None else 1
+    return _Job(
+        json_keys=keys,
+        append_eod=append_eod,
+        tokenizer_file=tokenizer_file,
+        skip_bad_lines=skip_bad_lines,
+        output_prefix=None if output_prefix is None else os.fspath(output_prefix),
+        num_parts=size * workers * PARTS_PER_WORKER,
+    )
+
+
+def preprocess(
+    inputs: Sequence[str],
+    output_prefix: str,
+    json_keys: Sequence[str] = ("text",),
+    append_eod: bool = False,
+    workers: int = 1,
+    tokenizer_file: str | os.PathLike | None = None,
+    skip_bad_lines: bool = False,
+    comm=None,
+    progress: bool = False,
+) -> PreprocessResult:
+    """Tokenize JSONL(.gz) ``inputs`` (paths or globs) into ``output_prefix_for(output_prefix, key)`` shards.
+
+    Each JSON line is one document: the NFC-normalised string at each key, encoded with special tokens as
+    plain text, plus ``<|endoftext|>`` when ``append_eod`` and the document is not empty. ``workers``
+    processes per rank are spawned, so a script calling this needs the ``if __name__ == "__main__":`` guard.
+    ``comm`` (an mpi4py communicator; all its ranks call this) spreads the parts over the ranks and rank 0
+    merges them, so ``output_prefix`` must be on a filesystem all ranks share. Every rank returns the same
+    result or raises the same PreprocessError. ``progress`` prints a progress line on stderr (rank 0).
+    """
+    job = _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_prefix, workers, comm)
+    return _run(inputs, job, workers, comm, progress)
+
+
+def count_tokens(
+    inputs: Sequence[str],
+    json_keys: Sequence[str] = ("text",),
+    append_eod: bool = False,
+    workers: int = 1,
+    tokenizer_file: str | os.PathLike | None = None,
+    skip_bad_lines: bool = False,
+    comm=None,
+    progress: bool = False,
+) -> PreprocessResult:
+    """Read and tokenize like :func:`preprocess`, writing nothing: the corpus's document and token counts.
+
+    Being the same pipeline minus the shards, it is also the throughput ceiling that preprocessing is
+    measured against (tools/bench_preprocess.py).
+    """
+    job = _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, None, workers, comm)
+    return _run(inputs, job, workers, comm, progress)
+
+
+def format_summary(result: PreprocessResult) -> str:
+    """Human-readable end-of-run summary."""
+    seconds = max(result.seconds, 1e-9)
+    lines = [
+        f"documents: {result.documents:,} in {seconds:.1f} s ({result.documents / seconds:,.0f} docs/s, "
+        f"{result.text_bytes / 1e6 / seconds:,.2f} MB/s of JSONL text)",
+    ]
+    for key, count in result.tokens.items():
+        lines.append(f"tokens[{key}]: {count:,}")
+    if result.bad_lines:
+        lines.append(f"bad lines skipped: {result.bad_lines:,}; first ones:")
+        lines += [f"  {example}" for example in result.bad_line_examples]
+    for key, summary in result.outputs.items():
+        lines.append(
+            f"wrote {summary.prefix}.bin/.idx: {summary.num_documents:,} documents, "
+            f"{summary.num_sequences:,} sequences, {summary.num_tokens:,} {summary.dtype} tokens"
+        )
+    return "\n".join(lines)

