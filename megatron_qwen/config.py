@@ -90,6 +90,15 @@ class TrainingConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
     recompute: str = "none"  # none, selective (core attention), full
     recompute_num_layers: int = 1
+    eval_interval: int = 0  # validate every K steps on the valid split (0: never)
+    eval_iters: int = 1  # global batches per validation
+    save: typing.Optional[str] = None  # checkpoint directory (None: run_dir/checkpoints)
+    save_interval: int = 0  # save every K steps (0: only at the end)
+    keep_last: int = 3  # checkpoints kept; older ones are deleted after a newer one is current
+    load: typing.Optional[str] = None  # resume from the latest checkpoint here (default: the save directory)
+    init_from: typing.Optional[str] = None  # start from these weights (a checkpoint dir), fresh optimizer and step
+    max_skipped_in_row: int = 5  # non-finite losses/grad norms skipped in a row before aborting
+    inject_nan_at: list = field(default_factory=list)  # step numbers (1-based) whose loss is made NaN, to test the skip path
 
 
 @dataclass
@@ -99,7 +108,8 @@ class DataConfig:
     paths: list = field(default_factory=list)  # [weight, prefix, weight, prefix, ...] of .bin/.idx shards
     split: str = "969,30,1"
     tokenizer_file: typing.Optional[str] = None  # default: qwen.tiktoken from the dashscope wheel
-    cache_dir: typing.Optional[str] = None
+    cache_dir: typing.Optional[str] = None  # sample-index cache (default: a cache/ folder beside the shards)
+    allow_repeat: bool = False  # allow more samples than the train split holds (epochs > 1)
 
 
 @dataclass
@@ -113,7 +123,8 @@ class WandbConfig:
 @dataclass
 class LoggingConfig:
     log_interval: int = 10
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # metrics.jsonl, config.yaml, default checkpoint directory
+    peak_tflops: typing.Optional[float] = None  # per-device peak for MFU (default: looked up by GPU name)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

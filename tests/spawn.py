@@ -33,12 +33,16 @@ def cpu_env(**extra: str) -> dict:
 
 def run_torchrun(nproc: int, argv: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``torchrun --nproc-per-node nproc ARGV`` on loopback; fail the test with its output on error."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        *argv,
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
+    for _attempt in range(3):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+            *argv,
+        ]
+        proc = subprocess.run(cmd, cwd=REPO, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
+        # The free port can be taken by another process before torchrun binds it: try another one.
+        if "EADDRINUSE" not in proc.stderr:
+            break
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited with {proc.returncode}\n--- stdout ---\n{proc.stdout[-8000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"

@@ -1,0 +1,23 @@
+"""Pretraining stage: next-token prediction on blended Megatron shards.
+
+    torchrun --nproc-per-node N -m megatron_qwen.stages.pretrain CONFIG.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+from megatron_qwen.training.forward_backward import lm_forward_step
+from megatron_qwen.training.loop import Task, run_stage
+
+
+def build_datasets(cfg, tokenizer):
+    """Train and valid splits of ``data.paths`` as megatron-core GPTDatasets."""
+    from megatron_qwen.data.gpt import build_gpt_datasets
+
+    train, valid, _ = build_gpt_datasets(cfg, tokenizer.eod_id, tokenizer.n_vocab)
+    return train, valid
+
+
+TASK = Task(name="pretrain", build_datasets=build_datasets, forward_step=lm_forward_step)
+
+if __name__ == "__main__":
+    run_stage(TASK)
