@@ -18,5 +18,5 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.10",
-    install_requires=["torch", "megatron-core", "numpy", "pyyaml", "tiktoken", "safetensors", "psutil"],
+    install_requires=["torch", "megatron-core", "numpy", "pyyaml", "tiktoken", "safetensors", "psutil", "wandb", "matplotlib"],
 )
