@@ -54,7 +54,7 @@ def run_rank(args) -> None:
     tokens = text_batch(load_tokenizer(), t.global_batch_size, seq)
     mine = tokens.view(layout.dp, num_micro, t.micro_batch_size, seq + 1)[parallel_state.get_data_parallel_rank()]
     batches = [{"tokens": b[:, :-1], "labels": b[:, 1:], "loss_mask": torch.ones(b.shape[0], seq)} for b in mine]
-    loss = forward_backward(model, iter(batches), num_micro, seq, t.micro_batch_size)
+    loss = forward_backward(model, iter(batches), num_micro, seq, t.micro_batch_size)["lm loss"]
 
     # Squared grad norm and parameter count of the whole model: TP-replicated tensors counted once.
     totals = torch.zeros(2, dtype=torch.float64)

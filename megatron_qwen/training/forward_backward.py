@@ -74,9 +74,11 @@ def forward_backward(
     micro_batch_size: int,
     forward_step_func=lm_forward_step,
     forward_only: bool = False,
-) -> torch.Tensor:
+    report_keys: tuple[str, ...] = ("lm loss",),
+) -> dict[str, torch.Tensor]:
     """Run one global batch through megatron-core's schedule for this layout (no pipelining, 1F1B or
-    interleaved) and finalise gradients. Returns the global per-token mean loss on every rank.
+    interleaved) and finalise gradients. Returns, on every rank, the global mean of each reported
+    metric (the loss function's report maps each key to a [sum, count] pair per micro-batch).
 
     `data_iterator` is one iterator, or one per model chunk with virtual pipelining.
     """
@@ -92,19 +94,21 @@ def forward_backward(
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
-    return reduce_loss(losses)
+    return reduce_reports(losses, report_keys)
 
 
-def reduce_loss(losses: list[dict]) -> torch.Tensor:
-    """The global per-token mean loss from the last stage's reports, broadcast to every rank."""
-    totals = torch.zeros(2, dtype=torch.float64)
+def reduce_reports(losses: list[dict], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Global means of the last stage's [sum, count] reports, summed over micro-batches and data-parallel
+    replicas and broadcast to every pipeline stage (the others have no reports to give)."""
+    totals = torch.zeros(len(keys), 2, dtype=torch.float64)
     for item in losses:
-        totals += item["lm loss"].detach().to("cpu", torch.float64)
-    # Sum across data-parallel replicas, then take the last pipeline stage's value everywhere.
+        for i, key in enumerate(keys):
+            totals[i] += item[key].detach().to("cpu", torch.float64)
     device = "cpu" if torch.distributed.get_backend() == "gloo" else torch.cuda.current_device()
     totals = totals.to(device)
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         last = parallel_state.get_pipeline_model_parallel_last_rank()
         torch.distributed.broadcast(totals, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    return (totals[0] / totals[1].clamp(min=1)).to("cpu", torch.float32)
+    means = (totals[:, 0] / totals[:, 1].clamp(min=1)).to("cpu", torch.float32)
+    return {key: means[i] for i, key in enumerate(keys)}

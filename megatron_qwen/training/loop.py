@@ -36,6 +36,10 @@ class Task:
     name: str
     build_datasets: Callable
     forward_step: Callable
+    # The loss function's report keys; the first is the loss. Each is logged as its mean.
+    report_keys: tuple[str, ...] = ("lm loss",)
+    # build_model(cfg, on_cpu) -> model chunks; None builds the Qwen language model.
+    build_model: Callable | None = None
 
 
 @dataclass
@@ -145,7 +149,7 @@ def train(cfg: Config, task: Task) -> int:
     tokenizer = load_tokenizer(cfg.data.tokenizer_file)
     train_ds, valid_ds = task.build_datasets(cfg, tokenizer)
 
-    chunks = build_model(cfg, on_cpu)
+    chunks = (task.build_model or build_model)(cfg, on_cpu)
     model = wrap_ddp(chunks, cfg)
     bf16 = params_dtype(cfg, on_cpu) == torch.bfloat16
     optimizer = build_optimizer(cfg, model, bf16)
@@ -198,7 +202,11 @@ def train(cfg: Config, task: Task) -> int:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         micro = batches.next_global_batch()
-        loss = forward_backward(model, _iterators(model, micro), batches.num_microbatches, seq, t.micro_batch_size, task.forward_step)
+        reports = forward_backward(
+            model, _iterators(model, micro), batches.num_microbatches, seq, t.micro_batch_size, task.forward_step,
+            report_keys=task.report_keys,
+        )
+        loss = reports[task.report_keys[0]]
         if state.step + 1 in inject:
             loss = torch.tensor(float("nan"))
         grad_norm, updated = (None, False) if not torch.isfinite(loss) else guarded_step(optimizer, t.clip_grad)
@@ -220,6 +228,8 @@ def train(cfg: Config, task: Task) -> int:
             skipped_in_row = 0
             window["loss"] += loss.item()
             window["updates"] += 1
+            for key in task.report_keys[1:]:
+                window[key] = window.get(key, 0.0) + reports[key].item()
         window["steps"] += 1
         window["time"] += time.perf_counter() - step_start
 
@@ -237,6 +247,8 @@ def train(cfg: Config, task: Task) -> int:
                 "mem_gb": _memory_gb(on_cpu),
                 "consumed_samples": state.consumed_samples,
             }
+            for key in task.report_keys[1:]:
+                metrics[key.replace(" ", "_")] = window.get(key, 0.0) / window["updates"] if window["updates"] else None
             logger.log(state.step, metrics)
             window = {"loss": 0.0, "updates": 0, "steps": 0, "time": 0.0}
 
@@ -271,8 +283,8 @@ def evaluate(cfg: Config, model, valid_ds, task: Task, dp_rank: int, dp_size: in
             micro = batches.next_global_batch()
             total += forward_backward(
                 model, _iterators(model, micro), batches.num_microbatches, cfg.model.seq_length, t.micro_batch_size,
-                task.forward_step, forward_only=True,
-            ).item()
+                task.forward_step, forward_only=True, report_keys=task.report_keys,
+            )[task.report_keys[0]].item()
     for chunk in model:
         chunk.train()
     return total / t.eval_iters

@@ -64,7 +64,7 @@ def run(name: str, workdir: Path, reference: bool) -> None:
         {"tokens": b[:, :-1], "labels": b[:, 1:], "loss_mask": torch.ones(MICRO_BATCH, SEQ)} for b in mine
     ]
     iterators = [iter(list(batches)) for _ in model] if len(model) > 1 else iter(batches)
-    loss = forward_backward(model, iterators, num_micro, SEQ, MICRO_BATCH)
+    loss = forward_backward(model, iterators, num_micro, SEQ, MICRO_BATCH)["lm loss"]
 
     # Store gradients in the parameters so that dist_checkpointing writes them at full shape.
     for chunk in model:
