@@ -19,6 +19,10 @@ import torch
 from megatron_qwen.config import Config
 
 
+class DataError(ValueError):
+    """Data that cannot feed the run as configured; the message names the shard, the rule and the fix."""
+
+
 @dataclass(frozen=True)
 class _TokenizerInfo:
     """What GPTDataset needs of a tokenizer. No `pad`: Qwen pads with its end-of-document token, and
@@ -36,15 +40,15 @@ class _TokenizerInfo:
 def parse_blend(paths: list) -> tuple[list[str], list[float] | None]:
     """``[w1, prefix1, w2, prefix2, ...]`` or ``[prefix, ...]`` -> (prefixes, weights or None)."""
     if not paths:
-        raise ValueError("data.paths is empty; give shard prefixes, e.g. data.paths=[1.0, /data/web_text_document]")
+        raise DataError("data.paths is empty; give shard prefixes, e.g. data.paths=[1.0, /data/web_text_document]")
     if all(isinstance(p, str) for p in paths):
         prefixes, weights = list(paths), None
     else:
         if len(paths) % 2 or not all(isinstance(w, (int, float)) for w in paths[0::2]):
-            raise ValueError(f"data.paths={paths!r} must alternate weight and prefix: [0.7, /data/a_text_document, 0.3, /data/b]")
+            raise DataError(f"data.paths={paths!r} must alternate weight and prefix: [0.7, /data/a_text_document, 0.3, /data/b]")
         weights, prefixes = [float(w) for w in paths[0::2]], [str(p) for p in paths[1::2]]
         if any(w <= 0 for w in weights):
-            raise ValueError(f"data.paths weights {weights} must all be > 0")
+            raise DataError(f"data.paths weights {weights} must all be > 0")
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
@@ -96,7 +100,7 @@ def build_gpt_datasets(cfg: Config, eod: int, vocab_size: int):
 
     config = gpt_dataset_config(cfg, eod, vocab_size)
     if cfg.training.eval_interval and config.split_matrix[1] is None:
-        raise ValueError(
+        raise DataError(
             f"training.eval_interval={cfg.training.eval_interval} needs a valid split, but data.split="
             f"{cfg.data.split!r} gives it 0; use e.g. data.split=969,30,1 or training.eval_interval=0"
         )
@@ -125,7 +129,7 @@ def check_corpus_size(cfg: Config, config) -> None:
             lo, hi = (round(f * len(doc_tokens)) for f in config.split_matrix[split])
             tokens = int(doc_tokens[lo:hi].sum())
             if tokens <= seq:
-                raise ValueError(
+                raise DataError(
                     f"the {name} split of {prefix} (sequences {lo}..{hi} of {len(doc_tokens)}, {tokens} tokens, "
                     f"data.split={cfg.data.split!r}) holds no sequence of model.seq_length+1={seq + 1} tokens; "
                     "add data, give that split a 0 in data.split (e.g. 100,0,0), or shorten model.seq_length"
@@ -133,7 +137,7 @@ def check_corpus_size(cfg: Config, config) -> None:
         available = int(doc_tokens[: round(config.split_matrix[0][1] * len(doc_tokens))].sum()) // seq
         share = math.ceil(train_needed * weight / sum(weights))
         if share > available and not cfg.data.allow_repeat:
-            raise ValueError(
+            raise DataError(
                 f"{prefix}: the run needs {share} samples of {seq} tokens from it (training.train_iters="
                 f"{cfg.training.train_iters} x global_batch_size={cfg.training.global_batch_size}, weight "
                 f"{weight}) but its train split has {available} (~{share / available:.1f} epochs); add data, lower "

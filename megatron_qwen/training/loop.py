@@ -118,156 +118,199 @@ def _iterators(model, batches):
     return [iter(list(batches)) for _ in model] if len(model) > 1 else iter(batches)
 
 
+class MetricWindow:
+    """Sums of the reported metrics and step times since the last log line."""
+
+    def __init__(self, keys: tuple[str, ...]):
+        self.keys = keys
+        self.sums = dict.fromkeys(keys, 0.0)
+        self.updates = self.steps = 0
+        self.seconds = 0.0
+
+    def add(self, reports: dict | None, seconds: float) -> None:
+        """One step: `reports` None for a skipped step (timed, not averaged)."""
+        if reports is not None:
+            for key in self.keys:
+                self.sums[key] += reports[key].item()
+            self.updates += 1
+        self.steps += 1
+        self.seconds += seconds
+
+    def means(self) -> dict:
+        return {key.replace(" ", "_"): (self.sums[key] / self.updates if self.updates else float("nan")) for key in self.keys}
+
+
+class Trainer:
+    """One training job: `Trainer(cfg, task).run()` builds everything, resumes, then loops."""
+
+    def __init__(self, cfg: Config, task: Task):
+        from megatron.core import parallel_state
+
+        from megatron_qwen.data.gpt import GlobalBatches
+        from megatron_qwen.model.qwen import build_model, params_dtype
+        from megatron_qwen.platform.launch import detect_launch, init_distributed, use_cpu_ranks
+        from megatron_qwen.tokenizer import load_tokenizer
+        from megatron_qwen.training.flops import peak_flops, qwen_flops_per_token
+        from megatron_qwen.training.forward_backward import wrap_ddp
+        from megatron_qwen.training.metrics import MetricsLogger
+
+        info = detect_launch()
+        cfg, layout, notes = resolve(cfg, info.world_size)
+        self.cfg, self.task, self.layout, self.world_size = cfg, task, layout, info.world_size
+        self.on_cpu = use_cpu_ranks(cfg.parallel.device)
+        init_distributed(layout.tp, layout.pp, layout.vpp, cfg.parallel.device, cfg.parallel.timeout_minutes, cfg.training.seed)
+        self.rank0 = info.rank == 0
+        t, m = cfg.training, cfg.model
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.save_dir = Path(t.save or self.run_dir / "checkpoints")
+        if self.rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            for note in notes:
+                print(f"note: {note}", flush=True)
+
+        self.train_ds, self.valid_ds = task.build_datasets(cfg, load_tokenizer(cfg.data.tokenizer_file))
+        self.model = wrap_ddp((task.build_model or build_model)(cfg, self.on_cpu), cfg)
+        self.optimizer = build_optimizer(cfg, self.model, params_dtype(cfg, self.on_cpu) == torch.bfloat16)
+        self.state = TrainState()
+        self.resumed = self.resume()
+
+        self.logger = MetricsLogger(self.run_dir, cfg.logging.wandb, cfg.to_dict(), enabled=self.rank0, run_id=self.state.wandb_run_id)
+        self.state.wandb_run_id = self.logger.run_id
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.batches = GlobalBatches(self.train_ds, self.state.consumed_samples, t.global_batch_size, t.micro_batch_size, self.dp_rank, layout.dp)
+        self.flops_per_token = qwen_flops_per_token(m.hidden_size, m.num_layers, m.ffn_hidden_size, m.padded_vocab_size, m.seq_length, t.recompute == "full")
+        self.peak = peak_flops(None if self.on_cpu else torch.cuda.get_device_name(), cfg.logging.peak_tflops)
+
+    def say(self, text: str, error: bool = False) -> None:
+        if self.rank0:
+            print(text, file=sys.stderr if error else sys.stdout, flush=True)
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint (any layout), else `training.init_from` weights. True if resumed."""
+        from megatron_qwen.training import checkpointing
+
+        t = self.cfg.training
+        layout = dataclasses.asdict(self.layout)
+        path = checkpointing.latest_checkpoint(t.load or self.save_dir)
+        if path is not None:
+            saved_layout = checkpointing.saved_train_state(path).get("layout")
+            # RNG streams are per rank: they are restored only at the layout that wrote them.
+            saved = checkpointing.load_checkpoint(path, self.model, self.optimizer, same_layout=saved_layout == layout)
+            self.state = TrainState(**{k: saved[k] for k in dataclasses.asdict(TrainState()) if k in saved})
+            change = "" if saved_layout == layout else f"; layout changed from {saved_layout} to {layout}"
+            self.say(f"resumed from {path} at step {self.state.step} ({self.state.consumed_samples} samples consumed){change}")
+            return True
+        if t.init_from:
+            checkpointing.load_model(self.model, t.init_from)
+            self.say(f"initialised weights from {t.init_from}")
+        return False
+
+    def save(self) -> None:
+        from megatron_qwen.training import checkpointing
+
+        t = self.cfg.training
+        train_state = dict(dataclasses.asdict(self.state), layout=dataclasses.asdict(self.layout), config=self.cfg.to_dict())
+        path = checkpointing.save_checkpoint(self.save_dir, self.state.step, self.model, self.optimizer, train_state, t.keep_last)
+        self.say(f"saved checkpoint {path}")
+
+    def train_step(self, lr: float) -> tuple[dict, float | None, bool]:
+        """One optimizer step on the next global batch: (reports, grad norm, updated)."""
+        from megatron_qwen.training.forward_backward import forward_backward
+        from megatron_qwen.training.schedule import set_lr
+
+        t = self.cfg.training
+        set_lr(self.optimizer, lr, t.weight_decay)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        micro = self.batches.next_global_batch()
+        reports = forward_backward(
+            self.model, _iterators(self.model, micro), self.batches.num_microbatches, self.cfg.model.seq_length,
+            t.micro_batch_size, self.task.forward_step, report_keys=self.task.report_keys,
+        )
+        if self.state.step + 1 in {int(s) for s in t.inject_nan_at}:
+            reports[self.task.report_keys[0]] = torch.tensor(float("nan"))
+        if not torch.isfinite(reports[self.task.report_keys[0]]):
+            return reports, None, False
+        grad_norm, updated = guarded_step(self.optimizer, t.clip_grad)
+        return reports, grad_norm, updated
+
+    def log(self, window: MetricWindow, lr: float, grad_norm: float | None) -> None:
+        from megatron_qwen.training.flops import mfu
+
+        t = self.cfg.training
+        tokens_per_s = t.global_batch_size * self.cfg.model.seq_length * window.steps / window.seconds
+        per_device = tokens_per_s / self.world_size
+        means = window.means()
+        metrics = {
+            "loss": means.pop(self.task.report_keys[0].replace(" ", "_")),
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "skipped": self.state.skipped_steps,
+            "tokens_per_s": tokens_per_s,
+            "tflops_per_device": per_device * self.flops_per_token / 1e12,
+            "mfu": mfu(per_device, self.flops_per_token, self.peak),
+            "mem_gb": _memory_gb(self.on_cpu),
+            "consumed_samples": self.state.consumed_samples,
+            **means,
+        }
+        self.logger.log(self.state.step, metrics)
+
+    def run(self) -> int:
+        """Train to `training.train_iters`; returns the exit code (0, 1 on repeated NaNs, 75 on a signal)."""
+        try:
+            return self._loop()
+        finally:
+            self.logger.close()
+
+    def _loop(self) -> int:
+        from megatron_qwen.training.schedule import lr_at
+
+        t = self.cfg.training
+        if t.train_iters == 0 and not self.resumed:
+            self.save()  # train_iters=0 writes the initial weights: a common start for other layouts
+        preemption = PreemptionFlag()
+        window = MetricWindow(self.task.report_keys)
+        skipped_in_row = 0
+        while self.state.step < t.train_iters:
+            start = time.perf_counter()
+            lr = lr_at(self.state.step, t.lr, t.min_lr, t.lr_warmup_iters, t.lr_decay_iters or t.train_iters, t.lr_decay_style)
+            reports, grad_norm, updated = self.train_step(lr)
+            self.state.step += 1
+            self.state.consumed_samples += t.global_batch_size
+            window.add(reports if updated else None, time.perf_counter() - start)
+            skipped_in_row = 0 if updated else skipped_in_row + 1
+            if not updated:
+                self.state.skipped_steps += 1
+                first = self.state.consumed_samples - t.global_batch_size
+                self.say(f"step {self.state.step}: skipped (loss {reports[self.task.report_keys[0]].item()}, grad norm "
+                         f"{grad_norm}); samples {first}..{self.state.consumed_samples - 1} ({skipped_in_row} in a row)")
+                if skipped_in_row > t.max_skipped_in_row:
+                    self.say(f"error: {skipped_in_row} non-finite steps in a row (training.max_skipped_in_row="
+                             f"{t.max_skipped_in_row}); aborting without saving", error=True)
+                    return 1
+            if self.state.step % self.cfg.logging.log_interval == 0 or self.state.step == t.train_iters:
+                self.log(window, lr, grad_norm)
+                window = MetricWindow(self.task.report_keys)
+            if self.valid_ds is not None and t.eval_interval and self.state.step % t.eval_interval == 0:
+                valid = evaluate(self.cfg, self.model, self.valid_ds, self.task, self.dp_rank, self.layout.dp)
+                self.logger.log(self.state.step, {"valid_loss": valid})
+            preempted = preemption.any_rank()
+            if preempted or (t.save_interval and self.state.step % t.save_interval == 0) or self.state.step == t.train_iters:
+                self.save()
+            if preempted:
+                self.say(f"signal received: saved at step {self.state.step}, exiting with {EXIT_PREEMPTED} so the job can be requeued")
+                return EXIT_PREEMPTED
+        return 0
+
+
 def train(cfg: Config, task: Task) -> int:
     """Run (or resume) a training job for `task`; returns the process exit code."""
-    from megatron.core import parallel_state
-
-    from megatron_qwen.data.gpt import GlobalBatches
-    from megatron_qwen.model.qwen import build_model, params_dtype
-    from megatron_qwen.platform.launch import detect_launch, init_distributed, use_cpu_ranks
-    from megatron_qwen.tokenizer import load_tokenizer
-    from megatron_qwen.training import checkpointing
-    from megatron_qwen.training.flops import mfu, peak_flops, qwen_flops_per_token
-    from megatron_qwen.training.forward_backward import forward_backward, wrap_ddp
-    from megatron_qwen.training.metrics import MetricsLogger
-    from megatron_qwen.training.schedule import lr_at, set_lr
-
-    info = detect_launch()
-    cfg, layout, notes = resolve(cfg, info.world_size)
-    on_cpu = use_cpu_ranks(cfg.parallel.device)
-    init_distributed(layout.tp, layout.pp, layout.vpp, cfg.parallel.device, cfg.parallel.timeout_minutes, cfg.training.seed)
-    rank0 = info.rank == 0
-    t, m = cfg.training, cfg.model
-    run_dir = Path(cfg.logging.run_dir)
-    save_dir = Path(t.save or run_dir / "checkpoints")
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        for note in notes:
-            print(f"note: {note}", flush=True)
-
-    tokenizer = load_tokenizer(cfg.data.tokenizer_file)
-    train_ds, valid_ds = task.build_datasets(cfg, tokenizer)
-
-    chunks = (task.build_model or build_model)(cfg, on_cpu)
-    model = wrap_ddp(chunks, cfg)
-    bf16 = params_dtype(cfg, on_cpu) == torch.bfloat16
-    optimizer = build_optimizer(cfg, model, bf16)
-
-    state = TrainState()
-    layout_record = dataclasses.asdict(layout)
-    resume_from = checkpointing.latest_checkpoint(t.load or save_dir)
-    if resume_from is not None:
-        saved_layout = checkpointing.saved_train_state(resume_from).get("layout")
-        # RNG streams are per rank: they are restored only at the layout that wrote them.
-        saved = checkpointing.load_checkpoint(resume_from, model, optimizer, same_layout=saved_layout == layout_record)
-        state = TrainState(**{k: saved[k] for k in dataclasses.asdict(TrainState()) if k in saved})
-        if rank0:
-            change = "" if saved_layout == layout_record else f"; layout changed from {saved_layout} to {layout_record}"
-            print(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed){change}", flush=True)
-    elif t.init_from:
-        checkpointing.load_model(model, t.init_from)
-        if rank0:
-            print(f"initialised weights from {t.init_from}", flush=True)
-
-    logger = MetricsLogger(run_dir, cfg.logging.wandb, cfg.to_dict(), enabled=rank0, run_id=state.wandb_run_id)
-    state.wandb_run_id = logger.run_id
-    preemption = PreemptionFlag()
-
-    dp_rank = parallel_state.get_data_parallel_rank()
-    batches = GlobalBatches(train_ds, state.consumed_samples, t.global_batch_size, t.micro_batch_size, dp_rank, layout.dp)
-    seq = m.seq_length
-    flops_per_token = qwen_flops_per_token(m.hidden_size, m.num_layers, m.ffn_hidden_size, m.padded_vocab_size, seq, t.recompute == "full")
-    device_name = None if on_cpu else torch.cuda.get_device_name()
-    peak = peak_flops(device_name, cfg.logging.peak_tflops)
-    decay_end = t.lr_decay_iters or t.train_iters
-    inject = {int(s) for s in t.inject_nan_at}
-
-    def save(step: int) -> None:
-        train_state = dict(dataclasses.asdict(state), layout=layout_record, config=cfg.to_dict())
-        path = checkpointing.save_checkpoint(save_dir, step, model, optimizer, train_state, t.keep_last)
-        if rank0:
-            print(f"saved checkpoint {path}", flush=True)
-
-    if t.train_iters == 0 and resume_from is None:
-        save(0)  # train_iters=0 writes the initial weights: a common starting point for other layouts
-    skipped_in_row = 0
-    window = {"loss": 0.0, "updates": 0, "steps": 0, "time": 0.0}
-    exit_code = 0
-    while state.step < t.train_iters:
-        step_start = time.perf_counter()
-        lr = lr_at(state.step, t.lr, t.min_lr, t.lr_warmup_iters, decay_end, t.lr_decay_style)
-        set_lr(optimizer, lr, t.weight_decay)
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        micro = batches.next_global_batch()
-        reports = forward_backward(
-            model, _iterators(model, micro), batches.num_microbatches, seq, t.micro_batch_size, task.forward_step,
-            report_keys=task.report_keys,
-        )
-        loss = reports[task.report_keys[0]]
-        if state.step + 1 in inject:
-            loss = torch.tensor(float("nan"))
-        grad_norm, updated = (None, False) if not torch.isfinite(loss) else guarded_step(optimizer, t.clip_grad)
-        state.consumed_samples += t.global_batch_size
-        state.step += 1
-        if not updated:
-            state.skipped_steps += 1
-            skipped_in_row += 1
-            if rank0:
-                print(f"step {state.step}: skipped (loss {loss.item()}, grad norm {grad_norm}); samples "
-                      f"{state.consumed_samples - t.global_batch_size}..{state.consumed_samples - 1} "
-                      f"({skipped_in_row} in a row)", flush=True)
-            if skipped_in_row > t.max_skipped_in_row:
-                if rank0:
-                    print(f"error: {skipped_in_row} non-finite steps in a row (training.max_skipped_in_row="
-                          f"{t.max_skipped_in_row}); aborting without saving", file=sys.stderr, flush=True)
-                return 1
-        else:
-            skipped_in_row = 0
-            window["loss"] += loss.item()
-            window["updates"] += 1
-            for key in task.report_keys[1:]:
-                window[key] = window.get(key, 0.0) + reports[key].item()
-        window["steps"] += 1
-        window["time"] += time.perf_counter() - step_start
-
-        if state.step % cfg.logging.log_interval == 0 or state.step == t.train_iters:
-            tokens_per_s = t.global_batch_size * seq * window["steps"] / window["time"]
-            per_device = tokens_per_s / info.world_size
-            metrics = {
-                "loss": window["loss"] / window["updates"] if window["updates"] else float("nan"),
-                "lr": lr,
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "skipped": state.skipped_steps,
-                "tokens_per_s": tokens_per_s,
-                "tflops_per_device": per_device * flops_per_token / 1e12,
-                "mfu": mfu(per_device, flops_per_token, peak),
-                "mem_gb": _memory_gb(on_cpu),
-                "consumed_samples": state.consumed_samples,
-            }
-            for key in task.report_keys[1:]:
-                metrics[key.replace(" ", "_")] = window.get(key, 0.0) / window["updates"] if window["updates"] else None
-            logger.log(state.step, metrics)
-            window = {"loss": 0.0, "updates": 0, "steps": 0, "time": 0.0}
-
-        if valid_ds is not None and t.eval_interval and state.step % t.eval_interval == 0:
-            logger.log(state.step, {"valid_loss": evaluate(cfg, model, valid_ds, task, dp_rank, layout.dp, state.step)})
-
-        preempted = preemption.any_rank()
-        if preempted or (t.save_interval and state.step % t.save_interval == 0) or state.step == t.train_iters:
-            save(state.step)
-        if preempted:
-            if rank0:
-                print(f"signal received: saved at step {state.step}, exiting with {EXIT_PREEMPTED} so the job can be requeued", flush=True)
-            exit_code = EXIT_PREEMPTED
-            break
-    logger.close()
-    return exit_code
+    return Trainer(cfg, task).run()
 
 
-def evaluate(cfg: Config, model, valid_ds, task: Task, dp_rank: int, dp_size: int, step: int) -> float:
+def evaluate(cfg: Config, model, valid_ds, task: Task, dp_rank: int, dp_size: int) -> float:
     """Mean per-token loss over ``training.eval_iters`` global batches of the valid split."""
     from megatron_qwen.data.gpt import GlobalBatches
     from megatron_qwen.training.forward_backward import forward_backward
@@ -313,10 +356,14 @@ def run_stage(task: Task, argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    from megatron_qwen.data.gpt import DataError
+
     try:
         code = train(cfg, task)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        # A mistake in the config or the data: one clear line (from rank 0), not a traceback per rank.
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr)
         code = 2
     from megatron_qwen.platform.launch import destroy_distributed
 
