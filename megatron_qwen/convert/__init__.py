@@ -1,0 +1,16 @@
+"""Checkpoint conversion between Hugging Face Qwen checkpoints and megatron-core `dist_checkpointing`.
+
+- `hf_to_mcore`: a transformers Qwen2 or Qwen v1 (remote code) checkpoint -> a megatron-core checkpoint
+  that loads at any TP/PP/VPP layout, plus its `model_config.yaml`.
+- `mcore_to_hf`: a megatron-core checkpoint saved at any layout -> safetensors + config.json in either
+  Hugging Face layout.
+
+Both directions stream: they hold one tensor (or one bounded block of rows of it) at a time, plus one
+output shard when writing safetensors. megatron-core itself is imported only when a conversion runs.
+"""
+
+from megatron_qwen.convert.layouts import ConversionError
+from megatron_qwen.convert.to_hf import mcore_to_hf
+from megatron_qwen.convert.to_mcore import hf_to_mcore
+
+__all__ = ["ConversionError", "hf_to_mcore", "mcore_to_hf"]

@@ -1,0 +1,205 @@
+"""Full-vocabulary logits and greedy continuations of a checkpoint at any TP/PP/VPP/SP layout (tools/forward.py).
+
+Everything that can be refused is checked before any process group exists (`prepare`), identically
+on every rank, so a bad request ends all ranks with the same message instead of a hang.
+
+Vocabulary: logits cover the model's real vocabulary, `vocab_size` (the source Hugging Face
+vocab_size of a converted checkpoint, else every stored row); rows padded on for tensor parallelism
+are zero, would score 0 and are sliced off. Greedy decoding also never picks an id the tokenizer
+lacks: with Qwen's vocabulary the release's 151936/152064 rows exceed the tokenizer's 151851 tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_qwen.config import TOKENIZER_VOCAB_SIZE, Config, ConfigError, ParallelLayout, load_config, resolve
+from megatron_qwen.convert import mcore_keys as K
+from megatron_qwen.convert.dcp_io import tensor_metadata
+from megatron_qwen.convert.to_mcore import MODEL_CONFIG_FILE
+from megatron_qwen.convert.layouts import ConversionError
+from megatron_qwen.convert.to_hf import read_source
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardPlan:
+    """A validated request: the config to build, its layout, and the vocabulary bounds."""
+
+    cfg: Config
+    layout: ParallelLayout
+    vocab_size: int  # logits columns written
+    generate_vocab: int  # greedy decoding picks ids below this
+
+
+def prepare(
+    ckpt: str | os.PathLike, world_size: int, tp: int = 1, pp: int = 1, vpp: int = 1, sp: bool = False,
+    precision: str = "auto", config_path: str | os.PathLike | None = None,
+) -> ForwardPlan:
+    """Check the checkpoint and the layout for `world_size` ranks; raise ConversionError naming the problem."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "metadata.json").is_file():
+        raise ConversionError(f"--ckpt {ckpt} is not a megatron-core checkpoint (no metadata.json); check the path")
+    config_path = Path(config_path) if config_path is not None else ckpt / MODEL_CONFIG_FILE
+    if not config_path.is_file():
+        raise ConversionError(f"{config_path} does not exist; pass the model config with --config CONFIG.yaml")
+    stored = tensor_metadata(ckpt)
+    if K.EMBED not in stored:
+        raise ConversionError(f"--ckpt {ckpt} has no tensor {K.EMBED}; it is not a Qwen model checkpoint of this project")
+    stored_rows = stored[K.EMBED].shape[0]
+    mp = tp * pp
+    dp = world_size // mp if mp > 0 and world_size % mp == 0 else 1
+    overrides = [
+        f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.vpp={vpp}", f"parallel.sp={str(sp).lower()}",
+        f"training.precision={precision}",
+        # Forward passes need no batch recipe; these values satisfy the training-batch checks for any layout.
+        "training.micro_batch_size=1", f"training.global_batch_size={dp * pp}",
+    ]
+    try:
+        cfg, layout, _ = resolve(load_config(config_path, overrides), world_size)
+    except ConfigError as exc:
+        raise ConversionError(f"layout --tp {tp} --pp {pp} --vpp {vpp} on {world_size} rank(s): {exc}") from exc
+    if cfg.model.padded_vocab_size != stored_rows:
+        raise ConversionError(
+            f"--tp {tp} needs the vocabulary padded to a multiple of {tp} ({cfg.model.padded_vocab_size} rows) but the "
+            f"checkpoint stores {stored_rows} rows; choose a --tp that divides {stored_rows}"
+        )
+    source = read_source(ckpt)
+    vocab = source["vocab_size"] if source and source["vocab_size"] <= stored_rows else stored_rows
+    # Qwen's padded vocabularies (151936, 152064) hold rows past the tokenizer's last id: never generate those.
+    return ForwardPlan(cfg, layout, vocab, min(vocab, TOKENIZER_VOCAB_SIZE))
+
+
+def load_tokens(path: str | os.PathLike, vocab_size: int) -> np.ndarray:
+    """A (batch, seq) int64 array from a .npy file (a 1-D array is one row), every id in [0, vocab_size)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"--tokens {path} does not exist")
+    try:
+        tokens = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ConversionError(f"--tokens {path} is not a .npy array ({exc})") from exc
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ConversionError(f"--tokens {path} has dtype {tokens.dtype}; token ids must be integers")
+    if tokens.ndim == 1:
+        tokens = tokens[None, :]
+    if tokens.ndim != 2 or tokens.size == 0:
+        raise ConversionError(f"--tokens {path} has shape {list(tokens.shape)}; expected a non-empty (batch, seq) array")
+    bad = np.argwhere((tokens < 0) | (tokens >= vocab_size))
+    if len(bad):
+        row, col = (int(i) for i in bad[0])
+        raise ConversionError(
+            f"--tokens {path}: id {int(tokens[row, col])} at [{row}, {col}] is outside the model's vocabulary "
+            f"[0, {vocab_size}) ({len(bad)} id(s) out of range)"
+        )
+    return tokens.astype(np.int64)
+
+
+def load_chunks(plan: ForwardPlan, ckpt: str | os.PathLike, on_cpu: bool) -> list[torch.nn.Module]:
+    """This rank's model chunks with the checkpoint's weights, in eval mode (NTK/LogN active)."""
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.training.checkpointing import load_model
+
+    chunks = build_model(plan.cfg, on_cpu=on_cpu)
+    load_model(chunks, ckpt)
+    for chunk in chunks:
+        chunk.eval()
+    return chunks
+
+
+def device_for(on_cpu: bool) -> torch.device:
+    """Where this rank's tensors live."""
+    return torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
+
+
+def _forward_step(data_iterator, model):
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    tokens = next(data_iterator)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, positions, None)
+
+    def gather(output_tensor, non_loss_data=True):
+        # The output layer is column-parallel: each TP rank holds a slice of the vocabulary.
+        return gather_from_tensor_model_parallel_region(output_tensor).float()
+
+    return output, gather
+
+
+def forward_logits(chunks: list[torch.nn.Module], plan: ForwardPlan, tokens: torch.Tensor) -> torch.Tensor | None:
+    """fp32 logits [batch, seq, vocab_size] on the last pipeline stage's ranks, None on the others.
+
+    Each row is one micro-batch of megatron-core's schedule for this layout. Sequence parallelism
+    splits the sequence over TP ranks, so rows are right-padded to a multiple of TP (causal
+    attention: the padding cannot change earlier positions) and the padding is cut off again;
+    interleaved pipelining needs a multiple of PP micro-batches, made up by repeating the last row.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batch, seq = tokens.shape
+    layout = plan.layout
+    seq_padded = -(-seq // layout.tp) * layout.tp if layout.sp else seq
+    rows = [torch.nn.functional.pad(row[None], (0, seq_padded - seq)) for row in tokens]
+    if layout.vpp > 1:
+        rows += rows[-1:] * (-len(rows) % layout.pp)
+    iterators = [iter(rows) for _ in chunks] if len(chunks) > 1 else iter(rows)
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=iterators,
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(rows),
+            seq_length=seq_padded,
+            micro_batch_size=1,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return torch.cat(outputs[:batch])[:, :seq, : plan.vocab_size]
+
+
+def greedy_generate(chunks: list[torch.nn.Module], plan: ForwardPlan, tokens: torch.Tensor, steps: int) -> torch.Tensor:
+    """`tokens` with `steps` greedy ids appended to every row, on every rank (full recompute per step)."""
+    from megatron.core import parallel_state
+
+    for _ in range(steps):
+        logits = forward_logits(chunks, plan, tokens)
+        next_ids = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        if logits is not None:
+            next_ids = logits[:, -1, : plan.generate_vocab].argmax(-1).to(tokens.device)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            # The last stage chose; the first stage needs the ids for the next step.
+            torch.distributed.broadcast(
+                next_ids,
+                src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group(),
+            )
+        tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+    return tokens
+
+
+def is_writer() -> bool:
+    """The rank that writes results: TP rank 0 of the last pipeline stage of data-parallel replica 0."""
+    from megatron.core import parallel_state
+
+    return (
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """np.save to a temporary name, renamed when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)

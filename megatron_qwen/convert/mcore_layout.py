@@ -1,0 +1,81 @@
+"""What a megatron-core checkpoint of a Qwen model holds, asked of megatron-core itself.
+
+The Qwen model is built on the meta device (no memory, no initialisation) in one process at TP=PP=1,
+and its sharded state dict lists every stored tensor (global key, global shape, where each piece
+sits) and every stored object (`_extra_state`). Writing exactly that makes the checkpoint load with
+`megatron_qwen.training.checkpointing.load_model` at any layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+
+from megatron_qwen.config import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """One piece of a stored tensor as megatron-core lays it out at TP=PP=1 (one layer of a stacked tensor,
+    or one half of fc1's [gate; up])."""
+
+    key: str
+    global_shape: tuple
+    offsets: tuple  # in the global tensor
+    sizes: tuple  # the piece, with the stacked layer axis (size 1) included
+
+
+@contextlib.contextmanager
+def single_process_model_parallel():
+    """megatron-core's parallel state for one process (TP=PP=1) while the block runs.
+
+    Reuses a state already set up with TP=PP=1 (e.g. a test's single rank); otherwise creates a
+    one-process gloo group on an in-memory store (no port, no launcher) and removes it afterwards.
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() != 1 or parallel_state.get_pipeline_model_parallel_world_size() != 1:
+            raise RuntimeError("conversion lays out the model at TP=PP=1; call it outside a tensor/pipeline-parallel run")
+        yield
+        return
+    created_group = not torch.distributed.is_initialized()
+    if created_group:
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    elif torch.distributed.get_world_size() != 1:
+        raise RuntimeError("conversion runs in one process; call it outside a multi-rank run")
+    parallel_state.initialize_model_parallel(1, 1)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if created_group:
+            torch.distributed.destroy_process_group()
+
+
+def stored_layout(cfg: Config) -> tuple[list[StoredTensor], dict[str, object]]:
+    """(tensor pieces, {object unique key: value}) of a checkpoint of the model `cfg` describes."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    from megatron_qwen.model.qwen import build_model_chunk, transformer_config
+
+    one_rank = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False))
+    with single_process_model_parallel():
+        config = dataclasses.replace(transformer_config(one_rank, on_cpu=True), perform_initialization=False)
+        with torch.device("meta"):
+            model = build_model_chunk(one_rank, config, None, te=False)
+        sharded = model.sharded_state_dict()
+    apply_factories(sharded)
+    tensors, objects = [], {}
+    for item in nested_values(sharded):
+        if isinstance(item, ShardedTensor):
+            prepend = (1,) * item.prepend_axis_num
+            tensors.append(StoredTensor(item.key, tuple(item.global_shape), tuple(item.global_offset), prepend + tuple(item.local_shape)))
+        elif isinstance(item, ShardedObject):
+            objects[item.unique_key] = item.data
+        else:
+            raise AssertionError(f"unexpected sharded state entry {item!r}")
+    return tensors, objects

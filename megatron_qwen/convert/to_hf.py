@@ -1,0 +1,197 @@
+"""megatron-core dist_checkpointing checkpoint (saved at any layout) -> Hugging Face safetensors + config.json.
+
+Single process, streaming: tensors are read one layer (embeddings: one stored chunk) at a time, DCP
+assembling them from whatever TP/PP pieces the checkpoint holds, and their bytes written straight
+into safetensors files whose headers are known in advance, so no shard is ever held in memory.
+
+Vocabulary: a checkpoint converted from Hugging Face remembers the source vocab_size
+(`hf_source.json`) and the rows padded on for tensor parallelism are stripped again, so a round trip
+gives back the original tensors. Other checkpoints keep every stored row, as the Qwen release does
+(151936 / 152064); config.json's vocab_size is always the number of rows written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from megatron_qwen.config import TOKENIZER_VOCAB_SIZE, ConfigError, load_config
+from megatron_qwen.convert import mcore_keys as K
+from megatron_qwen.convert.dcp_io import read_chunks, tensor_metadata
+from megatron_qwen.convert.hf_io import PlannedTensor, write_safetensors
+from megatron_qwen.convert.to_mcore import MODEL_CONFIG_FILE, SOURCE_FILE
+from megatron_qwen.convert.layouts import (
+    GLOBAL_NAMES,
+    LAYOUTS,
+    QWEN2,
+    ConversionError,
+    expected_tensors,
+    hf_config,
+    layer_name,
+    qkv_source,
+)
+
+DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
+
+
+def read_source(ckpt: Path) -> dict | None:
+    """The `hf_source.json` a converted checkpoint carries (None for others)."""
+    path = Path(ckpt) / SOURCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class _LayerReader:
+    """Reads a checkpoint's tensors for export, keeping the last layer read of each key (Q, K and V, or
+    gate and up, come from one read)."""
+
+    def __init__(self, ckpt: Path, stored: dict, target: torch.dtype | None):
+        self.ckpt, self.stored, self.target = ckpt, stored, target
+        self.cache: dict[str, tuple[int, torch.Tensor]] = {}
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.target or self.stored[key].dtype
+
+    def _read(self, key: str, offsets: tuple, sizes: tuple) -> torch.Tensor:
+        block = read_chunks(self.ckpt, {key: (offsets, sizes, self.stored[key].dtype)})[key]
+        return block.to(self.target) if self.target else block
+
+    def layer(self, key: str, i: int) -> torch.Tensor:
+        if self.cache.get(key, (None,))[0] != i:
+            shape = self.stored[key].shape[1:]
+            self.cache[key] = (i, self._read(key, (i,) + (0,) * len(shape), (1,) + shape)[0])
+        return self.cache[key][1]
+
+    def rows(self, key: str, count: int) -> Iterator[torch.Tensor]:
+        """Rows [0, count) in blocks that follow the stored chunks (one stored chunk read at a time)."""
+        width = self.stored[key].shape[1:]
+        for start, stop in self.stored[key].row_blocks(count):
+            yield self._read(key, (start,) + (0,) * len(width), (stop - start,) + width)
+
+    def whole(self, key: str) -> torch.Tensor:
+        shape = self.stored[key].shape
+        return self._read(key, (0,) * len(shape), shape)
+
+
+def _plan(reader: _LayerReader, layout: str, m, vocab: int) -> list[PlannedTensor]:
+    """The Hugging Face tensors in checkpoint order, each with a producer of its data."""
+    H, F, d, heads = m.hidden_size, m.ffn_hidden_size, m.head_dim, m.num_attention_heads
+    names = GLOBAL_NAMES[layout]
+    shapes = expected_tensors(layout, m, vocab)
+
+    def planned(name, key, produce):
+        return PlannedTensor(name, shapes[name], reader.dtype(key), produce)
+
+    def qkv(key, i, parts):
+        # linear_qkv rows are [q_h; k_h; v_h] per head h: regroup into Q, K, V of `heads` heads each.
+        stored = reader.layer(key, i)
+        grouped = stored.view(heads, 3, d, *stored.shape[1:])
+        return iter([torch.cat([grouped[:, j].reshape(H, *stored.shape[1:]) for j in parts])])
+
+    out = [planned(names["embed"], K.EMBED, lambda: reader.rows(K.EMBED, vocab))]
+    for i in range(m.num_layers):
+        def whole(role, key, i=i):
+            return planned(layer_name(layout, role, i), key, lambda: iter([reader.layer(key, i)]))
+
+        out.append(whole("input_norm", K.INPUT_NORM))
+        parts = [[0], [1], [2]] if layout == QWEN2 else [[0, 1, 2]]  # separate q/k/v_proj, or v1's fused c_attn
+        for j, part in enumerate(parts):
+            for key, kind in ((K.QKV_WEIGHT, "weight"), (K.QKV_BIAS, "bias")):
+                name = qkv_source(layout, i, j, kind, H)[0]
+                out.append(planned(name, key, lambda key=key, i=i, part=part: qkv(key, i, part)))
+        out += [whole("proj", K.PROJ), whole("post_norm", K.POST_NORM)]
+        out.append(planned(layer_name(layout, "gate", i), K.FC1, lambda i=i: iter([reader.layer(K.FC1, i)[:F]])))
+        out.append(planned(layer_name(layout, "up", i), K.FC1, lambda i=i: iter([reader.layer(K.FC1, i)[F:]])))
+        out.append(whole("down", K.FC2))
+    out.append(planned(names["final_norm"], K.FINAL_NORM, lambda: iter([reader.whole(K.FINAL_NORM)])))
+    out.append(planned(names["lm_head"], K.OUTPUT, lambda: reader.rows(K.OUTPUT, vocab)))
+    if [t.name for t in out] != list(shapes):
+        raise AssertionError("export order differs from the layout table")
+    return out
+
+
+def mcore_to_hf(
+    ckpt: str | os.PathLike,
+    out: str | os.PathLike,
+    layout: str = QWEN2,
+    config_path: str | os.PathLike | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write the megatron-core checkpoint `ckpt` as a Hugging Face model directory `out` in `layout`.
+
+    The model's shape comes from `config_path` (default `ckpt/model_config.yaml`). `dtype` casts every
+    tensor (default: as stored). `out` must not exist; it appears only when complete.
+    """
+    ckpt, out = Path(ckpt), Path(out)
+    if layout not in LAYOUTS:
+        raise ConversionError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if out.exists():
+        raise ConversionError(f"--out {out} already exists; choose a new directory or remove it first")
+    if not (ckpt / "metadata.json").is_file():
+        raise ConversionError(f"--ckpt {ckpt} is not a megatron-core checkpoint (no metadata.json); check the path")
+    config_path = Path(config_path) if config_path is not None else ckpt / MODEL_CONFIG_FILE
+    if not config_path.is_file():
+        raise ConversionError(
+            f"{config_path} does not exist; the checkpoint's model shape comes from its model config: pass --config CONFIG.yaml"
+        )
+    try:
+        m = load_config(config_path).model
+    except ConfigError as exc:
+        raise ConversionError(f"{config_path}: {exc}") from exc
+
+    stored = tensor_metadata(ckpt)
+    rows = stored[K.EMBED].shape[0] if K.EMBED in stored else m.padded_vocab_size
+    expected = K.full_shapes(m.num_layers, m.hidden_size, m.ffn_hidden_size, rows)
+    for key, shape in expected.items():
+        if key not in stored:
+            raise ConversionError(f"--ckpt {ckpt} has no tensor {key}; it is not a Qwen model checkpoint of this project")
+        if stored[key].shape != shape:
+            raise ConversionError(
+                f"--ckpt {ckpt}: tensor {key} has shape {list(stored[key].shape)}, but {config_path} "
+                f"(num_layers={m.num_layers}, hidden_size={m.hidden_size}, ffn_hidden_size={m.ffn_hidden_size}) needs {list(shape)}"
+            )
+    source = read_source(ckpt)
+    vocab = source["vocab_size"] if source and source["vocab_size"] <= rows else rows
+    reader = _LayerReader(ckpt, stored, getattr(torch, dtype) if dtype else None)
+    out_dtype = reader.dtype(K.EMBED)
+    if layout == QWEN2 and (m.use_dynamic_ntk or m.use_logn_attn):
+        log(
+            f"note: the model uses dynamic NTK / LogN attention beyond {m.seq_length} tokens, which transformers' Qwen2 "
+            "does not model: its logits match only up to that length (--layout qwen keeps both)"
+        )
+
+    base = source["config"] if source and source.get("layout") == layout else None
+    config = hf_config(layout, m, vocab, str(out_dtype).removeprefix("torch."), base)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tensors = _plan(reader, layout, m, vocab)
+        files = write_safetensors(tmp, tensors, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _copy_tokenizer(tmp, vocab, log)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(t.nbytes for t in tensors)
+    log(f"wrote {out}: {layout} layout, {len(files)} safetensors file(s), {size / 2**20:.1f} MiB, vocab_size {vocab}")
+    return out
+
+
+def _copy_tokenizer(directory: Path, vocab: int, log) -> None:
+    """Put qwen.tiktoken next to a model with Qwen's vocabulary (smaller vocabularies are not Qwen's)."""
+    if vocab < TOKENIZER_VOCAB_SIZE:
+        return
+    from megatron_qwen.tokenizer import default_tokenizer_file
+
+    try:
+        shutil.copyfile(default_tokenizer_file(), directory / "qwen.tiktoken")
+    except FileNotFoundError as exc:
+        log(f"note: qwen.tiktoken not copied: {exc}")

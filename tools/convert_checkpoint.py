@@ -1,0 +1,75 @@
+"""Convert Qwen checkpoints between Hugging Face and megatron-core (dist_checkpointing).
+
+    python tools/convert_checkpoint.py hf-to-mcore --hf DIR --out CKPT --tp T --pp P [--vpp V]
+    python tools/convert_checkpoint.py mcore-to-hf --ckpt CKPT --out DIR [--layout qwen2|qwen]
+
+hf-to-mcore reads transformers' Qwen2 layout or the Qwen v1 release's (remote code) layout, from
+safetensors (sharded or not) or pytorch_model*.bin, and writes CKPT with model_config.yaml; the
+checkpoint loads at any TP/PP/VPP layout. mcore-to-hf reads a checkpoint saved at any layout and
+writes safetensors + config.json that `Qwen2ForCausalLM.from_pretrained` loads (qwen2) or the v1
+names and config keys (qwen). Both run in one process and stream tensor by tensor. Exit status 2
+means the input or the request was refused (the message says why and what to do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from megatron_qwen.config import ConfigError
+from megatron_qwen.convert.layouts import LAYOUTS, QWEN2, ConversionError
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '1GiB' or a number of bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    value = text.strip().upper()
+    number = value.rstrip("KMGIB")
+    try:
+        return int(float(number) * units[value[len(number):]])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 2GB, 500MB or 1GiB") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tools/convert_checkpoint.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    to_mcore = sub.add_parser("hf-to-mcore", help="Hugging Face Qwen checkpoint -> megatron-core checkpoint")
+    to_mcore.add_argument("--hf", required=True, type=Path, help="Hugging Face model directory (config.json + weights)")
+    to_mcore.add_argument("--out", required=True, type=Path, help="new checkpoint directory")
+    to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel size: checked against the model, pads the vocabulary, recorded (default 1)")
+    to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel size: checked and recorded (default 1)")
+    to_mcore.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank: checked and recorded (default 1)")
+    to_mcore.add_argument("--max-chunk-size", type=parse_size, default="64MiB", help="largest block held in memory and stored as one piece (default 64MiB)")
+
+    to_hf = sub.add_parser("mcore-to-hf", help="megatron-core checkpoint -> Hugging Face safetensors + config.json")
+    to_hf.add_argument("--ckpt", required=True, type=Path, help="megatron-core checkpoint directory")
+    to_hf.add_argument("--out", required=True, type=Path, help="new Hugging Face model directory")
+    to_hf.add_argument("--layout", choices=LAYOUTS, default=QWEN2, help="qwen2 (transformers) or qwen (v1 release); default qwen2")
+    to_hf.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
+    to_hf.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="cast weights (default: as stored)")
+    to_hf.add_argument("--max-shard-size", type=parse_size, default="2GB", help="largest safetensors file (default 2GB)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "hf-to-mcore":
+            from megatron_qwen.convert.to_mcore import hf_to_mcore
+
+            hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, max_chunk_bytes=args.max_chunk_size)
+        else:
+            from megatron_qwen.convert.to_hf import mcore_to_hf
+
+            mcore_to_hf(
+                args.ckpt, args.out, layout=args.layout, config_path=args.config, dtype=args.dtype,
+                max_shard_bytes=args.max_shard_size,
+            )
+    except (ConversionError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

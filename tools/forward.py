@@ -1,0 +1,115 @@
+"""Full-vocabulary logits (and greedy continuations) of a checkpoint at any parallel layout.
+
+    torchrun --nproc-per-node N tools/forward.py --ckpt CKPT --tokens TOKENS.npy --out LOGITS.npy \
+        [--tp T --pp P --vpp V --sequence-parallel] [--generate K]
+
+Loads CKPT (saved or converted at any layout) at the layout given here; ranks beyond TP x PP are
+data-parallel replicas that repeat the work. Writes fp32 logits [batch, seq, vocab] of the (batch,
+seq) integer array in TOKENS.npy, gathered across TP, from the last pipeline stage. With --generate
+K, K greedy tokens are appended to each row, printed (decoded when the vocabulary is Qwen's) and
+saved to --generated-out (default: LOGITS.generated.npy). Exit status 2: the request was refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_qwen.config import TOKENIZER_VOCAB_SIZE
+from megatron_qwen.convert import inference
+from megatron_qwen.convert.layouts import ConversionError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tools/forward.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, type=Path, help="megatron-core checkpoint directory")
+    parser.add_argument("--tokens", required=True, type=Path, help=".npy (batch, seq) integer array")
+    parser.add_argument("--out", required=True, type=Path, help="where to write the fp32 logits (.npy)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    parser.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank (default 1)")
+    parser.add_argument("--sequence-parallel", action="store_true", help="split the sequence over TP ranks")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
+    parser.add_argument("--generate", type=int, default=0, metavar="K", help="append K greedy tokens to each row")
+    parser.add_argument("--generated-out", type=Path, default=None, help="where to write the continued rows (.npy)")
+    args = parser.parse_args(argv)
+    if args.generate < 0:
+        parser.error(f"--generate {args.generate}: the number of tokens must be >= 0")
+    if args.generated_out is None:
+        args.generated_out = args.out.with_suffix(".generated.npy")
+    return args
+
+
+def _print_generation(rows: np.ndarray, prompt_len: int, vocab_size: int) -> None:
+    tokenizer = None
+    if vocab_size >= TOKENIZER_VOCAB_SIZE:
+        from megatron_qwen.tokenizer import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer()
+        except FileNotFoundError as exc:
+            print(f"note: not decoding: {exc}")
+    for i, row in enumerate(rows):
+        new = row[prompt_len:].tolist()
+        print(f"row {i}: generated ids {new}")
+        if tokenizer is not None:
+            try:
+                print(f"row {i}: {tokenizer.decode(row[:prompt_len])!r} -> {tokenizer.decode(new)!r}")
+            except ValueError as exc:  # prompt ids in the padding past the tokenizer's vocabulary
+                print(f"row {i}: not decoded: {exc}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one request on this process's rank; returns the exit status. Re-entrant: the process group
+    stays, the model-parallel state is torn down, so a worker can call it for several layouts."""
+    from megatron.core import parallel_state
+
+    from megatron_qwen.platform.launch import detect_launch, init_distributed, use_cpu_ranks
+
+    args = parse_args(argv)
+    launch = detect_launch()
+    try:
+        plan = inference.prepare(
+            args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp, sp=args.sequence_parallel,
+            precision=args.precision, config_path=args.config,
+        )
+        tokens = inference.load_tokens(args.tokens, plan.vocab_size)
+    except ConversionError as exc:
+        if launch.rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    cfg = plan.cfg
+    on_cpu = use_cpu_ranks(cfg.parallel.device)
+    init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, device=cfg.parallel.device,
+                     timeout_minutes=cfg.parallel.timeout_minutes, seed=cfg.training.seed)
+    try:
+        chunks = inference.load_chunks(plan, args.ckpt, on_cpu)
+        batch = torch.from_numpy(tokens).to(inference.device_for(on_cpu))
+        logits = inference.forward_logits(chunks, plan, batch)
+        if inference.is_writer():
+            inference.save_npy(args.out, logits.cpu().numpy())
+            print(f"wrote {args.out}: logits {list(logits.shape)} (tp {args.tp}, pp {args.pp}, vpp {args.vpp}, "
+                  f"sp {args.sequence_parallel}, dp {plan.layout.dp})")
+        if args.generate:
+            rows = inference.greedy_generate(chunks, plan, batch, args.generate).cpu().numpy()
+            if inference.is_writer():
+                inference.save_npy(args.generated_out, rows)
+                _print_generation(rows, tokens.shape[1], plan.vocab_size)
+                print(f"wrote {args.generated_out}: tokens {list(rows.shape)}")
+        torch.distributed.barrier()
+    finally:
+        parallel_state.destroy_model_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    status = main()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.exit(status)
