@@ -1,95 +1,106 @@
-"""The demo: the tiny Qwen on 4 CPU ranks at TP=2 x PP=2, one forward+backward on real text.
+"""The demo: raw text to a trained Qwen and back out through Hugging Face, on CPU ranks.
 
-    python tools/demo.py [--nproc 4] [--tp 2] [--pp 2]
+    python tools/demo.py [--steps 200] [--nproc 4] [--out demo_out]
 
-Run without a launcher it starts itself under torchrun; each rank then builds its shard of the model
-with megatron-core, and the loss of a batch of this repository's own source code, tokenized with the
-Qwen tokenizer, is printed with the gradient norm.
+1. builds a small JSONL corpus from this machine's Python standard-library sources;
+2. preprocesses it into Megatron shards with tools/preprocess_data.py (2 workers, C++ builder);
+3. pretrains the tiny Qwen at TP=2 x PP=2 with sequence parallelism on 4 CPU ranks (torchrun, gloo),
+   the loss falling on screen, and saves a checkpoint;
+4. converts the checkpoint to the Hugging Face Qwen2 format with tools/convert_checkpoint.py;
+5. loads it with transformers' Qwen2ForCausalLM and prints a greedy continuation.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
+import sysconfig
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("email", "json", "http", "logging", "asyncio", "unittest", "concurrent", "importlib", "xml", "urllib")
+PROMPT = "import os\nimport sys\n\n\ndef main():\n"
 
 
-def text_batch(tokenizer, count: int, length: int):
-    """`count` windows of `length + 1` tokens from the repository's Python sources."""
-    import torch
-
-    text = "\n".join(p.read_text() for p in sorted((REPO / "megatron_qwen").rglob("*.py")))
-    ids = torch.tensor(tokenizer.encode(text))
-    needed = count * (length + 1)
-    if ids.numel() < needed:
-        raise SystemExit(f"only {ids.numel()} tokens of text, the demo needs {needed}")
-    return ids[:needed].view(count, length + 1)
+def banner(text: str) -> None:
+    print(f"\n=== {text}", flush=True)
 
 
-def run_rank(args) -> None:
-    import torch
-    from megatron.core import parallel_state
+def run(cmd: list[str], env: dict) -> None:
+    print("$ " + " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, check=True)
 
-    from megatron_qwen.config import load_config, resolve
-    from megatron_qwen.model.qwen import build_model
-    from megatron_qwen.platform.launch import detect_launch, init_distributed, use_cpu_ranks
-    from megatron_qwen.tokenizer import load_tokenizer
-    from megatron_qwen.training.forward_backward import forward_backward, wrap_ddp
 
-    overrides = [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", f"parallel.sp={'true' if args.tp > 1 else 'false'}"]
-    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
-    cfg, layout, notes = resolve(cfg, detect_launch().world_size)
-    on_cpu = use_cpu_ranks(cfg.parallel.device)
-    info = init_distributed(layout.tp, layout.pp, None, device=cfg.parallel.device, seed=cfg.training.seed)
-    chunks = build_model(cfg, on_cpu)
-    model = wrap_ddp(chunks, cfg)
-
-    t = cfg.training
-    seq = cfg.model.seq_length
-    num_micro = t.global_batch_size // (t.micro_batch_size * layout.dp)
-    tokens = text_batch(load_tokenizer(), t.global_batch_size, seq)
-    mine = tokens.view(layout.dp, num_micro, t.micro_batch_size, seq + 1)[parallel_state.get_data_parallel_rank()]
-    batches = [{"tokens": b[:, :-1], "labels": b[:, 1:], "loss_mask": torch.ones(b.shape[0], seq)} for b in mine]
-    loss = forward_backward(model, iter(batches), num_micro, seq, t.micro_batch_size)["lm loss"]
-
-    # Squared grad norm and parameter count of the whole model: TP-replicated tensors counted once.
-    totals = torch.zeros(2, dtype=torch.float64)
-    for chunk in model:
-        for p in chunk.parameters():
-            if getattr(p, "tensor_model_parallel", False) or parallel_state.get_tensor_model_parallel_rank() == 0:
-                totals += torch.tensor([p.main_grad.double().pow(2).sum().item(), p.numel()], dtype=torch.float64)
-    torch.distributed.all_reduce(totals, group=parallel_state.get_model_parallel_group())
-    if info.rank == 0:
-        for note in notes:
-            print(f"note: {note}")
-        print(
-            f"tiny Qwen ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, vocab {cfg.model.padded_vocab_size}) "
-            f"at TP={layout.tp} x PP={layout.pp} x DP={layout.dp}{' with SP' if layout.sp else ''} on {info.world_size} "
-            f"{'CPU (gloo)' if on_cpu else 'GPU (nccl)'} ranks, {int(totals[1]):,} parameters"
-        )
-        print(f"global batch {t.global_batch_size} x {seq} tokens of this repository's source, {num_micro} micro-batches per rank")
-        print(f"loss {loss.item():.4f} (ln(vocab) = {torch.log(torch.tensor(float(cfg.model.padded_vocab_size))).item():.4f} for a uniform guess)")
-        print(f"gradient norm {totals[0].sqrt().item():.4f}")
+def write_corpus(path: Path) -> int:
+    """One JSONL document per standard-library source file of a few packages."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    count = 0
+    with open(path, "w") as out:
+        for package in PACKAGES:
+            for source in sorted((stdlib / package).rglob("*.py")):
+                out.write(json.dumps({"text": source.read_text(errors="replace")}) + "\n")
+                count += 1
+    return count
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nproc", type=int, default=4, help="ranks to start (default 4)")
-    parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    parser.add_argument("--nproc", type=int, default=4, help="CPU ranks (TP=2 x PP=2 needs 4)")
+    parser.add_argument("--out", type=Path, default=REPO / "demo_out", help="work directory (default demo_out/)")
     args = parser.parse_args()
-    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
-        run_rank(args)
-        return
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc), "--master-port",
-           os.environ.get("MASTER_PORT", "29517"), __file__, "--tp", str(args.tp), "--pp", str(args.pp)]
-    print("$ " + " ".join(cmd[2:]), flush=True)
-    sys.exit(subprocess.call(cmd, env=env))
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"))
+    python = sys.executable
+    start = time.time()
+
+    banner("1. corpus")
+    corpus = out / "corpus.jsonl"
+    docs = write_corpus(corpus)
+    print(f"{docs} documents, {corpus.stat().st_size / 1e6:.1f} MB -> {corpus}")
+
+    banner("2. preprocess into Megatron shards")
+    prefix = out / "data" / "stdlib"
+    (out / "data").mkdir(exist_ok=True)
+    run([python, "tools/preprocess_data.py", "--input", corpus, "--output-prefix", prefix, "--append-eod", "--workers", "2"], env)
+
+    banner(f"3. pretrain the tiny Qwen at TP=2 x PP=2 with SP on {args.nproc} CPU ranks, {args.steps} steps")
+    run_dir = out / "run"
+    run([
+        python, "-m", "torch.distributed.run", "--nproc-per-node", args.nproc, "--master-port", os.environ.get("MASTER_PORT", "29517"),
+        "-m", "megatron_qwen.stages.pretrain", "configs/tiny.yaml",
+        f"data.paths=[{prefix}_text_document]", f"logging.run_dir={run_dir}", f"training.save={run_dir / 'checkpoints'}",
+        "parallel.tp=2", "parallel.pp=2", "parallel.sp=true", "parallel.device=cpu",
+        "model.seq_length=64", "training.micro_batch_size=2", "training.global_batch_size=8",
+        f"training.train_iters={args.steps}", "training.lr=2e-3", "training.min_lr=2e-4",
+        f"training.lr_warmup_iters={max(1, args.steps // 10)}", "logging.log_interval=10",
+    ], env)
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    ckpt = run_dir / "checkpoints" / latest
+
+    banner("4. convert to Hugging Face (Qwen2 layout)")
+    hf_dir = out / "hf"
+    run([python, "tools/convert_checkpoint.py", "mcore-to-hf", "--ckpt", ckpt, "--out", hf_dir], env)
+
+    banner("5. greedy continuation with transformers")
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from megatron_qwen.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    model = Qwen2ForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eod_id)
+    print("prompt:\n" + PROMPT + "continuation:\n" + tokenizer.decode(generated[0, ids.shape[1]:]))
+    print(f"\ndemo finished in {time.time() - start:.0f} s; metrics in {run_dir / 'metrics.jsonl'}, "
+          f"checkpoint {ckpt}, Hugging Face model in {hf_dir}")
 
 
 if __name__ == "__main__":

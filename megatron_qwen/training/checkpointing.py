@@ -140,21 +140,27 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def save_checkpoint(save_dir: str | os.PathLike, step: int, model, optimizer, train_state: dict, keep_last: int) -> Path:
+def save_checkpoint(
+    save_dir: str | os.PathLike, step: int, model, optimizer, train_state: dict, keep_last: int, files: dict | None = None
+) -> Path:
     """Save model, optimizer, the loop's state (step, consumed samples, ...) and every rank's RNG
     state as ``SAVE_DIR/iter_NNNNNNN``, then point ``SAVE_DIR/latest`` at it (written last, atomically)
-    and delete all but the `keep_last` newest checkpoints. All ranks call this."""
+    and delete all but the `keep_last` newest checkpoints. `files` ({name: text}) are written beside
+    the tensors by rank 0 (e.g. model_config.yaml for the converter). All ranks call this."""
     save_dir = Path(save_dir)
     state = model_sharded_state_dict(model)
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
     state["train_state"] = dict(train_state, step=step)
     rng = _rng_state()
 
-    def write_rng(tmp: Path) -> None:
+    def write_extra(tmp: Path) -> None:
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng, tmp / "rng" / f"rank{_rank():05d}.pt")
+        if _is_rank0():
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text)
 
-    path = save_sharded(state, save_dir / checkpoint_name(step), write_extra=write_rng)
+    path = save_sharded(state, save_dir / checkpoint_name(step), write_extra=write_extra)
     if _is_rank0():
         pointer = save_dir / (LATEST_FILE + ".tmp")
         pointer.write_text(path.name + "\n")

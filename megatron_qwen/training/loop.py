@@ -173,6 +173,7 @@ class Trainer:
         self.model = wrap_ddp((task.build_model or build_model)(cfg, self.on_cpu), cfg)
         self.optimizer = build_optimizer(cfg, self.model, params_dtype(cfg, self.on_cpu) == torch.bfloat16)
         self.state = TrainState()
+        self.carried_files: dict[str, str] = {}  # e.g. a converted model's hf_source.json, kept in every save
         self.resumed = self.resume()
 
         self.logger = MetricsLogger(self.run_dir, cfg.logging.wandb, cfg.to_dict(), enabled=self.rank0, run_id=self.state.wandb_run_id)
@@ -200,18 +201,29 @@ class Trainer:
             self.state = TrainState(**{k: saved[k] for k in dataclasses.asdict(TrainState()) if k in saved})
             change = "" if saved_layout == layout else f"; layout changed from {saved_layout} to {layout}"
             self.say(f"resumed from {path} at step {self.state.step} ({self.state.consumed_samples} samples consumed){change}")
+            self._carry_from(path)
             return True
         if t.init_from:
             checkpointing.load_model(self.model, t.init_from)
             self.say(f"initialised weights from {t.init_from}")
+            self._carry_from(Path(t.init_from))
         return False
+
+    def _carry_from(self, path: Path) -> None:
+        # A model converted from Hugging Face records its source vocabulary; exports after training need it.
+        source = path / "hf_source.json"
+        if source.is_file():
+            self.carried_files[source.name] = source.read_text()
 
     def save(self) -> None:
         from megatron_qwen.training import checkpointing
 
         t = self.cfg.training
         train_state = dict(dataclasses.asdict(self.state), layout=dataclasses.asdict(self.layout), config=self.cfg.to_dict())
-        path = checkpointing.save_checkpoint(self.save_dir, self.state.step, self.model, self.optimizer, train_state, t.keep_last)
+        files = {"model_config.yaml": yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), **self.carried_files}
+        path = checkpointing.save_checkpoint(
+            self.save_dir, self.state.step, self.model, self.optimizer, train_state, t.keep_last, files
+        )
         self.say(f"saved checkpoint {path}")
 
     def train_step(self, lr: float) -> tuple[dict, float | None, bool]:
