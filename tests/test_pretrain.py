@@ -231,3 +231,19 @@ def test_corpus_too_small_is_reported_before_training(corpus, tmp_path):
     cfg = load_config("configs/tiny.yaml", overrides(corpus, tmp_path, "training.train_iters=100000"))
     with pytest.raises(ValueError, match="data.allow_repeat=true"):
         build_gpt_datasets(cfg, eod=0, vocab_size=corpus[1])
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_recompute_and_validation(corpus, initial, straight, tmp_path, recompute):
+    run_torchrun(1, STAGE + overrides(
+        corpus, tmp_path, "training.train_iters=4", f"training.init_from={initial}", f"training.recompute={recompute}",
+        "training.eval_interval=2", "training.eval_iters=1",
+    ))
+    ref, got = losses(straight), losses(tmp_path)
+    # Recomputing activations changes no result, and validating does not disturb training.
+    assert max(abs(got[s] - ref[s]) / ref[s] for s in range(1, 5)) < 1e-6, (got, ref)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    valid = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
+    assert [s for s, _ in valid] == [2, 4]
+    assert all(5.0 < v < 9.0 for _, v in valid) and valid[1][1] < valid[0][1]
