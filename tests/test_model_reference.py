@@ -126,3 +126,21 @@ def test_dynamic_ntk_and_logn_beyond_seq_length(length):
         assert torch.allclose(ref_long, ref_plain)
     else:  # the references really differ, so the comparisons above can fail
         assert (ref_long - ref_plain).abs().max().item() > 1e-2
+
+
+def _te_and_gpu() -> bool:
+    from megatron_qwen.model.spec import transformer_engine_available
+
+    return transformer_engine_available() and torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _te_and_gpu(), reason="the Transformer Engine spec needs transformer_engine and a GPU; "
+                    "without them the local spec runs and is tested above")
+def test_transformer_engine_spec_matches_local_spec(tmp_path):
+    from spawn import cpu_env, run_torchrun
+
+    env = cpu_env()
+    env.pop("MEGATRON_QWEN_DEVICE")
+    out = run_torchrun(1, ["tests/parallel/te_worker.py", "--workdir", str(tmp_path)], env=env)
+    diff = float(next(line for line in out.stdout.splitlines() if line.startswith("RESULT")).split()[1])
+    assert diff < 1e-3, f"TE and local specs differ by {diff} in fp32 logits"
