@@ -8,7 +8,7 @@ PIPC := $(PIP) install --disable-pip-version-check -q -c constraints.txt
 TORCH_SPEC ?= torch
 NPROC ?= 4
 
-.PHONY: install install-test demo test test-fast clean
+.PHONY: install install-test demo test test-fast clean slurm-up slurm-down
 
 $(VENV)/.installed: constraints.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ test: $(VENV)/.installed-test
 
 test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests -m "not slow"
+
+# A two-node Slurm cluster (2 fake GPUs per node) on this machine, for trying slurm/*.sbatch; needs root and
+# `apt-get install slurm-wlm munge` first. Then: export SLURM_CONF=$${TMPDIR:-/tmp}/megatron-qwen-slurm/slurm.conf
+slurm-up:
+	$(PYTHON) slurm/local_cluster.py up
+
+slurm-down:
+	$(PYTHON) slurm/local_cluster.py down
 
 clean:
 	rm -rf build *.egg-info megatron_qwen/_C*.so

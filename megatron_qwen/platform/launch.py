@@ -63,9 +63,9 @@ def expand_slurm_nodelist(nodelist: str) -> list[str]:
 def detect_launch(env: dict | None = None) -> LaunchInfo:
     """Describe this process's rank from the launcher's environment.
 
-    Precedence: torchrun's ``RANK``/``WORLD_SIZE`` (also set by our own launch scripts), then
-    Slurm's ``SLURM_PROCID``/``SLURM_NTASKS`` (only inside an ``srun`` step, i.e. with
-    ``SLURM_STEP_ID`` set), then Open MPI's ``OMPI_COMM_WORLD_*`` or PMI's ``PMI_RANK``/``PMI_SIZE``,
+    Precedence: torchrun's ``RANK``/``WORLD_SIZE`` (also set by our own launch scripts), then Open
+    MPI's ``OMPI_COMM_WORLD_*`` or PMI's ``PMI_RANK``/``PMI_SIZE``, then Slurm's
+    ``SLURM_PROCID``/``SLURM_NTASKS`` (only inside an ``srun`` step, i.e. with ``SLURM_STEP_ID`` set),
     else a single process. ``MASTER_ADDR``/``MASTER_PORT`` win when set; otherwise Slurm's first
     node (or localhost) and a port derived from the job id so that jobs sharing a node do not clash.
     """
@@ -78,6 +78,18 @@ def detect_launch(env: dict | None = None) -> LaunchInfo:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local_rank = _int_env(env, "LOCAL_RANK") or 0
         local_world = _int_env(env, "LOCAL_WORLD_SIZE") or world
+    elif env.get("OMPI_COMM_WORLD_RANK") not in (None, ""):
+        # Before Slurm: mpirun inside an allocation starts its daemons with srun, so every rank also
+        # inherits that helper step's SLURM_PROCID.
+        launcher = "mpi"
+        rank, world = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
+        local_rank = _int_env(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0
+        local_world = _int_env(env, "OMPI_COMM_WORLD_LOCAL_SIZE") or world
+    elif env.get("PMI_RANK") not in (None, "") and env.get("PMI_SIZE") not in (None, ""):
+        launcher = "mpi"
+        rank, world = int(env["PMI_RANK"]), int(env["PMI_SIZE"])
+        local_rank = _int_env(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK") or 0
+        local_world = _int_env(env, "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE") or world
     elif env.get("SLURM_PROCID") not in (None, "") and env.get("SLURM_STEP_ID") not in (None, ""):
         launcher = "slurm"
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
@@ -90,16 +102,6 @@ def detect_launch(env: dict | None = None) -> LaunchInfo:
             addr = nodes[0] if nodes else "127.0.0.1"
         if port is None:
             port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
-    elif env.get("OMPI_COMM_WORLD_RANK") not in (None, ""):
-        launcher = "mpi"
-        rank, world = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
-        local_rank = _int_env(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0
-        local_world = _int_env(env, "OMPI_COMM_WORLD_LOCAL_SIZE") or world
-    elif env.get("PMI_RANK") not in (None, "") and env.get("PMI_SIZE") not in (None, ""):
-        launcher = "mpi"
-        rank, world = int(env["PMI_RANK"]), int(env["PMI_SIZE"])
-        local_rank = _int_env(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK") or 0
-        local_world = _int_env(env, "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE") or world
     else:
         launcher, rank, world, local_rank, local_world = "single", 0, 1, 0, 1
 
