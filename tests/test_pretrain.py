@@ -138,13 +138,21 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def _reap(proc: subprocess.Popen) -> None:
-    """Wait for the launcher, then end helper processes a killed rank left behind."""
+    """Wait for the launcher, then end the processes it started that a killed rank left behind."""
     import psutil
 
-    proc.wait(timeout=300)
-    for p in psutil.process_iter(["cmdline"]):
-        if p.info["cmdline"] and "megatron_qwen.stages.pretrain" in " ".join(p.info["cmdline"]) and p.pid != os.getpid():
+    family = set()
+    while proc.poll() is None:
+        try:
+            family.update(psutil.Process(proc.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    for p in family:
+        try:
             p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @pytest.mark.parallel
@@ -198,6 +206,7 @@ def test_kill_during_save_keeps_previous_checkpoint(corpus, tmp_path):
     log = tmp_path / "crashed.log"
     proc = _launch(args, cpu_env(MEGATRON_QWEN_FAULT="kill_during_save:iter_0000010"), log)
     _reap(proc)
+    assert proc.wait(timeout=60) is not None
     output = log.read_text()
     assert proc.returncode != 0, output
     ckpts = tmp_path / "checkpoints"

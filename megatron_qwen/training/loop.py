@@ -154,6 +154,8 @@ class Trainer:
         from megatron_qwen.training.forward_backward import wrap_ddp
         from megatron_qwen.training.metrics import MetricsLogger
 
+        # Installed first: a USR1/TERM while the model builds or loads is honoured at the first step.
+        self.preemption = PreemptionFlag()
         info = detect_launch()
         cfg, layout, notes = resolve(cfg, info.world_size)
         self.cfg, self.task, self.layout, self.world_size = cfg, task, layout, info.world_size
@@ -282,7 +284,6 @@ class Trainer:
         t = self.cfg.training
         if t.train_iters == 0 and not self.resumed:
             self.save()  # train_iters=0 writes the initial weights: a common start for other layouts
-        preemption = PreemptionFlag()
         window = MetricWindow(self.task.report_keys)
         skipped_in_row = 0
         while self.state.step < t.train_iters:
@@ -306,12 +307,11 @@ class Trainer:
                 self.log(window, lr, grad_norm)
                 window = MetricWindow(self.task.report_keys)
             if self.valid_ds is not None and t.eval_interval and self.state.step % t.eval_interval == 0:
-                valid = evaluate(self.cfg, self.model, self.valid_ds, self.task, self.dp_rank, self.layout.dp)
-                self.logger.log(self.state.step, {"valid_loss": valid})
-            preempted = preemption.any_rank()
+                self.logger.log(self.state.step, evaluate(self.cfg, self.model, self.valid_ds, self.task, self.dp_rank, self.layout.dp))
+            preempted = self.preemption.any_rank()
             if preempted or (t.save_interval and self.state.step % t.save_interval == 0) or self.state.step == t.train_iters:
                 self.save()
-            if preempted:
+            if preempted and self.state.step < t.train_iters:  # at the last step the run is simply done
                 self.say(f"signal received: saved at step {self.state.step}, exiting with {EXIT_PREEMPTED} so the job can be requeued")
                 return EXIT_PREEMPTED
         return 0
@@ -322,8 +322,8 @@ def train(cfg: Config, task: Task) -> int:
     return Trainer(cfg, task).run()
 
 
-def evaluate(cfg: Config, model, valid_ds, task: Task, dp_rank: int, dp_size: int) -> float:
-    """Mean per-token loss over ``training.eval_iters`` global batches of the valid split."""
+def evaluate(cfg: Config, model, valid_ds, task: Task, dp_rank: int, dp_size: int) -> dict[str, float]:
+    """Each reported metric's mean over ``training.eval_iters`` global batches of the valid split."""
     from megatron_qwen.data.gpt import GlobalBatches
     from megatron_qwen.training.forward_backward import forward_backward
 
@@ -332,17 +332,21 @@ def evaluate(cfg: Config, model, valid_ds, task: Task, dp_rank: int, dp_size: in
     batches = GlobalBatches(valid_ds, 0, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size)
     for chunk in model:
         chunk.eval()
-    total = 0.0
+    totals = dict.fromkeys(task.report_keys, 0.0)
     with torch.no_grad():
         for _ in range(t.eval_iters):
             micro = batches.next_global_batch()
-            total += forward_backward(
+            reports = forward_backward(
                 model, _iterators(model, micro), batches.num_microbatches, cfg.model.seq_length, t.micro_batch_size,
                 task.forward_step, forward_only=True, report_keys=task.report_keys,
-            )[task.report_keys[0]].item()
+            )
+            for key in task.report_keys:
+                totals[key] += reports[key].item()
     for chunk in model:
         chunk.train()
-    return total / t.eval_iters
+    # The first key is the loss: logged as valid_loss; the others as valid_<key>.
+    names = ["loss", *(key.replace(" ", "_") for key in task.report_keys[1:])]
+    return {f"valid_{name}": totals[key] / t.eval_iters for name, key in zip(names, task.report_keys)}
 
 
 def _memory_gb(on_cpu: bool) -> float:
