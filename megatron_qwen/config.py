@@ -110,6 +110,17 @@ class DataConfig:
     tokenizer_file: typing.Optional[str] = None  # default: qwen.tiktoken from the dashscope wheel
     cache_dir: typing.Optional[str] = None  # sample-index cache (default: a cache/ folder beside the shards)
     allow_repeat: bool = False  # allow more samples than the train split holds (epochs > 1)
+    pack: bool = True  # SFT: several conversations per sequence (block-diagonal attention), else one each
+    epochs: typing.Optional[float] = None  # SFT/reward: when set, training.train_iters covers this many passes
+
+
+@dataclass
+class RewardConfig:
+    """The reward model (stages/reward.py)."""
+
+    # A language-model checkpoint (pretrained or SFT, any layout) whose weights start the reward model;
+    # its LM head is not used and the reward head starts fresh. training.init_from takes reward checkpoints.
+    init_from_lm: typing.Optional[str] = None
 
 
 @dataclass
@@ -135,6 +146,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,7 +1,7 @@
 """Convert Qwen checkpoints between Hugging Face and megatron-core (dist_checkpointing).
 
     python tools/convert_checkpoint.py hf-to-mcore --hf DIR --out CKPT --tp T --pp P [--vpp V]
-    python tools/convert_checkpoint.py mcore-to-hf --ckpt CKPT --out DIR [--layout qwen2|qwen]
+    python tools/convert_checkpoint.py mcore-to-hf --ckpt CKPT --out DIR [--layout qwen2|qwen] [--task lm|reward]
 
 hf-to-mcore reads transformers' Qwen2 layout or the Qwen v1 release's (remote code) layout, from
 safetensors (sharded or not) or pytorch_model*.bin, and writes CKPT with model_config.yaml; the
@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     to_hf.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
     to_hf.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="cast weights (default: as stored)")
     to_hf.add_argument("--max-shard-size", type=parse_size, default="2GB", help="largest safetensors file (default 2GB)")
+    to_hf.add_argument("--task", choices=("lm", "reward"), default="lm",
+                       help="lm: Qwen2ForCausalLM (default); reward: Qwen2ForSequenceClassification (score head)")
+    to_hf.add_argument("--pad-token-id", type=int, default=151643,
+                       help="reward export: pad id (rewards are read at the last non-pad token; default <|endoftext|>)")
 
     args = parser.parse_args(argv)
     try:
@@ -58,6 +62,18 @@ def main(argv: list[str] | None = None) -> int:
             from megatron_qwen.convert.to_mcore import hf_to_mcore
 
             hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, max_chunk_bytes=args.max_chunk_size)
+        elif args.task == "reward":
+            from megatron_qwen.convert.reward_export import export_reward_to_hf
+
+            if args.layout != QWEN2:
+                raise ConversionError(
+                    f"--task reward writes transformers' Qwen2ForSequenceClassification; --layout {args.layout} has no "
+                    "sequence-classification class: drop --layout or use --layout qwen2"
+                )
+            export_reward_to_hf(
+                args.ckpt, args.out, config_path=args.config, dtype=args.dtype, pad_token_id=args.pad_token_id,
+                max_shard_bytes=args.max_shard_size,
+            )
         else:
             from megatron_qwen.convert.to_hf import mcore_to_hf
 

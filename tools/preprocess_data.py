@@ -4,6 +4,16 @@
         [--json-keys text [more keys]] [--append-eod] [--workers N] [--tokenizer-file qwen.tiktoken] \\
         [--skip-bad-lines] [--mpi]
 
+Chat data for SFT (one conversation per line, `messages` or Qwen's `conversations`), rendered with ChatML:
+PREFIX_chat_tokens_document and its loss mask PREFIX_chat_mask_document:
+
+    python tools/preprocess_data.py --chat --input chats.jsonl --output-prefix PREFIX --max-length 2048
+
+Preference pairs for the reward model (`prompt` or `messages`, `chosen`, `rejected`):
+PREFIX_chosen_document and PREFIX_rejected_document:
+
+    python tools/preprocess_data.py --preference --input pairs.jsonl --output-prefix PREFIX --max-length 2048
+
 With --mpi, launch it under mpirun or srun: ranks split the input and rank 0 merges, giving the same bytes as
 a single-process run. The work is done by megatron_qwen.data.preprocess.
 """
@@ -21,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="JSONL or JSONL.gz files or globs, in order")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
-    parser.add_argument("--json-keys", nargs="+", default=["text"], help="string fields to tokenize (default: text)")
+    parser.add_argument("--json-keys", nargs="+", default=None, help="string fields to tokenize (default: text)")
     parser.add_argument("--append-eod", action="store_true", help="end each non-empty document with <|endoftext|>")
     parser.add_argument("--workers", type=int, default=1, help="tokenizing processes (per MPI rank)")
     parser.add_argument("--tokenizer-file", default=None, help="qwen.tiktoken (default: the dashscope wheel's)")
@@ -29,6 +39,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--skip-bad-lines", action="store_true", help="count and skip unusable lines instead of stopping"
     )
     parser.add_argument("--mpi", action="store_true", help="split the work over the ranks of mpirun/srun (mpi4py)")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--chat", action="store_true", help="conversations -> PREFIX_chat_tokens/_chat_mask_document")
+    kind.add_argument("--preference", action="store_true", help="preference pairs -> PREFIX_chosen/_rejected_document")
+    parser.add_argument(
+        "--max-length", type=int, default=None,
+        help="--chat: keep the leading whole exchanges within N tokens; --preference: longer pairs are bad lines "
+        "(use the model.seq_length you train at)",
+    )
     return parser.parse_args(argv)
 
 
@@ -60,6 +78,8 @@ def main(argv=None) -> int:
             skip_bad_lines=args.skip_bad_lines,
             comm=comm,
             progress=True,
+            mode="chat" if args.chat else "preference" if args.preference else "text",
+            max_length=args.max_length,
         )
     except PreprocessError as e:
         if rank == 0:

@@ -14,6 +14,14 @@ and on any failure every partial shard and temporary is removed. A bad line (inv
 missing key, non-string value) stops the run with ``file:line`` and the reason, or is counted and skipped
 with ``skip_bad_lines``.
 
+Chat data (``mode="chat"``, ``--chat``): each line is a conversation (see `megatron_qwen.data.chat`), rendered
+with ChatML into ``PREFIX_chat_tokens_document`` and a parallel loss-mask shard ``PREFIX_chat_mask_document``
+(document i of each is conversation i; mask 1 where the token is trained, QwenLM finetune.py's rule). With
+``max_length`` a longer conversation keeps its leading whole exchanges (counted as truncated); one whose
+first exchange does not fit, like any record breaking the chat rules, is a bad line. Preference data
+(``mode="preference"``, ``--preference``): each line is a pair, written as ``PREFIX_chosen_document`` and
+``PREFIX_rejected_document``; a side over ``max_length`` is a bad line.
+
 The command-line front end is ``tools/preprocess_data.py``.
 """
 
@@ -36,6 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megatron_qwen.data.chat import PREFERENCE_KEYS, SFT_KEYS, ChatFormatError, render_conversation, render_preference
 from megatron_qwen.data.indexed import IndexedShardWriter, ShardSummary, merge_shards
 from megatron_qwen.tokenizer import default_tokenizer_file, load_tokenizer
 
@@ -44,6 +53,7 @@ PARTS_PER_WORKER = 8  # more, smaller parts balance uneven text better but make 
 BATCH_BYTES = 1 << 20  # JSONL text tokenized per batch: large enough to amortise per-call costs
 MAX_BAD_LINE_EXAMPLES = 10
 _SKIP_HINT = "fix or remove the line, or skip such lines with --skip-bad-lines (skip_bad_lines=True)"
+MODES = ("text", "chat", "preference")
 
 
 class PreprocessError(RuntimeError):
@@ -70,6 +80,9 @@ class PreprocessResult:
     bad_line_examples: list[str] = field(default_factory=list)
     seconds: float = 0.0
     outputs: dict[str, ShardSummary] = field(default_factory=dict)
+    mode: str = "text"
+    truncated: int = 0  # chat: conversations that lost trailing exchanges to max_length
+    trained_tokens: int = 0  # chat: tokens the loss mask trains
 
 
 def output_prefix_for(output_prefix: str, key: str) -> str:
@@ -230,8 +243,8 @@ def _json_type(value) -> str:
     return "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def _texts_of(line: bytes, keys: Sequence[str]) -> list[str] | str:
-    """The string values of ``keys`` in a JSON-object line, or the reason the line is unusable."""
+def _record_of(line: bytes) -> dict | str:
+    """The JSON object on a line, or the reason the line is not one."""
     try:
         record = json.loads(line)
     except UnicodeDecodeError as e:
@@ -240,6 +253,14 @@ def _texts_of(line: bytes, keys: Sequence[str]) -> list[str] | str:
         return f"invalid JSON ({e.msg} at column {e.colno})"
     if not isinstance(record, dict):
         return f"expected a JSON object, found a JSON {_json_type(record)}"
+    return record
+
+
+def _texts_of(line: bytes, keys: Sequence[str]) -> list[str] | str:
+    """The string values of ``keys`` in a JSON-object line, or the reason the line is unusable."""
+    record = _record_of(line)
+    if isinstance(record, str):
+        return record
     texts = []
     for key in keys:
         if key not in record:
@@ -256,12 +277,19 @@ def _texts_of(line: bytes, keys: Sequence[str]) -> list[str] | str:
 class _Job:
     """Everything a worker needs besides its part (picklable for spawned processes)."""
 
-    json_keys: tuple[str, ...]
+    json_keys: tuple[str, ...]  # text mode: the JSON keys; chat/preference: their shard keys
     append_eod: bool
     tokenizer_file: str
     skip_bad_lines: bool
     output_prefix: str | None  # None: tokenize and count only
     num_parts: int
+    mode: str = "text"
+    max_length: int | None = None
+
+    @property
+    def token_keys(self) -> tuple[str, ...]:
+        """The keys whose shards hold token ids (the chat mask shard does not)."""
+        return SFT_KEYS[:1] if self.mode == "chat" else self.json_keys
 
     def partial_prefix(self, key: str, part: int) -> str:
         return f"{output_prefix_for(self.output_prefix, key)}.part-{part:05d}-of-{self.num_parts:05d}"
@@ -286,7 +314,8 @@ def _run_worker(parts: dict[int, list[Piece]], next_part, job: _Job, counters, c
                 next_part.value += 1
             if part not in parts:
                 break
-            results[part] = _tokenize_part(part, parts[part], job, tokenizer, counters)
+            run_part = _tokenize_part if job.mode == "text" else _render_part
+            results[part] = run_part(part, parts[part], job, tokenizer, counters)
         conn.send({"parts": results})
     except PreprocessError as e:
         conn.send({"error": str(e)})
@@ -339,19 +368,81 @@ def _tokenize_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counter
                 pending_bytes += len(line) + 1
                 found = _texts_of(line, keys)
                 if isinstance(found, str):
-                    if not job.skip_bad_lines:
-                        line_number = _line_number(piece, newlines_before)
-                        raise PreprocessError(f"{piece.path}:{line_number}: {found}; {_SKIP_HINT}")
-                    counters[slot + _BAD] += 1
-                    if len(bad_examples) < MAX_BAD_LINE_EXAMPLES:
-                        bad_examples.append(f"{piece.path}:{_line_number(piece, newlines_before)}: {found}")
+                    _bad_line(job, piece, newlines_before, found, counters, slot, bad_examples)
                     continue
                 for key, text in zip(keys, found):
                     texts[key].append(text)
                 if pending_bytes >= BATCH_BYTES:
                     flush()
         flush()
-    return {"tokens": tokens, "bad_examples": bad_examples}
+    return {"tokens": tokens, "bad_examples": bad_examples, "truncated": 0, "trained_tokens": 0}
+
+
+def _bad_line(job: _Job, piece: Piece, newlines_before: int, reason: str, counters, slot: int, examples: list[str]) -> None:
+    """Stop at an unusable line with file:line and the reason, or count it under skip_bad_lines."""
+    where = f"{piece.path}:{_line_number(piece, newlines_before)}"
+    if not job.skip_bad_lines:
+        raise PreprocessError(f"{where}: {reason}; {_SKIP_HINT}")
+    counters[slot + _BAD] += 1
+    if len(examples) < MAX_BAD_LINE_EXAMPLES:
+        examples.append(f"{where}: {reason}")
+
+
+def _render_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counters) -> dict:
+    """Chat/preference mode: check and render each record with ChatML into the part's shards (if writing)."""
+    slot = 4 * part
+    keys = job.json_keys
+    pending: dict[str, list[np.ndarray]] = {key: [] for key in keys}
+    tokens = dict.fromkeys(job.token_keys, 0)
+    bad_examples: list[str] = []
+    truncated = trained = pending_bytes = 0
+
+    with ExitStack() as stack:
+        writers = {}
+        if job.output_prefix is not None:
+            writers = {
+                # The mask shard holds 0/1, so its dtype is the smallest megatron-core picks.
+                key: stack.enter_context(IndexedShardWriter(job.partial_prefix(key, part), 2 if key == SFT_KEYS[1] else tokenizer.n_vocab))
+                for key in keys
+            }
+
+        def flush() -> None:
+            nonlocal pending_bytes
+            for key, docs in pending.items():
+                if writers and docs:
+                    writers[key].add_documents(np.concatenate(docs), np.fromiter(map(len, docs), np.int64, count=len(docs)))
+                docs.clear()
+            counters[slot + _BYTES] += pending_bytes
+            pending_bytes = 0
+
+        for piece in pieces:
+            for line, newlines_before in iter_piece_lines(piece):
+                pending_bytes += len(line) + 1
+                record = _record_of(line)
+                try:
+                    if isinstance(record, str):
+                        raise ChatFormatError(record)
+                    if job.mode == "chat":
+                        chat = render_conversation(tokenizer, record, job.max_length)
+                        docs = {SFT_KEYS[0]: np.asarray(chat.ids, np.int32), SFT_KEYS[1]: np.asarray(chat.mask, np.int32)}
+                        truncated += chat.dropped_exchanges > 0
+                        trained += int(docs[SFT_KEYS[1]].sum())
+                    else:
+                        sides = render_preference(tokenizer, record, job.max_length)
+                        docs = {key: np.asarray(ids, np.int32) for key, ids in zip(PREFERENCE_KEYS, sides)}
+                except ChatFormatError as e:
+                    _bad_line(job, piece, newlines_before, str(e), counters, slot, bad_examples)
+                    continue
+                for key, doc in docs.items():
+                    pending[key].append(doc)
+                for key in tokens:
+                    tokens[key] += len(docs[key])
+                    counters[slot + _TOKENS] += len(docs[key])
+                counters[slot + _DOCS] += 1
+                if pending_bytes >= BATCH_BYTES:
+                    flush()
+        flush()
+    return {"tokens": tokens, "bad_examples": bad_examples, "truncated": truncated, "trained_tokens": trained}
 
 
 class _SingleProcess:
@@ -498,10 +589,13 @@ def _merge(job: _Job, gathered: list[dict[int, dict]], totals: list[int], starte
     per_part = [rank_results[p] for rank_results in gathered for p in sorted(rank_results)]
     result = PreprocessResult(
         documents=totals[_DOCS],
-        tokens={key: sum(r["tokens"][key] for r in per_part) for key in job.json_keys},
+        tokens={key: sum(r["tokens"][key] for r in per_part) for key in job.token_keys},
         text_bytes=totals[_BYTES],
         bad_lines=totals[_BAD],
         bad_line_examples=[e for r in per_part for e in r["bad_examples"]][:MAX_BAD_LINE_EXAMPLES],
+        mode=job.mode,
+        truncated=sum(r["truncated"] for r in per_part),
+        trained_tokens=sum(r["trained_tokens"] for r in per_part),
     )
     if job.output_prefix is not None:
         try:
@@ -525,10 +619,23 @@ def _run(inputs: Sequence[str], job: _Job, workers: int, comm, progress: bool) -
     return _on_root(comm, lambda: _merge(job, gathered, totals, started))
 
 
-def _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_prefix, workers, comm) -> _Job:
-    keys = tuple(json_keys)
-    if not keys or len(set(keys)) != len(keys):
-        raise PreprocessError(f"--json-keys must name one or more distinct keys, got {list(keys)}")
+def _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_prefix, workers, comm, mode, max_length) -> _Job:
+    if mode not in MODES:
+        raise PreprocessError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode == "text":
+        keys = ("text",) if json_keys is None else tuple(json_keys)
+        if not keys or len(set(keys)) != len(keys):
+            raise PreprocessError(f"--json-keys must name one or more distinct keys, got {list(keys)}")
+        if max_length is not None:
+            raise PreprocessError("--max-length applies to --chat and --preference data; drop it for plain text")
+    else:
+        # A conversation is rendered whole with ChatML: keys, EOD and length come from the chat rules.
+        for given, flag in ((json_keys is not None, "--json-keys"), (append_eod, "--append-eod")):
+            if given:
+                raise PreprocessError(f"{flag} does not apply to --{mode} data (records are rendered with ChatML); drop it")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+            raise PreprocessError(f"--max-length must be a positive integer (the model.seq_length to train at), got {max_length!r}")
+        keys = SFT_KEYS if mode == "chat" else PREFERENCE_KEYS
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise PreprocessError(f"--workers must be a positive integer, got {workers!r}")
     try:
@@ -545,61 +652,76 @@ def _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_pref
         skip_bad_lines=skip_bad_lines,
         output_prefix=None if output_prefix is None else os.fspath(output_prefix),
         num_parts=size * workers * PARTS_PER_WORKER,
+        mode=mode,
+        max_length=max_length,
     )
 
 
 def preprocess(
     inputs: Sequence[str],
     output_prefix: str,
-    json_keys: Sequence[str] = ("text",),
+    json_keys: Sequence[str] | None = None,
     append_eod: bool = False,
     workers: int = 1,
     tokenizer_file: str | os.PathLike | None = None,
     skip_bad_lines: bool = False,
     comm=None,
     progress: bool = False,
+    mode: str = "text",
+    max_length: int | None = None,
 ) -> PreprocessResult:
     """Tokenize JSONL(.gz) ``inputs`` (paths or globs) into ``output_prefix_for(output_prefix, key)`` shards.
 
-    Each JSON line is one document: the NFC-normalised string at each key, encoded with special tokens as
-    plain text, plus ``<|endoftext|>`` when ``append_eod`` and the document is not empty. ``workers``
+    Each JSON line is one document: the NFC-normalised string at each of ``json_keys`` (default ``text``),
+    encoded with special tokens as plain text, plus ``<|endoftext|>`` when ``append_eod`` and the document
+    is not empty. ``mode`` "chat" or "preference" renders conversations or preference pairs with ChatML
+    instead (see the module docstring), each at most ``max_length`` tokens. ``workers``
     processes per rank are spawned, so a script calling this needs the ``if __name__ == "__main__":`` guard.
     ``comm`` (an mpi4py communicator; all its ranks call this) spreads the parts over the ranks and rank 0
     merges them, so ``output_prefix`` must be on a filesystem all ranks share. Every rank returns the same
     result or raises the same PreprocessError. ``progress`` prints a progress line on stderr (rank 0).
     """
-    job = _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_prefix, workers, comm)
+    job = _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_prefix, workers, comm, mode, max_length)
     return _run(inputs, job, workers, comm, progress)
 
 
 def count_tokens(
     inputs: Sequence[str],
-    json_keys: Sequence[str] = ("text",),
+    json_keys: Sequence[str] | None = None,
     append_eod: bool = False,
     workers: int = 1,
     tokenizer_file: str | os.PathLike | None = None,
     skip_bad_lines: bool = False,
     comm=None,
     progress: bool = False,
+    mode: str = "text",
+    max_length: int | None = None,
 ) -> PreprocessResult:
     """Read and tokenize like :func:`preprocess`, writing nothing: the corpus's document and token counts.
 
     Being the same pipeline minus the shards, it is also the throughput ceiling that preprocessing is
     measured against (tools/bench_preprocess.py).
     """
-    job = _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, None, workers, comm)
+    job = _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, None, workers, comm, mode, max_length)
     return _run(inputs, job, workers, comm, progress)
+
+
+_UNITS = {"text": "documents", "chat": "conversations", "preference": "pairs"}
 
 
 def format_summary(result: PreprocessResult) -> str:
     """Human-readable end-of-run summary."""
     seconds = max(result.seconds, 1e-9)
     lines = [
-        f"documents: {result.documents:,} in {seconds:.1f} s ({result.documents / seconds:,.0f} docs/s, "
+        f"{_UNITS[result.mode]}: {result.documents:,} in {seconds:.1f} s ({result.documents / seconds:,.0f}/s, "
         f"{result.text_bytes / 1e6 / seconds:,.2f} MB/s of JSONL text)",
     ]
     for key, count in result.tokens.items():
         lines.append(f"tokens[{key}]: {count:,}")
+    if result.mode == "chat":
+        total = max(sum(result.tokens.values()), 1)
+        lines.append(f"trained tokens (loss mask): {result.trained_tokens:,} ({100 * result.trained_tokens / total:.1f} %)")
+        lines.append(f"conversations truncated to --max-length (trailing exchanges dropped): {result.truncated:,}")
     if result.bad_lines:
         lines.append(f"bad lines skipped: {result.bad_lines:,}; first ones:")
         lines += [f"  {example}" for example in result.bad_line_examples]

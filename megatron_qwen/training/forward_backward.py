@@ -51,13 +51,19 @@ def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+def to_model_device(batch: dict, model: torch.nn.Module) -> dict:
+    """The batch's tensors on the device of the model's parameters (datasets yield CPU tensors)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def lm_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
     """megatron-core forward_step_func for next-token prediction.
 
     Each item of the iterator is a dict with ``tokens``, ``labels``, ``loss_mask`` of shape
     (micro_batch, seq) and optional ``position_ids``/``attention_mask``.
     """
-    batch = next(data_iterator)
+    batch = to_model_device(next(data_iterator), model)
     tokens = batch["tokens"]
     position_ids = batch.get("position_ids")
     if position_ids is None:

@@ -1,0 +1,184 @@
+"""Chat and preference records (one JSON object per line) -> ChatML token ids, with the SFT loss mask.
+
+Conversations come in the two common shapes:
+
+- ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``
+- Qwen's ``{"conversations": [{"from": "human"|"user"|"gpt"|"assistant"|"system", "value": "..."}, ...]}``
+
+either with an optional top-level ``"system"`` string. After an optional leading system turn the turns
+alternate user, assistant, ..., and end with an assistant turn. They are rendered by the tokenizer's
+`render_chat` (QwenLM finetune.py's template and loss mask; the system prompt defaults to "You are a
+helpful assistant.").
+
+Preference records are ``{"prompt": ..., "chosen": ..., "rejected": ...}`` or ``{"messages": [...],
+"chosen": ..., "rejected": ...}``: the prompt is a user string or a list of turns ending with a user
+turn; each response is an assistant string or a list of turns continuing the prompt. Without a prompt,
+chosen and rejected are whole conversations. Each side is rendered up to and including its final
+``<|im_end|>``, the token whose hidden state the reward head reads.
+
+A record that breaks a rule raises `ChatFormatError` with the reason; preprocessing turns it into
+``file:line: reason`` (or counts it under --skip-bad-lines).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Shards written per input prefix (PREFIX_{key}_document): SFT tokens with a parallel loss-mask shard, and
+# the two sides of preference pairs (document i of each is pair i).
+SFT_KEYS = ("chat_tokens", "chat_mask")
+PREFERENCE_KEYS = ("chosen", "rejected")
+
+# Qwen's finetune.py data names the roles human/gpt; "messages" data names them user/assistant.
+ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+_TURN_RULE = "after an optional leading system turn, turns alternate user, assistant, ... and end with an assistant turn"
+
+
+class ChatFormatError(ValueError):
+    """A record that is not a usable conversation or preference pair; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    """A conversation as ChatML ids, ``mask[i]`` True where ids[i] is trained, and the exchanges dropped to fit."""
+
+    ids: list[int]
+    mask: list[bool]
+    dropped_exchanges: int
+
+
+def _turns(items, where: str, role_key: str, content_key: str) -> list[dict]:
+    if not isinstance(items, list):
+        raise ChatFormatError(f"{where} must be a list of turns, found {_type_name(items)}")
+    turns = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get(role_key), str) or not isinstance(item.get(content_key), str):
+            raise ChatFormatError(f"{where}[{i}] must be an object with string {role_key!r} and {content_key!r}, found {item!r:.80}")
+        role = ROLE_NAMES.get(item[role_key])
+        if role is None:
+            raise ChatFormatError(f"{where}[{i}] has role {item[role_key]!r}; known roles: {', '.join(ROLE_NAMES)}")
+        turns.append({"role": role, "content": item[content_key]})
+    return turns
+
+
+def _type_name(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), "null" if value is None else type(value).__name__)
+
+
+def _system_of(record: dict, turns: list[dict]) -> tuple[str | None, list[dict]]:
+    """(system prompt or None for the default, turns without a leading system turn)."""
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ChatFormatError(f"'system' must be a string, found {_type_name(system)}")
+    if turns and turns[0]["role"] == "system":
+        if system is not None:
+            raise ChatFormatError("the system prompt is given twice: as the 'system' field and as a leading system turn; keep one")
+        system, turns = turns[0]["content"], turns[1:]
+    for i, turn in enumerate(turns):
+        if turn["role"] == "system":
+            raise ChatFormatError(f"turn {i} is a system turn; only the first turn may be one")
+    return system, turns
+
+
+def _check_alternation(turns: list[dict], where: str) -> None:
+    if not turns:
+        raise ChatFormatError(f"{where} has no user/assistant turns")
+    for i, turn in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if turn["role"] != expected:
+            raise ChatFormatError(f"{where}: turn {i} is {turn['role']!r} where {expected!r} is due ({_TURN_RULE})")
+    if turns[-1]["role"] != "assistant":
+        raise ChatFormatError(f"{where} ends with a user turn; {_TURN_RULE}")
+
+
+def conversation_of(record: dict) -> tuple[str | None, list[dict]]:
+    """The (system prompt or None, user/assistant turns) of a chat record; raises ChatFormatError."""
+    shapes = [key for key in ("messages", "conversations") if key in record]
+    if len(shapes) != 1:
+        present = ", ".join(repr(k) for k in list(record)[:8]) or "none"
+        raise ChatFormatError(
+            f"a conversation needs exactly one of 'messages' (role/content) or 'conversations' (from/value); keys present: {present}"
+        )
+    key = shapes[0]
+    turns = _turns(record[key], key, *(("role", "content") if key == "messages" else ("from", "value")))
+    system, turns = _system_of(record, turns)
+    _check_alternation(turns, "the conversation")
+    return system, turns
+
+
+def _turn_starts(ids: list[int], im_start_id: int) -> list[int]:
+    # User text is encoded with special tokens as plain text, so every <|im_start|> begins a turn.
+    return [i for i, t in enumerate(ids) if t == im_start_id]
+
+
+def render_conversation(tokenizer, record: dict, max_length: int | None = None) -> RenderedChat:
+    """Render a chat record with ChatML and its loss mask, keeping at most `max_length` tokens.
+
+    Too long a conversation keeps its leading whole exchanges (user + assistant) that fit; one whose
+    first exchange does not fit raises ChatFormatError.
+    """
+    system, turns = conversation_of(record)
+    ids, mask = tokenizer.render_chat(turns, system=system)
+    if max_length is None or len(ids) <= max_length:
+        return RenderedChat(ids, mask, 0)
+    # starts[0] is the system turn; exchange k (1-based) ends where turn 2k + 1 starts.
+    ends = _turn_starts(ids, tokenizer.im_start_id)[3::2]
+    fitting = [end for end in ends if end <= max_length]
+    if not fitting:
+        first = ends[0] if ends else len(ids)
+        raise ChatFormatError(
+            f"the first exchange alone is {first} tokens (system prompt included), over --max-length {max_length}; "
+            "shorten it or raise --max-length"
+        )
+    end = fitting[-1]
+    return RenderedChat(ids[:end], mask[:end], len(ends) + 1 - len(fitting))
+
+
+def _response(value, where: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    return _turns(value, where, "role", "content")
+
+
+def preference_of(record: dict) -> tuple[str | None, list[dict], list[dict]]:
+    """(system prompt or None, chosen conversation, rejected conversation) of a preference record."""
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            present = ", ".join(repr(k) for k in list(record)[:8]) or "none"
+            raise ChatFormatError(f"a preference pair needs 'chosen' and 'rejected'; missing {key!r} (keys present: {present})")
+    prompts = [key for key in ("prompt", "messages") if key in record]
+    if len(prompts) > 1:
+        raise ChatFormatError("give the prompt once: as 'prompt' or as 'messages', not both")
+    prompt: list[dict] = []
+    if prompts:
+        value = record[prompts[0]]
+        prompt = [{"role": "user", "content": value}] if isinstance(value, str) else _turns(value, prompts[0], "role", "content")
+        if not prompt:
+            raise ChatFormatError(f"{prompts[0]!r} is empty")
+    system, prompt = _system_of(record, prompt)
+    # Without a prompt, a side may carry its own leading system turn; both sides must then agree.
+    sides = [_system_of({"system": system}, prompt + _response(record[key], key)) for key in ("chosen", "rejected")]
+    for key, (_, turns) in zip(("chosen", "rejected"), sides):
+        _check_alternation(turns, f"the {key} conversation")
+    if sides[0][0] != sides[1][0]:
+        raise ChatFormatError("chosen and rejected have different system prompts; a pair compares two answers to one prompt")
+    return sides[0][0], sides[0][1], sides[1][1]
+
+
+def render_preference(tokenizer, record: dict, max_length: int | None = None) -> tuple[list[int], list[int]]:
+    """ChatML ids of the chosen and rejected conversations, each ending at its final ``<|im_end|>``.
+
+    A side longer than `max_length` tokens raises ChatFormatError: cutting a response would change what
+    is being compared.
+    """
+    system, chosen, rejected = preference_of(record)
+    out = []
+    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+        ids, _ = tokenizer.render_chat(turns, system=system)
+        ids = ids[: len(ids) - ids[::-1].index(tokenizer.im_end_id)]  # drop the "\n" after the final <|im_end|>
+        if max_length is not None and len(ids) > max_length:
+            raise ChatFormatError(f"the {name} conversation is {len(ids)} tokens, over --max-length {max_length}; shorten it or raise --max-length")
+        out.append(ids)
+    if out[0] == out[1]:
+        raise ChatFormatError("chosen and rejected are the same conversation; a pair must differ")
+    return out[0], out[1]

@@ -1,0 +1,283 @@
+"""SFT and preference datasets over the shards that ``tools/preprocess_data.py --chat / --preference`` writes.
+
+``data.paths`` lists output prefixes of those runs (``[/data/sft_a, /data/sft_b]``); their conversations
+are concatenated, each shard split by ``data.split`` into train/valid ranges of its documents.
+
+SFT rows are ``model.seq_length`` tokens. A conversation of L tokens takes L positions: its tokens, the
+next token as label, the loss mask of that label (QwenLM finetune.py's rule), and position ids 0..L-1.
+With ``data.pack`` several conversations fill a row (next-fit in shuffled order): position ids restart
+at each conversation and `packed_attention_mask` keeps attention inside each one. Padding at the end of
+a row continues the last conversation's positions, is never trained, and needs no mask: under causal
+attention nothing before it sees it.
+
+Preference items are single sequences: item 2k is the chosen and item 2k+1 the rejected side of a pair,
+right-padded, with ``loss_mask`` 1 at the final ``<|im_end|>`` where the reward is read. A micro-batch
+of even size therefore holds whole pairs.
+
+With ``data.epochs`` set, ``training.train_iters`` is derived from the train split's size; otherwise a
+run longer than the split stops unless ``data.allow_repeat``. Rows (SFT) and pairs (preference) are
+reshuffled every epoch with ``training.seed``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_qwen.config import Config
+from megatron_qwen.data.chat import PREFERENCE_KEYS, SFT_KEYS
+from megatron_qwen.data.gpt import DataError
+
+class _Shards:
+    """Parallel shards of several prefixes (e.g. tokens and loss mask) addressed as one list of documents."""
+
+    def __init__(self, prefixes: list[str], keys: tuple[str, ...], flag: str):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        if not prefixes or not all(isinstance(p, str) for p in prefixes):
+            raise DataError(
+                f"data.paths={prefixes!r} must list the --output-prefix of `tools/preprocess_data.py {flag}` runs, "
+                "e.g. data.paths=[/data/chat_a, /data/chat_b]"
+            )
+        self.prefixes = prefixes
+        self.parts: list[dict] = []
+        for prefix in prefixes:
+            shards = {}
+            for key in keys:
+                path = f"{prefix}_{key}_document"
+                if not (Path(path + ".bin").is_file() and Path(path + ".idx").is_file()):
+                    raise DataError(
+                        f"{path}.bin/.idx does not exist; data.paths takes the --output-prefix given to "
+                        f"`tools/preprocess_data.py {flag}` ({prefix!r} should hold {', '.join(f'{prefix}_{k}_document' for k in keys)})"
+                    )
+                shards[key] = IndexedDataset(path)
+            counts = {key: len(shard) for key, shard in shards.items()}
+            if len(set(counts.values())) != 1:
+                raise DataError(f"the shards of {prefix} disagree on the number of documents {counts}; preprocess it again")
+            self.parts.append(shards)
+        self.offsets = np.cumsum([0] + [len(p[keys[0]]) for p in self.parts])
+
+    def lengths(self, key: str) -> np.ndarray:
+        return np.concatenate([np.asarray(p[key].sequence_lengths, dtype=np.int64) for p in self.parts])
+
+    def get(self, key: str, doc: int) -> np.ndarray:
+        part = int(np.searchsorted(self.offsets, doc, side="right")) - 1
+        return self.parts[part][key][doc - int(self.offsets[part])]
+
+    def split_documents(self, split: str, which: int) -> np.ndarray:
+        """Global indices of split `which` (0 train, 1 valid, 2 test): the same fraction of every shard."""
+        from megatron.core.datasets.blended_megatron_dataset_config import (
+            convert_split_vector_to_split_matrix,
+            parse_and_normalize_split,
+        )
+
+        bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[which]
+        if bounds is None:
+            return np.zeros(0, dtype=np.int64)
+        pieces = []
+        for lo, hi in zip(self.offsets[:-1], self.offsets[1:]):
+            n = hi - lo
+            pieces.append(np.arange(lo + round(bounds[0] * n), lo + round(bounds[1] * n), dtype=np.int64))
+        return np.concatenate(pieces)
+
+
+def _check_fits(lengths: np.ndarray, docs: np.ndarray, seq_length: int, shards: _Shards, flag: str) -> None:
+    too_long = docs[lengths[docs] > seq_length]
+    if too_long.size:
+        doc = int(too_long[0])
+        part = int(np.searchsorted(shards.offsets, doc, side="right")) - 1
+        raise DataError(
+            f"{shards.prefixes[part]}: document {doc - int(shards.offsets[part])} is {int(lengths[doc])} tokens, over "
+            f"model.seq_length={seq_length} ({too_long.size} such documents); preprocess with "
+            f"`tools/preprocess_data.py {flag} --max-length {seq_length}`"
+        )
+
+
+def _train_samples_needed(cfg: Config, available: int, what: str) -> int:
+    """Samples the train split must provide; sets training.train_iters when data.epochs is given."""
+    t, d = cfg.training, cfg.data
+    if available == 0:
+        raise DataError(f"the train split holds no {what} (data.split={d.split!r}); add data or give train a share")
+    if d.epochs is not None:
+        if d.epochs <= 0:
+            raise DataError(f"data.epochs={d.epochs} must be > 0 (or null to use training.train_iters)")
+        # The loop reads train_iters after building the datasets: the run length follows the data.
+        t.train_iters = math.ceil(d.epochs * available / t.global_batch_size)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"note: data.epochs={d.epochs} over {available} {what} = training.train_iters={t.train_iters} "
+                  f"(global_batch_size={t.global_batch_size})", flush=True)
+        return t.train_iters * t.global_batch_size
+    needed = t.train_iters * t.global_batch_size
+    if needed > available and not d.allow_repeat:
+        raise DataError(
+            f"the run needs {needed} {what} (training.train_iters={t.train_iters} x global_batch_size="
+            f"{t.global_batch_size}) but the train split holds {available} (~{needed / available:.1f} epochs); "
+            "add data, lower training.train_iters, set data.epochs, or set data.allow_repeat=true"
+        )
+    return needed
+
+
+def _valid_documents(cfg: Config, shards: _Shards) -> np.ndarray | None:
+    docs = shards.split_documents(cfg.data.split, 1)
+    if cfg.training.eval_interval and docs.size == 0:
+        raise DataError(
+            f"training.eval_interval={cfg.training.eval_interval} needs a valid split, but data.split={cfg.data.split!r} "
+            "leaves it empty; use e.g. data.split=98,2,0 or training.eval_interval=0"
+        )
+    return docs if docs.size else None
+
+
+class _EpochOrder:
+    """Index i of a dataset of `count` items per epoch -> item of a fresh permutation each epoch."""
+
+    def __init__(self, count: int, seed: int):
+        self.count, self.seed = count, seed
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __call__(self, i: int) -> int:
+        epoch, j = divmod(i, self.count)
+        if epoch not in self._cache:
+            self._cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.count)}
+        return int(self._cache[epoch][j])
+
+
+# --------------------------------------------------------------------------- SFT
+
+
+def pack_conversations(lengths: np.ndarray, seq_length: int) -> list[np.ndarray]:
+    """Next-fit packing: conversations (positions in `lengths`), in order, fill rows of `seq_length` tokens.
+
+    Returns the positions held by each row. Every length must be <= seq_length.
+    """
+    rows, row, used = [], [], 0
+    for i, length in enumerate(lengths.tolist()):
+        if used + length > seq_length:
+            rows.append(np.array(row, dtype=np.int64))
+            row, used = [], 0
+        row.append(i)
+        used += length
+    if row:
+        rows.append(np.array(row, dtype=np.int64))
+    return rows
+
+
+def packed_attention_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """megatron-core's attention mask [b, 1, s, s] (True = masked) that keeps each packed conversation to
+    itself, or None when no row holds more than one (plain causal attention, SDPA's fast kernels).
+
+    A conversation starts wherever its position id is 0.
+    """
+    starts = position_ids == 0
+    if not bool(starts[:, 1:].any()):
+        return None
+    segment = starts.cumsum(dim=-1)
+    seq = position_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
+    keep = (segment[:, :, None] == segment[:, None, :]) & causal
+    return ~keep[:, None]
+
+
+class SFTDataset:
+    """Rows of packed (or single) conversations; see the module docstring for the layout."""
+
+    def __init__(self, shards: _Shards, rows: list[np.ndarray], seq_length: int, num_samples: int, seed: int):
+        self.shards, self.rows, self.seq_length, self.num_samples = shards, rows, seq_length, num_samples
+        self.order = _EpochOrder(len(rows), seed)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.seq_length
+        tokens = np.zeros(s, dtype=np.int64)
+        labels = np.zeros(s, dtype=np.int64)
+        loss_mask = np.zeros(s, dtype=np.float32)
+        position_ids = np.zeros(s, dtype=np.int64)
+        offset = 0
+        for doc in self.rows[self.order(i)].tolist():
+            ids = self.shards.get(SFT_KEYS[0], doc)
+            mask = self.shards.get(SFT_KEYS[1], doc)
+            n = len(ids)
+            tokens[offset : offset + n] = ids
+            labels[offset : offset + n - 1] = ids[1:]
+            loss_mask[offset : offset + n - 1] = mask[1:]  # mask[j] says whether ids[j] is a target
+            position_ids[offset : offset + n] = np.arange(n)
+            offset += n
+        # Padding continues the last conversation's positions, so it opens no attention segment.
+        position_ids[offset:] = np.arange(n, n + s - offset)
+        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+
+
+def build_sft_datasets(cfg: Config) -> tuple[SFTDataset, SFTDataset | None]:
+    """(train, valid or None) SFT datasets of ``data.paths`` for this run."""
+    flag = "--chat"
+    shards = _Shards(list(cfg.data.paths), SFT_KEYS, flag)
+    seq, seed = cfg.model.seq_length, cfg.training.seed
+    lengths = shards.lengths(SFT_KEYS[0])
+    if not np.array_equal(lengths, shards.lengths(SFT_KEYS[1])):
+        raise DataError(f"the token and loss-mask shards of {shards.prefixes} differ in document lengths; preprocess again")
+
+    def rows_of(docs: np.ndarray, which: int) -> list[np.ndarray]:
+        _check_fits(lengths, docs, seq, shards, flag)
+        docs = docs[np.random.default_rng([seed, which]).permutation(docs.size)]
+        if not cfg.data.pack:
+            return [docs[i : i + 1] for i in range(docs.size)]
+        return [docs[row] for row in pack_conversations(lengths[docs], seq)]
+
+    train_rows = rows_of(shards.split_documents(cfg.data.split, 0), 0)
+    needed = _train_samples_needed(cfg, len(train_rows), "sequences")
+    train = SFTDataset(shards, train_rows, seq, max(needed, len(train_rows)), seed)
+    valid_docs = _valid_documents(cfg, shards)
+    valid = None
+    if valid_docs is not None:
+        valid_rows = rows_of(valid_docs, 1)
+        valid = SFTDataset(shards, valid_rows, seq, len(valid_rows), seed + 1)
+    return train, valid
+
+
+# --------------------------------------------------------------------------- preference pairs
+
+
+class PreferenceDataset:
+    """Chosen (even items) and rejected (odd items) sides of preference pairs; see the module docstring."""
+
+    def __init__(self, shards: _Shards, pairs: np.ndarray, seq_length: int, num_samples: int, seed: int):
+        self.shards, self.pairs, self.seq_length, self.num_samples = shards, pairs, seq_length, num_samples
+        self.order = _EpochOrder(len(pairs), seed)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> dict:
+        pair, side = divmod(i, 2)
+        ids = self.shards.get(PREFERENCE_KEYS[side], int(self.pairs[self.order(pair)]))
+        tokens = np.zeros(self.seq_length, dtype=np.int64)
+        tokens[: len(ids)] = ids
+        loss_mask = np.zeros(self.seq_length, dtype=np.float32)
+        loss_mask[len(ids) - 1] = 1.0  # the final <|im_end|>: the reward is read there
+        return {"tokens": tokens, "loss_mask": loss_mask}
+
+
+def build_preference_datasets(cfg: Config) -> tuple[PreferenceDataset, PreferenceDataset | None]:
+    """(train, valid or None) preference datasets of ``data.paths`` for this run."""
+    flag = "--preference"
+    t = cfg.training
+    if t.micro_batch_size % 2:
+        raise DataError(
+            f"training.micro_batch_size={t.micro_batch_size} must be even: a micro-batch holds whole preference "
+            "pairs (chosen and rejected side by side); use 2, 4, ... (global_batch_size counts sequences, 2 per pair)"
+        )
+    shards = _Shards(list(cfg.data.paths), PREFERENCE_KEYS, flag)
+    seq, seed = cfg.model.seq_length, t.seed
+    for key in PREFERENCE_KEYS:
+        lengths = shards.lengths(key)
+        _check_fits(lengths, np.arange(lengths.size), seq, shards, flag)
+    train_pairs = shards.split_documents(cfg.data.split, 0)
+    needed = _train_samples_needed(cfg, 2 * train_pairs.size, "sequences (2 per pair)")
+    train = PreferenceDataset(shards, train_pairs, seq, max(needed, 2 * train_pairs.size), seed)
+    valid_pairs = _valid_documents(cfg, shards)
+    valid = None if valid_pairs is None else PreferenceDataset(shards, valid_pairs, seq, 2 * valid_pairs.size, seed + 1)
+    return train, valid

@@ -1,0 +1,36 @@
+"""Supervised fine-tuning: next-token loss on the trained tokens of ChatML conversations.
+
+    torchrun --nproc-per-node N -m megatron_qwen.stages.sft configs/stage/sft.yaml \\
+        training.init_from=CKPT data.paths=[PREFIX] [key=value ...]
+
+Data: `tools/preprocess_data.py --chat` shards (see megatron_qwen.data.chat_datasets). The loss is the
+mean over the tokens QwenLM finetune.py trains (assistant replies and the ChatML markers), nothing else.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from megatron_qwen.data.chat_datasets import build_sft_datasets, packed_attention_mask
+from megatron_qwen.model.reward import build_chat_model
+from megatron_qwen.training.forward_backward import lm_loss, to_model_device
+from megatron_qwen.training.loop import Task, run_stage
+
+
+def build_datasets(cfg, tokenizer):
+    """Train and valid splits of the chat shards in ``data.paths``."""
+    return build_sft_datasets(cfg)
+
+
+def sft_forward_step(data_iterator, model):
+    """megatron-core forward_step_func: packed rows attend within each conversation, position ids restart."""
+    batch = to_model_device(next(data_iterator), model)
+    attention_mask = packed_attention_mask(batch["position_ids"])
+    output = model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"])
+    return output, partial(lm_loss, batch["loss_mask"])
+
+
+TASK = Task(name="sft", build_datasets=build_datasets, forward_step=sft_forward_step, build_model=build_chat_model)
+
+if __name__ == "__main__":
+    run_stage(TASK)

@@ -1,0 +1,216 @@
+"""The reward stage on gloo CPU ranks: the pairwise loss, starting from a language model, learning a
+synthetic preference, layout equivalence, and export to transformers' Qwen2ForSequenceClassification.
+
+The preference: replies are four words from a small set and the chosen reply holds more kind words than
+the rejected one. The reward model is started from a language-model checkpoint (reward.init_from_lm),
+trained through `python -m megatron_qwen.stages.reward`, exported, and scored by transformers on
+held-out pairs it never saw. Measured: 100 % held-out accuracy after 40 steps of 8 pairs (chance is 50 %).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spawn import REPO, run_torchrun
+from test_sft import densify, write_jsonl
+
+STAGE = ["-m", "megatron_qwen.stages.reward", "configs/tiny.yaml"]
+SEQ, STEPS = 48, 40
+MODEL = ["model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=256", f"model.seq_length={SEQ}"]
+KIND, UNKIND = ["good", "great", "nice", "kind"], ["bad", "poor", "rude", "sad"]
+PROMPTS = ["How was the film?", "Describe the food.", "What do you think of the hotel?"]
+
+
+def preference_task(rng: np.random.Generator, count: int, exclude: set = frozenset()) -> list[dict]:
+    """`count` distinct pairs of four-word replies; the chosen one holds more words from KIND."""
+    records, seen = [], set(exclude)
+    while len(records) < count:
+        kind = sorted(rng.choice(5, size=2, replace=False))  # kind-word counts of (rejected, chosen)
+        replies = []
+        for n in (kind[1], kind[0]):
+            words = list(rng.choice(KIND, n)) + list(rng.choice(UNKIND, 4 - n))
+            replies.append(" ".join(rng.permutation(words)))
+        key = (str(rng.choice(PROMPTS)), *replies)
+        if key in seen:
+            continue
+        seen.add(key)
+        records.append({"prompt": key[0], "chosen": key[1], "rejected": key[2]})
+    return records
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def overrides(data, run_dir, *extra) -> list[str]:
+    dense, _, vocab = data
+    return [
+        f"data.paths=[{dense / 'train'}]", f"model.padded_vocab_size={vocab}", *MODEL, "data.split=100,0,0",
+        "training.micro_batch_size=4", "training.global_batch_size=16", f"training.train_iters={STEPS}",
+        "training.lr=1e-3", "training.min_lr=1e-4", "training.lr_warmup_iters=10", "training.lr_decay_style=cosine",
+        "logging.log_interval=1", f"logging.run_dir={run_dir}", *extra,
+    ]
+
+
+def test_pairwise_loss_against_hand_computed_values():
+    from megatron_qwen.stages.reward import pairwise_loss
+
+    rewards = torch.tensor([[0.0, 2.0, 9.0], [0.0, 0.5, 9.0], [1.0, 9.0, 9.0], [3.0, 9.0, 9.0]])
+    read_at = torch.tensor([[0, 1, 0], [0, 1, 0], [1, 0, 0], [1, 0, 0]])
+    loss, pairs, report = pairwise_loss(read_at, rewards)
+    # Margins 2.0 - 0.5 = 1.5 and 1.0 - 3.0 = -2.0; -log sigmoid(m) = log(1 + exp(-m)).
+    expected = math.log(1 + math.exp(-1.5)) + math.log(1 + math.exp(2.0))
+    assert loss.item() == pytest.approx(expected, rel=1e-6) and int(pairs) == 2
+    assert report["reward loss"].tolist() == pytest.approx([expected, 2])
+    assert report["accuracy"].tolist() == [1, 2] and report["margin"].tolist() == pytest.approx([-0.5, 2])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Train and held-out preference pairs as shards with a dense vocabulary: (dir, {old: new id}, vocab)."""
+    from megatron_qwen.data import preprocess as pp
+
+    root = tmp_path_factory.mktemp("preference")
+    rng = np.random.default_rng(0)
+    heldout = preference_task(rng, 200)
+    train = preference_task(rng, 3000, exclude={(r["prompt"], r["chosen"], r["rejected"]) for r in heldout})
+    for name, records in (("train", train), ("heldout", heldout)):
+        pp.preprocess([str(write_jsonl(root / f"{name}.jsonl", records))], str(root / name), mode="preference", max_length=SEQ)
+    dense = root / "dense"
+    dense.mkdir()
+    names = [f"{n}_{side}_document" for n in ("train", "heldout") for side in ("chosen", "rejected")]
+    remap, vocab = densify({name: str(root / name) for name in names}, dense)
+    return dense, remap, vocab
+
+
+@pytest.fixture(scope="module")
+def initial(data, single_rank, tmp_path_factory):
+    """A language model's weights (saved here), then the reward stage's initial checkpoint made from them
+    with reward.init_from_lm (training.train_iters=0): the common start of every run below."""
+    from megatron_qwen.config import load_config
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.training.checkpointing import save_model
+
+    root = tmp_path_factory.mktemp("initial")
+    torch.manual_seed(7)
+    lm = build_model(load_config("configs/tiny.yaml", overrides(data, root)), on_cpu=True)
+    save_model(lm, root / "lm")
+    run_torchrun(1, STAGE + overrides(data, root, "training.train_iters=0", f"reward.init_from_lm={root / 'lm'}"))
+    return root / "lm", root / "checkpoints" / "iter_0000000"
+
+
+@pytest.fixture(scope="module")
+def trained(data, initial, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("trained")
+    run_torchrun(1, STAGE + overrides(data, run_dir, f"training.init_from={initial[1]}"))
+    return run_dir
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_reward_model_starts_from_the_language_model(initial):
+    from megatron_qwen.training.checkpointing import read_full_state_dict
+
+    lm, reward = (read_full_state_dict(path) for path in initial)
+    lm = {k: v for k, v in lm.items() if not k.startswith("optimizer")}
+    reward = {k: v for k, v in reward.items() if not k.startswith("optimizer")}
+    assert set(reward) == set(lm) - {"output_layer.weight"} | {"reward_head.weight"}
+    assert all(torch.equal(reward[k], lm[k]) for k in reward if k != "reward_head.weight")
+    std = reward["reward_head.weight"].std().item()
+    assert reward["reward_head.weight"].shape == (1, 128) and 0.015 < std < 0.025  # fresh, init_method_std 0.02
+
+
+@pytest.mark.parallel
+def test_reward_training_logs_loss_accuracy_and_margin(trained):
+    curve = metrics(trained)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    for record in curve.values():
+        assert {"loss", "accuracy", "margin"} <= set(record)
+    first = np.mean([curve[s]["loss"] for s in (1, 2, 3)])
+    last = np.mean([curve[s]["loss"] for s in range(STEPS - 9, STEPS + 1)])
+    assert first == pytest.approx(math.log(2), abs=0.1)  # a fresh head: r_chosen ~ r_rejected
+    assert last < 0.2 and np.mean([curve[s]["accuracy"] for s in range(STEPS - 9, STEPS + 1)]) > 0.9
+
+
+@pytest.mark.parallel
+def test_tp2_pp2_sp_gives_the_loss_of_one_rank(data, initial, trained, tmp_path):
+    run_torchrun(4, STAGE + overrides(
+        data, tmp_path, f"training.init_from={initial[1]}", "training.train_iters=3",
+        "parallel.tp=2", "parallel.pp=2", "parallel.sp=true",
+    ))
+    ref, got = metrics(trained), metrics(tmp_path)
+    assert sorted(got) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for key in ("loss", "accuracy", "margin"):
+            assert abs(got[step][key] - ref[step][key]) < 1e-5, (step, key, got[step][key], ref[step][key])
+
+
+def padded(shard_prefix: str, pad: int) -> torch.Tensor:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    shard = IndexedDataset(shard_prefix)
+    rows = torch.full((len(shard), SEQ), pad, dtype=torch.long)
+    for i in range(len(shard)):
+        rows[i, : len(shard[i])] = torch.as_tensor(shard[i].astype(np.int64))
+    return rows
+
+
+@pytest.mark.parallel
+@pytest.mark.usefixtures("single_rank")
+def test_export_scores_like_our_model_and_ranks_heldout_pairs(data, trained, tmp_path):
+    from transformers import Qwen2ForSequenceClassification
+
+    from megatron_qwen.config import load_config
+    from megatron_qwen.model.reward import build_reward_model
+    from megatron_qwen.training.checkpointing import load_model
+
+    dense, remap, vocab = data
+    ckpt = trained / "checkpoints" / f"iter_{STEPS:07d}"
+    pad = vocab - 1  # an id no sequence holds; transformers scores each row at its last other token
+    proc = subprocess.run(
+        [sys.executable, "tools/convert_checkpoint.py", "mcore-to-hf", "--task", "reward", "--ckpt", str(ckpt),
+         "--out", str(tmp_path / "hf"), "--pad-token-id", str(pad)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    hf = Qwen2ForSequenceClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert hf.config.pad_token_id == pad and hf.score.bias is None
+
+    cfg = load_config("configs/tiny.yaml", overrides(data, tmp_path))
+    (ours,) = build_reward_model(cfg, on_cpu=True)
+    load_model([ours], ckpt)
+    ours.eval()
+    scores = {}
+    for side in ("chosen", "rejected"):
+        rows = padded(str(dense / f"heldout_{side}_document"), pad)
+        last = (rows != pad).sum(dim=1) - 1
+        with torch.no_grad():
+            theirs = hf(input_ids=rows).logits[:, 0]
+            mine = ours(rows, None, None)[torch.arange(len(rows)), last]
+        assert (mine - theirs).abs().max().item() < 1e-4
+        assert (rows[torch.arange(len(rows)), last] == remap[151645]).all()  # read at the final <|im_end|>
+        scores[side] = theirs
+    accuracy = (scores["chosen"] > scores["rejected"]).float().mean().item()
+    print(f"held-out accuracy {accuracy:.3f}")
+    assert accuracy >= 0.9, accuracy
+
+
+def test_reward_configs_hold_the_qwen_recipe():
+    from megatron_qwen.config import load_config
+
+    pmp, finetune = load_config("configs/stage/reward_pmp.yaml"), load_config("configs/stage/reward.yaml")
+    for cfg in (pmp, finetune):
+        t = cfg.training
+        # Qwen report: constant LR 3e-6, 64 comparisons per batch, sequence 2048, one epoch.
+        assert (t.lr, t.min_lr, t.lr_decay_style, t.lr_warmup_iters) == (3e-6, 3e-6, "constant", 0)
+        assert t.global_batch_size == 2 * 64 and t.micro_batch_size % 2 == 0
+        assert cfg.model.seq_length == 2048 and cfg.data.epochs == 1 and cfg.model.name == "qwen-7b"
+        assert cfg.reward.init_from_lm is None and t.init_from is None
+    assert pmp.logging.run_dir != finetune.logging.run_dir
