@@ -74,6 +74,7 @@ def test_cpu_switch(monkeypatch):
 
 
 PROBE = """
+import sys
 import torch
 from megatron.core import parallel_state
 from megatron_qwen.platform.launch import init_distributed
@@ -81,13 +82,15 @@ from megatron_qwen.platform.cpu import applied_patches
 info = init_distributed(tp=2, pp=1, device="auto")
 t = torch.tensor([info.rank + 1.0])
 torch.distributed.all_reduce(t)
-print(f"RESULT {info.launcher} {info.rank} {info.world_size} {torch.distributed.get_backend()} "
-      f"{parallel_state.get_tensor_model_parallel_world_size()} {t.item()} {len(applied_patches())}")
+# One file per rank: the ranks' stdout lines can interleave.
+with open(f"{sys.argv[1]}/rank{info.rank}.txt", "w") as out:
+    out.write(f"{info.launcher} {info.rank} {info.world_size} {torch.distributed.get_backend()} "
+              f"{parallel_state.get_tensor_model_parallel_world_size()} {t.item()} {len(applied_patches())}")
 """
 
 
-def _results(stdout: str) -> list[list[str]]:
-    return sorted(line.split()[1:] for line in stdout.splitlines() if line.startswith("RESULT"))
+def _results(directory) -> list[list[str]]:
+    return sorted(path.read_text().split() for path in directory.glob("rank*.txt"))
 
 
 def test_torchrun_init_gloo_with_harness(tmp_path):
@@ -95,8 +98,8 @@ def test_torchrun_init_gloo_with_harness(tmp_path):
     script.write_text(PROBE)
     env = cpu_env()
     env.pop("MEGATRON_QWEN_DEVICE")  # no CUDA here: auto must pick gloo and the harness by itself
-    proc = run_torchrun(2, [str(script)], env=env, timeout=300)
-    assert _results(proc.stdout) == [["torchrun", "0", "2", "gloo", "2", "3.0", "5"], ["torchrun", "1", "2", "gloo", "2", "3.0", "5"]]
+    run_torchrun(2, [str(script), str(tmp_path)], env=env, timeout=300)
+    assert _results(tmp_path) == [["torchrun", "0", "2", "gloo", "2", "3.0", "5"], ["torchrun", "1", "2", "gloo", "2", "3.0", "5"]]
 
 
 @pytest.mark.skipif(shutil.which("mpirun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")) is None,
@@ -108,8 +111,8 @@ def test_mpirun_init(tmp_path):
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     proc = subprocess.run(
         ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2", "-x", "MASTER_ADDR", "-x", "MASTER_PORT",
-         "-x", "PYTHONPATH", "-x", "MEGATRON_QWEN_DEVICE", sys.executable, str(script)],
+         "-x", "PYTHONPATH", "-x", "MEGATRON_QWEN_DEVICE", sys.executable, str(script), str(tmp_path)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert _results(proc.stdout) == [["mpi", "0", "2", "gloo", "2", "3.0", "5"], ["mpi", "1", "2", "gloo", "2", "3.0", "5"]]
+    assert _results(tmp_path) == [["mpi", "0", "2", "gloo", "2", "3.0", "5"], ["mpi", "1", "2", "gloo", "2", "3.0", "5"]]
