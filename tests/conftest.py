@@ -18,10 +18,18 @@ def single_rank():
     """megatron-core initialised for one CPU rank (TP=PP=1) in this process, with the CPU harness."""
     from spawn import free_port
 
-    os.environ["MEGATRON_QWEN_DEVICE"] = "cpu"
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(free_port())
     from megatron_qwen.platform.launch import init_distributed
 
-    init_distributed(1, 1, None, device="cpu")
+    # Only for the init: tests that launch jobs (torchrun, sbatch) pass this process's environment on,
+    # and a MASTER_PORT held by this process's store would collide with theirs.
+    saved = {k: os.environ.get(k) for k in ("MEGATRON_QWEN_DEVICE", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(MEGATRON_QWEN_DEVICE="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    try:
+        init_distributed(1, 1, None, device="cpu")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     yield
