@@ -7,7 +7,6 @@ One straight 30-step run at TP=1 is the reference for most checks; the other run
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -9,9 +9,7 @@ with that id (Qwen's <|endoftext|> by default).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -20,9 +18,9 @@ import torch
 from megatron_qwen.config import ConfigError, load_config
 from megatron_qwen.convert import mcore_keys as K
 from megatron_qwen.convert.dcp_io import tensor_metadata
-from megatron_qwen.convert.hf_io import PlannedTensor, write_safetensors
+from megatron_qwen.convert.hf_io import PlannedTensor
 from megatron_qwen.convert.layouts import GLOBAL_NAMES, QWEN2, QWEN_ENDOFTEXT_ID, ConversionError, hf_config
-from megatron_qwen.convert.to_hf import DEFAULT_MAX_SHARD_BYTES, _copy_tokenizer, _LayerReader, _plan, read_source
+from megatron_qwen.convert.to_hf import DEFAULT_MAX_SHARD_BYTES, _LayerReader, _plan, read_source, write_hf_dir
 from megatron_qwen.convert.to_mcore import MODEL_CONFIG_FILE
 
 SCORE = "score.weight"
@@ -90,16 +88,6 @@ def export_reward_to_hf(
         label2id={"LABEL_0": 0},
         pad_token_id=pad_token_id,
     )
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        files = write_safetensors(tmp, tensors, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _copy_tokenizer(tmp, vocab, log)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    files = write_hf_dir(out, tensors, config, vocab, max_shard_bytes, log)
     log(f"wrote {out}: Qwen2ForSequenceClassification, {len(files)} safetensors file(s), vocab_size {vocab}, pad_token_id {pad_token_id}")
     return out

@@ -114,6 +114,23 @@ def _plan(reader: _LayerReader, layout: str, m, vocab: int) -> list[PlannedTenso
     return out
 
 
+def write_hf_dir(out: Path, tensors, config: dict, vocab: int, max_shard_bytes: int, log) -> list:
+    """Write safetensors shards, config.json and (for Qwen's vocabulary) the tokenizer file into
+    ``OUT.tmp`` and rename it to `out` when complete; nothing is left behind on failure."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        files = write_safetensors(tmp, tensors, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _copy_tokenizer(tmp, vocab, log)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return files
+
+
 def mcore_to_hf(
     ckpt: str | os.PathLike,
     out: str | os.PathLike,
@@ -168,18 +185,8 @@ def mcore_to_hf(
 
     base = source["config"] if source and source.get("layout") == layout else None
     config = hf_config(layout, m, vocab, str(out_dtype).removeprefix("torch."), base)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        tensors = _plan(reader, layout, m, vocab)
-        files = write_safetensors(tmp, tensors, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _copy_tokenizer(tmp, vocab, log)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tensors = _plan(reader, layout, m, vocab)
+    files = write_hf_dir(out, tensors, config, vocab, max_shard_bytes, log)
     size = sum(t.nbytes for t in tensors)
     log(f"wrote {out}: {layout} layout, {len(files)} safetensors file(s), {size / 2**20:.1f} MiB, vocab_size {vocab}")
     return out

@@ -183,6 +183,7 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.batches = GlobalBatches(self.train_ds, self.state.consumed_samples, t.global_batch_size, t.micro_batch_size, self.dp_rank, layout.dp)
         self.flops_per_token = qwen_flops_per_token(m.hidden_size, m.num_layers, m.ffn_hidden_size, m.padded_vocab_size, m.seq_length, t.recompute == "full")
+        self.nan_steps = {int(s) for s in t.inject_nan_at}
         self.peak = peak_flops(None if self.on_cpu else torch.cuda.get_device_name(), cfg.logging.peak_tflops)
 
     def say(self, text: str, error: bool = False) -> None:
@@ -243,7 +244,7 @@ class Trainer:
             self.model, _iterators(self.model, micro), self.batches.num_microbatches, self.cfg.model.seq_length,
             t.micro_batch_size, self.task.forward_step, report_keys=self.task.report_keys,
         )
-        if self.state.step + 1 in {int(s) for s in t.inject_nan_at}:
+        if self.state.step + 1 in self.nan_steps:
             reports[self.task.report_keys[0]] = torch.tensor(float("nan"))
         if not torch.isfinite(reports[self.task.report_keys[0]]):
             return reports, None, False
