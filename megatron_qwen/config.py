@@ -11,22 +11,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 
 import yaml
 
+from megatron_qwen.errors import ConfigError
+
 TOKENIZER_VOCAB_SIZE = 151851  # regular + special tokens of qwen.tiktoken
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; `problems` lists every message found."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.problems))
+DEVICE_ENV = "MEGATRON_QWEN_DEVICE"  # when set, the default of parallel.device (tests force CPU ranks with it)
 
 
 @dataclass
@@ -48,8 +45,8 @@ class ModelConfig:
     use_logn_attn: bool = False  # inference only, beyond seq_length
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
-    transformer_impl: str = "auto"  # auto (TE when importable), local, transformer_engine
-    fp8: typing.Optional[str] = None  # None, "hybrid" or "e4m3"; needs Transformer Engine
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"  # auto: TE when it imports on GPU
+    fp8: Optional[Literal["hybrid", "e4m3"]] = None  # needs Transformer Engine
 
     @property
     def head_dim(self) -> int:
@@ -65,7 +62,8 @@ class ParallelConfig:
     vpp: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
     sp: bool = False  # sequence parallelism over the TP group
     use_distributed_optimizer: bool = False
-    device: str = "auto"  # auto (CUDA when available), cpu (gloo ranks), cuda
+    # auto: CUDA when available; cpu: gloo ranks (the CPU harness). $MEGATRON_QWEN_DEVICE, when set, is the default.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     timeout_minutes: float = 10.0  # every collective; a dead rank ends the job instead of hanging
 
 
@@ -79,26 +77,27 @@ class TrainingConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5  # cosine decay ends at 10 % of the peak
     lr_warmup_iters: int = 2000
-    lr_decay_iters: typing.Optional[int] = None  # defaults to train_iters
-    lr_decay_style: str = "cosine"  # cosine, linear, constant
+    lr_decay_iters: Optional[int] = None  # defaults to train_iters
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
-    recompute: str = "none"  # none, selective (core attention), full
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    recompute: Literal["none", "selective", "full"] = "none"  # selective: core attention only
     recompute_num_layers: int = 1
     eval_interval: int = 0  # validate every K steps on the valid split (0: never)
     eval_iters: int = 1  # global batches per validation
-    save: typing.Optional[str] = None  # checkpoint directory (None: run_dir/checkpoints)
+    save: Optional[str] = None  # checkpoint directory (None: run_dir/checkpoints)
     save_interval: int = 0  # save every K steps (0: only at the end)
     keep_last: int = 3  # checkpoints kept; older ones are deleted after a newer one is current
-    load: typing.Optional[str] = None  # resume from the latest checkpoint here (default: the save directory)
-    init_from: typing.Optional[str] = None  # start from these weights (a checkpoint dir), fresh optimizer and step
+    load: Optional[str] = None  # resume from the latest checkpoint here (default: the save directory)
+    # Start from these weights (a checkpoint dir), fresh optimizer and step. A scalar-head model (reward) may
+    # start from a language model: its output layer is left out and the head starts fresh.
+    init_from: Optional[str] = None
     max_skipped_in_row: int = 5  # non-finite losses/grad norms skipped in a row before aborting
-    inject_nan_at: list = field(default_factory=list)  # step numbers (1-based) whose loss is made NaN, to test the skip path
 
 
 @dataclass
@@ -107,35 +106,47 @@ class DataConfig:
 
     paths: list = field(default_factory=list)  # [weight, prefix, weight, prefix, ...] of .bin/.idx shards
     split: str = "969,30,1"
-    tokenizer_file: typing.Optional[str] = None  # default: qwen.tiktoken from the dashscope wheel
-    cache_dir: typing.Optional[str] = None  # sample-index cache (default: a cache/ folder beside the shards)
+    tokenizer_file: Optional[str] = None  # default: qwen.tiktoken from the dashscope wheel
+    cache_dir: Optional[str] = None  # sample-index cache (default: a cache/ folder beside the shards)
     allow_repeat: bool = False  # allow more samples than the train split holds (epochs > 1)
-    pack: bool = True  # SFT: several conversations per sequence (block-diagonal attention), else one each
-    epochs: typing.Optional[float] = None  # SFT/reward: when set, training.train_iters covers this many passes
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning (stages/sft.py)."""
+
+    pack: bool = True  # several conversations per sequence (block-diagonal attention), else one each
+    epochs: Optional[float] = None  # when set, training.train_iters covers this many passes over the train split
 
 
 @dataclass
 class RewardConfig:
-    """The reward model (stages/reward.py)."""
+    """The reward model (stages/reward.py); it starts from a language model with training.init_from."""
 
-    # A language-model checkpoint (pretrained or SFT, any layout) whose weights start the reward model;
-    # its LM head is not used and the reward head starts fresh. training.init_from takes reward checkpoints.
-    init_from_lm: typing.Optional[str] = None
+    epochs: Optional[float] = None  # when set, training.train_iters covers this many passes over the pairs
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection, to test the failure paths (never set in a real run)."""
+
+    nan_loss_at: list = field(default_factory=list)  # steps (1-based) whose loss is made NaN: the skip path
+    kill_during_save_at: Optional[int] = None  # SIGKILL once this step's checkpoint is written, before it is current
 
 
 @dataclass
 class WandbConfig:
-    project: typing.Optional[str] = None  # None disables W&B
-    entity: typing.Optional[str] = None
-    name: typing.Optional[str] = None
-    mode: str = "auto"  # auto (online with WANDB_API_KEY, else offline), online, offline, disabled
+    project: Optional[str] = None  # None disables W&B
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with WANDB_API_KEY, else offline
 
 
 @dataclass
 class LoggingConfig:
     log_interval: int = 10
     run_dir: str = "runs/default"  # metrics.jsonl, config.yaml, default checkpoint directory
-    peak_tflops: typing.Optional[float] = None  # per-device peak for MFU (default: looked up by GPU name)
+    peak_tflops: Optional[float] = None  # per-device peak for MFU (default: looked up by GPU name)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -146,7 +157,9 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -175,6 +188,14 @@ def _field_types(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
+def choices(cls, name: str) -> tuple:
+    """The values a `Literal` field of config section `cls` may take (its type is the one list of them)."""
+    typ = _field_types(cls)[name]
+    if typing.get_origin(typ) is typing.Union:
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    return typing.get_args(typ)
+
+
 def _coerce(value, typ, where: str):
     """Check/convert a YAML value to the dataclass field type; raise ConfigError naming the key."""
     origin = typing.get_origin(typ)
@@ -183,6 +204,12 @@ def _coerce(value, typ, where: str):
         if value is None:
             return None
         return _coerce(value, args[0], where)
+    if origin is Literal:
+        # The field's type is the one list of its choices: checked here, shown in the message.
+        choices = typing.get_args(typ)
+        if value not in choices or isinstance(value, bool):
+            raise ConfigError([f"{where}={value!r} must be one of {', '.join(map(str, choices))}"])
+        return value
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError([f"{where}: expected a mapping, got {value!r}"])
@@ -216,18 +243,34 @@ def _coerce(value, typ, where: str):
     return value
 
 
+# Keys that moved: an old config names the new place instead of failing as an unknown key.
+MOVED_KEYS = {
+    "data.pack": "sft.pack",
+    "data.epochs": "sft.epochs (SFT) or reward.epochs (reward model)",
+    "training.inject_nan_at": "faults.nan_loss_at",
+    "reward.init_from_lm": "training.init_from (a reward model started from a language model leaves out its output layer "
+                           "and starts the head fresh)",
+}
+
+
 def _build(cls, data: dict, where: str = ""):
+    """`cls` from a mapping; every problem of every nested section is collected into one ConfigError."""
     types = _field_types(cls)
-    unknown = sorted(set(data) - set(types))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(
-            [f"unknown key '{prefix}{k}'; valid keys under {where or 'the top level'}: {', '.join(sorted(types))}" for k in unknown]
-        )
+    prefix = f"{where}." if where else ""
+    problems = [
+        f"'{prefix}{k}' has moved to {MOVED_KEYS[prefix + k]}" if prefix + k in MOVED_KEYS
+        else f"unknown key '{prefix}{k}'; valid keys under {where or 'the top level'}: {', '.join(sorted(types))}"
+        for k in sorted(set(data) - set(types))
+    ]
     kwargs = {}
     for name, typ in types.items():
         if name in data:
-            kwargs[name] = _coerce(data[name], typ, f"{where}.{name}" if where else name)
+            try:
+                kwargs[name] = _coerce(data[name], typ, prefix + name)
+            except ConfigError as exc:
+                problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
     return cls(**kwargs)
 
 
@@ -278,10 +321,27 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a `Config` from a YAML file (or the defaults) plus dotted overrides; types are checked."""
+    """Build a `Config` from a YAML file (or the defaults) plus dotted overrides; types are checked.
+
+    ``$MEGATRON_QWEN_DEVICE``, when set, is the default of ``parallel.device``: the file and the overrides
+    still win. It lets a test suite put every rank on the CPU on a machine that has a GPU.
+    """
     tree = load_yaml_tree(path) if path is not None else {}
+    device = os.environ.get(DEVICE_ENV)
+    if device:
+        allowed = choices(ParallelConfig, "device")
+        if device not in allowed:
+            raise ConfigError([f"{DEVICE_ENV}={device!r} (the default of parallel.device) must be one of {', '.join(allowed)}"])
+        if "device" not in (tree.get("parallel") or {}):
+            tree = _deep_merge(tree, {"parallel": {"device": device}})
     tree = apply_overrides(tree, overrides or [])
     return _build(Config, tree)
+
+
+def load_model_section(path: str | Path) -> ModelConfig:
+    """The ``model`` section of a YAML config alone (a checkpoint's model_config.yaml: its other sections may
+    come from an older version of this config tree)."""
+    return _build(ModelConfig, load_yaml_tree(path).get("model") or {}, "model")
 
 
 # --------------------------------------------------------------------------- validation
@@ -330,10 +390,6 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
             f"model.seq_length={m.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}; "
             "raise max_position_embeddings or shorten seq_length"
         )
-    if m.transformer_impl not in ("auto", "local", "transformer_engine"):
-        errors.append(f"model.transformer_impl={m.transformer_impl!r} must be auto, local or transformer_engine")
-    if m.fp8 not in (None, "hybrid", "e4m3"):
-        errors.append(f"model.fp8={m.fp8!r} must be null, hybrid or e4m3")
     if m.fp8 is not None and m.transformer_impl == "local":
         errors.append("model.fp8 needs the Transformer Engine layers: set model.transformer_impl=auto or transformer_engine")
 
@@ -362,14 +418,6 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
         errors.append(f"parallel.vpp={p.vpp} needs pipeline parallelism: set parallel.pp >= 2 or vpp=1")
     if p.sp and p.tp < 2:
         errors.append("parallel.sp=true needs tensor parallelism: set parallel.tp >= 2 or parallel.sp=false")
-    if p.device not in ("auto", "cpu", "cuda"):
-        errors.append(f"parallel.device={p.device!r} must be auto, cpu or cuda")
-    if t.precision not in ("auto", "bf16", "fp32"):
-        errors.append(f"training.precision={t.precision!r} must be auto, bf16 or fp32")
-    if t.recompute not in ("none", "selective", "full"):
-        errors.append(f"training.recompute={t.recompute!r} must be none, selective or full")
-    if t.lr_decay_style not in ("cosine", "linear", "constant"):
-        errors.append(f"training.lr_decay_style={t.lr_decay_style!r} must be cosine, linear or constant")
 
     if world_size is not None:
         mp = p.tp * p.pp

@@ -11,6 +11,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The suite runs every rank on the CPU (gloo), also on a machine with a GPU: the default of parallel.device.
+os.environ.setdefault("MEGATRON_QWEN_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -22,8 +24,8 @@ def single_rank():
 
     # Only for the init: tests that launch jobs (torchrun, sbatch) pass this process's environment on,
     # and a MASTER_PORT held by this process's store would collide with theirs.
-    saved = {k: os.environ.get(k) for k in ("MEGATRON_QWEN_DEVICE", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(MEGATRON_QWEN_DEVICE="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     try:
         init_distributed(1, 1, None, device="cpu")
     finally:

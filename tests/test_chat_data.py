@@ -149,7 +149,7 @@ def test_sft_dataset_shifts_labels_and_mask_and_packs(chat_shards, encode):
 
     prefix, _, _ = chat_shards
     common = [f"data.paths=[{prefix}]", "model.seq_length=64", "data.split=100,0,0", "training.train_iters=1", "training.global_batch_size=2"]
-    alone, _ = build_sft_datasets(load_config("configs/tiny.yaml", common + ["data.pack=false"]))
+    alone, _ = build_sft_datasets(load_config("configs/tiny.yaml", common + ["sft.pack=false"]))
     rows = [alone[i] for i in range(len(alone))]
     for _, pieces in CHATS:
         ids, mask = expected(encode, pieces)
@@ -264,7 +264,7 @@ def test_data_epochs_sets_the_run_length_and_repeats_need_consent(tmp_path):
     assert cfg.training.train_iters == 2  # one epoch: 3 pairs = 6 sequences, 4 per step
 
     pp.preprocess([write_jsonl(tmp_path / "chat.jsonl", [c for c, _ in CHATS])], str(tmp_path / "sft"), mode="chat", max_length=MAX_LENGTH)
-    common = [f"data.paths=[{tmp_path / 'sft'}]", "model.seq_length=64", "data.split=100,0,0", "data.pack=false",
+    common = [f"data.paths=[{tmp_path / 'sft'}]", "model.seq_length=64", "data.split=100,0,0", "sft.pack=false",
               "training.global_batch_size=4", "training.train_iters=2"]
     with pytest.raises(ValueError, match=r"needs 8 sequences .* holds 5 .*data.allow_repeat=true"):
         build_sft_datasets(load_config("configs/tiny.yaml", common))

@@ -12,7 +12,8 @@ import torch
 
 from corpus import write_dense_corpus
 from megatron_qwen.config import load_config
-from megatron_qwen.data.gpt import GlobalBatches, parse_blend
+from megatron_qwen.data.gpt import parse_blend
+from megatron_qwen.training.sampler import GlobalBatches
 from spawn import REPO
 
 

@@ -66,20 +66,28 @@ def test_expand_slurm_nodelist(nodelist, hosts):
 
 
 def test_cpu_switch(monkeypatch):
+    from megatron_qwen.config import load_config
+
+    assert use_cpu_ranks("cpu") is True
+    # $MEGATRON_QWEN_DEVICE is the default of parallel.device, resolved at config load; the config still wins.
     monkeypatch.setenv("MEGATRON_QWEN_DEVICE", "cpu")
-    assert use_cpu_ranks("auto") is True
+    assert load_config("configs/tiny.yaml").parallel.device == "cpu"
+    assert load_config("configs/tiny.yaml", ["parallel.device=auto"]).parallel.device == "auto"
     monkeypatch.setenv("MEGATRON_QWEN_DEVICE", "gpu")
-    with pytest.raises(ValueError, match="'gpu' is not one of auto, cpu, cuda"):
-        use_cpu_ranks()
+    with pytest.raises(ValueError, match="MEGATRON_QWEN_DEVICE='gpu' .* must be one of auto, cpu, cuda"):
+        load_config("configs/tiny.yaml")
+    with pytest.raises(ValueError, match="parallel.device='gpu' must be one of auto, cpu, cuda"):
+        use_cpu_ranks("gpu")
 
 
 PROBE = """
 import sys
 import torch
 from megatron.core import parallel_state
+from megatron_qwen.config import load_config
 from megatron_qwen.platform.launch import init_distributed
 from megatron_qwen.platform.cpu import applied_patches
-info = init_distributed(tp=2, pp=1, device="auto")
+info = init_distributed(tp=2, pp=1, device=load_config().parallel.device)
 t = torch.tensor([info.rank + 1.0])
 torch.distributed.all_reduce(t)
 # One file per rank: the ranks' stdout lines can interleave.

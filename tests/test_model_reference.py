@@ -21,9 +21,10 @@ def tiny_cfg(*overrides):
 
 def build(cfg, randomize=True):
     from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
 
     torch.manual_seed(0)
-    (model,) = build_model(cfg, on_cpu=True)
+    (model,) = build_model(cfg, Runtime.cpu())
     if randomize:
         # Larger-than-init weights, non-zero biases and non-unit norms so every mapping matters.
         gen = torch.Generator().manual_seed(1)
@@ -129,9 +130,9 @@ def test_dynamic_ntk_and_logn_beyond_seq_length(length):
 
 
 def _te_and_gpu() -> bool:
-    from megatron_qwen.model.spec import transformer_engine_available
+    from megatron_qwen.platform.runtime import Accelerators
 
-    return transformer_engine_available() and torch.cuda.is_available()
+    return torch.cuda.is_available() and Accelerators.detect().transformer_engine is None
 
 
 @pytest.mark.skipif(not _te_and_gpu(), reason="the Transformer Engine spec needs transformer_engine and a GPU; "

@@ -201,9 +201,9 @@ def test_resume_at_another_layout(corpus, straight, tmp_path):
 
 @pytest.mark.parallel
 def test_kill_during_save_keeps_previous_checkpoint(corpus, tmp_path):
-    args = STAGE + overrides(corpus, tmp_path, "training.train_iters=10", "training.save_interval=5", "training.inject_nan_at=[2,3]")
+    args = STAGE + overrides(corpus, tmp_path, "training.train_iters=10", "training.save_interval=5", "faults.nan_loss_at=[2,3]")
     log = tmp_path / "crashed.log"
-    proc = _launch(args, cpu_env(MEGATRON_QWEN_FAULT="kill_during_save:iter_0000010"), log)
+    proc = _launch(args + ["faults.kill_during_save_at=10"], cpu_env(), log)
     _reap(proc)
     assert proc.wait(timeout=60) is not None
     output = log.read_text()
@@ -225,7 +225,7 @@ def test_kill_during_save_keeps_previous_checkpoint(corpus, tmp_path):
 
 @pytest.mark.parallel
 def test_too_many_nonfinite_steps_in_a_row_abort(corpus, tmp_path):
-    args = STAGE + overrides(corpus, tmp_path, "training.inject_nan_at=[1,2,3]", "training.max_skipped_in_row=2")
+    args = STAGE + overrides(corpus, tmp_path, "faults.nan_loss_at=[1,2,3]", "training.max_skipped_in_row=2")
     with pytest.raises(AssertionError) as info:
         run_torchrun(1, args)
     assert "3 non-finite steps in a row (training.max_skipped_in_row=2); aborting" in str(info.value)

@@ -2,7 +2,7 @@
 synthetic preference, layout equivalence, and export to transformers' Qwen2ForSequenceClassification.
 
 The preference: replies are four words from a small set and the chosen reply holds more kind words than
-the rejected one. The reward model is started from a language-model checkpoint (reward.init_from_lm),
+the rejected one. The reward model is started from a language-model checkpoint (training.init_from),
 trained through `python -m megatron_qwen.stages.reward`, exported, and scored by transformers on
 held-out pairs it never saw. Measured: 100 % held-out accuracy after 40 steps of 8 pairs (chance is 50 %).
 """
@@ -94,16 +94,17 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def initial(data, single_rank, tmp_path_factory):
     """A language model's weights (saved here), then the reward stage's initial checkpoint made from them
-    with reward.init_from_lm (training.train_iters=0): the common start of every run below."""
+    with training.init_from (training.train_iters=0): the common start of every run below."""
     from megatron_qwen.config import load_config
     from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
     from megatron_qwen.training.checkpointing import save_model
 
     root = tmp_path_factory.mktemp("initial")
     torch.manual_seed(7)
-    lm = build_model(load_config("configs/tiny.yaml", overrides(data, root)), on_cpu=True)
+    lm = build_model(load_config("configs/tiny.yaml", overrides(data, root)), Runtime.cpu())
     save_model(lm, root / "lm")
-    run_torchrun(1, STAGE + overrides(data, root, "training.train_iters=0", f"reward.init_from_lm={root / 'lm'}"))
+    run_torchrun(1, STAGE + overrides(data, root, "training.train_iters=0", f"training.init_from={root / 'lm'}"))
     return root / "lm", root / "checkpoints" / "iter_0000000"
 
 
@@ -168,7 +169,8 @@ def test_export_scores_like_our_model_and_ranks_heldout_pairs(data, trained, tmp
     from transformers import Qwen2ForSequenceClassification
 
     from megatron_qwen.config import load_config
-    from megatron_qwen.model.reward import build_reward_model
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
     from megatron_qwen.training.checkpointing import load_model
 
     dense, remap, vocab = data
@@ -184,7 +186,7 @@ def test_export_scores_like_our_model_and_ranks_heldout_pairs(data, trained, tmp
     assert hf.config.pad_token_id == pad and hf.score.bias is None
 
     cfg = load_config("configs/tiny.yaml", overrides(data, tmp_path))
-    (ours,) = build_reward_model(cfg, on_cpu=True)
+    (ours,) = build_model(cfg, Runtime.cpu(), head="scalar")
     load_model([ours], ckpt)
     ours.eval()
     scores = {}
@@ -211,6 +213,6 @@ def test_reward_configs_hold_the_qwen_recipe():
         # Qwen report: constant LR 3e-6, 64 comparisons per batch, sequence 2048, one epoch.
         assert (t.lr, t.min_lr, t.lr_decay_style, t.lr_warmup_iters) == (3e-6, 3e-6, "constant", 0)
         assert t.global_batch_size == 2 * 64 and t.micro_batch_size % 2 == 0
-        assert cfg.model.seq_length == 2048 and cfg.data.epochs == 1 and cfg.model.name == "qwen-7b"
-        assert cfg.reward.init_from_lm is None and t.init_from is None
+        assert cfg.model.seq_length == 2048 and cfg.reward.epochs == 1 and cfg.model.name == "qwen-7b"
+        assert t.init_from is None
     assert pmp.logging.run_dir != finetune.logging.run_dir

@@ -86,16 +86,17 @@ def test_packed_rows_give_the_losses_of_conversations_alone(tmp_path):
     them alone in a row of its own with plain causal attention and no mask (SDPA's is_causal)."""
     from megatron_qwen.data import preprocess as pp
     from megatron_qwen.data.chat_datasets import build_sft_datasets, packed_attention_mask
-    from megatron_qwen.model.reward import build_chat_model
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
 
     records = digit_task(np.random.default_rng(0), 9)
     pp.preprocess([str(write_jsonl(tmp_path / "chat.jsonl", records))], str(tmp_path / "chat"), mode="chat")
     common = ["model.padded_vocab_size=151936", *MODEL, "data.split=100,0,0", "training.global_batch_size=2",
               "training.train_iters=1", f"data.paths=[{tmp_path / 'chat'}]"]
-    packed_ds, _ = build_sft_datasets(config(*common, "data.pack=true"))
-    alone_ds, _ = build_sft_datasets(config(*common, "data.pack=false"))
+    packed_ds, _ = build_sft_datasets(config(*common, "sft.pack=true"))
+    alone_ds, _ = build_sft_datasets(config(*common, "sft.pack=false"))
     torch.manual_seed(0)
-    (model,) = build_chat_model(config(*common), on_cpu=True)
+    (model,) = build_model(config(*common), Runtime.cpu(), rope_at_positions=True)
     model.eval()
 
     def losses(item, mask):
@@ -138,10 +139,11 @@ def test_packed_rows_give_the_losses_of_conversations_alone(tmp_path):
 def test_rotary_angles_follow_position_ids():
     """Each token is rotated by the angles of its own position id (p * base^(-2i/d), as Qwen's RoPE),
     not by its index in the row; positions restart where a packed conversation starts."""
-    from megatron_qwen.model.reward import build_chat_model
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
 
     cfg = config("model.padded_vocab_size=256", *MODEL)
-    (model,) = build_chat_model(cfg, on_cpu=True)
+    (model,) = build_model(cfg, Runtime.cpu(), rope_at_positions=True)
     positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7]])
     rotary = model._preprocess(input_ids=torch.zeros_like(positions), position_ids=positions)[1]
     d = cfg.model.head_dim
@@ -189,7 +191,8 @@ def exact_match(chunks, tokens: torch.Tensor, remap: dict) -> float:
 def test_sft_learns_a_synthetic_chat_task(digit_data, tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_qwen.model.reward import build_chat_model
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
     from megatron_qwen.training.checkpointing import load_model
 
     dense, remap, vocab = digit_data
@@ -207,7 +210,7 @@ def test_sft_learns_a_synthetic_chat_task(digit_data, tmp_path):
         tokens[i, : len(heldout[i])] = torch.as_tensor(heldout[i].astype(np.int64))
     cfg = config(*overrides)
     torch.manual_seed(0)
-    chunks = build_chat_model(cfg, on_cpu=True)
+    chunks = build_model(cfg, Runtime.cpu(), rope_at_positions=True)
     for chunk in chunks:
         chunk.eval()
     untrained = exact_match(chunks, tokens, remap)
@@ -228,4 +231,4 @@ def test_sft_config_holds_the_qwen_recipe():
     assert (t.adam_beta1, t.adam_beta2, t.adam_eps) == (0.9, 0.95, 1e-8)
     assert (m.seq_length, t.global_batch_size, t.train_iters, t.lr_warmup_iters, t.lr) == (2048, 128, 4000, 1430, 2e-6)
     assert (t.weight_decay, m.hidden_dropout, m.attention_dropout, t.clip_grad) == (0.1, 0.1, 0.1, 1.0)
-    assert (t.lr_decay_style, t.min_lr) == ("cosine", 0.0) and cfg.data.pack and m.name == "qwen-7b"
+    assert (t.lr_decay_style, t.min_lr) == ("cosine", 0.0) and cfg.sft.pack and m.name == "qwen-7b"

@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_qwen.config import ConfigError
-from megatron_qwen.convert.layouts import LAYOUTS, QWEN2, ConversionError
+from megatron_qwen.convert.layouts import LAYOUTS, QWEN2
+from megatron_qwen.errors import ConversionError, UserError
 
 
 def parse_size(text: str) -> int:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.ckpt, args.out, layout=args.layout, config_path=args.config, dtype=args.dtype,
                 max_shard_bytes=args.max_shard_size,
             )
-    except (ConversionError, ConfigError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -18,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from megatron.core import parallel_state
 
 from megatron_qwen.config import TOKENIZER_VOCAB_SIZE
-from megatron_qwen.convert import inference
-from megatron_qwen.convert.layouts import ConversionError
+from megatron_qwen.errors import UserError
+from megatron_qwen.inference import forward as inference
+from megatron_qwen.platform.launch import detect_launch, init_distributed
+from megatron_qwen.platform.runtime import resolve_runtime
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,10 +70,6 @@ def _print_generation(rows: np.ndarray, prompt_len: int, vocab_size: int) -> Non
 def main(argv: list[str] | None = None) -> int:
     """Run one request on this process's rank; returns the exit status. Re-entrant: the process group
     stays, the model-parallel state is torn down, so a worker can call it for several layouts."""
-    from megatron.core import parallel_state
-
-    from megatron_qwen.platform.launch import detect_launch, init_distributed, use_cpu_ranks
-
     args = parse_args(argv)
     launch = detect_launch()
     try:
@@ -79,18 +78,18 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision, config_path=args.config,
         )
         tokens = inference.load_tokens(args.tokens, plan.vocab_size)
-    except ConversionError as exc:
+        runtime = resolve_runtime(plan.cfg, launch.local_rank)
+    except UserError as exc:
         if launch.rank == 0:
             print(f"error: {exc}", file=sys.stderr)
         return 2
 
     cfg = plan.cfg
-    on_cpu = use_cpu_ranks(cfg.parallel.device)
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, device=cfg.parallel.device,
                      timeout_minutes=cfg.parallel.timeout_minutes, seed=cfg.training.seed)
     try:
-        chunks = inference.load_chunks(plan, args.ckpt, on_cpu)
-        batch = torch.from_numpy(tokens).to(inference.device_for(on_cpu))
+        chunks = inference.load_chunks(plan, args.ckpt, runtime)
+        batch = torch.from_numpy(tokens).to(runtime.device)
         logits = inference.forward_logits(chunks, plan, batch)
         if inference.is_writer():
             inference.save_npy(args.out, logits.cpu().numpy())

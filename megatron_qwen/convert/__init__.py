@@ -6,11 +6,11 @@
   Hugging Face layout.
 
 Both directions stream: they hold one tensor (or one bounded block of rows of it) at a time, plus one
-output shard when writing safetensors. megatron-core itself is imported only when a conversion runs.
+output shard when writing safetensors.
 """
 
-from megatron_qwen.convert.layouts import ConversionError
 from megatron_qwen.convert.to_hf import mcore_to_hf
 from megatron_qwen.convert.to_mcore import hf_to_mcore
+from megatron_qwen.errors import ConversionError
 
 __all__ = ["ConversionError", "hf_to_mcore", "mcore_to_hf"]

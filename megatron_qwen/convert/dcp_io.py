@@ -35,7 +35,9 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_qwen.convert.layouts import ConversionError
+from megatron_qwen import checkpoint_dir as ckdir
+from megatron_qwen.errors import ConversionError
+
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ class StoredInfo:
 def tensor_metadata(path: str | os.PathLike) -> dict[str, StoredInfo]:
     """Every tensor of a dist_checkpointing checkpoint, by global key."""
     path = Path(path)
-    if not (path / "metadata.json").is_file() or not (path / ".metadata").is_file():
+    if not ckdir.is_checkpoint(path) or not (path / ".metadata").is_file():
         raise ConversionError(f"{path} is not a megatron-core dist_checkpointing checkpoint (no metadata.json / .metadata)")
     metadata = FileSystemReader(str(path)).read_metadata()
     return {

@@ -17,7 +17,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from megatron_qwen.convert.layouts import ConversionError
+from megatron_qwen.errors import ConversionError
+
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from megatron_qwen.config import TOKENIZER_VOCAB_SIZE, ModelConfig
+from megatron_qwen.errors import ConversionError
 
 QWEN2 = "qwen2"
 QWEN = "qwen"
@@ -54,10 +55,6 @@ LAYER_NAMES = {
 
 # Buffers some exports carry that are not weights (recomputed by every implementation).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class ConversionError(ValueError):
-    """A checkpoint or a request that cannot be converted; the message names the value, the rule and the fix."""
 
 
 def qkv_source(layout: str, layer: int, part: int, kind: str, hidden: int) -> tuple[str, int]:

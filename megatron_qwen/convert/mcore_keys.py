@@ -19,6 +19,9 @@ POST_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
 FC1 = "decoder.layers.mlp.linear_fc1.weight"
 FC2 = "decoder.layers.mlp.linear_fc2.weight"
 
+# The scalar head of reward and value models (megatron_qwen.model.qwen.ScalarHead, held as `reward_head`).
+SCALAR_HEAD = "reward_head.weight"
+
 LAYER_KEYS = (INPUT_NORM, QKV_WEIGHT, QKV_BIAS, PROJ, POST_NORM, FC1, FC2)
 
 

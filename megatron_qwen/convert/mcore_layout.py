@@ -12,8 +12,13 @@ import contextlib
 import dataclasses
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
 from megatron_qwen.config import Config
+from megatron_qwen.model.qwen import QwenModel, transformer_config
+from megatron_qwen.platform.runtime import Runtime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +39,6 @@ def single_process_model_parallel():
     Reuses a state already set up with TP=PP=1 (e.g. a test's single rank); otherwise creates a
     one-process gloo group on an in-memory store (no port, no launcher) and removes it afterwards.
     """
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         if parallel_state.get_tensor_model_parallel_world_size() != 1 or parallel_state.get_pipeline_model_parallel_world_size() != 1:
             raise RuntimeError("conversion lays out the model at TP=PP=1; call it outside a tensor/pipeline-parallel run")
@@ -57,16 +60,11 @@ def single_process_model_parallel():
 
 def stored_layout(cfg: Config) -> tuple[list[StoredTensor], dict[str, object]]:
     """(tensor pieces, {object unique key: value}) of a checkpoint of the model `cfg` describes."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-
-    from megatron_qwen.model.qwen import build_model_chunk, transformer_config
-
     one_rank = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False))
     with single_process_model_parallel():
-        config = dataclasses.replace(transformer_config(one_rank, on_cpu=True), perform_initialization=False)
+        config = dataclasses.replace(transformer_config(one_rank, Runtime.cpu()), perform_initialization=False)
         with torch.device("meta"):
-            model = build_model_chunk(one_rank, config, None, te=False)
+            model = QwenModel(config, one_rank, None, use_te=False)
         sharded = model.sharded_state_dict()
     apply_factories(sharded)
     tensors, objects = [], {}

@@ -15,13 +15,13 @@ from typing import Callable
 
 import torch
 
-from megatron_qwen.config import ConfigError, load_config
+from megatron_qwen import checkpoint_dir as ckdir
 from megatron_qwen.convert import mcore_keys as K
 from megatron_qwen.convert.dcp_io import tensor_metadata
 from megatron_qwen.convert.hf_io import PlannedTensor
-from megatron_qwen.convert.layouts import GLOBAL_NAMES, QWEN2, QWEN_ENDOFTEXT_ID, ConversionError, hf_config
-from megatron_qwen.convert.to_hf import DEFAULT_MAX_SHARD_BYTES, _LayerReader, _plan, read_source, write_hf_dir
-from megatron_qwen.convert.to_mcore import MODEL_CONFIG_FILE
+from megatron_qwen.convert.layouts import GLOBAL_NAMES, QWEN2, QWEN_ENDOFTEXT_ID, hf_config
+from megatron_qwen.convert.to_hf import DEFAULT_MAX_SHARD_BYTES, LayerReader, exported_vocab, plan_tensors, write_hf_dir
+from megatron_qwen.errors import ConversionError
 
 SCORE = "score.weight"
 
@@ -42,30 +42,22 @@ def export_reward_to_hf(
     rows are right-padded with and must differ from <|im_end|>. `out_dir` must not exist; it appears only
     when complete.
     """
-    from megatron_qwen.model.reward import HEAD_KEY
-
-    ckpt, out = Path(ckpt_dir), Path(out_dir)
+    out = Path(out_dir)
     if out.exists():
         raise ConversionError(f"--out {out} already exists; choose a new directory or remove it first")
-    if not (ckpt / "metadata.json").is_file():
-        raise ConversionError(f"--ckpt {ckpt} is not a megatron-core checkpoint (no metadata.json); check the path")
-    config_path = Path(config_path) if config_path is not None else ckpt / MODEL_CONFIG_FILE
-    if not config_path.is_file():
-        raise ConversionError(f"{config_path} does not exist; the model's shape comes from its config: pass --config CONFIG.yaml")
-    try:
-        m = load_config(config_path).model
-    except ConfigError as exc:
-        raise ConversionError(f"{config_path}: {exc}") from exc
+    ckpt = ckdir.require_checkpoint(ckpt_dir, f"--ckpt {ckpt_dir}")
+    m = ckdir.read_model_config(ckpt, config_path)
+    config_path = config_path or ckpt / ckdir.MODEL_CONFIG_FILE
 
     stored = tensor_metadata(ckpt)
-    if HEAD_KEY not in stored:
+    if K.SCALAR_HEAD not in stored:
         raise ConversionError(
-            f"--ckpt {ckpt} has no reward head ({HEAD_KEY}); it is not a checkpoint of megatron_qwen.stages.reward "
+            f"--ckpt {ckpt} has no reward head ({K.SCALAR_HEAD}); it is not a checkpoint of megatron_qwen.stages.reward "
             "(export a language model without --task reward)"
         )
     rows = stored[K.EMBED].shape[0] if K.EMBED in stored else m.padded_vocab_size
     expected = {k: v for k, v in K.full_shapes(m.num_layers, m.hidden_size, m.ffn_hidden_size, rows).items() if k != K.OUTPUT}
-    expected[HEAD_KEY] = (1, m.hidden_size)
+    expected[K.SCALAR_HEAD] = (1, m.hidden_size)
     for key, shape in expected.items():
         if key not in stored or stored[key].shape != shape:
             found = "missing" if key not in stored else f"of shape {list(stored[key].shape)}"
@@ -73,13 +65,12 @@ def export_reward_to_hf(
                 f"--ckpt {ckpt}: tensor {key} is {found}, but {config_path} (num_layers={m.num_layers}, hidden_size="
                 f"{m.hidden_size}, ffn_hidden_size={m.ffn_hidden_size}) needs {list(shape)}; pass the model's config with --config"
             )
-    source = read_source(ckpt)
-    vocab = source["vocab_size"] if source and source["vocab_size"] <= rows else rows
+    vocab = exported_vocab(ckpt, rows)
     # One dtype for every tensor (a checkpoint stores its weights in one): the LM plan also describes an
     # lm_head, which a reward checkpoint lacks and which is dropped before anything is read.
-    reader = _LayerReader(ckpt, stored, getattr(torch, dtype) if dtype else stored[K.EMBED].dtype)
-    tensors = [t for t in _plan(reader, QWEN2, m, vocab) if t.name != GLOBAL_NAMES[QWEN2]["lm_head"]]
-    tensors.append(PlannedTensor(SCORE, (1, m.hidden_size), reader.dtype(HEAD_KEY), lambda: iter([reader.whole(HEAD_KEY)])))
+    reader = LayerReader(ckpt, stored, getattr(torch, dtype) if dtype else stored[K.EMBED].dtype)
+    tensors = [t for t in plan_tensors(reader, QWEN2, m, vocab) if t.name != GLOBAL_NAMES[QWEN2]["lm_head"]]
+    tensors.append(PlannedTensor(SCORE, (1, m.hidden_size), reader.dtype(K.SCALAR_HEAD), lambda: iter([reader.whole(K.SCALAR_HEAD)])))
 
     config = hf_config(QWEN2, m, vocab, str(reader.dtype(K.EMBED)).removeprefix("torch."))
     config.update(

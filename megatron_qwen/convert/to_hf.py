@@ -20,32 +20,34 @@ from typing import Callable, Iterator
 
 import torch
 
-from megatron_qwen.config import TOKENIZER_VOCAB_SIZE, ConfigError, load_config
+from megatron_qwen import checkpoint_dir as ckdir
+from megatron_qwen.config import TOKENIZER_VOCAB_SIZE
 from megatron_qwen.convert import mcore_keys as K
 from megatron_qwen.convert.dcp_io import read_chunks, tensor_metadata
 from megatron_qwen.convert.hf_io import PlannedTensor, write_safetensors
-from megatron_qwen.convert.to_mcore import MODEL_CONFIG_FILE, SOURCE_FILE
 from megatron_qwen.convert.layouts import (
     GLOBAL_NAMES,
     LAYOUTS,
     QWEN2,
-    ConversionError,
     expected_tensors,
     hf_config,
     layer_name,
     qkv_source,
 )
+from megatron_qwen.errors import ConversionError
+from megatron_qwen.tokenizer import default_tokenizer_file
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
 
 
-def read_source(ckpt: Path) -> dict | None:
-    """The `hf_source.json` a converted checkpoint carries (None for others)."""
-    path = Path(ckpt) / SOURCE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+def exported_vocab(ckpt: Path, stored_rows: int) -> int:
+    """The vocabulary to export: the source's vocab_size of a converted checkpoint (the rows padded on for
+    tensor parallelism are dropped again), else every stored row."""
+    source = ckdir.read_hf_source(ckpt)
+    return source["vocab_size"] if source and source["vocab_size"] <= stored_rows else stored_rows
 
 
-class _LayerReader:
+class LayerReader:
     """Reads a checkpoint's tensors for export, keeping the last layer read of each key (Q, K and V, or
     gate and up, come from one read)."""
 
@@ -77,7 +79,7 @@ class _LayerReader:
         return self._read(key, (0,) * len(shape), shape)
 
 
-def _plan(reader: _LayerReader, layout: str, m, vocab: int) -> list[PlannedTensor]:
+def plan_tensors(reader: LayerReader, layout: str, m, vocab: int) -> list[PlannedTensor]:
     """The Hugging Face tensors in checkpoint order, each with a producer of its data."""
     H, F, d, heads = m.hidden_size, m.ffn_hidden_size, m.head_dim, m.num_attention_heads
     names = GLOBAL_NAMES[layout]
@@ -145,22 +147,14 @@ def mcore_to_hf(
     The model's shape comes from `config_path` (default `ckpt/model_config.yaml`). `dtype` casts every
     tensor (default: as stored). `out` must not exist; it appears only when complete.
     """
-    ckpt, out = Path(ckpt), Path(out)
+    out = Path(out)
     if layout not in LAYOUTS:
         raise ConversionError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     if out.exists():
         raise ConversionError(f"--out {out} already exists; choose a new directory or remove it first")
-    if not (ckpt / "metadata.json").is_file():
-        raise ConversionError(f"--ckpt {ckpt} is not a megatron-core checkpoint (no metadata.json); check the path")
-    config_path = Path(config_path) if config_path is not None else ckpt / MODEL_CONFIG_FILE
-    if not config_path.is_file():
-        raise ConversionError(
-            f"{config_path} does not exist; the checkpoint's model shape comes from its model config: pass --config CONFIG.yaml"
-        )
-    try:
-        m = load_config(config_path).model
-    except ConfigError as exc:
-        raise ConversionError(f"{config_path}: {exc}") from exc
+    ckpt = ckdir.require_checkpoint(ckpt, f"--ckpt {ckpt}")
+    m = ckdir.read_model_config(ckpt, config_path)
+    config_path = config_path or ckpt / ckdir.MODEL_CONFIG_FILE
 
     stored = tensor_metadata(ckpt)
     rows = stored[K.EMBED].shape[0] if K.EMBED in stored else m.padded_vocab_size
@@ -173,9 +167,9 @@ def mcore_to_hf(
                 f"--ckpt {ckpt}: tensor {key} has shape {list(stored[key].shape)}, but {config_path} "
                 f"(num_layers={m.num_layers}, hidden_size={m.hidden_size}, ffn_hidden_size={m.ffn_hidden_size}) needs {list(shape)}"
             )
-    source = read_source(ckpt)
-    vocab = source["vocab_size"] if source and source["vocab_size"] <= rows else rows
-    reader = _LayerReader(ckpt, stored, getattr(torch, dtype) if dtype else None)
+    source = ckdir.read_hf_source(ckpt)
+    vocab = exported_vocab(ckpt, rows)
+    reader = LayerReader(ckpt, stored, getattr(torch, dtype) if dtype else None)
     out_dtype = reader.dtype(K.EMBED)
     if layout == QWEN2 and (m.use_dynamic_ntk or m.use_logn_attn):
         log(
@@ -185,7 +179,7 @@ def mcore_to_hf(
 
     base = source["config"] if source and source.get("layout") == layout else None
     config = hf_config(layout, m, vocab, str(out_dtype).removeprefix("torch."), base)
-    tensors = _plan(reader, layout, m, vocab)
+    tensors = plan_tensors(reader, layout, m, vocab)
     files = write_hf_dir(out, tensors, config, vocab, max_shard_bytes, log)
     size = sum(t.nbytes for t in tensors)
     log(f"wrote {out}: {layout} layout, {len(files)} safetensors file(s), {size / 2**20:.1f} MiB, vocab_size {vocab}")
@@ -196,8 +190,6 @@ def _copy_tokenizer(directory: Path, vocab: int, log) -> None:
     """Put qwen.tiktoken next to a model with Qwen's vocabulary (smaller vocabularies are not Qwen's)."""
     if vocab < TOKENIZER_VOCAB_SIZE:
         return
-    from megatron_qwen.tokenizer import default_tokenizer_file
-
     try:
         shutil.copyfile(default_tokenizer_file(), directory / "qwen.tiktoken")
     except FileNotFoundError as exc:

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import yaml
 
+from megatron_qwen import checkpoint_dir as ckdir
 from megatron_qwen.config import Config, ParallelConfig, padded_vocab_size, validate
 from megatron_qwen.convert import mcore_keys as K
 from megatron_qwen.convert.dcp_io import Chunk, serialize_object, write_checkpoint
@@ -32,7 +33,6 @@ from megatron_qwen.convert.layouts import (
     GLOBAL_NAMES,
     IGNORED_SUFFIXES,
     QWEN,
-    ConversionError,
     detect_layout,
     expected_tensors,
     layer_name,
@@ -40,10 +40,9 @@ from megatron_qwen.convert.layouts import (
     qkv_source,
 )
 from megatron_qwen.convert.mcore_layout import StoredTensor, stored_layout
+from megatron_qwen.errors import ConversionError
 
 DEFAULT_MAX_CHUNK_BYTES = 64 << 20
-MODEL_CONFIG_FILE = "model_config.yaml"
-SOURCE_FILE = "hf_source.json"
 
 
 def _check_tensors(hf: HFCheckpoint, layout: str, cfg: Config, vocab: int, tied: bool) -> None:
@@ -236,7 +235,7 @@ def hf_to_mcore(
     tmp.mkdir(parents=True)
     try:
         write_checkpoint(tmp, chunks, {key: serialize_object(value) for key, value in objects.items()})
-        (tmp / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (tmp / ckdir.MODEL_CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         source = {
             "layout": layout,
             "vocab_size": vocab,
@@ -244,7 +243,7 @@ def hf_to_mcore(
             "dtype": str(dtype).removeprefix("torch."),
             "config": hf.config,
         }
-        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+        (tmp / ckdir.HF_SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

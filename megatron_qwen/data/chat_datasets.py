@@ -5,7 +5,7 @@ are concatenated, each shard split by ``data.split`` into train/valid ranges of 
 
 SFT rows are ``model.seq_length`` tokens. A conversation of L tokens takes L positions: its tokens, the
 next token as label, the loss mask of that label (QwenLM finetune.py's rule), and position ids 0..L-1.
-With ``data.pack`` several conversations fill a row (next-fit in shuffled order): position ids restart
+With ``sft.pack`` several conversations fill a row (next-fit in shuffled order): position ids restart
 at each conversation and `packed_attention_mask` keeps attention inside each one. Padding at the end of
 a row continues the last conversation's positions, is never trained, and needs no mask: under causal
 attention nothing before it sees it.
@@ -14,8 +14,8 @@ Preference items are single sequences: item 2k is the chosen and item 2k+1 the r
 right-padded, with ``loss_mask`` 1 at the final ``<|im_end|>`` where the reward is read. A micro-batch
 of even size therefore holds whole pairs.
 
-With ``data.epochs`` set, ``training.train_iters`` is derived from the train split's size; otherwise a
-run longer than the split stops unless ``data.allow_repeat``. Rows (SFT) and pairs (preference) are
+With ``sft.epochs`` (``reward.epochs``) set, ``training.train_iters`` is derived from the train split's size;
+otherwise a run longer than the split stops unless ``data.allow_repeat``. Rows (SFT) and pairs (preference) are
 reshuffled every epoch with ``training.seed``.
 """
 
@@ -29,7 +29,7 @@ import torch
 
 from megatron_qwen.config import Config
 from megatron_qwen.data.chat import PREFERENCE_KEYS, SFT_KEYS
-from megatron_qwen.data.gpt import DataError
+from megatron_qwen.errors import DataError
 
 class _Shards:
     """Parallel shards of several prefixes (e.g. tokens and loss mask) addressed as one list of documents."""
@@ -96,18 +96,18 @@ def _check_fits(lengths: np.ndarray, docs: np.ndarray, seq_length: int, shards: 
         )
 
 
-def _train_samples_needed(cfg: Config, available: int, what: str) -> int:
-    """Samples the train split must provide; sets training.train_iters when data.epochs is given."""
+def _train_samples_needed(cfg: Config, available: int, what: str, epochs: float | None, epochs_key: str) -> int:
+    """Samples the train split must provide; sets training.train_iters when `epochs` (config key `epochs_key`) is given."""
     t, d = cfg.training, cfg.data
     if available == 0:
         raise DataError(f"the train split holds no {what} (data.split={d.split!r}); add data or give train a share")
-    if d.epochs is not None:
-        if d.epochs <= 0:
-            raise DataError(f"data.epochs={d.epochs} must be > 0 (or null to use training.train_iters)")
+    if epochs is not None:
+        if epochs <= 0:
+            raise DataError(f"{epochs_key}={epochs} must be > 0 (or null to use training.train_iters)")
         # The loop reads train_iters after building the datasets: the run length follows the data.
-        t.train_iters = math.ceil(d.epochs * available / t.global_batch_size)
+        t.train_iters = math.ceil(epochs * available / t.global_batch_size)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            print(f"note: data.epochs={d.epochs} over {available} {what} = training.train_iters={t.train_iters} "
+            print(f"note: {epochs_key}={epochs} over {available} {what} = training.train_iters={t.train_iters} "
                   f"(global_batch_size={t.global_batch_size})", flush=True)
         return t.train_iters * t.global_batch_size
     needed = t.train_iters * t.global_batch_size
@@ -115,7 +115,7 @@ def _train_samples_needed(cfg: Config, available: int, what: str) -> int:
         raise DataError(
             f"the run needs {needed} {what} (training.train_iters={t.train_iters} x global_batch_size="
             f"{t.global_batch_size}) but the train split holds {available} (~{needed / available:.1f} epochs); "
-            "add data, lower training.train_iters, set data.epochs, or set data.allow_repeat=true"
+            f"add data, lower training.train_iters, set {epochs_key}, or set data.allow_repeat=true"
         )
     return needed
 
@@ -223,12 +223,12 @@ def build_sft_datasets(cfg: Config) -> tuple[SFTDataset, SFTDataset | None]:
     def rows_of(docs: np.ndarray, which: int) -> list[np.ndarray]:
         _check_fits(lengths, docs, seq, shards, flag)
         docs = docs[np.random.default_rng([seed, which]).permutation(docs.size)]
-        if not cfg.data.pack:
+        if not cfg.sft.pack:
             return [docs[i : i + 1] for i in range(docs.size)]
         return [docs[row] for row in pack_conversations(lengths[docs], seq)]
 
     train_rows = rows_of(shards.split_documents(cfg.data.split, 0), 0)
-    needed = _train_samples_needed(cfg, len(train_rows), "sequences")
+    needed = _train_samples_needed(cfg, len(train_rows), "sequences", cfg.sft.epochs, "sft.epochs")
     train = SFTDataset(shards, train_rows, seq, max(needed, len(train_rows)), seed)
     valid_docs = _valid_documents(cfg, shards)
     valid = None
@@ -276,7 +276,7 @@ def build_preference_datasets(cfg: Config) -> tuple[PreferenceDataset, Preferenc
         lengths = shards.lengths(key)
         _check_fits(lengths, np.arange(lengths.size), seq, shards, flag)
     train_pairs = shards.split_documents(cfg.data.split, 0)
-    needed = _train_samples_needed(cfg, 2 * train_pairs.size, "sequences (2 per pair)")
+    needed = _train_samples_needed(cfg, 2 * train_pairs.size, "sequences (2 per pair)", cfg.reward.epochs, "reward.epochs")
     train = PreferenceDataset(shards, train_pairs, seq, max(needed, 2 * train_pairs.size), seed)
     valid_pairs = _valid_documents(cfg, shards)
     valid = None if valid_pairs is None else PreferenceDataset(shards, valid_pairs, seq, 2 * valid_pairs.size, seed + 1)

@@ -1,24 +1,40 @@
-"""Build the Qwen network as megatron-core GPTModel chunks for this rank's pipeline stage(s).
+"""The Qwen network as megatron-core GPTModel chunks for this rank's pipeline stage(s).
 
 `transformer_config()` maps the project's `Config` onto megatron-core's TransformerConfig (the single
-source of truth for shape and numerics once a run starts); `build_model()` returns one GPTModel per
+source of truth for shape and numerics once a run starts); `build_model()` returns one `QwenModel` per
 virtual pipeline stage held by this rank, each with its share of the layers.
+
+One model class serves every stage; two choices are made at construction:
+- the head of the last stage: ``"lm"`` (logits over the vocabulary, or per-token losses given labels) or
+  ``"scalar"`` (one value per token: reward and value models; transformers' Qwen2ForSequenceClassification
+  ``score``, Linear(hidden, 1) without bias). A scalar-head model never builds the LM output layer.
+- whether RoPE is taken at each token's ``position_ids`` (packed SFT rows, left-padded prompts) or at its
+  index in the row (megatron-core's default, pretraining).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from megatron_qwen.config import Config
 from megatron_qwen.model.rotary import QwenRotaryEmbedding
-from megatron_qwen.model.spec import qwen_block_spec, transformer_engine_available
+from megatron_qwen.model.spec import qwen_block_spec
+from megatron_qwen.platform.runtime import Runtime
+
+Head = Literal["lm", "scalar"]
+SCALAR_HEAD_KEY = "reward_head.weight"  # the scalar head's global key in checkpoints (reward and value models)
 
 
 @dataclasses.dataclass
@@ -29,33 +45,11 @@ class QwenTransformerConfig(TransformerConfig):
     use_logn_attn: bool = False
 
 
-def use_transformer_engine(cfg: Config, on_cpu: bool) -> bool:
-    """Whether to build the Transformer Engine spec: asked for, or `auto` with TE importable on GPU."""
-    impl = cfg.model.transformer_impl
-    if impl == "transformer_engine":
-        if not transformer_engine_available():
-            raise RuntimeError(
-                "model.transformer_impl=transformer_engine but transformer_engine does not import; "
-                "install Transformer Engine or set model.transformer_impl=local"
-            )
-        return True
-    return impl == "auto" and not on_cpu and transformer_engine_available()
-
-
-def params_dtype(cfg: Config, on_cpu: bool) -> torch.dtype:
-    """bf16 on GPU and fp32 on CPU unless `training.precision` says otherwise."""
-    precision = cfg.training.precision
-    if precision == "auto":
-        precision = "fp32" if on_cpu else "bf16"
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def transformer_config(cfg: Config, on_cpu: bool) -> QwenTransformerConfig:
+def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
     """megatron-core's config for this Qwen model at this run's parallel layout."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
-    dtype = params_dtype(cfg, on_cpu)
-    te = use_transformer_engine(cfg, on_cpu)
-    fused = not on_cpu  # megatron-core's fused kernels are CUDA (or torch.compile) kernels
+    dtype = runtime.params_dtype
+    fused = not runtime.on_cpu  # megatron-core's fused kernels are CUDA (or torch.compile) kernels
     recompute = {} if t.recompute == "none" else {"recompute_granularity": t.recompute}
     if t.recompute == "full":
         recompute.update(recompute_method="uniform", recompute_num_layers=t.recompute_num_layers)
@@ -85,7 +79,7 @@ def transformer_config(cfg: Config, on_cpu: bool) -> QwenTransformerConfig:
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         autocast_dtype=dtype,
-        use_cpu_initialization=on_cpu,
+        use_cpu_initialization=runtime.on_cpu,
         # Batched p2p posts both directions to the same peer in one call; with interleaving on two
         # pipeline ranks the peer is the same for "prev" and "next", so send/recv pairs would match
         # out of order. Separate isend/irecv keep each direction on its own channel.
@@ -98,56 +92,118 @@ def transformer_config(cfg: Config, on_cpu: bool) -> QwenTransformerConfig:
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=te,
-        fp8=m.fp8 if te else None,
+        gradient_accumulation_fusion=runtime.use_te,
+        fp8=m.fp8 if runtime.use_te else None,
         qwen_seq_length=m.seq_length,
         use_logn_attn=m.use_logn_attn,
         **recompute,
     )
 
 
-def build_model_chunk(cfg: Config, config: QwenTransformerConfig, vp_stage: int | None, te: bool) -> GPTModel:
-    """One GPTModel holding this pipeline rank's layers of virtual stage `vp_stage`."""
-    m = cfg.model
-    pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-    post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    n_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=qwen_block_spec(n_layers, te),
-        vocab_size=m.padded_vocab_size,
-        max_sequence_length=m.max_position_embeddings,
-        pre_process=pre,
-        post_process=post,
-        parallel_output=True,
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-        rotary_percent=1.0,
-        rotary_base=m.rotary_base,
-        vp_stage=vp_stage,
-    )
-    model.rotary_pos_emb = QwenRotaryEmbedding(
-        kv_channels=config.kv_channels,
-        rotary_percent=1.0,
-        rotary_interleaved=False,
-        rotary_base=m.rotary_base,
-        use_cpu_initialization=config.use_cpu_initialization,
-        seq_length=m.seq_length,
-        use_dynamic_ntk=m.use_dynamic_ntk,
-    )
-    return model
+class ScalarHead(torch.nn.Module):
+    """Linear(hidden, 1, bias=False) over the final hidden states: one value for every token.
+
+    The weight is replicated on every tensor-parallel rank, initialised from `seed` so that every layout
+    starts alike. Under sequence parallelism each rank scores its own tokens, the values are gathered,
+    and the weight's gradient is summed over the TP group (the `sequence_parallel` attribute asks
+    megatron-core's finalize_model_grads for that, as for the norms).
+    """
+
+    def __init__(self, config, seed: int):
+        super().__init__()
+        weight = torch.empty(1, config.hidden_size, dtype=torch.float32)
+        torch.nn.init.normal_(weight, std=config.init_method_std, generator=torch.Generator().manual_seed(seed))
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(weight.to(device=device, dtype=config.params_dtype))
+        self.sequence_parallel = config.sequence_parallel
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[s (/tp), b, h] hidden states -> [b, s] fp32 values (the full sequence on every TP rank)."""
+        values = (hidden_states.float() @ self.weight.float().t()).squeeze(-1)
+        if self.sequence_parallel:
+            # Every TP rank computes the same loss from the gathered values, so backward only splits.
+            values = gather_from_sequence_parallel_region(values, tensor_parallel_output_grad=False)
+        return values.t()
 
 
-def build_model(cfg: Config, on_cpu: bool) -> list[GPTModel]:
+class QwenModel(GPTModel):
+    """megatron-core's GPTModel with Qwen's rotary embedding, a choice of head and of rotary positions.
+
+    The last pipeline stage returns what the head gives: per-token losses [b, s] when labels are passed,
+    else logits [s, b, vocab / tp] (``head="lm"``), or values [b, s] (``head="scalar"``). Other stages return
+    hidden states. With ``rope_at_positions`` each token is rotated by the angles of its own position id; with
+    an inference context, ``position_ids`` then covers every position of the sequence so far, because the
+    cached keys are rotated again at each step.
+    """
+
+    def __init__(self, config: QwenTransformerConfig, cfg: Config, vp_stage: int | None, use_te: bool,
+                 head: Head = "lm", rope_at_positions: bool = False):
+        m = cfg.model
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        super().__init__(
+            config=config,
+            transformer_layer_spec=qwen_block_spec(get_num_layers_to_build(config, vp_stage=vp_stage), use_te),
+            vocab_size=m.padded_vocab_size,
+            max_sequence_length=m.max_position_embeddings,
+            pre_process=pre,
+            # GPTModel builds the LM output layer with the final norm; a scalar head needs the norm alone.
+            post_process=post and head == "lm",
+            parallel_output=True,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_percent=1.0,
+            rotary_base=m.rotary_base,
+            vp_stage=vp_stage,
+        )
+        self.head = head
+        self.rope_at_positions = rope_at_positions
+        self.rotary_pos_emb = QwenRotaryEmbedding(
+            kv_channels=config.kv_channels,
+            rotary_percent=1.0,
+            rotary_interleaved=False,
+            rotary_base=m.rotary_base,
+            use_cpu_initialization=config.use_cpu_initialization,
+            seq_length=m.seq_length,
+            use_dynamic_ntk=m.use_dynamic_ntk,
+        )
+        if post and head == "scalar":
+            self.post_process = self.decoder.post_process = True
+            self.decoder.final_layernorm = build_module(
+                self.decoder.submodules.layer_norm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+            )
+            self.reward_head = ScalarHead(config, cfg.training.seed)  # stored as SCALAR_HEAD_KEY
+
+    def _preprocess(self, input_ids, position_ids, **kwargs):
+        out = super()._preprocess(input_ids=input_ids, position_ids=position_ids, **kwargs)
+        rotary = out[1]
+        if not self.rope_at_positions or position_ids is None or rotary is None:
+            return out
+        # Angles [S, 1, 1, d] of positions 0..S-1 -> [s, b, 1, d], each token's own position.
+        per_token = rotary[:, 0, 0][position_ids.t()].unsqueeze(2)
+        return (out[0], per_token, *out[2:])
+
+    def _postprocess(self, hidden_states, **kwargs):
+        if self.head == "lm" or not self.post_process:
+            return super()._postprocess(hidden_states, **kwargs)
+        return self.reward_head(hidden_states)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        if self.head == "lm":
+            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        # GPTModel's version adjusts the LM output layer's entries, which a scalar-head model does not have.
+        return MegatronModule.sharded_state_dict(self, prefix, sharded_offsets, ensure_metadata_has_dp_cp_group(metadata))
+
+
+def build_model(cfg: Config, runtime: Runtime, head: Head = "lm", rope_at_positions: bool = False) -> list[QwenModel]:
     """This rank's model chunks: one per virtual pipeline stage (a single chunk without VPP).
 
     Needs megatron-core's parallel state (see `megatron_qwen.platform.launch.init_distributed`).
     """
-    config = transformer_config(cfg, on_cpu)
-    te = use_transformer_engine(cfg, on_cpu)
-    vpp = cfg.parallel.vpp
-    stages = list(range(vpp)) if vpp > 1 else [None]
-    chunks = [build_model_chunk(cfg, config, stage, te) for stage in stages]
-    if not on_cpu:
-        chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
+    config = transformer_config(cfg, runtime)
+    stages = list(range(cfg.parallel.vpp)) if cfg.parallel.vpp > 1 else [None]
+    chunks = [QwenModel(config, cfg, stage, runtime.use_te, head, rope_at_positions) for stage in stages]
+    if not runtime.on_cpu:
+        chunks = [chunk.to(runtime.device) for chunk in chunks]
     return chunks

@@ -8,8 +8,6 @@ what FP8 runs on; both specs keep the same checkpoint keys.
 
 from __future__ import annotations
 
-import importlib.util
-
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -22,11 +20,6 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_qwen.model.attention import SDPAttention
 from megatron_qwen.model.norm import QwenRMSNorm
-
-
-def transformer_engine_available() -> bool:
-    """True when Transformer Engine can be imported (it is optional everywhere)."""
-    return importlib.util.find_spec("transformer_engine") is not None
 
 
 def qwen_layer_spec(use_transformer_engine: bool = False) -> ModuleSpec:

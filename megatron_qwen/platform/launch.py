@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_qwen.errors import ConfigError
+
 DEFAULT_MASTER_PORT = 29500
 
 
@@ -119,16 +121,15 @@ def detect_launch(env: dict | None = None) -> LaunchInfo:
 
 
 def use_cpu_ranks(device: str = "auto") -> bool:
-    """Whether ranks run on CPU: no CUDA, ``device == "cpu"``, or ``MEGATRON_QWEN_DEVICE=cpu``.
+    """Whether ranks run on CPU for ``parallel.device`` = `device`: ``cpu``, or ``auto`` without CUDA.
 
     Asking for CPU explicitly lets multi-rank tests run on a box with a single GPU, where several
     ranks cannot share the GPU under NCCL.
     """
-    device = os.environ.get("MEGATRON_QWEN_DEVICE", device)
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device {device!r} is not one of auto, cpu, cuda")
+        raise ConfigError([f"parallel.device={device!r} must be one of auto, cpu, cuda"])
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch.cuda.is_available() is False; use device=auto or cpu")
+        raise ConfigError(["parallel.device=cuda but torch.cuda.is_available() is False; use parallel.device=auto or cpu"])
     return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
 

@@ -1,7 +1,7 @@
 """Reward model: preference-model pretraining (PMP) and fine-tuning on comparisons, one pairwise loss.
 
     torchrun --nproc-per-node N -m megatron_qwen.stages.reward configs/stage/reward_pmp.yaml \\
-        reward.init_from_lm=LM_CKPT data.paths=[PREFIX] [key=value ...]
+        training.init_from=LM_CKPT data.paths=[PREFIX] [key=value ...]
     torchrun --nproc-per-node N -m megatron_qwen.stages.reward configs/stage/reward.yaml \\
         training.init_from=PMP_CKPT data.paths=[PREFIX] [key=value ...]
 
@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from megatron_qwen.data.chat_datasets import build_preference_datasets
-from megatron_qwen.model.reward import build_reward_model
 from megatron_qwen.training.forward_backward import to_model_device
 from megatron_qwen.training.loop import Task, run_stage
 
@@ -62,7 +61,7 @@ TASK = Task(
     build_datasets=build_datasets,
     forward_step=reward_forward_step,
     report_keys=REPORT_KEYS,
-    build_model=build_reward_model,
+    head="scalar",
 )
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 from functools import partial
 
 from megatron_qwen.data.chat_datasets import build_sft_datasets, packed_attention_mask
-from megatron_qwen.model.reward import build_chat_model
 from megatron_qwen.training.forward_backward import lm_loss, to_model_device
 from megatron_qwen.training.loop import Task, run_stage
 
@@ -30,7 +29,7 @@ def sft_forward_step(data_iterator, model):
     return output, partial(lm_loss, batch["loss_mask"])
 
 
-TASK = Task(name="sft", build_datasets=build_datasets, forward_step=sft_forward_step, build_model=build_chat_model)
+TASK = Task(name="sft", build_datasets=build_datasets, forward_step=sft_forward_step, rope_at_positions=True)
 
 if __name__ == "__main__":
     run_stage(TASK)

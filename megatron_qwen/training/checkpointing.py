@@ -1,33 +1,41 @@
-"""Model checkpoints in megatron-core's `dist_checkpointing` format, reshardable on load.
+"""Checkpoints of model units in megatron-core's `dist_checkpointing` format, reshardable on load.
 
-A checkpoint written at one TP/PP/VPP layout loads at any other: tensors are stored under global
-keys and shapes (layers stacked on a leading axis), and each rank reads only its own slices.
-Directories are written under a temporary name and renamed when complete, so an interrupted save
-never replaces a good checkpoint.
+A checkpoint written at one TP/PP/VPP layout loads at any other: tensors are stored under global keys
+and shapes (layers stacked on a leading axis), and each rank reads only its own slices. One checkpoint
+holds any number of named units (each with its optimizer when trained), the loop's state and every
+rank's RNG state; the directory layout and names are `megatron_qwen.checkpoint_dir`'s. Directories are
+written under a temporary name and renamed when complete, and ``latest`` moves only after, so an
+interrupted save never replaces a good checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
-import signal
 import tempfile
 from pathlib import Path
+from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from megatron_qwen import checkpoint_dir as ckdir
+from megatron_qwen.errors import CheckpointError
+from megatron_qwen.training.units import ModelUnit
+
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshardable across TP/PP/DP
 
 
-def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
-    """The sharded state dict of this rank's model chunks (``model`` or ``model0``, ``model1``, ...)."""
-    chunks = [getattr(c, "module", c) for c in chunks]
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def _is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    return _rank() == 0
 
 
 def _barrier() -> None:
@@ -35,11 +43,39 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def save_sharded(sharded_state_dict: dict, path: str | os.PathLike, write_extra=None) -> Path:
+def chunks_state(modules: list[torch.nn.Module], namespace: str = "") -> dict:
+    """The sharded state dict of model chunks under their chunk keys, global keys prefixed for `namespace`."""
+    prefix = ckdir.unit_prefix(namespace)
+    return {key: module.sharded_state_dict(prefix=prefix) for key, module in zip(ckdir.chunk_keys(len(modules)), modules)}
+
+
+def units_state(units: Iterable[ModelUnit], loading: bool = False) -> dict:
+    """The sharded state dict of several units: the root unit at the top, the others under their namespace."""
+    state: dict = {}
+    for unit in units:
+        unit_state = chunks_state(unit.modules, unit.namespace)
+        if unit.optimizer is not None:
+            unit_state[ckdir.OPTIMIZER_KEY] = unit.optimizer.sharded_state_dict(
+                unit_state, is_loading=loading, metadata=OPTIMIZER_METADATA
+            )
+        if unit.namespace:
+            state[unit.namespace] = unit_state
+        else:
+            state.update(unit_state)
+    return state
+
+
+def _load_into(modules: list[torch.nn.Module], loaded: dict) -> None:
+    for key, module in zip(ckdir.chunk_keys(len(modules)), modules):
+        module.load_state_dict(loaded[key], strict=True)
+
+
+def save_sharded(sharded_state_dict: dict, path: str | os.PathLike, write_extra=None, before_commit=None) -> Path:
     """Save a sharded state dict to `path` atomically (all ranks call this).
 
     Everything is written into ``PATH.tmp`` (``write_extra(tmp_dir)``, if given, runs on every rank
     to add files of its own) and the directory is renamed to `path` only when all ranks are done.
+    ``before_commit(path)`` runs on every rank between the two (fault injection in tests).
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -50,9 +86,8 @@ def save_sharded(sharded_state_dict: dict, path: str | os.PathLike, write_extra=
     dist_checkpointing.save(sharded_state_dict, str(tmp))
     if write_extra is not None:
         write_extra(tmp)
-    if os.environ.get("MEGATRON_QWEN_FAULT") == f"kill_during_save:{path.name}":
-        # Fault injection for the crash-safety test: die with the checkpoint written but not yet current.
-        os.kill(os.getpid(), signal.SIGKILL)
+    if before_commit is not None:
+        before_commit(path)
     _barrier()
     if _is_rank0():
         if path.exists():
@@ -68,20 +103,48 @@ def save_sharded(sharded_state_dict: dict, path: str | os.PathLike, write_extra=
 
 
 def save_model(chunks: list[torch.nn.Module], path: str | os.PathLike) -> Path:
-    """Save this run's model weights (all ranks call this)."""
-    return save_sharded(model_sharded_state_dict(chunks), path)
+    """Save model weights alone (all ranks call this): e.g. a common starting point for several runs."""
+    return save_sharded(chunks_state([getattr(c, "module", c) for c in chunks]), path)
+
+
+def load_weights(
+    modules: list[torch.nn.Module], path: str | os.PathLike, what: str, namespace: str = "", fresh: tuple[str, ...] = ()
+) -> list[str]:
+    """Load a checkpoint's weights (saved at any layout) into this rank's model chunks; all ranks call this.
+
+    The weights are read from the unit at `namespace` of the checkpoint. Tensors the checkpoint has and the
+    model lacks (a language model's output layer, for a reward model) are left out; tensors the model has
+    and the checkpoint lacks are allowed only when their local names start with one of `fresh` (a scalar
+    head started anew), and keep their initialisation. Returns those names. `what` names the checkpoint in
+    errors (e.g. ``training.init_from=DIR``).
+    """
+    path = ckdir.require_checkpoint(path, what)
+    stored = set(dist_checkpointing.load_tensors_metadata(str(path)))
+    prefix = ckdir.unit_prefix(namespace)
+    request, started_fresh = {}, []
+    for key, module in zip(ckdir.chunk_keys(len(modules)), modules):
+        sharded = module.sharded_state_dict(prefix=prefix)
+        absent = [name for name, item in sharded.items() if getattr(item, "key", None) is not None and item.key not in stored]
+        unexpected = [name for name in absent if not name.startswith(fresh) and not name.endswith("_extra_state")]
+        if unexpected:
+            raise CheckpointError(
+                f"{what}: the checkpoint has no {prefix}{unexpected[0]} ({len(unexpected)} tensor(s) of this model missing); "
+                "it holds another kind or size of model: check the path and the model.* sizes"
+            )
+        started_fresh += [name for name in absent if not name.endswith("_extra_state")]
+        request[key] = {name: item for name, item in sharded.items() if name not in absent}
+    loaded = dist_checkpointing.load(request, str(path))
+    for key, module in zip(ckdir.chunk_keys(len(modules)), modules):
+        missing, unexpected = module.load_state_dict(loaded[key], strict=False)
+        missing = [name for name in missing if not name.endswith("_extra_state")]
+        if unexpected or set(missing) - set(started_fresh):
+            raise CheckpointError(f"{what}: weights do not fit this model (missing {missing}, unexpected {unexpected})")
+    return sorted(set(started_fresh))
 
 
 def load_model(chunks: list[torch.nn.Module], path: str | os.PathLike) -> None:
-    """Load weights saved at any layout into this rank's chunks (all ranks call this)."""
-    path = Path(path)
-    if not (path / "metadata.json").is_file():
-        raise FileNotFoundError(f"{path} is not a dist_checkpointing checkpoint (no metadata.json); check the path")
-    state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
-    for i, chunk in enumerate(chunks):
-        chunk = getattr(chunk, "module", chunk)
-        key = "model" if len(chunks) == 1 else f"model{i}"
-        chunk.load_state_dict(state[key], strict=True)
+    """Load a model checkpoint's weights, every one of them, into this rank's chunks (all ranks call this)."""
+    load_weights([getattr(c, "module", c) for c in chunks], path, str(path))
 
 
 def read_full_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -90,8 +153,6 @@ def read_full_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Runs in a single process without any process group, e.g. for conversion or inspection. Layer
     tensors are stacked on a leading axis (``decoder.layers.mlp.linear_fc1.weight``: [L, 2F, H]).
     """
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "full.pt"
         dcp_to_torch_save(str(path), str(out))
@@ -101,20 +162,8 @@ def read_full_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------- training checkpoints
 
-LATEST_FILE = "latest"
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshardable across TP/PP/DP
-
-
-def checkpoint_name(step: int) -> str:
-    return f"iter_{step:07d}"
-
 
 def _rng_state() -> dict:
-    import random
-
-    import numpy as np
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     state["tracker"] = get_cuda_rng_tracker().get_states()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -123,11 +172,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -136,78 +180,61 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
 def save_checkpoint(
-    save_dir: str | os.PathLike, step: int, model, optimizer, train_state: dict, keep_last: int, files: dict | None = None
+    save_dir: str | os.PathLike,
+    step: int,
+    units: list[ModelUnit],
+    train_state: dict,
+    keep_last: int,
+    files: dict | None = None,
+    before_commit: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save model, optimizer, the loop's state (step, consumed samples, ...) and every rank's RNG
-    state as ``SAVE_DIR/iter_NNNNNNN``, then point ``SAVE_DIR/latest`` at it (written last, atomically)
-    and delete all but the `keep_last` newest checkpoints. `files` ({name: text}) are written beside
-    the tensors by rank 0 (e.g. model_config.yaml for the converter). All ranks call this."""
+    """Save the units (with their optimizers), the loop's state (step, consumed samples, ...) and every rank's
+    RNG state as ``SAVE_DIR/iter_NNNNNNN``, then point ``SAVE_DIR/latest`` at it (written last, atomically)
+    and delete all but the `keep_last` newest checkpoints. `files` ({name: text}) are written beside the
+    tensors by rank 0 (e.g. model_config.yaml for the converter). All ranks call this."""
     save_dir = Path(save_dir)
-    state = model_sharded_state_dict(model)
-    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
-    state["train_state"] = dict(train_state, step=step)
+    state = units_state(units)
+    state[ckdir.TRAIN_STATE_KEY] = dict(train_state, step=step)
     rng = _rng_state()
 
     def write_extra(tmp: Path) -> None:
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(rng, tmp / "rng" / f"rank{_rank():05d}.pt")
+        rng_path = ckdir.rng_file(tmp, _rank())
+        rng_path.parent.mkdir(exist_ok=True)
+        torch.save(rng, rng_path)
         if _is_rank0():
             for name, text in (files or {}).items():
                 (tmp / name).write_text(text)
 
-    path = save_sharded(state, save_dir / checkpoint_name(step), write_extra=write_extra)
+    path = save_sharded(state, save_dir / ckdir.checkpoint_name(step), write_extra, before_commit)
     if _is_rank0():
-        pointer = save_dir / (LATEST_FILE + ".tmp")
-        pointer.write_text(path.name + "\n")
-        pointer.replace(save_dir / LATEST_FILE)
-        complete = sorted(p for p in save_dir.glob("iter_*") if p.is_dir() and "." not in p.name)
-        for old in complete[:-keep_last] if keep_last > 0 else []:
+        ckdir.set_latest(save_dir, path)
+        for old in ckdir.saved_checkpoints(save_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return path
 
 
-def latest_checkpoint(load_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint ``LOAD_DIR/latest`` points at, None when there is none yet."""
-    load_dir = Path(load_dir)
-    pointer = load_dir / LATEST_FILE
-    if not pointer.is_file():
-        return None
-    path = load_dir / pointer.read_text().strip()
-    if not (path / "metadata.json").is_file():
-        raise FileNotFoundError(
-            f"{pointer} points at {path}, which is not a complete checkpoint; point it at an existing iter_* "
-            "directory or delete it to start from scratch"
-        )
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike, model, optimizer, same_layout: bool) -> dict:
-    """Load a training checkpoint saved at any layout into `model` and `optimizer`; returns the
-    loop's saved state. RNG states are restored only when `same_layout` (one file per rank)."""
+def load_checkpoint(path: str | os.PathLike, units: list[ModelUnit], restore_rng: bool) -> dict:
+    """Load a training checkpoint saved at any layout into the units and their optimizers; returns the loop's
+    saved state. RNG states are restored only when `restore_rng` (one file per rank, same layout)."""
     path = Path(path)
-    state = model_sharded_state_dict(model)
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
-    loaded = dist_checkpointing.load(state, str(path))
-    for i, chunk in enumerate(model):
-        key = "model" if len(model) == 1 else f"model{i}"
-        getattr(chunk, "module", chunk).load_state_dict(loaded[key], strict=True)
-    optimizer.load_state_dict(loaded["optimizer"])
-    rng_file = path / "rng" / f"rank{_rank():05d}.pt"
-    if same_layout and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-    return dict(loaded["train_state"])
+    loaded = dist_checkpointing.load(units_state(units, loading=True), str(path))
+    for unit in units:
+        unit_loaded = loaded[unit.namespace] if unit.namespace else loaded
+        _load_into(unit.modules, unit_loaded)
+        if unit.optimizer is not None:
+            unit.optimizer.load_state_dict(unit_loaded[ckdir.OPTIMIZER_KEY])
+    rng_path = ckdir.rng_file(path, _rank())
+    if restore_rng and rng_path.is_file():
+        _set_rng_state(torch.load(rng_path, weights_only=False))
+    return dict(loaded[ckdir.TRAIN_STATE_KEY])
 
 
 def saved_train_state(path: str | os.PathLike) -> dict:
     """The loop state stored in a training checkpoint (step, consumed samples, layout, config), read
     without loading any tensor."""
     common = dist_checkpointing.load_common_state_dict(str(path))
-    if "train_state" not in common:
-        raise ValueError(f"{path} holds model weights only (no train_state); use training.init_from to start from it")
-    return dict(common["train_state"])
+    if ckdir.TRAIN_STATE_KEY not in common:
+        raise CheckpointError(f"{path} holds model weights only (no train_state); use training.init_from to start from it")
+    return dict(common[ckdir.TRAIN_STATE_KEY])

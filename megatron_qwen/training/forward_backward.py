@@ -1,4 +1,4 @@
-"""One forward+backward over a global batch with megatron-core's schedules, DDP and grad finalisation.
+"""One forward+backward over a global batch with megatron-core's schedules and grad finalisation.
 
 The loss is the per-token mean over every trained token of the global batch: each micro-batch
 returns (sum of token losses, token count), megatron-core sums gradients and `finalize_model_grads`
@@ -13,32 +13,8 @@ from typing import Iterator
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
-
-from megatron_qwen.config import Config
-
-
-def wrap_ddp(chunks: list[torch.nn.Module], cfg: Config) -> list[DistributedDataParallel]:
-    """Wrap model chunks in megatron-core's DDP (gradient buckets in fp32, reduced across DP)."""
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        check_for_nan_in_grad=False,
-    )
-    wrapped = []
-    for i, chunk in enumerate(chunks):
-        wrapped.append(
-            DistributedDataParallel(
-                config=chunk.config,
-                ddp_config=ddp_config,
-                module=chunk,
-                # Later chunks' buckets would only be overlapped with compute; keep one bucket each.
-                disable_bucketing=i > 0,
-            )
-        )
-    return wrapped
 
 
 def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -100,17 +76,16 @@ def forward_backward(
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
-    return reduce_reports(losses, report_keys)
+    return reduce_reports(losses, report_keys, next(model[0].parameters()).device)
 
 
-def reduce_reports(losses: list[dict], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def reduce_reports(losses: list[dict], keys: tuple[str, ...], device: torch.device) -> dict[str, torch.Tensor]:
     """Global means of the last stage's [sum, count] reports, summed over micro-batches and data-parallel
     replicas and broadcast to every pipeline stage (the others have no reports to give)."""
     totals = torch.zeros(len(keys), 2, dtype=torch.float64)
     for item in losses:
         for i, key in enumerate(keys):
             totals[i] += item[key].detach().to("cpu", torch.float64)
-    device = "cpu" if torch.distributed.get_backend() == "gloo" else torch.cuda.current_device()
     totals = totals.to(device)
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:

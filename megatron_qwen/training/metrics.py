@@ -49,8 +49,9 @@ class MetricsLogger:
                 config=config_dict,
             )
 
-    def log(self, step: int, metrics: dict, console: bool = True) -> None:
-        """Record `metrics` for optimizer step `step` everywhere this logger writes."""
+    def log(self, step: int, metrics: dict, console: bool = True, progress: str | None = None) -> None:
+        """Record `metrics` for optimizer step `step` everywhere this logger writes; the console line starts
+        with `progress` (e.g. ``step 190/200 | 0:01:02 elapsed, ETA 0:00:07``) when given."""
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time(), 3), **metrics}
@@ -58,7 +59,7 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
         if console:
-            print(format_metrics(step, metrics), flush=True)
+            print(format_metrics(step, metrics, progress), flush=True)
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -67,9 +68,9 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
-def format_metrics(step: int, metrics: dict) -> str:
-    """One console line: ``step 120 | loss 5.1234 | lr 3.00e-04 | ...``."""
-    parts = [f"step {step}"]
+def format_metrics(step: int, metrics: dict, progress: str | None = None) -> str:
+    """One console line: ``step 120 | loss 5.1234 | lr 3.00e-04 | ...`` (`progress` in place of ``step N``)."""
+    parts = [progress or f"step {step}"]
     for key, value in metrics.items():
         if value is None:
             continue
@@ -85,3 +86,29 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The records of ``RUN_DIR/metrics.jsonl`` in order."""
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class ProgressClock:
+    """Elapsed time and an ETA for the console: ``step 190/200 | 0:01:02 elapsed, ETA 0:00:07``.
+
+    The ETA extrapolates the mean time of the steps run by this process (a resumed job counts from its
+    first step here, so start-up and loading do not skew it after a few steps).
+    """
+
+    def __init__(self, first_step: int, last_step: int):
+        self.first, self.last = first_step, last_step
+        self.started = time.monotonic()
+
+    def progress(self, step: int) -> str:
+        elapsed = time.monotonic() - self.started
+        done = step - self.first
+        eta = elapsed / done * (self.last - step) if done > 0 else float("nan")
+        return f"step {step}/{self.last} | {_clock(elapsed)} elapsed, ETA {_clock(eta)}"
+
+
+def _clock(seconds: float) -> str:
+    """H:MM:SS, or ? when unknown."""
+    if seconds != seconds:  # NaN: nothing measured yet
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

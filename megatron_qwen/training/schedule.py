@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
 def lr_at(step: int, peak: float, minimum: float, warmup: int, decay_end: int, style: str = "cosine") -> float:
@@ -32,3 +33,28 @@ def set_lr(optimizer, lr: float, weight_decay: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
         group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """One model unit's learning-rate schedule (see `lr_at`)."""
+
+    peak: float
+    minimum: float
+    warmup: int
+    decay_end: int
+    style: str = "cosine"
+
+    @classmethod
+    def from_training(cls, t, peak: float | None = None) -> "LRSchedule":
+        """``training.*``'s schedule, at another peak when given (e.g. a second model's learning rate); the
+        minimum keeps its ratio to the peak."""
+        if peak is None:
+            peak, minimum = t.lr, t.min_lr
+        else:
+            minimum = t.min_lr * peak / t.lr if t.lr else t.min_lr
+        return cls(peak, minimum, t.lr_warmup_iters, t.lr_decay_iters or t.train_iters, t.lr_decay_style)
+
+    def at(self, step: int) -> float:
+        """The learning rate of optimizer update number `step` (0-based)."""
+        return lr_at(step, self.peak, self.minimum, self.warmup, self.decay_end, self.style)

@@ -22,13 +22,14 @@ def resave(src: str, dst: str, tp: int, pp: int) -> None:
     from megatron_qwen.config import load_config, resolve
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.launch import detect_launch, init_distributed
+    from megatron_qwen.platform.runtime import Runtime
     from megatron_qwen.training.checkpointing import load_model, save_model
 
     overrides = [f"parallel.tp={tp}", f"parallel.pp={pp}", "training.micro_batch_size=1", "training.global_batch_size=4"]
     cfg, layout, _ = resolve(load_config(Path(src) / "model_config.yaml", overrides), detect_launch().world_size)
     init_distributed(layout.tp, layout.pp, None, device="cpu")
     try:
-        chunks = build_model(cfg, on_cpu=True)
+        chunks = build_model(cfg, Runtime.cpu())
         load_model(chunks, src)
         save_model(chunks, dst)
     finally:

@@ -38,8 +38,10 @@ def run(name: str, workdir: Path, reference: bool) -> None:
     from megatron_qwen.config import load_config, resolve
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.launch import detect_launch, init_distributed
+    from megatron_qwen.platform.runtime import Runtime
     from megatron_qwen.training.checkpointing import load_model, save_model
-    from megatron_qwen.training.forward_backward import forward_backward, wrap_ddp
+    from megatron_qwen.training.forward_backward import forward_backward
+    from megatron_qwen.training.units import wrap_ddp
 
     layout_args = parse_layout(name)
     overrides = MODEL_OVERRIDES + [f"parallel.{k}={str(v).lower()}" for k, v in layout_args.items()]
@@ -50,7 +52,7 @@ def run(name: str, workdir: Path, reference: bool) -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     init_distributed(layout.tp, layout.pp, layout.vpp, device="cpu", seed=SEED)
-    chunks = build_model(cfg, on_cpu=True)
+    chunks = build_model(cfg, Runtime.cpu())
     if reference:
         save_model(chunks, workdir / "weights")
     else:

@@ -17,6 +17,7 @@ def main() -> None:
     from megatron_qwen.config import load_config
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.launch import init_distributed
+    from megatron_qwen.platform.runtime import resolve_runtime
     from megatron_qwen.training.checkpointing import load_model, save_model
 
     common = ["model.padded_vocab_size=1024", "training.precision=fp32", "parallel.device=cuda"]
@@ -26,7 +27,7 @@ def main() -> None:
     logits = {}
     for impl in ("local", "transformer_engine"):
         cfg = load_config("configs/tiny.yaml", [*common, f"model.transformer_impl={impl}"])
-        (model,) = build_model(cfg, on_cpu=False)
+        (model,) = build_model(cfg, resolve_runtime(cfg))
         if impl == "local":
             save_model([model], args.workdir / "weights")
         else:

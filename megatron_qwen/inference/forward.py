@@ -17,13 +17,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_qwen import checkpoint_dir as ckdir
 from megatron_qwen.config import TOKENIZER_VOCAB_SIZE, Config, ConfigError, ParallelLayout, load_config, resolve
 from megatron_qwen.convert import mcore_keys as K
 from megatron_qwen.convert.dcp_io import tensor_metadata
-from megatron_qwen.convert.to_mcore import MODEL_CONFIG_FILE
-from megatron_qwen.convert.layouts import ConversionError
-from megatron_qwen.convert.to_hf import read_source
+from megatron_qwen.convert.to_hf import exported_vocab
+from megatron_qwen.errors import ConversionError
+from megatron_qwen.model.qwen import build_model
+from megatron_qwen.platform.runtime import Runtime
+from megatron_qwen.training.checkpointing import load_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +47,8 @@ def prepare(
     precision: str = "auto", config_path: str | os.PathLike | None = None,
 ) -> ForwardPlan:
     """Check the checkpoint and the layout for `world_size` ranks; raise ConversionError naming the problem."""
-    ckpt = Path(ckpt)
-    if not (ckpt / "metadata.json").is_file():
-        raise ConversionError(f"--ckpt {ckpt} is not a megatron-core checkpoint (no metadata.json); check the path")
-    config_path = Path(config_path) if config_path is not None else ckpt / MODEL_CONFIG_FILE
-    if not config_path.is_file():
-        raise ConversionError(f"{config_path} does not exist; pass the model config with --config CONFIG.yaml")
+    ckpt = ckdir.require_checkpoint(ckpt, f"--ckpt {ckpt}")
+    model = ckdir.read_model_config(ckpt, config_path)
     stored = tensor_metadata(ckpt)
     if K.EMBED not in stored:
         raise ConversionError(f"--ckpt {ckpt} has no tensor {K.EMBED}; it is not a Qwen model checkpoint of this project")
@@ -60,7 +62,8 @@ def prepare(
         "training.micro_batch_size=1", f"training.global_batch_size={dp * pp}",
     ]
     try:
-        cfg, layout, _ = resolve(load_config(config_path, overrides), world_size)
+        cfg = load_config(None, overrides)
+        cfg, layout, _ = resolve(dataclasses.replace(cfg, model=model), world_size)
     except ConfigError as exc:
         raise ConversionError(f"layout --tp {tp} --pp {pp} --vpp {vpp} on {world_size} rank(s): {exc}") from exc
     if cfg.model.padded_vocab_size != stored_rows:
@@ -68,8 +71,7 @@ def prepare(
             f"--tp {tp} needs the vocabulary padded to a multiple of {tp} ({cfg.model.padded_vocab_size} rows) but the "
             f"checkpoint stores {stored_rows} rows; choose a --tp that divides {stored_rows}"
         )
-    source = read_source(ckpt)
-    vocab = source["vocab_size"] if source and source["vocab_size"] <= stored_rows else stored_rows
+    vocab = exported_vocab(ckpt, stored_rows)
     # Qwen's padded vocabularies (151936, 152064) hold rows past the tokenizer's last id: never generate those.
     return ForwardPlan(cfg, layout, vocab, min(vocab, TOKENIZER_VOCAB_SIZE))
 
@@ -99,26 +101,16 @@ def load_tokens(path: str | os.PathLike, vocab_size: int) -> np.ndarray:
     return tokens.astype(np.int64)
 
 
-def load_chunks(plan: ForwardPlan, ckpt: str | os.PathLike, on_cpu: bool) -> list[torch.nn.Module]:
+def load_chunks(plan: ForwardPlan, ckpt: str | os.PathLike, runtime: Runtime) -> list[torch.nn.Module]:
     """This rank's model chunks with the checkpoint's weights, in eval mode (NTK/LogN active)."""
-    from megatron_qwen.model.qwen import build_model
-    from megatron_qwen.training.checkpointing import load_model
-
-    chunks = build_model(plan.cfg, on_cpu=on_cpu)
+    chunks = build_model(plan.cfg, runtime)
     load_model(chunks, ckpt)
     for chunk in chunks:
         chunk.eval()
     return chunks
 
 
-def device_for(on_cpu: bool) -> torch.device:
-    """Where this rank's tensors live."""
-    return torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
-
-
 def _forward_step(data_iterator, model):
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
     tokens = next(data_iterator)
     positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     output = model(tokens, positions, None)
@@ -138,9 +130,6 @@ def forward_logits(chunks: list[torch.nn.Module], plan: ForwardPlan, tokens: tor
     attention: the padding cannot change earlier positions) and the padding is cut off again;
     interleaved pipelining needs a multiple of PP micro-batches, made up by repeating the last row.
     """
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     batch, seq = tokens.shape
     layout = plan.layout
     seq_padded = -(-seq // layout.tp) * layout.tp if layout.sp else seq
@@ -166,8 +155,6 @@ def forward_logits(chunks: list[torch.nn.Module], plan: ForwardPlan, tokens: tor
 
 def greedy_generate(chunks: list[torch.nn.Module], plan: ForwardPlan, tokens: torch.Tensor, steps: int) -> torch.Tensor:
     """`tokens` with `steps` greedy ids appended to every row, on every rank (full recompute per step)."""
-    from megatron.core import parallel_state
-
     for _ in range(steps):
         logits = forward_logits(chunks, plan, tokens)
         next_ids = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
@@ -186,8 +173,6 @@ def greedy_generate(chunks: list[torch.nn.Module], plan: ForwardPlan, tokens: to
 
 def is_writer() -> bool:
     """The rank that writes results: TP rank 0 of the last pipeline stage of data-parallel replica 0."""
-    from megatron.core import parallel_state
-
     return (
         parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         and parallel_state.get_tensor_model_parallel_rank() == 0

@@ -1,0 +1,1 @@
+"""Running checkpoints: full-vocabulary logits at any layout (`forward`) and generation."""

@@ -1,0 +1,170 @@
+"""Model units: a model's chunks plus, when it is trained, its DDP wrapper, optimizer and LR schedule.
+
+A stage composes units: pretraining, SFT and the reward model train one; PPO trains a policy and a value
+model and holds a frozen reference and reward model. Every unit is built, stepped, checkpointed and
+logged the same way. A unit's `namespace` is its place in checkpoints: ``""`` is the root (where tools
+such as the converter and the forward tool read a model), any other name nests the unit's state under
+that name with its tensors' keys prefixed (see `megatron_qwen.checkpoint_dir`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import optimizer as mcore_optimizer
+
+from megatron_qwen.config import Config
+from megatron_qwen.model.qwen import Head, build_model
+from megatron_qwen.platform.runtime import Runtime
+from megatron_qwen.training.schedule import LRSchedule, set_lr
+
+
+def wrap_ddp(chunks: list[torch.nn.Module], cfg: Config) -> list[DistributedDataParallel]:
+    """Wrap model chunks in megatron-core's DDP (gradient buckets in fp32, reduced across DP)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    return [
+        DistributedDataParallel(
+            config=chunk.config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # Later chunks' buckets would only be overlapped with compute; keep one bucket each.
+            disable_bucketing=i > 0,
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def build_optimizer(cfg: Config, chunks: list[torch.nn.Module], bf16: bool, lr: float | None = None):
+    """megatron-core's Adam (AdamW: decoupled weight decay) over the model chunks; norms and biases
+    get no weight decay (megatron-core's default parameter groups). The LR is set every step."""
+    t = cfg.training
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr if lr is None else lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, chunks)
+
+
+def guarded_step(optimizer, clip_grad: float) -> tuple[float | None, bool]:
+    """megatron-core's optimizer step, except that a non-finite gradient norm skips the update
+    instead of writing NaNs into the weights. Returns (grad norm, updated)."""
+    if optimizer.prepare_grads():
+        return None, False
+    grad_norm = optimizer.get_grad_norm()
+    if not math.isfinite(grad_norm):
+        return grad_norm, False
+    if clip_grad > 0:
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            params = opt.get_parameters()
+            if params:
+                mcore_optimizer.clip_grad_by_total_norm_fp32(params, clip_grad, grad_norm)
+    return grad_norm, optimizer.step_with_ready_grads()
+
+
+@dataclass
+class ModelUnit:
+    """One model of a stage: its chunks (DDP-wrapped when trained) and, when trained, optimizer and schedule."""
+
+    name: str
+    chunks: list[torch.nn.Module]
+    runtime: Runtime
+    namespace: str = ""
+    optimizer: object | None = None
+    schedule: LRSchedule | None = None
+    weight_decay: float = 0.0
+    clip_grad: float = 0.0
+
+    @property
+    def trained(self) -> bool:
+        return self.optimizer is not None
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """The model chunks themselves (without their DDP wrappers)."""
+        return [getattr(chunk, "module", chunk) for chunk in self.chunks]
+
+    def train(self) -> None:
+        for chunk in self.chunks:
+            chunk.train()
+
+    def eval(self) -> None:
+        for chunk in self.chunks:
+            chunk.eval()
+
+    def zero_grad(self) -> None:
+        """Clear the DDP gradient buffers and the optimizer's gradients before a step."""
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def set_lr(self, step: int) -> float:
+        """Apply the schedule's learning rate for optimizer update `step` (0-based); returns it."""
+        lr = self.schedule.at(step)
+        set_lr(self.optimizer, lr, self.weight_decay)
+        return lr
+
+    def step(self) -> tuple[float | None, bool]:
+        """The optimizer step on the reduced gradients (skipped when they are not finite): (grad norm, updated)."""
+        return guarded_step(self.optimizer, self.clip_grad)
+
+    def offload(self) -> None:
+        """Move a frozen unit's weights to CPU memory between uses (a no-op on CPU ranks)."""
+        if self.trained:
+            raise ValueError(f"model unit {self.name!r} is trained: its optimizer holds views of its weights; only frozen units move")
+        if not self.runtime.on_cpu:
+            for chunk in self.chunks:
+                chunk.to("cpu")
+
+    def onload(self) -> None:
+        """Bring an offloaded frozen unit back to its device."""
+        if not self.runtime.on_cpu:
+            for chunk in self.chunks:
+                chunk.to(self.runtime.device)
+
+
+def build_unit(
+    cfg: Config,
+    runtime: Runtime,
+    name: str,
+    *,
+    head: Head = "lm",
+    rope_at_positions: bool = False,
+    trained: bool = True,
+    lr: float | None = None,
+    namespace: str = "",
+) -> ModelUnit:
+    """A model unit for this rank. Trained: wrapped in DDP with an optimizer and ``training.*``'s LR schedule
+    (peaking at `lr` when given). Frozen: in eval mode, without gradients, DDP or optimizer."""
+    chunks = build_model(cfg, runtime, head, rope_at_positions)
+    if not trained:
+        for chunk in chunks:
+            chunk.requires_grad_(False)
+            chunk.eval()
+        return ModelUnit(name, chunks, runtime, namespace)
+    chunks = wrap_ddp(chunks, cfg)
+    t = cfg.training
+    return ModelUnit(
+        name, chunks, runtime, namespace,
+        optimizer=build_optimizer(cfg, chunks, runtime.params_dtype == torch.bfloat16, lr),
+        schedule=LRSchedule.from_training(t, lr),
+        weight_decay=t.weight_decay,
+        clip_grad=t.clip_grad,
+    )
