@@ -49,14 +49,18 @@ def _rotate_half(x):
 
 def qwen_v1_forward(
     w: dict, tokens: torch.Tensor, *, num_layers: int, heads: int, head_dim: int, eps: float,
-    base: float, seq_length: int, use_dynamic_ntk: bool, use_logn_attn: bool,
+    base: float, seq_length: int, use_dynamic_ntk: bool, use_logn_attn: bool, ntk_alpha: int | None = None,
 ) -> torch.Tensor:
-    """Logits [b, s, vocab] of Qwen v1 at inference on Qwen2-named weights `w`, in fp32."""
+    """Logits [b, s, vocab] of Qwen v1 at inference on Qwen2-named weights `w`, in fp32.
+
+    `ntk_alpha` pins the dynamic-NTK alpha (v1's generate computes it from the prompt at prefill and keeps
+    it, ``_ntk_alpha_cached_list``); by default it follows the sequence's length.
+    """
     b, s = tokens.shape
     x = w["model.embed_tokens.weight"][tokens]
     alpha = 1
     if use_dynamic_ntk:
-        alpha = max(2 ** math.ceil(math.log(s / seq_length, 2) + 1) - 1, 1)
+        alpha = max(2 ** math.ceil(math.log(s / seq_length, 2) + 1) - 1, 1) if ntk_alpha is None else ntk_alpha
     rbase = base * alpha ** (head_dim / (head_dim - 2))
     inv_freq = 1.0 / (rbase ** (torch.arange(0, head_dim, 2).float() / head_dim))
     freqs = torch.outer(torch.arange(s).float(), inv_freq)

@@ -38,7 +38,7 @@ def test_legacy_checkpoint_resumes_as_the_code_that_wrote_it(tmp_path):
     out = run_torchrun(1, [
         "-m", "megatron_qwen.stages.pretrain", "configs/tiny.yaml", *OVERRIDES,
         f"data.paths=[{FIXTURE / 'data_text_document'}]", "training.train_iters=4",
-        f"logging.run_dir={tmp_path}", f"training.save={ckpts}",
+        f"logging.run_dir={tmp_path}", f"training.save={ckpts}", f"data.cache_dir={tmp_path / 'cache'}",
     ])
     assert "resumed from" in out.stdout and "at step 2" in out.stdout, out.stdout
     expected = json.loads((FIXTURE / "expected.json").read_text())["resumed_steps"]

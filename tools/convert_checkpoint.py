@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="reward export: pad id (rewards are read at the last non-pad token; default <|endoftext|>)")
 
     args = parser.parse_args(argv)
+    # Each direction is imported when it runs: --help and argument errors answer without loading megatron-core.
     try:
         if args.command == "hf-to-mcore":
             from megatron_qwen.convert.to_mcore import hf_to_mcore

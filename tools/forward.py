@@ -6,8 +6,9 @@
 Loads CKPT (saved or converted at any layout) at the layout given here; ranks beyond TP x PP are
 data-parallel replicas that repeat the work. Writes fp32 logits [batch, seq, vocab] of the (batch,
 seq) integer array in TOKENS.npy, gathered across TP, from the last pipeline stage. With --generate
-K, K greedy tokens are appended to each row, printed (decoded when the vocabulary is Qwen's) and
-saved to --generated-out (default: LOGITS.generated.npy). Exit status 2: the request was refused.
+K, K greedy tokens (from the KV-cache engine of tools/generate.py) are appended to each row, printed
+(decoded when the vocabulary is Qwen's) and saved to --generated-out (default: LOGITS.generated.npy).
+Exit status 2: the request was refused.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from megatron.core import parallel_state
 from megatron_qwen.config import TOKENIZER_VOCAB_SIZE
 from megatron_qwen.errors import UserError
 from megatron_qwen.inference import forward as inference
-from megatron_qwen.platform.launch import detect_launch, init_distributed
+from megatron_qwen.inference.engine import GenerationEngine
+from megatron_qwen.inference.sampling import SamplingParams
+from megatron_qwen.platform.launch import detect_launch, init_distributed, refuse
 from megatron_qwen.platform.runtime import resolve_runtime
+from megatron_qwen.tokenizer import load_tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,8 +55,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _print_generation(rows: np.ndarray, prompt_len: int, vocab_size: int) -> None:
     tokenizer = None
     if vocab_size >= TOKENIZER_VOCAB_SIZE:
-        from megatron_qwen.tokenizer import load_tokenizer
-
         try:
             tokenizer = load_tokenizer()
         except FileNotFoundError as exc:
@@ -80,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens = inference.load_tokens(args.tokens, plan.vocab_size)
         runtime = resolve_runtime(plan.cfg, launch.local_rank)
     except UserError as exc:
-        if launch.rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return refuse(launch, str(exc))
 
     cfg = plan.cfg
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, device=cfg.parallel.device,
@@ -96,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}: logits {list(logits.shape)} (tp {args.tp}, pp {args.pp}, vpp {args.vpp}, "
                   f"sp {args.sequence_parallel}, dp {plan.layout.dp})")
         if args.generate:
-            rows = inference.greedy_generate(chunks, plan, batch, args.generate).cpu().numpy()
+            # Greedy, exactly --generate tokens per row (no stop token), with the KV-cache engine.
+            result = GenerationEngine(chunks, plan.generate_vocab).generate(
+                tokens.tolist(), SamplingParams(max_new_tokens=args.generate, temperature=0.0)
+            )
+            rows = np.concatenate([tokens, np.asarray(result.tokens, dtype=np.int64)], axis=1)
             if inference.is_writer():
                 inference.save_npy(args.generated_out, rows)
                 _print_generation(rows, tokens.shape[1], plan.vocab_size)

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint import load as dcp_load
@@ -115,9 +117,6 @@ def serialize_object(value) -> bytes:
 
 def write_checkpoint(path: str | os.PathLike, chunks: list[Chunk], objects: dict[str, bytes]) -> None:
     """Write a megatron-core dist_checkpointing checkpoint into the (new, empty) directory `path`."""
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
-
     path = Path(path)
     with _single_process():
         dcp_save(

@@ -182,3 +182,37 @@ def render_preference(tokenizer, record: dict, max_length: int | None = None) ->
     if out[0] == out[1]:
         raise ChatFormatError("chosen and rejected are the same conversation; a pair must differ")
     return out[0], out[1]
+
+
+def prompt_of(record: dict) -> tuple[str | None, list[dict]]:
+    """(system prompt or None, the conversation so far) of a prompt record: ``{"prompt": "..."}`` (one user
+    turn) or ``{"messages": [...]}`` ending with a user turn, with an optional ``system``."""
+    keys = [key for key in ("prompt", "messages") if key in record]
+    if len(keys) != 1:
+        present = ", ".join(repr(k) for k in list(record)[:8]) or "none"
+        raise ChatFormatError(f"a prompt needs exactly one of 'prompt' (a string) or 'messages' (role/content turns); keys present: {present}")
+    value = record[keys[0]]
+    if keys[0] == "prompt":
+        if not isinstance(value, str):
+            raise ChatFormatError(f"'prompt' must be a string, found {_type_name(value)}")
+        turns = [{"role": "user", "content": value}]
+    else:
+        turns = _turns(value, "messages", "role", "content")
+    system, turns = _system_of(record, turns)
+    if not turns:
+        raise ChatFormatError("the prompt has no user turn")
+    if turns[-1]["role"] != "user":
+        raise ChatFormatError("the prompt ends with an assistant turn; a prompt ends with the user turn the model answers")
+    # The conversation so far alternates user, assistant, ..., user.
+    _check_alternation(turns + [{"role": "assistant", "content": ""}], "the prompt")
+    return system, turns
+
+
+def render_prompt(tokenizer, record: dict, max_length: int | None = None) -> list[int]:
+    """ChatML ids of a prompt record up to and including ``<|im_start|>assistant\\n``: what a chat model
+    continues. A prompt longer than `max_length` tokens raises ChatFormatError."""
+    system, turns = prompt_of(record)
+    ids, _ = tokenizer.render_chat(turns, system=system, add_generation_prompt=True)
+    if max_length is not None and len(ids) > max_length:
+        raise ChatFormatError(f"the prompt is {len(ids)} tokens, over --max-length {max_length}; shorten it or raise --max-length")
+    return ids

@@ -1,4 +1,5 @@
-"""Full-vocabulary logits and greedy continuations of a checkpoint at any TP/PP/VPP/SP layout (tools/forward.py).
+"""Loading a checkpoint for inference at any TP/PP/VPP/SP layout, and its full-vocabulary logits (tools/forward.py,
+tools/generate.py).
 
 Everything that can be refused is checked before any process group exists (`prepare`), identically
 on every rank, so a bad request ends all ranks with the same message instead of a hang.
@@ -28,6 +29,7 @@ from megatron_qwen.convert.dcp_io import tensor_metadata
 from megatron_qwen.convert.to_hf import exported_vocab
 from megatron_qwen.errors import ConversionError
 from megatron_qwen.model.qwen import build_model
+from megatron_qwen.model.rotary import ntk_alpha, pinned_ntk_alphas
 from megatron_qwen.platform.runtime import Runtime
 from megatron_qwen.training.checkpointing import load_model
 
@@ -52,6 +54,9 @@ def prepare(
     stored = tensor_metadata(ckpt)
     if K.EMBED not in stored:
         raise ConversionError(f"--ckpt {ckpt} has no tensor {K.EMBED}; it is not a Qwen model checkpoint of this project")
+    if K.OUTPUT not in stored:
+        kind = "a reward or value model (scalar head)" if K.SCALAR_HEAD in stored else "not a language model"
+        raise ConversionError(f"--ckpt {ckpt} has no {K.OUTPUT}: it is {kind}; logits and generation need a language-model checkpoint")
     stored_rows = stored[K.EMBED].shape[0]
     mp = tp * pp
     dp = world_size // mp if mp > 0 and world_size % mp == 0 else 1
@@ -102,8 +107,9 @@ def load_tokens(path: str | os.PathLike, vocab_size: int) -> np.ndarray:
 
 
 def load_chunks(plan: ForwardPlan, ckpt: str | os.PathLike, runtime: Runtime) -> list[torch.nn.Module]:
-    """This rank's model chunks with the checkpoint's weights, in eval mode (NTK/LogN active)."""
-    chunks = build_model(plan.cfg, runtime)
+    """This rank's model chunks with the checkpoint's weights, in eval mode (NTK/LogN active), rotating each
+    token at its position id (what the generation engine needs; the same logits as by row index)."""
+    chunks = build_model(plan.cfg, runtime, rope_at_positions=True)
     load_model(chunks, ckpt)
     for chunk in chunks:
         chunk.eval()
@@ -127,17 +133,19 @@ def forward_logits(chunks: list[torch.nn.Module], plan: ForwardPlan, tokens: tor
 
     Each row is one micro-batch of megatron-core's schedule for this layout. Sequence parallelism
     splits the sequence over TP ranks, so rows are right-padded to a multiple of TP (causal
-    attention: the padding cannot change earlier positions) and the padding is cut off again;
-    interleaved pipelining needs a multiple of PP micro-batches, made up by repeating the last row.
+    attention: the padding cannot change earlier positions) and the padding is cut off again; the
+    dynamic-NTK alpha is pinned to the unpadded length, so padding cannot change it. Interleaved
+    pipelining needs a multiple of PP micro-batches, made up by repeating the last row.
     """
     batch, seq = tokens.shape
-    layout = plan.layout
+    layout, m = plan.layout, plan.cfg.model
     seq_padded = -(-seq // layout.tp) * layout.tp if layout.sp else seq
     rows = [torch.nn.functional.pad(row[None], (0, seq_padded - seq)) for row in tokens]
     if layout.vpp > 1:
         rows += rows[-1:] * (-len(rows) % layout.pp)
     iterators = [iter(rows) for _ in chunks] if len(chunks) > 1 else iter(rows)
-    with torch.no_grad():
+    alphas = (ntk_alpha(seq, m.seq_length),) if m.use_dynamic_ntk else None
+    with torch.no_grad(), pinned_ntk_alphas(chunks, alphas):
         outputs = get_forward_backward_func()(
             forward_step_func=_forward_step,
             data_iterator=iterators,
@@ -153,8 +161,9 @@ def forward_logits(chunks: list[torch.nn.Module], plan: ForwardPlan, tokens: tor
     return torch.cat(outputs[:batch])[:, :seq, : plan.vocab_size]
 
 
-def greedy_generate(chunks: list[torch.nn.Module], plan: ForwardPlan, tokens: torch.Tensor, steps: int) -> torch.Tensor:
-    """`tokens` with `steps` greedy ids appended to every row, on every rank (full recompute per step)."""
+def recompute_greedy(chunks: list[torch.nn.Module], plan: ForwardPlan, tokens: torch.Tensor, steps: int) -> torch.Tensor:
+    """`tokens` with `steps` greedy ids appended to every row, on every rank, recomputing the whole sequence at
+    every step: the reference the KV-cache engine (`inference.engine`) is tested and benchmarked against."""
     for _ in range(steps):
         logits = forward_logits(chunks, plan, tokens)
         next_ids = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)

@@ -94,6 +94,7 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         persist_layer_norm=False,
         gradient_accumulation_fusion=runtime.use_te,
         fp8=m.fp8 if runtime.use_te else None,
+        cuda_graph_scope=[],  # the whole layer; megatron-core's default ("full") is deprecated and warns
         qwen_seq_length=m.seq_length,
         use_logn_attn=m.use_logn_attn,
         **recompute,
@@ -176,13 +177,15 @@ class QwenModel(GPTModel):
             self.reward_head = ScalarHead(config, cfg.training.seed)  # stored as SCALAR_HEAD_KEY
 
     def _preprocess(self, input_ids, position_ids, **kwargs):
-        out = super()._preprocess(input_ids=input_ids, position_ids=position_ids, **kwargs)
-        rotary = out[1]
-        if not self.rope_at_positions or position_ids is None or rotary is None:
-            return out
-        # Angles [S, 1, 1, d] of positions 0..S-1 -> [s, b, 1, d], each token's own position.
-        per_token = rotary[:, 0, 0][position_ids.t()].unsqueeze(2)
-        return (out[0], per_token, *out[2:])
+        if not self.rope_at_positions or position_ids is None:
+            return super()._preprocess(input_ids=input_ids, position_ids=position_ids, **kwargs)
+        # GPTModel would build the angle table of rows 0..S-1; here each token is rotated at its own position.
+        self.position_embedding_type = "none"
+        try:
+            out = super()._preprocess(input_ids=input_ids, position_ids=position_ids, **kwargs)
+        finally:
+            self.position_embedding_type = "rope"
+        return (out[0], self.rotary_pos_emb.angles(position_ids), *out[2:])
 
     def _postprocess(self, hidden_states, **kwargs):
         if self.head == "lm" or not self.post_process:

@@ -25,6 +25,7 @@ from megatron_qwen.model.norm import QwenRMSNorm
 def qwen_layer_spec(use_transformer_engine: bool = False) -> ModuleSpec:
     """One Qwen decoder layer."""
     if use_transformer_engine:
+        # Imported only for the TE spec: the module needs Transformer Engine, which is optional.
         from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear, TERowParallelLinear
 
         qkv, proj, fc1, fc2 = TELayerNormColumnParallelLinear, TERowParallelLinear, TELayerNormColumnParallelLinear, TERowParallelLinear
@@ -65,7 +66,7 @@ def qwen_layer_spec(use_transformer_engine: bool = False) -> ModuleSpec:
 def qwen_block_spec(num_layers: int, use_transformer_engine: bool = False) -> TransformerBlockSubmodules:
     """`num_layers` Qwen layers (this pipeline stage's share) and the final RMSNorm."""
     if use_transformer_engine:
-        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.extensions.transformer_engine import TENorm  # optional, as above
 
         final_norm = TENorm
     else:

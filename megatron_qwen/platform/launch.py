@@ -10,11 +10,16 @@ import datetime
 import os
 import re
 import socket
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_qwen.errors import ConfigError
+from megatron_qwen.platform.cpu import apply_cpu_harness
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -147,14 +152,9 @@ def init_distributed(
     `megatron_qwen.platform.cpu` is applied first). `timeout_minutes` bounds every collective so a
     dead rank ends the job with an error instead of a silent hang. Idempotent within a process.
     """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
     info = detect_launch()
     cpu = use_cpu_ranks(device)
     if cpu:
-        from megatron_qwen.platform.cpu import apply_cpu_harness
-
         apply_cpu_harness()
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", info.master_addr)
@@ -194,9 +194,18 @@ def _format_host(host: str) -> str:
 
 def destroy_distributed() -> None:
     """Tear down megatron-core's groups and the process group (end of a run or a test)."""
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def refuse(launch: LaunchInfo, message: str) -> int:
+    """Report a request refused before any process group exists: rank 0 prints the one message; returns the
+    exit status (2). The other ranks wait a moment first, because a launcher such as torchrun stops every rank
+    as soon as one exits, which could cut rank 0 off before it has printed."""
+    if launch.rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(2.0)
+    return 2

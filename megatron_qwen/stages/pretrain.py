@@ -5,14 +5,13 @@
 
 from __future__ import annotations
 
+from megatron_qwen.data.gpt import build_gpt_datasets
 from megatron_qwen.training.forward_backward import lm_forward_step
 from megatron_qwen.training.loop import Task, run_stage
 
 
 def build_datasets(cfg, tokenizer):
     """Train and valid splits of ``data.paths`` as megatron-core GPTDatasets."""
-    from megatron_qwen.data.gpt import build_gpt_datasets
-
     train, valid, _ = build_gpt_datasets(cfg, tokenizer.eod_id, tokenizer.n_vocab)
     return train, valid
 

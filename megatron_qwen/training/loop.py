@@ -9,7 +9,9 @@ metrics logger. A stage with several models (PPO) composes the same parts in a l
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -275,16 +277,12 @@ def evaluate(cfg: Config, unit: ModelUnit, valid_ds, task: Task, ctx: RunContext
 
 def _memory_gb(on_cpu: bool) -> float:
     if on_cpu:
-        import resource  # Unix-only: imported where it is used
-
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return torch.cuda.max_memory_allocated() / 2**30
 
 
 def run_stage(task: Task, argv: list[str] | None = None, train_fn: Callable[[Config, Task], int] = train) -> None:
     """Command-line entry of a stage: ``python -m megatron_qwen.stages.NAME CONFIG.yaml [key=value ...]``."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog=f"python -m megatron_qwen.stages.{task.name}")
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 training.train_iters=100")

@@ -34,7 +34,7 @@ class MetricsLogger:
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         mode = wandb_mode(wandb_cfg.mode)
         if wandb_cfg.project and mode != "disabled":
-            import wandb
+            import wandb  # imported only when W&B is on: it costs seconds per process
 
             # The run id is kept in the checkpoint so a restarted job continues the same W&B run.
             self.run_id = run_id or secrets.token_hex(4)

@@ -1,0 +1,274 @@
+"""Generate from a checkpoint at any layout with the KV-cache engine: prompts in, continuations out.
+
+    torchrun --nproc-per-node N tools/generate.py --ckpt CKPT \\
+        (--prompt TEXT | --prompts FILE.jsonl | --prompt-tokens FILE.npy | --interactive) \\
+        [--chat [--system TEXT]] [--max-new-tokens 128] [--temperature 1.0] [--top-p 1.0] [--top-k 0] \\
+        [--seed 0] [--tp T --pp P --vpp V] [--precision auto|fp32|bf16] [--batch-size 8] [--out OUT.jsonl]
+
+Prompts: --prompt is one text; --prompts a JSONL file of {"prompt": "..."} lines (with --chat also
+{"messages": [...]} lines ending with a user turn, and an optional "system"); --prompt-tokens a
+(batch, len) integer array of token ids padded with -1 on the right. With --chat, text prompts are
+rendered with ChatML up to "<|im_start|>assistant\\n" (--system replaces the default system prompt).
+Generation stops at <|im_end|>, <|im_start|> or <|endoftext|>, or after --max-new-tokens.
+
+--out writes one JSON line per prompt: prompt_tokens, tokens (the continuation), logprobs (of each new
+token under the model), text (decoded when the vocabulary is Qwen's, else null) and finished (stopped at
+a stop token). With one prompt and no --out the continuation streams to stdout. --interactive is a ChatML
+chat in the terminal that keeps the conversation (/reset starts over, /exit or end of input leaves).
+Runs under torchrun, srun and mpirun like every tool; exit status 2: the request was refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from megatron.core import parallel_state
+
+from megatron_qwen.config import TOKENIZER_VOCAB_SIZE
+from megatron_qwen.data.chat import ChatFormatError, render_prompt
+from megatron_qwen.errors import UserError
+from megatron_qwen.inference import forward as inference
+from megatron_qwen.inference.engine import GenerationEngine
+from megatron_qwen.inference.sampling import SamplingParams
+from megatron_qwen.platform.launch import detect_launch, init_distributed, refuse
+from megatron_qwen.platform.runtime import resolve_runtime
+from megatron_qwen.tokenizer import load_tokenizer
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tools/generate.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, type=Path, help="megatron-core checkpoint directory (any layout)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt text")
+    source.add_argument("--prompts", type=Path, help='JSONL file of {"prompt": ...} (or, with --chat, {"messages": [...]}) lines')
+    source.add_argument("--prompt-tokens", type=Path, help=".npy (batch, len) token ids, padded with -1 on the right")
+    source.add_argument("--interactive", action="store_true", help="a ChatML chat in the terminal")
+    parser.add_argument("--chat", action="store_true", help="render text prompts with ChatML up to the assistant turn")
+    parser.add_argument("--system", default=None, help="system prompt for --chat (default: 'You are a helpful assistant.')")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely ids (default 0: off)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    parser.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank (default 1)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    parser.add_argument("--out", type=Path, default=None, help="write one JSON line per prompt here")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size} must be >= 1")
+    if args.system is not None and not (args.chat or args.interactive):
+        parser.error("--system applies to ChatML prompts: add --chat")
+    if args.interactive and args.out is not None:
+        parser.error("--interactive prints the conversation; drop --out")
+    return args
+
+
+def read_prompts(args: argparse.Namespace, tokenizer, vocab_limit: int) -> list[list[int]]:
+    """The prompts as token ids; UserError names the line or row and the problem."""
+    if args.prompt_tokens is not None:
+        return _prompt_token_rows(args.prompt_tokens, vocab_limit)
+    if vocab_limit < TOKENIZER_VOCAB_SIZE:
+        raise UserError(
+            f"this model's vocabulary has {vocab_limit} ids, fewer than the Qwen tokenizer's {TOKENIZER_VOCAB_SIZE}: "
+            "text prompts cannot be encoded for it; give token ids with --prompt-tokens"
+        )
+    if args.prompt is not None:
+        record = {"prompt": args.prompt}
+        return [_encode(record, args, tokenizer, "--prompt")]
+    path = args.prompts
+    if not path.is_file():
+        raise UserError(f"--prompts {path} does not exist")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object with 'prompt' or 'messages'")
+        prompts.append(_encode(record, args, tokenizer, f"{path}:{number}"))
+    if not prompts:
+        raise UserError(f"--prompts {path} holds no prompt")
+    return prompts
+
+
+def _encode(record: dict, args: argparse.Namespace, tokenizer, where: str) -> list[int]:
+    if args.chat:
+        if args.system is not None and "system" not in record:
+            record = dict(record, system=args.system)
+        try:
+            return render_prompt(tokenizer, record)
+        except ChatFormatError as exc:
+            raise UserError(f"{where}: {exc}") from None
+    if "messages" in record:
+        raise UserError(f"{where}: 'messages' are rendered with ChatML: add --chat")
+    if not isinstance(record.get("prompt"), str):
+        raise UserError(f"{where}: expected a string 'prompt'")
+    if not record["prompt"]:
+        raise UserError(f"{where}: the prompt is empty")
+    return tokenizer.encode(record["prompt"])
+
+
+def _prompt_token_rows(path: Path, vocab_limit: int) -> list[list[int]]:
+    if not path.is_file():
+        raise UserError(f"--prompt-tokens {path} does not exist")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"--prompt-tokens {path} is not a .npy array ({exc})") from None
+    if not np.issubdtype(array.dtype, np.integer):
+        raise UserError(f"--prompt-tokens {path} has dtype {array.dtype}; token ids must be integers")
+    array = array[None] if array.ndim == 1 else array
+    if array.ndim != 2:
+        raise UserError(f"--prompt-tokens {path} has shape {list(array.shape)}; expected (batch, len)")
+    rows = []
+    for i, row in enumerate(array.tolist()):
+        length = row.index(-1) if -1 in row else len(row)
+        if any(t != -1 for t in row[length:]):
+            raise UserError(f"--prompt-tokens {path}: row {i} has ids after its -1 padding; pad with -1 on the right only")
+        rows.append(row[:length])
+    return rows
+
+
+def stop_ids(tokenizer, vocab_limit: int) -> tuple[int, ...]:
+    """ChatML's and the document end's ids, where the model's vocabulary has them."""
+    ids = (tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id)
+    return tuple(i for i in ids if i < vocab_limit)
+
+
+class Writer:
+    """Rank 0 of the last stage: decodes, streams and writes the results."""
+
+    def __init__(self, tokenizer, decodable: bool, stream: bool):
+        self.tokenizer, self.decodable, self.stream = tokenizer, decodable, stream
+        self.streamed: list[int] = []
+        self.printed = ""
+
+    def decode(self, ids: list[int], stop: tuple[int, ...]) -> str | None:
+        if not self.decodable:
+            return None
+        return self.tokenizer.decode([t for t in ids if t not in stop])
+
+    def on_token(self, row: int, token: int, stop: tuple[int, ...]) -> None:
+        """Print the new text of the one streamed prompt (held back while a character is incomplete)."""
+        if token in stop:
+            return
+        self.streamed.append(token)
+        text = self.tokenizer.decode(self.streamed)
+        if not text.endswith("\ufffd"):
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
+
+
+def chat_loop(engine: GenerationEngine, params: SamplingParams, tokenizer, system: str | None, writer: bool) -> None:
+    """Read user turns on rank 0, generate on every rank, print the replies; the history is kept."""
+    history: list[dict] = []
+    if writer:
+        print("chat: type a message; /reset starts over, /exit (or end of input) leaves", flush=True)
+    while True:
+        line = [None]
+        if torch.distributed.get_rank() == 0:
+            try:
+                line[0] = input("user> ")
+            except EOFError:
+                line[0] = "/exit"
+        torch.distributed.broadcast_object_list(line, src=0)
+        text = line[0].strip()
+        if text == "/exit":
+            break
+        if text == "/reset" or not text:
+            history = [] if text == "/reset" else history
+            continue
+        history.append({"role": "user", "content": text})
+        prompt = render_prompt(tokenizer, {"messages": history, **({"system": system} if system else {})})
+        try:
+            engine.check([prompt], params)
+        except UserError as exc:
+            if writer:
+                print(f"error: {exc}; /reset to start a new conversation", flush=True)
+            history.pop()
+            continue
+        streamer = Writer(tokenizer, True, True)
+        if writer:
+            print("assistant> ", end="", flush=True)
+        result = engine.generate([prompt], params, on_token=(lambda r, t: streamer.on_token(r, t, params.stop_ids)) if writer else None)
+        if writer:
+            print(flush=True)
+        history.append({"role": "assistant", "content": tokenizer.decode([t for t in result.tokens[0] if t not in params.stop_ids])})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one generation request on this process's rank; returns the exit status."""
+    args = parse_args(argv)
+    launch = detect_launch()
+    try:
+        plan = inference.prepare(args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp,
+                                 precision=args.precision, config_path=args.config)
+        tokenizer = load_tokenizer()
+        vocab_limit = plan.generate_vocab
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, stop_ids=stop_ids(tokenizer, vocab_limit))
+        params.check()
+        prompts = [] if args.interactive else read_prompts(args, tokenizer, vocab_limit)
+        if args.interactive and vocab_limit < TOKENIZER_VOCAB_SIZE:
+            raise UserError(f"--interactive needs Qwen's vocabulary; this model has {vocab_limit} ids")
+        if not args.interactive:
+            GenerationEngine.check_request(prompts, params, vocab_limit, plan.cfg.model.max_position_embeddings)
+        runtime = resolve_runtime(plan.cfg, launch.local_rank)
+    except UserError as exc:
+        return refuse(launch, str(exc))
+
+    cfg = plan.cfg
+    init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, device=cfg.parallel.device,
+                     timeout_minutes=cfg.parallel.timeout_minutes, seed=cfg.training.seed)
+    try:
+        engine = GenerationEngine(inference.load_chunks(plan, args.ckpt, runtime), vocab_limit)
+        is_writer = inference.is_writer()
+        if args.interactive:
+            chat_loop(engine, params, tokenizer, args.system, is_writer)
+            return 0
+        writer = Writer(tokenizer, vocab_limit >= TOKENIZER_VOCAB_SIZE, stream=len(prompts) == 1 and args.out is None)
+        stream = (lambda row, token: writer.on_token(row, token, params.stop_ids)) if is_writer and writer.stream else None
+        lines, tokens, seconds = [], 0, 0.0
+        for start in range(0, len(prompts), args.batch_size):
+            result = engine.generate(prompts[start:start + args.batch_size], params, on_token=stream)
+            tokens, seconds = tokens + result.new_tokens, seconds + result.seconds
+            for i, new in enumerate(result.tokens):
+                lines.append({"prompt_tokens": result.prompt_tokens[i], "tokens": new, "logprobs": result.logprobs[i],
+                              "text": writer.decode(new, params.stop_ids), "finished": result.finished[i]})
+        if is_writer:
+            if writer.stream:
+                print(flush=True)
+            elif args.out is None:
+                for line in lines:
+                    print(json.dumps(line), flush=True)
+            if args.out is not None:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = args.out.with_name(args.out.name + ".tmp")
+                tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+                os.replace(tmp, args.out)
+                print(f"wrote {args.out}: {len(lines)} continuation(s)", file=sys.stderr)
+            print(f"{tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
+        torch.distributed.barrier()
+    finally:
+        parallel_state.destroy_model_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    status = main()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.exit(status)
