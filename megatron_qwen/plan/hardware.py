@@ -55,8 +55,9 @@ def find_gpu(name: str, gpus: dict[str, GPU] | None = None) -> GPU:
     key = name.strip().lower()
     if key in gpus:
         return gpus[key]
-    close = difflib.get_close_matches(key, list(gpus), n=1, cutoff=0.4)
-    hint = f"did you mean {close[0]!r}? " if close else ""
+    # "h100" should suggest "h100-80gb" before "h200", which is closer letter by letter.
+    close = [n for n in sorted(gpus) if key in n] or difflib.get_close_matches(key, list(gpus), n=1, cutoff=0.4)
+    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
     raise PlanError(
         f"unknown GPU {name!r}: {hint}known GPUs are {', '.join(sorted(gpus))} "
         f"(add an entry to {GPU_TABLE} for another one)"

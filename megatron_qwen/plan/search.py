@@ -243,14 +243,11 @@ def rejection(request: Request, memory: Memory) -> str | None:
     room = usable - memory.buffers
     where = f"pipeline rank {memory.pp_rank}"
     if state > room:
-        parts = {"weights": memory.weights, "gradients": memory.gradients, "optimizer state": memory.optimizer}
-        largest = max(parts, key=parts.get)
-        return (
-            f"{largest} ({parts[largest] / GIB:.1f} GiB) do not fit: model state {state / GIB:.1f} GiB on {where} "
-            f"exceeds the {room / GIB:.1f} GiB usable"
-        )
+        parts = {"optimizer state": memory.optimizer, "gradients": memory.gradients, "weights": memory.weights}
+        listed = ", ".join(f"{name} {size / GIB:.1f}" for name, size in sorted(parts.items(), key=lambda kv: -kv[1]))
+        return f"model state does not fit: {state / GIB:.1f} GiB on {where} ({listed}) against {room / GIB:.1f} GiB usable"
     return (
-        f"activations ({memory.activations / GIB:.1f} GiB) do not fit: {where} has {(room - state) / GIB:.1f} GiB "
+        f"activations do not fit: {memory.activations / GIB:.1f} GiB on {where}, which has {(room - state) / GIB:.1f} GiB "
         f"left after {state / GIB:.1f} GiB of model state"
     )
 
@@ -366,13 +363,10 @@ def plan(request: Request) -> Plan:
 def too_big_message(request: Request, cfg: Config, rejected: list[Evaluation]) -> str:
     """Why nothing fits: the leanest layout's shortfall and the smallest GPU count that would fit."""
     leanest = min(rejected, key=lambda e: e.memory.total)
-    m = leanest.memory
     head = (
         f"no layout of {cfg.model.name} fits on {request.num_gpus} x {request.gpu.name} "
         f"({request.usable_bytes / GIB:.1f} GiB usable each): the leanest, {leanest.layout.describe()}, needs "
-        f"{m.total / GIB:.1f} GiB (weights {m.weights / GIB:.1f}, gradients {m.gradients / GIB:.1f}, optimizer "
-        f"{m.optimizer / GIB:.1f}, activations {m.activations / GIB:.1f}, buffers {m.buffers / GIB:.1f}); "
-        f"{leanest.rejection}"
+        f"{leanest.memory.total / GIB:.1f} GiB with {leanest.memory.buffers / GIB:.1f} GiB of buffers; {leanest.rejection}"
     )
     limit = max(64 * request.num_gpus, 1024)
     found = smallest_fitting_world_size(request, cfg, limit)
