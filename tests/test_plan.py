@@ -23,6 +23,7 @@ from megatron_qwen.plan.memory import (
     Kernels,
     ModelShape,
     buffer_layout,
+    fp8_weight_copies_bytes,
     layer_activation_bytes,
     microbatch_activation_bytes,
     microbatches_in_flight,
@@ -80,6 +81,14 @@ def test_model_state_bytes_by_hand():
     for dp_rank, owned in ((0, 17728), (1, 35392 - 17728)):
         bf16 = model_state_bytes(shape, 1, 2, 1, 2, True, precision("bf16", fused_adam=True), pp_rank=0, dp_rank=dp_rank)
         assert (bf16.weights, bf16.gradients, bf16.optimizer) == (2 * 35456, 4 * 35456, (4 + 8) * owned)
+
+
+def test_fp8_weight_copies_by_hand():
+    # Qwen-7B at TP=2, PP=4: 8 layers per rank, each with QKV 3h^2, projection h^2, fc1 2hF, fc2 hF GEMM
+    # weights, halved by TP; an FP8 copy and its transpose, 1 byte each.
+    shape = ModelShape(32, 4096, 32, 11008, 151936)
+    per_layer = (3 * 4096**2 + 4096**2 + 2 * 4096 * 11008 + 4096 * 11008) // 2
+    assert fp8_weight_copies_bytes(shape, tp=2, pp=4) == 8 * 2 * per_layer == 1_619_001_344
 
 
 def test_layer_activations_by_hand():

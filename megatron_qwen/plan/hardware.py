@@ -25,10 +25,10 @@ class GPU:
     intra_node_bandwidth: float
     inter_node_bandwidth: float
 
-    def achievable_flops(self, fp8: bool = False) -> float:
-        """The sustained GEMM rate the time model divides FLOPs by."""
-        peak = self.fp8_flops if fp8 else self.bf16_flops
-        return peak * self.achievable_fraction
+    @property
+    def achievable_bf16_flops(self) -> float:
+        """The sustained BF16 GEMM rate the time model divides FLOPs by."""
+        return self.bf16_flops * self.achievable_fraction
 
 
 def load_gpus(path: str | Path = GPU_TABLE) -> dict[str, GPU]:

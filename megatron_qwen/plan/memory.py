@@ -177,6 +177,14 @@ def model_state_bytes(
     return StateBytes(weights, gradients, optimizer)
 
 
+def fp8_weight_copies_bytes(shape: ModelShape, tp: int, pp: int) -> int:
+    """With FP8, Transformer Engine caches each layer GEMM's weight cast to FP8 and its transpose (1 byte
+    each per element) between micro-batches; the output layer stays BF16. Per pipeline rank."""
+    h, f = shape.hidden_size, shape.ffn_hidden_size
+    per_layer = (4 * h * h + 3 * h * f) // tp  # QKV, projection, fc1 ([gate; up]), fc2
+    return 2 * per_layer * (shape.num_layers // pp)
+
+
 # --------------------------------------------------------------------------- activations
 
 

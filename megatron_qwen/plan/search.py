@@ -19,6 +19,7 @@ from megatron_qwen.plan.hardware import GPU
 from megatron_qwen.plan.memory import (
     ModelShape,
     StateBytes,
+    fp8_weight_copies_bytes,
     gpu_kernels,
     model_state_bytes,
     precision,
@@ -223,12 +224,13 @@ def peak_memory(request: Request, cfg: Config, layout: Layout) -> Memory:
     worst = None
     for pp_rank in sorted({0, layout.pp - 1}):
         state = _state(shape, layout.tp, layout.pp, layout.vpp, layout.dp, layout.distributed_optimizer, dtype, pp_rank)
+        weights = state.weights + (fp8_weight_copies_bytes(shape, layout.tp, layout.pp) if request.fp8 else 0)
         activations = stage_activation_bytes(
             shape, request.seq_length, layout.micro_batch, layout.tp, layout.sp, layout.pp, layout.vpp,
             num_microbatches, layout.recompute, cfg.training.recompute_num_layers, act_bytes, kernels, pp_rank,
             hidden_dropout=cfg.model.hidden_dropout > 0,
         )
-        memory = Memory(pp_rank, state.weights, state.gradients, state.optimizer, activations, request.buffer_bytes)
+        memory = Memory(pp_rank, weights, state.gradients, state.optimizer, activations, request.buffer_bytes)
         if worst is None or memory.total > worst.total:
             worst = memory
     return worst
@@ -256,10 +258,12 @@ def evaluate(request: Request, cfg: Config, layout: Layout) -> Evaluation:
     """Memory, step time and MFU of one layout."""
     memory = peak_memory(request, cfg, layout)
     shape = ModelShape.from_config(cfg.model)
+    # The distributed optimizer all-gathers the model-dtype weights, not Transformer Engine's FP8 copies.
+    gathered = memory.weights - (fp8_weight_copies_bytes(shape, layout.tp, layout.pp) if request.fp8 else 0)
     time = step_time(
         shape, request.seq_length, request.global_batch, layout.micro_batch, layout.tp, layout.pp, layout.vpp,
         layout.dp, layout.sp, layout.recompute, layout.distributed_optimizer,
-        gradient_bytes=memory.gradients, weight_bytes=memory.weights, gpu=request.gpu,
+        gradient_bytes=memory.gradients, weight_bytes=gathered, gpu=request.gpu,
         gpus_per_node=request.gpus_per_node, fp8=request.fp8, achievable_flops=request.achievable_flops,
         act_bytes=precision(training_dtype(cfg), fused_adam=True).activation_bytes,
     )

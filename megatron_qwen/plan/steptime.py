@@ -100,7 +100,7 @@ def step_time(
     recomputed_attention = timed_attention if recompute in ("full", "selective") else 0.0
     layer_gemm = (3 * gemm + recomputed_gemm) * layers * tokens / tp
     layer_attention = (3 * timed_attention + recomputed_attention) * layers * tokens / tp
-    bf16_rate = achievable_flops or gpu.achievable_flops(False)
+    bf16_rate = achievable_flops or gpu.achievable_bf16_flops
     gemm_rate = bf16_rate * (gpu.fp8_flops / gpu.bf16_flops) if fp8 and gpu.fp8_flops else bf16_rate
     # The last stage also runs the output layer; it paces the pipeline.
     compute_mb = layer_gemm / gemm_rate + layer_attention / bf16_rate + 3 * output * tokens / tp / bf16_rate
