@@ -166,7 +166,7 @@ def measured(tmp_path_factory):
 
 
 def worker_config(overrides: list[str]):
-    return load_config(plan_worker.CONFIG, [f"model.padded_vocab_size={plan_worker.VOCAB}", f"model.seq_length={plan_worker.SEQ}"] + overrides)
+    return load_config(plan_worker.CONFIG, [f"model.padded_vocab_size={plan_worker.VOCAB}"] + overrides)
 
 
 @pytest.mark.parallel

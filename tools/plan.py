@@ -21,6 +21,7 @@ import sys
 from megatron_qwen.config import ConfigError, load_config
 from megatron_qwen.plan import PlanError
 from megatron_qwen.plan.hardware import find_gpu
+from megatron_qwen.plan.memory import ModelShape
 from megatron_qwen.plan.search import DEFAULT_BUFFER_GIB, DEFAULT_HEADROOM, GIB, Evaluation, Plan, Request, plan
 
 
@@ -58,7 +59,8 @@ def format_table(result: Plan, top: int) -> str:
     cfg = request.cfg
     considered = len(result.fitting) + len(result.rejected)
     lines = [
-        f"{cfg.model.name} on {request.num_gpus} x {request.gpu.name} ({request.gpus_per_node} per node), "
+        f"{cfg.model.name} ({ModelShape.from_config(cfg.model).num_parameters() / 1e9:.1f}B parameters) on "
+        f"{request.num_gpus} x {request.gpu.name} ({request.gpus_per_node} per node), "
         f"seq {request.seq_length}, global batch {request.global_batch}{', FP8' if request.fp8 else ''}: "
         f"{considered} valid layouts, {len(result.fitting)} fit in {request.usable_bytes / GIB:.1f} GiB "
         f"({request.headroom:.0%} headroom, buffers {request.buffer_bytes / GIB:.1f} GiB)",
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.json:
         out = {
             "model": cfg.model.name,
+            "parameters": ModelShape.from_config(cfg.model).num_parameters(),
             "gpu": gpu.name,
             "gpus": args.gpus,
             "gpus_per_node": args.gpus_per_node,

@@ -57,7 +57,6 @@ class ModelShape:
 class Precision:
     """Bytes per element of each kind of state the trainer allocates."""
 
-    name: str
     param_bytes: int  # model weights
     main_param_bytes: int  # the optimizer's fp32 copy of the weights (0 when the weights are fp32 already)
     activation_bytes: int  # activations saved for backward
@@ -73,9 +72,9 @@ def precision(dtype: str, fused_adam: bool) -> Precision:
     which keeps a float32 step tensor per parameter."""
     step = 0 if fused_adam else 4
     if dtype == "fp32":
-        return Precision("fp32", param_bytes=4, main_param_bytes=0, activation_bytes=4, step_bytes=step)
+        return Precision(param_bytes=4, main_param_bytes=0, activation_bytes=4, step_bytes=step)
     if dtype == "bf16":
-        return Precision("bf16", param_bytes=2, main_param_bytes=4, activation_bytes=2, step_bytes=step)
+        return Precision(param_bytes=2, main_param_bytes=4, activation_bytes=2, step_bytes=step)
     raise ValueError(f"precision {dtype!r} must be fp32 or bf16")
 
 
@@ -86,10 +85,6 @@ class StateBytes:
     weights: int
     gradients: int
     optimizer: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer
 
 
 # --------------------------------------------------------------------------- model state

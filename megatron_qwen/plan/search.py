@@ -62,6 +62,7 @@ class Layout:
         ]
 
     def describe(self) -> str:
+        """Short form for tables and messages, e.g. "TP4 PP4 VPP2 DP16 SP DistOpt mb=1"."""
         parts = [f"TP{self.tp}", f"PP{self.pp}"]
         if self.vpp > 1:
             parts.append(f"VPP{self.vpp}")

@@ -23,7 +23,9 @@ import torch
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 VOCAB = 1001  # odd: TP=2 pads it to 1002, as the trainer does
-SEQ, MICRO_BATCH = 128, 2
+SEQ, MICRO_BATCH = 128, 2  # the activation cases' micro-batch
+# Model state does not depend on the batch: the state cases run the smallest one every layout accepts.
+STATE_SEQ, STATE_MICRO_BATCH, STATE_GLOBAL_BATCH = 32, 1, 4
 
 # name -> overrides. 4 ranks: DP is what TP x PP leaves.
 STATE_CASES = {
@@ -56,15 +58,14 @@ ACTIVATION_CASES = {
 
 
 def setup(overrides: list[str]):
-    """The resolved config for `overrides` and this rank's model chunks, on fresh parallel state."""
+    """The resolved config for `overrides` and this rank's model chunks, on this layout's parallel state."""
     from megatron.core import parallel_state
 
     from megatron_qwen.config import load_config, resolve
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.launch import detect_launch, init_distributed
 
-    base = [f"model.padded_vocab_size={VOCAB}", f"model.seq_length={SEQ}", f"training.micro_batch_size={MICRO_BATCH}"]
-    cfg = load_config(CONFIG, base + overrides)
+    cfg = load_config(CONFIG, [f"model.padded_vocab_size={VOCAB}"] + overrides)
     cfg, layout, _ = resolve(cfg, detect_launch().world_size)
     # Cases are grouped by layout: the parallel state is rebuilt only when TP, PP or VPP change.
     if parallel_state.model_parallel_is_initialized() and (
@@ -95,15 +96,18 @@ def measure_state(overrides: list[str]) -> dict:
     from megatron_qwen.training.forward_backward import forward_backward, wrap_ddp
     from megatron_qwen.training.loop import build_optimizer
 
-    cfg, layout, chunks = setup(overrides)
+    batch = [f"model.seq_length={STATE_SEQ}", f"training.micro_batch_size={STATE_MICRO_BATCH}",
+             f"training.global_batch_size={STATE_GLOBAL_BATCH}"]
+    cfg, layout, chunks = setup(batch + overrides)
     model = wrap_ddp(chunks, cfg)
     optimizer = build_optimizer(cfg, model, params_dtype(cfg, on_cpu=True) == torch.bfloat16)
-    num_micro = cfg.training.global_batch_size // (MICRO_BATCH * layout.dp)
+    seq, micro = STATE_SEQ, STATE_MICRO_BATCH
+    num_micro = STATE_GLOBAL_BATCH // (micro * layout.dp)
     gen = torch.Generator().manual_seed(parallel_state.get_data_parallel_rank())
-    tokens = torch.randint(0, VOCAB, (num_micro, MICRO_BATCH, SEQ + 1), generator=gen)
-    batches = [{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(MICRO_BATCH, SEQ)} for t in tokens]
+    tokens = torch.randint(0, VOCAB, (num_micro, micro, seq + 1), generator=gen)
+    batches = [{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(micro, seq)} for t in tokens]
     iterators = [iter(list(batches)) for _ in model] if len(model) > 1 else iter(batches)
-    forward_backward(model, iterators, num_micro, SEQ, MICRO_BATCH)
+    forward_backward(model, iterators, num_micro, seq, micro)
     updated, _, _ = optimizer.step()
     assert updated, "the optimizer step was skipped"
 
@@ -131,7 +135,7 @@ def measure_state(overrides: list[str]) -> dict:
 
 def measure_activations(overrides: list[str]) -> dict:
     """Bytes saved for backward by one micro-batch forward, per decoder layer and in all."""
-    cfg, layout, (model,) = setup(overrides)
+    cfg, layout, (model,) = setup([f"model.seq_length={SEQ}", f"training.micro_batch_size={MICRO_BATCH}"] + overrides)
     model.train()
     parameters = set(storages(model.parameters()))
     layers = list(model.decoder.layers)
