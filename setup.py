@@ -14,7 +14,7 @@ setup(
     version="0.1.0",
     description="Megatron-style 3D-parallel trainer for the Qwen model family",
     packages=find_packages(include=["megatron_qwen", "megatron_qwen.*"]),
-    package_data={"megatron_qwen": ["../configs/*.yaml"]},
+    package_data={"megatron_qwen": ["../configs/*.yaml"], "megatron_qwen.plan": ["gpus.yaml"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.10",

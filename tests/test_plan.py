@@ -1,0 +1,342 @@
+"""The layout planner (tools/plan.py, megatron_qwen/plan/): its memory and time models against hand
+computations, its memory model against what the trainer really allocates on CPU ranks, and its answers
+against the trainer's config validation and the layouts published for large GPT models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spawn import REPO, run_torchrun
+
+from megatron_qwen.config import load_config
+from megatron_qwen.plan import PlanError
+from megatron_qwen.plan.hardware import GPU, find_gpu
+from megatron_qwen.plan.memory import (
+    LOCAL_CPU,
+    Kernels,
+    ModelShape,
+    buffer_layout,
+    fp8_weight_copies_bytes,
+    layer_activation_bytes,
+    microbatch_activation_bytes,
+    microbatches_in_flight,
+    model_state_bytes,
+    owned_numels,
+    precision,
+)
+from megatron_qwen.plan.search import Layout, Request, evaluate, base_config, plan
+from megatron_qwen.plan.steptime import model_flops_per_step, step_time
+from megatron_qwen.training.flops import qwen_flops_per_token
+
+sys.path.insert(0, str(Path(__file__).parent / "parallel"))
+import plan_worker  # noqa: E402  (the worker's cases and shapes)
+
+WORKER = str(Path(__file__).parent / "parallel" / "plan_worker.py")
+PLAN = [sys.executable, str(REPO / "tools" / "plan.py")]
+
+
+def run(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+# --------------------------------------------------------------------------- pure models by hand
+
+
+def test_parameter_count_of_qwen_7b():
+    shape = ModelShape.from_config(load_config(REPO / "configs" / "qwen-7b.yaml").model)
+    h, f, layers, vocab = 4096, 11008, 32, 151936
+    per_layer = 2 * h + (h * h) + (3 * h * h + 3 * h) + 3 * h * f  # 2 norms, proj, QKV + bias, SwiGLU
+    assert shape.num_parameters() == layers * per_layer + 2 * vocab * h + h == 7_721_324_544
+
+
+def test_buffer_layout_and_shards_by_hand():
+    # Reverse registration order; with the distributed optimizer each start is rounded up to 64 and the
+    # end to lcm(dp=3, 128) = 384.
+    ranges, total = buffer_layout([100, 30, 64], dp=3, distributed_optimizer=True)
+    assert ranges == [(128, 228), (64, 94), (0, 64)] and total == 384
+    # Shares of 128 elements: rank 0 [0, 128), rank 1 [128, 256), rank 2 [256, 384) (padding only).
+    assert owned_numels(ranges, total, 3, 0) == [0, 30, 64]
+    assert owned_numels(ranges, total, 3, 1) == [100, 0, 0]
+    assert owned_numels(ranges, total, 3, 2) == [0, 0, 0]
+    assert buffer_layout([100, 30, 64], dp=3, distributed_optimizer=False) == ([(94, 194), (64, 94), (0, 64)], 194)
+
+
+def test_model_state_bytes_by_hand():
+    shape = ModelShape(num_layers=2, hidden_size=64, num_attention_heads=1, ffn_hidden_size=64, vocab_size=100)
+    # Pipeline rank 0 of 2: embedding 100 x 64 and one layer: norms 64 + 64, proj 64 x 64, QKV 192 x 64 + 192,
+    # fc1 128 x 64, fc2 64 x 64 -> 8 tensors, 6400 + 28992 = 35392 elements, all multiples of 64.
+    numel = 6400 + 64 + 4096 + 12288 + 192 + 64 + 8192 + 4096
+    assert numel == 35392
+    fp32 = model_state_bytes(shape, tp=1, pp=2, vpp=1, dp=2, distributed_optimizer=False, prec=precision("fp32", False), pp_rank=0)
+    assert (fp32.weights, fp32.gradients, fp32.optimizer) == (4 * numel, 4 * numel, 8 * numel + 4 * 8)
+    # bf16 + distributed optimizer over DP=2: buffer padded to a multiple of 128 = 35456, 17728 per rank;
+    # rank 0 owns 17728 real elements, rank 1 the other 17664 (the 64 padding elements are its too).
+    for dp_rank, owned in ((0, 17728), (1, 35392 - 17728)):
+        bf16 = model_state_bytes(shape, 1, 2, 1, 2, True, precision("bf16", fused_adam=True), pp_rank=0, dp_rank=dp_rank)
+        assert (bf16.weights, bf16.gradients, bf16.optimizer) == (2 * 35456, 4 * 35456, (4 + 8) * owned)
+
+
+def test_fp8_weight_copies_by_hand():
+    # Qwen-7B at TP=2, PP=4: 8 layers per rank, each with QKV 3h^2, projection h^2, fc1 2hF, fc2 hF GEMM
+    # weights, halved by TP; an FP8 copy and its transpose, 1 byte each.
+    shape = ModelShape(32, 4096, 32, 11008, 151936)
+    per_layer = (3 * 4096**2 + 4096**2 + 2 * 4096 * 11008 + 4096 * 11008) // 2
+    assert fp8_weight_copies_bytes(shape, tp=2, pp=4) == 8 * 2 * per_layer == 1_619_001_344
+
+
+def test_layer_activations_by_hand():
+    tiny = ModelShape(num_layers=4, hidden_size=256, num_attention_heads=2, ffn_hidden_size=512, vocab_size=1001)
+    # fp32, local spec on CPU, s=128, b=2, TP=1, per token: 2 RMSNorms (4h + 4h + 4), QKV and fc1 inputs 2 x 4h,
+    # QKV output 3 x 4h, rotated Q and K 2 x 4h, attention output 4h, log-sum-exp 2 heads x 4,
+    # SwiGLU 4F x 4, fc2 input 4F; plus RoPE cos/sin 4 x s x 128 x 4 per sequence batch.
+    per_token = 2 * (4 * 256 + 4 * 256 + 4) + 2 * 1024 + 3 * 1024 + 2 * 1024 + 1024 + 2 * 4 + 4 * 512 * 4 + 512 * 4
+    assert layer_activation_bytes(tiny, 128, 2, 1, False, "none", 4, LOCAL_CPU) == 256 * per_token + 4 * 128 * 128 * 4 == 6_033_408
+
+    # Qwen-7B on GPU (Transformer Engine norms, fused SwiGLU), bf16, TP=2 with SP, s=4096, b=1.
+    qwen7b = ModelShape(32, 4096, 32, 11008, 151936)
+    te = Kernels(te_norm_linear=True, fused_swiglu=True, bool_dropout_mask=True)
+    sharded, tokens = 2048, 4096
+    expected = (
+        2 * sharded * (4096 * 2 + 4)  # norm inputs (bf16) and rstd
+        + 2 * sharded * 4096 * 2  # QKV and fc1 inputs
+        + tokens * 6144 * 2 + tokens * 4096 * 2 + tokens * 2048 * 2  # QKV output, rotated Q and K, attention output
+        + 4 * 4096 * 128 * 2  # RoPE cos/sin
+        + tokens * 5504 * 2 * 2 + tokens * 5504 * 2  # fc1 output, fc2 input
+        + tokens * 16 * 4  # log-sum-exp
+    )
+    assert layer_activation_bytes(qwen7b, 4096, 1, 2, True, "none", 2, te) == expected == 307_511_296
+    # Korthikanti et al.'s GPT layer with SP keeps 34sbh/t bytes; this SwiGLU layer (F = 2.69h) keeps 8 % more.
+    assert expected / (34 * 4096 * 4096 / 2) == pytest.approx(1.078, abs=0.001)
+    # Full recomputation keeps the sharded bf16 input only.
+    assert layer_activation_bytes(qwen7b, 4096, 1, 2, True, "full", 2, te) == sharded * 4096 * 2
+
+
+def test_microbatches_in_flight_by_hand():
+    # 1F1B: rank r holds pp - r micro-batches (capped by their number); no pipelining holds one.
+    assert [microbatches_in_flight(4, 1, 8, r) for r in range(4)] == [4, 3, 2, 1]
+    assert [microbatches_in_flight(4, 1, 2, r) for r in range(4)] == [2, 2, 2, 1]
+    assert microbatches_in_flight(1, 1, 8, 0) == 1
+    # Interleaved, pp=4, vpp=2: rank 0 runs 2*3 + 1*4 = 10 warm-up chunk forwards, 11 in flight; with 2
+    # layers per chunk that is 22 = L * (1 + (p - 1)/(p v)) layers for L = 16, Korthikanti's factor.
+    assert microbatches_in_flight(4, 2, 8, 0) == 11 and 11 * 2 == 16 * (1 + 3 / 8)
+    assert microbatches_in_flight(4, 2, 8, 3) == 5
+
+
+def test_model_flops_equal_the_trainers_count():
+    shape = ModelShape(80, 8192, 64, 24576, 152064)
+    per_token = qwen_flops_per_token(8192, 80, 24576, 152064, 4096)
+    assert model_flops_per_step(shape, 4096, 2048) == pytest.approx(per_token * 4096 * 2048, rel=1e-12)
+
+
+def test_step_time_by_hand():
+    gpu = GPU("toy", 80 * 2**30, 100e12, None, 0.5, 100e9, 10e9)  # 50 TFLOP/s sustained
+    shape = ModelShape(num_layers=4, hidden_size=1024, num_attention_heads=8, ffn_hidden_size=2048, vocab_size=1000)
+    grads, weights = 8e9, 4e9
+    t = step_time(shape, 512, 16, 2, tp=2, pp=2, vpp=1, dp=2, sp=True, recompute="none", distributed_optimizer=True,
+                  gradient_bytes=grads, weight_bytes=weights, gpu=gpu, gpus_per_node=4)
+    tokens, layers, m = 1024, 2, 4  # per micro-batch; per pipeline rank; micro-batches per step = 16 / (2 x 2)
+    gemm, attention, output = 8 * 1024**2 + 6 * 1024 * 2048, 4 * 512 * 1024 / 2, 2 * 1024 * 1000  # causal: half
+    compute = 3 * (layers * (gemm + attention) + output) * tokens / 2 / 50e12  # the last stage, TP=2
+    tp = layers * 8 * (1 / 2) * tokens * 1024 * 2 / 100e9  # 4 all-reduces of (s, b, h) bf16 over NVLink
+    pp = 2 * (tokens * 1024 * 2 / 2) / 10e9  # 8 GPUs span two 4-GPU nodes; SP sends (s/t, b, h)
+    dp = (1 / 2) * grads / 100e9 + (1 / 2) * weights / 100e9  # TP x DP = 4 fits a node
+    assert t.compute == pytest.approx(m * compute)
+    assert t.tp == pytest.approx(m * tp)
+    assert t.pp == pytest.approx(m * pp)
+    assert t.dp == pytest.approx(dp)
+    assert t.bubble == pytest.approx((2 - 1) / 1 * (compute + tp + pp))
+
+
+# --------------------------------------------------------------------------- against real allocations
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """Every rank's measurements from one 4-rank run of the worker over all cases."""
+    workdir = tmp_path_factory.mktemp("plan")
+    run_torchrun(4, [WORKER, "--workdir", str(workdir)])
+    return [json.loads((workdir / f"rank{rank}.json").read_text()) for rank in range(4)]
+
+
+def worker_config(overrides: list[str]):
+    return load_config(plan_worker.CONFIG, [f"model.padded_vocab_size={plan_worker.VOCAB}"] + overrides)
+
+
+@pytest.mark.parallel
+def test_state_bytes_equal_a_real_run(measured):
+    """(a) weights, gradients and optimizer bytes of every rank, to the byte, after a real step."""
+    report = []
+    for rank, result in enumerate(measured):
+        for name, m in result["state"].items():
+            cfg = worker_config(plan_worker.STATE_CASES[name])
+            dtype = "bf16" if cfg.training.precision == "bf16" else "fp32"
+            # CPU ranks have neither TE nor apex: megatron-core falls back to torch.optim.AdamW.
+            predicted = model_state_bytes(
+                ModelShape.from_config(cfg.model), m["tp"], m["pp"], m["vpp"], m["dp"],
+                cfg.parallel.use_distributed_optimizer, precision(dtype, fused_adam=False), m["pp_rank"], m["dp_rank"],
+            )
+            got = (m["weights"], m["gradients"], m["optimizer"])
+            report.append(f"rank {rank} {name}: predicted {predicted.weights, predicted.gradients, predicted.optimizer} measured {got}")
+            assert (predicted.weights, predicted.gradients, predicted.optimizer) == got, report[-1]
+            # The buffer layout and the time model assume the trainer's DDP: one bucket per chunk, no overlap.
+            assert set(m["buckets_per_chunk"]) == {1} and m["overlap_grad_reduce"] is False, name
+    print("\n" + "\n".join(report))
+
+
+@pytest.mark.parallel
+def test_activation_bytes_match_a_real_forward(measured):
+    """(b) activations of one micro-batch within 10 % of saved_tensors_hooks' count, in all and per layer."""
+    report = []
+    for name, overrides in plan_worker.ACTIVATION_CASES.items():
+        cfg = worker_config(overrides)
+        p, t = cfg.parallel, cfg.training
+        shape, act_bytes = ModelShape.from_config(cfg.model), 2 if t.precision == "bf16" else 4
+        dropout = cfg.model.hidden_dropout > 0
+        total = microbatch_activation_bytes(shape, plan_worker.SEQ, plan_worker.MICRO_BATCH, p.tp, p.sp, t.recompute,
+                                            act_bytes, LOCAL_CPU, t.recompute_num_layers, dropout)
+        layer = layer_activation_bytes(shape, plan_worker.SEQ, plan_worker.MICRO_BATCH, p.tp, p.sp, t.recompute, act_bytes, LOCAL_CPU, dropout)
+        for rank, result in enumerate(measured):
+            m = result["activations"][name]
+            error = (total - m["total"]) / m["total"]
+            line = f"{name} rank {rank}: predicted {total} measured {m['total']} ({error:+.2%})"
+            assert abs(error) <= 0.10, line
+            if t.recompute != "full":  # full recomputation saves the layer inputs outside the layers
+                assert all(abs(layer - got) <= 0.10 * got for got in m["layers"]), f"{name}: per layer {layer} vs {m['layers']}"
+        report.append(line)
+    print("\n" + "\n".join(report))
+
+
+# --------------------------------------------------------------------------- the planner
+
+
+def qwen7b_request(**changes) -> Request:
+    fields = dict(cfg=load_config(REPO / "configs" / "qwen-7b.yaml"), num_gpus=8, gpus_per_node=8,
+                  gpu=find_gpu("h100-80gb"), seq_length=2048, global_batch=2048)
+    fields.update(changes)
+    return Request(**fields)
+
+
+def test_listed_layouts_pass_config_validation():
+    """(c) every listed layout is accepted by `python -m megatron_qwen.config` for the world size."""
+    proc = run(PLAN + ["--config", "configs/qwen-7b.yaml", "--gpus", "8", "--gpu", "h100-80gb",
+                       "--seq-length", "2048", "--global-batch", "2048", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out["layouts"]) == 10 and out["fitting_layouts"] < out["valid_layouts"]
+    totals = [entry["time_s"]["total"] for entry in out["layouts"]]
+    assert totals == sorted(totals)
+    for entry in out["layouts"]:
+        memory, time = entry["memory_gib"], entry["time_s"]
+        parts = ("weights", "gradients", "optimizer", "activations", "buffers")
+        assert sum(memory[k] for k in parts) == pytest.approx(memory["total"]) and memory["total"] <= out["usable_gib"]
+        assert sum(time[k] for k in ("compute", "tp", "pp", "dp", "bubble")) == pytest.approx(time["total"])
+        check = run([sys.executable, "-m", "megatron_qwen.config", "configs/qwen-7b.yaml", *entry["overrides"], "--world-size", "8"])
+        assert check.returncode == 0, f"{entry['overrides']}: {check.stderr}"
+    best = run(PLAN + ["--config", "configs/qwen-7b.yaml", "--gpus", "8", "--gpu", "h100-80gb",
+                       "--seq-length", "2048", "--global-batch", "2048", "--emit-overrides"])
+    assert best.stdout.split() == out["layouts"][0]["overrides"]
+
+
+def test_rejections_name_the_component_that_does_not_fit():
+    """(c) a layout rejected for memory says whether model state (and which part) or activations overflow."""
+    request = qwen7b_request(seq_length=8192)
+    result = plan(request)
+    rejected = {e.layout: e.rejection for e in result.rejected}
+    cfg = base_config(request)
+    # No distributed optimizer at TP=1: 7.7B parameters x 18 bytes on one GPU; Adam's state is the largest part.
+    state_heavy = Layout(1, 1, 1, 8, False, "full", False, 1)
+    assert rejected[state_heavy].startswith("model state does not fit") and "(optimizer state " in rejected[state_heavy]
+    assert evaluate(request, cfg, state_heavy).rejection == rejected[state_heavy]
+    # Eight 8192-token sequences without recomputation: the state fits, the activations do not.
+    activation_heavy = Layout(2, 1, 1, 4, True, "none", True, 8)
+    assert rejected[activation_heavy].startswith("activations do not fit")
+    assert all(e.fits for e in result.fitting) and result.fitting
+
+
+PAPER_ROWS = [
+    # (parameters, hidden, heads, layers, TP, PP, VPP, GPUs, global batch, micro-batch, published TFLOP/s per GPU)
+    ("39.1B", 8192, 64, 48, 8, 2, 1, 512, 1536, 4, 138),
+    ("76.1B", 10240, 80, 60, 8, 4, 3, 1024, 1792, 2, 140),
+    ("145.6B", 12288, 96, 80, 8, 8, 2, 1536, 2304, 2, 148),
+    ("310.1B", 16384, 128, 96, 8, 16, 2, 1920, 2160, 1, 155),
+    ("529.6B", 20480, 128, 105, 8, 35, 3, 2520, 2520, 1, 163),
+    ("1008.0B", 25600, 160, 128, 8, 64, 1, 3072, 3072, 1, 163),
+]
+
+
+@pytest.mark.parametrize("row", PAPER_ROWS, ids=[row[0] for row in PAPER_ROWS])
+def test_published_layouts_are_among_the_top_choices(row):
+    """(d) Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using
+    Megatron-LM", Table 1: every row that uses pipeline parallelism (39.1B on 512 A100s with TP8 PP2 up to
+    1008B on 3072 with TP8 PP64; vocabulary 51,200, sequence 2048, the table's batch sizes and achieved
+    TFLOP/s per GPU). Micro-batch sizes and interleaving (layers per virtual stage) are those of the
+    paper's artifact, examples/sc21/run_table_1.sh in NVIDIA/Megatron-LM.
+
+    The paper's GPT layers have a 4h GeLU MLP; here it is a SwiGLU of the same parameters and FLOPs
+    (width 8h/3, rounded to 128). Its 2021 software had neither sequence parallelism (2022) nor the
+    distributed optimizer and recomputed every layer (run_table_1.sh: --recompute-method uniform), so the
+    published (TP, PP) must be among the planner's 10 fastest layouts that software could run, on
+    A100-80GB. The predicted throughput of the published layout, counted with the paper's formula
+    96 B s l h^2 (1 + s/6h + V/16lh) FLOPs per step, must be within 25 % of the published one.
+    """
+    name, hidden, heads, layers, tp, pp, vpp, gpus, batch, micro_batch, published = row
+    cfg = load_config(None, [
+        f"model.name=gpt-{name}", f"model.num_layers={layers}", f"model.hidden_size={hidden}",
+        f"model.num_attention_heads={heads}", f"model.ffn_hidden_size={round(8 * hidden / 3 / 128) * 128}",
+        "model.padded_vocab_size=51200", "model.seq_length=2048", "model.max_position_embeddings=2048",
+    ])
+    request = Request(cfg=cfg, num_gpus=gpus, gpus_per_node=8, gpu=find_gpu("a100-80gb"),
+                      seq_length=2048, global_batch=batch, micro_batch=micro_batch)
+    result = plan(request)
+    runnable = [e.layout for e in result.fitting
+                if not e.layout.sp and not e.layout.distributed_optimizer and e.layout.recompute == "full"]
+    top = [(layout.tp, layout.pp) for layout in runnable[:10]]
+    assert (tp, pp) in top, f"{name}: published TP{tp} PP{pp} not in the top 10 {top}"
+
+    paper = evaluate(request, base_config(request), Layout(tp, pp, vpp, gpus // (tp * pp), False, "full", False, micro_batch))
+    assert paper.fits
+    s, v = 2048, 51200
+    flops = 96 * batch * s * layers * hidden**2 * (1 + s / (6 * hidden) + v / (16 * layers * hidden))
+    predicted = flops / (paper.time.total * gpus) / 1e12
+    best = result.fitting[0]
+    print(f"\n{name}: TP{tp} PP{pp} rank {top.index((tp, pp)) + 1}, predicted {predicted:.0f} TFLOP/s per GPU "
+          f"(published {published}); best with SP/DistOpt {best.layout.describe()} {best.time.total:.1f} s "
+          f"against {paper.time.total:.1f} s")
+    assert abs(predicted / published - 1) <= 0.25
+
+
+def test_bad_requests_name_what_would_work():
+    """(e) one clear message with the nearest thing that would work."""
+    base = PLAN + ["--config", "configs/qwen-72b.yaml", "--seq-length", "4096", "--global-batch", "2048"]
+
+    unknown = run(base + ["--gpus", "256", "--gpu", "h100"])
+    assert unknown.returncode == 2 and unknown.stdout == ""
+    assert "unknown GPU 'h100': did you mean 'h100-80gb'?" in unknown.stderr
+    assert "a100-40gb, a100-80gb, b200, h100-80gb, h200, l40s" in unknown.stderr
+
+    # 7 is prime: TP 7 divides neither the 64 heads, nor PP 7 the 80 layers, nor DP 7 the batch of 2048.
+    indivisible = run(base + ["--gpus", "7", "--gpu", "h100-80gb"])
+    assert indivisible.returncode == 2
+    assert "no layout of qwen-72b is valid on 7 GPUs" in indivisible.stderr
+    assert "nearest GPU counts that work: 5 or 8" in indivisible.stderr  # PP5 x DP1, or TP8
+
+    too_big = run(base + ["--gpus", "8", "--gpu", "a100-40gb"])
+    assert too_big.returncode == 2
+    assert "no layout of qwen-72b fits on 8 x a100-40gb" in too_big.stderr
+    assert "model state does not fit" in too_big.stderr
+    smallest = int(too_big.stderr.split("the smallest GPU count that fits is ")[1].split()[0])
+    # 72.3B parameters need at least 2 (bf16) + 4 (fp32 grads) bytes each on some GPU: >= 12 GPUs of 35.5 GiB.
+    assert 16 <= smallest <= 128 and smallest % 8 == 0
+    # It is the smallest: fewer whole nodes fit nothing (or allow no layout), that many do.
+    request = Request(load_config(REPO / "configs" / "qwen-72b.yaml"), 8, 8, find_gpu("a100-40gb"), 4096, 2048, micro_batch=1)
+    for fewer in range(8, smallest, 8):
+        with pytest.raises(PlanError):
+            plan(dataclasses.replace(request, num_gpus=fewer))
+    assert plan(dataclasses.replace(request, num_gpus=smallest)).fitting
