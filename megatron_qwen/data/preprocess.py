@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_qwen.data.chat import PREFERENCE_KEYS, SFT_KEYS, ChatFormatError, render_conversation, render_preference
-from megatron_qwen.data.indexed import IndexedShardWriter, ShardSummary, merge_shards
+from megatron_qwen.data.indexed import IndexedShardWriter, ShardSummary, merge_shards, shard_prefix
+from megatron_qwen.errors import PreprocessError
 from megatron_qwen.tokenizer import default_tokenizer_file, load_tokenizer
 
 BLOCK_BYTES = 1 << 20  # read size, and the unit in which .gz files are split between workers
@@ -54,10 +55,6 @@ BATCH_BYTES = 1 << 20  # JSONL text tokenized per batch: large enough to amortis
 MAX_BAD_LINE_EXAMPLES = 10
 _SKIP_HINT = "fix or remove the line, or skip such lines with --skip-bad-lines (skip_bad_lines=True)"
 MODES = ("text", "chat", "preference")
-
-
-class PreprocessError(RuntimeError):
-    """The corpus or the arguments cannot be preprocessed; the message says where and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -83,11 +80,6 @@ class PreprocessResult:
     mode: str = "text"
     truncated: int = 0  # chat: conversations that lost trailing exchanges to max_length
     trained_tokens: int = 0  # chat: tokens the loss mask trains
-
-
-def output_prefix_for(output_prefix: str, key: str) -> str:
-    """The shard prefix written for one JSON key (Megatron-LM's naming)."""
-    return f"{output_prefix}_{key}_document"
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
@@ -292,7 +284,7 @@ class _Job:
         return SFT_KEYS[:1] if self.mode == "chat" else self.json_keys
 
     def partial_prefix(self, key: str, part: int) -> str:
-        return f"{output_prefix_for(self.output_prefix, key)}.part-{part:05d}-of-{self.num_parts:05d}"
+        return f"{shard_prefix(self.output_prefix, key)}.part-{part:05d}-of-{self.num_parts:05d}"
 
 
 # Slots per part in the shared progress counters.
@@ -601,7 +593,7 @@ def _merge(job: _Job, gathered: list[dict[int, dict]], totals: list[int], starte
         try:
             for key in job.json_keys:
                 partials = [job.partial_prefix(key, p) for p in range(job.num_parts)]
-                result.outputs[key] = merge_shards(partials, output_prefix_for(job.output_prefix, key))
+                result.outputs[key] = merge_shards(partials, shard_prefix(job.output_prefix, key))
         finally:
             _remove_partials(job, range(job.num_parts))
     result.seconds = time.monotonic() - started
@@ -670,7 +662,7 @@ def preprocess(
     mode: str = "text",
     max_length: int | None = None,
 ) -> PreprocessResult:
-    """Tokenize JSONL(.gz) ``inputs`` (paths or globs) into ``output_prefix_for(output_prefix, key)`` shards.
+    """Tokenize JSONL(.gz) ``inputs`` (paths or globs) into ``shard_prefix(output_prefix, key)`` shards.
 
     Each JSON line is one document: the NFC-normalised string at each of ``json_keys`` (default ``text``),
     encoded with special tokens as plain text, plus ``<|endoftext|>`` when ``append_eod`` and the document
