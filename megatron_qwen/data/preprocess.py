@@ -27,18 +27,15 @@ The command-line front end is ``tools/preprocess_data.py``.
 
 from __future__ import annotations
 
-import functools
 import glob
 import itertools
-import json
 import multiprocessing
 import multiprocessing.connection
 import os
 import sys
 import time
 import traceback
-import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -46,24 +43,15 @@ import numpy as np
 
 from megatron_qwen.data.chat import PREFERENCE_KEYS, SFT_KEYS, ChatFormatError, render_conversation, render_preference
 from megatron_qwen.data.indexed import IndexedShardWriter, ShardSummary, merge_shards, shard_prefix
+from megatron_qwen.data.jsonl_input import Piece, expand_inputs, iter_piece_lines, json_type, line_number, plan_parts, record_of
 from megatron_qwen.errors import PreprocessError
 from megatron_qwen.tokenizer import default_tokenizer_file, load_tokenizer
 
-BLOCK_BYTES = 1 << 20  # read size, and the unit in which .gz files are split between workers
 PARTS_PER_WORKER = 8  # more, smaller parts balance uneven text better but make more partial shards
 BATCH_BYTES = 1 << 20  # JSONL text tokenized per batch: large enough to amortise per-call costs
 MAX_BAD_LINE_EXAMPLES = 10
 _SKIP_HINT = "fix or remove the line, or skip such lines with --skip-bad-lines (skip_bad_lines=True)"
 MODES = ("text", "chat", "preference")
-
-
-@dataclass(frozen=True)
-class Piece:
-    """The lines of ``path`` that start in raw bytes [start, end) (compressed bytes for .gz files)."""
-
-    path: str
-    start: int
-    end: int
 
 
 @dataclass
@@ -82,175 +70,9 @@ class PreprocessResult:
     trained_tokens: int = 0  # chat: tokens the loss mask trains
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """Input files in processing order: each argument in turn, a glob expanded in sorted order."""
-    files: list[str] = []
-    seen: dict[str, str] = {}
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise PreprocessError(f"--input {pattern!r} matches no file; check the path or quote the glob")
-        for path in matches:
-            if not os.path.isfile(path):
-                raise PreprocessError(f"--input {path!r} is not a readable file")
-            real = os.path.realpath(path)
-            if real in seen:
-                raise PreprocessError(
-                    f"input file {path!r} is given twice (by {seen[real]!r} and {pattern!r}); list each file once"
-                )
-            seen[real] = pattern
-            files.append(path)
-    return files
-
-
-def plan_parts(files: Sequence[tuple[str, int]], num_parts: int, gz_cut_every: int = 1) -> list[list[Piece]]:
-    """Cut the concatenated (path, size) files into ``num_parts`` contiguous, equal byte ranges.
-
-    Inside a .gz file only every ``gz_cut_every``-th cut is kept (the parts in between stay empty): each cut
-    in a .gz file costs one more decompression of the file up to it.
-    """
-    total = sum(size for _, size in files)
-    bounds = [total * p // num_parts for p in range(num_parts + 1)]
-    offset = 0
-    for path, size in files:
-        if path.endswith(".gz"):
-            for p in range(1, num_parts):
-                if offset < bounds[p] < offset + size and p % gz_cut_every:
-                    bounds[p] = max(offset, bounds[p - p % gz_cut_every])
-        offset += size
-    parts: list[list[Piece]] = [[] for _ in range(num_parts)]
-    offset = 0
-    for path, size in files:
-        for p in range(num_parts):
-            lo, hi = max(bounds[p], offset), min(bounds[p + 1], offset + size)
-            if lo < hi:
-                parts[p].append(Piece(path, lo - offset, hi - offset))
-        offset += size
-    return parts
-
-
-def _plain_chunks(piece: Piece) -> Iterator[tuple[int, bool, bytes]]:
-    """(raw offset, exact, data) blocks from the byte before ``piece.start`` (it shows whether start begins a line)."""
-    with open(piece.path, "rb", buffering=0) as f:
-        pos = max(piece.start - 1, 0)
-        f.seek(pos)
-        while data := f.read(BLOCK_BYTES):
-            yield pos, True, data
-            pos += len(data)
-
-
-def _gzip_chunks(piece: Piece) -> Iterator[tuple[int, bool, bytes]]:
-    """(compressed offset, exact=False, decompressed data) per compressed block, from the start of the file.
-
-    Concatenated gzip members (pigz, ``cat a.gz b.gz``) are read as one stream.
-    """
-    with open(piece.path, "rb", buffering=0) as f:
-        inflater = None
-        pos = 0
-        while raw := f.read(BLOCK_BYTES):
-            out = []
-            data = raw
-            try:
-                while data:
-                    if inflater is None or inflater.eof:
-                        inflater = zlib.decompressobj(wbits=31)
-                    out.append(inflater.decompress(data))
-                    data = inflater.unused_data if inflater.eof else b""
-            except zlib.error as e:
-                raise PreprocessError(f"{piece.path}: not a valid gzip file near compressed byte {pos} ({e})") from None
-            yield pos, False, b"".join(out)
-            pos += len(raw)
-        if inflater is not None and not inflater.eof:
-            raise PreprocessError(f"{piece.path}: truncated gzip file (its last member does not end); re-create it")
-
-
-def iter_piece_lines(piece: Piece) -> Iterator[tuple[bytes, int]]:
-    """Yield (line without its newline, newlines read before it) for every line the piece owns.
-
-    The newline count is relative to where reading began (see :func:`_line_number`).
-    """
-    chunks = _gzip_chunks(piece) if piece.path.endswith(".gz") else _plain_chunks(piece)
-    start, end = piece.start, piece.end
-    carry: list[bytes] = []  # the unfinished line, kept only when it is ours
-    carry_pos = None  # where the unfinished line began; None when the next byte starts a line
-    newlines = 0
-    for raw_pos, exact, data in chunks:
-        if raw_pos >= end and (carry_pos is None or carry_pos >= end):
-            return
-        if not exact and raw_pos < start:
-            # A block before this part (only in .gz files): track line numbers and the open line, nothing else.
-            count = data.count(b"\n")
-            newlines += count
-            if count:
-                carry_pos = raw_pos if data[-1:] != b"\n" else None
-            elif carry_pos is None and data:
-                carry_pos = raw_pos
-            continue
-        segments = data.split(b"\n")
-        offset = 0
-        for i in range(len(segments) - 1):
-            if i == 0 and carry_pos is not None:
-                line_pos, line = carry_pos, b"".join(carry) + segments[0]
-                carry = []
-            else:
-                line_pos, line = (raw_pos + offset if exact else raw_pos), segments[i]
-            if line_pos >= end:
-                return
-            if line_pos >= start:
-                yield line, newlines
-            newlines += 1
-            offset += len(segments[i]) + 1
-        last = segments[-1]
-        if len(segments) > 1 or carry_pos is None:
-            carry_pos = (raw_pos + offset if exact else raw_pos) if last else None
-            carry = []
-        if carry_pos is not None and start <= carry_pos < end:
-            carry.append(last)
-    if carry_pos is not None and start <= carry_pos < end:
-        yield b"".join(carry), newlines
-
-
-def _line_number(piece: Piece, newlines_before: int) -> int:
-    """1-based line number in the file of a line that ``iter_piece_lines`` reported ``newlines_before`` for."""
-    if piece.path.endswith(".gz") or piece.start == 0:
-        return newlines_before + 1  # reading began at the start of the (decompressed) file
-    return _newlines_before(piece.path, piece.start - 1) + newlines_before + 1
-
-
-@functools.lru_cache(maxsize=64)
-def _newlines_before(path: str, offset: int) -> int:
-    """Newlines in the first ``offset`` bytes of a file (only needed to report a bad line, so cached, not tracked)."""
-    count = 0
-    with open(path, "rb") as f:
-        while offset > 0 and (block := f.read(min(BLOCK_BYTES, offset))):
-            count += block.count(b"\n")
-            offset -= len(block)
-    return count
-
-
-_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
-
-
-def _json_type(value) -> str:
-    return "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
-
-
-def _record_of(line: bytes) -> dict | str:
-    """The JSON object on a line, or the reason the line is not one."""
-    try:
-        record = json.loads(line)
-    except UnicodeDecodeError as e:
-        return f"not UTF-8 text ({e.reason} at byte {e.start})"
-    except json.JSONDecodeError as e:
-        return f"invalid JSON ({e.msg} at column {e.colno})"
-    if not isinstance(record, dict):
-        return f"expected a JSON object, found a JSON {_json_type(record)}"
-    return record
-
-
 def _texts_of(line: bytes, keys: Sequence[str]) -> list[str] | str:
     """The string values of ``keys`` in a JSON-object line, or the reason the line is unusable."""
-    record = _record_of(line)
+    record = record_of(line)
     if isinstance(record, str):
         return record
     texts = []
@@ -260,7 +82,7 @@ def _texts_of(line: bytes, keys: Sequence[str]) -> list[str] | str:
             return f"missing key {key!r} (keys present: {present}); choose the keys with --json-keys"
         value = record[key]
         if not isinstance(value, str):
-            return f"the value of {key!r} is a JSON {_json_type(value)}, not a string"
+            return f"the value of {key!r} is a JSON {json_type(value)}, not a string"
         texts.append(value)
     return texts
 
@@ -372,7 +194,7 @@ def _tokenize_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counter
 
 def _bad_line(job: _Job, piece: Piece, newlines_before: int, reason: str, counters, slot: int, examples: list[str]) -> None:
     """Stop at an unusable line with file:line and the reason, or count it under skip_bad_lines."""
-    where = f"{piece.path}:{_line_number(piece, newlines_before)}"
+    where = f"{piece.path}:{line_number(piece, newlines_before)}"
     if not job.skip_bad_lines:
         raise PreprocessError(f"{where}: {reason}; {_SKIP_HINT}")
     counters[slot + _BAD] += 1
@@ -410,7 +232,7 @@ def _render_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counters)
         for piece in pieces:
             for line, newlines_before in iter_piece_lines(piece):
                 pending_bytes += len(line) + 1
-                record = _record_of(line)
+                record = record_of(line)
                 try:
                     if isinstance(record, str):
                         raise ChatFormatError(record)
