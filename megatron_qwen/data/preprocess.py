@@ -1,26 +1,21 @@
-"""Corpora (JSON lines, optionally gzipped) -> Megatron shards ``PREFIX_{key}_document.bin/.idx``.
+"""Corpora (JSON lines, optionally gzipped) -> Megatron shards ``PREFIX_{key}_document.bin/.idx``: the run.
+
+What a line becomes is its mode's renderer (`megatron_qwen.data.renderers`: text, chat, preference); how
+the input is cut and read is `megatron_qwen.data.jsonl_input`. This module runs the work and merges it.
 
 How the work is split: the input files, in order, form one byte stream that is cut into equal parts,
 ``PARTS_PER_WORKER`` per worker process; each MPI rank owns a contiguous run of them. A line belongs to the
 part holding its first byte (in a .gz file, to the part holding the compressed 1 MiB block that decompresses
 to it). A rank's workers take its parts one after another, so a stretch of slow text does not leave the
-other workers idle; each reads only its part, tokenizes in batches and streams the part's own partial shard
-per key through the C++ builder, so no token crosses between processes. Rank 0 then merges the partial
-shards in part order and deletes them. Documents therefore keep input order and the output is
-byte-identical for any worker count and any number of MPI ranks.
+other workers idle; each reads only its part, checks each line and renders the good ones in batches, and
+streams the part's own partial shard per key through the C++ builder, so no token crosses between
+processes. Rank 0 then merges the partial shards in part order and deletes them. Documents therefore keep
+input order and the output is byte-identical for any worker count and any number of MPI ranks.
 
 Nothing half-written is left behind: shards are written under temporary names and renamed when complete,
 and on any failure every partial shard and temporary is removed. A bad line (invalid JSON, not an object,
-missing key, non-string value) stops the run with ``file:line`` and the reason, or is counted and skipped
-with ``skip_bad_lines``.
-
-Chat data (``mode="chat"``, ``--chat``): each line is a conversation (see `megatron_qwen.data.chat`), rendered
-with ChatML into ``PREFIX_chat_tokens_document`` and a parallel loss-mask shard ``PREFIX_chat_mask_document``
-(document i of each is conversation i; mask 1 where the token is trained, QwenLM finetune.py's rule). With
-``max_length`` a longer conversation keeps its leading whole exchanges (counted as truncated); one whose
-first exchange does not fit, like any record breaking the chat rules, is a bad line. Preference data
-(``mode="preference"``, ``--preference``): each line is a pair, written as ``PREFIX_chosen_document`` and
-``PREFIX_rejected_document``; a side over ``max_length`` is a bad line.
+missing key, non-string value, a record breaking its mode's rules) stops the run with ``file:line`` and the
+reason, or is counted and skipped with ``skip_bad_lines``.
 
 The command-line front end is ``tools/preprocess_data.py``.
 """
@@ -28,7 +23,6 @@ The command-line front end is ``tools/preprocess_data.py``.
 from __future__ import annotations
 
 import glob
-import itertools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -41,17 +35,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_qwen.data.chat import PREFERENCE_KEYS, SFT_KEYS, ChatFormatError, render_conversation, render_preference
 from megatron_qwen.data.indexed import IndexedShardWriter, ShardSummary, merge_shards, shard_prefix
-from megatron_qwen.data.jsonl_input import Piece, expand_inputs, iter_piece_lines, json_type, line_number, plan_parts, record_of
+from megatron_qwen.data.jsonl_input import Piece, expand_inputs, iter_piece_lines, line_number, plan_parts
+from megatron_qwen.data.renderers import RENDERERS, Renderer, renderer_for
 from megatron_qwen.errors import PreprocessError
 from megatron_qwen.tokenizer import default_tokenizer_file, load_tokenizer
 
 PARTS_PER_WORKER = 8  # more, smaller parts balance uneven text better but make more partial shards
-BATCH_BYTES = 1 << 20  # JSONL text tokenized per batch: large enough to amortise per-call costs
+BATCH_BYTES = 1 << 20  # JSONL text rendered per batch: large enough to amortise per-call costs
 MAX_BAD_LINE_EXAMPLES = 10
 _SKIP_HINT = "fix or remove the line, or skip such lines with --skip-bad-lines (skip_bad_lines=True)"
-MODES = ("text", "chat", "preference")
 
 
 @dataclass
@@ -70,40 +63,15 @@ class PreprocessResult:
     trained_tokens: int = 0  # chat: tokens the loss mask trains
 
 
-def _texts_of(line: bytes, keys: Sequence[str]) -> list[str] | str:
-    """The string values of ``keys`` in a JSON-object line, or the reason the line is unusable."""
-    record = record_of(line)
-    if isinstance(record, str):
-        return record
-    texts = []
-    for key in keys:
-        if key not in record:
-            present = ", ".join(repr(k) for k in list(record)[:8]) or "none"
-            return f"missing key {key!r} (keys present: {present}); choose the keys with --json-keys"
-        value = record[key]
-        if not isinstance(value, str):
-            return f"the value of {key!r} is a JSON {json_type(value)}, not a string"
-        texts.append(value)
-    return texts
-
-
 @dataclass(frozen=True)
 class _Job:
     """Everything a worker needs besides its part (picklable for spawned processes)."""
 
-    json_keys: tuple[str, ...]  # text mode: the JSON keys; chat/preference: their shard keys
-    append_eod: bool
+    renderer: Renderer
     tokenizer_file: str
     skip_bad_lines: bool
     output_prefix: str | None  # None: tokenize and count only
     num_parts: int
-    mode: str = "text"
-    max_length: int | None = None
-
-    @property
-    def token_keys(self) -> tuple[str, ...]:
-        """The keys whose shards hold token ids (the chat mask shard does not)."""
-        return SFT_KEYS[:1] if self.mode == "chat" else self.json_keys
 
     def partial_prefix(self, key: str, part: int) -> str:
         return f"{shard_prefix(self.output_prefix, key)}.part-{part:05d}-of-{self.num_parts:05d}"
@@ -114,7 +82,7 @@ _DOCS, _TOKENS, _BYTES, _BAD = range(4)
 
 
 def _run_worker(parts: dict[int, list[Piece]], next_part, job: _Job, counters, conn) -> None:
-    """Worker process: take this rank's parts in turn (``next_part`` is their shared cursor) and tokenize each
+    """Worker process: take this rank's parts in turn (``next_part`` is their shared cursor) and render each
     into its partial shards; finally send {part: result} or {"error": message} through ``conn``."""
     try:
         try:
@@ -128,8 +96,7 @@ def _run_worker(parts: dict[int, list[Piece]], next_part, job: _Job, counters, c
                 next_part.value += 1
             if part not in parts:
                 break
-            run_part = _tokenize_part if job.mode == "text" else _render_part
-            results[part] = run_part(part, parts[part], job, tokenizer, counters)
+            results[part] = _run_part(part, parts[part], job, tokenizer, counters)
         conn.send({"parts": results})
     except PreprocessError as e:
         conn.send({"error": str(e)})
@@ -139,12 +106,14 @@ def _run_worker(parts: dict[int, list[Piece]], next_part, job: _Job, counters, c
         conn.close()
 
 
-def _tokenize_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counters) -> dict:
-    """Read, check and tokenize the lines of ``pieces`` in batches into the part's shards (if writing)."""
+def _run_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counters) -> dict:
+    """Read and check the lines of ``pieces`` and render them, in batches, into the part's shards (if writing)."""
+    renderer = job.renderer
+    check = renderer.check
     slot = 4 * part
-    keys = job.json_keys
-    texts: dict[str, list[str]] = {key: [] for key in keys}
-    tokens = dict.fromkeys(keys, 0)
+    items: list = []  # what `check` made of the good lines since the last flush
+    tokens = dict.fromkeys(renderer.token_keys, 0)
+    stats = dict.fromkeys(renderer.stat_names, 0)
     bad_examples: list[str] = []
     pending_bytes = 0
 
@@ -152,44 +121,39 @@ def _tokenize_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counter
         writers = {}
         if job.output_prefix is not None:
             writers = {
-                key: stack.enter_context(IndexedShardWriter(job.partial_prefix(key, part), tokenizer.n_vocab))
-                for key in keys
+                key: stack.enter_context(IndexedShardWriter(job.partial_prefix(key, part), renderer.vocab_size(key, tokenizer)))
+                for key in renderer.keys
             }
 
         def flush() -> None:
             nonlocal pending_bytes
-            count = len(texts[keys[0]])
-            for key in keys:
-                ids = tokenizer.encode_batch(texts[key], num_threads=1)
-                if job.append_eod:
-                    for doc in ids:
-                        if doc:  # Megatron-LM leaves empty documents empty
-                            doc.append(tokenizer.eod_id)
-                lengths = np.fromiter(map(len, ids), np.int64, count=count)
-                total = int(lengths.sum())
-                if writers:
-                    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=total)
-                    writers[key].add_documents(flat, lengths)
-                tokens[key] += total
-                counters[slot + _TOKENS] += total
-                texts[key].clear()
-            counters[slot + _DOCS] += count
+            if items:
+                for key, lengths, flat in renderer.render(tokenizer, items, with_tokens=bool(writers)):
+                    if writers:
+                        writers[key].add_documents(flat, lengths)
+                    if key in tokens:
+                        total = int(lengths.sum())
+                        tokens[key] += total
+                        counters[slot + _TOKENS] += total
+                for name, value in renderer.count(items).items():
+                    stats[name] += value
+                counters[slot + _DOCS] += len(items)
+                items.clear()
             counters[slot + _BYTES] += pending_bytes
             pending_bytes = 0
 
         for piece in pieces:
             for line, newlines_before in iter_piece_lines(piece):
                 pending_bytes += len(line) + 1
-                found = _texts_of(line, keys)
-                if isinstance(found, str):
-                    _bad_line(job, piece, newlines_before, found, counters, slot, bad_examples)
+                item = check(tokenizer, line)
+                if isinstance(item, str):
+                    _bad_line(job, piece, newlines_before, item, counters, slot, bad_examples)
                     continue
-                for key, text in zip(keys, found):
-                    texts[key].append(text)
+                items.append(item)
                 if pending_bytes >= BATCH_BYTES:
                     flush()
         flush()
-    return {"tokens": tokens, "bad_examples": bad_examples, "truncated": 0, "trained_tokens": 0}
+    return {"tokens": tokens, "bad_examples": bad_examples, "stats": stats}
 
 
 def _bad_line(job: _Job, piece: Piece, newlines_before: int, reason: str, counters, slot: int, examples: list[str]) -> None:
@@ -200,63 +164,6 @@ def _bad_line(job: _Job, piece: Piece, newlines_before: int, reason: str, counte
     counters[slot + _BAD] += 1
     if len(examples) < MAX_BAD_LINE_EXAMPLES:
         examples.append(f"{where}: {reason}")
-
-
-def _render_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counters) -> dict:
-    """Chat/preference mode: check and render each record with ChatML into the part's shards (if writing)."""
-    slot = 4 * part
-    keys = job.json_keys
-    pending: dict[str, list[np.ndarray]] = {key: [] for key in keys}
-    tokens = dict.fromkeys(job.token_keys, 0)
-    bad_examples: list[str] = []
-    truncated = trained = pending_bytes = 0
-
-    with ExitStack() as stack:
-        writers = {}
-        if job.output_prefix is not None:
-            writers = {
-                # The mask shard holds 0/1, so its dtype is the smallest megatron-core picks.
-                key: stack.enter_context(IndexedShardWriter(job.partial_prefix(key, part), 2 if key == SFT_KEYS[1] else tokenizer.n_vocab))
-                for key in keys
-            }
-
-        def flush() -> None:
-            nonlocal pending_bytes
-            for key, docs in pending.items():
-                if writers and docs:
-                    writers[key].add_documents(np.concatenate(docs), np.fromiter(map(len, docs), np.int64, count=len(docs)))
-                docs.clear()
-            counters[slot + _BYTES] += pending_bytes
-            pending_bytes = 0
-
-        for piece in pieces:
-            for line, newlines_before in iter_piece_lines(piece):
-                pending_bytes += len(line) + 1
-                record = record_of(line)
-                try:
-                    if isinstance(record, str):
-                        raise ChatFormatError(record)
-                    if job.mode == "chat":
-                        chat = render_conversation(tokenizer, record, job.max_length)
-                        docs = {SFT_KEYS[0]: np.asarray(chat.ids, np.int32), SFT_KEYS[1]: np.asarray(chat.mask, np.int32)}
-                        truncated += chat.dropped_exchanges > 0
-                        trained += int(docs[SFT_KEYS[1]].sum())
-                    else:
-                        sides = render_preference(tokenizer, record, job.max_length)
-                        docs = {key: np.asarray(ids, np.int32) for key, ids in zip(PREFERENCE_KEYS, sides)}
-                except ChatFormatError as e:
-                    _bad_line(job, piece, newlines_before, str(e), counters, slot, bad_examples)
-                    continue
-                for key, doc in docs.items():
-                    pending[key].append(doc)
-                for key in tokens:
-                    tokens[key] += len(docs[key])
-                    counters[slot + _TOKENS] += len(docs[key])
-                counters[slot + _DOCS] += 1
-                if pending_bytes >= BATCH_BYTES:
-                    flush()
-        flush()
-    return {"tokens": tokens, "bad_examples": bad_examples, "truncated": truncated, "trained_tokens": trained}
 
 
 class _SingleProcess:
@@ -298,7 +205,7 @@ def _plan(inputs: Sequence[str], output_prefix: str | None, num_parts: int) -> l
 def _remove_partials(job: _Job, parts: Sequence[int]) -> None:
     """Delete the partial shards of ``parts`` and any temporaries their writers left (e.g. when killed)."""
     for part in parts:
-        for key in job.json_keys:
+        for key in job.renderer.keys:
             prefix = job.partial_prefix(key, part)
             for path in [prefix + ".bin", prefix + ".idx", *glob.glob(glob.escape(prefix) + ".*.tmp-*")]:
                 try:
@@ -400,20 +307,20 @@ def _stop(procs) -> None:
 
 def _merge(job: _Job, gathered: list[dict[int, dict]], totals: list[int], started: float) -> PreprocessResult:
     """Rank 0: merge the partial shards in part order into the final shards and build the result."""
+    renderer = job.renderer
     per_part = [rank_results[p] for rank_results in gathered for p in sorted(rank_results)]
     result = PreprocessResult(
         documents=totals[_DOCS],
-        tokens={key: sum(r["tokens"][key] for r in per_part) for key in job.token_keys},
+        tokens={key: sum(r["tokens"][key] for r in per_part) for key in renderer.token_keys},
         text_bytes=totals[_BYTES],
         bad_lines=totals[_BAD],
         bad_line_examples=[e for r in per_part for e in r["bad_examples"]][:MAX_BAD_LINE_EXAMPLES],
-        mode=job.mode,
-        truncated=sum(r["truncated"] for r in per_part),
-        trained_tokens=sum(r["trained_tokens"] for r in per_part),
+        mode=renderer.mode,
+        **{name: sum(r["stats"][name] for r in per_part) for name in renderer.stat_names},
     )
     if job.output_prefix is not None:
         try:
-            for key in job.json_keys:
+            for key in renderer.keys:
                 partials = [job.partial_prefix(key, p) for p in range(job.num_parts)]
                 result.outputs[key] = merge_shards(partials, shard_prefix(job.output_prefix, key))
         finally:
@@ -434,22 +341,7 @@ def _run(inputs: Sequence[str], job: _Job, workers: int, comm, progress: bool) -
 
 
 def _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_prefix, workers, comm, mode, max_length) -> _Job:
-    if mode not in MODES:
-        raise PreprocessError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    if mode == "text":
-        keys = ("text",) if json_keys is None else tuple(json_keys)
-        if not keys or len(set(keys)) != len(keys):
-            raise PreprocessError(f"--json-keys must name one or more distinct keys, got {list(keys)}")
-        if max_length is not None:
-            raise PreprocessError("--max-length applies to --chat and --preference data; drop it for plain text")
-    else:
-        # A conversation is rendered whole with ChatML: keys, EOD and length come from the chat rules.
-        for given, flag in ((json_keys is not None, "--json-keys"), (append_eod, "--append-eod")):
-            if given:
-                raise PreprocessError(f"{flag} does not apply to --{mode} data (records are rendered with ChatML); drop it")
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
-            raise PreprocessError(f"--max-length must be a positive integer (the model.seq_length to train at), got {max_length!r}")
-        keys = SFT_KEYS if mode == "chat" else PREFERENCE_KEYS
+    renderer = renderer_for(mode, json_keys, append_eod, max_length)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise PreprocessError(f"--workers must be a positive integer, got {workers!r}")
     try:
@@ -460,14 +352,11 @@ def _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_pref
         raise PreprocessError(f"--tokenizer-file {tokenizer_file!r} does not exist; pass the path of qwen.tiktoken")
     size = comm.size if comm is not None else 1
     return _Job(
-        json_keys=keys,
-        append_eod=append_eod,
+        renderer=renderer,
         tokenizer_file=tokenizer_file,
         skip_bad_lines=skip_bad_lines,
         output_prefix=None if output_prefix is None else os.fspath(output_prefix),
         num_parts=size * workers * PARTS_PER_WORKER,
-        mode=mode,
-        max_length=max_length,
     )
 
 
@@ -489,7 +378,7 @@ def preprocess(
     Each JSON line is one document: the NFC-normalised string at each of ``json_keys`` (default ``text``),
     encoded with special tokens as plain text, plus ``<|endoftext|>`` when ``append_eod`` and the document
     is not empty. ``mode`` "chat" or "preference" renders conversations or preference pairs with ChatML
-    instead (see the module docstring), each at most ``max_length`` tokens. ``workers``
+    instead (see `megatron_qwen.data.renderers`), each at most ``max_length`` tokens. ``workers``
     processes per rank are spawned, so a script calling this needs the ``if __name__ == "__main__":`` guard.
     ``comm`` (an mpi4py communicator; all its ranks call this) spreads the parts over the ranks and rank 0
     merges them, so ``output_prefix`` must be on a filesystem all ranks share. Every rank returns the same
@@ -520,22 +409,17 @@ def count_tokens(
     return _run(inputs, job, workers, comm, progress)
 
 
-_UNITS = {"text": "documents", "chat": "conversations", "preference": "pairs"}
-
-
 def format_summary(result: PreprocessResult) -> str:
     """Human-readable end-of-run summary."""
+    renderer = RENDERERS[result.mode]
     seconds = max(result.seconds, 1e-9)
     lines = [
-        f"{_UNITS[result.mode]}: {result.documents:,} in {seconds:.1f} s ({result.documents / seconds:,.0f}/s, "
+        f"{renderer.unit}: {result.documents:,} in {seconds:.1f} s ({result.documents / seconds:,.0f}/s, "
         f"{result.text_bytes / 1e6 / seconds:,.2f} MB/s of JSONL text)",
     ]
     for key, count in result.tokens.items():
         lines.append(f"tokens[{key}]: {count:,}")
-    if result.mode == "chat":
-        total = max(sum(result.tokens.values()), 1)
-        lines.append(f"trained tokens (loss mask): {result.trained_tokens:,} ({100 * result.trained_tokens / total:.1f} %)")
-        lines.append(f"conversations truncated to --max-length (trailing exchanges dropped): {result.truncated:,}")
+    lines += renderer.summary_lines(result)
     if result.bad_lines:
         lines.append(f"bad lines skipped: {result.bad_lines:,}; first ones:")
         lines += [f"  {example}" for example in result.bad_line_examples]
