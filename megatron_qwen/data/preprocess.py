@@ -59,6 +59,7 @@ class PreprocessResult:
     seconds: float = 0.0
     outputs: dict[str, ShardSummary] = field(default_factory=dict)
     mode: str = "text"
+    # Counters of one mode (its renderer's stat_names), 0 in the others.
     truncated: int = 0  # chat: conversations that lost trailing exchanges to max_length
     trained_tokens: int = 0  # chat: tokens the loss mask trains
 
