@@ -110,7 +110,7 @@ def _run_worker(parts: dict[int, list[Piece]], next_part, job: _Job, counters, c
 def _run_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counters) -> dict:
     """Read and check the lines of ``pieces`` and render them, in batches, into the part's shards (if writing)."""
     renderer = job.renderer
-    check = renderer.check
+    check = renderer.check  # looked up once: it is called for every line
     slot = 4 * part
     items: list = []  # what `check` made of the good lines since the last flush
     tokens = dict.fromkeys(renderer.token_keys, 0)
