@@ -29,3 +29,7 @@ class ConversionError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint directory that is missing, incomplete or does not fit the model being loaded."""
+
+
+class PreprocessError(UserError):
+    """A corpus or preprocessing request that cannot be turned into shards; the message says where and how to fix it."""

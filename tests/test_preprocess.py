@@ -22,6 +22,7 @@ import tiktoken
 import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
+from megatron_qwen.data import jsonl_input
 from megatron_qwen.data import preprocess as pp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -229,7 +230,7 @@ def test_skip_bad_lines_counts_and_drops_them(tmp_path, corpus, encoding):
 @pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
 def test_parts_partition_the_lines(tmp_path, monkeypatch, compressed):
     """However a file is cut into parts, every line is read by exactly one part, in order, with its line number."""
-    monkeypatch.setattr(pp, "BLOCK_BYTES", 64)  # many blocks (and .gz split points) in a small file
+    monkeypatch.setattr(jsonl_input, "BLOCK_BYTES", 64)  # many blocks (and .gz split points) in a small file
     rng = np.random.default_rng(1)
     lines = [bytes(rng.integers(97, 123, size=n).astype(np.uint8)) for n in rng.integers(0, 150, size=300)]
     assert b"" in lines
@@ -237,11 +238,11 @@ def test_parts_partition_the_lines(tmp_path, monkeypatch, compressed):
     path = tmp_path / ("f.jsonl.gz" if compressed else "f.jsonl")
     path.write_bytes(gzip.compress(data[:5000], 1) + gzip.compress(data[5000:], 1) if compressed else data)
     for num_parts, gz_cut_every in [(1, 1), (2, 1), (3, 1), (7, 1), (12, 4)]:
-        parts = pp.plan_parts([(str(path), path.stat().st_size)], num_parts, gz_cut_every)
+        parts = jsonl_input.plan_parts([(str(path), path.stat().st_size)], num_parts, gz_cut_every)
         seen = []
         for part in parts:
             for piece in part:
-                seen += [(line, pp._line_number(piece, before)) for line, before in pp.iter_piece_lines(piece)]
+                seen += [(line, jsonl_input.line_number(piece, before)) for line, before in jsonl_input.iter_piece_lines(piece)]
         assert seen == [(line, n) for n, line in enumerate(lines, 1)], num_parts
         cut_after = [p for p in range(num_parts - 1) if parts[p]]  # parts that end at a cut
         assert all((p + 1) % gz_cut_every == 0 for p in cut_after) if compressed else len(cut_after) == num_parts - 1

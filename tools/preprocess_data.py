@@ -24,6 +24,7 @@ import argparse
 import sys
 
 from megatron_qwen.data.preprocess import PreprocessError, format_summary, preprocess
+from megatron_qwen.data.renderers import RENDERERS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,9 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--skip-bad-lines", action="store_true", help="count and skip unusable lines instead of stopping"
     )
     parser.add_argument("--mpi", action="store_true", help="split the work over the ranks of mpirun/srun (mpi4py)")
+    # One flag per record kind other than plain text (the default), from the renderers' registry.
     kind = parser.add_mutually_exclusive_group()
-    kind.add_argument("--chat", action="store_true", help="conversations -> PREFIX_chat_tokens/_chat_mask_document")
-    kind.add_argument("--preference", action="store_true", help="preference pairs -> PREFIX_chosen/_rejected_document")
+    for mode, renderer in RENDERERS.items():
+        if renderer.cli_help:
+            kind.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode, help=renderer.cli_help)
+    parser.set_defaults(mode="text")
     parser.add_argument(
         "--max-length", type=int, default=None,
         help="--chat: keep the leading whole exchanges within N tokens; --preference: longer pairs are bad lines "
@@ -53,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def mpi_world():
     """mpi4py's COMM_WORLD, with an install hint when mpi4py is missing."""
     try:
+        # Imported here: mpi4py is optional, and importing it initialises MPI, which only --mpi runs want.
         from mpi4py import MPI
     except ImportError as e:
         raise PreprocessError(
@@ -78,7 +83,7 @@ def main(argv=None) -> int:
             skip_bad_lines=args.skip_bad_lines,
             comm=comm,
             progress=True,
-            mode="chat" if args.chat else "preference" if args.preference else "text",
+            mode=args.mode,
             max_length=args.max_length,
         )
     except PreprocessError as e:

@@ -29,6 +29,7 @@ import torch
 
 from megatron_qwen.config import Config
 from megatron_qwen.data.chat import PREFERENCE_KEYS, SFT_KEYS
+from megatron_qwen.data.indexed import shard_prefix
 from megatron_qwen.errors import DataError
 
 class _Shards:
@@ -47,11 +48,11 @@ class _Shards:
         for prefix in prefixes:
             shards = {}
             for key in keys:
-                path = f"{prefix}_{key}_document"
+                path = shard_prefix(prefix, key)
                 if not (Path(path + ".bin").is_file() and Path(path + ".idx").is_file()):
                     raise DataError(
                         f"{path}.bin/.idx does not exist; data.paths takes the --output-prefix given to "
-                        f"`tools/preprocess_data.py {flag}` ({prefix!r} should hold {', '.join(f'{prefix}_{k}_document' for k in keys)})"
+                        f"`tools/preprocess_data.py {flag}` ({prefix!r} should hold {', '.join(shard_prefix(prefix, k) for k in keys)})"
                     )
                 shards[key] = IndexedDataset(path)
             counts = {key: len(shard) for key, shard in shards.items()}

@@ -1,72 +1,50 @@
-"""Corpora (JSON lines, optionally gzipped) -> Megatron shards ``PREFIX_{key}_document.bin/.idx``.
+"""Corpora (JSON lines, optionally gzipped) -> Megatron shards ``PREFIX_{key}_document.bin/.idx``: the run.
+
+What a line becomes is its mode's renderer (`megatron_qwen.data.renderers`: text, chat, preference); how
+the input is cut and read is `megatron_qwen.data.jsonl_input`. This module runs the work and merges it.
 
 How the work is split: the input files, in order, form one byte stream that is cut into equal parts,
 ``PARTS_PER_WORKER`` per worker process; each MPI rank owns a contiguous run of them. A line belongs to the
 part holding its first byte (in a .gz file, to the part holding the compressed 1 MiB block that decompresses
 to it). A rank's workers take its parts one after another, so a stretch of slow text does not leave the
-other workers idle; each reads only its part, tokenizes in batches and streams the part's own partial shard
-per key through the C++ builder, so no token crosses between processes. Rank 0 then merges the partial
-shards in part order and deletes them. Documents therefore keep input order and the output is
-byte-identical for any worker count and any number of MPI ranks.
+other workers idle; each reads only its part, checks each line and renders the good ones in batches, and
+streams the part's own partial shard per key through the C++ builder, so no token crosses between
+processes. Rank 0 then merges the partial shards in part order and deletes them. Documents therefore keep
+input order and the output is byte-identical for any worker count and any number of MPI ranks.
 
 Nothing half-written is left behind: shards are written under temporary names and renamed when complete,
 and on any failure every partial shard and temporary is removed. A bad line (invalid JSON, not an object,
-missing key, non-string value) stops the run with ``file:line`` and the reason, or is counted and skipped
-with ``skip_bad_lines``.
-
-Chat data (``mode="chat"``, ``--chat``): each line is a conversation (see `megatron_qwen.data.chat`), rendered
-with ChatML into ``PREFIX_chat_tokens_document`` and a parallel loss-mask shard ``PREFIX_chat_mask_document``
-(document i of each is conversation i; mask 1 where the token is trained, QwenLM finetune.py's rule). With
-``max_length`` a longer conversation keeps its leading whole exchanges (counted as truncated); one whose
-first exchange does not fit, like any record breaking the chat rules, is a bad line. Preference data
-(``mode="preference"``, ``--preference``): each line is a pair, written as ``PREFIX_chosen_document`` and
-``PREFIX_rejected_document``; a side over ``max_length`` is a bad line.
+missing key, non-string value, a record breaking its mode's rules) stops the run with ``file:line`` and the
+reason, or is counted and skipped with ``skip_bad_lines``.
 
 The command-line front end is ``tools/preprocess_data.py``.
 """
 
 from __future__ import annotations
 
-import functools
 import glob
-import itertools
-import json
 import multiprocessing
 import multiprocessing.connection
 import os
 import sys
 import time
 import traceback
-import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_qwen.data.chat import PREFERENCE_KEYS, SFT_KEYS, ChatFormatError, render_conversation, render_preference
-from megatron_qwen.data.indexed import IndexedShardWriter, ShardSummary, merge_shards
+from megatron_qwen.data.indexed import IndexedShardWriter, ShardSummary, merge_shards, shard_prefix
+from megatron_qwen.data.jsonl_input import Piece, expand_inputs, iter_piece_lines, line_number, plan_parts
+from megatron_qwen.data.renderers import RENDERERS, Renderer, renderer_for
+from megatron_qwen.errors import PreprocessError
 from megatron_qwen.tokenizer import default_tokenizer_file, load_tokenizer
 
-BLOCK_BYTES = 1 << 20  # read size, and the unit in which .gz files are split between workers
 PARTS_PER_WORKER = 8  # more, smaller parts balance uneven text better but make more partial shards
-BATCH_BYTES = 1 << 20  # JSONL text tokenized per batch: large enough to amortise per-call costs
+BATCH_BYTES = 1 << 20  # JSONL text rendered per batch: large enough to amortise per-call costs
 MAX_BAD_LINE_EXAMPLES = 10
 _SKIP_HINT = "fix or remove the line, or skip such lines with --skip-bad-lines (skip_bad_lines=True)"
-MODES = ("text", "chat", "preference")
-
-
-class PreprocessError(RuntimeError):
-    """The corpus or the arguments cannot be preprocessed; the message says where and how to fix it."""
-
-
-@dataclass(frozen=True)
-class Piece:
-    """The lines of ``path`` that start in raw bytes [start, end) (compressed bytes for .gz files)."""
-
-    path: str
-    start: int
-    end: int
 
 
 @dataclass
@@ -81,218 +59,23 @@ class PreprocessResult:
     seconds: float = 0.0
     outputs: dict[str, ShardSummary] = field(default_factory=dict)
     mode: str = "text"
+    # Counters of one mode (its renderer's stat_names), 0 in the others.
     truncated: int = 0  # chat: conversations that lost trailing exchanges to max_length
     trained_tokens: int = 0  # chat: tokens the loss mask trains
-
-
-def output_prefix_for(output_prefix: str, key: str) -> str:
-    """The shard prefix written for one JSON key (Megatron-LM's naming)."""
-    return f"{output_prefix}_{key}_document"
-
-
-def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """Input files in processing order: each argument in turn, a glob expanded in sorted order."""
-    files: list[str] = []
-    seen: dict[str, str] = {}
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise PreprocessError(f"--input {pattern!r} matches no file; check the path or quote the glob")
-        for path in matches:
-            if not os.path.isfile(path):
-                raise PreprocessError(f"--input {path!r} is not a readable file")
-            real = os.path.realpath(path)
-            if real in seen:
-                raise PreprocessError(
-                    f"input file {path!r} is given twice (by {seen[real]!r} and {pattern!r}); list each file once"
-                )
-            seen[real] = pattern
-            files.append(path)
-    return files
-
-
-def plan_parts(files: Sequence[tuple[str, int]], num_parts: int, gz_cut_every: int = 1) -> list[list[Piece]]:
-    """Cut the concatenated (path, size) files into ``num_parts`` contiguous, equal byte ranges.
-
-    Inside a .gz file only every ``gz_cut_every``-th cut is kept (the parts in between stay empty): each cut
-    in a .gz file costs one more decompression of the file up to it.
-    """
-    total = sum(size for _, size in files)
-    bounds = [total * p // num_parts for p in range(num_parts + 1)]
-    offset = 0
-    for path, size in files:
-        if path.endswith(".gz"):
-            for p in range(1, num_parts):
-                if offset < bounds[p] < offset + size and p % gz_cut_every:
-                    bounds[p] = max(offset, bounds[p - p % gz_cut_every])
-        offset += size
-    parts: list[list[Piece]] = [[] for _ in range(num_parts)]
-    offset = 0
-    for path, size in files:
-        for p in range(num_parts):
-            lo, hi = max(bounds[p], offset), min(bounds[p + 1], offset + size)
-            if lo < hi:
-                parts[p].append(Piece(path, lo - offset, hi - offset))
-        offset += size
-    return parts
-
-
-def _plain_chunks(piece: Piece) -> Iterator[tuple[int, bool, bytes]]:
-    """(raw offset, exact, data) blocks from the byte before ``piece.start`` (it shows whether start begins a line)."""
-    with open(piece.path, "rb", buffering=0) as f:
-        pos = max(piece.start - 1, 0)
-        f.seek(pos)
-        while data := f.read(BLOCK_BYTES):
-            yield pos, True, data
-            pos += len(data)
-
-
-def _gzip_chunks(piece: Piece) -> Iterator[tuple[int, bool, bytes]]:
-    """(compressed offset, exact=False, decompressed data) per compressed block, from the start of the file.
-
-    Concatenated gzip members (pigz, ``cat a.gz b.gz``) are read as one stream.
-    """
-    with open(piece.path, "rb", buffering=0) as f:
-        inflater = None
-        pos = 0
-        while raw := f.read(BLOCK_BYTES):
-            out = []
-            data = raw
-            try:
-                while data:
-                    if inflater is None or inflater.eof:
-                        inflater = zlib.decompressobj(wbits=31)
-                    out.append(inflater.decompress(data))
-                    data = inflater.unused_data if inflater.eof else b""
-            except zlib.error as e:
-                raise PreprocessError(f"{piece.path}: not a valid gzip file near compressed byte {pos} ({e})") from None
-            yield pos, False, b"".join(out)
-            pos += len(raw)
-        if inflater is not None and not inflater.eof:
-            raise PreprocessError(f"{piece.path}: truncated gzip file (its last member does not end); re-create it")
-
-
-def iter_piece_lines(piece: Piece) -> Iterator[tuple[bytes, int]]:
-    """Yield (line without its newline, newlines read before it) for every line the piece owns.
-
-    The newline count is relative to where reading began (see :func:`_line_number`).
-    """
-    chunks = _gzip_chunks(piece) if piece.path.endswith(".gz") else _plain_chunks(piece)
-    start, end = piece.start, piece.end
-    carry: list[bytes] = []  # the unfinished line, kept only when it is ours
-    carry_pos = None  # where the unfinished line began; None when the next byte starts a line
-    newlines = 0
-    for raw_pos, exact, data in chunks:
-        if raw_pos >= end and (carry_pos is None or carry_pos >= end):
-            return
-        if not exact and raw_pos < start:
-            # A block before this part (only in .gz files): track line numbers and the open line, nothing else.
-            count = data.count(b"\n")
-            newlines += count
-            if count:
-                carry_pos = raw_pos if data[-1:] != b"\n" else None
-            elif carry_pos is None and data:
-                carry_pos = raw_pos
-            continue
-        segments = data.split(b"\n")
-        offset = 0
-        for i in range(len(segments) - 1):
-            if i == 0 and carry_pos is not None:
-                line_pos, line = carry_pos, b"".join(carry) + segments[0]
-                carry = []
-            else:
-                line_pos, line = (raw_pos + offset if exact else raw_pos), segments[i]
-            if line_pos >= end:
-                return
-            if line_pos >= start:
-                yield line, newlines
-            newlines += 1
-            offset += len(segments[i]) + 1
-        last = segments[-1]
-        if len(segments) > 1 or carry_pos is None:
-            carry_pos = (raw_pos + offset if exact else raw_pos) if last else None
-            carry = []
-        if carry_pos is not None and start <= carry_pos < end:
-            carry.append(last)
-    if carry_pos is not None and start <= carry_pos < end:
-        yield b"".join(carry), newlines
-
-
-def _line_number(piece: Piece, newlines_before: int) -> int:
-    """1-based line number in the file of a line that ``iter_piece_lines`` reported ``newlines_before`` for."""
-    if piece.path.endswith(".gz") or piece.start == 0:
-        return newlines_before + 1  # reading began at the start of the (decompressed) file
-    return _newlines_before(piece.path, piece.start - 1) + newlines_before + 1
-
-
-@functools.lru_cache(maxsize=64)
-def _newlines_before(path: str, offset: int) -> int:
-    """Newlines in the first ``offset`` bytes of a file (only needed to report a bad line, so cached, not tracked)."""
-    count = 0
-    with open(path, "rb") as f:
-        while offset > 0 and (block := f.read(min(BLOCK_BYTES, offset))):
-            count += block.count(b"\n")
-            offset -= len(block)
-    return count
-
-
-_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
-
-
-def _json_type(value) -> str:
-    return "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
-
-
-def _record_of(line: bytes) -> dict | str:
-    """The JSON object on a line, or the reason the line is not one."""
-    try:
-        record = json.loads(line)
-    except UnicodeDecodeError as e:
-        return f"not UTF-8 text ({e.reason} at byte {e.start})"
-    except json.JSONDecodeError as e:
-        return f"invalid JSON ({e.msg} at column {e.colno})"
-    if not isinstance(record, dict):
-        return f"expected a JSON object, found a JSON {_json_type(record)}"
-    return record
-
-
-def _texts_of(line: bytes, keys: Sequence[str]) -> list[str] | str:
-    """The string values of ``keys`` in a JSON-object line, or the reason the line is unusable."""
-    record = _record_of(line)
-    if isinstance(record, str):
-        return record
-    texts = []
-    for key in keys:
-        if key not in record:
-            present = ", ".join(repr(k) for k in list(record)[:8]) or "none"
-            return f"missing key {key!r} (keys present: {present}); choose the keys with --json-keys"
-        value = record[key]
-        if not isinstance(value, str):
-            return f"the value of {key!r} is a JSON {_json_type(value)}, not a string"
-        texts.append(value)
-    return texts
 
 
 @dataclass(frozen=True)
 class _Job:
     """Everything a worker needs besides its part (picklable for spawned processes)."""
 
-    json_keys: tuple[str, ...]  # text mode: the JSON keys; chat/preference: their shard keys
-    append_eod: bool
+    renderer: Renderer
     tokenizer_file: str
     skip_bad_lines: bool
     output_prefix: str | None  # None: tokenize and count only
     num_parts: int
-    mode: str = "text"
-    max_length: int | None = None
-
-    @property
-    def token_keys(self) -> tuple[str, ...]:
-        """The keys whose shards hold token ids (the chat mask shard does not)."""
-        return SFT_KEYS[:1] if self.mode == "chat" else self.json_keys
 
     def partial_prefix(self, key: str, part: int) -> str:
-        return f"{output_prefix_for(self.output_prefix, key)}.part-{part:05d}-of-{self.num_parts:05d}"
+        return f"{shard_prefix(self.output_prefix, key)}.part-{part:05d}-of-{self.num_parts:05d}"
 
 
 # Slots per part in the shared progress counters.
@@ -300,7 +83,7 @@ _DOCS, _TOKENS, _BYTES, _BAD = range(4)
 
 
 def _run_worker(parts: dict[int, list[Piece]], next_part, job: _Job, counters, conn) -> None:
-    """Worker process: take this rank's parts in turn (``next_part`` is their shared cursor) and tokenize each
+    """Worker process: take this rank's parts in turn (``next_part`` is their shared cursor) and render each
     into its partial shards; finally send {part: result} or {"error": message} through ``conn``."""
     try:
         try:
@@ -314,8 +97,7 @@ def _run_worker(parts: dict[int, list[Piece]], next_part, job: _Job, counters, c
                 next_part.value += 1
             if part not in parts:
                 break
-            run_part = _tokenize_part if job.mode == "text" else _render_part
-            results[part] = run_part(part, parts[part], job, tokenizer, counters)
+            results[part] = _run_part(part, parts[part], job, tokenizer, counters)
         conn.send({"parts": results})
     except PreprocessError as e:
         conn.send({"error": str(e)})
@@ -325,12 +107,14 @@ def _run_worker(parts: dict[int, list[Piece]], next_part, job: _Job, counters, c
         conn.close()
 
 
-def _tokenize_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counters) -> dict:
-    """Read, check and tokenize the lines of ``pieces`` in batches into the part's shards (if writing)."""
+def _run_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counters) -> dict:
+    """Read and check the lines of ``pieces`` and render them, in batches, into the part's shards (if writing)."""
+    renderer = job.renderer
+    check = renderer.check  # looked up once: it is called for every line
     slot = 4 * part
-    keys = job.json_keys
-    texts: dict[str, list[str]] = {key: [] for key in keys}
-    tokens = dict.fromkeys(keys, 0)
+    items: list = []  # what `check` made of the good lines since the last flush
+    tokens = dict.fromkeys(renderer.token_keys, 0)
+    stats = dict.fromkeys(renderer.stat_names, 0)
     bad_examples: list[str] = []
     pending_bytes = 0
 
@@ -338,111 +122,49 @@ def _tokenize_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counter
         writers = {}
         if job.output_prefix is not None:
             writers = {
-                key: stack.enter_context(IndexedShardWriter(job.partial_prefix(key, part), tokenizer.n_vocab))
-                for key in keys
+                key: stack.enter_context(IndexedShardWriter(job.partial_prefix(key, part), renderer.vocab_size(key, tokenizer)))
+                for key in renderer.keys
             }
 
         def flush() -> None:
             nonlocal pending_bytes
-            count = len(texts[keys[0]])
-            for key in keys:
-                ids = tokenizer.encode_batch(texts[key], num_threads=1)
-                if job.append_eod:
-                    for doc in ids:
-                        if doc:  # Megatron-LM leaves empty documents empty
-                            doc.append(tokenizer.eod_id)
-                lengths = np.fromiter(map(len, ids), np.int64, count=count)
-                total = int(lengths.sum())
-                if writers:
-                    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=total)
-                    writers[key].add_documents(flat, lengths)
-                tokens[key] += total
-                counters[slot + _TOKENS] += total
-                texts[key].clear()
-            counters[slot + _DOCS] += count
+            if items:
+                for key, lengths, flat in renderer.render(tokenizer, items, with_tokens=bool(writers)):
+                    if writers:
+                        writers[key].add_documents(flat, lengths)
+                    if key in tokens:
+                        total = int(lengths.sum())
+                        tokens[key] += total
+                        counters[slot + _TOKENS] += total
+                for name, value in renderer.count(items).items():
+                    stats[name] += value
+                counters[slot + _DOCS] += len(items)
+                items.clear()
             counters[slot + _BYTES] += pending_bytes
             pending_bytes = 0
 
         for piece in pieces:
             for line, newlines_before in iter_piece_lines(piece):
                 pending_bytes += len(line) + 1
-                found = _texts_of(line, keys)
-                if isinstance(found, str):
-                    _bad_line(job, piece, newlines_before, found, counters, slot, bad_examples)
+                item = check(tokenizer, line)
+                if isinstance(item, str):
+                    _bad_line(job, piece, newlines_before, item, counters, slot, bad_examples)
                     continue
-                for key, text in zip(keys, found):
-                    texts[key].append(text)
+                items.append(item)
                 if pending_bytes >= BATCH_BYTES:
                     flush()
         flush()
-    return {"tokens": tokens, "bad_examples": bad_examples, "truncated": 0, "trained_tokens": 0}
+    return {"tokens": tokens, "bad_examples": bad_examples, "stats": stats}
 
 
 def _bad_line(job: _Job, piece: Piece, newlines_before: int, reason: str, counters, slot: int, examples: list[str]) -> None:
     """Stop at an unusable line with file:line and the reason, or count it under skip_bad_lines."""
-    where = f"{piece.path}:{_line_number(piece, newlines_before)}"
+    where = f"{piece.path}:{line_number(piece, newlines_before)}"
     if not job.skip_bad_lines:
         raise PreprocessError(f"{where}: {reason}; {_SKIP_HINT}")
     counters[slot + _BAD] += 1
     if len(examples) < MAX_BAD_LINE_EXAMPLES:
         examples.append(f"{where}: {reason}")
-
-
-def _render_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counters) -> dict:
-    """Chat/preference mode: check and render each record with ChatML into the part's shards (if writing)."""
-    slot = 4 * part
-    keys = job.json_keys
-    pending: dict[str, list[np.ndarray]] = {key: [] for key in keys}
-    tokens = dict.fromkeys(job.token_keys, 0)
-    bad_examples: list[str] = []
-    truncated = trained = pending_bytes = 0
-
-    with ExitStack() as stack:
-        writers = {}
-        if job.output_prefix is not None:
-            writers = {
-                # The mask shard holds 0/1, so its dtype is the smallest megatron-core picks.
-                key: stack.enter_context(IndexedShardWriter(job.partial_prefix(key, part), 2 if key == SFT_KEYS[1] else tokenizer.n_vocab))
-                for key in keys
-            }
-
-        def flush() -> None:
-            nonlocal pending_bytes
-            for key, docs in pending.items():
-                if writers and docs:
-                    writers[key].add_documents(np.concatenate(docs), np.fromiter(map(len, docs), np.int64, count=len(docs)))
-                docs.clear()
-            counters[slot + _BYTES] += pending_bytes
-            pending_bytes = 0
-
-        for piece in pieces:
-            for line, newlines_before in iter_piece_lines(piece):
-                pending_bytes += len(line) + 1
-                record = _record_of(line)
-                try:
-                    if isinstance(record, str):
-                        raise ChatFormatError(record)
-                    if job.mode == "chat":
-                        chat = render_conversation(tokenizer, record, job.max_length)
-                        docs = {SFT_KEYS[0]: np.asarray(chat.ids, np.int32), SFT_KEYS[1]: np.asarray(chat.mask, np.int32)}
-                        truncated += chat.dropped_exchanges > 0
-                        trained += int(docs[SFT_KEYS[1]].sum())
-                    else:
-                        sides = render_preference(tokenizer, record, job.max_length)
-                        docs = {key: np.asarray(ids, np.int32) for key, ids in zip(PREFERENCE_KEYS, sides)}
-                except ChatFormatError as e:
-                    _bad_line(job, piece, newlines_before, str(e), counters, slot, bad_examples)
-                    continue
-                for key, doc in docs.items():
-                    pending[key].append(doc)
-                for key in tokens:
-                    tokens[key] += len(docs[key])
-                    counters[slot + _TOKENS] += len(docs[key])
-                counters[slot + _DOCS] += 1
-                if pending_bytes >= BATCH_BYTES:
-                    flush()
-        flush()
-    return {"tokens": tokens, "bad_examples": bad_examples, "truncated": truncated, "trained_tokens": trained}
 
 
 class _SingleProcess:
@@ -484,7 +206,7 @@ def _plan(inputs: Sequence[str], output_prefix: str | None, num_parts: int) -> l
 def _remove_partials(job: _Job, parts: Sequence[int]) -> None:
     """Delete the partial shards of ``parts`` and any temporaries their writers left (e.g. when killed)."""
     for part in parts:
-        for key in job.json_keys:
+        for key in job.renderer.keys:
             prefix = job.partial_prefix(key, part)
             for path in [prefix + ".bin", prefix + ".idx", *glob.glob(glob.escape(prefix) + ".*.tmp-*")]:
                 try:
@@ -586,22 +308,22 @@ def _stop(procs) -> None:
 
 def _merge(job: _Job, gathered: list[dict[int, dict]], totals: list[int], started: float) -> PreprocessResult:
     """Rank 0: merge the partial shards in part order into the final shards and build the result."""
+    renderer = job.renderer
     per_part = [rank_results[p] for rank_results in gathered for p in sorted(rank_results)]
     result = PreprocessResult(
         documents=totals[_DOCS],
-        tokens={key: sum(r["tokens"][key] for r in per_part) for key in job.token_keys},
+        tokens={key: sum(r["tokens"][key] for r in per_part) for key in renderer.token_keys},
         text_bytes=totals[_BYTES],
         bad_lines=totals[_BAD],
         bad_line_examples=[e for r in per_part for e in r["bad_examples"]][:MAX_BAD_LINE_EXAMPLES],
-        mode=job.mode,
-        truncated=sum(r["truncated"] for r in per_part),
-        trained_tokens=sum(r["trained_tokens"] for r in per_part),
+        mode=renderer.mode,
+        **{name: sum(r["stats"][name] for r in per_part) for name in renderer.stat_names},
     )
     if job.output_prefix is not None:
         try:
-            for key in job.json_keys:
+            for key in renderer.keys:
                 partials = [job.partial_prefix(key, p) for p in range(job.num_parts)]
-                result.outputs[key] = merge_shards(partials, output_prefix_for(job.output_prefix, key))
+                result.outputs[key] = merge_shards(partials, shard_prefix(job.output_prefix, key))
         finally:
             _remove_partials(job, range(job.num_parts))
     result.seconds = time.monotonic() - started
@@ -620,22 +342,7 @@ def _run(inputs: Sequence[str], job: _Job, workers: int, comm, progress: bool) -
 
 
 def _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_prefix, workers, comm, mode, max_length) -> _Job:
-    if mode not in MODES:
-        raise PreprocessError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    if mode == "text":
-        keys = ("text",) if json_keys is None else tuple(json_keys)
-        if not keys or len(set(keys)) != len(keys):
-            raise PreprocessError(f"--json-keys must name one or more distinct keys, got {list(keys)}")
-        if max_length is not None:
-            raise PreprocessError("--max-length applies to --chat and --preference data; drop it for plain text")
-    else:
-        # A conversation is rendered whole with ChatML: keys, EOD and length come from the chat rules.
-        for given, flag in ((json_keys is not None, "--json-keys"), (append_eod, "--append-eod")):
-            if given:
-                raise PreprocessError(f"{flag} does not apply to --{mode} data (records are rendered with ChatML); drop it")
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
-            raise PreprocessError(f"--max-length must be a positive integer (the model.seq_length to train at), got {max_length!r}")
-        keys = SFT_KEYS if mode == "chat" else PREFERENCE_KEYS
+    renderer = renderer_for(mode, json_keys, append_eod, max_length)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise PreprocessError(f"--workers must be a positive integer, got {workers!r}")
     try:
@@ -646,14 +353,11 @@ def _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_pref
         raise PreprocessError(f"--tokenizer-file {tokenizer_file!r} does not exist; pass the path of qwen.tiktoken")
     size = comm.size if comm is not None else 1
     return _Job(
-        json_keys=keys,
-        append_eod=append_eod,
+        renderer=renderer,
         tokenizer_file=tokenizer_file,
         skip_bad_lines=skip_bad_lines,
         output_prefix=None if output_prefix is None else os.fspath(output_prefix),
         num_parts=size * workers * PARTS_PER_WORKER,
-        mode=mode,
-        max_length=max_length,
     )
 
 
@@ -670,12 +374,12 @@ def preprocess(
     mode: str = "text",
     max_length: int | None = None,
 ) -> PreprocessResult:
-    """Tokenize JSONL(.gz) ``inputs`` (paths or globs) into ``output_prefix_for(output_prefix, key)`` shards.
+    """Tokenize JSONL(.gz) ``inputs`` (paths or globs) into ``shard_prefix(output_prefix, key)`` shards.
 
     Each JSON line is one document: the NFC-normalised string at each of ``json_keys`` (default ``text``),
     encoded with special tokens as plain text, plus ``<|endoftext|>`` when ``append_eod`` and the document
     is not empty. ``mode`` "chat" or "preference" renders conversations or preference pairs with ChatML
-    instead (see the module docstring), each at most ``max_length`` tokens. ``workers``
+    instead (see `megatron_qwen.data.renderers`), each at most ``max_length`` tokens. ``workers``
     processes per rank are spawned, so a script calling this needs the ``if __name__ == "__main__":`` guard.
     ``comm`` (an mpi4py communicator; all its ranks call this) spreads the parts over the ranks and rank 0
     merges them, so ``output_prefix`` must be on a filesystem all ranks share. Every rank returns the same
@@ -706,22 +410,17 @@ def count_tokens(
     return _run(inputs, job, workers, comm, progress)
 
 
-_UNITS = {"text": "documents", "chat": "conversations", "preference": "pairs"}
-
-
 def format_summary(result: PreprocessResult) -> str:
     """Human-readable end-of-run summary."""
+    renderer = RENDERERS[result.mode]
     seconds = max(result.seconds, 1e-9)
     lines = [
-        f"{_UNITS[result.mode]}: {result.documents:,} in {seconds:.1f} s ({result.documents / seconds:,.0f}/s, "
+        f"{renderer.unit}: {result.documents:,} in {seconds:.1f} s ({result.documents / seconds:,.0f}/s, "
         f"{result.text_bytes / 1e6 / seconds:,.2f} MB/s of JSONL text)",
     ]
     for key, count in result.tokens.items():
         lines.append(f"tokens[{key}]: {count:,}")
-    if result.mode == "chat":
-        total = max(sum(result.tokens.values()), 1)
-        lines.append(f"trained tokens (loss mask): {result.trained_tokens:,} ({100 * result.trained_tokens / total:.1f} %)")
-        lines.append(f"conversations truncated to --max-length (trailing exchanges dropped): {result.truncated:,}")
+    lines += renderer.summary_lines(result)
     if result.bad_lines:
         lines.append(f"bad lines skipped: {result.bad_lines:,}; first ones:")
         lines += [f"  {example}" for example in result.bad_line_examples]

@@ -1,0 +1,198 @@
+"""Reading JSON-lines corpora (optionally gzipped) in parts: input files, byte ranges, lines, records.
+
+The input files, in order, form one byte stream that `plan_parts` cuts into contiguous byte ranges
+(`Piece`s). A line belongs to the part holding its first byte (in a .gz file, to the part holding the
+compressed block of ``BLOCK_BYTES`` that decompresses to it), so every line is read by exactly one part and
+each part reads only its own bytes. `line_number` gives a line's number in its file, for reporting a bad
+line as ``file:line``; `record_of` parses a line into its JSON object or says why it is not one.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from megatron_qwen.errors import PreprocessError
+
+BLOCK_BYTES = 1 << 20  # read size, and the unit in which .gz files are split between parts
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The lines of ``path`` that start in raw bytes [start, end) (compressed bytes for .gz files)."""
+
+    path: str
+    start: int
+    end: int
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[str]:
+    """Input files in processing order: each argument in turn, a glob expanded in sorted order."""
+    files: list[str] = []
+    seen: dict[str, str] = {}
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise PreprocessError(f"--input {pattern!r} matches no file; check the path or quote the glob")
+        for path in matches:
+            if not os.path.isfile(path):
+                raise PreprocessError(f"--input {path!r} is not a readable file")
+            real = os.path.realpath(path)
+            if real in seen:
+                raise PreprocessError(
+                    f"input file {path!r} is given twice (by {seen[real]!r} and {pattern!r}); list each file once"
+                )
+            seen[real] = pattern
+            files.append(path)
+    return files
+
+
+def plan_parts(files: Sequence[tuple[str, int]], num_parts: int, gz_cut_every: int = 1) -> list[list[Piece]]:
+    """Cut the concatenated (path, size) files into ``num_parts`` contiguous, equal byte ranges.
+
+    Inside a .gz file only every ``gz_cut_every``-th cut is kept (the parts in between stay empty): each cut
+    in a .gz file costs one more decompression of the file up to it.
+    """
+    total = sum(size for _, size in files)
+    bounds = [total * p // num_parts for p in range(num_parts + 1)]
+    offset = 0
+    for path, size in files:
+        if path.endswith(".gz"):
+            for p in range(1, num_parts):
+                if offset < bounds[p] < offset + size and p % gz_cut_every:
+                    bounds[p] = max(offset, bounds[p - p % gz_cut_every])
+        offset += size
+    parts: list[list[Piece]] = [[] for _ in range(num_parts)]
+    offset = 0
+    for path, size in files:
+        for p in range(num_parts):
+            lo, hi = max(bounds[p], offset), min(bounds[p + 1], offset + size)
+            if lo < hi:
+                parts[p].append(Piece(path, lo - offset, hi - offset))
+        offset += size
+    return parts
+
+
+def _plain_chunks(piece: Piece) -> Iterator[tuple[int, bool, bytes]]:
+    """(raw offset, exact, data) blocks from the byte before ``piece.start`` (it shows whether start begins a line)."""
+    with open(piece.path, "rb", buffering=0) as f:
+        pos = max(piece.start - 1, 0)
+        f.seek(pos)
+        while data := f.read(BLOCK_BYTES):
+            yield pos, True, data
+            pos += len(data)
+
+
+def _gzip_chunks(piece: Piece) -> Iterator[tuple[int, bool, bytes]]:
+    """(compressed offset, exact=False, decompressed data) per compressed block, from the start of the file.
+
+    Concatenated gzip members (pigz, ``cat a.gz b.gz``) are read as one stream.
+    """
+    with open(piece.path, "rb", buffering=0) as f:
+        inflater = None
+        pos = 0
+        while raw := f.read(BLOCK_BYTES):
+            out = []
+            data = raw
+            try:
+                while data:
+                    if inflater is None or inflater.eof:
+                        inflater = zlib.decompressobj(wbits=31)
+                    out.append(inflater.decompress(data))
+                    data = inflater.unused_data if inflater.eof else b""
+            except zlib.error as e:
+                raise PreprocessError(f"{piece.path}: not a valid gzip file near compressed byte {pos} ({e})") from None
+            yield pos, False, b"".join(out)
+            pos += len(raw)
+        if inflater is not None and not inflater.eof:
+            raise PreprocessError(f"{piece.path}: truncated gzip file (its last member does not end); re-create it")
+
+
+def iter_piece_lines(piece: Piece) -> Iterator[tuple[bytes, int]]:
+    """Yield (line without its newline, newlines read before it) for every line the piece owns.
+
+    The newline count is relative to where reading began (see :func:`line_number`).
+    """
+    chunks = _gzip_chunks(piece) if piece.path.endswith(".gz") else _plain_chunks(piece)
+    start, end = piece.start, piece.end
+    carry: list[bytes] = []  # the unfinished line, kept only when it is ours
+    carry_pos = None  # where the unfinished line began; None when the next byte starts a line
+    newlines = 0
+    for raw_pos, exact, data in chunks:
+        if raw_pos >= end and (carry_pos is None or carry_pos >= end):
+            return
+        if not exact and raw_pos < start:
+            # A block before this part (only in .gz files): track line numbers and the open line, nothing else.
+            count = data.count(b"\n")
+            newlines += count
+            if count:
+                carry_pos = raw_pos if data[-1:] != b"\n" else None
+            elif carry_pos is None and data:
+                carry_pos = raw_pos
+            continue
+        segments = data.split(b"\n")
+        offset = 0
+        for i in range(len(segments) - 1):
+            if i == 0 and carry_pos is not None:
+                line_pos, line = carry_pos, b"".join(carry) + segments[0]
+                carry = []
+            else:
+                line_pos, line = (raw_pos + offset if exact else raw_pos), segments[i]
+            if line_pos >= end:
+                return
+            if line_pos >= start:
+                yield line, newlines
+            newlines += 1
+            offset += len(segments[i]) + 1
+        last = segments[-1]
+        if len(segments) > 1 or carry_pos is None:
+            carry_pos = (raw_pos + offset if exact else raw_pos) if last else None
+            carry = []
+        if carry_pos is not None and start <= carry_pos < end:
+            carry.append(last)
+    if carry_pos is not None and start <= carry_pos < end:
+        yield b"".join(carry), newlines
+
+
+def line_number(piece: Piece, newlines_before: int) -> int:
+    """1-based line number in the file of a line that ``iter_piece_lines`` reported ``newlines_before`` for."""
+    if piece.path.endswith(".gz") or piece.start == 0:
+        return newlines_before + 1  # reading began at the start of the (decompressed) file
+    return _newlines_before(piece.path, piece.start - 1) + newlines_before + 1
+
+
+@functools.lru_cache(maxsize=64)
+def _newlines_before(path: str, offset: int) -> int:
+    """Newlines in the first ``offset`` bytes of a file (only needed to report a bad line, so cached, not tracked)."""
+    count = 0
+    with open(path, "rb") as f:
+        while offset > 0 and (block := f.read(min(BLOCK_BYTES, offset))):
+            count += block.count(b"\n")
+            offset -= len(block)
+    return count
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def json_type(value) -> str:
+    """The JSON name of a parsed value's type ("object", "array", "null", ...), for messages."""
+    return "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def record_of(line: bytes) -> dict | str:
+    """The JSON object on a line, or the reason the line is not one."""
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 text ({e.reason} at byte {e.start})"
+    except json.JSONDecodeError as e:
+        return f"invalid JSON ({e.msg} at column {e.colno})"
+    if not isinstance(record, dict):
+        return f"expected a JSON object, found a JSON {json_type(record)}"
+    return record
