@@ -127,6 +127,41 @@ class RewardConfig:
 
 
 @dataclass
+class PPOConfig:
+    """PPO (stages/ppo.py), the Qwen report's RLHF recipe by default (configs/stage/ppo.yaml)."""
+
+    policy_from: Optional[str] = None  # the SFT checkpoint the policy (and by default the reference) starts from
+    reference_from: Optional[str] = None  # default: policy_from
+    reward_from: Optional[str] = None  # a reward-model checkpoint (stages/reward.py), read at the final <|im_end|>
+    reward_fn: Optional[str] = None  # or package.module:function(prompt_tokens, response_tokens, prompt, response) -> float
+    value_from: Optional[str] = None  # default: reward_from (or, with reward_fn only, policy_from with a fresh head)
+    value_lr: float = 5e-6  # the value model's peak learning rate (the policy's is training.lr)
+    estimator: Literal["gae", "grpo"] = "gae"  # grpo: group-relative advantages, no value model
+    prompts_per_step: int = 64  # prompts per step over all data-parallel ranks
+    samples_per_prompt: int = 2  # responses sampled per prompt
+    max_new_tokens: int = 512
+    stop_ids: list = field(default_factory=list)  # ids that end a response (default: <|im_end|>, <|im_start|>, <|endoftext|>)
+    temperature: float = 1.0
+    top_p: float = 0.9
+    kl_coef: float = 0.04  # per-token KL penalty against the reference, in the reward
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_ratio: float = 0.2  # policy-ratio clip
+    value_clip: float = 0.15  # value-loss clip
+    epochs: int = 1  # passes over each step's rollouts
+    minibatches: int = 1  # optimizer steps per pass
+    critic_warmup_steps: int = 50  # steps in which only the value model is trained
+    reward_norm: bool = True  # normalise scores by the running mean and std of all scores so far
+    unfinished: Literal["score", "penalty", "drop"] = "score"  # responses cut by max_new_tokens
+    unfinished_penalty: float = -1.0  # their score with unfinished=penalty
+    ptx_data: list = field(default_factory=list)  # pretraining shards ([weight, prefix, ...] or [prefix, ...])
+    ptx_coef: float = 0.0  # weight of the pretraining LM loss in the policy's step
+    ptx_microbatches: int = 1  # pretraining micro-batches per policy optimizer step and data-parallel rank
+    offload_frozen: bool = True  # move the reference and reward models to CPU memory between phases (GPUs)
+
+
+@dataclass
 class FaultConfig:
     """Fault injection, to test the failure paths (never set in a real run)."""
 
@@ -159,6 +194,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     def to_dict(self) -> dict:

@@ -21,7 +21,9 @@
 #                               template name are overrides too
 #   INIT_FROM                   weights to start from, found when the job starts (so a job chained with
 #                               --dependency can name a run that has not finished yet): a run directory (its
-#                               checkpoints/latest), a checkpoint directory with `latest`, or an iter_* checkpoint
+#                               checkpoints/latest), a checkpoint directory with `latest`, or an iter_* checkpoint;
+#                               for STAGE=ppo, the policy's start (ppo.policy_from)
+#   REWARD_FROM                 STAGE=ppo: the reward model (ppo.reward_from), found the same way
 #   RUN_ROOT=REPO/runs          where run directories and job logs go
 #   RUN_NAME                    run directory name (default JOBNAME-JOBID: a requeued job keeps its id and resumes)
 #   RUN_DIR                     the run directory itself (default RUN_ROOT/RUN_NAME)
@@ -46,7 +48,8 @@
 #   pre=$(SBATCH_ARGS=--parsable slurm/pretrain.sbatch)
 #   sft=$(SBATCH_ARGS="--parsable --dependency=afterok:$pre" INIT_FROM=runs/qwen-pretrain-$pre slurm/sft.sbatch)
 #   rm=$(SBATCH_ARGS="--parsable --dependency=afterok:$sft" INIT_FROM=runs/qwen-sft-$sft slurm/reward.sbatch)
-#   SBATCH_ARGS="--dependency=afterok:$sft:$rm" INIT_FROM=runs/qwen-sft-$sft slurm/ppo.sbatch
+#   SBATCH_ARGS="--dependency=afterok:$sft:$rm" INIT_FROM=runs/qwen-sft-$sft REWARD_FROM=runs/qwen-reward-$rm \
+#     OVERRIDES="data.paths=[data/prompts]" slurm/ppo.sbatch
 # (--kill-on-invalid-dep=yes cancels the rest of a chain when one job fails instead of leaving it pending.)
 
 set -euo pipefail
@@ -209,16 +212,26 @@ fi
 python_module=megatron_qwen.stages.$STAGE
 : "${CONFIG:?set CONFIG to the stage config, e.g. configs/qwen-7b.yaml}"
 read -ra overrides <<<"${OVERRIDES:-}"
-if [[ -n ${INIT_FROM:-} ]]; then
-    ckpt=$INIT_FROM
+checkpoint_of() {  # $1 names $2: a run directory, a checkpoint directory with `latest`, or an iter_* checkpoint
+    local ckpt=$2
     [[ -f $ckpt/checkpoints/latest ]] && ckpt=$ckpt/checkpoints
     [[ -f $ckpt/latest ]] && ckpt=$ckpt/$(<"$ckpt/latest")
     if [[ ! -f $ckpt/metadata.json ]]; then
-        echo "error: INIT_FROM=$INIT_FROM is not a run directory, checkpoint directory or checkpoint ($ckpt has no metadata.json)" >&2
+        echo "error: $1=$2 is not a run directory, checkpoint directory or checkpoint ($ckpt has no metadata.json)" >&2
         exit 2
     fi
-    # Only a fresh start uses it: a requeued job resumes from its own latest checkpoint instead.
-    overrides+=("training.init_from=$ckpt")
+    echo "$ckpt"
+}
+# Only a fresh start uses them: a requeued job resumes from its own latest checkpoint instead.
+if [[ -n ${INIT_FROM:-} ]]; then
+    ckpt=$(checkpoint_of INIT_FROM "$INIT_FROM") || exit 2
+    # PPO's policy (and by default its reference) starts from the SFT model; other stages' model from INIT_FROM.
+    overrides+=("$([[ $STAGE == ppo ]] && echo ppo.policy_from || echo training.init_from)=$ckpt")
+fi
+if [[ -n ${REWARD_FROM:-} ]]; then
+    [[ $STAGE == ppo ]] || { echo "error: REWARD_FROM is PPO's reward model; STAGE=$STAGE has none" >&2; exit 2; }
+    ckpt=$(checkpoint_of REWARD_FROM "$REWARD_FROM") || exit 2
+    overrides+=("ppo.reward_from=$ckpt")
 fi
 rc=0
 run_step srun "${srun_args[@]}" "$PYTHON" -m "$python_module" "$CONFIG" "logging.run_dir=$RUN_DIR" "${overrides[@]}" "$@" || rc=$?

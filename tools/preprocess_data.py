@@ -14,6 +14,11 @@ PREFIX_chosen_document and PREFIX_rejected_document:
 
     python tools/preprocess_data.py --preference --input pairs.jsonl --output-prefix PREFIX --max-length 2048
 
+PPO prompts (`prompt`, or `messages` ending with a user turn; optional `system`), rendered with ChatML up to
+"<|im_start|>assistant\n": PREFIX_prompt_document:
+
+    python tools/preprocess_data.py --prompts --input prompts.jsonl --output-prefix PREFIX --max-length 1024
+
 With --mpi, launch it under mpirun or srun: ranks split the input and rank 0 merges, giving the same bytes as
 a single-process run. The work is done by megatron_qwen.data.preprocess.
 """
@@ -48,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.set_defaults(mode="text")
     parser.add_argument(
         "--max-length", type=int, default=None,
-        help="--chat: keep the leading whole exchanges within N tokens; --preference: longer pairs are bad lines "
-        "(use the model.seq_length you train at)",
+        help="--chat: keep the leading whole exchanges within N tokens; --preference, --prompts: longer records "
+        "are bad lines (use the model.seq_length you train at; for prompts, leave room for ppo.max_new_tokens)",
     )
     return parser.parse_args(argv)
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 # the two sides of preference pairs (document i of each is pair i).
 SFT_KEYS = ("chat_tokens", "chat_mask")
 PREFERENCE_KEYS = ("chosen", "rejected")
+PROMPT_KEYS = ("prompt",)
 
 # Qwen's finetune.py data names the roles human/gpt; "messages" data names them user/assistant.
 ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from megatron_qwen.config import Config
-from megatron_qwen.data.chat import PREFERENCE_KEYS, SFT_KEYS
+from megatron_qwen.data.chat import PREFERENCE_KEYS, PROMPT_KEYS, SFT_KEYS
 from megatron_qwen.data.indexed import shard_prefix
 from megatron_qwen.errors import DataError
 
@@ -85,14 +85,15 @@ class _Shards:
         return np.concatenate(pieces)
 
 
-def _check_fits(lengths: np.ndarray, docs: np.ndarray, seq_length: int, shards: _Shards, flag: str) -> None:
+def _check_fits(lengths: np.ndarray, docs: np.ndarray, seq_length: int, shards: _Shards, flag: str,
+                limit: str = "model.seq_length") -> None:
     too_long = docs[lengths[docs] > seq_length]
     if too_long.size:
         doc = int(too_long[0])
         part = int(np.searchsorted(shards.offsets, doc, side="right")) - 1
         raise DataError(
             f"{shards.prefixes[part]}: document {doc - int(shards.offsets[part])} is {int(lengths[doc])} tokens, over "
-            f"model.seq_length={seq_length} ({too_long.size} such documents); preprocess with "
+            f"{limit}={seq_length} ({too_long.size} such documents); preprocess with "
             f"`tools/preprocess_data.py {flag} --max-length {seq_length}`"
         )
 
@@ -282,3 +283,38 @@ def build_preference_datasets(cfg: Config) -> tuple[PreferenceDataset, Preferenc
     valid_pairs = _valid_documents(cfg, shards)
     valid = None if valid_pairs is None else PreferenceDataset(shards, valid_pairs, seq, 2 * valid_pairs.size, seed + 1)
     return train, valid
+
+
+# --------------------------------------------------------------------------- PPO prompts
+
+
+class PromptDataset:
+    """PPO prompts (`tools/preprocess_data.py --prompts` shards): item i is a prompt's token ids, in an order
+    reshuffled with ``training.seed`` at every pass, for as many passes as the run takes."""
+
+    def __init__(self, shards: _Shards, docs: np.ndarray, seed: int):
+        self.shards, self.docs = shards, docs
+        self.order = _EpochOrder(len(docs), seed)
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i: int) -> list[int]:
+        return self.shards.get(PROMPT_KEYS[0], int(self.docs[self.order(i)])).tolist()
+
+
+def build_prompt_dataset(cfg: Config) -> PromptDataset:
+    """The train split of the prompt shards in ``data.paths``; every prompt must leave room for
+    ``ppo.max_new_tokens`` within ``model.seq_length``."""
+    flag = "--prompts"
+    shards = _Shards(list(cfg.data.paths), PROMPT_KEYS, flag)
+    lengths = shards.lengths(PROMPT_KEYS[0])
+    room = cfg.model.seq_length - cfg.ppo.max_new_tokens
+    if room < 1:
+        raise DataError(f"ppo.max_new_tokens={cfg.ppo.max_new_tokens} leaves no room for a prompt within model.seq_length="
+                        f"{cfg.model.seq_length}; lower ppo.max_new_tokens or raise model.seq_length")
+    docs = shards.split_documents(cfg.data.split, 0)
+    if docs.size == 0:
+        raise DataError(f"the train split of {shards.prefixes} holds no prompt (data.split={cfg.data.split!r})")
+    _check_fits(lengths, docs, room, shards, flag, "model.seq_length - ppo.max_new_tokens")
+    return PromptDataset(shards, docs, cfg.training.seed)

@@ -10,6 +10,9 @@
   first exchange does not fit, like any record breaking the chat rules, is a bad line.
 - ``preference`` (`PreferenceRenderer`, ``--preference``): each line is a pair, written as
   ``PREFIX_chosen_document`` and ``PREFIX_rejected_document``; a side over ``max_length`` is a bad line.
+- ``prompts`` (`PromptRenderer`, ``--prompts``): each line is a PPO prompt, ``{"prompt": "..."}`` or
+  ``{"messages": [...]}`` ending with a user turn (optional ``system``), written to ``PREFIX_prompt_document``
+  as ChatML up to ``<|im_start|>assistant\n``; a prompt over ``max_length`` is a bad line.
 
 A renderer declares its shard keys, which of them hold token ids, each shard's vocabulary (which sets its
 dtype), checks its options, checks and renders lines, and adds its own lines to the run's summary. The
@@ -27,7 +30,15 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import numpy as np
 
-from megatron_qwen.data.chat import PREFERENCE_KEYS, SFT_KEYS, ChatFormatError, render_conversation, render_preference
+from megatron_qwen.data.chat import (
+    PREFERENCE_KEYS,
+    PROMPT_KEYS,
+    SFT_KEYS,
+    ChatFormatError,
+    render_conversation,
+    render_preference,
+    render_prompt,
+)
 from megatron_qwen.data.jsonl_input import json_type, record_of
 from megatron_qwen.errors import PreprocessError
 
@@ -220,7 +231,22 @@ class PreferenceRenderer(ChatMLRenderer):
         return Rendered(tuple(np.asarray(ids, np.int32) for ids in render_preference(tokenizer, record, self.max_length)))
 
 
-RENDERERS: dict[str, type[Renderer]] = {cls.mode: cls for cls in (TextRenderer, ChatRenderer, PreferenceRenderer)}
+@dataclass(frozen=True)
+class PromptRenderer(ChatMLRenderer):
+    """PPO prompts: the optional system prompt and the conversation so far, ending with ``<|im_start|>assistant\\n``."""
+
+    mode: ClassVar[str] = "prompts"
+    unit: ClassVar[str] = "prompts"
+    cli_help: ClassVar[str] = 'prompts ({"prompt": ...} or {"messages": [...]}) -> PREFIX_prompt_document'
+    keys: ClassVar[tuple[str, ...]] = PROMPT_KEYS
+
+    def render_record(self, tokenizer, record: dict) -> Rendered:
+        return Rendered((np.asarray(render_prompt(tokenizer, record, self.max_length), np.int32),))
+
+
+RENDERERS: dict[str, type[Renderer]] = {
+    cls.mode: cls for cls in (TextRenderer, ChatRenderer, PreferenceRenderer, PromptRenderer)
+}
 MODES = tuple(RENDERERS)
 
 

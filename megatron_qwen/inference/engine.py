@@ -33,7 +33,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
 from megatron_qwen.errors import UserError
-from megatron_qwen.inference.sampling import SamplingParams, mask_vocab, sample, token_logprobs
+from megatron_qwen.inference.sampling import SamplingParams, UniformDraws, mask_vocab, sample, token_logprobs
 from megatron_qwen.model.rotary import ntk_alpha, pinned_ntk_alphas
 
 
@@ -138,7 +138,7 @@ class GenerationEngine:
         out = Generation(prompt_tokens=[list(p) for p in prompts], tokens=[[] for _ in prompts],
                          logprobs=[[] for _ in prompts], sampling_logprobs=[[] for _ in prompts],
                          finished=[False] * batch)
-        generator = torch.Generator().manual_seed(params.seed)
+        draws = UniformDraws(params, batch)
         stop = torch.tensor(sorted(set(params.stop_ids)) or [-1], device=self.device)
         active = torch.arange(batch, device=self.device)  # original row of each row still generating
         step_input, length = tokens, longest
@@ -155,7 +155,7 @@ class GenerationEngine:
                             chunk.rotary_pos_emb.pinned_alphas = tuple(alphas[int(r)] for r in active)
                     logits = self._forward(context, step_input, positions[active, :length], ~keep[:, None])
                     # Every draw consumes one number per original row, whichever rows are still running.
-                    uniforms = torch.rand(batch, generator=generator)[active.cpu()].to(self.device)
+                    uniforms = draws.next()[active.cpu()].to(self.device)
                     chosen, raw, scaled = self._choose(logits, params, uniforms, len(active))
                     done = torch.isin(chosen, stop) | (step + 1 == params.max_new_tokens)
                     for i, row in enumerate(active.tolist()):

@@ -3,7 +3,8 @@
 Pure functions of fp32 logits. Sampling draws by inverse CDF from one uniform number per row, taken from
 a seeded generator for every row of the original batch at every step, so the tokens a row gets depend
 only on the seed, its logits and its index: the same on every TP/PP layout, whichever rows have already
-finished. Logits of ids at or past `vocab_limit` (the rows a model pads its vocabulary with) are masked
+finished. With ``row_seeds`` each row draws from a generator of its own instead, so a row's tokens do not
+depend on which other rows share its batch either (PPO splits its rollouts over data-parallel ranks). Logits of ids at or past `vocab_limit` (the rows a model pads its vocabulary with) are masked
 out first, so such ids are never drawn and take no probability mass.
 """
 
@@ -26,6 +27,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     stop_ids: tuple[int, ...] = ()
+    row_seeds: tuple[int, ...] | None = None  # one seed per prompt, instead of `seed` for the batch
 
     def check(self) -> None:
         """Raise UserError naming a value out of range."""
@@ -44,6 +46,25 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+class UniformDraws:
+    """One uniform number per row and step: from one generator for the whole batch, or one per row."""
+
+    def __init__(self, params: SamplingParams, rows: int):
+        if params.row_seeds is not None:
+            if len(params.row_seeds) != rows:
+                raise ValueError(f"{len(params.row_seeds)} row seeds for {rows} prompts")
+            self.generators = [torch.Generator().manual_seed(int(s)) for s in params.row_seeds]
+        else:
+            self.generators = [torch.Generator().manual_seed(params.seed)]
+        self.rows = rows
+
+    def next(self) -> torch.Tensor:
+        """[rows] uniforms in [0, 1) for this step (every row draws, finished or not)."""
+        if len(self.generators) == 1:
+            return torch.rand(self.rows, generator=self.generators[0])
+        return torch.cat([torch.rand(1, generator=g) for g in self.generators])
 
 
 def mask_vocab(logits: torch.Tensor, vocab_limit: int) -> torch.Tensor:

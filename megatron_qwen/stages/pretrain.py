@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from megatron_qwen.data.gpt import build_gpt_datasets
 from megatron_qwen.training.forward_backward import lm_forward_step
-from megatron_qwen.training.loop import Task, run_stage
+from megatron_qwen.training.loop import Task, run_stage, train
 
 
 def build_datasets(cfg, tokenizer):
@@ -19,4 +21,4 @@ def build_datasets(cfg, tokenizer):
 TASK = Task(name="pretrain", build_datasets=build_datasets, forward_step=lm_forward_step)
 
 if __name__ == "__main__":
-    run_stage(TASK)
+    run_stage(TASK.name, partial(train, task=TASK))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from megatron_qwen.data.chat_datasets import build_preference_datasets
 from megatron_qwen.training.forward_backward import to_model_device
-from megatron_qwen.training.loop import Task, run_stage
+from megatron_qwen.training.loop import Task, run_stage, train
 
 REPORT_KEYS = ("reward loss", "accuracy", "margin")
 
@@ -65,4 +65,4 @@ TASK = Task(
 )
 
 if __name__ == "__main__":
-    run_stage(TASK)
+    run_stage(TASK.name, partial(train, task=TASK))

@@ -48,6 +48,29 @@ def lm_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
     return output, partial(lm_loss, batch["loss_mask"])
 
 
+def micro_batch_iterators(model: list[torch.nn.Module], batches: list):
+    """The data iterator(s) megatron-core's schedule takes: one per model chunk with virtual pipelining."""
+    return [iter(list(batches)) for _ in model] if len(model) > 1 else iter(batches)
+
+
+def forward_collect(model: list[torch.nn.Module], batches: list[dict], forward_step_func, seq_length: int,
+                    micro_batch_size: int) -> list | None:
+    """Forward passes only, through this layout's schedule: what each micro-batch's loss function returns with
+    ``non_loss_data=True``, in order, on the last pipeline stage (None on the others)."""
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step_func,
+            data_iterator=micro_batch_iterators(model, batches),
+            model=model if len(model) > 1 else model[0],
+            num_microbatches=len(batches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    return outputs if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None
+
+
 def forward_backward(
     model: list[torch.nn.Module],
     data_iterator,

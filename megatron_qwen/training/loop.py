@@ -25,12 +25,12 @@ from megatron_qwen import checkpoint_dir as ckdir
 from megatron_qwen.config import Config, ConfigError, load_config
 from megatron_qwen.errors import UserError
 from megatron_qwen.model.qwen import SCALAR_HEAD_KEY, Head
-from megatron_qwen.platform.launch import destroy_distributed
+from megatron_qwen.platform.launch import destroy_distributed, detect_launch, refuse
 from megatron_qwen.tokenizer import load_tokenizer
 from megatron_qwen.training import checkpointing
 from megatron_qwen.training.context import EXIT_PREEMPTED, RunContext, start_run
 from megatron_qwen.training.flops import mfu, peak_flops, qwen_flops_per_token
-from megatron_qwen.training.forward_backward import forward_backward
+from megatron_qwen.training.forward_backward import forward_backward, micro_batch_iterators
 from megatron_qwen.training.metrics import ProgressClock
 from megatron_qwen.training.sampler import GlobalBatches
 from megatron_qwen.training.units import ModelUnit, build_unit
@@ -109,7 +109,9 @@ class Checkpointer:
         # RNG streams are per rank: they are restored only at the layout that wrote them.
         saved = checkpointing.load_checkpoint(ctx.resume_from, units, restore_rng=saved_layout == layout)
         change = "" if saved_layout == layout else f"; layout changed from {saved_layout} to {layout}"
-        ctx.say(f"resumed from {ctx.resume_from} at step {saved['step']} ({saved['consumed_samples']} samples consumed){change}")
+        consumed = ", ".join(f"{v} {k.removeprefix('consumed_').replace('_', ' ')} consumed"
+                             for k, v in saved.items() if k.startswith("consumed_"))
+        ctx.say(f"resumed from {ctx.resume_from} at step {saved['step']} ({consumed}){change}")
         self.carry_from(ctx.resume_from)
         return saved
 
@@ -132,10 +134,6 @@ class Checkpointer:
         files = {ckdir.MODEL_CONFIG_FILE: yaml.safe_dump(ctx.cfg.to_dict(), sort_keys=False), **self.carried_files}
         path = checkpointing.save_checkpoint(ctx.save_dir, step, units, train_state, t.keep_last, files, ctx.faults.before_commit)
         ctx.say(f"saved checkpoint {path}")
-
-
-def _iterators(model, batches):
-    return [iter(list(batches)) for _ in model] if len(model) > 1 else iter(batches)
 
 
 class Trainer:
@@ -175,7 +173,7 @@ class Trainer:
         self.unit.zero_grad()
         micro = self.batches.next_global_batch()
         reports = forward_backward(
-            self.model, _iterators(self.model, micro), self.batches.num_microbatches, self.cfg.model.seq_length,
+            self.model, micro_batch_iterators(self.model, micro), self.batches.num_microbatches, self.cfg.model.seq_length,
             t.micro_batch_size, self.task.forward_step, report_keys=self.task.report_keys,
         )
         if self.ctx.faults.nan_loss(self.state.step + 1):
@@ -264,7 +262,7 @@ def evaluate(cfg: Config, unit: ModelUnit, valid_ds, task: Task, ctx: RunContext
         for _ in range(t.eval_iters):
             micro = batches.next_global_batch()
             reports = forward_backward(
-                unit.chunks, _iterators(unit.chunks, micro), batches.num_microbatches, cfg.model.seq_length,
+                unit.chunks, micro_batch_iterators(unit.chunks, micro), batches.num_microbatches, cfg.model.seq_length,
                 t.micro_batch_size, task.forward_step, forward_only=True, report_keys=task.report_keys,
             )
             for key in task.report_keys:
@@ -281,9 +279,10 @@ def _memory_gb(on_cpu: bool) -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def run_stage(task: Task, argv: list[str] | None = None, train_fn: Callable[[Config, Task], int] = train) -> None:
-    """Command-line entry of a stage: ``python -m megatron_qwen.stages.NAME CONFIG.yaml [key=value ...]``."""
-    parser = argparse.ArgumentParser(prog=f"python -m megatron_qwen.stages.{task.name}")
+def run_stage(name: str, train_fn: Callable[[Config], int], argv: list[str] | None = None) -> None:
+    """Command-line entry of a stage: ``python -m megatron_qwen.stages.NAME CONFIG.yaml [key=value ...]``;
+    `train_fn(cfg)` runs the job and returns the exit code."""
+    parser = argparse.ArgumentParser(prog=f"python -m megatron_qwen.stages.{name}")
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 training.train_iters=100")
     args = parser.parse_args(argv)
@@ -293,12 +292,15 @@ def run_stage(task: Task, argv: list[str] | None = None, train_fn: Callable[[Con
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     try:
-        code = train_fn(cfg, task)
+        code = train_fn(cfg)
     except (UserError, FileNotFoundError) as exc:
         # A mistake in the config, the data or a checkpoint path: one clear line (from rank 0), not a
         # traceback per rank.
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        code = 2
+        if torch.distributed.is_initialized():
+            if torch.distributed.get_rank() == 0:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            code = 2
+        else:  # refused before any process group: every rank exits, rank 0 reporting
+            code = refuse(detect_launch(), str(exc))
     destroy_distributed()
     sys.exit(code)

@@ -1,0 +1,211 @@
+"""The PPO stage (python -m megatron_qwen.stages.ppo) on gloo CPU ranks.
+
+The math against hand-computed cases; one update at several layouts against TP=1; the first update's ratio
+exactly 1; the reward of a tiny policy rising under a rule reward (GAE and GRPO) and under a reward model
+trained here on a hidden preference; the policy untouched while only the value model warms up; kill -9 and
+resume; and the refusals of bad input. The models are tiny (2 layers, hidden 64, a dense 128-id vocabulary)
+and the prompts random ids, so every run takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spawn import REPO, cpu_env, free_port, run_torchrun
+
+STAGE = ["-m", "megatron_qwen.stages.ppo", "configs/stage/ppo.yaml"]
+VOCAB, GOOD = 128, 32  # tests/ppo_rewards.py: ids below GOOD are the "good" tokens
+MODEL = [
+    "model.name=tiny", "parallel.tp=1", "parallel.pp=1", "model.num_layers=2", "model.hidden_size=64",
+    "model.num_attention_heads=2", "model.ffn_hidden_size=128", f"model.padded_vocab_size={VOCAB}", "model.seq_length=32",
+    "model.max_position_embeddings=64", "model.rotary_base=10000", "model.use_dynamic_ntk=false", "model.use_logn_attn=false",
+]
+
+
+# --------------------------------------------------------------------------- (a) the math by hand
+
+
+def test_kl_estimators():
+    from megatron_qwen.rl.ppo_math import kl_estimate
+
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    assert kl_estimate(logp, ref, "k1").tolist() == pytest.approx([0.5, -1.0])
+    # k3 = e^(ref - logp) - (ref - logp) - 1: e^-0.5 + 0.5 - 1 and e^1 - 1 - 1
+    assert kl_estimate(logp, ref, "k3").tolist() == pytest.approx([math.exp(-0.5) - 0.5, math.e - 2])
+
+
+def test_gae_by_hand():
+    from megatron_qwen.rl.ppo_math import gae
+
+    # One row, actions at t = 1, 2, 3 (t = 0 is the prompt, t = 4 padding); gamma 0.9, lambda 0.5.
+    rewards = torch.tensor([[9.0, 0.0, 1.0, 2.0, 9.0]])
+    values = torch.tensor([[9.0, 0.5, 1.0, 1.5, 9.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    d3 = 2.0 + 0.9 * 0 - 1.5
+    d2 = 1.0 + 0.9 * 1.5 - 1.0
+    d1 = 0.0 + 0.9 * 1.0 - 0.5
+    a3 = d3
+    a2 = d2 + 0.45 * a3
+    a1 = d1 + 0.45 * a2
+    assert advantages[0].tolist() == pytest.approx([0.0, a1, a2, a3, 0.0])
+    assert returns[0].tolist() == pytest.approx([0.0, a1 + 0.5, a2 + 1.0, a3 + 1.5, 0.0])
+
+
+def test_whitening_uses_the_masked_entries():
+    from megatron_qwen.rl.ppo_math import whiten
+
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    std = math.sqrt(2 / 3)
+    assert whiten(x, mask)[0].tolist() == pytest.approx([-1 / std, 0.0, 1 / std, 0.0], rel=1e-5)
+
+
+def test_grpo_group_advantages():
+    from megatron_qwen.rl.ppo_math import group_advantages
+
+    scores = torch.tensor([1.0, 3.0, 5.0, 5.0])  # two prompts, two samples each
+    assert group_advantages(scores, 2).tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0], abs=1e-5)
+
+
+def test_clipped_policy_and_value_losses():
+    from megatron_qwen.rl.ppo_math import policy_loss, value_loss
+
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.5, 1.5, 0.5, 1.0]))  # ratios 1.5, 1.5, 0.5, 1.0
+    adv = torch.tensor([1.0, -1.0, -1.0, 2.0])
+    loss, clipped, approx_kl = policy_loss(logp, old, adv, clip=0.2)
+    # -min(r A, clip(r) A): 1.5 -> 1.2 A for A > 0 (clipped); A < 0 keeps 1.5 A; 0.5 with A < 0 -> 0.8 A (clipped).
+    assert loss.tolist() == pytest.approx([-1.2, 1.5, 0.8, -2.0])
+    assert clipped.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert approx_kl.tolist() == pytest.approx([0.5 - math.log(1.5), 0.5 - math.log(1.5), -0.5 - math.log(0.5), 0.0])
+
+    values, old_values, returns = torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.5, 0.95, 0.0]), torch.tensor([2.0, 0.0, 1.0])
+    vloss, vclipped = value_loss(values, old_values, returns, clip=0.15)
+    # clipped values 0.65, 1.0 (within), 0.0: max((v - R)^2, (vc - R)^2) / 2
+    assert vloss.tolist() == pytest.approx([0.5 * (2.0 - 0.65) ** 2, 0.5, 0.5])
+    assert vclipped.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_per_token_rewards_put_the_score_on_the_last_action():
+    from megatron_qwen.rl.experience import per_token_rewards
+
+    old, ref = torch.tensor([[0.0, -1.0, -2.0, 0.0]]), torch.tensor([[0.0, -1.5, -1.0, 0.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    rewards, kl = per_token_rewards(torch.tensor([3.0]), old, ref, mask, kl_coef=0.1, estimator="k1")
+    assert kl[0].tolist() == pytest.approx([0.0, 0.5, -1.0, 0.0])
+    assert rewards[0].tolist() == pytest.approx([0.0, -0.05, 0.1 + 3.0, 0.0])
+
+
+def test_running_moments_match_numpy():
+    from megatron_qwen.rl.rewards import RunningMoments
+
+    moments, seen = RunningMoments(), []
+    rng = np.random.default_rng(0)
+    for size in (3, 5, 1, 7):
+        batch = rng.normal(2.0, 3.0, size)
+        seen += batch.tolist()
+        moments.update(torch.tensor(batch))
+    assert moments.mean == pytest.approx(np.mean(seen)) and moments.std == pytest.approx(np.std(seen))
+    assert moments.normalise(torch.tensor([np.mean(seen)])).item() == pytest.approx(0.0, abs=1e-9)
+
+
+# --------------------------------------------------------------------------- (b) layouts
+
+
+def max_relative_difference(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parallel
+def test_one_update_gives_the_losses_and_gradients_of_tp1(tmp_path):
+    """Policy (clipped surrogate + KL term) and value losses and their gradients on a fixed experience batch."""
+    from megatron_qwen.training.checkpointing import read_full_state_dict
+
+    worker = str(Path(__file__).parent / "parallel" / "ppo_worker.py")
+    run_torchrun(1, [worker, "--workdir", str(tmp_path), "--reference"])
+    run_torchrun(4, [worker, "--workdir", str(tmp_path), "--layouts", "tp2-pp2-sp:2,2,1;tp2-dp2:2,1,0"])
+    ref = json.loads((tmp_path / "reference" / "reports.json").read_text())
+    assert ref["policy loss"] != 0 and ref["value loss"] > 0
+    for name in ("tp2-pp2-sp", "tp2-dp2"):
+        got = json.loads((tmp_path / name / "reports.json").read_text())
+        for key in ("policy loss", "clip fraction", "approx kl", "entropy", "value loss", "value clip fraction"):
+            assert abs(got[key] - ref[key]) <= 1e-5 * max(1.0, abs(ref[key])), (name, key, got[key], ref[key])
+        for grads in ("policy_grads", "value_grads"):
+            a, b = read_full_state_dict(tmp_path / name / grads), read_full_state_dict(tmp_path / "reference" / grads)
+            assert a.keys() == b.keys() and all(v.abs().max() > 0 for v in b.values())
+            worst = max(max_relative_difference(a[k], b[k]) for k in b)
+            assert worst < 1e-5, (name, grads, worst)
+
+
+# --------------------------------------------------------------------------- the stage end to end
+
+
+def write_prompts(prefix: Path, count: int = 400, seed: int = 0) -> None:
+    """Random prompts of 4-11 ids, written as `preprocess_data.py --prompts` would (PREFIX_prompt_document)."""
+    from megatron_qwen.data.indexed import IndexedShardWriter, shard_prefix
+
+    rng = np.random.default_rng(seed)
+    with IndexedShardWriter(shard_prefix(str(prefix), "prompt"), VOCAB) as writer:
+        for _ in range(count):
+            writer.add_document(rng.integers(0, VOCAB, int(rng.integers(4, 12))))
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """Prompt shards and a random policy checkpoint (the pretraining stage with train_iters=0 writes one)."""
+    root = tmp_path_factory.mktemp("ppo")
+    write_prompts(root / "prompts")
+    run_torchrun(1, ["-m", "megatron_qwen.stages.pretrain", "configs/tiny.yaml", *MODEL, "data.split=100,0,0",
+                     f"data.paths=[{root / 'prompts_prompt_document'}]", f"data.cache_dir={root / 'cache'}",
+                     "training.train_iters=0", f"logging.run_dir={root / 'init'}"])
+    return root, root / "init" / "checkpoints" / "iter_0000000"
+
+
+def ppo_args(start, run_dir: Path, *extra: str) -> list[str]:
+    root, policy = start
+    return STAGE + MODEL + [
+        f"data.paths=[{root / 'prompts'}]", f"ppo.policy_from={policy}", "ppo.reward_fn=tests.ppo_rewards:good_fraction",
+        "ppo.prompts_per_step=16", "ppo.samples_per_prompt=4", "ppo.max_new_tokens=8", "ppo.critic_warmup_steps=0",
+        "training.micro_batch_size=8", "training.lr=5e-3", "training.min_lr=5e-3", "ppo.value_lr=5e-3",
+        "logging.log_interval=1", f"logging.run_dir={run_dir}", *extra,
+    ]
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def straight(start, tmp_path_factory):
+    """40 PPO steps with the rule reward (GAE), checkpoints every 10."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    run_torchrun(1, ppo_args(start, run_dir, "training.train_iters=40", "training.save_interval=10", "training.keep_last=5"))
+    return run_dir
+
+
+@pytest.mark.parallel
+def test_rule_reward_rises_with_the_kl_bounded(straight):
+    curve = metrics(straight)
+    assert sorted(curve) == list(range(1, 41))
+    first = np.mean([curve[s]["reward_mean"] for s in range(1, 4)])
+    last = np.mean([curve[s]["reward_mean"] for s in range(36, 41)])
+    assert first < 0.35 and last >= 2 * first, (first, last)  # chance is GOOD / VOCAB = 0.25
+    # The KL penalty keeps the policy near the reference: far from a collapse onto one token (log 128 = 4.85 nats).
+    assert max(curve[s]["kl_to_reference"] for s in curve) < 2.0
+    # One update per step from the same forward as the old log-probabilities: ratio exactly 1, nothing clipped.
+    assert all(curve[s]["approx_kl"] == 0.0 and curve[s]["clip_fraction"] == 0.0 for s in curve)
+    assert all(abs(curve[s]["sampler_trainer_logprob_gap"]) < 1e-5 for s in curve)
+    for key in ("reward_std", "reward_normalised_mean", "entropy", "explained_variance", "value_loss", "response_length",
+                "finished_fraction", "generation_tokens_per_s", "seconds_generate", "seconds_score", "seconds_train"):
+        assert key in curve[40], key
