@@ -209,3 +209,221 @@ def test_rule_reward_rises_with_the_kl_bounded(straight):
     for key in ("reward_std", "reward_normalised_mean", "entropy", "explained_variance", "value_loss", "response_length",
                 "finished_fraction", "generation_tokens_per_s", "seconds_generate", "seconds_score", "seconds_train"):
         assert key in curve[40], key
+
+
+@pytest.mark.parallel
+def test_grpo_raises_the_reward_without_a_value_model(start, tmp_path):
+    out = run_torchrun(1, ppo_args(start, tmp_path, "ppo.estimator=grpo", "training.train_iters=40"))
+    assert "initialised value" not in out.stdout  # GRPO builds no value model
+    curve = metrics(tmp_path)
+    first = np.mean([curve[s]["reward_mean"] for s in range(1, 4)])
+    last = np.mean([curve[s]["reward_mean"] for s in range(36, 41)])
+    assert first < 0.35 and last >= 2 * first, (first, last)
+    assert "value_loss" not in curve[40] and max(curve[s]["kl_to_reference"] for s in curve) < 2.0
+
+
+def _launch(argv: list[str], log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()), *argv]
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    import psutil
+
+    family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=60)
+
+
+def policy_and_value(ckpt: Path) -> dict[str, torch.Tensor]:
+    from megatron_qwen.training.checkpointing import read_full_state_dict
+
+    return {k: v for k, v in read_full_state_dict(ckpt).items() if not k.startswith("optimizer")}
+
+
+@pytest.mark.parallel
+def test_kill_then_resume_equals_the_straight_run(start, straight, tmp_path):
+    args = ppo_args(start, tmp_path, "training.train_iters=20", "training.save_interval=10")
+    proc = _launch(args, tmp_path / "killed.log")
+    latest = tmp_path / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not (latest.is_file() and latest.read_text().strip() == "iter_0000010"):
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()
+        time.sleep(0.005)
+    _kill_tree(proc)  # kill -9 right after the step-10 save
+    assert proc.returncode == -signal.SIGKILL
+    out = run_torchrun(1, args)
+    assert "resumed from" in out.stdout and "at step 10" in out.stdout
+    ref, got = metrics(straight), metrics(tmp_path)
+    for step in range(11, 21):
+        for key in ("reward_mean", "kl_to_reference", "policy_loss", "value_loss", "entropy"):
+            assert got[step][key] == ref[step][key], (step, key)
+    a, b = policy_and_value(straight / "checkpoints" / "iter_0000020"), policy_and_value(tmp_path / "checkpoints" / "iter_0000020")
+    assert a.keys() == b.keys() and any(k.startswith("value.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.parallel
+def test_value_warmup_leaves_the_policy_untouched(start, tmp_path):
+    run_torchrun(1, ppo_args(start, tmp_path, "ppo.critic_warmup_steps=3", "training.train_iters=3"))
+    before, after = policy_and_value(start[1]), policy_and_value(tmp_path / "checkpoints" / "iter_0000003")
+    policy = [k for k in after if not k.startswith("value.")]
+    assert policy and set(policy) == set(before) and all(torch.equal(after[k], before[k]) for k in policy)
+    # The value model did learn: its tensors moved away from where they started.
+    assert any(not torch.equal(after[f"value.{k}"], before[k]) for k in before if f"value.{k}" in after)
+    assert "policy_loss" not in metrics(tmp_path)[3]
+
+
+def write_preferences(prefix: Path, count: int, seed: int) -> None:
+    """Pairs that share a prompt; the chosen response holds more good ids than the rejected one (the hidden rule)."""
+    from megatron_qwen.data.indexed import IndexedShardWriter, shard_prefix
+
+    rng = np.random.default_rng(seed)
+    with IndexedShardWriter(shard_prefix(str(prefix), "chosen"), VOCAB) as chosen, \
+            IndexedShardWriter(shard_prefix(str(prefix), "rejected"), VOCAB) as rejected:
+        for _ in range(count):
+            prompt = rng.integers(0, VOCAB, int(rng.integers(4, 12)))
+            low, high = sorted(rng.choice(9, size=2, replace=False))  # good ids among 8 response tokens
+            for writer, good in ((chosen, high), (rejected, low)):
+                ids = np.concatenate([rng.integers(0, GOOD, good), rng.integers(GOOD, VOCAB, 8 - good)])
+                writer.add_document(np.concatenate([prompt, rng.permutation(ids)]))
+
+
+def satisfied_rate(ckpt: Path, seed: int = 1) -> float:
+    """Share of sampled responses (temperature 1, 64 prompts) with at least half good ids: the hidden rule."""
+    from megatron_qwen.config import load_config
+    from megatron_qwen.inference.engine import GenerationEngine
+    from megatron_qwen.inference.sampling import SamplingParams
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
+    from megatron_qwen.training.checkpointing import load_weights
+
+    cfg = load_config("configs/tiny.yaml", MODEL)
+    chunks = build_model(cfg, Runtime.cpu(), rope_at_positions=True)
+    load_weights(chunks, ckpt, str(ckpt))
+    prompts = np.random.default_rng(seed).integers(0, VOCAB, (64, 6)).tolist()
+    result = GenerationEngine(chunks, VOCAB).generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.0, seed=seed))
+    return float(np.mean([sum(t < GOOD for t in r) >= 4 for r in result.tokens]))
+
+
+@pytest.mark.parallel
+@pytest.mark.usefixtures("single_rank")
+def test_a_reward_model_trained_here_steers_the_policy(start, tmp_path):
+    root, policy = start
+    write_preferences(tmp_path / "pairs", 2000, seed=0)
+    run_torchrun(1, ["-m", "megatron_qwen.stages.reward", "configs/tiny.yaml", *MODEL, "data.split=100,0,0",
+                     f"data.paths=[{tmp_path / 'pairs'}]", f"training.init_from={policy}", "training.micro_batch_size=8",
+                     "training.global_batch_size=32", "training.train_iters=60", "training.lr=2e-3", "training.min_lr=2e-4",
+                     "training.lr_warmup_iters=5", "logging.log_interval=10", f"logging.run_dir={tmp_path / 'rm'}"])
+    rm = tmp_path / "rm" / "checkpoints" / "iter_0000060"
+    assert metrics(tmp_path / "rm")[60]["accuracy"] > 0.8  # the reward model has learnt the preference
+    args = [a for a in ppo_args(start, tmp_path / "ppo", "training.train_iters=30") if not a.startswith("ppo.reward_fn")]
+    out = run_torchrun(1, args + [f"ppo.reward_from={rm}"])
+    assert f"initialised value from {rm}" in out.stdout  # the value model starts from the reward model
+    curve = metrics(tmp_path / "ppo")
+    first = np.mean([curve[s]["reward_mean"] for s in range(1, 4)])
+    last = np.mean([curve[s]["reward_mean"] for s in range(26, 31)])
+    before, after = satisfied_rate(policy), satisfied_rate(tmp_path / "ppo" / "checkpoints" / "iter_0000030")
+    print(f"reward-model score {first:.3f} -> {last:.3f}; responses following the hidden rule {before:.2f} -> {after:.2f}")
+    assert last > first + 1.0, (first, last)
+    assert after >= before + 0.3, (before, after)
+
+
+# --------------------------------------------------------------------------- (i) bad input
+
+
+def ppo_config(start, *extra):
+    from megatron_qwen.config import load_config
+
+    return load_config("configs/stage/ppo.yaml", [a for a in ppo_args(start, Path("/nowhere"), *extra) if "=" in a])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["ppo.reward_fn=null"], "set exactly one of ppo.reward_from (a reward-model checkpoint) and ppo.reward_fn"),
+    (["ppo.reward_fn=tests.ppo_rewards:missing"], "tests.ppo_rewards has no function 'missing'"),
+    (["ppo.reward_fn=no_such_module:f"], "module 'no_such_module' does not import"),
+    (["ppo.prompts_per_step=3", "ppo.samples_per_prompt=2"], "6 rollouts per data-parallel rank"),
+    (["ppo.max_new_tokens=40"], "ppo.max_new_tokens=40 leaves no room for a prompt within model.seq_length=32"),
+    (["ppo.estimator=grpo", "ppo.samples_per_prompt=1", "ppo.prompts_per_step=8"], "ppo.samples_per_prompt=1 must be >= 2"),
+])
+def test_configurations_that_cannot_run_are_refused(start, extra, message):
+    from megatron_qwen.errors import ConfigError
+    from megatron_qwen.rl.trainer import validate_ppo
+
+    with pytest.raises(ConfigError) as info:
+        validate_ppo(ppo_config(start, *extra), world_size=1)
+    assert message in str(info.value), str(info.value)
+
+
+def test_models_of_another_shape_are_refused(start, tmp_path):
+    import shutil
+
+    from megatron_qwen.errors import ConfigError
+    from megatron_qwen.rl.trainer import validate_ppo
+
+    other = tmp_path / "other"
+    shutil.copytree(start[1], other)
+    config = (other / "model_config.yaml").read_text().replace("hidden_size: 64", "hidden_size: 96")
+    (other / "model_config.yaml").write_text(config)
+    with pytest.raises(ConfigError, match=r"ppo.reward_from=.*other has model.hidden_size=96 but this run has 64"):
+        validate_ppo(ppo_config(start, "ppo.reward_fn=null", f"ppo.reward_from={other}"), world_size=1)
+
+
+def test_reward_function_results_are_checked():
+    from megatron_qwen.rl.rewards import RewardFunctionError, call_reward_fn
+    from tests import ppo_rewards
+
+    assert call_reward_fn(ppo_rewards.good_fraction, 0, [1], [1, 99], None, None) == 0.5
+    with pytest.raises(RewardFunctionError, match=r"returned 'high', not a finite number \(prompt 7 of this step\)"):
+        call_reward_fn(ppo_rewards.not_a_number, 7, [1], [2], None, None)
+    with pytest.raises(RewardFunctionError, match=r"raised ValueError: no reward for you \(prompt 3 of this step\)"):
+        call_reward_fn(ppo_rewards.raises, 3, [1], [2], None, None)
+
+
+@pytest.mark.parallel
+def test_a_failing_reward_function_stops_every_rank_cleanly(start, tmp_path):
+    args = [a for a in ppo_args(start, tmp_path, "training.train_iters=2") if not a.startswith("ppo.reward_fn")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           *args, "ppo.reward_fn=tests.ppo_rewards:raises"]
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: step 1: the reward function raised ValueError: no reward for you (prompt 0 of this step)") == 1, proc.stderr
+    # No rank prints a traceback of its own (torchrun prefixes rank output with [rankN]:); nothing is saved.
+    assert "]: Traceback" not in proc.stderr and not (tmp_path / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parallel
+def test_checkpoint_exports_the_policy_and_resumes_at_another_layout(start, straight, tmp_path):
+    from safetensors.torch import load_file
+
+    from megatron_qwen.convert.to_hf import mcore_to_hf
+
+    ckpt = straight / "checkpoints" / "iter_0000020"
+    mcore_to_hf(ckpt, tmp_path / "hf", log=lambda _: None)
+    exported = load_file(next((tmp_path / "hf").glob("*.safetensors")))
+    stored = policy_and_value(ckpt)
+    assert torch.equal(exported["model.embed_tokens.weight"], stored["embedding.word_embeddings.weight"])
+    assert torch.equal(exported["lm_head.weight"], stored["output_layer.weight"])
+    assert not torch.equal(stored["embedding.word_embeddings.weight"], stored["value.embedding.word_embeddings.weight"])
+
+    # The step-10 checkpoint continued at TP=2 with SP: the same rollouts and scores (the sampling does not depend
+    # on the layout), and the losses of the TP=1 run to fp32 reduction order.
+    load = tmp_path / "from_tp1"
+    load.mkdir()
+    (load / "latest").write_text("iter_0000010\n")
+    (load / "iter_0000010").symlink_to(straight / "checkpoints" / "iter_0000010")
+    out = run_torchrun(2, ppo_args(start, tmp_path / "tp2", "training.train_iters=12", f"training.load={load}",
+                                   "parallel.tp=2", "parallel.sp=true"))
+    assert "layout changed" in out.stdout
+    ref, got = metrics(straight), metrics(tmp_path / "tp2")
+    assert sorted(got) == [11, 12]
+    for key in ("reward_mean", "response_length", "policy_loss", "value_loss", "kl_to_reference"):
+        assert got[11][key] == pytest.approx(ref[11][key], rel=1e-4, abs=1e-5), key

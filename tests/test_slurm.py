@@ -177,3 +177,34 @@ def test_a_stage_that_does_not_exist_is_refused_before_submitting(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "error: megatron_qwen.stages.nosuchstage does not exist" in proc.stderr and "pretrain" in proc.stderr, proc.stderr
     assert "Submitted" not in proc.stdout
+
+
+def test_sbatch_ppo_from_a_policy_run(slurm_cluster, tmp_path):
+    """slurm/ppo.sbatch over both nodes (one rank each, DP=2): INIT_FROM names the policy's run directory, whose
+    latest checkpoint becomes ppo.policy_from; the reward is a rule (ppo.reward_fn)."""
+    from test_ppo import MODEL, write_prompts
+
+    write_prompts(tmp_path / "prompts")
+    runs_root = tmp_path / "runs"
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(__import__("spawn").free_port()),
+         "-m", "megatron_qwen.stages.pretrain", "configs/tiny.yaml", *MODEL, "data.split=100,0,0",
+         f"data.paths=[{tmp_path / 'prompts_prompt_document'}]", "training.train_iters=0", f"logging.run_dir={tmp_path / 'sft'}"],
+        cwd=REPO, env=cpu_env(), check=True, capture_output=True, timeout=300,
+    )
+    overrides = MODEL + [
+        f"data.paths=[{tmp_path / 'prompts'}]", "ppo.reward_fn=tests.ppo_rewards:good_fraction", "ppo.prompts_per_step=8",
+        "ppo.samples_per_prompt=2", "ppo.max_new_tokens=8", "ppo.critic_warmup_steps=0", "training.micro_batch_size=8",
+        "training.train_iters=2",
+    ]
+    env = cpu_env(NODES="2", TASKS_PER_NODE="1", DEVICE="cpu", RUN_ROOT=str(runs_root), INIT_FROM=str(tmp_path / "sft"),
+                  OVERRIDES=" ".join(overrides), PYTHONPATH=f"{REPO}")
+    job = slurm_cluster.submit([str(TEMPLATES / "ppo.sbatch")], env)
+    run_dir, log = runs_root / f"qwen-ppo-{job}", runs_root / f"qwen-ppo-{job}.out"
+    info = slurm_cluster.wait(job, timeout=400, log=log)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["NodeList"]) == ("COMPLETED", "0:0", "node[1-2]"), text
+    assert f"initialised policy from {tmp_path / 'sft'}/checkpoints/iter_0000000" in text, text
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

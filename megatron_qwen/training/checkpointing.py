@@ -65,9 +65,15 @@ def units_state(units: Iterable[ModelUnit], loading: bool = False) -> dict:
     return state
 
 
-def _load_into(modules: list[torch.nn.Module], loaded: dict) -> None:
+def _unprefixed(state: dict, prefix: str) -> dict:
+    """A loaded unit's state with the namespace prefix taken off its keys (the module's own names)."""
+    return {name[len(prefix):] if prefix and name.startswith(prefix) else name: value for name, value in state.items()}
+
+
+def _load_into(modules: list[torch.nn.Module], loaded: dict, namespace: str) -> None:
+    prefix = ckdir.unit_prefix(namespace)
     for key, module in zip(ckdir.chunk_keys(len(modules)), modules):
-        module.load_state_dict(loaded[key], strict=True)
+        module.load_state_dict(_unprefixed(loaded[key], prefix), strict=True)
 
 
 def save_sharded(sharded_state_dict: dict, path: str | os.PathLike, write_extra=None, before_commit=None) -> Path:
@@ -124,18 +130,19 @@ def load_weights(
     request, started_fresh = {}, []
     for key, module in zip(ckdir.chunk_keys(len(modules)), modules):
         sharded = module.sharded_state_dict(prefix=prefix)
-        absent = [name for name, item in sharded.items() if getattr(item, "key", None) is not None and item.key not in stored]
-        unexpected = [name for name in absent if not name.startswith(fresh) and not name.endswith("_extra_state")]
+        absent = {name for name, item in sharded.items() if getattr(item, "key", None) is not None and item.key not in stored}
+        local = [name[len(prefix):] for name in absent if not name.endswith("_extra_state")]
+        unexpected = [name for name in local if not name.startswith(fresh)]
         if unexpected:
             raise CheckpointError(
                 f"{what}: the checkpoint has no {prefix}{unexpected[0]} ({len(unexpected)} tensor(s) of this model missing); "
                 "it holds another kind or size of model: check the path and the model.* sizes"
             )
-        started_fresh += [name for name in absent if not name.endswith("_extra_state")]
+        started_fresh += local
         request[key] = {name: item for name, item in sharded.items() if name not in absent}
     loaded = dist_checkpointing.load(request, str(path))
     for key, module in zip(ckdir.chunk_keys(len(modules)), modules):
-        missing, unexpected = module.load_state_dict(loaded[key], strict=False)
+        missing, unexpected = module.load_state_dict(_unprefixed(loaded[key], prefix), strict=False)
         missing = [name for name in missing if not name.endswith("_extra_state")]
         if unexpected or set(missing) - set(started_fresh):
             raise CheckpointError(f"{what}: weights do not fit this model (missing {missing}, unexpected {unexpected})")
@@ -222,7 +229,7 @@ def load_checkpoint(path: str | os.PathLike, units: list[ModelUnit], restore_rng
     loaded = dist_checkpointing.load(units_state(units, loading=True), str(path))
     for unit in units:
         unit_loaded = loaded[unit.namespace] if unit.namespace else loaded
-        _load_into(unit.modules, unit_loaded)
+        _load_into(unit.modules, unit_loaded, unit.namespace)
         if unit.optimizer is not None:
             unit.optimizer.load_state_dict(unit_loaded[ckdir.OPTIMIZER_KEY])
     rng_path = ckdir.rng_file(path, _rank())

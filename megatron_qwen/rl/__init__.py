@@ -1,0 +1,1 @@
+"""PPO and GRPO: the math, rewards, experience making and the loop of the RLHF stage."""
