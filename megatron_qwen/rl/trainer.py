@@ -1,6 +1,7 @@
-"""The PPO loop: a policy and a value model trained, a reference and a reward model held frozen, all four at
-the training layout on every rank, composed from the same parts as the single-model loop (run context,
-model units, checkpointer, megatron-core schedules).
+"""The machinery of the PPO stage: a policy and a value model trained, a reference and a reward model held
+frozen, all four at the training layout on every rank, composed from the same parts as the single-model
+loop (run context, model units, checkpointer, megatron-core schedules). The step itself, in the order the
+recipe runs it, is `megatron_qwen.stages.ppo.ppo_step`.
 
 Each step: this data-parallel rank's prompts, ``ppo.samples_per_prompt`` responses each from the KV-cache
 engine; old and reference log-probabilities and values recomputed by the training-layout forward (never
@@ -17,6 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from megatron.core import parallel_state
@@ -118,8 +120,9 @@ def _model_mismatch(key: str, path: str, cfg: Config) -> list[str]:
 class PPOTrainer:
     """One PPO job: `PPOTrainer(cfg).run()` builds the four models, resumes, then loops."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, step: Callable[["PPOTrainer"], dict]):
         validate_ppo(cfg, detect_launch().world_size)
+        self.step = step  # one PPO step (stages/ppo.py): its metrics
         self.ctx = ctx = start_run(cfg)
         self.cfg = cfg = ctx.cfg
         p, t = cfg.ppo, cfg.training
@@ -359,20 +362,13 @@ class PPOTrainer:
             total, count = sums.get(key, (0.0, 0))
             sums[key] = (total + value, count + 1) if math.isfinite(value) else (total, count)
 
-    def train_step(self) -> dict:
-        """One PPO step; returns its metrics (the same on every rank)."""
-        started = time.perf_counter()
-        prompts, indices = self.next_prompts()
-        rollouts = self.generate(prompts, indices)
-        generated = time.perf_counter()
-        rows, experience = self.make_experience(rollouts)
-        scored = time.perf_counter()
-        updates = self.update(rows)
-        trained = time.perf_counter()
-        self.state.consumed_prompts += self.cfg.ppo.prompts_per_step
+    def step_metrics(self, rollouts: Rollouts, experience: dict, updates: dict, seconds: tuple[float, float, float]) -> dict:
+        """A step's metrics, the same on every rank: experience means over the data-parallel batch, the updates'
+        means, generation throughput and the seconds each phase took."""
         means = self._global_means(experience)
         tokens = torch.tensor([float(rollouts.new_tokens), rollouts.seconds])
         torch.distributed.all_reduce(tokens, group=self.dp_group)
+        generate, score, train = seconds
         return {
             "reward_mean": means["reward"], "reward_std": _std(means["reward"], means["reward_sq"]),
             "reward_normalised_mean": means["reward_normalised"],
@@ -383,7 +379,7 @@ class PPOTrainer:
             **({"explained_variance": means["explained_variance"]} if "explained_variance" in means else {}),
             **{key.replace(" ", "_"): value for key, value in updates.items()},
             "generation_tokens_per_s": float(tokens[0] / max(float(tokens[1]) / self.ctx.layout.dp, 1e-9)),
-            "seconds_generate": generated - started, "seconds_score": scored - generated, "seconds_train": trained - scored,
+            "seconds_generate": generate, "seconds_score": score, "seconds_train": train,
             "policy_lr": self.policy.schedule.at(self.state.step),
         }
 
@@ -410,7 +406,8 @@ class PPOTrainer:
         ctx, t = self.ctx, self.cfg.training
         clock = ProgressClock(self.state.step, t.train_iters)
         while self.state.step < t.train_iters:
-            metrics = self.train_step()
+            metrics = self.step(self)
+            self.state.consumed_prompts += self.cfg.ppo.prompts_per_step
             self.state.step += 1
             if self.state.step % self.cfg.logging.log_interval == 0 or self.state.step == t.train_iters:
                 ctx.logger.log(self.state.step, metrics, progress=clock.progress(self.state.step))
@@ -427,6 +424,3 @@ def _std(mean: float, mean_sq: float) -> float:
     return math.sqrt(max(mean_sq - mean * mean, 0.0))
 
 
-def train_ppo(cfg: Config) -> int:
-    """Run (or resume) a PPO job; returns the process exit code."""
-    return PPOTrainer(cfg).run()
