@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from megatron_qwen.checkpoint_dir import MODEL_CONFIG_FILE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -134,7 +136,7 @@ def main() -> None:
     init_distributed(1, 1, None, device="cpu")
     torch.manual_seed(0)
     save_model(build_model(cfg, Runtime.cpu()), work / "weights")
-    (work / "weights" / "model_config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    (work / "weights" / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict()))
     mcore_to_hf(work / "weights", work / "hf", log=lambda _: None)
 
     results = {"(1) KV-cache engine": engine_run(args, work / "weights"),

@@ -26,6 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_qwen.config import Config
 from megatron_qwen.data.chat import PREFERENCE_KEYS, PROMPT_KEYS, SFT_KEYS
@@ -36,8 +41,6 @@ class _Shards:
     """Parallel shards of several prefixes (e.g. tokens and loss mask) addressed as one list of documents."""
 
     def __init__(self, prefixes: list[str], keys: tuple[str, ...], flag: str):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
         if not prefixes or not all(isinstance(p, str) for p in prefixes):
             raise DataError(
                 f"data.paths={prefixes!r} must list the --output-prefix of `tools/preprocess_data.py {flag}` runs, "
@@ -70,11 +73,6 @@ class _Shards:
 
     def split_documents(self, split: str, which: int) -> np.ndarray:
         """Global indices of split `which` (0 train, 1 valid, 2 test): the same fraction of every shard."""
-        from megatron.core.datasets.blended_megatron_dataset_config import (
-            convert_split_vector_to_split_matrix,
-            parse_and_normalize_split,
-        )
-
         bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[which]
         if bounds is None:
             return np.zeros(0, dtype=np.int64)

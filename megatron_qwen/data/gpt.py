@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_qwen.config import Config
 from megatron_qwen.errors import DataError
@@ -55,8 +58,6 @@ def parse_blend(paths: list) -> tuple[list[str], list[float] | None]:
 
 def gpt_dataset_config(cfg: Config, eod: int, vocab_size: int):
     """megatron-core's GPTDatasetConfig for this run."""
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-
     prefixes, weights = parse_blend(cfg.data.paths)
     return GPTDatasetConfig(
         random_seed=cfg.training.seed,
@@ -89,9 +90,6 @@ def build_gpt_datasets(cfg: Config, eod: int, vocab_size: int):
     Checks the train split against the run's length first: a corpus that would be repeated raises
     unless ``data.allow_repeat`` is set, and an empty split always raises.
     """
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
-
     config = gpt_dataset_config(cfg, eod, vocab_size)
     if cfg.training.eval_interval and config.split_matrix[1] is None:
         raise DataError(
@@ -106,8 +104,6 @@ def build_gpt_datasets(cfg: Config, eod: int, vocab_size: int):
 
 def check_corpus_size(cfg: Config, config) -> None:
     """Report, before training, a train split too small for the requested steps."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     prefixes, weights = config.blend
     weights = weights or [1.0] * len(prefixes)
     seq = cfg.model.seq_length
