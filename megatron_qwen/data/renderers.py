@@ -26,7 +26,7 @@ import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
@@ -42,8 +42,6 @@ from megatron_qwen.data.chat import (
 from megatron_qwen.data.jsonl_input import json_type, record_of
 from megatron_qwen.errors import PreprocessError
 
-if TYPE_CHECKING:  # for annotations only: preprocess imports this module
-    from megatron_qwen.data.preprocess import PreprocessResult
 
 
 class Renderer(ABC):
@@ -87,8 +85,8 @@ class Renderer(ABC):
         return {}
 
     @classmethod
-    def summary_lines(cls, result: PreprocessResult) -> list[str]:
-        """This mode's lines in the end-of-run summary, after the token counts."""
+    def summary_lines(cls, result) -> list[str]:
+        """This mode's lines in the end-of-run summary (of a `preprocess.PreprocessResult`), after the token counts."""
         return []
 
 
@@ -210,7 +208,7 @@ class ChatRenderer(ChatMLRenderer):
         }
 
     @classmethod
-    def summary_lines(cls, result: PreprocessResult) -> list[str]:
+    def summary_lines(cls, result) -> list[str]:
         total = max(sum(result.tokens.values()), 1)
         return [
             f"trained tokens (loss mask): {result.trained_tokens:,} ({100 * result.trained_tokens / total:.1f} %)",
