@@ -26,7 +26,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from megatron.core import parallel_state
 
@@ -122,19 +121,8 @@ def _encode(record: dict, args: argparse.Namespace, tokenizer, where: str) -> li
 
 
 def _prompt_token_rows(path: Path, vocab_limit: int) -> list[list[int]]:
-    if not path.is_file():
-        raise UserError(f"--prompt-tokens {path} does not exist")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"--prompt-tokens {path} is not a .npy array ({exc})") from None
-    if not np.issubdtype(array.dtype, np.integer):
-        raise UserError(f"--prompt-tokens {path} has dtype {array.dtype}; token ids must be integers")
-    array = array[None] if array.ndim == 1 else array
-    if array.ndim != 2:
-        raise UserError(f"--prompt-tokens {path} has shape {list(array.shape)}; expected (batch, len)")
     rows = []
-    for i, row in enumerate(array.tolist()):
+    for i, row in enumerate(inference.read_token_array(path, "--prompt-tokens").tolist()):
         length = row.index(-1) if -1 in row else len(row)
         if any(t != -1 for t in row[length:]):
             raise UserError(f"--prompt-tokens {path}: row {i} has ids after its -1 padding; pad with -1 on the right only")

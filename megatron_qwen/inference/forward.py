@@ -81,21 +81,27 @@ def prepare(
     return ForwardPlan(cfg, layout, vocab, min(vocab, TOKENIZER_VOCAB_SIZE))
 
 
-def load_tokens(path: str | os.PathLike, vocab_size: int) -> np.ndarray:
-    """A (batch, seq) int64 array from a .npy file (a 1-D array is one row), every id in [0, vocab_size)."""
+def read_token_array(path: str | os.PathLike, option: str) -> np.ndarray:
+    """A non-empty (batch, seq) integer array from a .npy file given as `option` (a 1-D array is one row)."""
     path = Path(path)
     if not path.is_file():
-        raise ConversionError(f"--tokens {path} does not exist")
+        raise ConversionError(f"{option} {path} does not exist")
     try:
         tokens = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
-        raise ConversionError(f"--tokens {path} is not a .npy array ({exc})") from exc
+        raise ConversionError(f"{option} {path} is not a .npy array ({exc})") from exc
     if not np.issubdtype(tokens.dtype, np.integer):
-        raise ConversionError(f"--tokens {path} has dtype {tokens.dtype}; token ids must be integers")
+        raise ConversionError(f"{option} {path} has dtype {tokens.dtype}; token ids must be integers")
     if tokens.ndim == 1:
         tokens = tokens[None, :]
     if tokens.ndim != 2 or tokens.size == 0:
-        raise ConversionError(f"--tokens {path} has shape {list(tokens.shape)}; expected a non-empty (batch, seq) array")
+        raise ConversionError(f"{option} {path} has shape {list(tokens.shape)}; expected a non-empty (batch, seq) array")
+    return tokens.astype(np.int64)
+
+
+def load_tokens(path: str | os.PathLike, vocab_size: int) -> np.ndarray:
+    """A (batch, seq) int64 array from a .npy file (a 1-D array is one row), every id in [0, vocab_size)."""
+    tokens = read_token_array(path, "--tokens")
     bad = np.argwhere((tokens < 0) | (tokens >= vocab_size))
     if len(bad):
         row, col = (int(i) for i in bad[0])
@@ -103,7 +109,7 @@ def load_tokens(path: str | os.PathLike, vocab_size: int) -> np.ndarray:
             f"--tokens {path}: id {int(tokens[row, col])} at [{row}, {col}] is outside the model's vocabulary "
             f"[0, {vocab_size}) ({len(bad)} id(s) out of range)"
         )
-    return tokens.astype(np.int64)
+    return tokens
 
 
 def load_chunks(plan: ForwardPlan, ckpt: str | os.PathLike, runtime: Runtime) -> list[torch.nn.Module]:
