@@ -90,6 +90,7 @@ DCP_METADATA_TYPES: dict[str, tuple[str, ...]] = {
     "torch.distributed.checkpoint.filesystem": ("_StorageInfo",),
     "torch.serialization": ("_get_layout",),  # torch.layout by name (torch.strided)
     "torch": ("Size", *_DTYPE_NAMES),
+    "pathlib": ("PosixPath",),  # StorageMeta.checkpoint_id of checkpoints the converter writes
 }
 
 # The numpy types of the RNG files written before RNG states were stored as tensors: numpy's

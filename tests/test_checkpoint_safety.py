@@ -19,6 +19,7 @@ import os
 import pathlib
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -350,10 +351,30 @@ def test_megatron_core_names_are_restored_after_every_load(tmp_path, tiny_cfg):
 # --------------------------------------------------------------------------- the command lines
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess:
-    """One rank, launched as a plain process (the launcher's agent adds nothing these checks need)."""
-    env = cpu_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    return subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def test_forward_tool_refuses_planted_metadata(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("forward_tool", REPO / "tools" / "forward.py")
+    forward_tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(forward_tool)
+    ckpt, canary = copy_checkpoint(tmp_path), tmp_path / "canary"
+    plant_metadata(ckpt, Canary(canary))
+    tokens = tmp_path / "tokens.npy"
+    np.save(tokens, np.arange(8, dtype=np.int64).reshape(1, 8))
+    status = forward_tool.main(["--ckpt", str(ckpt), "--tokens", str(tokens), "--out", str(tmp_path / "logits.npy")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"error: {ckpt / '.metadata'}: refused to unpickle {PLANTED}" in err and "--trust-checkpoint" in err, err
+    assert not canary.exists() and not (tmp_path / "logits.npy").exists()
+
+
+def _run(argv: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    """A job on `nproc` gloo ranks: one rank as a plain process (the launcher adds nothing it needs), more with torchrun."""
+    port = str(free_port())
+    env = cpu_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+                "--master-port", port] if nproc > 1 else []
+    return subprocess.run([sys.executable, *launcher, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _stage(tmp_path: Path, *extra: str) -> list[str]:
@@ -362,7 +383,7 @@ def _stage(tmp_path: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.parallel
-def test_stage_and_forward_tool_refuse_plants_and_trust_on_request(tmp_path):
+def test_stages_refuse_plants_on_any_rank_and_trust_on_request(tmp_path):
     # training.init_from with planted metadata: refused with the message, exit status 2, nothing run.
     planted, canary = copy_checkpoint(tmp_path, "planted"), tmp_path / "canary"
     plant_metadata(planted, Canary(canary))
@@ -371,13 +392,20 @@ def test_stage_and_forward_tool_refuse_plants_and_trust_on_request(tmp_path):
     assert f"error: {planted / '.metadata'}: refused to unpickle {PLANTED}" in run.stderr, run.stderr
     assert "training.trust_checkpoint=true" in run.stderr and not canary.exists()
 
-    # The forward tool: exit status 2, no logits.
-    tokens = tmp_path / "tokens.npy"
-    np.save(tokens, np.arange(8, dtype=np.int64).reshape(1, 8))
-    tool = _run(["tools/forward.py", "--ckpt", str(planted), "--tokens", str(tokens), "--out", str(tmp_path / "l.npy")])
-    assert tool.returncode == 2, tool.stdout + tool.stderr
-    assert f"error: {planted / '.metadata'}: refused to unpickle {PLANTED}" in tool.stderr and "--trust-checkpoint" in tool.stderr
-    assert not canary.exists() and not (tmp_path / "l.npy").exists()
+    # Resuming on 2 ranks at the layout that wrote the checkpoint, rank 1's RNG file planted: every rank
+    # stops (none waits on the others), rank 0 reports rank 1's refusal.
+    checkpoints = tmp_path / "dp2"
+    ckpt = Path(shutil.copytree(LEGACY, checkpoints / LEGACY.name))
+    (checkpoints / "latest").write_text(LEGACY.name + "\n")
+    common = torch.load(ckpt / "common.pt", weights_only=True)
+    common["train_state"]["layout"].update(world_size=2, dp=2)
+    torch.save(common, ckpt / "common.pt")
+    shutil.copy(ckpt / "rng" / "rank00000.pt", ckpt / "rng" / "rank00001.pt")
+    torch.save({"python": Canary(canary)}, ckpt / "rng" / "rank00001.pt")
+    both = _run(_stage(tmp_path / "dp2-run", "training.train_iters=3", f"training.save={checkpoints}"), nproc=2)
+    assert both.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", both.stderr), both.stdout + both.stderr
+    assert f"error: rank 1 could not read its RNG state: UnsafeCheckpointError: {ckpt / 'rng' / 'rank00001.pt'}" in both.stderr
+    assert PLANTED in both.stderr and not canary.exists()
 
     # A checkpoint holding a type outside the allowlist resumes when trusted, with a warning.
     checkpoints = tmp_path / "checkpoints"

@@ -199,23 +199,27 @@ def set_rng_state(state: dict) -> None:
 
 
 def _read_rng_state(path: Path, trust: bool) -> dict | None:
-    """This rank's saved RNG states (None when it has no file). Every rank raises the first rank's error, so
-    a refused file ends the job instead of leaving the other ranks waiting."""
+    """This rank's saved RNG states (None when it has no file). A rank that cannot read its file (refused,
+    say) raises its error and every other rank raises one naming it, so the job ends instead of waiting."""
     file = ckdir.rng_file(path, _rank())
     state, error = None, None
     try:
         if file.is_file():
             # Files written before the states became tensors hold numpy's key as an array.
             state = safety.load_torch_file(file, str(file), trust, extra_globals=safety.LEGACY_RNG_GLOBALS)
-    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+    except Exception as exc:  # noqa: BLE001 - raised below, once every rank knows
         error = exc
-    errors = [error]
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    messages = [mine]
     if torch.distributed.is_initialized():
-        errors = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(errors, error)
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise first
+        messages = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(messages, mine)
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, message in enumerate(messages) if message]
+    if failed:
+        rank, message = failed[0]
+        raise CheckpointError(f"rank {rank} could not read its RNG state: {message}")
     return state
 
 
