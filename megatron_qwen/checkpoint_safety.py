@@ -63,7 +63,7 @@ TRUST_WARNING = (
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint holds a pickled object outside the allowlist; nothing of it was unpickled."""
+    """A checkpoint holds a pickled object outside the allowlist; the object was not unpickled."""
 
 
 def refused(where: str, names: list[str] | str) -> UnsafeCheckpointError:
@@ -195,7 +195,7 @@ def load_torch_file(source, where: str, trust: bool, extra_globals: tuple = (), 
 # --------------------------------------------------------------------------- DCP reading
 
 
-class SafeFileSystemReader(FileSystemReader):
+class AllowlistFileSystemReader(FileSystemReader):
     """DCP's file-system reader whose ``.metadata`` goes through the allowlist (read once, then cached).
 
     Tensor data needs nothing more: DCP reads it with weights_only=True. Unrestricted when `trust`.
@@ -276,7 +276,8 @@ UNRESTRICTED_SITES = (
 
 @contextlib.contextmanager
 def _megatron_reads_through(reader: FileSystemReader, planner: Callable) -> Iterator[None]:
-    """While the block runs, megatron-core's torch strategy reads with `reader` and plans with `planner`."""
+    """While the block runs, megatron-core's torch strategy reads with `reader` and plans with `planner`.
+    (A process runs one load at a time: loads are collective calls of its main thread.)"""
     module = mcore_torch_strategy
     saved = module._get_filesystem_reader, module.MCoreLoadPlanner
     module._get_filesystem_reader = lambda checkpoint_dir, cache_metadata=False: reader
@@ -309,7 +310,7 @@ class AllowlistLoadStrategy(TorchDistLoadShardedStrategy):
 
     @contextlib.contextmanager
     def _reading(self, checkpoint_dir) -> Iterator[None]:
-        reader = SafeFileSystemReader(checkpoint_dir, self.trust)
+        reader = AllowlistFileSystemReader(checkpoint_dir, self.trust)
         reader.read_metadata()  # refused here, on every rank alike, before any collective
         planner = MCoreLoadPlanner if self.trust else functools.partial(_AllowlistLoadPlanner, checkpoint_dir=checkpoint_dir)
         with _megatron_reads_through(reader, planner), refusals_raised():
@@ -321,7 +322,7 @@ class AllowlistLoadStrategy(TorchDistLoadShardedStrategy):
 
     def load_tensors_metadata(self, checkpoint_dir, metadata=None):
         if metadata is None:
-            metadata = SafeFileSystemReader(checkpoint_dir, self.trust).read_metadata()
+            metadata = AllowlistFileSystemReader(checkpoint_dir, self.trust).read_metadata()
         return super().load_tensors_metadata(checkpoint_dir, metadata)
 
     def load_sharded_metadata(self, checkpoint_dir):

@@ -212,7 +212,8 @@ def test_extra_state_bytes_are_screened_before_transformer_engine_unpickles_them
              "linear_proj._extra_state": None, "weight": torch.ones(2)}
     screen_extra_states(state, "CKPT")
     screened = pickle.loads(state["linear_fc1._extra_state"].numpy().tobytes())
-    assert torch.equal(screened["scale_fwd"], fp8_state["scale_fwd"]) and torch.equal(screened["amax_history_fwd"], fp8_state["amax_history_fwd"])
+    for key in ("scale_fwd", "amax_history_fwd"):
+        assert torch.equal(screened[key], fp8_state[key])
     assert screened["extra_fp8_variables"] == fp8_state["extra_fp8_variables"]
     assert state["linear_fc2._extra_state"].numel() == 0 and state["linear_proj._extra_state"] is None
 

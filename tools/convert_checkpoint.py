@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     to_hf.add_argument("--pad-token-id", type=int, default=151643,
                        help="reward export: pad id (rewards are read at the last non-pad token; default <|endoftext|>)")
     to_hf.add_argument("--trust-checkpoint", action="store_true",
-                       help="unpickle every object in CKPT, also types outside the allowlist (can run code: trusted sources only)")
+                       help="unpickle every object in CKPT, also types outside the allowlist (can run code: trust its source)")
 
     args = parser.parse_args(argv)
     trust = getattr(args, "trust_checkpoint", False)

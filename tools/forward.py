@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--generate", type=int, default=0, metavar="K", help="append K greedy tokens to each row")
     parser.add_argument("--generated-out", type=Path, default=None, help="where to write the continued rows (.npy)")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle every object in CKPT, also types outside the allowlist (can run code: trusted sources only)")
+                        help="unpickle every object in CKPT, also types outside the allowlist (can run code: trust its source)")
     args = parser.parse_args(argv)
     if args.generate < 0:
         parser.error(f"--generate {args.generate}: the number of tokens must be >= 0")

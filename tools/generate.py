@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
     parser.add_argument("--out", type=Path, default=None, help="write one JSON line per prompt here")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle every object in CKPT, also types outside the allowlist (can run code: trusted sources only)")
+                        help="unpickle every object in CKPT, also types outside the allowlist (can run code: trust its source)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size} must be >= 1")
@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.trust_checkpoint and launch.rank == 0:
         print(f"warning: --trust-checkpoint: {TRUST_WARNING}", file=sys.stderr, flush=True)
     try:
-        plan = inference.prepare(args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp,
-                                 precision=args.precision, config_path=args.config, trust_checkpoint=args.trust_checkpoint)
+        plan = inference.prepare(args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp, precision=args.precision,
+                                 config_path=args.config, trust_checkpoint=args.trust_checkpoint)
         tokenizer = load_tokenizer()
         vocab_limit = plan.generate_vocab
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_qwen import checkpoint_dir as ckdir
-from megatron_qwen.checkpoint_safety import SafeFileSystemReader
+from megatron_qwen.checkpoint_safety import AllowlistFileSystemReader
 from megatron_qwen.errors import ConversionError
 
 
@@ -151,7 +151,7 @@ def tensor_metadata(path: str | os.PathLike, trust: bool = False) -> dict[str, S
     path = Path(path)
     if not ckdir.is_checkpoint(path) or not (path / ".metadata").is_file():
         raise ConversionError(f"{path} is not a megatron-core dist_checkpointing checkpoint (no metadata.json / .metadata)")
-    metadata = SafeFileSystemReader(path, trust).read_metadata()
+    metadata = AllowlistFileSystemReader(path, trust).read_metadata()
     return {
         key: StoredInfo(tuple(md.size), md.properties.dtype, tuple((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks))
         for key, md in metadata.state_dict_metadata.items()
@@ -199,7 +199,7 @@ def read_chunks(
 ) -> dict[str, torch.Tensor]:
     """For each key, the block of `sizes` elements at `offsets` ({key: (offsets, sizes, dtype)})."""
     dests = {key: (offsets, torch.empty(sizes, dtype=dtype)) for key, (offsets, sizes, dtype) in requests.items()}
-    reader = SafeFileSystemReader(path, trust)
+    reader = AllowlistFileSystemReader(path, trust)
     reader.read_metadata()  # a refusal raised as itself (DCP would fold a failed metadata read into another error)
     with _single_process():
         dcp_load({}, storage_reader=reader, planner=_ChunkLoadPlanner(dests), no_dist=True)

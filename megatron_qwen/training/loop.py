@@ -116,7 +116,8 @@ class Checkpointer:
 
     def init_from(self, unit: ModelUnit, path: str, what: str, fresh: tuple[str, ...] = ()) -> None:
         """Start `unit` from the weights of checkpoint `path` (named `what` in messages)."""
-        started_fresh = checkpointing.load_weights(unit.modules, path, what, fresh=fresh, trust=self.ctx.cfg.training.trust_checkpoint)
+        trust = self.ctx.cfg.training.trust_checkpoint
+        started_fresh = checkpointing.load_weights(unit.modules, path, what, fresh=fresh, trust=trust)
         note = f" ({', '.join(started_fresh)} started fresh)" if started_fresh else ""
         self.ctx.say(f"initialised {unit.name} from {path}{note}")
         self.carry_from(Path(path))
