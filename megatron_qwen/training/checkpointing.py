@@ -166,7 +166,7 @@ def read_full_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[s
 # --------------------------------------------------------------------------- training checkpoints
 
 
-def rng_state() -> dict:
+def _rng_state() -> dict:
     """This process's RNG states as tensors and numbers, nothing that unpickles as code: Python's and numpy's
     Mersenne-Twister keys, torch's generator, megatron-core's tracked streams (and CUDA's generator)."""
     version, key, gauss_next = random.getstate()
@@ -183,8 +183,8 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore states saved by `rng_state`, or by earlier versions (Python's tuple and numpy's array as such)."""
+def _set_rng_state(state: dict) -> None:
+    """Restore states saved by `_rng_state`, or by earlier versions (Python's tuple and numpy's array as such)."""
     python, numpy_state = state["python"], state["numpy"]
     if isinstance(python, dict):
         python = (python["version"], tuple(python["key"].tolist()), python["gauss_next"])
@@ -232,13 +232,13 @@ def save_checkpoint(
     files: dict | None = None,
     before_commit: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save the units (with their optimizers), the loop's state (step, consumed samples, ...: JSON-serialisable)
-    and every rank's RNG state as ``SAVE_DIR/iter_NNNNNNN``, then point ``SAVE_DIR/latest`` at it (written last, atomically)
-    and delete all but the `keep_last` newest checkpoints. `files` ({name: text}) are written beside the
-    tensors by rank 0 (e.g. model_config.yaml for the converter). All ranks call this."""
+    """Save the units (with their optimizers), the loop's state (step, consumed samples, ...; JSON-serialisable)
+    and every rank's RNG state as ``SAVE_DIR/iter_NNNNNNN``, then point ``SAVE_DIR/latest`` at it (written
+    last, atomically) and delete all but the `keep_last` newest checkpoints. `files` ({name: text}) are
+    written beside the tensors by rank 0 (e.g. model_config.yaml for the converter). All ranks call this."""
     save_dir = Path(save_dir)
     state = units_state(units)
-    rng = rng_state()
+    rng = _rng_state()
 
     def write_extra(tmp: Path) -> None:
         rng_path = ckdir.rng_file(tmp, _rank())
@@ -272,7 +272,7 @@ def load_checkpoint(path: str | os.PathLike, units: list[ModelUnit], restore_rng
     if restore_rng:
         rng = _read_rng_state(path, trust)
         if rng is not None:
-            set_rng_state(rng)
+            _set_rng_state(rng)
     return saved_train_state(path, trust)
 
 
