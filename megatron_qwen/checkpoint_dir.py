@@ -6,12 +6,15 @@ A checkpoint is a megatron-core ``dist_checkpointing`` directory (``metadata.jso
 - ``model_config.yaml``: the `Config` the model was built with; readers use its ``model`` section only,
   so checkpoints written by older versions (whose other sections differ) keep loading;
 - ``hf_source.json``: for a model converted from Hugging Face, the source config and vocabulary size;
-- ``rng/rankNNNNN.pt``: each rank's RNG state (training checkpoints).
+- ``train_state.json``: the loop's position (step, consumed samples, layout, config, W&B run id), in
+  training checkpoints; older ones kept it in megatron-core's ``common.pt``;
+- ``rng/rankNNNNN.pt``: each rank's RNG states as tensors (training checkpoints).
+
+What may be unpickled from any of these files is `megatron_qwen.checkpoint_safety`'s allowlist.
 
 A training run's save directory holds ``iter_NNNNNNN`` checkpoints and ``latest``, a one-line file naming
 the current one, written last. In the sharded state dict a model's chunks sit under ``model`` (``model0``,
-``model1``, ... with virtual pipeline stages), its optimizer under ``optimizer`` and the loop's position
-under ``train_state``. A checkpoint of several model units keeps the root unit there and nests every
+``model1``, ... with virtual pipeline stages) and its optimizer under ``optimizer``. A checkpoint of several model units keeps the root unit there and nests every
 other unit under its name, its tensors' global keys prefixed with ``NAME.``, so names never collide.
 
 Every writer and reader (the loop, conversion, the forward and generate tools) goes through here.
@@ -28,10 +31,11 @@ from megatron_qwen.errors import CheckpointError, ConfigError
 
 MODEL_CONFIG_FILE = "model_config.yaml"
 HF_SOURCE_FILE = "hf_source.json"
+TRAIN_STATE_FILE = "train_state.json"
 LATEST_FILE = "latest"
 RNG_DIR = "rng"
 COMPLETE_MARKER = "metadata.json"  # megatron-core writes it with every checkpoint
-TRAIN_STATE_KEY = "train_state"
+TRAIN_STATE_KEY = "train_state"  # the loop's state inside common.pt, in checkpoints older than train_state.json
 OPTIMIZER_KEY = "optimizer"
 
 

@@ -97,6 +97,10 @@ class TrainingConfig:
     # Start from these weights (a checkpoint dir), fresh optimizer and step. A scalar-head model (reward) may
     # start from a language model: its output layer is left out and the head starts fresh.
     init_from: Optional[str] = None
+    # Unpickle everything in the checkpoints this job loads (load, init_from). Off: only the types this
+    # project's checkpoints hold are unpickled, and any other is refused by name, since unpickling can run
+    # code. Turn it on only for a checkpoint from a source you trust.
+    trust_checkpoint: bool = False
     max_skipped_in_row: int = 5  # non-finite losses/grad norms skipped in a row before aborting
 
 

@@ -1,14 +1,17 @@
 """Convert Qwen checkpoints between Hugging Face and megatron-core (dist_checkpointing).
 
     python tools/convert_checkpoint.py hf-to-mcore --hf DIR --out CKPT --tp T --pp P [--vpp V]
-    python tools/convert_checkpoint.py mcore-to-hf --ckpt CKPT --out DIR [--layout qwen2|qwen] [--task lm|reward]
+    python tools/convert_checkpoint.py mcore-to-hf --ckpt CKPT --out DIR [--layout qwen2|qwen] [--task lm|reward] \
+        [--trust-checkpoint]
 
 hf-to-mcore reads transformers' Qwen2 layout or the Qwen v1 release's (remote code) layout, from
 safetensors (sharded or not) or pytorch_model*.bin, and writes CKPT with model_config.yaml; the
 checkpoint loads at any TP/PP/VPP layout. mcore-to-hf reads a checkpoint saved at any layout and
 writes safetensors + config.json that `Qwen2ForCausalLM.from_pretrained` loads (qwen2) or the v1
 names and config keys (qwen). Both run in one process and stream tensor by tensor. Exit status 2
-means the input or the request was refused (the message says why and what to do).
+means the input or the request was refused (the message says why and what to do), e.g. a checkpoint
+whose metadata holds pickled objects outside the allowlist (--trust-checkpoint unpickles them: only for
+a checkpoint from a source you trust).
 """
 
 from __future__ import annotations
@@ -55,8 +58,15 @@ def main(argv: list[str] | None = None) -> int:
                        help="lm: Qwen2ForCausalLM (default); reward: Qwen2ForSequenceClassification (score head)")
     to_hf.add_argument("--pad-token-id", type=int, default=151643,
                        help="reward export: pad id (rewards are read at the last non-pad token; default <|endoftext|>)")
+    to_hf.add_argument("--trust-checkpoint", action="store_true",
+                       help="unpickle every object in CKPT, also types outside the allowlist (can run code: trust its source)")
 
     args = parser.parse_args(argv)
+    trust = getattr(args, "trust_checkpoint", False)
+    if trust:
+        from megatron_qwen.checkpoint_safety import TRUST_WARNING
+
+        print(f"warning: --trust-checkpoint: {TRUST_WARNING}", file=sys.stderr, flush=True)
     # Each direction is imported when it runs: --help and argument errors answer without loading megatron-core.
     try:
         if args.command == "hf-to-mcore":
@@ -73,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
             export_reward_to_hf(
                 args.ckpt, args.out, config_path=args.config, dtype=args.dtype, pad_token_id=args.pad_token_id,
-                max_shard_bytes=args.max_shard_size,
+                max_shard_bytes=args.max_shard_size, trust_checkpoint=trust,
             )
         else:
             from megatron_qwen.convert.to_hf import mcore_to_hf
 
             mcore_to_hf(
                 args.ckpt, args.out, layout=args.layout, config_path=args.config, dtype=args.dtype,
-                max_shard_bytes=args.max_shard_size,
+                max_shard_bytes=args.max_shard_size, trust_checkpoint=trust,
             )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,14 +1,15 @@
 """Full-vocabulary logits (and greedy continuations) of a checkpoint at any parallel layout.
 
     torchrun --nproc-per-node N tools/forward.py --ckpt CKPT --tokens TOKENS.npy --out LOGITS.npy \
-        [--tp T --pp P --vpp V --sequence-parallel] [--generate K]
+        [--tp T --pp P --vpp V --sequence-parallel] [--generate K] [--trust-checkpoint]
 
 Loads CKPT (saved or converted at any layout) at the layout given here; ranks beyond TP x PP are
 data-parallel replicas that repeat the work. Writes fp32 logits [batch, seq, vocab] of the (batch,
 seq) integer array in TOKENS.npy, gathered across TP, from the last pipeline stage. With --generate
 K, K greedy tokens (from the KV-cache engine of tools/generate.py) are appended to each row, printed
 (decoded when the vocabulary is Qwen's) and saved to --generated-out (default: LOGITS.generated.npy).
-Exit status 2: the request was refused.
+Exit status 2: the request was refused, e.g. a checkpoint holding pickled objects outside the
+allowlist (--trust-checkpoint unpickles them: only for a checkpoint from a source you trust).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from megatron.core import parallel_state
 
+from megatron_qwen.checkpoint_safety import TRUST_WARNING
 from megatron_qwen.config import TOKENIZER_VOCAB_SIZE
 from megatron_qwen.errors import UserError
 from megatron_qwen.inference import forward as inference
@@ -44,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
     parser.add_argument("--generate", type=int, default=0, metavar="K", help="append K greedy tokens to each row")
     parser.add_argument("--generated-out", type=Path, default=None, help="where to write the continued rows (.npy)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle every object in CKPT, also types outside the allowlist (can run code: trust its source)")
     args = parser.parse_args(argv)
     if args.generate < 0:
         parser.error(f"--generate {args.generate}: the number of tokens must be >= 0")
@@ -74,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     stays, the model-parallel state is torn down, so a worker can call it for several layouts."""
     args = parse_args(argv)
     launch = detect_launch()
+    if args.trust_checkpoint and launch.rank == 0:
+        print(f"warning: --trust-checkpoint: {TRUST_WARNING}", file=sys.stderr, flush=True)
     try:
         plan = inference.prepare(
             args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp, sp=args.sequence_parallel,
-            precision=args.precision, config_path=args.config,
+            precision=args.precision, config_path=args.config, trust_checkpoint=args.trust_checkpoint,
         )
         tokens = inference.load_tokens(args.tokens, plan.vocab_size)
         runtime = resolve_runtime(plan.cfg, launch.local_rank)

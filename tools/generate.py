@@ -3,7 +3,8 @@
     torchrun --nproc-per-node N tools/generate.py --ckpt CKPT \\
         (--prompt TEXT | --prompts FILE.jsonl | --prompt-tokens FILE.npy | --interactive) \\
         [--chat [--system TEXT]] [--max-new-tokens 128] [--temperature 1.0] [--top-p 1.0] [--top-k 0] \\
-        [--seed 0] [--tp T --pp P --vpp V] [--precision auto|fp32|bf16] [--batch-size 8] [--out OUT.jsonl]
+        [--seed 0] [--tp T --pp P --vpp V] [--precision auto|fp32|bf16] [--batch-size 8] [--out OUT.jsonl] \
+        [--trust-checkpoint]
 
 Prompts: --prompt is one text; --prompts a JSONL file of {"prompt": "..."} lines (with --chat also
 {"messages": [...]} lines ending with a user turn, and an optional "system"); --prompt-tokens a
@@ -15,7 +16,9 @@ Generation stops at <|im_end|>, <|im_start|> or <|endoftext|>, or after --max-ne
 token under the model), text (decoded when the vocabulary is Qwen's, else null) and finished (stopped at
 a stop token). With one prompt and no --out the continuation streams to stdout. --interactive is a ChatML
 chat in the terminal that keeps the conversation (/reset starts over, /exit or end of input leaves).
-Runs under torchrun, srun and mpirun like every tool; exit status 2: the request was refused.
+Runs under torchrun, srun and mpirun like every tool; exit status 2: the request was refused, e.g. a
+checkpoint holding pickled objects outside the allowlist (--trust-checkpoint unpickles them: only for a
+checkpoint from a source you trust).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
+from megatron_qwen.checkpoint_safety import TRUST_WARNING
 from megatron_qwen.config import TOKENIZER_VOCAB_SIZE
 from megatron_qwen.data.chat import ChatFormatError, render_prompt
 from megatron_qwen.errors import UserError
@@ -62,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
     parser.add_argument("--out", type=Path, default=None, help="write one JSON line per prompt here")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle every object in CKPT, also types outside the allowlist (can run code: trust its source)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size} must be >= 1")
@@ -201,9 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run one generation request on this process's rank; returns the exit status."""
     args = parse_args(argv)
     launch = detect_launch()
+    if args.trust_checkpoint and launch.rank == 0:
+        print(f"warning: --trust-checkpoint: {TRUST_WARNING}", file=sys.stderr, flush=True)
     try:
-        plan = inference.prepare(args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp,
-                                 precision=args.precision, config_path=args.config)
+        plan = inference.prepare(args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp, precision=args.precision,
+                                 config_path=args.config, trust_checkpoint=args.trust_checkpoint)
         tokenizer = load_tokenizer()
         vocab_limit = plan.generate_vocab
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -5,7 +5,8 @@ tensor under its global key at its global shape (layer tensors stacked on a lead
 chunks with their offsets, plus ``metadata.json`` (the backends) and ``common.pt`` (non-sharded state).
 Any chunking is valid: readers at any TP/PP layout fetch the overlaps they need. Writing goes through
 DCP's own writer with a planner that produces each chunk only when the writer asks for it; reading
-goes through DCP's reader with a planner that asks for one chunk per tensor.
+goes through DCP's reader with a planner that asks for one chunk per tensor, the metadata unpickled
+through `megatron_qwen.checkpoint_safety`'s allowlist (unrestricted with ``trust=True``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint import save as dcp_save
@@ -38,6 +39,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_qwen import checkpoint_dir as ckdir
+from megatron_qwen.checkpoint_safety import AllowlistFileSystemReader
 from megatron_qwen.errors import ConversionError
 
 
@@ -144,12 +146,12 @@ class StoredInfo:
         return list(zip(cuts[:-1], cuts[1:]))
 
 
-def tensor_metadata(path: str | os.PathLike) -> dict[str, StoredInfo]:
+def tensor_metadata(path: str | os.PathLike, trust: bool = False) -> dict[str, StoredInfo]:
     """Every tensor of a dist_checkpointing checkpoint, by global key."""
     path = Path(path)
     if not ckdir.is_checkpoint(path) or not (path / ".metadata").is_file():
         raise ConversionError(f"{path} is not a megatron-core dist_checkpointing checkpoint (no metadata.json / .metadata)")
-    metadata = FileSystemReader(str(path)).read_metadata()
+    metadata = AllowlistFileSystemReader(path, trust).read_metadata()
     return {
         key: StoredInfo(tuple(md.size), md.properties.dtype, tuple((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks))
         for key, md in metadata.state_dict_metadata.items()
@@ -192,9 +194,13 @@ class _ChunkLoadPlanner(LoadPlanner):
         pass
 
 
-def read_chunks(path: str | os.PathLike, requests: dict[str, tuple[tuple, tuple, torch.dtype]]) -> dict[str, torch.Tensor]:
+def read_chunks(
+    path: str | os.PathLike, requests: dict[str, tuple[tuple, tuple, torch.dtype]], trust: bool = False
+) -> dict[str, torch.Tensor]:
     """For each key, the block of `sizes` elements at `offsets` ({key: (offsets, sizes, dtype)})."""
     dests = {key: (offsets, torch.empty(sizes, dtype=dtype)) for key, (offsets, sizes, dtype) in requests.items()}
+    reader = AllowlistFileSystemReader(path, trust)
+    reader.read_metadata()  # a refusal raised as itself (DCP would fold a failed metadata read into another error)
     with _single_process():
-        dcp_load({}, storage_reader=FileSystemReader(str(path)), planner=_ChunkLoadPlanner(dests), no_dist=True)
+        dcp_load({}, storage_reader=reader, planner=_ChunkLoadPlanner(dests), no_dist=True)
     return {key: dest for key, (_, dest) in dests.items()}

@@ -34,13 +34,14 @@ def export_reward_to_hf(
     pad_token_id: int = QWEN_ENDOFTEXT_ID,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     log: Callable[[str], None] = print,
+    trust_checkpoint: bool = False,
 ) -> Path:
     """Write the reward checkpoint `ckpt_dir` as a Hugging Face Qwen2ForSequenceClassification in `out_dir`.
 
     The model's shape comes from `config_path` (default ``ckpt_dir/model_config.yaml``, which training
     checkpoints carry). `dtype` casts every tensor (default: as stored). `pad_token_id` must be the id the
     rows are right-padded with and must differ from <|im_end|>. `out_dir` must not exist; it appears only
-    when complete.
+    when complete. `trust_checkpoint` lifts the unpickling allowlist.
     """
     out = Path(out_dir)
     if out.exists():
@@ -49,7 +50,7 @@ def export_reward_to_hf(
     m = ckdir.read_model_config(ckpt, config_path)
     config_path = config_path or ckpt / ckdir.MODEL_CONFIG_FILE
 
-    stored = tensor_metadata(ckpt)
+    stored = tensor_metadata(ckpt, trust_checkpoint)
     if K.SCALAR_HEAD not in stored:
         raise ConversionError(
             f"--ckpt {ckpt} has no reward head ({K.SCALAR_HEAD}); it is not a checkpoint of megatron_qwen.stages.reward "
@@ -68,7 +69,7 @@ def export_reward_to_hf(
     vocab = exported_vocab(ckpt, rows)
     # One dtype for every tensor (a checkpoint stores its weights in one): the LM plan also describes an
     # lm_head, which a reward checkpoint lacks and which is dropped before anything is read.
-    reader = LayerReader(ckpt, stored, getattr(torch, dtype) if dtype else stored[K.EMBED].dtype)
+    reader = LayerReader(ckpt, stored, getattr(torch, dtype) if dtype else stored[K.EMBED].dtype, trust_checkpoint)
     tensors = [t for t in plan_tensors(reader, QWEN2, m, vocab) if t.name != GLOBAL_NAMES[QWEN2]["lm_head"]]
     tensors.append(PlannedTensor(SCORE, (1, m.hidden_size), reader.dtype(K.SCALAR_HEAD), lambda: iter([reader.whole(K.SCALAR_HEAD)])))
 

@@ -51,15 +51,15 @@ class LayerReader:
     """Reads a checkpoint's tensors for export, keeping the last layer read of each key (Q, K and V, or
     gate and up, come from one read)."""
 
-    def __init__(self, ckpt: Path, stored: dict, target: torch.dtype | None):
-        self.ckpt, self.stored, self.target = ckpt, stored, target
+    def __init__(self, ckpt: Path, stored: dict, target: torch.dtype | None, trust: bool = False):
+        self.ckpt, self.stored, self.target, self.trust = ckpt, stored, target, trust
         self.cache: dict[str, tuple[int, torch.Tensor]] = {}
 
     def dtype(self, key: str) -> torch.dtype:
         return self.target or self.stored[key].dtype
 
     def _read(self, key: str, offsets: tuple, sizes: tuple) -> torch.Tensor:
-        block = read_chunks(self.ckpt, {key: (offsets, sizes, self.stored[key].dtype)})[key]
+        block = read_chunks(self.ckpt, {key: (offsets, sizes, self.stored[key].dtype)}, self.trust)[key]
         return block.to(self.target) if self.target else block
 
     def layer(self, key: str, i: int) -> torch.Tensor:
@@ -141,11 +141,13 @@ def mcore_to_hf(
     dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     log: Callable[[str], None] = print,
+    trust_checkpoint: bool = False,
 ) -> Path:
     """Write the megatron-core checkpoint `ckpt` as a Hugging Face model directory `out` in `layout`.
 
     The model's shape comes from `config_path` (default `ckpt/model_config.yaml`). `dtype` casts every
-    tensor (default: as stored). `out` must not exist; it appears only when complete.
+    tensor (default: as stored). `out` must not exist; it appears only when complete. `trust_checkpoint`
+    lifts the unpickling allowlist.
     """
     out = Path(out)
     if layout not in LAYOUTS:
@@ -156,7 +158,7 @@ def mcore_to_hf(
     m = ckdir.read_model_config(ckpt, config_path)
     config_path = config_path or ckpt / ckdir.MODEL_CONFIG_FILE
 
-    stored = tensor_metadata(ckpt)
+    stored = tensor_metadata(ckpt, trust_checkpoint)
     rows = stored[K.EMBED].shape[0] if K.EMBED in stored else m.padded_vocab_size
     expected = K.full_shapes(m.num_layers, m.hidden_size, m.ffn_hidden_size, rows)
     for key, shape in expected.items():
@@ -169,7 +171,7 @@ def mcore_to_hf(
             )
     source = ckdir.read_hf_source(ckpt)
     vocab = exported_vocab(ckpt, rows)
-    reader = LayerReader(ckpt, stored, getattr(torch, dtype) if dtype else None)
+    reader = LayerReader(ckpt, stored, getattr(torch, dtype) if dtype else None, trust_checkpoint)
     out_dtype = reader.dtype(K.EMBED)
     if layout == QWEN2 and (m.use_dynamic_ntk or m.use_logn_attn):
         log(

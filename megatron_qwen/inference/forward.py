@@ -42,16 +42,18 @@ class ForwardPlan:
     layout: ParallelLayout
     vocab_size: int  # logits columns written
     generate_vocab: int  # greedy decoding picks ids below this
+    trust_checkpoint: bool = False  # unpickle everything in the checkpoint (see megatron_qwen.checkpoint_safety)
 
 
 def prepare(
     ckpt: str | os.PathLike, world_size: int, tp: int = 1, pp: int = 1, vpp: int = 1, sp: bool = False,
-    precision: str = "auto", config_path: str | os.PathLike | None = None,
+    precision: str = "auto", config_path: str | os.PathLike | None = None, trust_checkpoint: bool = False,
 ) -> ForwardPlan:
-    """Check the checkpoint and the layout for `world_size` ranks; raise ConversionError naming the problem."""
+    """Check the checkpoint and the layout for `world_size` ranks; raise ConversionError naming the problem
+    (or CheckpointError, for a checkpoint that holds objects outside the unpickling allowlist)."""
     ckpt = ckdir.require_checkpoint(ckpt, f"--ckpt {ckpt}")
     model = ckdir.read_model_config(ckpt, config_path)
-    stored = tensor_metadata(ckpt)
+    stored = tensor_metadata(ckpt, trust_checkpoint)
     if K.EMBED not in stored:
         raise ConversionError(f"--ckpt {ckpt} has no tensor {K.EMBED}; it is not a Qwen model checkpoint of this project")
     if K.OUTPUT not in stored:
@@ -78,7 +80,7 @@ def prepare(
         )
     vocab = exported_vocab(ckpt, stored_rows)
     # Qwen's padded vocabularies (151936, 152064) hold rows past the tokenizer's last id: never generate those.
-    return ForwardPlan(cfg, layout, vocab, min(vocab, TOKENIZER_VOCAB_SIZE))
+    return ForwardPlan(cfg, layout, vocab, min(vocab, TOKENIZER_VOCAB_SIZE), trust_checkpoint)
 
 
 def read_token_array(path: str | os.PathLike, option: str) -> np.ndarray:
@@ -116,7 +118,7 @@ def load_chunks(plan: ForwardPlan, ckpt: str | os.PathLike, runtime: Runtime) ->
     """This rank's model chunks with the checkpoint's weights, in eval mode (NTK/LogN active), rotating each
     token at its position id (what the generation engine needs; the same logits as by row index)."""
     chunks = build_model(plan.cfg, runtime, rope_at_positions=True)
-    load_model(chunks, ckpt)
+    load_model(chunks, ckpt, plan.trust_checkpoint)
     for chunk in chunks:
         chunk.eval()
     return chunks

@@ -173,7 +173,7 @@ class PPOTrainer:
                                      t.micro_batch_size, ctx.dp_rank, ctx.layout.dp)
 
     def _load_frozen(self, unit: ModelUnit, path: str, key: str) -> None:
-        checkpointing.load_weights(unit.modules, path, f"{key}={path}")
+        checkpointing.load_weights(unit.modules, path, f"{key}={path}", trust=self.cfg.training.trust_checkpoint)
         unit.offload()
         self.ctx.say(f"loaded the frozen {unit.name} model from {path}")
 

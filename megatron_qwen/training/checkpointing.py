@@ -2,18 +2,21 @@
 
 A checkpoint written at one TP/PP/VPP layout loads at any other: tensors are stored under global keys
 and shapes (layers stacked on a leading axis), and each rank reads only its own slices. One checkpoint
-holds any number of named units (each with its optimizer when trained), the loop's state and every
-rank's RNG state; the directory layout and names are `megatron_qwen.checkpoint_dir`'s. Directories are
-written under a temporary name and renamed when complete, and ``latest`` moves only after, so an
+holds any number of named units (each with its optimizer when trained), the loop's state (JSON) and every
+rank's RNG state (tensors); the directory layout and names are `megatron_qwen.checkpoint_dir`'s. Directories
+are written under a temporary name and renamed when complete, and ``latest`` moves only after, so an
 interrupted save never replaces a good checkpoint.
+
+Every read goes through `megatron_qwen.checkpoint_safety`: nothing outside its allowlist is unpickled
+unless the caller passes ``trust=True`` (``training.trust_checkpoint``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -21,9 +24,10 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from megatron_qwen import checkpoint_dir as ckdir
+from megatron_qwen import checkpoint_safety as safety
+from megatron_qwen.convert.dcp_io import read_chunks, tensor_metadata
 from megatron_qwen.errors import CheckpointError
 from megatron_qwen.training.units import ModelUnit
 
@@ -70,9 +74,10 @@ def _unprefixed(state: dict, prefix: str) -> dict:
     return {name[len(prefix):] if prefix and name.startswith(prefix) else name: value for name, value in state.items()}
 
 
-def _load_into(modules: list[torch.nn.Module], loaded: dict, namespace: str) -> None:
+def _load_into(modules: list[torch.nn.Module], loaded: dict, namespace: str, where: str, trust: bool) -> None:
     prefix = ckdir.unit_prefix(namespace)
     for key, module in zip(ckdir.chunk_keys(len(modules)), modules):
+        safety.screen_extra_states(loaded[key], where, trust)
         module.load_state_dict(_unprefixed(loaded[key], prefix), strict=True)
 
 
@@ -114,7 +119,8 @@ def save_model(chunks: list[torch.nn.Module], path: str | os.PathLike) -> Path:
 
 
 def load_weights(
-    modules: list[torch.nn.Module], path: str | os.PathLike, what: str, namespace: str = "", fresh: tuple[str, ...] = ()
+    modules: list[torch.nn.Module], path: str | os.PathLike, what: str, namespace: str = "", fresh: tuple[str, ...] = (),
+    trust: bool = False,
 ) -> list[str]:
     """Load a checkpoint's weights (saved at any layout) into this rank's model chunks; all ranks call this.
 
@@ -122,10 +128,10 @@ def load_weights(
     model lacks (a language model's output layer, for a reward model) are left out; tensors the model has
     and the checkpoint lacks are allowed only when their local names start with one of `fresh` (a scalar
     head started anew), and keep their initialisation. Returns those names. `what` names the checkpoint in
-    errors (e.g. ``training.init_from=DIR``).
+    errors (e.g. ``training.init_from=DIR``). `trust` lifts the unpickling allowlist.
     """
     path = ckdir.require_checkpoint(path, what)
-    stored = set(dist_checkpointing.load_tensors_metadata(str(path)))
+    stored = set(dist_checkpointing.load_tensors_metadata(str(path), safety.AllowlistLoadStrategy(trust)))
     prefix = ckdir.unit_prefix(namespace)
     request, started_fresh = {}, []
     for key, module in zip(ckdir.chunk_keys(len(modules)), modules):
@@ -140,7 +146,7 @@ def load_weights(
             )
         started_fresh += local
         request[key] = {name: item for name, item in sharded.items() if name not in absent}
-    loaded = dist_checkpointing.load(request, str(path))
+    loaded = dist_checkpointing.load(request, str(path), **safety.load_strategies(trust))
     for key, module in zip(ckdir.chunk_keys(len(modules)), modules):
         missing, unexpected = module.load_state_dict(_unprefixed(loaded[key], prefix), strict=False)
         missing = [name for name in missing if not name.endswith("_extra_state")]
@@ -149,42 +155,79 @@ def load_weights(
     return sorted(set(started_fresh))
 
 
-def load_model(chunks: list[torch.nn.Module], path: str | os.PathLike) -> None:
+def load_model(chunks: list[torch.nn.Module], path: str | os.PathLike, trust: bool = False) -> None:
     """Load a model checkpoint's weights, every one of them, into this rank's chunks (all ranks call this)."""
-    load_weights([getattr(c, "module", c) for c in chunks], path, str(path))
+    load_weights([getattr(c, "module", c) for c in chunks], path, str(path), trust=trust)
 
 
-def read_full_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_full_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint at its full (unsharded) shape, keyed by its global name.
 
     Runs in a single process without any process group, e.g. for conversion or inspection. Layer
     tensors are stacked on a leading axis (``decoder.layers.mlp.linear_fc1.weight``: [L, 2F, H]).
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "full.pt"
-        dcp_to_torch_save(str(path), str(out))
-        state = torch.load(out, weights_only=False)
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    stored = tensor_metadata(path, trust)
+    return read_chunks(path, {key: ((0,) * len(info.shape), info.shape, info.dtype) for key, info in stored.items()}, trust)
 
 
 # --------------------------------------------------------------------------- training checkpoints
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    state["tracker"] = get_cuda_rng_tracker().get_states()
+    """This process's RNG states as tensors and numbers, nothing that unpickles as code: Python's and numpy's
+    Mersenne-Twister keys, torch's generator, megatron-core's tracked streams (and CUDA's generator)."""
+    version, key, gauss_next = random.getstate()
+    bit_generator, np_key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": {"version": version, "key": torch.tensor(key, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {"bit_generator": bit_generator, "key": torch.from_numpy(np_key.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore states saved by `_rng_state`, or by earlier versions (Python's tuple and numpy's array as such)."""
+    python, numpy_state = state["python"], state["numpy"]
+    if isinstance(python, dict):
+        python = (python["version"], tuple(python["key"].tolist()), python["gauss_next"])
+        numpy_state = (numpy_state["bit_generator"], numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    random.setstate(python)
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _read_rng_state(path: Path, trust: bool) -> dict | None:
+    """This rank's saved RNG states (None when it has no file). A rank that cannot read its file (refused,
+    say) raises its error and every other rank raises one naming it, so the job ends instead of waiting."""
+    file = ckdir.rng_file(path, _rank())
+    state, error = None, None
+    try:
+        if file.is_file():
+            # Files written before the states became tensors hold numpy's key as an array.
+            state = safety.load_torch_file(file, str(file), trust, extra_globals=safety.LEGACY_RNG_GLOBALS)
+    except Exception as exc:  # noqa: BLE001 - raised below, once every rank knows
+        error = exc
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    messages = [mine]
+    if torch.distributed.is_initialized():
+        messages = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(messages, mine)
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, message in enumerate(messages) if message]
+    if failed:
+        rank, message = failed[0]
+        raise CheckpointError(f"rank {rank} could not read its RNG state: {message}")
+    return state
 
 
 def save_checkpoint(
@@ -196,13 +239,12 @@ def save_checkpoint(
     files: dict | None = None,
     before_commit: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save the units (with their optimizers), the loop's state (step, consumed samples, ...) and every rank's
-    RNG state as ``SAVE_DIR/iter_NNNNNNN``, then point ``SAVE_DIR/latest`` at it (written last, atomically)
-    and delete all but the `keep_last` newest checkpoints. `files` ({name: text}) are written beside the
-    tensors by rank 0 (e.g. model_config.yaml for the converter). All ranks call this."""
+    """Save the units (with their optimizers), the loop's state (step, consumed samples, ...; JSON-serialisable)
+    and every rank's RNG state as ``SAVE_DIR/iter_NNNNNNN``, then point ``SAVE_DIR/latest`` at it (written
+    last, atomically) and delete all but the `keep_last` newest checkpoints. `files` ({name: text}) are
+    written beside the tensors by rank 0 (e.g. model_config.yaml for the converter). All ranks call this."""
     save_dir = Path(save_dir)
     state = units_state(units)
-    state[ckdir.TRAIN_STATE_KEY] = dict(train_state, step=step)
     rng = _rng_state()
 
     def write_extra(tmp: Path) -> None:
@@ -210,6 +252,7 @@ def save_checkpoint(
         rng_path.parent.mkdir(exist_ok=True)
         torch.save(rng, rng_path)
         if _is_rank0():
+            (tmp / ckdir.TRAIN_STATE_FILE).write_text(json.dumps(dict(train_state, step=step), indent=1) + "\n")
             for name, text in (files or {}).items():
                 (tmp / name).write_text(text)
 
@@ -222,26 +265,36 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, units: list[ModelUnit], restore_rng: bool) -> dict:
+def load_checkpoint(path: str | os.PathLike, units: list[ModelUnit], restore_rng: bool, trust: bool = False) -> dict:
     """Load a training checkpoint saved at any layout into the units and their optimizers; returns the loop's
-    saved state. RNG states are restored only when `restore_rng` (one file per rank, same layout)."""
+    saved state. RNG states are restored only when `restore_rng` (one file per rank, same layout). `trust`
+    lifts the unpickling allowlist."""
     path = Path(path)
-    loaded = dist_checkpointing.load(units_state(units, loading=True), str(path))
+    loaded = dist_checkpointing.load(units_state(units, loading=True), str(path), **safety.load_strategies(trust))
     for unit in units:
         unit_loaded = loaded[unit.namespace] if unit.namespace else loaded
-        _load_into(unit.modules, unit_loaded, unit.namespace)
+        _load_into(unit.modules, unit_loaded, unit.namespace, str(path), trust)
         if unit.optimizer is not None:
             unit.optimizer.load_state_dict(unit_loaded[ckdir.OPTIMIZER_KEY])
-    rng_path = ckdir.rng_file(path, _rank())
-    if restore_rng and rng_path.is_file():
-        _set_rng_state(torch.load(rng_path, weights_only=False))
-    return dict(loaded[ckdir.TRAIN_STATE_KEY])
+    if restore_rng:
+        rng = _read_rng_state(path, trust)
+        if rng is not None:
+            _set_rng_state(rng)
+    return saved_train_state(path, trust)
 
 
-def saved_train_state(path: str | os.PathLike) -> dict:
-    """The loop state stored in a training checkpoint (step, consumed samples, layout, config), read
-    without loading any tensor."""
-    common = dist_checkpointing.load_common_state_dict(str(path))
+def saved_train_state(path: str | os.PathLike, trust: bool = False) -> dict:
+    """The loop state stored in a training checkpoint (step, consumed samples, layout, config, W&B run id),
+    read without loading any tensor."""
+    path = Path(path)
+    file = path / ckdir.TRAIN_STATE_FILE
+    if file.is_file():
+        try:
+            return json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{file} is not valid JSON ({exc}); the checkpoint is damaged") from exc
+    # Checkpoints written before train_state.json kept the loop's state in megatron-core's common state.
+    common = safety.read_common_state(path, trust)
     if ckdir.TRAIN_STATE_KEY not in common:
         raise CheckpointError(f"{path} holds model weights only (no train_state); use training.init_from to start from it")
     return dict(common[ckdir.TRAIN_STATE_KEY])

@@ -19,6 +19,7 @@ import yaml
 from megatron.core import parallel_state
 
 from megatron_qwen import checkpoint_dir as ckdir
+from megatron_qwen.checkpoint_safety import TRUST_WARNING
 from megatron_qwen.config import Config, ParallelLayout, resolve
 from megatron_qwen.platform.launch import LaunchInfo, detect_launch, init_distributed
 from megatron_qwen.platform.runtime import Runtime, resolve_runtime
@@ -111,7 +112,9 @@ def start_run(cfg: Config) -> RunContext:
         for note in notes:
             print(f"note: {note}", flush=True)
     resume_from = ckdir.latest_checkpoint(t.load or save_dir)
-    saved = saved_train_state(resume_from) if resume_from is not None else {}
+    if t.trust_checkpoint and launch.rank == 0 and (resume_from is not None or t.init_from or cfg.ppo.policy_from):
+        print(f"warning: training.trust_checkpoint=true: {TRUST_WARNING}", file=sys.stderr, flush=True)
+    saved = saved_train_state(resume_from, t.trust_checkpoint) if resume_from is not None else {}
     logger = MetricsLogger(run_dir, cfg.logging.wandb, cfg.to_dict(), enabled=launch.rank == 0, run_id=saved.get("wandb_run_id"))
     return RunContext(cfg, layout, launch, runtime, run_dir, save_dir, resume_from, saved, logger, preemption, Faults(cfg),
                       parallel_state.get_data_parallel_rank())

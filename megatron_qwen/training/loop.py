@@ -107,7 +107,8 @@ class Checkpointer:
         layout = dataclasses.asdict(ctx.layout)
         saved_layout = ctx.saved_state.get("layout")
         # RNG streams are per rank: they are restored only at the layout that wrote them.
-        saved = checkpointing.load_checkpoint(ctx.resume_from, units, restore_rng=saved_layout == layout)
+        saved = checkpointing.load_checkpoint(ctx.resume_from, units, restore_rng=saved_layout == layout,
+                                              trust=ctx.cfg.training.trust_checkpoint)
         change = "" if saved_layout == layout else f"; layout changed from {saved_layout} to {layout}"
         consumed = ", ".join(f"{v} {k.removeprefix('consumed_').replace('_', ' ')} consumed"
                              for k, v in saved.items() if k.startswith("consumed_"))
@@ -117,7 +118,8 @@ class Checkpointer:
 
     def init_from(self, unit: ModelUnit, path: str, what: str, fresh: tuple[str, ...] = ()) -> None:
         """Start `unit` from the weights of checkpoint `path` (named `what` in messages)."""
-        started_fresh = checkpointing.load_weights(unit.modules, path, what, fresh=fresh)
+        trust = self.ctx.cfg.training.trust_checkpoint
+        started_fresh = checkpointing.load_weights(unit.modules, path, what, fresh=fresh, trust=trust)
         note = f" ({', '.join(started_fresh)} started fresh)" if started_fresh else ""
         self.ctx.say(f"initialised {unit.name} from {path}{note}")
         self.carry_from(Path(path))
