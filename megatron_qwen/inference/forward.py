@@ -50,7 +50,8 @@ def prepare(
 ) -> ForwardPlan:
     """Check the checkpoint and the layout for `world_size` ranks; raise ConversionError naming the problem."""
     ckpt = ckdir.require_checkpoint(ckpt, f"--ckpt {ckpt}")
-    model = ckdir.read_model_config(ckpt, config_path)
+    # FP8 is a training setting: logits and generation run the weights at --precision.
+    model = dataclasses.replace(ckdir.read_model_config(ckpt, config_path), fp8=None)
     stored = tensor_metadata(ckpt)
     if K.EMBED not in stored:
         raise ConversionError(f"--ckpt {ckpt} has no tensor {K.EMBED}; it is not a Qwen model checkpoint of this project")
