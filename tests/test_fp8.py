@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,102 @@ def test_tp_layouts_scale_like_tp1(tmp_path):
     print("\n" + "\n".join(lines))
     assert loss_diff <= 1e-5, lines[-1]
     assert diff <= local_diff / 3, lines[-1]
+
+
+# --------------------------------------------------------------------------- (c), (d) training through the stage
+
+STAGE = ["-m", "megatron_qwen.stages.pretrain", "configs/tiny.yaml"]
+STEPS, RESUME_AT, RESUMED_TO = 100, 50, 60
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from corpus import write_dense_corpus
+
+    prefix = tmp_path_factory.mktemp("corpus") / "email_text_document"
+    return str(prefix), write_dense_corpus(prefix)
+
+
+def _overrides(corpus, run_dir: Path, *extra: str) -> list[str]:
+    """A small Qwen (2 layers, hidden 128; every FP8 GEMM dimension a multiple of 16) on real text; the LR
+    schedule is fixed to 100 steps so that shorter resumed runs follow it too."""
+    prefix, vocab = corpus
+    return [
+        f"data.paths=[{prefix}]", f"model.padded_vocab_size={vocab}", "model.num_layers=2", "model.hidden_size=128",
+        "model.ffn_hidden_size=384", "model.seq_length=64", "training.micro_batch_size=2", "training.global_batch_size=4",
+        f"training.train_iters={STEPS}", f"training.lr_decay_iters={STEPS}", "training.lr=3e-3", "training.min_lr=3e-4",
+        "training.lr_warmup_iters=10", f"training.save_interval={RESUME_AT}", "logging.log_interval=1",
+        f"logging.run_dir={run_dir}", *extra,
+    ]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _train_concurrently(corpus, runs: dict[str, tuple[Path, list[str]]]) -> dict[str, str]:
+    """One single-rank pretraining run per entry, side by side (they are independent): name -> stdout."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = {name: pool.submit(run_torchrun, 1, STAGE + _overrides(corpus, run_dir, *extra))
+                   for name, (run_dir, extra) in runs.items()}
+        return {name: future.result().stdout for name, future in futures.items()}
+
+
+@pytest.fixture(scope="module")
+def curves(corpus, tmp_path_factory):
+    """100 steps in fp32 and in FP8 (tensorwise), from the same initial weights (same seed), checkpoints at 50."""
+    runs = {"fp32": (tmp_path_factory.mktemp("fp32"), ["model.fp8=null"]),
+            "fp8": (tmp_path_factory.mktemp("fp8"), ["model.fp8=tensorwise"])}
+    out = _train_concurrently(corpus, runs)
+    assert "FP8: off" in out["fp32"] and "FP8: torchao (local layers)" in out["fp8"]
+    return {name: run_dir for name, (run_dir, _) in runs.items()}
+
+
+RESUMED = {"fp8-to-fp32": ("fp8", "null"), "fp32-to-fp8-rowwise": ("fp32", "rowwise")}
+
+
+@pytest.fixture(scope="module")
+def resumed(corpus, curves, tmp_path_factory):
+    """Each curve's step-50 checkpoint resumed for 10 steps with the other precision (rowwise for FP8)."""
+    from megatron_qwen import checkpoint_dir as ckdir
+
+    runs = {}
+    for name, (source, fp8) in RESUMED.items():
+        load = tmp_path_factory.mktemp(f"{name}-load")
+        iteration = ckdir.checkpoint_name(RESUME_AT)
+        shutil.copytree(curves[source] / "checkpoints" / iteration, load / iteration)
+        ckdir.set_latest(load, load / iteration)
+        runs[name] = (tmp_path_factory.mktemp(name), [f"model.fp8={fp8}", f"training.load={load}", f"training.train_iters={RESUMED_TO}"])
+    out = _train_concurrently(corpus, runs)
+    assert "FP8: off" in out["fp8-to-fp32"] and "FP8: torchao (local layers)" in out["fp32-to-fp8-rowwise"]
+    return {name: run_dir for name, (run_dir, _) in runs.items()}
+
+
+@pytest.mark.parallel
+def test_fp8_training_follows_the_fp32_curve(curves):
+    fp32, fp8 = _losses(curves["fp32"]), _losses(curves["fp8"])
+    assert sorted(fp32) == sorted(fp8) == list(range(1, STEPS + 1))
+    windows = [range(s, s + 10) for s in range(1, STEPS + 1, 10)]
+    mean = lambda curve, steps: sum(curve[s] for s in steps) / len(steps)  # noqa: E731
+    rel = [abs(mean(fp8, w) - mean(fp32, w)) / mean(fp32, w) for w in windows]
+    print(f"\nFP8 vs fp32, mean loss per 10 steps: " + ", ".join(f"{mean(fp32, w):.3f}/{mean(fp8, w):.3f}" for w in windows)
+          + f"\nrelative differences: " + ", ".join(f"{r:.1e}" for r in rel))
+    assert mean(fp32, windows[0]) - mean(fp32, windows[-1]) > 1.5  # the curve has a shape to follow
+    assert max(rel) <= 0.03, rel
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("name", list(RESUMED))
+def test_checkpoints_move_between_fp8_and_high_precision(curves, resumed, name):
+    """A run resumed from the other precision's step-50 checkpoint continues that run's curve: its first step
+    differs from the source's own step 51 only by the forward's precision (same weights, same batch)."""
+    source, fp8 = RESUMED[name]
+    got, original = _losses(resumed[name]), _losses(curves[source])
+    steps = range(RESUME_AT + 1, RESUMED_TO + 1)
+    assert sorted(got) == list(steps)
+    rel = [abs(got[s] - original[s]) / original[s] for s in steps]
+    print(f"\n{source} run resumed with model.fp8={fp8}, steps {steps.start}-{steps.stop - 1} against the source run: "
+          + ", ".join(f"{r:.1e}" for r in rel))
+    assert rel[0] <= 0.01, rel  # the FP8 forward's own error (same weights and batch)
+    assert max(rel) <= 0.03, rel
