@@ -256,10 +256,10 @@ def test_tp_layouts_scale_like_tp1(tmp_path):
     assert all(casts[f"{k} local-amax"] > 0 for k in ("tensorwise split features", "tensorwise split tokens", "rowwise split features")), casts
     assert casts["rowwise split tokens local-amax"] == 0, casts
 
-    # The tiny Qwen at TP=2 x PP=2 with SP. Once an fp32 rounding differs, a value can land on the other side of
-    # an float8 rounding boundary and the difference grows layer by layer (a one-ulp change of the weights at
-    # TP=1 moves these gradients by 6-10 %), so the loss is the sharp comparison and the gradients are
-    # compared with the same run scaling each shard by its own amax.
+    # The tiny Qwen at TP=2 x PP=2 with SP. Once an fp32 rounding differs (the row-parallel partial sums), a value
+    # can land on the other side of a float8 rounding boundary, and that difference is cast again, layer after
+    # layer, so gradients deep in the backward pass drift apart by more than fp32 order alone. The loss is the
+    # sharp comparison; the gradients are compared with the same run scaling each shard by its own amax.
     def result(name):
         return json.loads((tmp_path / name / "loss.json").read_text())["loss"], read_full_state_dict(tmp_path / name / "grads")
 
