@@ -183,23 +183,23 @@ class _Float8ParallelLinear(torch.autograd.Function):
         dy_split = 1 if ctx.column and group.size() > 1 else None
         w_split = _weight_split(ctx.column, group)
         want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        operands = []
+        operands, gather = {}, False
         if want_dx:
-            operands += [
-                _Operand(dy, c.cast_config_grad_output, GemmInputRole.GRAD_OUTPUT, -1, dy_split),
-                _Operand(weight, c.cast_config_weight_for_grad_input, GemmInputRole.WEIGHT, 0, w_split),
-            ]
-        gather = False
+            operands["dy"] = _Operand(dy, c.cast_config_grad_output, GemmInputRole.GRAD_OUTPUT, -1, dy_split)
+            operands["w"] = _Operand(weight, c.cast_config_weight_for_grad_input, GemmInputRole.WEIGHT, 0, w_split)
         if want_dw:
-            x_op, gather = _input_operand(ctx, x.reshape(-1, x.shape[-1]), c.cast_config_input_for_grad_weight, axiswise_dim=0)
-            operands += [_Operand(dy, c.cast_config_grad_output_for_grad_weight, GemmInputRole.GRAD_OUTPUT, 0, dy_split), x_op]
+            operands["x"], gather = _input_operand(ctx, x.reshape(-1, x.shape[-1]), c.cast_config_input_for_grad_weight, axiswise_dim=0)
+            dy_w = _Operand(dy, c.cast_config_grad_output_for_grad_weight, GemmInputRole.GRAD_OUTPUT, 0, dy_split)
+            if not (want_dx and dy_w.cast == c.cast_config_grad_output and _tensorwise(dy_w.cast)):
+                operands["dy_w"] = dy_w  # else one tensorwise cast of dy serves both GEMMs
         # Every cast (and its amax all-reduce, and the e4m3 all-gather) before the input gradient's
         # collective, so that the weight-gradient GEMM runs while that collective is in flight.
-        casts = _to_float8(operands, ctx.scaling, group)
+        casts = dict(zip(operands, _to_float8(list(operands.values()), ctx.scaling, group)))
+        if gather:
+            casts["x"] = _all_gather_float8(casts["x"], group)
         dx = handle = None
         if want_dx:
-            dy8, w8 = casts[:2]
-            dx = torch.mm(dy8, w8)
+            dx = torch.mm(casts["dy"], casts["w"])
             if ctx.sequence_parallel:
                 full, dx = dx, dx.new_empty((dx.shape[0] // group.size(), dx.shape[1]))
                 handle = dist.reduce_scatter_tensor(dx, full, group=group, async_op=True)
@@ -207,15 +207,16 @@ class _Float8ParallelLinear(torch.autograd.Function):
                 handle = dist.all_reduce(dx, group=group, async_op=True)
         dw = None
         if want_dw:
-            dyw8, xw8 = casts[-2:]
-            if gather:
-                xw8 = _all_gather_float8(xw8, group)
-            dw = torch.mm(dyw8.t(), xw8)
+            dw = torch.mm(casts.get("dy_w", casts.get("dy")).t(), casts["x"])
         if handle is not None:
             handle.wait()
         if dx is not None:
             dx = dx.view_as(x)
         return dx, dw, None, None, None, None, None
+
+
+def _tensorwise(cast: CastConfig) -> bool:
+    return cast.scaling_granularity is ScalingGranularity.TENSORWISE
 
 
 def _weight_split(column: bool, group) -> int | None:
@@ -236,7 +237,7 @@ def _input_operand(ctx, x: torch.Tensor, cast: CastConfig, axiswise_dim: int) ->
     if not ctx.sequence_parallel:
         split = None if ctx.column or tp == 1 else 1
         return _Operand(x, cast, GemmInputRole.INPUT, axiswise_dim, split), False
-    if cast.scaling_granularity is ScalingGranularity.TENSORWISE:
+    if _tensorwise(cast):
         return _Operand(x, cast, GemmInputRole.INPUT, axiswise_dim, 0), True
     return _Operand(_all_gather_rows(x, group), cast, GemmInputRole.INPUT, axiswise_dim, None), False
 
