@@ -143,7 +143,8 @@ class Bench:
         """The BF16 run of the local spec, its trained weights kept (the logits check uses them)."""
         return self.train("bf16", keep_state=True)
 
-    def train(self, name: str, impl: str = "local", fp8: str = "null", backend: str = "auto", keep_state: bool = False) -> TrainRun:
+    def train(self, name: str, impl: str = "local", fp8: str = "null", backend: str = "auto",
+              keep_state: bool = False) -> TrainRun:
         """--steps training steps (cached by name), from the same initial weights and data as every other run."""
         if name not in self._runs:
             cfg = self.config(self.micro_batch(), impl=impl, fp8=fp8, backend=backend)

@@ -89,7 +89,9 @@ class Float8Scaling:
     def for_recipe(cls, recipe: str) -> "Float8Scaling":
         config = float8_linear_config(recipe)
         gemm = lambda g: ScaledMMConfig(config.emulate, g.use_fast_accum, False, config.pad_inner_dim)  # noqa: E731
-        mm = LinearMMConfig(gemm(config.gemm_config_output), gemm(config.gemm_config_grad_input), gemm(config.gemm_config_grad_weight))
+        mm = LinearMMConfig(
+            gemm(config.gemm_config_output), gemm(config.gemm_config_grad_input), gemm(config.gemm_config_grad_weight)
+        )
         return cls(recipe, config, mm)
 
 
@@ -188,7 +190,9 @@ class _Float8ParallelLinear(torch.autograd.Function):
             operands["dy"] = _Operand(dy, c.cast_config_grad_output, GemmInputRole.GRAD_OUTPUT, -1, dy_split)
             operands["w"] = _Operand(weight, c.cast_config_weight_for_grad_input, GemmInputRole.WEIGHT, 0, w_split)
         if want_dw:
-            operands["x"], gather = _input_operand(ctx, x.reshape(-1, x.shape[-1]), c.cast_config_input_for_grad_weight, axiswise_dim=0)
+            operands["x"], gather = _input_operand(
+                ctx, x.reshape(-1, x.shape[-1]), c.cast_config_input_for_grad_weight, axiswise_dim=0
+            )
             dy_w = _Operand(dy, c.cast_config_grad_output_for_grad_weight, GemmInputRole.GRAD_OUTPUT, 0, dy_split)
             if not (want_dx and dy_w.cast == c.cast_config_grad_output and _tensorwise(dy_w.cast)):
                 operands["dy_w"] = dy_w  # else one tensorwise cast of dy serves both GEMMs

@@ -122,7 +122,8 @@ class Runtime:
         device = "CPU ranks over gloo" if self.on_cpu else f"CUDA ({torch.cuda.get_device_name(self.device)}) over NCCL"
         dtype = str(self.params_dtype).removeprefix("torch.")
         fp8 = {None: "off", "te": "Transformer Engine", "torchao": "torchao (local layers)"}[self.fp8_backend]
-        return f"running on {device}, {dtype} | Transformer Engine: {te} | apex: {apex} | attention: SDPA {sdpa} | FP8: {fp8}"
+        return (f"running on {device}, {dtype} | Transformer Engine: {te} | apex: {apex} | attention: SDPA {sdpa} "
+                f"| FP8: {fp8}")
 
 
 def resolve_runtime(cfg: Config, local_rank: int = 0, accelerators: Accelerators | None = None) -> Runtime:
