@@ -46,7 +46,11 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"  # auto: TE when it imports on GPU
-    fp8: Optional[Literal["hybrid", "e4m3"]] = None  # needs Transformer Engine
+    # FP8 GEMMs in the layers' linears (e4m3 activations and weights, e5m2 gradients) with this scaling recipe;
+    # delayed is Transformer Engine's only. Embedding, output layer, attention and norms stay high precision.
+    fp8: Optional[Literal["tensorwise", "rowwise", "delayed"]] = None
+    # auto: Transformer Engine when it imports on GPU and has the recipe, else torchao in the local spec
+    fp8_backend: Literal["auto", "te", "torchao"] = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -236,6 +240,18 @@ def choices(cls, name: str) -> tuple:
     return typing.get_args(typ)
 
 
+# Values that are no longer accepted: the message names the choice that replaces them.
+RETIRED_VALUES = {
+    "model.fp8": {
+        "hybrid": "model.fp8 now names the scaling recipe and every recipe uses the hybrid format (e4m3 forward, "
+                  "e5m2 gradients): use delayed (Transformer Engine's delayed scaling, what hybrid meant) or "
+                  "tensorwise / rowwise (current scaling, with Transformer Engine or torchao)",
+        "e4m3": "e4m3 everywhere (gradients too) is not offered: model.fp8 names the scaling recipe, with e4m3 "
+                "forward and e5m2 gradients; use tensorwise, rowwise or delayed",
+    },
+}
+
+
 def _coerce(value, typ, where: str):
     """Check/convert a YAML value to the dataclass field type; raise ConfigError naming the key."""
     origin = typing.get_origin(typ)
@@ -247,6 +263,9 @@ def _coerce(value, typ, where: str):
     if origin is Literal:
         # The field's type is the one list of its choices: checked here, shown in the message.
         choices = typing.get_args(typ)
+        retired = RETIRED_VALUES.get(where, {})
+        if isinstance(value, str) and value in retired:
+            raise ConfigError([f"{where}={value!r} is no longer accepted: {retired[value]}"])
         if value not in choices or isinstance(value, bool):
             raise ConfigError([f"{where}={value!r} must be one of {', '.join(map(str, choices))}"])
         return value
@@ -430,8 +449,7 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
             f"model.seq_length={m.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}; "
             "raise max_position_embeddings or shorten seq_length"
         )
-    if m.fp8 is not None and m.transformer_impl == "local":
-        errors.append("model.fp8 needs the Transformer Engine layers: set model.transformer_impl=auto or transformer_engine")
+    errors += _fp8_problems(cfg)
 
     if m.num_attention_heads % p.tp:
         errors.append(
@@ -481,6 +499,59 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
                     "change global_batch_size or micro_batch_size"
                 )
     return errors, notes
+
+
+def fp8_gemm_dims(cfg: Config) -> list[tuple[str, str, int]]:
+    """Every matrix dimension an FP8 GEMM of a layer sees on one rank: (where, what, size).
+
+    The linears' input and output features at this TP size, and the tokens of a micro-batch, which the
+    weight-gradient GEMM contracts over (under SP the GEMMs see the whole gathered sequence).
+    """
+    m, tp = cfg.model, cfg.parallel.tp
+    h, f = m.hidden_size, m.ffn_hidden_size
+    rank = "" if tp == 1 else f" / parallel.tp={tp}"
+    return [
+        ("self_attention.linear_qkv", f"input features (model.hidden_size={h})", h),
+        ("self_attention.linear_qkv", f"output features per rank (3 x model.hidden_size={h}{rank})", 3 * h // tp),
+        ("self_attention.linear_proj", f"input features per rank (model.hidden_size={h}{rank})", h // tp),
+        ("self_attention.linear_proj", f"output features (model.hidden_size={h})", h),
+        ("mlp.linear_fc1", f"output features per rank (2 x model.ffn_hidden_size={f}{rank})", 2 * f // tp),
+        ("mlp.linear_fc2", f"input features per rank (model.ffn_hidden_size={f}{rank})", f // tp),
+        ("every layer linear", f"tokens per micro-batch (model.seq_length={m.seq_length} x "
+         f"training.micro_batch_size={cfg.training.micro_batch_size})", m.seq_length * cfg.training.micro_batch_size),
+    ]
+
+
+def _fp8_problems(cfg: Config) -> list[str]:
+    """What stops `model.fp8` from running: a backend that cannot run the recipe, or a GEMM dimension that
+    FP8 matrix multiplication (torch._scaled_mm, Transformer Engine) cannot take."""
+    m, p = cfg.model, cfg.parallel
+    problems = []
+    if m.fp8_backend == "te" and m.transformer_impl == "local":
+        problems.append("model.fp8_backend=te needs the Transformer Engine layers but model.transformer_impl=local; "
+                        "set model.transformer_impl=auto or model.fp8_backend=torchao")
+    if m.fp8_backend == "torchao" and m.transformer_impl == "transformer_engine":
+        problems.append("model.fp8_backend=torchao runs in the local layers but model.transformer_impl=transformer_engine; "
+                        "set model.transformer_impl=auto or model.fp8_backend=te")
+    if m.fp8 is None:
+        return problems
+    if m.fp8 == "delayed" and (m.fp8_backend == "torchao" or m.transformer_impl == "local"):
+        problems.append("model.fp8=delayed is Transformer Engine's recipe (scales from an amax history), which the local "
+                        "layers do not run; use model.fp8=tensorwise or rowwise, or Transformer Engine "
+                        "(model.fp8_backend=te, model.transformer_impl=auto)")
+    if m.fp8 == "rowwise" and (m.fp8_backend == "te" or m.transformer_impl == "transformer_engine"):
+        problems.append("model.fp8=rowwise runs on torchao in the local layers; Transformer Engine's recipes here are "
+                        "tensorwise and delayed: set model.fp8_backend=auto or torchao (and model.transformer_impl=auto), "
+                        "or model.fp8=tensorwise")
+    if m.hidden_size % p.tp or m.ffn_hidden_size % p.tp:
+        return problems  # reported above as a layout problem
+    for where, what, size in fp8_gemm_dims(cfg):
+        if size % 16:
+            problems.append(
+                f"model.fp8={m.fp8}: FP8 GEMMs need every matrix dimension to be a multiple of 16, but {where} has "
+                f"{size} {what}; change the sizes so that this is a multiple of 16, or set model.fp8=null"
+            )
+    return problems
 
 
 def resolve(cfg: Config, world_size: int) -> tuple[Config, ParallelLayout, list[str]]:

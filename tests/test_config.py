@@ -79,7 +79,7 @@ def _errors(overrides, world=None, path="configs/tiny.yaml"):
         (["parallel.tp=2"], 3, "world size 3 is not a multiple of parallel.tp x parallel.pp = 2"),
         (["training.global_batch_size=6", "training.micro_batch_size=2"], 2, "not a multiple of micro_batch_size=2 x data-parallel size 2; use a multiple of 4"),
         (["parallel.pp=2", "parallel.vpp=2", "training.global_batch_size=6", "training.micro_batch_size=2"], 2, "multiple of parallel.pp=2"),
-        (["model.fp8=hybrid", "model.transformer_impl=local"], None, "model.fp8 needs the Transformer Engine layers"),
+        (["model.fp8=delayed", "model.transformer_impl=local"], None, "model.fp8=delayed is Transformer Engine's recipe"),
         (["model.seq_length=16384"], None, "exceeds model.max_position_embeddings=8192"),
     ],
 )

@@ -129,19 +129,53 @@ def test_dynamic_ntk_and_logn_beyond_seq_length(length):
         assert (ref_long - ref_plain).abs().max().item() > 1e-2
 
 
-def _te_and_gpu() -> bool:
+def _te_missing() -> str | None:
+    """Why the Transformer Engine spec cannot run here, None when it can."""
     from megatron_qwen.platform.runtime import Accelerators
 
-    return torch.cuda.is_available() and Accelerators.detect().transformer_engine is None
+    if not torch.cuda.is_available():
+        return "no GPU"
+    te = Accelerators.detect().transformer_engine
+    return None if te is None else f"transformer_engine is {te}"
 
 
-@pytest.mark.skipif(not _te_and_gpu(), reason="the Transformer Engine spec needs transformer_engine and a GPU; "
-                    "without them the local spec runs and is tested above")
-def test_transformer_engine_spec_matches_local_spec(tmp_path):
+def _te_fp8_missing() -> str | None:
+    """Why Transformer Engine's FP8 cannot run here, None when it can."""
+    missing = _te_missing()
+    if missing is None and torch.cuda.get_device_capability() < (8, 9):
+        return f"the GPU's compute capability {torch.cuda.get_device_capability()} is below 8.9 (Ada, Hopper, Blackwell)"
+    return missing
+
+
+@pytest.fixture(scope="module")
+def te_results(tmp_path_factory):
+    """The TE worker's figures: fp32 TE against local logits, and with an FP8 GPU the FP8 cases' errors."""
     from spawn import cpu_env, run_torchrun
 
     env = cpu_env()
     env.pop("MEGATRON_QWEN_DEVICE")
-    out = run_torchrun(1, ["tests/parallel/te_worker.py", "--workdir", str(tmp_path)], env=env)
-    diff = float(next(line for line in out.stdout.splitlines() if line.startswith("RESULT")).split()[1])
-    assert diff < 1e-3, f"TE and local specs differ by {diff} in fp32 logits"
+    argv = ["tests/parallel/te_worker.py", "--workdir", str(tmp_path_factory.mktemp("te"))]
+    out = run_torchrun(1, argv + ([] if _te_fp8_missing() else ["--fp8"]), env=env)
+    results = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            results["fp32"] = float(line.split()[1])
+        elif line.startswith("FP8 "):
+            results[line.split()[1]] = float(line.split()[2])
+    return results
+
+
+@pytest.mark.skipif(_te_missing() is not None, reason=f"the Transformer Engine spec needs transformer_engine and a GPU "
+                    f"({_te_missing()}); without them the local spec runs and is tested above")
+def test_transformer_engine_spec_matches_local_spec(te_results):
+    assert te_results["fp32"] < 1e-3, f"TE and local specs differ by {te_results['fp32']} in fp32 logits"
+
+
+@pytest.mark.skipif(_te_fp8_missing() is not None, reason=f"Transformer Engine's FP8 needs transformer_engine and a "
+                    f"GPU with FP8 ({_te_fp8_missing()}); torchao's FP8 is tested on CPU in test_fp8.py")
+def test_transformer_engine_fp8_matches_torchao_fp8(te_results):
+    # FP8 engaged (far from the fp32 logits) and as close to them as torchao's FP8 with the same recipe: the
+    # same roundings of the same values, so the same error statistics.
+    torchao = te_results["torchao-tensorwise"]
+    for name in ("te-tensorwise", "te-delayed"):
+        assert 1e-3 < te_results[name] and 0.5 < te_results[name] / torchao < 2, (name, te_results)

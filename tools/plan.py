@@ -30,7 +30,7 @@ def plan_overrides(result: Plan, evaluation: Evaluation) -> list[str]:
     request = result.request
     extra = [f"model.seq_length={request.seq_length}", f"training.global_batch_size={request.global_batch}"]
     if request.fp8:
-        extra.append(f"model.fp8={request.cfg.model.fp8 or 'hybrid'}")
+        extra += [f"model.fp8={request.cfg.model.fp8 or 'tensorwise'}", "model.fp8_backend=te"]
     return evaluation.layout.overrides() + extra
 
 

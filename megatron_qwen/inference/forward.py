@@ -52,7 +52,8 @@ def prepare(
     """Check the checkpoint and the layout for `world_size` ranks; raise ConversionError naming the problem
     (or CheckpointError, for a checkpoint that holds objects outside the unpickling allowlist)."""
     ckpt = ckdir.require_checkpoint(ckpt, f"--ckpt {ckpt}")
-    model = ckdir.read_model_config(ckpt, config_path)
+    # FP8 is a training setting: logits and generation run the weights at --precision.
+    model = dataclasses.replace(ckdir.read_model_config(ckpt, config_path), fp8=None)
     stored = tensor_metadata(ckpt, trust_checkpoint)
     if K.EMBED not in stored:
         raise ConversionError(f"--ckpt {ckpt} has no tensor {K.EMBED}; it is not a Qwen model checkpoint of this project")

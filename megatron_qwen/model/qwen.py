@@ -39,10 +39,26 @@ SCALAR_HEAD_KEY = "reward_head.weight"  # the scalar head's global key in checkp
 
 @dataclasses.dataclass
 class QwenTransformerConfig(TransformerConfig):
-    """TransformerConfig plus the two inference-time Qwen features the core attention needs."""
+    """TransformerConfig plus the two inference-time Qwen features the core attention needs, and the FP8 recipe
+    of the local spec's linears (torchao; Transformer Engine's FP8 is megatron-core's own ``fp8`` fields)."""
 
     qwen_seq_length: int = 2048
     use_logn_attn: bool = False
+    local_fp8_recipe: str | None = None
+
+
+def te_fp8_settings(recipe: str | None) -> dict:
+    """megatron-core's TransformerConfig FP8 fields for a `model.fp8` recipe run by Transformer Engine.
+
+    The hybrid format (e4m3 forward, e5m2 gradients) with current per-tensor scaling (``tensorwise``) or
+    delayed scaling from an amax history of 1024 steps, taking its maximum, as Megatron-LM's FP8 examples do.
+    """
+    if recipe is None:
+        return {"fp8": None}
+    settings = {"fp8": "hybrid", "fp8_recipe": recipe}
+    if recipe == "delayed":
+        settings.update(fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
+    return settings
 
 
 def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
@@ -93,7 +109,8 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=runtime.use_te,
-        fp8=m.fp8 if runtime.use_te else None,
+        **te_fp8_settings(m.fp8 if runtime.use_te else None),
+        local_fp8_recipe=None if runtime.use_te else m.fp8,
         cuda_graph_scope=[],  # the whole layer; megatron-core's default ("full") is deprecated and warns
         qwen_seq_length=m.seq_length,
         use_logn_attn=m.use_logn_attn,
@@ -145,7 +162,9 @@ class QwenModel(GPTModel):
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         super().__init__(
             config=config,
-            transformer_layer_spec=qwen_block_spec(get_num_layers_to_build(config, vp_stage=vp_stage), use_te),
+            transformer_layer_spec=qwen_block_spec(
+                get_num_layers_to_build(config, vp_stage=vp_stage), use_te, config.local_fp8_recipe
+            ),
             vocab_size=m.padded_vocab_size,
             max_sequence_length=m.max_position_embeddings,
             pre_process=pre,

@@ -2,8 +2,9 @@
 
 Qwen v1 in megatron-core terms: pre-norm RMSNorm, fused QKV projection with bias, no bias on the
 attention output or the MLP, SwiGLU with fc1 = [gate; up], rotate-half RoPE (set on the model), SDPA
-core attention. The Transformer Engine spec fuses each RMSNorm into the following linear layer and is
-what FP8 runs on; both specs keep the same checkpoint keys.
+core attention. The Transformer Engine spec fuses each RMSNorm into the following linear layer; both specs
+keep the same checkpoint keys. FP8 runs in either: Transformer Engine's own, or (local spec) the same
+tensor-parallel linears with their GEMMs in FP8 through torchao (`megatron_qwen.model.fp8`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from megatron_qwen.model.attention import SDPAttention
 from megatron_qwen.model.norm import QwenRMSNorm
 
 
-def qwen_layer_spec(use_transformer_engine: bool = False) -> ModuleSpec:
-    """One Qwen decoder layer."""
+def qwen_layer_spec(use_transformer_engine: bool = False, local_fp8_recipe: str | None = None) -> ModuleSpec:
+    """One Qwen decoder layer; `local_fp8_recipe` (local spec only) runs its four linears' GEMMs in FP8."""
     if use_transformer_engine:
         # Imported only for the TE spec: the module needs Transformer Engine, which is optional.
         from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear, TERowParallelLinear
@@ -33,6 +34,11 @@ def qwen_layer_spec(use_transformer_engine: bool = False) -> ModuleSpec:
         keys_map = {}
     else:
         qkv, proj, fc1, fc2 = ColumnParallelLinear, RowParallelLinear, ColumnParallelLinear, RowParallelLinear
+        if local_fp8_recipe is not None:
+            # Imported only with FP8 on: torchao is needed for nothing else.
+            from megatron_qwen.model.fp8 import float8_parallel_linear_specs
+
+            qkv, proj, fc1, fc2 = float8_parallel_linear_specs(local_fp8_recipe)
         input_norm = pre_mlp_norm = QwenRMSNorm
         # Store the norms under Transformer Engine's fused names so both specs share checkpoints.
         keys_map = {
@@ -63,7 +69,9 @@ def qwen_layer_spec(use_transformer_engine: bool = False) -> ModuleSpec:
     )
 
 
-def qwen_block_spec(num_layers: int, use_transformer_engine: bool = False) -> TransformerBlockSubmodules:
+def qwen_block_spec(
+    num_layers: int, use_transformer_engine: bool = False, local_fp8_recipe: str | None = None
+) -> TransformerBlockSubmodules:
     """`num_layers` Qwen layers (this pipeline stage's share) and the final RMSNorm."""
     if use_transformer_engine:
         from megatron.core.extensions.transformer_engine import TENorm  # optional, as above
@@ -72,5 +80,5 @@ def qwen_block_spec(num_layers: int, use_transformer_engine: bool = False) -> Tr
     else:
         final_norm = QwenRMSNorm
     return TransformerBlockSubmodules(
-        layer_specs=[qwen_layer_spec(use_transformer_engine)] * num_layers, layer_norm=final_norm
+        layer_specs=[qwen_layer_spec(use_transformer_engine, local_fp8_recipe)] * num_layers, layer_norm=final_norm
     )

@@ -148,7 +148,8 @@ def base_config(request: Request) -> Config:
     cfg = request.cfg
     model = dataclasses.replace(cfg.model, seq_length=request.seq_length)
     if request.fp8:
-        model = dataclasses.replace(model, fp8=model.fp8 or "hybrid")
+        # The memory model counts Transformer Engine's FP8 weight copies: plan for its FP8.
+        model = dataclasses.replace(model, fp8=model.fp8 or "tensorwise", fp8_backend="te")
     training = dataclasses.replace(cfg.training, global_batch_size=request.global_batch)
     return dataclasses.replace(cfg, model=model, training=training)
 

@@ -48,8 +48,28 @@ ON_CPU_RANKS = Accelerators(transformer_engine="CPU ranks", apex="CPU ranks")
 
 
 def use_transformer_engine(cfg: Config, on_cpu: bool, accelerators: Accelerators) -> bool:
-    """Whether to build the Transformer Engine spec: asked for, or `auto` with TE importable on GPU."""
-    impl = cfg.model.transformer_impl
+    """Whether to build the Transformer Engine spec: asked for, or `auto` with TE importable on GPU.
+
+    With ``model.fp8`` set, ``model.fp8_backend`` decides too: ``te`` needs Transformer Engine, ``torchao`` runs
+    FP8 in the local spec, and ``auto`` takes Transformer Engine when it is usable and has the recipe.
+    """
+    impl, fp8, backend = cfg.model.transformer_impl, cfg.model.fp8, cfg.model.fp8_backend
+    if fp8 is not None and backend == "te":
+        reason = "CPU ranks" if on_cpu else accelerators.transformer_engine
+        if reason is not None:
+            raise ConfigError([
+                f"model.fp8_backend=te but Transformer Engine is not usable here ({reason}); run on GPUs with "
+                "Transformer Engine installed, or set model.fp8_backend=torchao (or auto) for FP8 in the local layers"
+            ])
+        return True
+    if fp8 is not None and (backend == "torchao" or fp8 == "rowwise"):
+        return False  # torchao's FP8 linears are part of the local spec
+    if fp8 == "delayed" and impl != "transformer_engine" and (on_cpu or accelerators.transformer_engine is not None):
+        raise ConfigError([
+            f"model.fp8=delayed needs Transformer Engine, which is not usable here "
+            f"({'CPU ranks' if on_cpu else accelerators.transformer_engine}); use model.fp8=tensorwise or rowwise "
+            "(torchao), or run where Transformer Engine is installed"
+        ])
     if impl == "transformer_engine":
         if accelerators.transformer_engine is not None:
             raise ConfigError([
@@ -78,6 +98,9 @@ class Runtime:
     params_dtype: torch.dtype
     use_te: bool
     accelerators: Accelerators
+    # Which library runs the FP8 GEMMs of ``model.fp8``: "te" (the Transformer Engine spec) or "torchao" (the
+    # local spec's FP8 linears); None when FP8 is off. The model follows ``use_te``; this names it for the logs.
+    fp8_backend: str | None = None
 
     @property
     def on_cpu(self) -> bool:
@@ -98,11 +121,14 @@ class Runtime:
             sdpa = "flash" if torch.backends.cuda.flash_sdp_enabled() else "memory-efficient/math (flash disabled)"
         device = "CPU ranks over gloo" if self.on_cpu else f"CUDA ({torch.cuda.get_device_name(self.device)}) over NCCL"
         dtype = str(self.params_dtype).removeprefix("torch.")
-        return f"running on {device}, {dtype} | Transformer Engine: {te} | apex: {apex} | attention: SDPA {sdpa}"
+        fp8 = {None: "off", "te": "Transformer Engine", "torchao": "torchao (local layers)"}[self.fp8_backend]
+        return (f"running on {device}, {dtype} | Transformer Engine: {te} | apex: {apex} | attention: SDPA {sdpa} "
+                f"| FP8: {fp8}")
 
 
 def resolve_runtime(cfg: Config, local_rank: int = 0, accelerators: Accelerators | None = None) -> Runtime:
-    """This process's `Runtime` for `cfg` (``parallel.device``, ``training.precision``, ``model.transformer_impl``)."""
+    """This process's `Runtime` for `cfg` (``parallel.device``, ``training.precision``, ``model.transformer_impl``,
+    ``model.fp8`` and ``model.fp8_backend``)."""
     on_cpu = use_cpu_ranks(cfg.parallel.device)
     if on_cpu:
         accelerators, device = ON_CPU_RANKS, torch.device("cpu")
@@ -115,9 +141,19 @@ def resolve_runtime(cfg: Config, local_rank: int = 0, accelerators: Accelerators
                 f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most {visible} ranks per node"
             ])
         device = torch.device("cuda", local_rank)
+    use_te = use_transformer_engine(cfg, on_cpu, accelerators)
+    fp8_backend = None
+    if cfg.model.fp8 is not None:
+        fp8_backend = "te" if use_te else "torchao"
+        if not use_te and importlib.util.find_spec("torchao") is None:
+            raise ConfigError([
+                f"model.fp8={cfg.model.fp8} runs on torchao here, which is not installed: "
+                "pip install torchao==0.18.0 (see README, FP8), or set model.fp8=null"
+            ])
     return Runtime(
         device=device,
         params_dtype=precision_dtype(cfg.training.precision, on_cpu),
-        use_te=use_transformer_engine(cfg, on_cpu, accelerators),
+        use_te=use_te,
         accelerators=accelerators,
+        fp8_backend=fp8_backend,
     )

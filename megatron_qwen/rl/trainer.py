@@ -78,6 +78,9 @@ def validate_ppo(cfg: Config, world_size: int) -> None:
     if p.max_new_tokens >= cfg.model.seq_length:
         problems.append(f"ppo.max_new_tokens={p.max_new_tokens} leaves no room for a prompt within model.seq_length="
                         f"{cfg.model.seq_length}; lower it or raise model.seq_length")
+    if cfg.model.fp8 is not None:
+        problems.append(f"model.fp8={cfg.model.fp8}: PPO generates one token at a time, shapes the FP8 GEMMs do not take; "
+                        "train PPO without FP8 (model.fp8=null)")
     if cfg.model.hidden_dropout or cfg.model.attention_dropout:
         problems.append("PPO needs the old log-probabilities and the first update's to agree: set model.hidden_dropout=0 and "
                         "model.attention_dropout=0")

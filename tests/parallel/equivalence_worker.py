@@ -32,7 +32,9 @@ def global_batch(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=gen)
 
 
-def run(name: str, workdir: Path, reference: bool) -> None:
+def run(name: str, workdir: Path, reference: bool, extra: tuple[str, ...] = (), out_name: str | None = None) -> None:
+    """One forward+backward at layout `name` (config overrides `extra` added), written to `out_name`
+    (default: "reference" or the layout's name)."""
     from megatron.core import parallel_state
 
     from megatron_qwen.config import load_config, resolve
@@ -45,7 +47,7 @@ def run(name: str, workdir: Path, reference: bool) -> None:
 
     layout_args = parse_layout(name)
     overrides = MODEL_OVERRIDES + [f"parallel.{k}={str(v).lower()}" for k, v in layout_args.items()]
-    overrides += [f"training.micro_batch_size={MICRO_BATCH}", f"training.global_batch_size={GLOBAL_BATCH}"]
+    overrides += [f"training.micro_batch_size={MICRO_BATCH}", f"training.global_batch_size={GLOBAL_BATCH}", *extra]
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml", overrides)
     cfg, layout, _ = resolve(cfg, detect_launch().world_size)
 
@@ -72,7 +74,7 @@ def run(name: str, workdir: Path, reference: bool) -> None:
     for chunk in model:
         for param in chunk.parameters():
             param.data.copy_(param.main_grad)
-    out = workdir / ("reference" if reference else name)
+    out = workdir / (out_name or ("reference" if reference else name))
     save_model(model, out / "grads")
     if torch.distributed.get_rank() == 0:
         (out / "loss.json").write_text(json.dumps({"loss": loss.item(), "dp": layout.dp}))

@@ -1,5 +1,9 @@
-"""Worker for the Transformer Engine spec test (one GPU rank): the TE layers, loaded with the local
-spec's saved weights, give the local spec's logits."""
+"""Worker for the Transformer Engine spec test (one GPU rank): the TE layers, loaded with the local spec's saved
+weights, give the local spec's logits; with FP8 (TE's tensorwise and delayed recipes) they are as far from the
+fp32 logits as the local spec's torchao FP8 (same recipe) is.
+
+Prints ``RESULT <max |TE - local|>`` and ``FP8 <case> <||logits - fp32 logits|| / ||fp32 logits||>`` lines.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,20 @@ from pathlib import Path
 
 import torch
 
+# (name, model.transformer_impl, model.fp8, model.fp8_backend); the first is the reference
+CASES = [
+    ("local", "local", "null", "auto"),
+    ("transformer_engine", "transformer_engine", "null", "auto"),
+    ("te-tensorwise", "transformer_engine", "tensorwise", "te"),
+    ("te-delayed", "transformer_engine", "delayed", "te"),
+    ("torchao-tensorwise", "local", "tensorwise", "torchao"),
+]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--fp8", action="store_true", help="also the FP8 cases (a GPU of compute capability >= 8.9)")
     args = parser.parse_args()
 
     from megatron_qwen.config import load_config
@@ -25,17 +39,24 @@ def main() -> None:
     tokens = torch.randint(0, 1024, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
     positions = torch.arange(64, device="cuda").unsqueeze(0).expand(2, -1)
     logits = {}
-    for impl in ("local", "transformer_engine"):
-        cfg = load_config("configs/tiny.yaml", [*common, f"model.transformer_impl={impl}"])
-        (model,) = build_model(cfg, resolve_runtime(cfg))
-        if impl == "local":
+    for name, impl, fp8, backend in CASES if args.fp8 else CASES[:2]:
+        cfg = load_config("configs/tiny.yaml", [*common, f"model.transformer_impl={impl}", f"model.fp8={fp8}",
+                                                f"model.fp8_backend={backend}"])
+        runtime = resolve_runtime(cfg)
+        assert runtime.fp8_backend == (None if fp8 == "null" else backend), (name, runtime.fp8_backend)
+        (model,) = build_model(cfg, runtime)
+        if name == "local":
             save_model([model], args.workdir / "weights")
         else:
             load_model([model], args.workdir / "weights")
         with torch.no_grad():
-            logits[impl] = model.eval()(tokens, positions, None).float().cpu()
-    diff = (logits["local"] - logits["transformer_engine"]).abs().max().item()
-    print(f"RESULT {diff}")
+            # Delayed scaling takes its scales from the amaxes of earlier passes: the first ones start from 1.
+            for _ in range(3 if fp8 == "delayed" else 1):
+                logits[name] = model.eval()(tokens, positions, None).float().cpu()
+    ref = logits["local"]
+    print(f"RESULT {(ref - logits['transformer_engine']).abs().max().item()}")
+    for name in ("te-tensorwise", "te-delayed", "torchao-tensorwise") if args.fp8 else ():
+        print(f"FP8 {name} {((logits[name] - ref).norm() / ref.norm()).item()}")
 
 
 if __name__ == "__main__":
