@@ -153,7 +153,8 @@ def test_one_update_gives_the_losses_and_gradients_of_tp1(tmp_path):
 
 def write_prompts(prefix: Path, count: int = 400, seed: int = 0) -> None:
     """Random prompts of 4-11 ids, written as `preprocess_data.py --prompts` would (PREFIX_prompt_document)."""
-    from megatron_qwen.data.indexed import IndexedShardWriter, shard_prefix
+    from megatron_qwen.data.indexed import IndexedShardWriter
+    from megatron_qwen.data.shard_names import shard_prefix
 
     rng = np.random.default_rng(seed)
     with IndexedShardWriter(shard_prefix(str(prefix), "prompt"), VOCAB) as writer:
@@ -188,18 +189,18 @@ def metrics(run_dir: Path) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def straight(start, tmp_path_factory):
-    """40 PPO steps with the rule reward (GAE), checkpoints every 10."""
+    """24 PPO steps with the rule reward (GAE), checkpoints every 8."""
     run_dir = tmp_path_factory.mktemp("straight")
-    run_torchrun(1, ppo_args(start, run_dir, "training.train_iters=40", "training.save_interval=10", "training.keep_last=5"))
+    run_torchrun(1, ppo_args(start, run_dir, "training.train_iters=24", "training.save_interval=8", "training.keep_last=5"))
     return run_dir
 
 
 @pytest.mark.parallel
 def test_rule_reward_rises_with_the_kl_bounded(straight):
     curve = metrics(straight)
-    assert sorted(curve) == list(range(1, 41))
+    assert sorted(curve) == list(range(1, 25))
     first = np.mean([curve[s]["reward_mean"] for s in range(1, 4)])
-    last = np.mean([curve[s]["reward_mean"] for s in range(36, 41)])
+    last = np.mean([curve[s]["reward_mean"] for s in range(20, 25)])
     assert first < 0.35 and last >= 2 * first, (first, last)  # chance is GOOD / VOCAB = 0.25
     # The KL penalty keeps the policy near the reference: far from a collapse onto one token (log 128 = 4.85 nats).
     assert max(curve[s]["kl_to_reference"] for s in curve) < 2.0
@@ -208,18 +209,18 @@ def test_rule_reward_rises_with_the_kl_bounded(straight):
     assert all(abs(curve[s]["sampler_trainer_logprob_gap"]) < 1e-5 for s in curve)
     for key in ("reward_std", "reward_normalised_mean", "entropy", "explained_variance", "value_loss", "response_length",
                 "finished_fraction", "generation_tokens_per_s", "seconds_generate", "seconds_score", "seconds_train"):
-        assert key in curve[40], key
+        assert key in curve[24], key
 
 
 @pytest.mark.parallel
 def test_grpo_raises_the_reward_without_a_value_model(start, tmp_path):
-    out = run_torchrun(1, ppo_args(start, tmp_path, "ppo.estimator=grpo", "training.train_iters=40"))
+    out = run_torchrun(1, ppo_args(start, tmp_path, "ppo.estimator=grpo", "training.train_iters=24"))
     assert "initialised value" not in out.stdout  # GRPO builds no value model
     curve = metrics(tmp_path)
     first = np.mean([curve[s]["reward_mean"] for s in range(1, 4)])
-    last = np.mean([curve[s]["reward_mean"] for s in range(36, 41)])
+    last = np.mean([curve[s]["reward_mean"] for s in range(20, 25)])
     assert first < 0.35 and last >= 2 * first, (first, last)
-    assert "value_loss" not in curve[40] and max(curve[s]["kl_to_reference"] for s in curve) < 2.0
+    assert "value_loss" not in curve[24] and max(curve[s]["kl_to_reference"] for s in curve) < 2.0
 
 
 def _launch(argv: list[str], log: Path) -> subprocess.Popen:
@@ -248,22 +249,22 @@ def policy_and_value(ckpt: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parallel
 def test_kill_then_resume_equals_the_straight_run(start, straight, tmp_path):
-    args = ppo_args(start, tmp_path, "training.train_iters=20", "training.save_interval=10")
+    args = ppo_args(start, tmp_path, "training.train_iters=16", "training.save_interval=8")
     proc = _launch(args, tmp_path / "killed.log")
     latest = tmp_path / "checkpoints" / "latest"
     deadline = time.time() + 300
-    while not (latest.is_file() and latest.read_text().strip() == "iter_0000010"):
+    while not (latest.is_file() and latest.read_text().strip() == "iter_0000008"):
         assert proc.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()
         time.sleep(0.005)
-    _kill_tree(proc)  # kill -9 right after the step-10 save
+    _kill_tree(proc)  # kill -9 right after the step-8 save
     assert proc.returncode == -signal.SIGKILL
     out = run_torchrun(1, args)
-    assert "resumed from" in out.stdout and "at step 10" in out.stdout
+    assert "resumed from" in out.stdout and "at step 8" in out.stdout
     ref, got = metrics(straight), metrics(tmp_path)
-    for step in range(11, 21):
+    for step in range(9, 17):
         for key in ("reward_mean", "kl_to_reference", "policy_loss", "value_loss", "entropy"):
             assert got[step][key] == ref[step][key], (step, key)
-    a, b = policy_and_value(straight / "checkpoints" / "iter_0000020"), policy_and_value(tmp_path / "checkpoints" / "iter_0000020")
+    a, b = policy_and_value(straight / "checkpoints" / "iter_0000016"), policy_and_value(tmp_path / "checkpoints" / "iter_0000016")
     assert a.keys() == b.keys() and any(k.startswith("value.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
@@ -281,7 +282,8 @@ def test_value_warmup_leaves_the_policy_untouched(start, tmp_path):
 
 def write_preferences(prefix: Path, count: int, seed: int) -> None:
     """Pairs that share a prompt; the chosen response holds more good ids than the rejected one (the hidden rule)."""
-    from megatron_qwen.data.indexed import IndexedShardWriter, shard_prefix
+    from megatron_qwen.data.indexed import IndexedShardWriter
+    from megatron_qwen.data.shard_names import shard_prefix
 
     rng = np.random.default_rng(seed)
     with IndexedShardWriter(shard_prefix(str(prefix), "chosen"), VOCAB) as chosen, \
@@ -318,17 +320,17 @@ def test_a_reward_model_trained_here_steers_the_policy(start, tmp_path):
     write_preferences(tmp_path / "pairs", 2000, seed=0)
     run_torchrun(1, ["-m", "megatron_qwen.stages.reward", "configs/tiny.yaml", *MODEL, "data.split=100,0,0",
                      f"data.paths=[{tmp_path / 'pairs'}]", f"training.init_from={policy}", "training.micro_batch_size=8",
-                     "training.global_batch_size=32", "training.train_iters=60", "training.lr=2e-3", "training.min_lr=2e-4",
+                     "training.global_batch_size=32", "training.train_iters=40", "training.lr=2e-3", "training.min_lr=2e-4",
                      "training.lr_warmup_iters=5", "logging.log_interval=10", f"logging.run_dir={tmp_path / 'rm'}"])
-    rm = tmp_path / "rm" / "checkpoints" / "iter_0000060"
-    assert metrics(tmp_path / "rm")[60]["accuracy"] > 0.8  # the reward model has learnt the preference
-    args = [a for a in ppo_args(start, tmp_path / "ppo", "training.train_iters=30") if not a.startswith("ppo.reward_fn")]
+    rm = tmp_path / "rm" / "checkpoints" / "iter_0000040"
+    assert metrics(tmp_path / "rm")[40]["accuracy"] > 0.8  # the reward model has learnt the preference
+    args = [a for a in ppo_args(start, tmp_path / "ppo", "training.train_iters=20") if not a.startswith("ppo.reward_fn")]
     out = run_torchrun(1, args + [f"ppo.reward_from={rm}"])
     assert f"initialised value from {rm}" in out.stdout  # the value model starts from the reward model
     curve = metrics(tmp_path / "ppo")
     first = np.mean([curve[s]["reward_mean"] for s in range(1, 4)])
-    last = np.mean([curve[s]["reward_mean"] for s in range(26, 31)])
-    before, after = satisfied_rate(policy), satisfied_rate(tmp_path / "ppo" / "checkpoints" / "iter_0000030")
+    last = np.mean([curve[s]["reward_mean"] for s in range(16, 21)])
+    before, after = satisfied_rate(policy), satisfied_rate(tmp_path / "ppo" / "checkpoints" / "iter_0000020")
     print(f"reward-model score {first:.3f} -> {last:.3f}; responses following the hidden rule {before:.2f} -> {after:.2f}")
     assert last > first + 1.0, (first, last)
     assert after >= before + 0.3, (before, after)
@@ -406,7 +408,7 @@ def test_checkpoint_exports_the_policy_and_resumes_at_another_layout(start, stra
 
     from megatron_qwen.convert.to_hf import mcore_to_hf
 
-    ckpt = straight / "checkpoints" / "iter_0000020"
+    ckpt = straight / "checkpoints" / "iter_0000016"
     mcore_to_hf(ckpt, tmp_path / "hf", log=lambda _: None)
     exported = load_file(next((tmp_path / "hf").glob("*.safetensors")))
     stored = policy_and_value(ckpt)
@@ -414,16 +416,16 @@ def test_checkpoint_exports_the_policy_and_resumes_at_another_layout(start, stra
     assert torch.equal(exported["lm_head.weight"], stored["output_layer.weight"])
     assert not torch.equal(stored["embedding.word_embeddings.weight"], stored["value.embedding.word_embeddings.weight"])
 
-    # The step-10 checkpoint continued at TP=2 with SP: the same rollouts and scores (the sampling does not depend
+    # The step-8 checkpoint continued at TP=2 with SP: the same rollouts and scores (the sampling does not depend
     # on the layout), and the losses of the TP=1 run to fp32 reduction order.
     load = tmp_path / "from_tp1"
     load.mkdir()
-    (load / "latest").write_text("iter_0000010\n")
-    (load / "iter_0000010").symlink_to(straight / "checkpoints" / "iter_0000010")
-    out = run_torchrun(2, ppo_args(start, tmp_path / "tp2", "training.train_iters=12", f"training.load={load}",
+    (load / "latest").write_text("iter_0000008\n")
+    (load / "iter_0000008").symlink_to(straight / "checkpoints" / "iter_0000008")
+    out = run_torchrun(2, ppo_args(start, tmp_path / "tp2", "training.train_iters=10", f"training.load={load}",
                                    "parallel.tp=2", "parallel.sp=true"))
     assert "layout changed" in out.stdout
     ref, got = metrics(straight), metrics(tmp_path / "tp2")
-    assert sorted(got) == [11, 12]
+    assert sorted(got) == [9, 10]
     for key in ("reward_mean", "response_length", "policy_loss", "value_loss", "kl_to_reference"):
-        assert got[11][key] == pytest.approx(ref[11][key], rel=1e-4, abs=1e-5), key
+        assert got[9][key] == pytest.approx(ref[9][key], rel=1e-4, abs=1e-5), key

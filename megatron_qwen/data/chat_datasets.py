@@ -34,7 +34,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_qwen.config import Config
 from megatron_qwen.data.chat import PREFERENCE_KEYS, PROMPT_KEYS, SFT_KEYS
-from megatron_qwen.data.indexed import shard_prefix
+from megatron_qwen.data.shard_names import shard_prefix
 from megatron_qwen.errors import DataError
 
 class _Shards:

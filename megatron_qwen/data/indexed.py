@@ -39,12 +39,6 @@ class ShardSummary:
     num_tokens: int
 
 
-def shard_prefix(output_prefix: PathLike, key: str) -> str:
-    """The prefix of the shard that holds ``key`` of a corpus preprocessed to ``output_prefix``
-    (Megatron-LM's naming: ``{output_prefix}_{key}_document``, then ``.bin``/``.idx``)."""
-    return f"{os.fspath(output_prefix)}_{key}_document"
-
-
 def optimal_dtype(vocab_size: int) -> np.dtype:
     """Token dtype megatron-core picks for a vocabulary (``DType.optimal_dtype``): uint16 below 65,500, else int32."""
     return np.dtype(_C.dtype_name(_C.optimal_dtype_code(_check_vocab_size(vocab_size))))

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_qwen.data.indexed import IndexedShardWriter, ShardSummary, merge_shards, shard_prefix
+from megatron_qwen.data.indexed import IndexedShardWriter, ShardSummary, merge_shards
+from megatron_qwen.data.shard_names import shard_prefix
 from megatron_qwen.data.jsonl_input import Piece, expand_inputs, iter_piece_lines, line_number, plan_parts
 from megatron_qwen.data.renderers import RENDERERS, Renderer, renderer_for
 from megatron_qwen.errors import PreprocessError
