@@ -326,7 +326,7 @@ def test_a_reward_model_trained_here_steers_the_policy(start, tmp_path):
     assert metrics(tmp_path / "rm")[40]["accuracy"] > 0.8  # the reward model has learnt the preference
     args = [a for a in ppo_args(start, tmp_path / "ppo", "training.train_iters=20") if not a.startswith("ppo.reward_fn")]
     out = run_torchrun(1, args + [f"ppo.reward_from={rm}"])
-    assert f"initialised value from {rm}" in out.stdout  # the value model starts from the reward model
+    assert f"initialised value weights from {rm}" in out.stdout  # the value model starts from the reward model
     curve = metrics(tmp_path / "ppo")
     first = np.mean([curve[s]["reward_mean"] for s in range(1, 4)])
     last = np.mean([curve[s]["reward_mean"] for s in range(16, 21)])

@@ -161,7 +161,7 @@ def test_chained_job_waits_then_starts_from_the_latest_checkpoint_of_a_run(slurm
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text
     assert slurm_cluster.job(first)["JobState"] == "COMPLETED"
-    assert f"initialised weights from {reference}/checkpoints/iter_{runs.STEPS:07d}" in text, text
+    assert f"initialised pretrain weights from {reference}/checkpoints/iter_{runs.STEPS:07d}" in text, text
     from megatron_qwen.training.checkpointing import read_full_state_dict
 
     start = {k: v for k, v in read_full_state_dict(tmp_path / "chained" / "checkpoints" / "iter_0000000").items() if not k.startswith("optimizer")}
@@ -204,7 +204,7 @@ def test_sbatch_ppo_from_a_policy_run(slurm_cluster, tmp_path):
     info = slurm_cluster.wait(job, timeout=400, log=log)
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"], info["NodeList"]) == ("COMPLETED", "0:0", "node[1-2]"), text
-    assert f"initialised policy from {tmp_path / 'sft'}/checkpoints/iter_0000000" in text, text
+    assert f"initialised policy weights from {tmp_path / 'sft'}/checkpoints/iter_0000000" in text, text
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]

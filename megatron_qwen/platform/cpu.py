@@ -84,12 +84,21 @@ def _patch_cuda_factories():
     return lambda: [u() for u in undo]
 
 
+def _cpu_current_device():
+    return torch.device("cpu")
+
+
+def _synchronize_nothing(device=None):
+    return None
+
+
+# Module-level replacements, so that applying a patch again installs the very same function.
 def _patch_current_device():
-    return _set_attr(torch.cuda, "current_device", lambda: torch.device("cpu"))
+    return _set_attr(torch.cuda, "current_device", _cpu_current_device)
 
 
 def _patch_synchronize():
-    return _set_attr(torch.cuda, "synchronize", lambda device=None: None)
+    return _set_attr(torch.cuda, "synchronize", _synchronize_nothing)
 
 
 def _patch_rng():

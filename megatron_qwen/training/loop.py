@@ -121,7 +121,7 @@ class Checkpointer:
         trust = self.ctx.cfg.training.trust_checkpoint
         started_fresh = checkpointing.load_weights(unit.modules, path, what, fresh=fresh, trust=trust)
         note = f" ({', '.join(started_fresh)} started fresh)" if started_fresh else ""
-        self.ctx.say(f"initialised {unit.name} from {path}{note}")
+        self.ctx.say(f"initialised {unit.name} weights from {path}{note}")
         self.carry_from(Path(path))
 
     def carry_from(self, path: Path) -> None:
