@@ -92,7 +92,9 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=runtime.use_te,
+        # Needs apex's fused_weight_gradient_mlp_cuda: megatron-core's ColumnParallelLinear (the output layer,
+        # in both specs) refuses to build without it.
+        gradient_accumulation_fusion=not runtime.on_cpu and runtime.accelerators.fused_wgrad is None,
         fp8=m.fp8 if runtime.use_te else None,
         cuda_graph_scope=[],  # the whole layer; megatron-core's default ("full") is deprecated and warns
         qwen_seq_length=m.seq_length,
