@@ -33,7 +33,7 @@ from megatron_qwen.plan.memory import (
 )
 from megatron_qwen.plan.search import Layout, Request, evaluate, base_config, plan
 from megatron_qwen.plan.steptime import model_flops_per_step, step_time
-from megatron_qwen.training.flops import qwen_flops_per_token
+from megatron_qwen.training.flops import model_flops_per_token
 
 sys.path.insert(0, str(Path(__file__).parent / "parallel"))
 import plan_worker  # noqa: E402  (the worker's cases and shapes)
@@ -131,7 +131,7 @@ def test_microbatches_in_flight_by_hand():
 
 def test_model_flops_equal_the_trainers_count():
     shape = ModelShape(80, 8192, 64, 24576, 152064)
-    per_token = qwen_flops_per_token(8192, 80, 24576, 152064, 4096)
+    per_token = model_flops_per_token(8192, 80, 24576, 152064, 4096)
     assert model_flops_per_step(shape, 4096, 2048) == pytest.approx(per_token * 4096 * 2048, rel=1e-12)
 
 
