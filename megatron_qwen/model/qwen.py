@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from megatron_qwen.config import Config
+from megatron_qwen.model.init import initialize_weights
 from megatron_qwen.model.rotary import QwenRotaryEmbedding
 from megatron_qwen.model.spec import qwen_block_spec
 from megatron_qwen.platform.runtime import Runtime
@@ -80,6 +81,7 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         bf16=dtype == torch.bfloat16,
         autocast_dtype=dtype,
         use_cpu_initialization=runtime.on_cpu,
+        perform_initialization=False,  # build_model initialises every weight, independently of the layout
         # Batched p2p posts both directions to the same peer in one call; with interleaving on two
         # pipeline ranks the peer is the same for "prev" and "next", so send/recv pairs would match
         # out of order. Separate isend/irecv keep each direction on its own channel.
@@ -106,18 +108,16 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
 class ScalarHead(torch.nn.Module):
     """Linear(hidden, 1, bias=False) over the final hidden states: one value for every token.
 
-    The weight is replicated on every tensor-parallel rank, initialised from `seed` so that every layout
-    starts alike. Under sequence parallelism each rank scores its own tokens, the values are gathered,
+    The weight is replicated on every tensor-parallel rank (initialised with the rest of the model by
+    `build_model`). Under sequence parallelism each rank scores its own tokens, the values are gathered,
     and the weight's gradient is summed over the TP group (the `sequence_parallel` attribute asks
     megatron-core's finalize_model_grads for that, as for the norms).
     """
 
-    def __init__(self, config, seed: int):
+    def __init__(self, config):
         super().__init__()
-        weight = torch.empty(1, config.hidden_size, dtype=torch.float32)
-        torch.nn.init.normal_(weight, std=config.init_method_std, generator=torch.Generator().manual_seed(seed))
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
-        self.weight = torch.nn.Parameter(weight.to(device=device, dtype=config.params_dtype))
+        self.weight = torch.nn.Parameter(torch.empty(1, config.hidden_size, device=device, dtype=config.params_dtype))
         self.sequence_parallel = config.sequence_parallel
         self.weight.sequence_parallel = config.sequence_parallel
 
@@ -176,7 +176,7 @@ class QwenModel(GPTModel):
             self.decoder.final_layernorm = build_module(
                 self.decoder.submodules.layer_norm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
             )
-            self.reward_head = ScalarHead(config, cfg.training.seed)  # stored as SCALAR_HEAD_KEY
+            self.reward_head = ScalarHead(config)  # stored as SCALAR_HEAD_KEY
 
     def _preprocess(self, input_ids, position_ids, **kwargs):
         if not self.rope_at_positions or position_ids is None:
@@ -202,7 +202,8 @@ class QwenModel(GPTModel):
 
 
 def build_model(cfg: Config, runtime: Runtime, head: Head = "lm", rope_at_positions: bool = False) -> list[QwenModel]:
-    """This rank's model chunks: one per virtual pipeline stage (a single chunk without VPP).
+    """This rank's model chunks: one per virtual pipeline stage (a single chunk without VPP), initialised from
+    ``training.seed`` with the weights the single-process model has at every layout (`model.init`).
 
     Needs megatron-core's parallel state (see `megatron_qwen.platform.launch.init_distributed`).
     """
@@ -211,4 +212,6 @@ def build_model(cfg: Config, runtime: Runtime, head: Head = "lm", rope_at_positi
     chunks = [QwenModel(config, cfg, stage, runtime.use_te, head, rope_at_positions) for stage in stages]
     if not runtime.on_cpu:
         chunks = [chunk.to(runtime.device) for chunk in chunks]
+    for chunk in chunks:
+        initialize_weights(chunk, cfg.training.seed, cfg.model.init_method_std, cfg.model.num_layers)
     return chunks

@@ -210,6 +210,9 @@ def init_distributed(
             virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
             distributed_timeout_minutes=int(max(1, timeout_minutes)),
         )
+    # Dropout streams differ between pipeline stages, as in Megatron-LM (initial weights do not come from
+    # these streams: see megatron_qwen.model.init).
+    seed += 100 * parallel_state.get_pipeline_model_parallel_rank()
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     return info

@@ -216,7 +216,7 @@ class Trainer:
     def _loop(self) -> int:
         ctx, t = self.ctx, self.cfg.training
         if t.train_iters == 0 and ctx.resume_from is None:
-            self.save()  # train_iters=0 writes the initial weights: a common start for other layouts
+            self.save()  # train_iters=0 writes the initial weights (to inspect them, or start other runs from)
         window = MetricWindow(self.task.report_keys)
         clock = ProgressClock(self.state.step, t.train_iters)
         skipped_in_row = 0

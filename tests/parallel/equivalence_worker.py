@@ -1,9 +1,10 @@
 """Worker for tests/test_parallel_equivalence.py, launched with torchrun on gloo CPU ranks.
 
---reference (1 rank): build the tiny Qwen from a seed, save its weights, run one forward+backward.
+--reference (1 rank): build the tiny Qwen from the seed and run one forward+backward.
 --layouts L1,L2,... (N ranks): for each layout (e.g. ``tp2-pp2-vpp1-sp1``) rebuild the parallel
-state, load those weights, run the same global batch. Each run writes its loss and its gradients
-(as a dist_checkpointing checkpoint, so they are stored at full, unsharded shapes) under --workdir.
+state, build the model from the same seed, run the same global batch. Each run writes its initial
+weights, its loss and its gradients under --workdir (weights and gradients as dist_checkpointing
+checkpoints, so they are stored at full, unsharded shapes).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def run(name: str, workdir: Path, reference: bool) -> None:
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.launch import detect_launch, init_distributed
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import load_model, save_model
+    from megatron_qwen.training.checkpointing import save_model
     from megatron_qwen.training.forward_backward import forward_backward
     from megatron_qwen.training.units import wrap_ddp
 
@@ -53,10 +54,8 @@ def run(name: str, workdir: Path, reference: bool) -> None:
         parallel_state.destroy_model_parallel()
     init_distributed(layout.tp, layout.pp, layout.vpp, device="cpu", seed=SEED)
     chunks = build_model(cfg, Runtime.cpu())
-    if reference:
-        save_model(chunks, workdir / "weights")
-    else:
-        load_model(chunks, workdir / "weights")
+    out = workdir / ("reference" if reference else name)
+    save_model(chunks, out / "initial")
     model = wrap_ddp(chunks, cfg)
 
     num_micro = GLOBAL_BATCH // (MICRO_BATCH * layout.dp)
@@ -72,7 +71,6 @@ def run(name: str, workdir: Path, reference: bool) -> None:
     for chunk in model:
         for param in chunk.parameters():
             param.data.copy_(param.main_grad)
-    out = workdir / ("reference" if reference else name)
     save_model(model, out / "grads")
     if torch.distributed.get_rank() == 0:
         (out / "loss.json").write_text(json.dumps({"loss": loss.item(), "dp": layout.dp}))
