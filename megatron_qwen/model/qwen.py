@@ -81,7 +81,6 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         bf16=dtype == torch.bfloat16,
         autocast_dtype=dtype,
         use_cpu_initialization=runtime.on_cpu,
-        perform_initialization=False,  # build_model initialises every weight, independently of the layout
         # Batched p2p posts both directions to the same peer in one call; with interleaving on two
         # pipeline ranks the peer is the same for "prev" and "next", so send/recv pairs would match
         # out of order. Separate isend/irecv keep each direction on its own channel.
@@ -212,6 +211,9 @@ def build_model(cfg: Config, runtime: Runtime, head: Head = "lm", rope_at_positi
     chunks = [QwenModel(config, cfg, stage, runtime.use_te, head, rope_at_positions) for stage in stages]
     if not runtime.on_cpu:
         chunks = [chunk.to(runtime.device) for chunk in chunks]
+    # Over megatron-core's own initialisation, which must still run: it is also where the layers mark their
+    # weights tensor-parallel (perform_initialization=False leaves them unmarked, and the gradient norm then
+    # counts only TP rank 0's shards).
     for chunk in chunks:
         initialize_weights(chunk, cfg.training.seed, cfg.model.init_method_std, cfg.model.num_layers)
     return chunks
