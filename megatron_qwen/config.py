@@ -62,6 +62,9 @@ class ParallelConfig:
     vpp: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
     sp: bool = False  # sequence parallelism over the TP group
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = True  # reduce gradients bucket by bucket while backward still runs
+    overlap_param_gather: bool = True  # distributed optimizer: gather updated weights during the next forward
+    ddp_bucket_size: Optional[int] = None  # elements per gradient bucket when overlapping (None: max(4e7, 1e6 x DP))
     # auto: CUDA when available; cpu: gloo ranks (the CPU harness). $MEGATRON_QWEN_DEVICE, when set, is the default.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     timeout_minutes: float = 10.0  # every collective; a dead rank ends the job instead of hanging
@@ -367,6 +370,7 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
         ("parallel", "tp", p.tp),
         ("parallel", "pp", p.pp),
         ("parallel", "vpp", p.vpp),
+        ("parallel", "ddp_bucket_size", 1 if p.ddp_bucket_size is None else p.ddp_bucket_size),
         ("training", "micro_batch_size", t.micro_batch_size),
         ("training", "global_batch_size", t.global_batch_size),
     ):

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from megatron_qwen import checkpoint_dir as ckdir
 from megatron_qwen.errors import CheckpointError
-from megatron_qwen.training.units import ModelUnit
+from megatron_qwen.training.units import ModelUnit, finish_param_sync
 
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshardable across TP/PP/DP
 
@@ -103,7 +103,8 @@ def save_sharded(sharded_state_dict: dict, path: str | os.PathLike, write_extra=
 
 
 def save_model(chunks: list[torch.nn.Module], path: str | os.PathLike) -> Path:
-    """Save model weights alone (all ranks call this): e.g. a common starting point for several runs."""
+    """Save model weights alone (all ranks call this), e.g. to start other runs from them."""
+    finish_param_sync(chunks)
     return save_sharded(chunks_state([getattr(c, "module", c) for c in chunks]), path)
 
 
@@ -194,6 +195,8 @@ def save_checkpoint(
     and delete all but the `keep_last` newest checkpoints. `files` ({name: text}) are written beside the
     tensors by rank 0 (e.g. model_config.yaml for the converter). All ranks call this."""
     save_dir = Path(save_dir)
+    for unit in units:
+        unit.finish_param_sync()
     state = units_state(units)
     state[ckdir.TRAIN_STATE_KEY] = dict(train_state, step=step)
     rng = _rng_state()
