@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -27,7 +28,10 @@ from megatron_qwen import checkpoint_dir as ckdir
 from megatron_qwen.errors import CheckpointError
 from megatron_qwen.training.units import ModelUnit, finish_param_sync
 
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshardable across TP/PP/DP
+# The distributed optimizer's state in megatron-core's fully reshardable format (loads at any TP/PP/DP), saved
+# memory-efficiently: only data-parallel rank 0 of each model-parallel group gathers the state of its TP x PP
+# shard (over gloo) to write it; without the flag every DP rank all-gathers all of it.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
 def _rank() -> int:
@@ -49,12 +53,63 @@ def chunks_state(modules: list[torch.nn.Module], namespace: str = "") -> dict:
     return {key: module.sharded_state_dict(prefix=prefix) for key, module in zip(ckdir.chunk_keys(len(modules)), modules)}
 
 
+# megatron-core 0.16.1's distributed optimizer over torch's Adam/AdamW (what runs without Transformer Engine
+# or apex, e.g. on CPU ranks; their FusedAdam keeps the step per group instead) cannot resume as it stands:
+# it reads the step from the per-parameter state, which torch creates only at the first step, and it copies
+# every key of that state, 'step' included, from the checkpoint's parameter state, which has no 'step'
+# (DistributedOptimizer.state_dict and _set_main_param_and_optimizer_states). The two functions below
+# bridge both; tests/test_checkpoint_memory.py shows the plain calls fail.
+
+
+def _torch_adams(optimizer) -> list:
+    """(megatron-core distributed optimizer, its torch Adam/AdamW) pairs inside `optimizer`."""
+    pairs = [(opt, getattr(opt, "optimizer", None)) for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return [(opt, inner) for opt, inner in pairs
+            if isinstance(opt, DistributedOptimizer) and isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def _create_adam_state(optimizer) -> None:
+    """Give torch's Adam/AdamW the per-parameter state it otherwise creates at its first step (step 0, zero
+    moments), so that a fresh distributed optimizer can build the state dict a checkpoint loads into."""
+    for _, inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                              exp_avg_sq=torch.zeros_like(param))
+
+
+def _load_optimizer(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``; for a distributed optimizer over torch's Adam, with each
+    parameter's 'step' set aside while megatron-core copies the parameter state in."""
+    adams = _torch_adams(optimizer)
+    if len(adams) != 1 or "param_state" not in state:
+        optimizer.load_state_dict(state)
+        return
+    opt, inner = adams[0]
+    param_state = {k: state[k] for k in ("param_state", "param_state_sharding_type")}
+    opt.load_state_dict({k: v for k, v in state.items() if k not in param_state})  # groups, and the step
+    steps = {param: inner.state[param].pop("step") for param in list(inner.state)}
+    loaders = {"fully_reshardable": opt.load_parameter_state_from_fully_reshardable,
+               "dp_reshardable": opt.load_parameter_state_from_dp_reshardable}
+    kind = param_state["param_state_sharding_type"]
+    if kind not in loaders:
+        raise CheckpointError(f"the distributed optimizer's state is stored as {kind!r}, which this trainer does not read")
+    try:
+        loaders[kind](param_state["param_state"])
+    finally:
+        for param, step in steps.items():
+            inner.state[param]["step"] = step
+
+
 def units_state(units: Iterable[ModelUnit], loading: bool = False) -> dict:
     """The sharded state dict of several units: the root unit at the top, the others under their namespace."""
     state: dict = {}
     for unit in units:
         unit_state = chunks_state(unit.modules, unit.namespace)
         if unit.optimizer is not None:
+            if loading:
+                _create_adam_state(unit.optimizer)
             unit_state[ckdir.OPTIMIZER_KEY] = unit.optimizer.sharded_state_dict(
                 unit_state, is_loading=loading, metadata=OPTIMIZER_METADATA
             )
@@ -227,7 +282,7 @@ def load_checkpoint(path: str | os.PathLike, units: list[ModelUnit], restore_rng
         unit_loaded = loaded[unit.namespace] if unit.namespace else loaded
         _load_into(unit.modules, unit_loaded)
         if unit.optimizer is not None:
-            unit.optimizer.load_state_dict(unit_loaded[ckdir.OPTIMIZER_KEY])
+            _load_optimizer(unit.optimizer, unit_loaded[ckdir.OPTIMIZER_KEY])
     rng_path = ckdir.rng_file(path, _rank())
     if restore_rng and rng_path.is_file():
         _set_rng_state(torch.load(rng_path, weights_only=False))
