@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -120,9 +121,14 @@ def units_state(units: Iterable[ModelUnit], loading: bool = False) -> dict:
     return state
 
 
-def _load_into(modules: list[torch.nn.Module], loaded: dict) -> None:
+def _load_into(modules: list[torch.nn.Module], loaded: dict, path: Path) -> None:
+    # Transformer Engine modules carry an _extra_state (FP8 scaling history) that checkpoints of the local spec
+    # and of the converter lack; such a module keeps its fresh one.
     for key, module in zip(ckdir.chunk_keys(len(modules)), modules):
-        module.load_state_dict(loaded[key], strict=True)
+        missing, unexpected = module.load_state_dict(loaded[key], strict=False)
+        missing = [name for name in missing if not name.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: weights do not fit this model (missing {missing}, unexpected {unexpected})")
 
 
 def save_sharded(sharded_state_dict: dict, path: str | os.PathLike, write_extra=None, before_commit=None) -> Path:
@@ -277,10 +283,14 @@ def load_checkpoint(path: str | os.PathLike, units: list[ModelUnit], restore_rng
     """Load a training checkpoint saved at any layout into the units and their optimizers; returns the loop's
     saved state. RNG states are restored only when `restore_rng` (one file per rank, same layout)."""
     path = Path(path)
-    loaded = dist_checkpointing.load(units_state(units, loading=True), str(path))
+    loaded, _, absent = dist_checkpointing.load(units_state(units, loading=True), str(path), strict=StrictHandling.RETURN_UNEXPECTED)
+    absent = sorted(key for key in absent if not key.endswith("_extra_state"))  # see _load_into
+    if absent:
+        raise CheckpointError(f"{path} has no {absent[0]} ({len(absent)} tensor(s) of this run missing): it holds another "
+                              "kind or size of model; check training.load and the model.* sizes")
     for unit in units:
         unit_loaded = loaded[unit.namespace] if unit.namespace else loaded
-        _load_into(unit.modules, unit_loaded)
+        _load_into(unit.modules, unit_loaded, path)
         if unit.optimizer is not None:
             _load_optimizer(unit.optimizer, unit_loaded[ckdir.OPTIMIZER_KEY])
     rng_path = ckdir.rng_file(path, _rank())
