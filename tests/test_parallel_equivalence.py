@@ -12,7 +12,7 @@ import torch
 from spawn import run_torchrun
 
 WORKER = str(Path(__file__).parent / "parallel" / "equivalence_worker.py")
-# 4 ranks: data parallelism takes what TP x PP leaves (DP=4, 2, 2, 1, 1, 2, 1).
+# 4 ranks: data parallelism takes what TP x PP leaves (DP=4, 2, 2, 1, 1, 2, 2, 1).
 LAYOUTS = [
     "tp1-pp1-vpp1-sp0",
     "tp2-pp1-vpp1-sp0",
@@ -20,6 +20,7 @@ LAYOUTS = [
     "tp1-pp4-vpp1-sp0",
     "tp2-pp2-vpp1-sp1",
     "tp1-pp2-vpp2-sp0",
+    "tp1-pp2-vpp2-sp0-p2p",  # with the p2p overlap GPUs run
     "tp2-pp2-vpp2-sp1",
 ]
 RTOL = 1e-5

@@ -108,3 +108,15 @@ def test_startup_line_says_why_each_accelerator_is_off(gpus, monkeypatch):
     local = resolve_runtime(cuda_config("model.transformer_impl=local"), 0, dataclasses.replace(NOTHING, transformer_engine=None))
     assert "Transformer Engine: no (model.transformer_impl=local)" in local.describe()
     assert "Transformer Engine: no (CPU ranks)" in Runtime.cpu().describe()
+
+
+@pytest.mark.parametrize("on_gpu, vpp, batch, overlap", [(True, 2, False, True), (True, 1, True, False), (False, 2, False, False), (False, 1, True, False)])
+def test_interleaved_pipelines_overlap_p2p_on_gpus(on_gpu, vpp, batch, overlap):
+    """GPUs overlap the interleaved schedule's transfers (megatron-core forbids it together with batched p2p);
+    CPU ranks keep separate, blocking sends and receives."""
+    from megatron_qwen.model.qwen import transformer_config
+
+    cfg = load_config("configs/tiny.yaml", ["parallel.pp=2", f"parallel.vpp={vpp}"])
+    runtime = Runtime(torch.device("cuda", 0), torch.bfloat16, False, NOTHING) if on_gpu else Runtime.cpu()
+    config = transformer_config(cfg, runtime)
+    assert (config.batch_p2p_comm, config.overlap_p2p_comm) == (batch, overlap)

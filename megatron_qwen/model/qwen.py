@@ -85,6 +85,9 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         # pipeline ranks the peer is the same for "prev" and "next", so send/recv pairs would match
         # out of order. Separate isend/irecv keep each direction on its own channel.
         batch_p2p_comm=p.vpp == 1,
+        # GPUs overlap the interleaved schedule's sends and receives with compute (megatron-core allows it only
+        # with unbatched p2p); CPU ranks wait for each transfer.
+        overlap_p2p_comm=p.vpp > 1 and not runtime.on_cpu,
         # Gradients are summed per token and divided by the global token count once, so the loss
         # is the same per-token mean at every TP/PP/DP layout.
         calculate_per_token_loss=True,

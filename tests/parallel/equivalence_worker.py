@@ -20,12 +20,14 @@ MODEL_OVERRIDES = ["model.padded_vocab_size=1024", "model.seq_length=32"]
 SEQ, GLOBAL_BATCH, MICRO_BATCH, SEED = 32, 8, 1, 1234
 
 
-def parse_layout(name: str) -> dict:
-    match = re.fullmatch(r"tp(\d+)-pp(\d+)-vpp(\d+)-sp([01])", name)
+def parse_layout(name: str) -> tuple[dict, bool]:
+    """``tp2-pp2-vpp1-sp1`` -> the parallel settings; a ``-p2p`` suffix asks for the interleaved schedule's
+    overlapped p2p transfers (what GPU ranks run) on these CPU ranks too."""
+    match = re.fullmatch(r"tp(\d+)-pp(\d+)-vpp(\d+)-sp([01])(-p2p)?", name)
     if not match:
         raise SystemExit(f"bad layout {name!r}; expected e.g. tp2-pp2-vpp1-sp1")
-    tp, pp, vpp, sp = (int(g) for g in match.groups())
-    return {"tp": tp, "pp": pp, "vpp": vpp, "sp": bool(sp)}
+    tp, pp, vpp, sp = (int(g) for g in match.groups()[:4])
+    return {"tp": tp, "pp": pp, "vpp": vpp, "sp": bool(sp)}, match.group(5) is not None
 
 
 def global_batch(vocab: int) -> torch.Tensor:
@@ -44,7 +46,7 @@ def run(name: str, workdir: Path, reference: bool) -> None:
     from megatron_qwen.training.forward_backward import forward_backward
     from megatron_qwen.training.units import wrap_ddp
 
-    layout_args = parse_layout(name)
+    layout_args, overlap_p2p = parse_layout(name)
     overrides = MODEL_OVERRIDES + [f"parallel.{k}={str(v).lower()}" for k, v in layout_args.items()]
     overrides += [f"training.micro_batch_size={MICRO_BATCH}", f"training.global_batch_size={GLOBAL_BATCH}"]
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml", overrides)
@@ -54,6 +56,7 @@ def run(name: str, workdir: Path, reference: bool) -> None:
         parallel_state.destroy_model_parallel()
     init_distributed(layout.tp, layout.pp, layout.vpp, device="cpu", seed=SEED)
     chunks = build_model(cfg, Runtime.cpu())
+    chunks[0].config.overlap_p2p_comm = overlap_p2p  # one config object for all chunks
     out = workdir / ("reference" if reference else name)
     save_model(chunks, out / "initial")
     model = wrap_ddp(chunks, cfg)
