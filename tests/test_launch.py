@@ -154,13 +154,17 @@ from megatron.core import parallel_state
 from megatron_qwen.config import load_config
 from megatron_qwen.platform.launch import init_distributed
 from megatron_qwen.platform.cpu import applied_patches
-info = init_distributed(tp=2, pp=1, device=load_config().parallel.device)
+info = init_distributed(tp=2, pp=1, device=load_config().parallel.device, timeout_minutes=10, io_timeout_minutes=120)
 t = torch.tensor([info.rank + 1.0])
 torch.distributed.all_reduce(t)
+# The bound on waits of all ranks (minutes) and on megatron-core's groups.
+minutes = [int(g._get_backend(torch.device("cpu")).options._timeout.total_seconds() // 60)
+           for g in (torch.distributed.group.WORLD, parallel_state.get_tensor_model_parallel_group())]
 # One file per rank: the ranks' stdout lines can interleave.
 with open(f"{sys.argv[1]}/rank{info.rank}.txt", "w") as out:
     out.write(f"{info.launcher} {info.rank} {info.world_size} {torch.distributed.get_backend()} "
-              f"{parallel_state.get_tensor_model_parallel_world_size()} {t.item()} {len(applied_patches())}")
+              f"{parallel_state.get_tensor_model_parallel_world_size()} {t.item()} {len(applied_patches())} "
+              f"{minutes[0]} {minutes[1]}")
 """
 
 
@@ -174,7 +178,8 @@ def test_torchrun_init_gloo_with_harness(tmp_path):
     env = cpu_env()
     env.pop("MEGATRON_QWEN_DEVICE")  # no CUDA here: auto must pick gloo and the harness by itself
     run_torchrun(2, [str(script), str(tmp_path)], env=env, timeout=300)
-    assert _results(tmp_path) == [["torchrun", "0", "2", "gloo", "2", "3.0", "5"], ["torchrun", "1", "2", "gloo", "2", "3.0", "5"]]
+    assert _results(tmp_path) == [["torchrun", "0", "2", "gloo", "2", "3.0", "5", "120", "10"],
+                                  ["torchrun", "1", "2", "gloo", "2", "3.0", "5", "120", "10"]]
 
 
 @pytest.mark.skipif(shutil.which("mpirun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")) is None,
@@ -190,4 +195,5 @@ def test_mpirun_init(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert _results(tmp_path) == [["mpi", "0", "2", "gloo", "2", "3.0", "5"], ["mpi", "1", "2", "gloo", "2", "3.0", "5"]]
+    assert _results(tmp_path) == [["mpi", "0", "2", "gloo", "2", "3.0", "5", "120", "10"],
+                                  ["mpi", "1", "2", "gloo", "2", "3.0", "5", "120", "10"]]

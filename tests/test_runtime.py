@@ -5,6 +5,7 @@ that only a GPU machine exercises run here too."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -120,3 +121,20 @@ def test_interleaved_pipelines_overlap_p2p_on_gpus(on_gpu, vpp, batch, overlap):
     runtime = Runtime(torch.device("cuda", 0), torch.bfloat16, False, NOTHING) if on_gpu else Runtime.cpu()
     config = transformer_config(cfg, runtime)
     assert (config.batch_p2p_comm, config.overlap_p2p_comm) == (batch, overlap)
+
+
+def test_overlapped_communication_orders_gpu_work(gpus, monkeypatch):
+    """torchrun sets no CUDA_DEVICE_MAX_CONNECTIONS: the run does, before CUDA starts, when it overlaps."""
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    resolve_runtime(cuda_config(), 0, NOTHING)  # overlap_grad_reduce is on by default
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")  # a value the user chose stays
+    resolve_runtime(cuda_config(), 0, NOTHING)
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
+    quiet = cuda_config("parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false")
+    resolve_runtime(quiet, 0, NOTHING)
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
+    resolve_runtime(load_config("configs/tiny.yaml", ["parallel.device=cpu"]))  # CPU ranks: nothing to order
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ

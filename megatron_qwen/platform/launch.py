@@ -180,12 +180,16 @@ def init_distributed(
     device: str = "auto",
     timeout_minutes: float = 10.0,
     seed: int = 1234,
+    io_timeout_minutes: float | None = None,
 ) -> LaunchInfo:
     """Create the process group for this launch and megatron-core's TP/PP/DP groups.
 
     nccl when ranks use GPUs, gloo on CPU ranks (where the CPU harness of
-    `megatron_qwen.platform.cpu` is applied first). `timeout_minutes` bounds every collective so a
-    dead rank ends the job with an error instead of a silent hang. Idempotent within a process.
+    `megatron_qwen.platform.cpu` is applied first). `timeout_minutes` bounds every collective of
+    megatron-core's groups (all of a training step's) so a dead rank ends the job with an error
+    instead of a silent hang; `io_timeout_minutes` (default: the same) bounds the collectives of the
+    group of all ranks, where ranks wait for work one rank or the file system does (dataset index
+    building on rank 0, checkpoint writes). Idempotent within a process.
     """
     info = detect_launch()
     cpu = use_cpu_ranks(device)
@@ -201,7 +205,7 @@ def init_distributed(
             init_method=f"tcp://{_format_host(os.environ['MASTER_ADDR'])}:{os.environ['MASTER_PORT']}",
             rank=info.rank,
             world_size=info.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=datetime.timedelta(minutes=timeout_minutes if io_timeout_minutes is None else io_timeout_minutes),
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -124,8 +125,28 @@ class Runtime:
                 f"fused weight-gradient accumulation: {wgrad} | attention: SDPA {sdpa}")
 
 
+def overlaps_communication(cfg: Config) -> bool:
+    """Whether the run overlaps communication with compute on GPUs: tensor-parallel collectives with the
+    GEMMs (TP > 1), data-parallel reductions and gathers with backward and forward, pipeline transfers of
+    the interleaved schedule."""
+    p = cfg.parallel
+    return p.tp > 1 or p.vpp > 1 or p.overlap_grad_reduce or (p.overlap_param_gather and p.use_distributed_optimizer)
+
+
+def order_gpu_work(cfg: Config) -> None:
+    """With overlapped communication, CUDA_DEVICE_MAX_CONNECTIONS=1 (unless already set): one hardware queue
+    makes the GPU start kernels in the order they are issued, which megatron-core's overlap relies on (a
+    collective issued before a GEMM must not wait behind it). CUDA reads it when it creates its context, so
+    this runs before anything touches CUDA; the Slurm and mpirun scripts export it, torchrun does not."""
+    if overlaps_communication(cfg) and not torch.cuda.is_initialized():
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+
 def resolve_runtime(cfg: Config, local_rank: int = 0, accelerators: Accelerators | None = None) -> Runtime:
-    """This process's `Runtime` for `cfg` (``parallel.device``, ``training.precision``, ``model.transformer_impl``)."""
+    """This process's `Runtime` for `cfg` (``parallel.device``, ``training.precision``, ``model.transformer_impl``).
+    On GPUs it first sets CUDA's work ordering for communication overlap (`order_gpu_work`)."""
+    if cfg.parallel.device != "cpu":
+        order_gpu_work(cfg)  # before use_cpu_ranks asks CUDA anything
     on_cpu = use_cpu_ranks(cfg.parallel.device)
     if on_cpu:
         accelerators, device = ON_CPU_RANKS, torch.device("cpu")

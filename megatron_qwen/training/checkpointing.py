@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -273,10 +274,39 @@ def save_checkpoint(
     path = save_sharded(state, save_dir / ckdir.checkpoint_name(step), write_extra, before_commit)
     if _is_rank0():
         ckdir.set_latest(save_dir, path)
-        for old in ckdir.saved_checkpoints(save_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        delete_in_background(ckdir.saved_checkpoints(save_dir)[:-keep_last] if keep_last > 0 else [])
     _barrier()
     return path
+
+
+DELETING_SUFFIX = ".deleting"
+_deletions: list[threading.Thread] = []
+
+
+def delete_in_background(checkpoints: list[Path]) -> None:
+    """Delete old checkpoints without holding up the run: each is renamed at once (it stops being a
+    checkpoint: names with a dot are not) and removed by a thread, while the other ranks, which wait for
+    rank 0 in the next collective, would otherwise wait for a deletion that takes minutes at scale.
+    Leftovers of a deletion a crash interrupted go too. The interpreter waits for the thread at exit."""
+    if not checkpoints:
+        return
+    save_dir = checkpoints[0].parent
+    doomed = [old.rename(old.with_name(old.name + DELETING_SUFFIX)) for old in checkpoints]
+    doomed += [p for p in save_dir.glob(f"*{DELETING_SUFFIX}") if p not in doomed]
+
+    def delete() -> None:
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+
+    thread = threading.Thread(target=delete, name="delete-old-checkpoints")
+    thread.start()
+    _deletions.append(thread)
+
+
+def finish_deletions() -> None:
+    """Wait until the background deletions have removed every old checkpoint."""
+    while _deletions:
+        _deletions.pop().join()
 
 
 def load_checkpoint(path: str | os.PathLike, units: list[ModelUnit], restore_rng: bool) -> dict:
