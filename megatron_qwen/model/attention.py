@@ -44,7 +44,10 @@ class PackedRows(PackedSeqParams):
     @classmethod
     def from_boundaries(cls, boundaries: list[int], device: torch.device) -> "PackedRows":
         """`boundaries`: sorted token offsets, 0 first and b x s last, every row start among them."""
-        cu = torch.tensor(boundaries, dtype=torch.int32).to(device, non_blocking=True)
+        cu = torch.tensor(boundaries, dtype=torch.int32)
+        if device.type == "cuda":
+            cu = cu.pin_memory()  # an asynchronous copy: the host does not wait for the GPU
+        cu = cu.to(device, non_blocking=True)
         longest = max(end - start for start, end in zip(boundaries, boundaries[1:]))
         return cls(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest,
                    boundaries=tuple(boundaries))
