@@ -59,8 +59,9 @@ def chunks_state(modules: list[torch.nn.Module], namespace: str = "") -> dict:
 # or apex, e.g. on CPU ranks; their FusedAdam keeps the step per group instead) cannot resume as it stands:
 # it reads the step from the per-parameter state, which torch creates only at the first step, and it copies
 # every key of that state, 'step' included, from the checkpoint's parameter state, which has no 'step'
-# (DistributedOptimizer.state_dict and _set_main_param_and_optimizer_states). The two functions below
-# bridge both; tests/test_checkpoint_memory.py shows the plain calls fail.
+# (DistributedOptimizer.state_dict and _set_main_param_and_optimizer_states), and its load_state_dict gives
+# every parameter one shared step tensor. The two functions below bridge all three;
+# tests/test_checkpoint_memory.py shows the plain calls fail.
 
 
 def _torch_adams(optimizer) -> list:
@@ -100,8 +101,10 @@ def _load_optimizer(optimizer, state: dict) -> None:
     try:
         loaders[kind](param_state["param_state"])
     finally:
+        # One tensor each: megatron-core hands every parameter the same step tensor, which torch's AdamW would
+        # then advance once per parameter at every step.
         for param, step in steps.items():
-            inner.state[param]["step"] = step
+            inner.state[param]["step"] = step.clone()
 
 
 def units_state(units: Iterable[ModelUnit], loading: bool = False) -> dict:
