@@ -6,9 +6,9 @@ are concatenated, each shard split by ``data.split`` into train/valid ranges of 
 SFT rows are ``model.seq_length`` tokens. A conversation of L tokens takes L positions: its tokens, the
 next token as label, the loss mask of that label (QwenLM finetune.py's rule), and position ids 0..L-1.
 With ``sft.pack`` several conversations fill a row (next-fit in shuffled order): position ids restart
-at each conversation and `packed_attention_mask` keeps attention inside each one. Padding at the end of
-a row continues the last conversation's positions, is never trained, and needs no mask: under causal
-attention nothing before it sees it.
+at each conversation, and `packed_rows` gives the attention their boundaries, which keep attention inside
+each one. Padding at the end of a row continues the last conversation's positions (it opens no sequence),
+is never trained, and needs no mask: under causal attention nothing before it sees it.
 
 Preference items are single sequences: item 2k is the chosen and item 2k+1 the rejected side of a pair,
 right-padded, with ``loss_mask`` 1 at the final ``<|im_end|>`` where the reward is read. A micro-batch
