@@ -66,9 +66,15 @@ class ParallelConfig:
     vpp: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
     sp: bool = False  # sequence parallelism over the TP group
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = True  # reduce gradients bucket by bucket while backward still runs
+    overlap_param_gather: bool = True  # distributed optimizer: gather updated weights during the next forward
+    ddp_bucket_size: Optional[int] = None  # elements per gradient bucket when overlapping (None: max(4e7, 1e6 x DP))
     # auto: CUDA when available; cpu: gloo ranks (the CPU harness). $MEGATRON_QWEN_DEVICE, when set, is the default.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    timeout_minutes: float = 10.0  # every collective; a dead rank ends the job instead of hanging
+    timeout_minutes: float = 10.0  # every collective of a training step; a dead rank ends the job instead of hanging
+    # Waits of all ranks outside the step, which may follow long work of one rank: start-up, dataset index
+    # building (rank 0 first), checkpoint saves and loads.
+    io_timeout_minutes: float = 120.0
 
 
 @dataclass
@@ -426,11 +432,15 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
         ("parallel", "tp", p.tp),
         ("parallel", "pp", p.pp),
         ("parallel", "vpp", p.vpp),
+        ("parallel", "ddp_bucket_size", 1 if p.ddp_bucket_size is None else p.ddp_bucket_size),
         ("training", "micro_batch_size", t.micro_batch_size),
         ("training", "global_batch_size", t.global_batch_size),
     ):
         if value < 1:
             errors.append(f"{section}.{name}={value} must be >= 1")
+    for name in ("timeout_minutes", "io_timeout_minutes"):
+        if getattr(p, name) <= 0:
+            errors.append(f"parallel.{name}={getattr(p, name)} must be > 0 (minutes)")
     if errors:
         return errors, notes
 

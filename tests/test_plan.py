@@ -22,7 +22,9 @@ from megatron_qwen.plan.memory import (
     LOCAL_CPU,
     Kernels,
     ModelShape,
+    buckets_per_chunk,
     buffer_layout,
+    ddp_bucket_size,
     fp8_weight_copies_bytes,
     layer_activation_bytes,
     microbatch_activation_bytes,
@@ -33,7 +35,7 @@ from megatron_qwen.plan.memory import (
 )
 from megatron_qwen.plan.search import Layout, Request, evaluate, base_config, plan
 from megatron_qwen.plan.steptime import model_flops_per_step, step_time
-from megatron_qwen.training.flops import qwen_flops_per_token
+from megatron_qwen.training.flops import model_flops_per_token
 
 sys.path.insert(0, str(Path(__file__).parent / "parallel"))
 import plan_worker  # noqa: E402  (the worker's cases and shapes)
@@ -59,13 +61,30 @@ def test_parameter_count_of_qwen_7b():
 def test_buffer_layout_and_shards_by_hand():
     # Reverse registration order; with the distributed optimizer each start is rounded up to 64 and the
     # end to lcm(dp=3, 128) = 384.
-    ranges, total = buffer_layout([100, 30, 64], dp=3, distributed_optimizer=True)
-    assert ranges == [(128, 228), (64, 94), (0, 64)] and total == 384
+    ranges, buckets = buffer_layout([100, 30, 64], dp=3, distributed_optimizer=True)
+    assert ranges == [(128, 228), (64, 94), (0, 64)] and buckets == [(0, 384)]
     # Shares of 128 elements: rank 0 [0, 128), rank 1 [128, 256), rank 2 [256, 384) (padding only).
-    assert owned_numels(ranges, total, 3, 0) == [0, 30, 64]
-    assert owned_numels(ranges, total, 3, 1) == [100, 0, 0]
-    assert owned_numels(ranges, total, 3, 2) == [0, 0, 0]
-    assert buffer_layout([100, 30, 64], dp=3, distributed_optimizer=False) == ([(94, 194), (64, 94), (0, 64)], 194)
+    assert owned_numels(ranges, buckets, 3, 0) == [0, 30, 64]
+    assert owned_numels(ranges, buckets, 3, 1) == [100, 0, 0]
+    assert owned_numels(ranges, buckets, 3, 2) == [0, 0, 0]
+    assert buffer_layout([100, 30, 64], dp=3, distributed_optimizer=False) == ([(94, 194), (64, 94), (0, 64)], [(0, 194)])
+
+
+def test_bucketed_buffer_layout_and_shards_by_hand():
+    # Overlapped reduction, buckets of >= 90 elements, DP=2: 64 [0, 64) does not fill the first bucket; 30 at
+    # [64, 94) does (94 >= 90), which is padded to lcm(2, 128) = 128. 100 opens the second at [128, 228),
+    # closed at once (100 >= 90) and padded to 256.
+    ranges, buckets = buffer_layout([100, 30, 64], dp=2, distributed_optimizer=True, bucket_size=90)
+    assert ranges == [(128, 228), (64, 94), (0, 64)] and buckets == [(0, 128), (128, 256)]
+    # Each bucket is split in halves: rank 0 owns [0, 64) and [128, 192), rank 1 [64, 128) and [192, 256).
+    assert owned_numels(ranges, buckets, 2, 0) == [64, 0, 64]
+    assert owned_numels(ranges, buckets, 2, 1) == [36, 30, 0]
+    # Without the distributed optimizer nothing is padded: buckets close at 94 and at 194.
+    assert buffer_layout([100, 30, 64], dp=2, distributed_optimizer=False, bucket_size=90) == (
+        [(94, 194), (64, 94), (0, 64)], [(0, 94), (94, 194)])
+    # The trainer's bucket size: megatron-core's default max(4e7, 1e6 x DP) unless configured, none without overlap.
+    assert ddp_bucket_size(True, None, 8) == 40_000_000 and ddp_bucket_size(True, None, 64) == 64_000_000
+    assert ddp_bucket_size(True, 1000, 8) == 1000 and ddp_bucket_size(False, 1000, 8) is None
 
 
 def test_model_state_bytes_by_hand():
@@ -131,7 +150,7 @@ def test_microbatches_in_flight_by_hand():
 
 def test_model_flops_equal_the_trainers_count():
     shape = ModelShape(80, 8192, 64, 24576, 152064)
-    per_token = qwen_flops_per_token(8192, 80, 24576, 152064, 4096)
+    per_token = model_flops_per_token(8192, 80, 24576, 152064, 4096)
     assert model_flops_per_step(shape, 4096, 2048) == pytest.approx(per_token * 4096 * 2048, rel=1e-12)
 
 
@@ -152,6 +171,22 @@ def test_step_time_by_hand():
     assert t.pp == pytest.approx(m * pp)
     assert t.dp == pytest.approx(dp)
     assert t.bubble == pytest.approx((2 - 1) / 1 * (compute + tp + pp))
+
+    # Overlapped (4 buckets): the reduce-scatter hides behind the last micro-batch's backward (2/3 of its
+    # compute), the all-gather behind the next forward (1/3); each exposes at least one bucket.
+    def overlapped(grads, weights):
+        return step_time(shape, 512, 16, 2, tp=2, pp=2, vpp=1, dp=2, sp=True, recompute="none", distributed_optimizer=True,
+                         gradient_bytes=grads, weight_bytes=weights, gpu=gpu, gpus_per_node=4,
+                         overlap_grad_reduce=True, overlap_param_gather=True, num_buckets=4)
+
+    forward, backward = compute / 3, 2 * compute / 3
+    assert forward == pytest.approx(4.7194e-4, rel=1e-4)
+    # Communication longer than the windows: the windows are hidden, the rest exposed.
+    assert overlapped(8e9, 4e9).dp == pytest.approx((0.04 - backward) + (0.02 - forward))
+    # Communication shorter than the windows: one bucket of each stays exposed.
+    assert overlapped(8e7, 4e7).dp == pytest.approx(4e-4 / 4 + 2e-4 / 4)
+    # Only the other terms are unchanged.
+    assert overlapped(8e9, 4e9).compute == t.compute and overlapped(8e9, 4e9).bubble == t.bubble
 
 
 # --------------------------------------------------------------------------- against real allocations
@@ -176,17 +211,22 @@ def test_state_bytes_equal_a_real_run(measured):
     for rank, result in enumerate(measured):
         for name, m in result["state"].items():
             cfg = worker_config(plan_worker.STATE_CASES[name])
+            p = cfg.parallel
             dtype = "bf16" if cfg.training.precision == "bf16" else "fp32"
+            shape, buckets = ModelShape.from_config(cfg.model), ddp_bucket_size(p.overlap_grad_reduce, p.ddp_bucket_size, m["dp"])
             # CPU ranks have neither TE nor apex: megatron-core falls back to torch.optim.AdamW.
             predicted = model_state_bytes(
-                ModelShape.from_config(cfg.model), m["tp"], m["pp"], m["vpp"], m["dp"],
-                cfg.parallel.use_distributed_optimizer, precision(dtype, fused_adam=False), m["pp_rank"], m["dp_rank"],
+                shape, m["tp"], m["pp"], m["vpp"], m["dp"], p.use_distributed_optimizer,
+                precision(dtype, fused_adam=False), m["pp_rank"], m["dp_rank"], bucket_size=buckets,
             )
             got = (m["weights"], m["gradients"], m["optimizer"])
             report.append(f"rank {rank} {name}: predicted {predicted.weights, predicted.gradients, predicted.optimizer} measured {got}")
             assert (predicted.weights, predicted.gradients, predicted.optimizer) == got, report[-1]
-            # The buffer layout and the time model assume the trainer's DDP: one bucket per chunk, no overlap.
-            assert set(m["buckets_per_chunk"]) == {1} and m["overlap_grad_reduce"] is False, name
+            # The buckets the models assume are the ones the trainer's DDP made, with the config's overlap.
+            assert m["buckets_per_chunk"] == buckets_per_chunk(
+                shape, m["tp"], m["pp"], m["vpp"], m["dp"], p.use_distributed_optimizer, buckets, m["pp_rank"]), name
+            assert (m["overlap_grad_reduce"], m["overlap_param_gather"]) == (
+                p.overlap_grad_reduce, p.overlap_param_gather and p.use_distributed_optimizer), name
     print("\n" + "\n".join(report))
 
 
@@ -281,7 +321,8 @@ def test_published_layouts_are_among_the_top_choices(row):
 
     The paper's GPT layers have a 4h GeLU MLP; here it is a SwiGLU of the same parameters and FLOPs
     (width 8h/3, rounded to 128). Its 2021 software had neither sequence parallelism (2022) nor the
-    distributed optimizer and recomputed every layer (run_table_1.sh: --recompute-method uniform), so the
+    distributed optimizer nor bucketed overlap of the data-parallel reduction, and recomputed every layer
+    (run_table_1.sh: --recompute-method uniform), so the
     published (TP, PP) must be among the planner's 10 fastest layouts that software could run, on
     A100-80GB. The predicted throughput of the published layout, counted with the paper's formula
     96 B s l h^2 (1 + s/6h + V/16lh) FLOPs per step, must be within 25 % of the published one.
@@ -291,6 +332,8 @@ def test_published_layouts_are_among_the_top_choices(row):
         f"model.name=gpt-{name}", f"model.num_layers={layers}", f"model.hidden_size={hidden}",
         f"model.num_attention_heads={heads}", f"model.ffn_hidden_size={round(8 * hidden / 3 / 128) * 128}",
         "model.padded_vocab_size=51200", "model.seq_length=2048", "model.max_position_embeddings=2048",
+        # Its data-parallel all-reduce ran after the backward (Megatron-LM's local DDP of 2021).
+        "parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false",
     ])
     request = Request(cfg=cfg, num_gpus=gpus, gpus_per_node=8, gpu=find_gpu("a100-80gb"),
                       seq_length=2048, global_batch=batch, micro_batch=micro_batch)

@@ -57,20 +57,12 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def initial(corpus, tmp_path_factory):
-    """The initial weights (training.train_iters=0 saves them): every layout starts from these, since
-    megatron-core initialises each pipeline stage from its own RNG stream."""
-    run_dir = tmp_path_factory.mktemp("initial")
-    run_torchrun(1, STAGE + overrides(corpus, run_dir, "training.train_iters=0"))
-    return run_dir / "checkpoints" / "iter_0000000"
-
-
-@pytest.fixture(scope="module")
-def straight(corpus, initial, tmp_path_factory):
-    """30 uninterrupted steps at TP=1, checkpoints at 10, 20, 30, W&B in offline mode."""
+def straight(corpus, tmp_path_factory):
+    """30 uninterrupted steps at TP=1, checkpoints at 10, 20, 30, W&B in offline mode. Every run starts from
+    the weights training.seed gives, the same at every layout."""
     run_dir = tmp_path_factory.mktemp("straight")
     env = cpu_env(WANDB_MODE="offline", WANDB_SILENT="true")
-    run_torchrun(1, STAGE + overrides(corpus, run_dir, f"training.init_from={initial}", "logging.wandb.project=megatron-qwen-tests"), env=env)
+    run_torchrun(1, STAGE + overrides(corpus, run_dir, "logging.wandb.project=megatron-qwen-tests"), env=env)
     return run_dir
 
 
@@ -107,8 +99,8 @@ def test_wandb_offline_run_has_the_metrics(straight, corpus):
     ],
     ids=["tp2-pp2-sp", "tp2-dp2-distopt"],
 )
-def test_layouts_give_the_same_loss_curve(corpus, initial, straight, tmp_path, nproc, layout):
-    run_torchrun(nproc, STAGE + overrides(corpus, tmp_path, "training.train_iters=10", f"training.init_from={initial}", *layout))
+def test_layouts_give_the_same_loss_curve(corpus, straight, tmp_path, nproc, layout):
+    run_torchrun(nproc, STAGE + overrides(corpus, tmp_path, "training.train_iters=10", *layout))
     ref, got = losses(straight), losses(tmp_path)
     worst = max(abs(got[s] - ref[s]) / ref[s] for s in range(1, 11))
     # Measured: <= 2e-6 relative over 10 Adam steps (fp32 reduction order differs per layout).
@@ -155,8 +147,8 @@ def _reap(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.parallel
-def test_kill_after_save_then_resume_is_bit_exact(corpus, initial, straight, tmp_path):
-    args = STAGE + overrides(corpus, tmp_path, "training.train_iters=20", f"training.init_from={initial}", "logging.wandb.project=megatron-qwen-tests")
+def test_kill_after_save_then_resume_is_bit_exact(corpus, straight, tmp_path):
+    args = STAGE + overrides(corpus, tmp_path, "training.train_iters=20", "logging.wandb.project=megatron-qwen-tests")
     env = cpu_env(WANDB_MODE="offline", WANDB_SILENT="true")
     log = tmp_path / "killed.log"
     proc = _launch(args, env, log)
@@ -243,9 +235,9 @@ def test_corpus_too_small_is_reported_before_training(corpus, tmp_path):
 
 @pytest.mark.parallel
 @pytest.mark.parametrize("recompute", ["selective", "full"])
-def test_recompute_and_validation(corpus, initial, straight, tmp_path, recompute):
+def test_recompute_and_validation(corpus, straight, tmp_path, recompute):
     run_torchrun(1, STAGE + overrides(
-        corpus, tmp_path, "training.train_iters=4", f"training.init_from={initial}", f"training.recompute={recompute}",
+        corpus, tmp_path, "training.train_iters=4", f"training.recompute={recompute}",
         "training.eval_interval=2", "training.eval_iters=1",
     ))
     ref, got = losses(straight), losses(tmp_path)

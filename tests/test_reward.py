@@ -93,8 +93,8 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def initial(data, single_rank, tmp_path_factory):
-    """A language model's weights (saved here), then the reward stage's initial checkpoint made from them
-    with training.init_from (training.train_iters=0): the common start of every run below."""
+    """A language model's weights (saved here), where every run below starts (training.init_from), and the
+    reward stage's initial checkpoint made from them (training.train_iters=0 saves it)."""
     from megatron_qwen.config import load_config
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.runtime import Runtime
@@ -111,7 +111,7 @@ def initial(data, single_rank, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(data, initial, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("trained")
-    run_torchrun(1, STAGE + overrides(data, run_dir, f"training.init_from={initial[1]}"))
+    run_torchrun(1, STAGE + overrides(data, run_dir, f"training.init_from={initial[0]}"))
     return run_dir
 
 
@@ -143,7 +143,7 @@ def test_reward_training_logs_loss_accuracy_and_margin(trained):
 @pytest.mark.parallel
 def test_tp2_pp2_sp_gives_the_loss_of_one_rank(data, initial, trained, tmp_path):
     run_torchrun(4, STAGE + overrides(
-        data, tmp_path, f"training.init_from={initial[1]}", "training.train_iters=3",
+        data, tmp_path, f"training.init_from={initial[0]}", "training.train_iters=3",
         "parallel.tp=2", "parallel.pp=2", "parallel.sp=true",
     ))
     ref, got = metrics(trained), metrics(tmp_path)

@@ -215,10 +215,10 @@ def synthetic_batches(count: int, micro_batch: int, seq: int, vocab: int) -> lis
 
 
 def flops_per_token(cfg) -> float:
-    from megatron_qwen.training.flops import qwen_flops_per_token
+    from megatron_qwen.training.flops import model_flops_per_token
 
     m = cfg.model
-    return qwen_flops_per_token(m.hidden_size, m.num_layers, m.ffn_hidden_size, m.padded_vocab_size, m.seq_length)
+    return model_flops_per_token(m.hidden_size, m.num_layers, m.ffn_hidden_size, m.padded_vocab_size, m.seq_length)
 
 
 def te_missing() -> str | None:
@@ -232,7 +232,7 @@ def te_missing() -> str | None:
 
 @check("bf16-mfu", "BF16 training-step MFU at TP=1 (target >= 45 %)")
 def bf16_mfu(bench: Bench) -> list[Row]:
-    from megatron_qwen.training.flops import mfu, peak_flops
+    from megatron_qwen.training.flops import peak_flops, utilisation
 
     rows = []
     runs = [("local spec", bench.bf16())]
@@ -241,7 +241,7 @@ def bf16_mfu(bench: Bench) -> list[Row]:
     peak = peak_flops(bench.device_name)
     for spec, run in runs:
         cfg = bench.config(run.micro_batch)
-        value = mfu(run.tokens_per_s, flops_per_token(cfg), peak)
+        value = utilisation(run.tokens_per_s, flops_per_token(cfg), peak)
         result = (f"{spec}: MFU {value:.1%}" if value is not None else f"{spec}: MFU unknown (no peak for this device)") + (
             f", {run.tokens_per_s:,.0f} tokens/s ({bench.args.precision}), micro-batch {run.micro_batch} x "
             f"{cfg.model.seq_length}" + (f", peak memory {run.peak_gib:.1f} GiB" if bench.cuda else ""))

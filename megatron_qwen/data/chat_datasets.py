@@ -6,9 +6,9 @@ are concatenated, each shard split by ``data.split`` into train/valid ranges of 
 SFT rows are ``model.seq_length`` tokens. A conversation of L tokens takes L positions: its tokens, the
 next token as label, the loss mask of that label (QwenLM finetune.py's rule), and position ids 0..L-1.
 With ``sft.pack`` several conversations fill a row (next-fit in shuffled order): position ids restart
-at each conversation and `packed_attention_mask` keeps attention inside each one. Padding at the end of
-a row continues the last conversation's positions, is never trained, and needs no mask: under causal
-attention nothing before it sees it.
+at each conversation, and `packed_rows` gives the attention their boundaries, which keep attention inside
+each one. Padding at the end of a row continues the last conversation's positions (it opens no sequence),
+is never trained, and needs no mask: under causal attention nothing before it sees it.
 
 Preference items are single sequences: item 2k is the chosen and item 2k+1 the rejected side of a pair,
 right-padded, with ``loss_mask`` 1 at the final ``<|im_end|>`` where the reward is read. A micro-batch
@@ -36,6 +36,7 @@ from megatron_qwen.config import Config
 from megatron_qwen.data.chat import PREFERENCE_KEYS, PROMPT_KEYS, SFT_KEYS
 from megatron_qwen.data.shard_names import shard_prefix
 from megatron_qwen.errors import DataError
+from megatron_qwen.model.attention import PackedRows
 
 class _Shards:
     """Parallel shards of several prefixes (e.g. tokens and loss mask) addressed as one list of documents."""
@@ -164,12 +165,24 @@ def pack_conversations(lengths: np.ndarray, seq_length: int) -> list[np.ndarray]
     return rows
 
 
-def packed_attention_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """megatron-core's attention mask [b, 1, s, s] (True = masked) that keeps each packed conversation to
-    itself, or None when no row holds more than one (plain causal attention, SDPA's fast kernels).
+def packed_rows(position_ids: torch.Tensor, device: torch.device) -> PackedRows | None:
+    """The sequence boundaries of packed rows for the attention (`model.attention.PackedRows`), read from
+    a micro-batch's position ids on the host before it moves to the GPU, or None when no row holds more
+    than one conversation (plain causal attention). A conversation starts wherever its position id is 0."""
+    b, s = position_ids.shape
+    starts = (position_ids == 0).numpy().copy()
+    starts[:, 0] = True  # every row starts a sequence (padding-only rows included)
+    if starts.sum() == b:
+        return None
+    boundaries = np.flatnonzero(starts.reshape(-1)).tolist() + [b * s]
+    return PackedRows.from_boundaries(boundaries, device)
 
-    A conversation starts wherever its position id is 0.
-    """
+
+def packed_attention_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """The dense equivalent of `packed_rows`: megatron-core's attention mask [b, 1, s, s] (True = masked) that
+    keeps each packed conversation to itself, or None when no row holds more than one. An s x s mask per
+    row rules out flash attention; the trainer passes `packed_rows` instead, and this serves as the
+    reference it is checked against."""
     starts = position_ids == 0
     if not bool(starts[:, 1:].any()):
         return None

@@ -2,7 +2,9 @@
 batches each data-parallel rank takes from it.
 
 `build_gpt_datasets` goes through megatron-core's BlendedMegatronDatasetBuilder: rank 0 builds the
-sample/shuffle index cache first (in `data.cache_dir`), the other ranks wait and then read it.
+sample/shuffle index cache first (in `data.cache_dir`), the other ranks wait and then read it. They wait in
+barriers of the group of all ranks, bounded by ``parallel.io_timeout_minutes``, not by the training
+step's ``parallel.timeout_minutes`` (`tools/build_dataset_cache.py` builds the cache ahead of a job).
 """
 
 from __future__ import annotations

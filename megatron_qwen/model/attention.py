@@ -3,19 +3,60 @@
 A drop-in for megatron-core's DotProductAttention (same constructor and forward), except that the
 (seq x seq) score matrix is never materialised in Python: SDPA picks the flash or memory-efficient
 kernel on GPU where the shape allows.
+
+Rows packed with several sequences (SFT) come with `PackedRows`, megatron-core's PackedSeqParams with the
+sequence boundaries: each sequence attends causally within itself, through torch's variable-length flash
+kernel on GPU, or one causal SDPA call per sequence (CPU ranks, attention dropout, fp32). No dense
+(seq x seq) mask is built.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_qwen.model.rotary import logn_scale
+
+try:  # torch's variable-length flash attention (CUDA, bf16/fp16, no dropout)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # older torch: every packed row takes the per-sequence path
+    varlen_attn = None
+
+
+@dataclass
+class PackedRows(PackedSeqParams):
+    """Boundaries of the sequences packed into the rows of a micro-batch, in megatron-core's sbhd layout.
+
+    ``cu_seqlens_q`` (= ``cu_seqlens_kv``): int32 start offsets of every sequence and the end, counted over the
+    b x s tokens row after row, on the model's device; ``max_seqlen_q`` (= ``max_seqlen_kv``) the longest.
+    ``boundaries``: the same offsets as Python ints, so that no step reads them back from the GPU.
+    """
+
+    boundaries: tuple[int, ...] = ()
+
+    @classmethod
+    def from_boundaries(cls, boundaries: list[int], device: torch.device) -> "PackedRows":
+        """`boundaries`: sorted token offsets, 0 first and b x s last, every row start among them."""
+        cu = torch.tensor(boundaries, dtype=torch.int32)
+        if device.type == "cuda":
+            cu = cu.pin_memory()  # an asynchronous copy: the host does not wait for the GPU
+        cu = cu.to(device, non_blocking=True)
+        longest = max(end - start for start, end in zip(boundaries, boundaries[1:]))
+        return cls(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest,
+                   boundaries=tuple(boundaries))
+
+    def segments(self, seq: int):
+        """(row, start, end) of every sequence, `start`/`end` within the row of `seq` tokens."""
+        for start, end in zip(self.boundaries, self.boundaries[1:]):
+            row = start // seq
+            yield row, start - row * seq, end - row * seq
 
 
 class SDPAttention(MegatronModule):
@@ -57,8 +98,10 @@ class SDPAttention(MegatronModule):
         attention_bias=None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError("SDPAttention takes neither attention_bias nor packed_seq_params")
+        if attention_bias is not None:
+            raise NotImplementedError("SDPAttention takes no attention_bias")
+        if packed_seq_params is not None and not isinstance(packed_seq_params, PackedRows):
+            raise NotImplementedError("SDPAttention takes packed rows as PackedRows (sbhd), not the thd layout")
         sq, b, heads, hn = query.shape
         sk = key.shape[0]
         if key.shape[2] != heads:  # grouped-query attention: share each K/V head across its queries
@@ -81,13 +124,35 @@ class SDPAttention(MegatronModule):
             mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
 
         dropout_p = self.dropout_p if self.training else 0.0
-        if dropout_p > 0.0 and not self.config.sequence_parallel:
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                context = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale
-                )
-        else:
-            context = F.scaled_dot_product_attention(
+        if packed_seq_params is not None and (mask is not None or sq != sk):
+            raise ValueError("packed rows take neither an attention mask nor a KV cache")
+
+        def attend() -> torch.Tensor:
+            if packed_seq_params is not None:
+                return self._packed(q, k, v, packed_seq_params, dropout_p)
+            return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale
             )
+
+        if dropout_p > 0.0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                context = attend()
+        else:
+            context = attend()
         return context.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
+
+    def _packed(self, q, k, v, rows: PackedRows, dropout_p: float) -> torch.Tensor:
+        """[b, np, s, hn] context of rows packed with sequences that each attend causally within themselves."""
+        b, heads, s, hn = q.shape
+        if varlen_attn is not None and q.is_cuda and dropout_p == 0.0 and q.dtype in (torch.bfloat16, torch.float16):
+            flat = [t.transpose(1, 2).reshape(b * s, heads, hn) for t in (q, k, v)]  # [b*s, np, hn], rows in order
+            out = varlen_attn(*flat, rows.cu_seqlens_q, rows.cu_seqlens_kv, rows.max_seqlen_q, rows.max_seqlen_kv,
+                              scale=self.softmax_scale, window_size=(-1, 0))  # (-1, 0): causal
+            return out.view(b, s, heads, hn).transpose(1, 2)
+        parts: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        for row, start, end in rows.segments(s):
+            piece = (slice(row, row + 1), slice(None), slice(start, end))
+            parts[row].append(F.scaled_dot_product_attention(
+                q[piece], k[piece], v[piece], dropout_p=dropout_p, is_causal=True, scale=self.softmax_scale
+            ))
+        return torch.cat([torch.cat(row, dim=2) for row in parts])

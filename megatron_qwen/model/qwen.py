@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from megatron_qwen.config import Config
+from megatron_qwen.model.init import initialize_weights
 from megatron_qwen.model.rotary import QwenRotaryEmbedding
 from megatron_qwen.model.spec import qwen_block_spec
 from megatron_qwen.platform.runtime import Runtime
@@ -100,6 +101,9 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         # pipeline ranks the peer is the same for "prev" and "next", so send/recv pairs would match
         # out of order. Separate isend/irecv keep each direction on its own channel.
         batch_p2p_comm=p.vpp == 1,
+        # GPUs overlap the interleaved schedule's sends and receives with compute (megatron-core allows it only
+        # with unbatched p2p); CPU ranks wait for each transfer.
+        overlap_p2p_comm=p.vpp > 1 and not runtime.on_cpu,
         # Gradients are summed per token and divided by the global token count once, so the loss
         # is the same per-token mean at every TP/PP/DP layout.
         calculate_per_token_loss=True,
@@ -108,7 +112,9 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=runtime.use_te,
+        # Needs apex's fused_weight_gradient_mlp_cuda: megatron-core's ColumnParallelLinear (the output layer,
+        # in both specs) refuses to build without it.
+        gradient_accumulation_fusion=not runtime.on_cpu and runtime.accelerators.fused_wgrad is None,
         **te_fp8_settings(m.fp8 if runtime.use_te else None),
         local_fp8_recipe=None if runtime.use_te else m.fp8,
         cuda_graph_scope=[],  # the whole layer; megatron-core's default ("full") is deprecated and warns
@@ -121,18 +127,16 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
 class ScalarHead(torch.nn.Module):
     """Linear(hidden, 1, bias=False) over the final hidden states: one value for every token.
 
-    The weight is replicated on every tensor-parallel rank, initialised from `seed` so that every layout
-    starts alike. Under sequence parallelism each rank scores its own tokens, the values are gathered,
+    The weight is replicated on every tensor-parallel rank (initialised with the rest of the model by
+    `build_model`). Under sequence parallelism each rank scores its own tokens, the values are gathered,
     and the weight's gradient is summed over the TP group (the `sequence_parallel` attribute asks
     megatron-core's finalize_model_grads for that, as for the norms).
     """
 
-    def __init__(self, config, seed: int):
+    def __init__(self, config):
         super().__init__()
-        weight = torch.empty(1, config.hidden_size, dtype=torch.float32)
-        torch.nn.init.normal_(weight, std=config.init_method_std, generator=torch.Generator().manual_seed(seed))
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
-        self.weight = torch.nn.Parameter(weight.to(device=device, dtype=config.params_dtype))
+        self.weight = torch.nn.Parameter(torch.empty(1, config.hidden_size, device=device, dtype=config.params_dtype))
         self.sequence_parallel = config.sequence_parallel
         self.weight.sequence_parallel = config.sequence_parallel
 
@@ -193,7 +197,7 @@ class QwenModel(GPTModel):
             self.decoder.final_layernorm = build_module(
                 self.decoder.submodules.layer_norm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
             )
-            self.reward_head = ScalarHead(config, cfg.training.seed)  # stored as SCALAR_HEAD_KEY
+            self.reward_head = ScalarHead(config)  # stored as SCALAR_HEAD_KEY
 
     def _preprocess(self, input_ids, position_ids, **kwargs):
         if not self.rope_at_positions or position_ids is None:
@@ -219,7 +223,8 @@ class QwenModel(GPTModel):
 
 
 def build_model(cfg: Config, runtime: Runtime, head: Head = "lm", rope_at_positions: bool = False) -> list[QwenModel]:
-    """This rank's model chunks: one per virtual pipeline stage (a single chunk without VPP).
+    """This rank's model chunks: one per virtual pipeline stage (a single chunk without VPP), initialised from
+    ``training.seed`` with the weights the single-process model has at every layout (`model.init`).
 
     Needs megatron-core's parallel state (see `megatron_qwen.platform.launch.init_distributed`).
     """
@@ -228,4 +233,9 @@ def build_model(cfg: Config, runtime: Runtime, head: Head = "lm", rope_at_positi
     chunks = [QwenModel(config, cfg, stage, runtime.use_te, head, rope_at_positions) for stage in stages]
     if not runtime.on_cpu:
         chunks = [chunk.to(runtime.device) for chunk in chunks]
+    # Over megatron-core's own initialisation, which must still run: it is also where the layers mark their
+    # weights tensor-parallel (perform_initialization=False leaves them unmarked, and the gradient norm then
+    # counts only TP rank 0's shards).
+    for chunk in chunks:
+        initialize_weights(chunk, cfg.training.seed, cfg.model.init_method_std, cfg.model.num_layers)
     return chunks

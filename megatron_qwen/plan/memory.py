@@ -117,31 +117,64 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def buffer_layout(numels: list[int], dp: int, distributed_optimizer: bool) -> tuple[list[tuple[int, int]], int]:
-    """Where each parameter (given in registration order) sits in its chunk's DDP buffer, as
-    (start, end) element offsets, and the buffer's length.
+def ddp_bucket_size(overlap_grad_reduce: bool, configured: int | None, dp: int) -> int | None:
+    """Elements per gradient bucket of the trainer's DDP (`wrap_ddp`): ``parallel.ddp_bucket_size``, else
+    megatron-core's default max(4e7, 1e6 x DP); None (one bucket) without ``parallel.overlap_grad_reduce``."""
+    if not overlap_grad_reduce:
+        return None
+    return configured if configured is not None else max(40_000_000, 1_000_000 * dp)
+
+
+def chunk_bucket_size(bucket_size: int | None, pp_rank: int, chunk: int) -> int | None:
+    """The bucket size megatron-core's DDP uses for model chunk `chunk` on pipeline rank `pp_rank`: buckets
+    only in the first chunk of the first stage, whose reduction alone would be exposed; one elsewhere."""
+    return bucket_size if pp_rank == 0 and chunk == 0 else None
+
+
+def buffer_layout(
+    numels: list[int], dp: int, distributed_optimizer: bool, bucket_size: int | None = None
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Where each parameter (given in registration order) sits in its chunk's DDP buffer, as (start, end)
+    element offsets, and the buffer's buckets, as (start, end); the buffer's length is the last bucket's end.
 
     megatron-core lays parameters out in reverse registration order (roughly the order in which backward
-    produces their gradients), one bucket per chunk since the trainer does not overlap the gradient
-    reduction. With the distributed optimizer each parameter starts on a 64-element boundary and the
-    buffer is padded to a multiple of lcm(dp, 128); without it parameters are packed end to end.
+    produces their gradients) and closes a bucket once it holds `bucket_size` elements or more (None: one
+    bucket). With the distributed optimizer each parameter starts on a 64-element boundary and each bucket
+    is padded to a multiple of lcm(dp, 128); without it parameters are packed end to end.
     """
     ranges: list[tuple[int, int]] = [(0, 0)] * len(numels)
+    buckets: list[tuple[int, int]] = []
+
+    def close(end: int) -> int:
+        padded = _round_up(end, math.lcm(dp, BUFFER_ALIGN)) if distributed_optimizer else end
+        buckets.append((buckets[-1][1] if buckets else 0, padded))
+        return padded
+
     end = 0
+    open_bucket = False
     for i in reversed(range(len(numels))):
         start = _round_up(end, PARAM_ALIGN) if distributed_optimizer else end
         end = start + numels[i]
         ranges[i] = (start, end)
-    total = _round_up(end, math.lcm(dp, BUFFER_ALIGN)) if distributed_optimizer else end
-    return ranges, total
+        open_bucket = True
+        if bucket_size is not None and end - (buckets[-1][1] if buckets else 0) >= bucket_size:
+            end = close(end)
+            open_bucket = False
+    if open_bucket:
+        close(end)
+    return ranges, buckets
 
 
-def owned_numels(ranges: list[tuple[int, int]], buffer_numel: int, dp: int, dp_rank: int) -> list[int]:
-    """How many elements of each parameter DP rank `dp_rank` owns under the distributed optimizer: the
-    buffer is cut into `dp` equal contiguous shares, regardless of parameter boundaries."""
-    share = buffer_numel // dp
-    lo, hi = dp_rank * share, (dp_rank + 1) * share
-    return [max(0, min(end, hi) - max(start, lo)) for start, end in ranges]
+def owned_numels(ranges: list[tuple[int, int]], buckets: list[tuple[int, int]], dp: int, dp_rank: int) -> list[int]:
+    """How many elements of each parameter DP rank `dp_rank` owns under the distributed optimizer: each
+    bucket is cut into `dp` equal contiguous shares, regardless of parameter boundaries."""
+    owned = [0] * len(ranges)
+    for lo, hi in buckets:
+        share = (hi - lo) // dp
+        mine = (lo + dp_rank * share, lo + (dp_rank + 1) * share)
+        for i, (start, end) in enumerate(ranges):
+            owned[i] += max(0, min(end, mine[1]) - max(start, mine[0]))
+    return owned
 
 
 def model_state_bytes(
@@ -154,22 +187,35 @@ def model_state_bytes(
     prec: Precision,
     pp_rank: int = 0,
     dp_rank: int = 0,
+    bucket_size: int | None = None,
 ) -> StateBytes:
     """Weights, gradients and optimizer state that megatron-core allocates on the rank at pipeline
-    position `pp_rank` and data-parallel position `dp_rank`, summed over its `vpp` model chunks."""
+    position `pp_rank` and data-parallel position `dp_rank`, summed over its `vpp` model chunks, with
+    gradient buckets of `bucket_size` elements (`ddp_bucket_size`)."""
     weights = gradients = optimizer = 0
     for chunk in range(vpp):
         numels = chunk_param_numels(shape, tp, pp, vpp, pp_rank, chunk)
-        ranges, buffer_numel = buffer_layout(numels, dp, distributed_optimizer)
+        ranges, buckets = buffer_layout(numels, dp, distributed_optimizer, chunk_bucket_size(bucket_size, pp_rank, chunk))
+        buffer_numel = buckets[-1][1]
         gradients += buffer_numel * prec.grad_bytes
         if distributed_optimizer:
             weights += buffer_numel * prec.param_bytes  # the parameters live in the padded buffer
-            owned = [n for n in owned_numels(ranges, buffer_numel, dp, dp_rank) if n]
+            owned = [n for n in owned_numels(ranges, buckets, dp, dp_rank) if n]
         else:
             weights += sum(numels) * prec.param_bytes
             owned = numels
         optimizer += sum(owned) * (prec.adam_bytes + prec.main_param_bytes) + len(owned) * prec.step_bytes
     return StateBytes(weights, gradients, optimizer)
+
+
+def buckets_per_chunk(shape: ModelShape, tp: int, pp: int, vpp: int, dp: int, distributed_optimizer: bool,
+                      bucket_size: int | None, pp_rank: int = 0) -> list[int]:
+    """The number of DDP gradient buckets of each model chunk on pipeline rank `pp_rank`."""
+    return [
+        len(buffer_layout(chunk_param_numels(shape, tp, pp, vpp, pp_rank, chunk), dp, distributed_optimizer,
+                          chunk_bucket_size(bucket_size, pp_rank, chunk))[1])
+        for chunk in range(vpp)
+    ]
 
 
 def fp8_weight_copies_bytes(shape: ModelShape, tp: int, pp: int) -> int:

@@ -19,6 +19,8 @@ from megatron_qwen.plan.hardware import GPU
 from megatron_qwen.plan.memory import (
     ModelShape,
     StateBytes,
+    buckets_per_chunk,
+    ddp_bucket_size,
     fp8_weight_copies_bytes,
     gpu_kernels,
     model_state_bytes,
@@ -206,9 +208,16 @@ def candidate_layouts(cfg: Config, num_gpus: int, micro_batch: int | None = None
 
 
 @functools.lru_cache(maxsize=4096)
-def _state(shape: ModelShape, tp: int, pp: int, vpp: int, dp: int, distributed_optimizer: bool, dtype: str, pp_rank: int) -> StateBytes:
+def _state(shape: ModelShape, tp: int, pp: int, vpp: int, dp: int, distributed_optimizer: bool, dtype: str, pp_rank: int,
+           bucket_size: int | None) -> StateBytes:
     # Model state does not depend on SP, recomputation or the micro-batch: computed once per split.
-    return model_state_bytes(shape, tp, pp, vpp, dp, distributed_optimizer, precision(dtype, fused_adam=True), pp_rank)
+    return model_state_bytes(shape, tp, pp, vpp, dp, distributed_optimizer, precision(dtype, fused_adam=True), pp_rank,
+                             bucket_size=bucket_size)
+
+
+def bucket_size(cfg: Config, layout: Layout) -> int | None:
+    """The gradient bucket size the trainer's DDP uses at `layout` (None: one bucket per chunk)."""
+    return ddp_bucket_size(cfg.parallel.overlap_grad_reduce, cfg.parallel.ddp_bucket_size, layout.dp)
 
 
 def training_dtype(cfg: Config) -> str:
@@ -225,7 +234,8 @@ def peak_memory(request: Request, cfg: Config, layout: Layout) -> Memory:
     num_microbatches = request.global_batch // (layout.micro_batch * layout.dp)
     worst = None
     for pp_rank in sorted({0, layout.pp - 1}):
-        state = _state(shape, layout.tp, layout.pp, layout.vpp, layout.dp, layout.distributed_optimizer, dtype, pp_rank)
+        state = _state(shape, layout.tp, layout.pp, layout.vpp, layout.dp, layout.distributed_optimizer, dtype, pp_rank,
+                       bucket_size(cfg, layout))
         weights = state.weights + (fp8_weight_copies_bytes(shape, layout.tp, layout.pp) if request.fp8 else 0)
         activations = stage_activation_bytes(
             shape, request.seq_length, layout.micro_batch, layout.tp, layout.sp, layout.pp, layout.vpp,
@@ -262,12 +272,17 @@ def evaluate(request: Request, cfg: Config, layout: Layout) -> Evaluation:
     shape = ModelShape.from_config(cfg.model)
     # The distributed optimizer all-gathers the model-dtype weights, not Transformer Engine's FP8 copies.
     gathered = memory.weights - (fp8_weight_copies_bytes(shape, layout.tp, layout.pp) if request.fp8 else 0)
+    # The first stage finishes its backward last: its buckets bound what the overlapped reduction exposes.
+    buckets = sum(buckets_per_chunk(shape, layout.tp, layout.pp, layout.vpp, layout.dp, layout.distributed_optimizer,
+                                    bucket_size(cfg, layout)))
     time = step_time(
         shape, request.seq_length, request.global_batch, layout.micro_batch, layout.tp, layout.pp, layout.vpp,
         layout.dp, layout.sp, layout.recompute, layout.distributed_optimizer,
         gradient_bytes=memory.gradients, weight_bytes=gathered, gpu=request.gpu,
         gpus_per_node=request.gpus_per_node, fp8=request.fp8, achievable_flops=request.achievable_flops,
         act_bytes=precision(training_dtype(cfg), fused_adam=True).activation_bytes,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce, overlap_param_gather=cfg.parallel.overlap_param_gather,
+        num_buckets=buckets,
     )
     flops = model_flops_per_step(shape, request.seq_length, request.global_batch)
     return Evaluation(layout, memory, time, mfu(flops, time.total, request.num_gpus, request.gpu), rejection(request, memory))

@@ -3,8 +3,9 @@
 A first-order model in the spirit of Narayanan et al. 2021 (section 3): the pipeline runs at the pace of
 its slowest stage (the last one, which also computes the output layer), each micro-batch costs that
 stage's compute plus its tensor-parallel collectives and point-to-point transfers, the bubble adds
-(p - 1)/(v * m) of that, and the data-parallel reduction follows the last backward. Collectives are
-ring collectives at the bus bandwidth of the links they cross (`hardware.GPU`). What it leaves out: the
+(p - 1)/(v * m) of that, and the data-parallel reduction follows the last backward (overlapped with it,
+bucket by bucket, when the config says so). Collectives are ring collectives at the bus bandwidth of the
+links they cross (`hardware.GPU`). What it leaves out: the
 optimizer update (memory-bound, milliseconds), kernel launch gaps, and megatron-core's partial overlap of
 backward TP collectives with weight-gradient GEMMs (so TP time is an upper bound).
 """
@@ -72,6 +73,9 @@ def step_time(
     fp8: bool = False,
     achievable_flops: float | None = None,
     act_bytes: int = 2,
+    overlap_grad_reduce: bool = False,
+    overlap_param_gather: bool = False,
+    num_buckets: int = 1,
 ) -> StepTime:
     """Predicted step time of a layout.
 
@@ -88,8 +92,12 @@ def step_time(
     bubble: (p - 1)/(v * m) of the pipeline's busy time, m = micro-batches per step.
     dp: the gradient all-reduce of the fp32 gradient buffer (`gradient_bytes` per rank), or with the
     distributed optimizer its reduce-scatter plus the all-gather of the weights (`weight_bytes`); over
-    NVLink when the DP group fits in a node; all of it on the critical path, because the trainer's DDP
-    overlaps neither the reduction nor the all-gather with compute (`wrap_ddp`: overlap_grad_reduce=False).
+    NVLink when the DP group fits in a node. The part on the critical path: all of it without overlap.
+    With `overlap_grad_reduce` megatron-core reduces each of the `num_buckets` buckets as soon as the last
+    micro-batch's backward has produced its gradients, so only what outlasts that backward is exposed, and
+    at least the last bucket (the first layers' gradients come last). With `overlap_param_gather` (the
+    distributed optimizer) the weights are gathered bucket by bucket during the next step's first forward,
+    exposing at least the first bucket likewise.
     """
     num_microbatches = global_batch // (micro_batch * dp)
     tokens = seq * micro_batch
@@ -104,6 +112,9 @@ def step_time(
     gemm_rate = bf16_rate * (gpu.fp8_flops / gpu.bf16_flops) if fp8 and gpu.fp8_flops else bf16_rate
     # The last stage also runs the output layer; it paces the pipeline.
     compute_mb = layer_gemm / gemm_rate + layer_attention / bf16_rate + 3 * output * tokens / tp / bf16_rate
+    forward_mb = (gemm * layers * tokens / tp / gemm_rate + timed_attention * layers * tokens / tp / bf16_rate
+                  + output * tokens / tp / bf16_rate)
+    backward_mb = compute_mb - forward_mb  # with the recomputed forward, which runs during backward
 
     intra, inter = gpu.intra_node_bandwidth, gpu.inter_node_bandwidth
     activation = tokens * shape.hidden_size * act_bytes
@@ -115,10 +126,13 @@ def step_time(
 
     per_mb = compute_mb + tp_mb + pp_mb
     dp_bandwidth = intra if tp * dp <= gpus_per_node else inter
-    if distributed_optimizer:
-        dp_time = ring_seconds(gradient_bytes, dp, dp_bandwidth) + ring_seconds(weight_bytes, dp, dp_bandwidth)
-    else:
-        dp_time = ring_seconds(gradient_bytes, dp, dp_bandwidth, all_reduce=True)
+    reduce = ring_seconds(gradient_bytes, dp, dp_bandwidth, all_reduce=not distributed_optimizer)
+    gather = ring_seconds(weight_bytes, dp, dp_bandwidth) if distributed_optimizer else 0.0
+    if overlap_grad_reduce:
+        reduce = max(reduce / num_buckets, reduce - backward_mb)
+    if overlap_param_gather and distributed_optimizer:
+        gather = max(gather / num_buckets, gather - forward_mb)
+    dp_time = reduce + gather
     return StepTime(
         compute=num_microbatches * compute_mb,
         tp=num_microbatches * tp_mb,

@@ -67,18 +67,31 @@ def expand_slurm_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def _slurm_step_layout(env) -> tuple[int, int, str, int]:
+    """(local rank, tasks on this node, master address, master port) of a task of an ``srun`` step."""
+    local_rank = _int_env(env, "SLURM_LOCALID") or 0
+    # SLURM_TASKS_PER_NODE looks like "4(x2)" or "4,3": this node's count is the first number.
+    per_node = re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1")
+    nodes = expand_slurm_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
+    port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+    return local_rank, int(per_node.group()) if per_node else 1, nodes[0] if nodes else "127.0.0.1", port
+
+
 def detect_launch(env: dict | None = None) -> LaunchInfo:
     """Describe this process's rank from the launcher's environment.
 
     Precedence: torchrun's ``RANK``/``WORLD_SIZE`` (also set by our own launch scripts), then Open
     MPI's ``OMPI_COMM_WORLD_*`` or PMI's ``PMI_RANK``/``PMI_SIZE``, then Slurm's
     ``SLURM_PROCID``/``SLURM_NTASKS`` (only inside an ``srun`` step, i.e. with ``SLURM_STEP_ID`` set),
-    else a single process. ``MASTER_ADDR``/``MASTER_PORT`` win when set; otherwise Slurm's first
-    node (or localhost) and a port derived from the job id so that jobs sharing a node do not clash.
+    else a single process. PMI without a local rank inside an ``srun`` step is ``srun --mpi=pmi2``: the
+    step's Slurm variables give the local rank and the master. ``MASTER_ADDR``/``MASTER_PORT`` win when set;
+    otherwise Slurm's first node (or localhost) and a port derived from the job id so that jobs sharing a
+    node do not clash.
     """
     env = os.environ if env is None else env
     port = _int_env(env, "MASTER_PORT")
     addr = env.get("MASTER_ADDR")
+    in_srun_step = env.get("SLURM_PROCID") not in (None, "") and env.get("SLURM_STEP_ID") not in (None, "")
 
     if env.get("RANK") not in (None, "") and env.get("WORLD_SIZE") not in (None, ""):
         launcher = "torchrun"
@@ -93,22 +106,25 @@ def detect_launch(env: dict | None = None) -> LaunchInfo:
         local_rank = _int_env(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0
         local_world = _int_env(env, "OMPI_COMM_WORLD_LOCAL_SIZE") or world
     elif env.get("PMI_RANK") not in (None, "") and env.get("PMI_SIZE") not in (None, ""):
-        launcher = "mpi"
         rank, world = int(env["PMI_RANK"]), int(env["PMI_SIZE"])
-        local_rank = _int_env(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK") or 0
-        local_world = _int_env(env, "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE") or world
-    elif env.get("SLURM_PROCID") not in (None, "") and env.get("SLURM_STEP_ID") not in (None, ""):
+        local_rank = _int_env(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK")
+        local_world = _int_env(env, "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")
+        if local_rank is None and in_srun_step:
+            # srun's pmi2 plugin sets PMI_RANK/PMI_SIZE and nothing node-local: without SLURM_LOCALID every
+            # task would take local rank 0, i.e. GPU 0. (MPICH's mpiexec, also inside an allocation, sets
+            # MPI_LOCALRANKID; its helper step's SLURM_LOCALID would be wrong for it.)
+            launcher = "slurm"
+            local_rank, local_world, slurm_addr, slurm_port = _slurm_step_layout(env)
+            addr, port = addr or slurm_addr, port or slurm_port
+        else:
+            launcher = "mpi"
+            local_rank = local_rank or 0
+            local_world = local_world or world
+    elif in_srun_step:
         launcher = "slurm"
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        local_rank = _int_env(env, "SLURM_LOCALID") or 0
-        # SLURM_TASKS_PER_NODE looks like "4(x2)" or "4,3": this node's count is the first number.
-        per_node = re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1")
-        local_world = int(per_node.group()) if per_node else 1
-        if addr is None:
-            nodes = expand_slurm_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
-            addr = nodes[0] if nodes else "127.0.0.1"
-        if port is None:
-            port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        local_rank, local_world, slurm_addr, slurm_port = _slurm_step_layout(env)
+        addr, port = addr or slurm_addr, port or slurm_port
     else:
         launcher, rank, world, local_rank, local_world = "single", 0, 1, 0, 1
 
@@ -123,6 +139,25 @@ def detect_launch(env: dict | None = None) -> LaunchInfo:
         master_addr=addr or "127.0.0.1",
         master_port=port or DEFAULT_MASTER_PORT,
     )
+
+
+def local_gpu(local_rank: int) -> int:
+    """The index, among the GPUs this process sees, of the GPU of the rank with node-local rank `local_rank`.
+
+    Each rank sees every GPU of its node (torchrun, ``srun --gpus-per-node``): its local rank. A rank that
+    sees exactly one GPU (``srun --gpus-per-task=1`` binds one per task): that one. Otherwise a local rank
+    beyond the visible GPUs is refused rather than wrapped around onto a GPU another rank uses.
+    """
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise ConfigError([
+            f"local rank {local_rank} has no GPU: this node shows {visible} (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most {visible} ranks per node, or give "
+            "each rank its own GPU (srun --gpus-per-task=1)"
+        ])
+    return local_rank
 
 
 def use_cpu_ranks(device: str = "auto") -> bool:
@@ -145,12 +180,16 @@ def init_distributed(
     device: str = "auto",
     timeout_minutes: float = 10.0,
     seed: int = 1234,
+    io_timeout_minutes: float | None = None,
 ) -> LaunchInfo:
     """Create the process group for this launch and megatron-core's TP/PP/DP groups.
 
     nccl when ranks use GPUs, gloo on CPU ranks (where the CPU harness of
-    `megatron_qwen.platform.cpu` is applied first). `timeout_minutes` bounds every collective so a
-    dead rank ends the job with an error instead of a silent hang. Idempotent within a process.
+    `megatron_qwen.platform.cpu` is applied first). `timeout_minutes` bounds every collective of
+    megatron-core's groups (all of a training step's) so a dead rank ends the job with an error
+    instead of a silent hang; `io_timeout_minutes` (default: the same) bounds the collectives of the
+    group of all ranks, where ranks wait for work one rank or the file system does (dataset index
+    building on rank 0, checkpoint writes). Idempotent within a process.
     """
     info = detect_launch()
     cpu = use_cpu_ranks(device)
@@ -160,13 +199,13 @@ def init_distributed(
         os.environ.setdefault("MASTER_ADDR", info.master_addr)
         os.environ.setdefault("MASTER_PORT", str(info.master_port))
         if not cpu:
-            torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(local_gpu(info.local_rank))
         torch.distributed.init_process_group(
             backend="gloo" if cpu else "nccl",
             init_method=f"tcp://{_format_host(os.environ['MASTER_ADDR'])}:{os.environ['MASTER_PORT']}",
             rank=info.rank,
             world_size=info.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=datetime.timedelta(minutes=timeout_minutes if io_timeout_minutes is None else io_timeout_minutes),
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
@@ -175,6 +214,9 @@ def init_distributed(
             virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
             distributed_timeout_minutes=int(max(1, timeout_minutes)),
         )
+    # Dropout streams differ between pipeline stages, as in Megatron-LM (initial weights do not come from
+    # these streams: see megatron_qwen.model.init).
+    seed += 100 * parallel_state.get_pipeline_model_parallel_rank()
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     return info

@@ -16,7 +16,7 @@ import torch
 
 from megatron_qwen.config import Config
 from megatron_qwen.errors import ConfigError
-from megatron_qwen.platform.launch import use_cpu_ranks
+from megatron_qwen.platform.launch import local_gpu, use_cpu_ranks
 
 
 def _try_import(name: str) -> str | None:
@@ -36,15 +36,22 @@ class Accelerators:
 
     transformer_engine: str | None
     apex: str | None
+    # apex's fused weight-gradient GEMM (a separate CUDA extension of apex). megatron-core's own
+    # ColumnParallelLinear (the output layer in both specs) refuses gradient_accumulation_fusion without it.
+    fused_wgrad: str | None = "not checked"
 
     @classmethod
     def detect(cls) -> "Accelerators":
         # Imported, not just found: a TE whose CUDA build does not match torch is found but fails at import.
-        return cls(transformer_engine=_try_import("transformer_engine.pytorch"), apex=_try_import("apex"))
+        return cls(
+            transformer_engine=_try_import("transformer_engine.pytorch"),
+            apex=_try_import("apex"),
+            fused_wgrad=_try_import("fused_weight_gradient_mlp_cuda"),
+        )
 
 
 # Nothing optional is used on CPU ranks (the CUDA kernels cannot run there).
-ON_CPU_RANKS = Accelerators(transformer_engine="CPU ranks", apex="CPU ranks")
+ON_CPU_RANKS = Accelerators(transformer_engine="CPU ranks", apex="CPU ranks", fused_wgrad="CPU ranks")
 
 
 def use_transformer_engine(cfg: Config, on_cpu: bool, accelerators: Accelerators) -> bool:
@@ -83,10 +90,24 @@ def use_transformer_engine(cfg: Config, on_cpu: bool, accelerators: Accelerators
     return impl == "auto" and not on_cpu and accelerators.transformer_engine is None
 
 
-def precision_dtype(precision: str, on_cpu: bool) -> torch.dtype:
-    """``training.precision`` as a dtype: ``auto`` is bf16 on GPU and fp32 on CPU."""
+def gpu_has_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: compute capability 8.0 (A100) and later. V100 (7.0) and
+    T4 (7.5) have fp16 tensor cores only."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def precision_dtype(precision: str, on_cpu: bool, bf16_supported: bool = True) -> torch.dtype:
+    """``training.precision`` as a dtype: ``auto`` is bf16 on a GPU that has it, fp32 on CPU ranks and on older
+    GPUs. fp16 is never chosen, since fp16 training needs loss scaling, which the trainer does not do; asking
+    for bf16 on a GPU without it is a ConfigError."""
+    if precision == "bf16" and not on_cpu and not bf16_supported:
+        raise ConfigError([
+            "training.precision=bf16 but this GPU has no bf16 (compute capability below 8.0, e.g. V100); "
+            "use training.precision=fp32 (or auto, which picks fp32 there): fp16 is not supported because the "
+            "trainer does no loss scaling"
+        ])
     if precision == "auto":
-        precision = "fp32" if on_cpu else "bf16"
+        precision = "bf16" if not on_cpu and bf16_supported else "fp32"
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
@@ -101,6 +122,7 @@ class Runtime:
     # Which library runs the FP8 GEMMs of ``model.fp8``: "te" (the Transformer Engine spec) or "torchao" (the
     # local spec's FP8 linears); None when FP8 is off. The model follows ``use_te``; this names it for the logs.
     fp8_backend: str | None = None
+    precision_note: str = ""  # why training.precision=auto chose params_dtype, when it is not the obvious choice
 
     @property
     def on_cpu(self) -> bool:
@@ -115,32 +137,47 @@ class Runtime:
         """The start-up line: what this run is made of, and why an optional piece is not used."""
         te = "yes" if self.use_te else f"no ({'CPU ranks' if self.on_cpu else self.accelerators.transformer_engine or 'model.transformer_impl=local'})"
         apex = "yes" if self.accelerators.apex is None else f"no ({self.accelerators.apex})"
+        wgrad = "yes" if self.accelerators.fused_wgrad is None else f"no ({self.accelerators.fused_wgrad})"
         if self.on_cpu:
             sdpa = "math kernel (CPU)"
         else:
             sdpa = "flash" if torch.backends.cuda.flash_sdp_enabled() else "memory-efficient/math (flash disabled)"
         device = "CPU ranks over gloo" if self.on_cpu else f"CUDA ({torch.cuda.get_device_name(self.device)}) over NCCL"
-        dtype = str(self.params_dtype).removeprefix("torch.")
+        dtype = str(self.params_dtype).removeprefix("torch.") + (f" ({self.precision_note})" if self.precision_note else "")
         fp8 = {None: "off", "te": "Transformer Engine", "torchao": "torchao (local layers)"}[self.fp8_backend]
-        return (f"running on {device}, {dtype} | Transformer Engine: {te} | apex: {apex} | attention: SDPA {sdpa} "
-                f"| FP8: {fp8}")
+        return (f"running on {device}, {dtype} | Transformer Engine: {te} | apex: {apex} | "
+                f"fused weight-gradient accumulation: {wgrad} | attention: SDPA {sdpa} | FP8: {fp8}")
+
+
+def overlaps_communication(cfg: Config) -> bool:
+    """Whether the run overlaps communication with compute on GPUs: tensor-parallel collectives with the
+    GEMMs (TP > 1), data-parallel reductions and gathers with backward and forward, pipeline transfers of
+    the interleaved schedule."""
+    p = cfg.parallel
+    return p.tp > 1 or p.vpp > 1 or p.overlap_grad_reduce or (p.overlap_param_gather and p.use_distributed_optimizer)
+
+
+def order_gpu_work(cfg: Config) -> None:
+    """With overlapped communication, CUDA_DEVICE_MAX_CONNECTIONS=1 (unless already set): one hardware queue
+    makes the GPU start kernels in the order they are issued, which megatron-core's overlap relies on (a
+    collective issued before a GEMM must not wait behind it). CUDA reads it when it creates its context, so
+    this runs before anything touches CUDA; the Slurm and mpirun scripts export it, torchrun does not."""
+    if overlaps_communication(cfg) and not torch.cuda.is_initialized():
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 
 def resolve_runtime(cfg: Config, local_rank: int = 0, accelerators: Accelerators | None = None) -> Runtime:
     """This process's `Runtime` for `cfg` (``parallel.device``, ``training.precision``, ``model.transformer_impl``,
-    ``model.fp8`` and ``model.fp8_backend``)."""
+    ``model.fp8`` and ``model.fp8_backend``). On GPUs it first sets CUDA's work ordering for communication
+    overlap (`order_gpu_work`)."""
+    if cfg.parallel.device != "cpu":
+        order_gpu_work(cfg)  # before use_cpu_ranks asks CUDA anything
     on_cpu = use_cpu_ranks(cfg.parallel.device)
     if on_cpu:
         accelerators, device = ON_CPU_RANKS, torch.device("cpu")
     else:
         accelerators = accelerators or Accelerators.detect()
-        visible = torch.cuda.device_count()
-        if local_rank >= visible:
-            raise ConfigError([
-                f"local rank {local_rank} has no GPU: this node shows {visible} (CUDA_VISIBLE_DEVICES="
-                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most {visible} ranks per node"
-            ])
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_gpu(local_rank))
     use_te = use_transformer_engine(cfg, on_cpu, accelerators)
     fp8_backend = None
     if cfg.model.fp8 is not None:
@@ -150,10 +187,16 @@ def resolve_runtime(cfg: Config, local_rank: int = 0, accelerators: Accelerators
                 f"model.fp8={cfg.model.fp8} runs on torchao here, which is not installed: "
                 "pip install torchao==0.18.0 (see README, FP8), or set model.fp8=null"
             ])
+    bf16 = on_cpu or gpu_has_bf16(device)
+    note = ""
+    if cfg.training.precision == "auto" and not bf16:
+        note = (f"training.precision=auto: {torch.cuda.get_device_name(device)} has no bf16, "
+                "and fp16 would need loss scaling")
     return Runtime(
         device=device,
-        params_dtype=precision_dtype(cfg.training.precision, on_cpu),
+        params_dtype=precision_dtype(cfg.training.precision, on_cpu, bf16),
         use_te=use_te,
         accelerators=accelerators,
         fp8_backend=fp8_backend,
+        precision_note=note,
     )

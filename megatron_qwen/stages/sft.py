@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from megatron_qwen.data.chat_datasets import build_sft_datasets, packed_attention_mask
+from megatron_qwen.data.chat_datasets import build_sft_datasets, packed_rows
 from megatron_qwen.training.forward_backward import lm_loss, to_model_device
 from megatron_qwen.training.loop import Task, run_stage, train
 
@@ -22,10 +22,12 @@ def build_datasets(cfg, tokenizer):
 
 
 def sft_forward_step(data_iterator, model):
-    """megatron-core forward_step_func: packed rows attend within each conversation, position ids restart."""
-    batch = to_model_device(next(data_iterator), model)
-    attention_mask = packed_attention_mask(batch["position_ids"])
-    output = model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"])
+    """megatron-core forward_step_func: packed rows attend within each conversation (boundaries read from the
+    position ids while they are still on the host), position ids restart."""
+    batch = next(data_iterator)
+    packed = packed_rows(batch["position_ids"], next(model.parameters()).device)
+    batch = to_model_device(batch, model)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
     return output, partial(lm_loss, batch["loss_mask"])
 
 

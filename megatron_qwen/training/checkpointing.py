@@ -17,21 +17,28 @@ import json
 import os
 import random
 import shutil
+import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_qwen import checkpoint_dir as ckdir
 from megatron_qwen import checkpoint_safety as safety
 from megatron_qwen.convert.dcp_io import read_chunks, tensor_metadata
 from megatron_qwen.errors import CheckpointError
-from megatron_qwen.training.units import ModelUnit
+from megatron_qwen.training.units import ModelUnit, finish_param_sync
 
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshardable across TP/PP/DP
+# The distributed optimizer's state in megatron-core's fully reshardable format (loads at any TP/PP/DP), saved
+# memory-efficiently: only data-parallel rank 0 of each model-parallel group gathers the state of its TP x PP
+# shard (over gloo) to write it; without the flag every DP rank all-gathers all of it.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
 def _rank() -> int:
@@ -53,12 +60,66 @@ def chunks_state(modules: list[torch.nn.Module], namespace: str = "") -> dict:
     return {key: module.sharded_state_dict(prefix=prefix) for key, module in zip(ckdir.chunk_keys(len(modules)), modules)}
 
 
+# megatron-core 0.16.1's distributed optimizer over torch's Adam/AdamW (what runs without Transformer Engine
+# or apex, e.g. on CPU ranks; their FusedAdam keeps the step per group instead) cannot resume as it stands:
+# it reads the step from the per-parameter state, which torch creates only at the first step, and it copies
+# every key of that state, 'step' included, from the checkpoint's parameter state, which has no 'step'
+# (DistributedOptimizer.state_dict and _set_main_param_and_optimizer_states), and its load_state_dict gives
+# every parameter one shared step tensor. The two functions below bridge all three;
+# tests/test_checkpoint_memory.py shows the plain calls fail.
+
+
+def _torch_adams(optimizer) -> list:
+    """(megatron-core distributed optimizer, its torch Adam/AdamW) pairs inside `optimizer`."""
+    pairs = [(opt, getattr(opt, "optimizer", None)) for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return [(opt, inner) for opt, inner in pairs
+            if isinstance(opt, DistributedOptimizer) and isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def _create_adam_state(optimizer) -> None:
+    """Give torch's Adam/AdamW the per-parameter state it otherwise creates at its first step (step 0, zero
+    moments), so that a fresh distributed optimizer can build the state dict a checkpoint loads into."""
+    for _, inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                              exp_avg_sq=torch.zeros_like(param))
+
+
+def _load_optimizer(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``; for a distributed optimizer over torch's Adam, with each
+    parameter's 'step' set aside while megatron-core copies the parameter state in."""
+    adams = _torch_adams(optimizer)
+    if len(adams) != 1 or "param_state" not in state:
+        optimizer.load_state_dict(state)
+        return
+    opt, inner = adams[0]
+    param_state = {k: state[k] for k in ("param_state", "param_state_sharding_type")}
+    opt.load_state_dict({k: v for k, v in state.items() if k not in param_state})  # groups, and the step
+    steps = {param: inner.state[param].pop("step") for param in list(inner.state)}
+    loaders = {"fully_reshardable": opt.load_parameter_state_from_fully_reshardable,
+               "dp_reshardable": opt.load_parameter_state_from_dp_reshardable}
+    kind = param_state["param_state_sharding_type"]
+    if kind not in loaders:
+        raise CheckpointError(f"the distributed optimizer's state is stored as {kind!r}, which this trainer does not read")
+    try:
+        loaders[kind](param_state["param_state"])
+    finally:
+        # One tensor each: megatron-core hands every parameter the same step tensor, which torch's AdamW would
+        # then advance once per parameter at every step.
+        for param, step in steps.items():
+            inner.state[param]["step"] = step.clone()
+
+
 def units_state(units: Iterable[ModelUnit], loading: bool = False) -> dict:
     """The sharded state dict of several units: the root unit at the top, the others under their namespace."""
     state: dict = {}
     for unit in units:
         unit_state = chunks_state(unit.modules, unit.namespace)
         if unit.optimizer is not None:
+            if loading:
+                _create_adam_state(unit.optimizer)
             unit_state[ckdir.OPTIMIZER_KEY] = unit.optimizer.sharded_state_dict(
                 unit_state, is_loading=loading, metadata=OPTIMIZER_METADATA
             )
@@ -75,10 +136,15 @@ def _unprefixed(state: dict, prefix: str) -> dict:
 
 
 def _load_into(modules: list[torch.nn.Module], loaded: dict, namespace: str, where: str, trust: bool) -> None:
+    # Transformer Engine modules carry an _extra_state (FP8 scaling history) that checkpoints of the local spec
+    # and of the converter lack; such a module keeps its fresh one.
     prefix = ckdir.unit_prefix(namespace)
     for key, module in zip(ckdir.chunk_keys(len(modules)), modules):
         safety.screen_extra_states(loaded[key], where, trust)
-        module.load_state_dict(_unprefixed(loaded[key], prefix), strict=True)
+        missing, unexpected = module.load_state_dict(_unprefixed(loaded[key], prefix), strict=False)
+        missing = [name for name in missing if not name.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointError(f"{where}: weights do not fit this model (missing {missing}, unexpected {unexpected})")
 
 
 def save_sharded(sharded_state_dict: dict, path: str | os.PathLike, write_extra=None, before_commit=None) -> Path:
@@ -114,7 +180,8 @@ def save_sharded(sharded_state_dict: dict, path: str | os.PathLike, write_extra=
 
 
 def save_model(chunks: list[torch.nn.Module], path: str | os.PathLike) -> Path:
-    """Save model weights alone (all ranks call this): e.g. a common starting point for several runs."""
+    """Save model weights alone (all ranks call this), e.g. to start other runs from them."""
+    finish_param_sync(chunks)
     return save_sharded(chunks_state([getattr(c, "module", c) for c in chunks]), path)
 
 
@@ -244,6 +311,8 @@ def save_checkpoint(
     last, atomically) and delete all but the `keep_last` newest checkpoints. `files` ({name: text}) are
     written beside the tensors by rank 0 (e.g. model_config.yaml for the converter). All ranks call this."""
     save_dir = Path(save_dir)
+    for unit in units:
+        unit.finish_param_sync()
     state = units_state(units)
     rng = _rng_state()
 
@@ -259,10 +328,39 @@ def save_checkpoint(
     path = save_sharded(state, save_dir / ckdir.checkpoint_name(step), write_extra, before_commit)
     if _is_rank0():
         ckdir.set_latest(save_dir, path)
-        for old in ckdir.saved_checkpoints(save_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        delete_in_background(ckdir.saved_checkpoints(save_dir)[:-keep_last] if keep_last > 0 else [])
     _barrier()
     return path
+
+
+DELETING_SUFFIX = ".deleting"
+_deletions: list[threading.Thread] = []
+
+
+def delete_in_background(checkpoints: list[Path]) -> None:
+    """Delete old checkpoints without holding up the run: each is renamed at once (it stops being a
+    checkpoint: names with a dot are not) and removed by a thread, while the other ranks, which wait for
+    rank 0 in the next collective, would otherwise wait for a deletion that takes minutes at scale.
+    Leftovers of a deletion a crash interrupted go too. The interpreter waits for the thread at exit."""
+    if not checkpoints:
+        return
+    save_dir = checkpoints[0].parent
+    doomed = [old.rename(old.with_name(old.name + DELETING_SUFFIX)) for old in checkpoints]
+    doomed += [p for p in save_dir.glob(f"*{DELETING_SUFFIX}") if p not in doomed]
+
+    def delete() -> None:
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+
+    thread = threading.Thread(target=delete, name="delete-old-checkpoints")
+    thread.start()
+    _deletions.append(thread)
+
+
+def finish_deletions() -> None:
+    """Wait until the background deletions have removed every old checkpoint."""
+    while _deletions:
+        _deletions.pop().join()
 
 
 def load_checkpoint(path: str | os.PathLike, units: list[ModelUnit], restore_rng: bool, trust: bool = False) -> dict:
@@ -270,12 +368,17 @@ def load_checkpoint(path: str | os.PathLike, units: list[ModelUnit], restore_rng
     saved state. RNG states are restored only when `restore_rng` (one file per rank, same layout). `trust`
     lifts the unpickling allowlist."""
     path = Path(path)
-    loaded = dist_checkpointing.load(units_state(units, loading=True), str(path), **safety.load_strategies(trust))
+    loaded, _, absent = dist_checkpointing.load(units_state(units, loading=True), str(path),
+                                                strict=StrictHandling.RETURN_UNEXPECTED, **safety.load_strategies(trust))
+    absent = sorted(key for key in absent if not key.endswith("_extra_state"))  # see _load_into
+    if absent:
+        raise CheckpointError(f"{path} has no {absent[0]} ({len(absent)} tensor(s) of this run missing): it holds another "
+                              "kind or size of model; check training.load and the model.* sizes")
     for unit in units:
         unit_loaded = loaded[unit.namespace] if unit.namespace else loaded
         _load_into(unit.modules, unit_loaded, unit.namespace, str(path), trust)
         if unit.optimizer is not None:
-            unit.optimizer.load_state_dict(unit_loaded[ckdir.OPTIMIZER_KEY])
+            _load_optimizer(unit.optimizer, unit_loaded[ckdir.OPTIMIZER_KEY])
     if restore_rng:
         rng = _read_rng_state(path, trust)
         if rng is not None:

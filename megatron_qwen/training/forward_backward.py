@@ -13,7 +13,6 @@ from typing import Iterator
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 
@@ -85,11 +84,9 @@ def forward_backward(
     interleaved) and finalise gradients. Returns, on every rank, the global mean of each reported
     metric (the loss function's report maps each key to a [sum, count] pair per micro-batch).
 
-    `data_iterator` is one iterator, or one per model chunk with virtual pipelining.
+    `data_iterator` is one iterator, or one per model chunk with virtual pipelining. The chunks are DDP-wrapped
+    by `training.units.wrap_ddp`, which sets the gradient hooks the schedules call.
     """
-    for chunk in model:
-        chunk.config.finalize_model_grads_func = finalize_model_grads
-        chunk.config.no_sync_func = None
     losses = get_forward_backward_func()(
         forward_step_func=forward_step_func,
         data_iterator=data_iterator,

@@ -29,7 +29,7 @@ from megatron_qwen.platform.launch import destroy_distributed, detect_launch, re
 from megatron_qwen.tokenizer import load_tokenizer
 from megatron_qwen.training import checkpointing
 from megatron_qwen.training.context import EXIT_PREEMPTED, RunContext, start_run
-from megatron_qwen.training.flops import mfu, peak_flops, qwen_flops_per_token
+from megatron_qwen.training.flops import hardware_flops_per_token, model_flops_per_token, peak_flops, utilisation
 from megatron_qwen.training.forward_backward import forward_backward, micro_batch_iterators
 from megatron_qwen.training.metrics import ProgressClock
 from megatron_qwen.training.sampler import GlobalBatches
@@ -157,8 +157,9 @@ class Trainer:
         self.state.wandb_run_id = ctx.logger.run_id
         self.batches = GlobalBatches(self.train_ds, self.state.consumed_samples, t.global_batch_size, t.micro_batch_size,
                                      ctx.dp_rank, ctx.layout.dp)
-        self.flops_per_token = qwen_flops_per_token(m.hidden_size, m.num_layers, m.ffn_hidden_size, m.padded_vocab_size,
-                                                    m.seq_length, t.recompute == "full")
+        shape = (m.hidden_size, m.num_layers, m.ffn_hidden_size, m.padded_vocab_size, m.seq_length)
+        self.model_flops = model_flops_per_token(*shape, head=task.head)
+        self.hardware_flops = hardware_flops_per_token(*shape, head=task.head, recompute=t.recompute)
         self.peak = peak_flops(None if ctx.runtime.on_cpu else torch.cuda.get_device_name(), self.cfg.logging.peak_tflops)
 
     @property
@@ -196,8 +197,9 @@ class Trainer:
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "skipped": self.state.skipped_steps,
             "tokens_per_s": tokens_per_s,
-            "tflops_per_device": per_device * self.flops_per_token / 1e12,
-            "mfu": mfu(per_device, self.flops_per_token, self.peak),
+            "tflops_per_device": per_device * self.model_flops / 1e12,
+            "mfu": utilisation(per_device, self.model_flops, self.peak),
+            "hfu": utilisation(per_device, self.hardware_flops, self.peak),
             "mem_gb": _memory_gb(self.ctx.runtime.on_cpu),
             "consumed_samples": self.state.consumed_samples,
             **means,
@@ -214,7 +216,7 @@ class Trainer:
     def _loop(self) -> int:
         ctx, t = self.ctx, self.cfg.training
         if t.train_iters == 0 and ctx.resume_from is None:
-            self.save()  # train_iters=0 writes the initial weights: a common start for other layouts
+            self.save()  # train_iters=0 writes the initial weights (to inspect them, or start other runs from)
         window = MetricWindow(self.task.report_keys)
         clock = ProgressClock(self.state.step, t.train_iters)
         skipped_in_row = 0

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer import optimizer as mcore_optimizer
 
@@ -24,14 +24,30 @@ from megatron_qwen.training.schedule import LRSchedule, set_lr
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], cfg: Config) -> list[DistributedDataParallel]:
-    """Wrap model chunks in megatron-core's DDP (gradient buckets in fp32, reduced across DP)."""
+    """Wrap model chunks in megatron-core's DDP (gradient buckets in fp32, reduced across DP) and give their
+    config the hooks megatron-core's schedules call, as Megatron-LM's training loop does.
+
+    With ``parallel.overlap_grad_reduce`` a bucket's reduction starts as soon as the last micro-batch's
+    backward has produced its gradients (``no_sync_func`` holds it back for the earlier micro-batches,
+    ``grad_sync_func`` lets interleaved schedules start each chunk's). With ``parallel.overlap_param_gather``
+    (distributed optimizer) the optimizer step leaves the other ranks' shares of the weights to be gathered
+    bucket by bucket by forward pre-hooks during the next forward (interleaved schedules dispatch each
+    chunk's through ``param_sync_func``); `ModelUnit.finish_param_sync` completes it before a save.
+    """
+    p = cfg.parallel
+    gather = p.overlap_param_gather and p.use_distributed_optimizer
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=gather,
+        # Only the interleaved schedule dispatches all-gathers itself; otherwise each bucket's pre-hook
+        # dispatches the next bucket's.
+        align_param_gather=gather and len(chunks) > 1,
+        bucket_size=p.ddp_bucket_size,
+        use_distributed_optimizer=p.use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
-    return [
+    model = [
         DistributedDataParallel(
             config=chunk.config,
             ddp_config=ddp_config,
@@ -41,6 +57,26 @@ def wrap_ddp(chunks: list[torch.nn.Module], cfg: Config) -> list[DistributedData
         )
         for i, chunk in enumerate(chunks)
     ]
+
+    def per_chunk(method: str):
+        hooks = [getattr(chunk, method) for chunk in model]
+        return hooks if len(hooks) > 1 else hooks[0]
+
+    config = chunks[0].config  # one config object shared by the chunks
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = per_chunk("no_sync") if p.overlap_grad_reduce else None
+    config.grad_sync_func = per_chunk("start_grad_sync") if p.overlap_grad_reduce else None
+    config.param_sync_func = per_chunk("start_param_sync") if ddp_config.align_param_gather else None
+    return model
+
+
+def finish_param_sync(chunks: list[torch.nn.Module]) -> None:
+    """Gather the weights other data-parallel ranks updated, now. With ``parallel.overlap_param_gather`` an
+    optimizer step updates only this rank's share of the weights and the rest arrives during the next forward;
+    anything that reads the weights before (a checkpoint save) calls this first. A no-op otherwise."""
+    for chunk in chunks:
+        if getattr(chunk, "use_forward_hook", False):  # megatron-core's DDP with overlap_param_gather
+            chunk.start_param_sync(force_sync=True)
 
 
 def build_optimizer(cfg: Config, chunks: list[torch.nn.Module], bf16: bool, lr: float | None = None):
@@ -59,6 +95,7 @@ def build_optimizer(cfg: Config, chunks: list[torch.nn.Module], bf16: bool, lr: 
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather and cfg.parallel.use_distributed_optimizer,
     )
     return get_megatron_optimizer(config, chunks)
 
@@ -124,6 +161,10 @@ class ModelUnit:
     def step(self) -> tuple[float | None, bool]:
         """The optimizer step on the reduced gradients (skipped when they are not finite): (grad norm, updated)."""
         return guarded_step(self.optimizer, self.clip_grad)
+
+    def finish_param_sync(self) -> None:
+        """Bring this rank's weights up to date now (before a save); see `finish_param_sync`."""
+        finish_param_sync(self.chunks)
 
     def offload(self) -> None:
         """Move a frozen unit's weights to CPU memory between uses (a no-op on CPU ranks)."""

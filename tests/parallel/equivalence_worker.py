@@ -1,9 +1,10 @@
 """Worker for tests/test_parallel_equivalence.py, launched with torchrun on gloo CPU ranks.
 
---reference (1 rank): build the tiny Qwen from a seed, save its weights, run one forward+backward.
+--reference (1 rank): build the tiny Qwen from the seed and run one forward+backward.
 --layouts L1,L2,... (N ranks): for each layout (e.g. ``tp2-pp2-vpp1-sp1``) rebuild the parallel
-state, load those weights, run the same global batch. Each run writes its loss and its gradients
-(as a dist_checkpointing checkpoint, so they are stored at full, unsharded shapes) under --workdir.
+state, build the model from the same seed, run the same global batch. Each run writes its initial
+weights, its loss and its gradients under --workdir (weights and gradients as dist_checkpointing
+checkpoints, so they are stored at full, unsharded shapes).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ MODEL_OVERRIDES = ["model.padded_vocab_size=1024", "model.seq_length=32"]
 SEQ, GLOBAL_BATCH, MICRO_BATCH, SEED = 32, 8, 1, 1234
 
 
-def parse_layout(name: str) -> dict:
-    match = re.fullmatch(r"tp(\d+)-pp(\d+)-vpp(\d+)-sp([01])", name)
+def parse_layout(name: str) -> tuple[dict, bool]:
+    """``tp2-pp2-vpp1-sp1`` -> the parallel settings; a ``-p2p`` suffix asks for the interleaved schedule's
+    overlapped p2p transfers (what GPU ranks run) on these CPU ranks too."""
+    match = re.fullmatch(r"tp(\d+)-pp(\d+)-vpp(\d+)-sp([01])(-p2p)?", name)
     if not match:
         raise SystemExit(f"bad layout {name!r}; expected e.g. tp2-pp2-vpp1-sp1")
-    tp, pp, vpp, sp = (int(g) for g in match.groups())
-    return {"tp": tp, "pp": pp, "vpp": vpp, "sp": bool(sp)}
+    tp, pp, vpp, sp = (int(g) for g in match.groups()[:4])
+    return {"tp": tp, "pp": pp, "vpp": vpp, "sp": bool(sp)}, match.group(5) is not None
 
 
 def global_batch(vocab: int) -> torch.Tensor:
@@ -41,11 +44,11 @@ def run(name: str, workdir: Path, reference: bool, extra: tuple[str, ...] = (), 
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.launch import detect_launch, init_distributed
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import load_model, save_model
+    from megatron_qwen.training.checkpointing import save_model
     from megatron_qwen.training.forward_backward import forward_backward
     from megatron_qwen.training.units import wrap_ddp
 
-    layout_args = parse_layout(name)
+    layout_args, overlap_p2p = parse_layout(name)
     overrides = MODEL_OVERRIDES + [f"parallel.{k}={str(v).lower()}" for k, v in layout_args.items()]
     overrides += [f"training.micro_batch_size={MICRO_BATCH}", f"training.global_batch_size={GLOBAL_BATCH}", *extra]
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml", overrides)
@@ -55,10 +58,9 @@ def run(name: str, workdir: Path, reference: bool, extra: tuple[str, ...] = (), 
         parallel_state.destroy_model_parallel()
     init_distributed(layout.tp, layout.pp, layout.vpp, device="cpu", seed=SEED)
     chunks = build_model(cfg, Runtime.cpu())
-    if reference:
-        save_model(chunks, workdir / "weights")
-    else:
-        load_model(chunks, workdir / "weights")
+    chunks[0].config.overlap_p2p_comm = overlap_p2p  # one config object for all chunks
+    out = workdir / (out_name or ("reference" if reference else name))
+    save_model(chunks, out / "initial")
     model = wrap_ddp(chunks, cfg)
 
     num_micro = GLOBAL_BATCH // (MICRO_BATCH * layout.dp)
@@ -74,7 +76,6 @@ def run(name: str, workdir: Path, reference: bool, extra: tuple[str, ...] = (), 
     for chunk in model:
         for param in chunk.parameters():
             param.data.copy_(param.main_grad)
-    out = workdir / (out_name or ("reference" if reference else name))
     save_model(model, out / "grads")
     if torch.distributed.get_rank() == 0:
         (out / "loss.json").write_text(json.dumps({"loss": loss.item(), "dp": layout.dp}))

@@ -42,6 +42,13 @@ STATE_CASES = {
         "parallel.pp=2", "parallel.vpp=2", "parallel.use_distributed_optimizer=true",
         "model.hidden_size=200", "model.ffn_hidden_size=300",
     ],
+    # Small gradient buckets (several in the first stage's first chunk), each padded and split over DP.
+    "pp2-vpp2-distopt-buckets": [
+        "parallel.pp=2", "parallel.vpp=2", "parallel.use_distributed_optimizer=true", "parallel.ddp_bucket_size=150000",
+        "model.hidden_size=200", "model.ffn_hidden_size=300",
+    ],
+    "tp2-dp2-distopt-buckets": ["parallel.tp=2", "parallel.use_distributed_optimizer=true", "parallel.ddp_bucket_size=200000"],
+    "tp2-pp2-no-overlap": ["parallel.tp=2", "parallel.pp=2", "parallel.overlap_grad_reduce=false"],
 }
 ACTIVATION_CASES = {
     "tp1": [],
@@ -130,6 +137,7 @@ def measure_state(overrides: list[str]) -> dict:
         # The assumptions the memory and time models make about the trainer's DDP.
         "buckets_per_chunk": [len(buffer.buckets) for chunk in model for buffer in chunk.buffers],
         "overlap_grad_reduce": model[0].ddp_config.overlap_grad_reduce,
+        "overlap_param_gather": model[0].ddp_config.overlap_param_gather,
     }
 
 
