@@ -42,6 +42,14 @@ def test_bench_gpu_checks_run_on_cpu():
     assert {row.split()[0] for row in rows} == set(_bench().CHECKS), table
     assert not any("error:" in row for row in rows), proc.stderr[-3000:]
     assert "x BF16 tokens/s" in table and "mean loss of steps" in table and "same next token" in table
+    # tools/gpu_checks.py imports on the bare machine too, and each of its checks has its row
+    assert all(f"{name}: not run on CPU" in table for name in _gpu_checks_names()), table
+
+
+def _gpu_checks_names() -> list[str]:
+    source = (REPO / "tools" / "gpu_checks.py").read_text()
+    block = source[source.index("CHECKS: dict"):]
+    return [line.split('"')[1] for line in block[: block.index("}")].splitlines()[1:] if '"' in line]
 
 
 def _bench():
@@ -57,7 +65,7 @@ def _bench():
 
 def test_a_check_is_one_function():
     bench = _bench()
-    assert list(bench.CHECKS) == ["bf16-mfu", "fp8-torchao", "fp8-te", "logits", "sdpa"]
+    assert list(bench.CHECKS) == ["readiness", "bf16-mfu", "fp8-torchao", "fp8-te", "logits", "sdpa"]
 
     @bench.check("extra", "a check added by one function")
     def extra(_):

@@ -10,6 +10,7 @@ optimizer through `build_unit` / `forward_backward`) on a synthetic corpus that 
 followed by a fixed successor 90 % of the time), from the same initial weights in every run. The micro-batch is
 the largest of 16, 8, 4, 2, 1 that fits. Checks (`--list`):
 
+  readiness     tools/gpu_checks.py: the CUDA/NCCL/Transformer Engine code paths run and agree (one row each)
   bf16-mfu      BF16 training-step MFU: model FLOPs (training/flops.py) over the GPU's dense BF16 peak
   fp8-torchao   FP8 through torchao (local spec): tokens/s over BF16 and the loss after --steps steps
   fp8-te        the same with Transformer Engine (its spec, BF16 and FP8), where it is installed
@@ -228,6 +229,34 @@ def te_missing() -> str | None:
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def gpu_checks():
+    """tools/gpu_checks.py as a module: the correctness checks of the CUDA, NCCL and Transformer Engine paths."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_checks", REPO / "tools" / "gpu_checks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@check("readiness", "tools/gpu_checks.py's correctness checks of the CUDA paths, one row each (first: a crash matters most)")
+def readiness(bench: Bench) -> list[Row]:
+    checks = gpu_checks()
+    if not bench.cuda:
+        # Their code is CUDA-only; on CPU the module must at least import on a bare machine and list them.
+        return [Row("readiness", f"{name}: not run on CPU") for name in checks.CHECKS]
+    rows = []
+    for name in checks.CHECKS:
+        try:
+            status, detail = checks.CHECKS[name]()
+        except Exception as exc:  # a crash is a failed check; the others still run
+            status, detail = "FAIL", f"{type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}"
+        rows.append(Row("readiness", f"{name}: {detail}", "PASS", {"PASS": True, "FAIL": False}.get(status)))
+        release()
+        reseed()
+    return rows
 
 
 @check("bf16-mfu", "BF16 training-step MFU at TP=1 (target >= 45 %)")
