@@ -78,7 +78,8 @@ def _torch_adams(optimizer) -> list:
 
 def _create_adam_state(optimizer) -> None:
     """Give torch's Adam/AdamW the per-parameter state it otherwise creates at its first step (step 0, zero
-    moments), so that a fresh distributed optimizer can build the state dict a checkpoint loads into."""
+    moments: what that step would create), so that a distributed optimizer that has not stepped yet can build
+    its state dict, to save or to load into."""
     for _, inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             for param in group["params"]:
@@ -118,8 +119,9 @@ def units_state(units: Iterable[ModelUnit], loading: bool = False) -> dict:
     for unit in units:
         unit_state = chunks_state(unit.modules, unit.namespace)
         if unit.optimizer is not None:
-            if loading:
-                _create_adam_state(unit.optimizer)
+            # Loading needs the state to load into; saving an optimizer that has not stepped yet (PPO's policy
+            # during the value warm-up, training.train_iters=0) needs it too.
+            _create_adam_state(unit.optimizer)
             unit_state[ckdir.OPTIMIZER_KEY] = unit.optimizer.sharded_state_dict(
                 unit_state, is_loading=loading, metadata=OPTIMIZER_METADATA
             )
