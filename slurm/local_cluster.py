@@ -112,8 +112,15 @@ class LocalCluster:
         return env
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        """Run a Slurm client command against this cluster."""
-        proc = subprocess.run(list(cmd), env=self.env(), capture_output=True, text=True, timeout=timeout)
+        """Run a Slurm client command against this cluster. A query (it changes nothing) that dies of a signal
+        is asked again, up to twice: Debian's `scontrol show job` has been seen to crash (SIGSEGV) while the
+        controller is busy on a loaded machine."""
+        query = cmd[:2] == ("scontrol", "show") or cmd[0] in ("squeue", "sinfo", "sacct")
+        for attempt in range(3 if query else 1):
+            proc = subprocess.run(list(cmd), env=self.env(), capture_output=True, text=True, timeout=timeout)
+            if proc.returncode >= 0:
+                break
+            time.sleep(1 + attempt)
         if check and proc.returncode != 0:
             raise ClusterError(f"{' '.join(cmd)} exited with {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
         return proc
