@@ -9,6 +9,7 @@ held-out pairs it never saw. Measured: 100 % held-out accuracy after 40 steps of
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -91,28 +92,55 @@ def data(tmp_path_factory):
     return dense, remap, vocab
 
 
+def seeded(seed: int | None) -> list[str]:
+    return [] if seed is None else [f"training.seed={seed}"]
+
+
 @pytest.fixture(scope="module")
-def initial(data, single_rank, tmp_path_factory):
-    """A language model's weights (saved here), where every run below starts (training.init_from), and the
-    reward stage's initial checkpoint made from them (training.train_iters=0 saves it)."""
+def language_model_at(data, single_rank, tmp_path_factory):
+    """language_model_at(seed): a language model's weights as training.seed=seed (None: its default) gives
+    them, saved; the runs at that seed start from them (training.init_from). Made once per seed."""
     from megatron_qwen.config import load_config
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.runtime import Runtime
     from megatron_qwen.training.checkpointing import save_model
 
-    root = tmp_path_factory.mktemp("initial")
-    torch.manual_seed(7)
-    lm = build_model(load_config("configs/tiny.yaml", overrides(data, root)), Runtime.cpu())
-    save_model(lm, root / "lm")
-    run_torchrun(1, STAGE + overrides(data, root, "training.train_iters=0", f"training.init_from={root / 'lm'}"))
-    return root / "lm", root / "checkpoints" / "iter_0000000"
+    @functools.cache
+    def make(seed: int | None) -> Path:
+        root = tmp_path_factory.mktemp("lm")
+        save_model(build_model(load_config("configs/tiny.yaml", overrides(data, root, *seeded(seed))), Runtime.cpu()), root / "lm")
+        return root / "lm"
+
+    return make
 
 
 @pytest.fixture(scope="module")
-def trained(data, initial, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("trained")
-    run_torchrun(1, STAGE + overrides(data, run_dir, f"training.init_from={initial[0]}"))
-    return run_dir
+def initial(data, language_model_at, tmp_path_factory):
+    """The language model of training.seed's default and the reward stage's initial checkpoint made from it
+    (training.train_iters=0 saves it)."""
+    root = tmp_path_factory.mktemp("initial")
+    run_torchrun(1, STAGE + overrides(data, root, "training.train_iters=0", f"training.init_from={language_model_at(None)}"))
+    return language_model_at(None), root / "checkpoints" / "iter_0000000"
+
+
+@pytest.fixture(scope="module")
+def trained_at(data, language_model_at, tmp_path_factory):
+    """trained_at(seed): the run directory of STEPS reward steps at training.seed=seed from that seed's
+    language model; made once per seed."""
+
+    @functools.cache
+    def make(seed: int | None) -> Path:
+        run_dir = tmp_path_factory.mktemp("trained")
+        run_torchrun(1, STAGE + overrides(data, run_dir, f"training.init_from={language_model_at(seed)}", *seeded(seed)))
+        return run_dir
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def trained(trained_at):
+    """The reference run of the layout check (training.seed's default)."""
+    return trained_at(None)
 
 
 @pytest.mark.usefixtures("single_rank")
@@ -129,15 +157,19 @@ def test_reward_model_starts_from_the_language_model(initial):
 
 
 @pytest.mark.parallel
-def test_reward_training_logs_loss_accuracy_and_margin(trained):
-    curve = metrics(trained)
+def test_reward_training_logs_loss_accuracy_and_margin(trained_at, training_seed):
+    curve = metrics(trained_at(training_seed))
     assert sorted(curve) == list(range(1, STEPS + 1))
     for record in curve.values():
         assert {"loss", "accuracy", "margin"} <= set(record)
     first = np.mean([curve[s]["loss"] for s in (1, 2, 3)])
     last = np.mean([curve[s]["loss"] for s in range(STEPS - 9, STEPS + 1)])
+    accuracy = np.mean([curve[s]["accuracy"] for s in range(STEPS - 9, STEPS + 1)])
+    print(f"loss {first:.3f} -> {last:.3f}, training accuracy {accuracy:.3f} over the last 10 steps")
     assert first == pytest.approx(math.log(2), abs=0.1)  # a fresh head: r_chosen ~ r_rejected
-    assert last < 0.2 and np.mean([curve[s]["accuracy"] for s in range(STEPS - 9, STEPS + 1)]) > 0.9
+    # Measured: loss 0.10 and accuracy 1.0 over the last 10 steps; at training seeds 1-5 the worst were 0.115
+    # and 0.988 (seed 4).
+    assert last < 0.2 and accuracy > 0.9, (last, accuracy)
 
 
 @pytest.mark.parallel
@@ -165,7 +197,7 @@ def padded(shard_prefix: str, pad: int) -> torch.Tensor:
 
 @pytest.mark.parallel
 @pytest.mark.usefixtures("single_rank")
-def test_export_scores_like_our_model_and_ranks_heldout_pairs(data, trained, tmp_path):
+def test_export_scores_like_our_model_and_ranks_heldout_pairs(data, trained_at, training_seed, tmp_path):
     from transformers import Qwen2ForSequenceClassification
 
     from megatron_qwen.config import load_config
@@ -174,7 +206,7 @@ def test_export_scores_like_our_model_and_ranks_heldout_pairs(data, trained, tmp
     from megatron_qwen.training.checkpointing import load_model
 
     dense, remap, vocab = data
-    ckpt = trained / "checkpoints" / f"iter_{STEPS:07d}"
+    ckpt = trained_at(training_seed) / "checkpoints" / f"iter_{STEPS:07d}"
     pad = vocab - 1  # an id no sequence holds; transformers scores each row at its last other token
     proc = subprocess.run(
         [sys.executable, "tools/convert_checkpoint.py", "mcore-to-hf", "--task", "reward", "--ckpt", str(ckpt),
@@ -201,7 +233,7 @@ def test_export_scores_like_our_model_and_ranks_heldout_pairs(data, trained, tmp
         scores[side] = theirs
     accuracy = (scores["chosen"] > scores["rejected"]).float().mean().item()
     print(f"held-out accuracy {accuracy:.3f}")
-    assert accuracy >= 0.9, accuracy
+    assert accuracy >= 0.9, accuracy  # measured 1.0 at training seeds 1-5 and the default
 
 
 def test_reward_configs_hold_the_qwen_recipe():

@@ -4,8 +4,13 @@ Qwen fine-tuned through `python -m megatron_qwen.stages.sft` on a synthetic chat
 The task: "repeat: 3914" -> "3914" and "next: 3914" -> "4025" (each digit plus one), so the reply depends
 on the instruction. Held-out prompts never occur in training; a reply counts as exact when every reply
 token and the closing <|im_end|> is the model's argmax given the tokens before it, which is what greedy
-decoding produces. Chance is 1e-4 (four digits). Measured: 100 % held-out exact match after 500 steps
-(about 30 s on one CPU rank; the loss drops from the format plateau around step 200).
+decoding produces. Chance is 1e-4 (four digits).
+
+The task is learned in a sudden step (held-out exact match goes from near 0 to 1.0 within 50-100 steps),
+so the recipe must take that step early at any seed: with LR 1e-3, four heads and an empty system prompt,
+held-out exact match is 1.0 by step 250 of the 400 at training seeds 1-5 and the default (0.62-1.0 at step
+200, 0.0-0.1 at step 100). The earlier recipe (LR 3e-3, two heads, the default system prompt, 500 steps)
+took its step between steps 250 and 400 at five of those seeds and never at seed 4 (0.0 at step 500).
 """
 
 from __future__ import annotations
@@ -22,16 +27,20 @@ from spawn import run_torchrun
 
 STAGE = ["-m", "megatron_qwen.stages.sft", "configs/tiny.yaml"]
 IM_START, IM_END = 151644, 151645
-SEQ = 128
-STEPS = 500
+SEQ = 4 * 26  # four conversations of 26 tokens fill a packed row exactly: no compute spent on padding
+STEPS = 400
 DIGITS = 4
-# Smaller than configs/tiny.yaml so that a few hundred CPU steps fit in the test budget.
-MODEL = ["model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=256", f"model.seq_length={SEQ}"]
+# Smaller than configs/tiny.yaml so that a few hundred CPU steps fit in the test budget. Four heads of 32
+# rather than two of 64, and LR 1e-3 rather than 3e-3: measured at training seeds 1-5 and the default, the
+# last seed reached 1.0 held-out exact match at step 250 with both, at step 350 with two heads or with 3e-3.
+MODEL = ["model.num_layers=2", "model.hidden_size=128", "model.num_attention_heads=4", "model.ffn_hidden_size=256",
+         f"model.seq_length={SEQ}"]
 
 
 def digit_task(rng: np.random.Generator, count: int, exclude: set[str] = frozenset()) -> list[dict]:
     """`count` distinct conversations "repeat: 3914" -> "3914" or "next: 3914" -> "4025" (each digit plus
-    one, mod 10) over DIGITS digits, none of them in `exclude` (the user messages)."""
+    one, mod 10) over DIGITS digits, none of them in `exclude` (the user messages). The system prompt is
+    empty: 26 tokens a conversation instead of 32, so a row holds less that the reply does not depend on."""
     records, seen = [], set(exclude)
     while len(records) < count:
         digits = "".join(str(d) for d in rng.integers(0, 10, DIGITS))
@@ -41,7 +50,9 @@ def digit_task(rng: np.random.Generator, count: int, exclude: set[str] = frozens
             continue
         seen.add(prompt)
         reply = digits if op == "repeat" else "".join(str((int(d) + 1) % 10) for d in digits)
-        records.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]})
+        records.append({"messages": [
+            {"role": "system", "content": ""}, {"role": "user", "content": prompt}, {"role": "assistant", "content": reply},
+        ]})
     return records
 
 
@@ -161,7 +172,7 @@ def digit_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
     rng = np.random.default_rng(0)
     heldout = digit_task(rng, 200)
-    train = digit_task(rng, 4000, exclude={r["messages"][0]["content"] for r in heldout})
+    train = digit_task(rng, 4000, exclude={m["content"] for r in heldout for m in r["messages"] if m["role"] == "user"})
     for name, records in (("train", train), ("heldout", heldout)):
         pp.preprocess([str(write_jsonl(root / f"{name}.jsonl", records))], str(root / name), mode="chat", max_length=SEQ)
     dense = root / "dense"
@@ -188,7 +199,7 @@ def exact_match(chunks, tokens: torch.Tensor, remap: dict) -> float:
 
 @pytest.mark.parallel
 @pytest.mark.usefixtures("single_rank")
-def test_sft_learns_a_synthetic_chat_task(digit_data, tmp_path):
+def test_sft_learns_a_synthetic_chat_task(digit_data, training_seed, tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_qwen.model.qwen import build_model
@@ -199,8 +210,9 @@ def test_sft_learns_a_synthetic_chat_task(digit_data, tmp_path):
     overrides = [
         f"data.paths=[{dense / 'train'}]", f"model.padded_vocab_size={vocab}", *MODEL, "data.split=100,0,0",
         "training.micro_batch_size=4", "training.global_batch_size=8", "data.allow_repeat=true", f"training.train_iters={STEPS}",
-        "training.lr=3e-3", "training.min_lr=3e-4", "training.lr_warmup_iters=20", "training.weight_decay=0.0",
-        "logging.log_interval=10", f"logging.run_dir={tmp_path}",
+        "training.lr=1e-3", "training.min_lr=1e-4", "training.lr_warmup_iters=20", "training.weight_decay=0.0",
+        "logging.log_interval=10", f"logging.run_dir={tmp_path}", f"training.save_interval={STEPS // 2}",
+        *([] if training_seed is None else [f"training.seed={training_seed}"]),
     ]
     run_torchrun(1, STAGE + overrides)
 
@@ -208,17 +220,19 @@ def test_sft_learns_a_synthetic_chat_task(digit_data, tmp_path):
     tokens = torch.zeros(len(heldout), SEQ, dtype=torch.long)
     for i in range(len(heldout)):
         tokens[i, : len(heldout[i])] = torch.as_tensor(heldout[i].astype(np.int64))
-    cfg = config(*overrides)
-    torch.manual_seed(0)
-    chunks = build_model(cfg, Runtime.cpu(), rope_at_positions=True)
+    # The run's own initial weights: training.seed gives them.
+    chunks = build_model(config(*overrides), Runtime.cpu(), rope_at_positions=True)
     for chunk in chunks:
         chunk.eval()
     untrained = exact_match(chunks, tokens, remap)
+    # Halfway shows the margin: a recipe that learns only near its last step passes by luck.
+    load_model(chunks, tmp_path / "checkpoints" / f"iter_{STEPS // 2:07d}")
+    halfway = exact_match(chunks, tokens, remap)
     load_model(chunks, tmp_path / "checkpoints" / f"iter_{STEPS:07d}")
     trained = exact_match(chunks, tokens, remap)
-    print(f"held-out exact match: {trained:.3f} after {STEPS} steps (untrained: {untrained:.3f})")
+    print(f"held-out exact match: {trained:.3f} after {STEPS} steps, {halfway:.3f} after {STEPS // 2} (untrained: {untrained:.3f})")
     assert untrained < 0.05
-    assert trained > 0.9, trained
+    assert trained > 0.9, trained  # measured 1.0 at training seeds 1-5 and the default (worst at step 200: 0.62)
 
 
 def test_sft_config_holds_the_qwen_recipe():
