@@ -8,7 +8,7 @@ PIPC := $(PIP) install --disable-pip-version-check -q -c constraints.txt
 TORCH_SPEC ?= torch
 NPROC ?= 4
 
-.PHONY: install install-test demo test test-fast clean slurm-up slurm-down
+.PHONY: install install-test demo demo-rlhf test test-fast clean slurm-up slurm-down
 
 $(VENV)/.installed: constraints.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py --nproc $(NPROC)
+
+# pretraining -> SFT -> reward model -> PPO on one CPU rank, about 10 minutes on 2 cores
+demo-rlhf: $(VENV)/.installed
+	$(PY) tools/demo_rlhf.py
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
