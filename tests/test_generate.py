@@ -202,7 +202,8 @@ def generate_cli(*args, stdin: str | None = None, nproc: int = 1) -> subprocess.
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
                str(__import__("spawn").free_port()), *cmd[1:]]
-    return subprocess.run(cmd, cwd=REPO, env=cpu_env(), input=stdin, capture_output=True, text=True, timeout=900)  # generous: a loaded 2-core machine
+    # Generous: two torchrun ranks and a checkpoint load take minutes on a loaded 2-core machine.
+    return subprocess.run(cmd, cwd=REPO, env=cpu_env(), input=stdin, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.parallel
