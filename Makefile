@@ -31,7 +31,7 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py --nproc $(NPROC)
 
-# pretraining -> SFT -> reward model -> PPO on one CPU rank, about 10 minutes on 2 cores
+# pretraining -> SFT -> reward model -> PPO on one CPU rank, about 8 minutes on 2 cores
 demo-rlhf: $(VENV)/.installed
 	$(PY) tools/demo_rlhf.py
 

@@ -14,7 +14,7 @@ word that describes my friend" kindly:
    about people the training data never mentions.
 
 Every step is the command a user would type (tools/preprocess_data.py, torchrun -m megatron_qwen.stages.*,
-tools/generate.py); everything lands in --out. It takes about 10 minutes on 2 cores.
+tools/generate.py); everything lands in --out. It takes about 8 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -290,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name.upper()} policy, first replies: {replies}")
 
     banner("summary")
-    rewards = [r["reward_mean"] for r in read_metrics(demo.out / "ppo")]
+    steps = read_metrics(demo.out / "ppo")
+    rewards = [r["reward_mean"] for r in steps]
+    settled = steps[2:] or steps  # the first steps pay one-off costs (allocation, the first checkpoint read)
     print(f"PPO: the reward model's mean score of the {PPO_ROLLOUTS} replies sampled at each step")
     print("\n".join(reward_chart(rewards)))
     head, tail = rewards[:3], rewards[-3:]
@@ -299,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"replies to {EVAL_PROMPTS} held-out questions, sampled at temperature 1, judged by the word lists:")
     for name, share in shares.items():
         print(f"  {name.upper()} policy: kind {share['kind']:.2f}, unkind {share['unkind']:.2f}, other {share['other']:.2f}")
+    print("one PPO step, median of steps 3 on (seconds): " + ", ".join(
+        f"{phase} {median(r[f'seconds_{phase}'] for r in settled):.2f}" for phase in ("generate", "score", "train"))
+        + f"; generation {median(r['generation_tokens_per_s'] for r in settled):.0f} new tokens/s")
     print("time per phase (wall s, CPU s of the commands):")
     for name, (wall, cpu) in demo.seconds.items():
         print(f"  {name:9s} {wall:6.0f} {cpu:7.0f}")
