@@ -256,12 +256,28 @@ def test_tp_layouts_scale_like_tp1(tmp_path):
     assert all(casts[f"{k} local-amax"] > 0 for k in ("tensorwise split features", "tensorwise split tokens", "rowwise split features")), casts
     assert casts["rowwise split tokens local-amax"] == 0, casts
 
-    # The tiny Qwen at TP=2 x PP=2 with SP. Once an fp32 rounding differs (the row-parallel partial sums), a value
-    # can land on the other side of a float8 rounding boundary, and that difference is cast again, layer after
-    # layer, so gradients deep in the backward pass drift apart by more than fp32 order alone. The loss is the
-    # sharp comparison; the gradients are compared with the same run scaling each shard by its own amax.
+    # The tiny Qwen at TP=2 x PP=2 with SP. Once an fp32 rounding differs (the row-parallel partial sums, a
+    # GEMM's blocking), a value can land on the other side of a float8 rounding boundary, and that difference is
+    # cast again, layer after layer: how far loss and gradients drift from TP=1 depends on the CPU's fp32
+    # kernels (AMD EPYC: loss 0.0, gradients 1.9e-2; Intel Xeon with AVX-512, at 7 model seeds: loss 6.8e-7 to
+    # 7.2e-5, gradients 4.5e-2 to 5.8e-2, and with shard-local amaxes 1.9e-5 to 2.4e-4 and 0.14 to 0.18). So the
+    # sharp whole-model check is on what the amax reduction decides: the scale of every float8 cast (compared as
+    # sorted lists per GEMM role: TP=1 runs the micro-batches on four DP ranks). With the reduction each weight
+    # cast has exactly TP=1's scale, each input cast TP=1's up to that drift, and the output gradients, cast
+    # after the whole forward and backward drift, stay close. Measured at 4 model seeds on the Xeon: inputs
+    # median 0 to 1.2e-7 relative and at most 2 % of the casts off by more than 1e-2, output gradients median
+    # 1.5e-3 to 2.3e-3; with every shard scaled by its own amax, 62 % of the weights' and 86-98 % of the inputs'
+    # scales are off by more than 1e-2 and the output gradients' median by 3.7e-2 to 5.1e-2. Loss and gradients
+    # then only guard against gross errors.
     def result(name):
         return json.loads((tmp_path / name / "loss.json").read_text())["loss"], read_full_state_dict(tmp_path / name / "grads")
+
+    def scales(name):
+        by_role = {}
+        for path in sorted((tmp_path / name).glob("scales-*.json")):
+            for role, values in json.loads(path.read_text()).items():
+                by_role.setdefault(role, []).extend(values)
+        return {role: torch.tensor(sorted(values), dtype=torch.float64) for role, values in by_role.items()}
 
     ref_loss, ref = result("tp1")
     loss, grads = result("tp2pp2sp")
@@ -270,9 +286,24 @@ def test_tp_layouts_scale_like_tp1(tmp_path):
     loss_diff, local_loss_diff = abs(loss - ref_loss) / ref_loss, abs(local_loss - ref_loss) / ref_loss
     lines.append(f"tiny Qwen TP=2 x PP=2 SP vs TP=1: loss {loss_diff:.1e}, gradients {diff:.1e}; "
                  f"shard-local amax: loss {local_loss_diff:.1e}, gradients {local_diff:.1e}")
+    ref_scales = scales("tp1")
+    off = {}  # per run and role: (median relative difference of the sorted scales, share off by more than 1e-2)
+    for name in ("tp2pp2sp", "tp2pp2sp-local-amax"):
+        got = scales(name)
+        assert sorted(got) == sorted(ref_scales) == ["GRAD_OUTPUT", "INPUT", "WEIGHT"], (name, sorted(got))
+        for role, expected in ref_scales.items():
+            assert got[role].shape == expected.shape, (name, role, got[role].shape, expected.shape)  # one per cast
+            relative = (got[role] / expected - 1).abs()
+            off[name, role] = (relative.median().item(), (relative > 1e-2).double().mean().item())
+            lines.append(f"scales of the {role:11s} casts, {name:19s}: median {off[name, role][0]:.1e}, "
+                         f"share off by > 1e-2 {off[name, role][1]:.2f}")
     print("\n" + "\n".join(lines))
-    assert loss_diff <= 1e-5, lines[-1]
-    assert diff <= local_diff / 3, lines[-1]
+    assert torch.equal(scales("tp2pp2sp")["WEIGHT"], ref_scales["WEIGHT"]), lines
+    assert off["tp2pp2sp", "INPUT"][0] <= 1e-5 and off["tp2pp2sp", "INPUT"][1] <= 0.1, lines
+    assert off["tp2pp2sp", "GRAD_OUTPUT"][0] <= 1e-2, lines
+    assert off["tp2pp2sp-local-amax", "WEIGHT"][1] >= 0.4 and off["tp2pp2sp-local-amax", "INPUT"][1] >= 0.5, lines
+    assert off["tp2pp2sp-local-amax", "GRAD_OUTPUT"][0] >= 1e-2, lines
+    assert loss_diff <= 1e-3 and diff <= 0.25, lines[-7]  # FP8's own precision: e4m3 steps are 2**-3 apart
 
 
 # --------------------------------------------------------------------------- (c), (d) training through the stage

@@ -140,15 +140,44 @@ def compare_linears(workdir: Path) -> None:
         (workdir / "linears.json").write_text(json.dumps({"linears": results, "casts": casts}, indent=1))
 
 
+@contextlib.contextmanager
+def recorded_scales(workdir: Path, name: str):
+    """Record the scale of every float8 cast of the run (tensorwise: one number each) by GEMM role, and write
+    this rank's lists to workdir/name/scales-RANK.json if it is tensor-parallel rank 0 (the other TP ranks
+    cast the same tensors, or their shards)."""
+    from megatron.core import parallel_state
+
+    from megatron_qwen.model import fp8
+
+    records: dict[str, list[float]] = {}
+    saved = fp8._to_float8
+
+    def recording(operands, scaling, group):
+        out = saved(operands, scaling, group)
+        for op, t in zip(operands, out):
+            records.setdefault(op.role.name, []).append(t._scale.item())
+        return out
+
+    fp8._to_float8 = recording
+    try:
+        yield
+    finally:
+        fp8._to_float8 = saved
+    if parallel_state.get_tensor_model_parallel_rank() == 0:
+        (workdir / name / f"scales-{dist.get_rank()}.json").write_text(json.dumps(records))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args()
     compare_linears(args.workdir)
     extra = ("model.fp8=tensorwise",)
-    run(TP1, args.workdir, reference=True, extra=extra, out_name="tp1")  # also saves the weights every run starts from
-    run(TP2PP2SP, args.workdir, reference=False, extra=extra, out_name="tp2pp2sp")
-    with local_amax():
+    with recorded_scales(args.workdir, "tp1"):
+        run(TP1, args.workdir, reference=True, extra=extra, out_name="tp1")  # also saves the weights every run starts from
+    with recorded_scales(args.workdir, "tp2pp2sp"):
+        run(TP2PP2SP, args.workdir, reference=False, extra=extra, out_name="tp2pp2sp")
+    with local_amax(), recorded_scales(args.workdir, "tp2pp2sp-local-amax"):
         run(TP2PP2SP, args.workdir, reference=False, extra=extra, out_name="tp2pp2sp-local-amax")
 
 
