@@ -9,8 +9,11 @@ import sys
 
 import pytest
 
+from megatron_qwen.platform import cpu as harness
 from megatron_qwen.platform.launch import detect_launch, expand_slurm_nodelist, use_cpu_ranks
 from spawn import REPO, cpu_env, free_port, run_torchrun
+
+PATCHES = str(len(harness.PATCHES))  # every CPU-harness patch applied on a CPU rank
 
 
 def test_torchrun_env():
@@ -178,8 +181,8 @@ def test_torchrun_init_gloo_with_harness(tmp_path):
     env = cpu_env()
     env.pop("MEGATRON_QWEN_DEVICE")  # no CUDA here: auto must pick gloo and the harness by itself
     run_torchrun(2, [str(script), str(tmp_path)], env=env, timeout=300)
-    assert _results(tmp_path) == [["torchrun", "0", "2", "gloo", "2", "3.0", "5", "120", "10"],
-                                  ["torchrun", "1", "2", "gloo", "2", "3.0", "5", "120", "10"]]
+    assert _results(tmp_path) == [["torchrun", "0", "2", "gloo", "2", "3.0", PATCHES, "120", "10"],
+                                  ["torchrun", "1", "2", "gloo", "2", "3.0", PATCHES, "120", "10"]]
 
 
 @pytest.mark.skipif(shutil.which("mpirun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")) is None,
@@ -195,5 +198,5 @@ def test_mpirun_init(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert _results(tmp_path) == [["mpi", "0", "2", "gloo", "2", "3.0", "5", "120", "10"],
-                                  ["mpi", "1", "2", "gloo", "2", "3.0", "5", "120", "10"]]
+    assert _results(tmp_path) == [["mpi", "0", "2", "gloo", "2", "3.0", PATCHES, "120", "10"],
+                                  ["mpi", "1", "2", "gloo", "2", "3.0", PATCHES, "120", "10"]]
