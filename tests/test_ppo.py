@@ -377,7 +377,8 @@ def test_a_reward_model_trained_here_steers_the_policy(start_at, training_seed, 
     before, after = satisfied_rate(policy), satisfied_rate(tmp_path / "ppo" / "checkpoints" / "iter_0000020")
     print(f"reward-model accuracy {rm_accuracy:.3f}; its score {first:.3f} -> {last:.3f}; "
           f"responses following the hidden rule {before:.2f} -> {after:.2f}")
-    # Measured at training seeds 1-5: score rises of 3.42-3.91, the rule's share up by 0.87-0.89.
+    # Measured at training seeds 1-5: score rises of 3.42-3.91 (AMD EPYC), 3.40-3.91 (Intel Xeon), the rule's share up
+    # by 0.87-0.89 on both.
     assert last > first + 1.0, (first, last)
     assert after >= before + 0.3, (before, after)
 
