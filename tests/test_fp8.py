@@ -284,26 +284,27 @@ def test_tp_layouts_scale_like_tp1(tmp_path):
     local_loss, local_grads = result("tp2pp2sp-local-amax")
     diff, local_diff = _relative_norm_difference(grads, ref), _relative_norm_difference(local_grads, ref)
     loss_diff, local_loss_diff = abs(loss - ref_loss) / ref_loss, abs(local_loss - ref_loss) / ref_loss
-    lines.append(f"tiny Qwen TP=2 x PP=2 SP vs TP=1: loss {loss_diff:.1e}, gradients {diff:.1e}; "
-                 f"shard-local amax: loss {local_loss_diff:.1e}, gradients {local_diff:.1e}")
+    model_line = (f"tiny Qwen TP=2 x PP=2 SP vs TP=1: loss {loss_diff:.1e}, gradients {diff:.1e}; "
+                  f"shard-local amax: loss {local_loss_diff:.1e}, gradients {local_diff:.1e}")
+    lines.append(model_line)
     ref_scales = scales("tp1")
+    got = {name: scales(name) for name in ("tp2pp2sp", "tp2pp2sp-local-amax")}
     off = {}  # per run and role: (median relative difference of the sorted scales, share off by more than 1e-2)
-    for name in ("tp2pp2sp", "tp2pp2sp-local-amax"):
-        got = scales(name)
-        assert sorted(got) == sorted(ref_scales) == ["GRAD_OUTPUT", "INPUT", "WEIGHT"], (name, sorted(got))
+    for name, run_scales in got.items():
+        assert sorted(run_scales) == sorted(ref_scales) == ["GRAD_OUTPUT", "INPUT", "WEIGHT"], (name, sorted(run_scales))
         for role, expected in ref_scales.items():
-            assert got[role].shape == expected.shape, (name, role, got[role].shape, expected.shape)  # one per cast
-            relative = (got[role] / expected - 1).abs()
+            assert run_scales[role].shape == expected.shape, (name, role, run_scales[role].shape, expected.shape)  # one per cast
+            relative = (run_scales[role] / expected - 1).abs()
             off[name, role] = (relative.median().item(), (relative > 1e-2).double().mean().item())
             lines.append(f"scales of the {role:11s} casts, {name:19s}: median {off[name, role][0]:.1e}, "
                          f"share off by > 1e-2 {off[name, role][1]:.2f}")
     print("\n" + "\n".join(lines))
-    assert torch.equal(scales("tp2pp2sp")["WEIGHT"], ref_scales["WEIGHT"]), lines
+    assert torch.equal(got["tp2pp2sp"]["WEIGHT"], ref_scales["WEIGHT"]), lines
     assert off["tp2pp2sp", "INPUT"][0] <= 1e-5 and off["tp2pp2sp", "INPUT"][1] <= 0.1, lines
     assert off["tp2pp2sp", "GRAD_OUTPUT"][0] <= 1e-2, lines
     assert off["tp2pp2sp-local-amax", "WEIGHT"][1] >= 0.4 and off["tp2pp2sp-local-amax", "INPUT"][1] >= 0.5, lines
     assert off["tp2pp2sp-local-amax", "GRAD_OUTPUT"][0] >= 1e-2, lines
-    assert loss_diff <= 1e-3 and diff <= 0.25, lines[-7]  # FP8's own precision: e4m3 steps are 2**-3 apart
+    assert loss_diff <= 1e-3 and diff <= 0.25, model_line  # FP8's own precision: e4m3 steps are 2**-3 apart
 
 
 # --------------------------------------------------------------------------- (c), (d) training through the stage
