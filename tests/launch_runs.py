@@ -65,7 +65,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """Full model tensors (no optimizer state) of the run's checkpoint after the last step."""
-    from megatron_qwen.training.checkpointing import read_full_state_dict
+    from megatron_qwen.checkpoint.io import read_full_state_dict
 
     ckpt = Path(run_dir) / "checkpoints" / f"iter_{STEPS:07d}"
     return {k: v for k, v in read_full_state_dict(ckpt).items() if not k.startswith("optimizer")}

@@ -12,10 +12,10 @@ pytestmark = pytest.mark.usefixtures("single_rank")
 
 
 def test_old_checkpoints_go_in_the_background(tmp_path, monkeypatch):
-    from megatron_qwen import checkpoint_dir as ckdir
+    from megatron_qwen.checkpoint import directory as ckdir
     from megatron_qwen.config import load_config
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training import checkpointing
+    from megatron_qwen.checkpoint import io as checkpointing
     from megatron_qwen.training.units import build_unit
 
     unit = build_unit(load_config("configs/tiny.yaml", ["model.padded_vocab_size=256", "model.num_layers=1"]), Runtime.cpu(), "m")

@@ -18,7 +18,7 @@ MIB = 2**20
 
 @pytest.mark.parallel
 def test_save_memory_and_resharding(tmp_path):
-    from megatron_qwen.training.checkpointing import read_full_state_dict
+    from megatron_qwen.checkpoint.io import read_full_state_dict
 
     run_torchrun(4, [WORKER, "--workdir", str(tmp_path)])
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
@@ -49,10 +49,10 @@ def test_distributed_optimizer_over_torch_adam_resumes(tmp_path):
     load a checkpoint by itself; the trainer's load path can, and restores the state exactly."""
     from megatron.core import dist_checkpointing
 
-    from megatron_qwen.checkpoint_dir import OPTIMIZER_KEY
+    from megatron_qwen.checkpoint.directory import OPTIMIZER_KEY
     from megatron_qwen.config import load_config
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training import checkpointing
+    from megatron_qwen.checkpoint import io as checkpointing
     from megatron_qwen.training.forward_backward import forward_backward
     from megatron_qwen.training.units import build_unit
 

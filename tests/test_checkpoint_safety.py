@@ -123,11 +123,11 @@ def tiny_unit(cfg):
 
 @pytest.mark.usefixtures("single_rank")
 def test_planted_metadata_is_refused_by_every_reader(tmp_path, tiny_cfg):
-    from megatron_qwen.checkpoint_safety import UnsafeCheckpointError
-    from megatron_qwen.convert.dcp_io import read_chunks, tensor_metadata
+    from megatron_qwen.checkpoint.safety import UnsafeCheckpointError
+    from megatron_qwen.checkpoint.dcp_io import read_chunks, tensor_metadata
     from megatron_qwen.convert.to_hf import mcore_to_hf
     from megatron_qwen.inference.forward import prepare
-    from megatron_qwen.training import checkpointing
+    from megatron_qwen.checkpoint import io as checkpointing
 
     ckpt, canary = copy_checkpoint(tmp_path), tmp_path / "canary"
     plant_metadata(ckpt, Canary(canary))
@@ -154,8 +154,8 @@ def test_planted_metadata_is_refused_by_every_reader(tmp_path, tiny_cfg):
 
 @pytest.mark.usefixtures("single_rank")
 def test_planted_object_rng_and_common_state_are_refused(tmp_path, tiny_cfg):
-    from megatron_qwen.checkpoint_safety import UnsafeCheckpointError
-    from megatron_qwen.training import checkpointing
+    from megatron_qwen.checkpoint.safety import UnsafeCheckpointError
+    from megatron_qwen.checkpoint import io as checkpointing
 
     unit = tiny_unit(tiny_cfg)
     # A DCP byte item: read when resuming (starting from the weights reads tensors only).
@@ -201,7 +201,7 @@ def test_planted_object_rng_and_common_state_are_refused(tmp_path, tiny_cfg):
 
 @pytest.mark.usefixtures("single_rank")
 def test_extra_state_bytes_are_screened_before_transformer_engine_unpickles_them(tmp_path):
-    from megatron_qwen.checkpoint_safety import UnsafeCheckpointError, screen_extra_states
+    from megatron_qwen.checkpoint.safety import UnsafeCheckpointError, screen_extra_states
 
     def as_bytes(obj) -> torch.Tensor:  # Transformer Engine's format: a uint8 tensor of pickle bytes
         return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
@@ -240,7 +240,7 @@ def _te_fp8_available() -> bool:
 def test_transformer_engine_fp8_extra_state_passes_the_screen():
     import transformer_engine.pytorch as te
 
-    from megatron_qwen.checkpoint_safety import screen_extra_states
+    from megatron_qwen.checkpoint.safety import screen_extra_states
 
     layer = te.Linear(32, 32, params_dtype=torch.bfloat16).cuda()
     with te.fp8_autocast(enabled=True):
@@ -257,8 +257,8 @@ def test_transformer_engine_fp8_extra_state_passes_the_screen():
 
 @pytest.mark.usefixtures("single_rank")
 def test_new_checkpoints_hold_no_pickled_objects_and_resume_exactly(tmp_path, tiny_cfg):
-    from megatron_qwen.checkpoint_safety import dcp_metadata_type, unpickle_allowlisted
-    from megatron_qwen.training import checkpointing
+    from megatron_qwen.checkpoint.safety import dcp_metadata_type, unpickle_allowlisted
+    from megatron_qwen.checkpoint import io as checkpointing
 
     unit = tiny_unit(tiny_cfg)
     unit.set_lr(0)
@@ -294,7 +294,7 @@ def test_new_checkpoints_hold_no_pickled_objects_and_resume_exactly(tmp_path, ti
 def test_upstream_sites_still_read_as_listed():
     import importlib
 
-    from megatron_qwen.checkpoint_safety import MEGATRON_SITES, UNRESTRICTED_SITES
+    from megatron_qwen.checkpoint.safety import MEGATRON_SITES, UNRESTRICTED_SITES
 
     for site in MEGATRON_SITES + UNRESTRICTED_SITES:
         owner = importlib.import_module(site.module)
@@ -335,8 +335,8 @@ def test_upstream_reads_still_run_planted_pickles(tmp_path, monkeypatch):
 def test_megatron_core_names_are_restored_after_every_load(tmp_path, tiny_cfg):
     from megatron.core.dist_checkpointing.strategies import torch as strategy
 
-    from megatron_qwen.checkpoint_safety import UnsafeCheckpointError
-    from megatron_qwen.training import checkpointing
+    from megatron_qwen.checkpoint.safety import UnsafeCheckpointError
+    from megatron_qwen.checkpoint import io as checkpointing
 
     own = strategy._get_filesystem_reader, strategy.MCoreLoadPlanner
     unit = tiny_unit(tiny_cfg)

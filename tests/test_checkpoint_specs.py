@@ -75,7 +75,7 @@ def test_checkpoints_load_with_and_without_extra_state(tmp_path, saved_with, loa
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    from megatron_qwen.training import checkpointing
+    from megatron_qwen.checkpoint import io as checkpointing
 
     source = _unit(saved_with)
     checkpointing.save_checkpoint(tmp_path, 1, [source], {"step": 1}, keep_last=1)
@@ -102,7 +102,7 @@ def test_checkpoints_load_with_and_without_extra_state(tmp_path, saved_with, loa
 
 def test_a_checkpoint_of_another_model_is_refused_by_name(tmp_path):
     from megatron_qwen.errors import CheckpointError
-    from megatron_qwen.training import checkpointing
+    from megatron_qwen.checkpoint import io as checkpointing
 
     checkpointing.save_checkpoint(tmp_path, 1, [_unit(False)], {"step": 1}, keep_last=1)
     target = _unit(False)

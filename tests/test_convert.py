@@ -339,7 +339,7 @@ def test_forward_refuses_bad_requests(work, tmp_path, capsys):
 
 def test_tied_embeddings_fill_the_output_layer(tmp_path):
     from megatron_qwen.convert import hf_to_mcore
-    from megatron_qwen.training.checkpointing import read_full_state_dict
+    from megatron_qwen.checkpoint.io import read_full_state_dict
 
     model = make_qwen2(tmp_path / "hf", tie_word_embeddings=True)
     assert "lm_head.weight" not in load_safetensors_dir(tmp_path / "hf")

@@ -229,7 +229,7 @@ def _relative_norm_difference(grads: dict, ref: dict) -> float:
 
 @pytest.mark.parallel
 def test_tp_layouts_scale_like_tp1(tmp_path):
-    from megatron_qwen.training.checkpointing import read_full_state_dict
+    from megatron_qwen.checkpoint.io import read_full_state_dict
 
     run_torchrun(4, [str(Path(__file__).parent / "parallel" / "fp8_worker.py"), "--workdir", str(tmp_path)])
     report = json.loads((tmp_path / "linears.json").read_text())
@@ -363,7 +363,7 @@ RESUMED = {"fp8-to-fp32": ("fp8", "null"), "fp32-to-fp8-rowwise": ("fp32", "roww
 @pytest.fixture(scope="module")
 def resumed(corpus, curves, tmp_path_factory):
     """Each curve's step-50 checkpoint resumed for 10 steps with the other precision (rowwise for FP8)."""
-    from megatron_qwen import checkpoint_dir as ckdir
+    from megatron_qwen.checkpoint import directory as ckdir
 
     runs = {}
     for name, (source, fp8) in RESUMED.items():

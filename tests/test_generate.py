@@ -46,7 +46,7 @@ def tp1_model(weights: Path):
     from megatron_qwen.config import load_config
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import load_model
+    from megatron_qwen.checkpoint.io import load_model
 
     cfg = load_config("configs/tiny.yaml", MODEL)
     chunks = build_model(cfg, Runtime.cpu(), rope_at_positions=True)
@@ -175,7 +175,7 @@ def chat_ckpt(tmp_path_factory, single_rank):
     from megatron_qwen.config import load_config
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import save_model
+    from megatron_qwen.checkpoint.io import save_model
 
     path = tmp_path_factory.mktemp("chat") / "ckpt"
     cfg = load_config("configs/tiny.yaml", CHAT_MODEL)
@@ -189,7 +189,7 @@ def tp1_chat_model(path: Path):
     from megatron_qwen.config import load_config
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import load_model
+    from megatron_qwen.checkpoint.io import load_model
 
     cfg = load_config("configs/tiny.yaml", CHAT_MODEL)
     chunks = build_model(cfg, Runtime.cpu(), rope_at_positions=True)
@@ -280,7 +280,7 @@ def _reward_checkpoint(tmp_path: Path) -> Path:
     from megatron_qwen.config import load_config
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import save_model
+    from megatron_qwen.checkpoint.io import save_model
 
     path = tmp_path / "rm"
     cfg = load_config("configs/tiny.yaml", CHAT_MODEL + ["model.padded_vocab_size=256"])

@@ -22,7 +22,7 @@ def results(run_dir: Path) -> list[dict]:
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from megatron_qwen.training.checkpointing import read_full_state_dict
+    from megatron_qwen.checkpoint.io import read_full_state_dict
 
     return {k: v for k, v in read_full_state_dict(run_dir / "iter_0000010").items() if not k.startswith("optimizer")}
 

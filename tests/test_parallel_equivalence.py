@@ -33,7 +33,7 @@ def max_relative_difference(a, b) -> float:
 
 @pytest.mark.parallel
 def test_layouts_match_single_process(tmp_path):
-    from megatron_qwen.training.checkpointing import read_full_state_dict
+    from megatron_qwen.checkpoint.io import read_full_state_dict
 
     run_torchrun(1, [WORKER, "--workdir", str(tmp_path), "--reference"])
     run_torchrun(4, [WORKER, "--workdir", str(tmp_path), "--layouts", ",".join(LAYOUTS)])

@@ -131,7 +131,7 @@ def max_relative_difference(a, b) -> float:
 @pytest.mark.parallel
 def test_one_update_gives_the_losses_and_gradients_of_tp1(tmp_path):
     """Policy (clipped surrogate + KL term) and value losses and their gradients on a fixed experience batch."""
-    from megatron_qwen.training.checkpointing import read_full_state_dict
+    from megatron_qwen.checkpoint.io import read_full_state_dict
 
     worker = str(Path(__file__).parent / "parallel" / "ppo_worker.py")
     run_torchrun(1, [worker, "--workdir", str(tmp_path), "--reference"])
@@ -282,7 +282,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def policy_and_value(ckpt: Path) -> dict[str, torch.Tensor]:
-    from megatron_qwen.training.checkpointing import read_full_state_dict
+    from megatron_qwen.checkpoint.io import read_full_state_dict
 
     return {k: v for k, v in read_full_state_dict(ckpt).items() if not k.startswith("optimizer")}
 
@@ -343,7 +343,7 @@ def satisfied_rate(ckpt: Path, seed: int = 1) -> float:
     from megatron_qwen.inference.sampling import SamplingParams
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import load_weights
+    from megatron_qwen.checkpoint.io import load_weights
 
     cfg = load_config("configs/tiny.yaml", MODEL)
     chunks = build_model(cfg, Runtime.cpu(), rope_at_positions=True)

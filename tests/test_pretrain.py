@@ -52,7 +52,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    from megatron_qwen.training.checkpointing import read_full_state_dict
+    from megatron_qwen.checkpoint.io import read_full_state_dict
 
     return {k: v for k, v in read_full_state_dict(ckpt).items() if not k.startswith("optimizer")}
 

@@ -103,7 +103,7 @@ def language_model_at(data, single_rank, tmp_path_factory):
     from megatron_qwen.config import load_config
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import save_model
+    from megatron_qwen.checkpoint.io import save_model
 
     @functools.cache
     def make(seed: int | None) -> Path:
@@ -145,7 +145,7 @@ def trained(trained_at):
 
 @pytest.mark.usefixtures("single_rank")
 def test_reward_model_starts_from_the_language_model(initial):
-    from megatron_qwen.training.checkpointing import read_full_state_dict
+    from megatron_qwen.checkpoint.io import read_full_state_dict
 
     lm, reward = (read_full_state_dict(path) for path in initial)
     lm = {k: v for k, v in lm.items() if not k.startswith("optimizer")}
@@ -203,7 +203,7 @@ def test_export_scores_like_our_model_and_ranks_heldout_pairs(data, trained_at, 
     from megatron_qwen.config import load_config
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import load_model
+    from megatron_qwen.checkpoint.io import load_model
 
     dense, remap, vocab = data
     ckpt = trained_at(training_seed) / "checkpoints" / f"iter_{STEPS:07d}"

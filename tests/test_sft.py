@@ -204,7 +204,7 @@ def test_sft_learns_a_synthetic_chat_task(digit_data, training_seed, tmp_path):
 
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import load_model
+    from megatron_qwen.checkpoint.io import load_model
 
     dense, remap, vocab = digit_data
     overrides = [

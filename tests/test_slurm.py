@@ -162,7 +162,7 @@ def test_chained_job_waits_then_starts_from_the_latest_checkpoint_of_a_run(slurm
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text
     assert slurm_cluster.job(first)["JobState"] == "COMPLETED"
     assert f"initialised pretrain weights from {reference}/checkpoints/iter_{runs.STEPS:07d}" in text, text
-    from megatron_qwen.training.checkpointing import read_full_state_dict
+    from megatron_qwen.checkpoint.io import read_full_state_dict
 
     start = {k: v for k, v in read_full_state_dict(tmp_path / "chained" / "checkpoints" / "iter_0000000").items() if not k.startswith("optimizer")}
     runs.assert_same_weights(start, runs.final_weights(reference))

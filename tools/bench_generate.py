@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_qwen.checkpoint_dir import MODEL_CONFIG_FILE
+from megatron_qwen.checkpoint.directory import MODEL_CONFIG_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def engine_run(args, weights: Path) -> dict:
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.launch import detect_launch, init_distributed
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import load_model
+    from megatron_qwen.checkpoint.io import load_model
 
     launch = detect_launch()
     cfg = tiny_config(args.tp, launch.world_size)
@@ -71,7 +71,7 @@ def recompute_run(args, weights: Path) -> dict:
     """(2): the whole sequences through the model at every step (batched, no cache)."""
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import load_model
+    from megatron_qwen.checkpoint.io import load_model
 
     (model,) = build_model(tiny_config(1, 1), Runtime.cpu())
     load_model([model], weights)
@@ -126,7 +126,7 @@ def main() -> None:
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.launch import init_distributed
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import save_model
+    from megatron_qwen.checkpoint.io import save_model
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

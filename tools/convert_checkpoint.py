@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     trust = getattr(args, "trust_checkpoint", False)
     if trust:
-        from megatron_qwen.checkpoint_safety import TRUST_WARNING
+        from megatron_qwen.checkpoint.safety import TRUST_WARNING
 
         print(f"warning: --trust-checkpoint: {TRUST_WARNING}", file=sys.stderr, flush=True)
     # Each direction is imported when it runs: --help and argument errors answer without loading megatron-core.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from megatron.core import parallel_state
 
-from megatron_qwen.checkpoint_safety import TRUST_WARNING
+from megatron_qwen.checkpoint.safety import TRUST_WARNING
 from megatron_qwen.config import TOKENIZER_VOCAB_SIZE
 from megatron_qwen.errors import UserError
 from megatron_qwen.inference import forward as inference

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from megatron_qwen.checkpoint_safety import TRUST_WARNING
+from megatron_qwen.checkpoint.safety import TRUST_WARNING
 from megatron_qwen.config import TOKENIZER_VOCAB_SIZE
 from megatron_qwen.data.chat import ChatFormatError, render_prompt
 from megatron_qwen.errors import UserError

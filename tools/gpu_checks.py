@@ -167,7 +167,7 @@ def check_te_checkpoints() -> Result:
     """Checkpoints move both ways between the local and the Transformer Engine spec, resumed with their
     optimizer (fp32, so the two specs' logits are comparable)."""
     from megatron_qwen.platform.runtime import Accelerators, resolve_runtime
-    from megatron_qwen.training import checkpointing
+    from megatron_qwen.checkpoint import io as checkpointing
     from megatron_qwen.training.units import build_unit
 
     reason = Accelerators.detect().transformer_engine
@@ -220,7 +220,7 @@ def check_distributed_optimizer_checkpoint() -> Result:
     """A save of the distributed optimizer's GPU state (memory-efficient, gathered over gloo through host
     memory) resumes to the same state: the next steps' losses are those of the run that kept going."""
     from megatron_qwen.platform.runtime import resolve_runtime
-    from megatron_qwen.training import checkpointing
+    from megatron_qwen.checkpoint import io as checkpointing
     from megatron_qwen.training.units import build_unit
 
     _one_rank()

@@ -3,7 +3,7 @@
 The Qwen model is built on the meta device (no memory, no initialisation) in one process at TP=PP=1,
 and its sharded state dict lists every stored tensor (global key, global shape, where each piece
 sits) and every stored object (`_extra_state`). Writing exactly that makes the checkpoint load with
-`megatron_qwen.training.checkpointing.load_model` at any layout.
+`megatron_qwen.checkpoint.io.load_model` at any layout.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ from typing import Callable
 
 import torch
 
-from megatron_qwen import checkpoint_dir as ckdir
+from megatron_qwen.checkpoint import directory as ckdir
 from megatron_qwen.convert import mcore_keys as K
-from megatron_qwen.convert.dcp_io import tensor_metadata
+from megatron_qwen.checkpoint.dcp_io import tensor_metadata
 from megatron_qwen.convert.hf_io import PlannedTensor
 from megatron_qwen.convert.layouts import GLOBAL_NAMES, QWEN2, QWEN_ENDOFTEXT_ID, hf_config
 from megatron_qwen.convert.to_hf import DEFAULT_MAX_SHARD_BYTES, LayerReader, exported_vocab, plan_tensors, write_hf_dir

@@ -20,10 +20,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from megatron_qwen import checkpoint_dir as ckdir
+from megatron_qwen.checkpoint import directory as ckdir
 from megatron_qwen.config import TOKENIZER_VOCAB_SIZE
 from megatron_qwen.convert import mcore_keys as K
-from megatron_qwen.convert.dcp_io import read_chunks, tensor_metadata
+from megatron_qwen.checkpoint.dcp_io import read_chunks, tensor_metadata
 from megatron_qwen.convert.hf_io import PlannedTensor, write_safetensors
 from megatron_qwen.convert.layouts import (
     GLOBAL_NAMES,

@@ -24,10 +24,10 @@ from typing import Callable
 import torch
 import yaml
 
-from megatron_qwen import checkpoint_dir as ckdir
+from megatron_qwen.checkpoint import directory as ckdir
 from megatron_qwen.config import Config, ParallelConfig, padded_vocab_size, validate
 from megatron_qwen.convert import mcore_keys as K
-from megatron_qwen.convert.dcp_io import Chunk, serialize_object, write_checkpoint
+from megatron_qwen.checkpoint.dcp_io import Chunk, serialize_object, write_checkpoint
 from megatron_qwen.convert.hf_io import HFCheckpoint
 from megatron_qwen.convert.layouts import (
     GLOBAL_NAMES,

@@ -22,16 +22,16 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron_qwen import checkpoint_dir as ckdir
+from megatron_qwen.checkpoint import directory as ckdir
 from megatron_qwen.config import TOKENIZER_VOCAB_SIZE, Config, ConfigError, ParallelLayout, load_config, resolve
 from megatron_qwen.convert import mcore_keys as K
-from megatron_qwen.convert.dcp_io import tensor_metadata
+from megatron_qwen.checkpoint.dcp_io import tensor_metadata
 from megatron_qwen.convert.to_hf import exported_vocab
 from megatron_qwen.errors import ConversionError
 from megatron_qwen.model.qwen import build_model
 from megatron_qwen.model.rotary import ntk_alpha, pinned_ntk_alphas
 from megatron_qwen.platform.runtime import Runtime
-from megatron_qwen.training.checkpointing import load_model
+from megatron_qwen.checkpoint.io import load_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class ForwardPlan:
     layout: ParallelLayout
     vocab_size: int  # logits columns written
     generate_vocab: int  # greedy decoding picks ids below this
-    trust_checkpoint: bool = False  # unpickle everything in the checkpoint (see megatron_qwen.checkpoint_safety)
+    trust_checkpoint: bool = False  # unpickle everything in the checkpoint (see megatron_qwen.checkpoint.safety)
 
 
 def prepare(

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from megatron.core import parallel_state
 
-from megatron_qwen import checkpoint_dir as ckdir
+from megatron_qwen.checkpoint import directory as ckdir
 from megatron_qwen.config import TOKENIZER_VOCAB_SIZE, Config, resolve
 from megatron_qwen.data.chat_datasets import build_prompt_dataset
 from megatron_qwen.data.gpt import build_gpt_datasets
@@ -37,7 +37,7 @@ from megatron_qwen.rl.experience import Rollouts, Rows, gae_advantages, grpo_adv
 from megatron_qwen.rl.ppo_math import explained_variance
 from megatron_qwen.rl.rewards import RewardFunctionError, RunningMoments, call_reward_fn, load_reward_fn
 from megatron_qwen.tokenizer import load_tokenizer
-from megatron_qwen.training import checkpointing
+from megatron_qwen.checkpoint import io as checkpointing
 from megatron_qwen.training.context import EXIT_PREEMPTED, start_run
 from megatron_qwen.training.forward_backward import forward_backward, forward_collect, micro_batch_iterators, reduce_reports
 from megatron_qwen.training.loop import Checkpointer

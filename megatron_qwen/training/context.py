@@ -18,12 +18,12 @@ import torch
 import yaml
 from megatron.core import parallel_state
 
-from megatron_qwen import checkpoint_dir as ckdir
-from megatron_qwen.checkpoint_safety import TRUST_WARNING
+from megatron_qwen.checkpoint import directory as ckdir
+from megatron_qwen.checkpoint.safety import TRUST_WARNING
 from megatron_qwen.config import Config, ParallelLayout, resolve
 from megatron_qwen.platform.launch import LaunchInfo, detect_launch, init_distributed
 from megatron_qwen.platform.runtime import Runtime, resolve_runtime
-from megatron_qwen.training.checkpointing import saved_train_state
+from megatron_qwen.checkpoint.io import saved_train_state
 from megatron_qwen.training.metrics import MetricsLogger
 
 EXIT_PREEMPTED = 75  # saved on SIGTERM/SIGUSR1; the launcher may requeue (sysexits' EX_TEMPFAIL)

@@ -3,7 +3,7 @@ validate and save.
 
 A stage is a `Task`: how to build its datasets, which model head it trains, and its megatron-core
 forward step. The loop composes the shared parts: the run context (`training.context`), one trained
-model unit (`training.units`), the global-batch sampler, checkpoints (`training.checkpointing`) and the
+model unit (`training.units`), the global-batch sampler, checkpoints (`checkpoint.io`) and the
 metrics logger. A stage with several models (PPO) composes the same parts in a loop of its own.
 """
 
@@ -21,13 +21,13 @@ from typing import Callable
 import torch
 import yaml
 
-from megatron_qwen import checkpoint_dir as ckdir
+from megatron_qwen.checkpoint import directory as ckdir
 from megatron_qwen.config import Config, ConfigError, load_config
 from megatron_qwen.errors import UserError
 from megatron_qwen.model.qwen import SCALAR_HEAD_KEY, Head
 from megatron_qwen.platform.launch import destroy_distributed, detect_launch, refuse
 from megatron_qwen.tokenizer import load_tokenizer
-from megatron_qwen.training import checkpointing
+from megatron_qwen.checkpoint import io as checkpointing
 from megatron_qwen.training.context import EXIT_PREEMPTED, RunContext, start_run
 from megatron_qwen.training.flops import hardware_flops_per_token, model_flops_per_token, peak_flops, utilisation
 from megatron_qwen.training.forward_backward import forward_backward, micro_batch_iterators

@@ -4,7 +4,7 @@ A stage composes units: pretraining, SFT and the reward model train one; PPO tra
 model and holds a frozen reference and reward model. Every unit is built, stepped, checkpointed and
 logged the same way. A unit's `namespace` is its place in checkpoints: ``""`` is the root (where tools
 such as the converter and the forward tool read a model), any other name nests the unit's state under
-that name with its tensors' keys prefixed (see `megatron_qwen.checkpoint_dir`).
+that name with its tensors' keys prefixed (see `megatron_qwen.checkpoint.directory`).
 """
 
 from __future__ import annotations

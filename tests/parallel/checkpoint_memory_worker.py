@@ -49,7 +49,7 @@ def build(tp: int, pp: int):
 def main() -> None:
     from megatron.core import parallel_state
 
-    from megatron_qwen.training import checkpointing
+    from megatron_qwen.checkpoint import io as checkpointing
     from megatron_qwen.training.forward_backward import forward_backward
 
     parser = argparse.ArgumentParser()

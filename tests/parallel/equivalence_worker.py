@@ -44,7 +44,7 @@ def run(name: str, workdir: Path, reference: bool, extra: tuple[str, ...] = (), 
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.launch import detect_launch, init_distributed
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import save_model
+    from megatron_qwen.checkpoint.io import save_model
     from megatron_qwen.training.forward_backward import forward_backward
     from megatron_qwen.training.units import wrap_ddp
 

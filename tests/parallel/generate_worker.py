@@ -56,7 +56,7 @@ def run(name: str, layout: dict, overrides: list[str], workdir: Path) -> None:
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.launch import init_distributed
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import load_model
+    from megatron_qwen.checkpoint.io import load_model
 
     cfg, resolved, _ = model_config(layout, overrides)
     if parallel_state.model_parallel_is_initialized():
@@ -129,7 +129,7 @@ def main() -> None:
         from megatron_qwen.model.qwen import build_model
         from megatron_qwen.platform.launch import init_distributed
         from megatron_qwen.platform.runtime import Runtime
-        from megatron_qwen.training.checkpointing import save_model
+        from megatron_qwen.checkpoint.io import save_model
 
         cfg, _, _ = model_config({"tp": 1, "pp": 1, "vpp": 1, "sp": False}, args.override)
         init_distributed(1, 1, None, device="cpu")

@@ -47,7 +47,7 @@ def run(layout: tuple[int, int, int], overlap: bool, workdir: Path, log: Collect
     from megatron_qwen.config import load_config, resolve
     from megatron_qwen.platform.launch import detect_launch, init_distributed
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import save_checkpoint
+    from megatron_qwen.checkpoint.io import save_checkpoint
     from megatron_qwen.training.forward_backward import forward_backward
     from megatron_qwen.training.units import build_unit
 

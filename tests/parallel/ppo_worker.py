@@ -47,7 +47,7 @@ def experience():
 
 
 def save_grads(unit, path: Path) -> None:
-    from megatron_qwen.training.checkpointing import save_model
+    from megatron_qwen.checkpoint.io import save_model
 
     for chunk in unit.chunks:
         for param in chunk.parameters():
@@ -62,7 +62,7 @@ def run(name: str, layout: dict, workdir: Path, reference: bool) -> None:
     from megatron_qwen.platform.launch import detect_launch, init_distributed
     from megatron_qwen.platform.runtime import Runtime
     from megatron_qwen.rl import steps as ppo_steps
-    from megatron_qwen.training.checkpointing import load_model, save_model
+    from megatron_qwen.checkpoint.io import load_model, save_model
     from megatron_qwen.training.forward_backward import forward_backward, micro_batch_iterators
     from megatron_qwen.training.units import build_unit
 

@@ -32,7 +32,7 @@ def main() -> None:
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.launch import init_distributed
     from megatron_qwen.platform.runtime import resolve_runtime
-    from megatron_qwen.training.checkpointing import load_model, save_model
+    from megatron_qwen.checkpoint.io import load_model, save_model
 
     common = ["model.padded_vocab_size=1024", "training.precision=fp32", "parallel.device=cuda"]
     init_distributed(1, 1, None, device="cuda")

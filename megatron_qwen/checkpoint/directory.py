@@ -10,7 +10,7 @@ A checkpoint is a megatron-core ``dist_checkpointing`` directory (``metadata.jso
   training checkpoints; older ones kept it in megatron-core's ``common.pt``;
 - ``rng/rankNNNNN.pt``: each rank's RNG states as tensors (training checkpoints).
 
-What may be unpickled from any of these files is `megatron_qwen.checkpoint_safety`'s allowlist.
+What may be unpickled from any of these files is `megatron_qwen.checkpoint.safety`'s allowlist.
 
 A training run's save directory holds ``iter_NNNNNNN`` checkpoints and ``latest``, a one-line file naming
 the current one, written last. In the sharded state dict a model's chunks sit under ``model`` (``model0``,

@@ -6,7 +6,7 @@ chunks with their offsets, plus ``metadata.json`` (the backends) and ``common.pt
 Any chunking is valid: readers at any TP/PP layout fetch the overlaps they need. Writing goes through
 DCP's own writer with a planner that produces each chunk only when the writer asks for it; reading
 goes through DCP's reader with a planner that asks for one chunk per tensor, the metadata unpickled
-through `megatron_qwen.checkpoint_safety`'s allowlist (unrestricted with ``trust=True``).
+through `megatron_qwen.checkpoint.safety`'s allowlist (unrestricted with ``trust=True``).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_qwen import checkpoint_dir as ckdir
-from megatron_qwen.checkpoint_safety import AllowlistFileSystemReader
+from megatron_qwen.checkpoint import directory as ckdir
+from megatron_qwen.checkpoint.safety import AllowlistFileSystemReader
 from megatron_qwen.errors import ConversionError
 
 

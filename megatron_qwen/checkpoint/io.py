@@ -3,11 +3,11 @@
 A checkpoint written at one TP/PP/VPP layout loads at any other: tensors are stored under global keys
 and shapes (layers stacked on a leading axis), and each rank reads only its own slices. One checkpoint
 holds any number of named units (each with its optimizer when trained), the loop's state (JSON) and every
-rank's RNG state (tensors); the directory layout and names are `megatron_qwen.checkpoint_dir`'s. Directories
+rank's RNG state (tensors); the directory layout and names are `megatron_qwen.checkpoint.directory`'s. Directories
 are written under a temporary name and renamed when complete, and ``latest`` moves only after, so an
 interrupted save never replaces a good checkpoint.
 
-Every read goes through `megatron_qwen.checkpoint_safety`: nothing outside its allowlist is unpickled
+Every read goes through `megatron_qwen.checkpoint.safety`: nothing outside its allowlist is unpickled
 unless the caller passes ``trust=True`` (``training.trust_checkpoint``).
 """
 
@@ -29,9 +29,9 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from megatron_qwen import checkpoint_dir as ckdir
-from megatron_qwen import checkpoint_safety as safety
-from megatron_qwen.convert.dcp_io import read_chunks, tensor_metadata
+from megatron_qwen.checkpoint import directory as ckdir
+from megatron_qwen.checkpoint import safety
+from megatron_qwen.checkpoint.dcp_io import read_chunks, tensor_metadata
 from megatron_qwen.errors import CheckpointError
 from megatron_qwen.training.units import ModelUnit, finish_param_sync
 
