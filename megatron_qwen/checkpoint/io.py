@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 import torch
@@ -33,12 +33,33 @@ from megatron_qwen.checkpoint import directory as ckdir
 from megatron_qwen.checkpoint import safety
 from megatron_qwen.checkpoint.dcp_io import read_chunks, tensor_metadata
 from megatron_qwen.errors import CheckpointError
-from megatron_qwen.training.units import ModelUnit, finish_param_sync
 
 # The distributed optimizer's state in megatron-core's fully reshardable format (loads at any TP/PP/DP), saved
 # memory-efficiently: only data-parallel rank 0 of each model-parallel group gathers the state of its TP x PP
 # shard (over gloo) to write it; without the flag every DP rank all-gathers all of it.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "distrib_optim_fully_reshardable_mem_efficient": True}
+
+
+class ModelUnit(Protocol):
+    """What a checkpoint saves and loads of a model unit (`megatron_qwen.training.units.ModelUnit` is one):
+    the chunks without their wrappers, the optimizer when trained, the namespace its keys go under."""
+
+    namespace: str
+    optimizer: object | None
+
+    @property
+    def modules(self) -> list[torch.nn.Module]: ...
+
+    def finish_param_sync(self) -> None: ...
+
+
+def finish_param_sync(chunks: list[torch.nn.Module]) -> None:
+    """Gather the weights other data-parallel ranks updated, now. With ``parallel.overlap_param_gather`` an
+    optimizer step updates only this rank's share of the weights and the rest arrives during the next forward;
+    anything that reads the weights before (a checkpoint save) calls this first. A no-op otherwise."""
+    for chunk in chunks:
+        if getattr(chunk, "use_forward_hook", False):  # megatron-core's DDP with overlap_param_gather
+            chunk.start_param_sync(force_sync=True)
 
 
 def _rank() -> int:

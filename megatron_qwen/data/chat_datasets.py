@@ -36,7 +36,7 @@ from megatron_qwen.config import Config
 from megatron_qwen.data.chat import PREFERENCE_KEYS, PROMPT_KEYS, SFT_KEYS
 from megatron_qwen.data.shard_names import shard_prefix
 from megatron_qwen.errors import DataError
-from megatron_qwen.model.attention import PackedRows
+from megatron_qwen.packed_rows import PackedRows
 
 class _Shards:
     """Parallel shards of several prefixes (e.g. tokens and loss mask) addressed as one list of documents."""
@@ -166,7 +166,7 @@ def pack_conversations(lengths: np.ndarray, seq_length: int) -> list[np.ndarray]
 
 
 def packed_rows(position_ids: torch.Tensor, device: torch.device) -> PackedRows | None:
-    """The sequence boundaries of packed rows for the attention (`model.attention.PackedRows`), read from
+    """The sequence boundaries of packed rows for the attention (`megatron_qwen.packed_rows.PackedRows`), read from
     a micro-batch's position ids on the host before it moves to the GPU, or None when no row holds more
     than one conversation (plain causal attention). A conversation starts wherever its position id is 0."""
     b, s = position_ids.shape

@@ -13,50 +13,20 @@ kernel on GPU, or one causal SDPA call per sequence (CPU ranks, attention dropou
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_qwen.model.rotary import logn_scale
+from megatron_qwen.packed_rows import PackedRows
 
 try:  # torch's variable-length flash attention (CUDA, bf16/fp16, no dropout)
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # older torch: every packed row takes the per-sequence path
     varlen_attn = None
-
-
-@dataclass
-class PackedRows(PackedSeqParams):
-    """Boundaries of the sequences packed into the rows of a micro-batch, in megatron-core's sbhd layout.
-
-    ``cu_seqlens_q`` (= ``cu_seqlens_kv``): int32 start offsets of every sequence and the end, counted over the
-    b x s tokens row after row, on the model's device; ``max_seqlen_q`` (= ``max_seqlen_kv``) the longest.
-    ``boundaries``: the same offsets as Python ints, so that no step reads them back from the GPU.
-    """
-
-    boundaries: tuple[int, ...] = ()
-
-    @classmethod
-    def from_boundaries(cls, boundaries: list[int], device: torch.device) -> "PackedRows":
-        """`boundaries`: sorted token offsets, 0 first and b x s last, every row start among them."""
-        cu = torch.tensor(boundaries, dtype=torch.int32)
-        if device.type == "cuda":
-            cu = cu.pin_memory()  # an asynchronous copy: the host does not wait for the GPU
-        cu = cu.to(device, non_blocking=True)
-        longest = max(end - start for start, end in zip(boundaries, boundaries[1:]))
-        return cls(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest,
-                   boundaries=tuple(boundaries))
-
-    def segments(self, seq: int):
-        """(row, start, end) of every sequence, `start`/`end` within the row of `seq` tokens."""
-        for start, end in zip(self.boundaries, self.boundaries[1:]):
-            row = start // seq
-            yield row, start - row * seq, end - row * seq
 
 
 class SDPAttention(MegatronModule):

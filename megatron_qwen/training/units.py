@@ -17,6 +17,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer import optimizer as mcore_optimizer
 
+from megatron_qwen.checkpoint.io import finish_param_sync
 from megatron_qwen.config import Config
 from megatron_qwen.model.qwen import Head, build_model
 from megatron_qwen.platform.runtime import Runtime
@@ -68,15 +69,6 @@ def wrap_ddp(chunks: list[torch.nn.Module], cfg: Config) -> list[DistributedData
     config.grad_sync_func = per_chunk("start_grad_sync") if p.overlap_grad_reduce else None
     config.param_sync_func = per_chunk("start_param_sync") if ddp_config.align_param_gather else None
     return model
-
-
-def finish_param_sync(chunks: list[torch.nn.Module]) -> None:
-    """Gather the weights other data-parallel ranks updated, now. With ``parallel.overlap_param_gather`` an
-    optimizer step updates only this rank's share of the weights and the rest arrives during the next forward;
-    anything that reads the weights before (a checkpoint save) calls this first. A no-op otherwise."""
-    for chunk in chunks:
-        if getattr(chunk, "use_forward_hook", False):  # megatron-core's DDP with overlap_param_gather
-            chunk.start_param_sync(force_sync=True)
 
 
 def build_optimizer(cfg: Config, chunks: list[torch.nn.Module], bf16: bool, lr: float | None = None):
