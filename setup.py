@@ -17,6 +17,8 @@ setup(
     package_data={"megatron_qwen": ["../configs/*.yaml"], "megatron_qwen.plan": ["gpus.yaml"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
+    # The metadata lives here rather than in pyproject's [project] table, so the command is declared here too.
+    entry_points={"console_scripts": ["megatron-qwen = megatron_qwen.cli.main:console"]},
     python_requires=">=3.10",
     install_requires=["torch", "megatron-core", "numpy", "pyyaml", "tiktoken", "safetensors", "psutil", "wandb", "matplotlib"],
 )

@@ -99,7 +99,13 @@ class QwenTokenizer:
         self.pad_id: int = self.eod_id
         self.im_start_id: int = SPECIAL_TOKENS[IM_START]
         self.im_end_id: int = SPECIAL_TOKENS[IM_END]
-        self.stop_ids: tuple[int, ...] = (self.im_end_id, self.im_start_id)
+        # A generated reply ends at ChatML's end (or start) of a turn, or at the end of the document.
+        self.stop_ids: tuple[int, ...] = (self.im_end_id, self.im_start_id, self.eod_id)
+
+    def generation_stop_ids(self, vocab_limit: int, ids: Iterable[int] | None = None) -> tuple[int, ...]:
+        """The ids that end generation for a model of `vocab_limit` ids: `ids` (default `stop_ids`), less those
+        the model's vocabulary does not have (a small test model's cannot produce them)."""
+        return tuple(int(i) for i in (ids or self.stop_ids) if int(i) < vocab_limit)
 
     def encode(self, text: str) -> list[int]:
         """Encode NFC-normalised ``text``; special-token strings in it are encoded as plain text."""

@@ -30,12 +30,19 @@ def test_known_encoding(tok):
 def test_special_ids(tok):
     assert tok.n_vocab == 151851
     assert (tok.eod_id, tok.pad_id, tok.im_start_id, tok.im_end_id) == (151643, 151643, 151644, 151645)
-    assert tok.stop_ids == (151645, 151644)
+    assert tok.stop_ids == (151645, 151644, 151643)
     assert len(tok.special_tokens) == 208
     assert tok.special_tokens["<|endoftext|>"] == 151643
     assert tok.special_tokens["<|extra_0|>"] == 151646
     assert tok.special_tokens["<|extra_204|>"] == 151850
     assert tok.decode([151643, 151644, 151645, 151850]) == "<|endoftext|><|im_start|><|im_end|><|extra_204|>"
+
+
+def test_generation_stops_only_at_ids_the_model_has(tok):
+    assert tok.generation_stop_ids(151936) == (151645, 151644, 151643)
+    assert tok.generation_stop_ids(151645) == (151644, 151643)  # a vocabulary ending before <|im_end|>
+    assert tok.generation_stop_ids(1000) == ()
+    assert tok.generation_stop_ids(1000, ids=[7, 999, 1000]) == (7, 999)
 
 
 def test_missing_dashscope_names_the_fix(monkeypatch):

@@ -1,6 +1,6 @@
 """Build the pretraining dataset's sample/shuffle index cache ahead of a job.
 
-    python tools/build_dataset_cache.py CONFIG.yaml [key=value ...]
+    megatron-qwen build-cache CONFIG.yaml [key=value ...]      (or python tools/build_dataset_cache.py ...)
 
 Uses the run's own config (data.paths, data.split, data.cache_dir, model.seq_length, training.seed,
 train_iters, global_batch_size, eval settings), so the job's ranks find the cache and only read it.
@@ -17,7 +17,7 @@ from megatron_qwen.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="megatron-qwen build-cache", description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -50,6 +50,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"index cache in {cfg.data.cache_dir or 'cache/ beside the shards'}, built in {time.perf_counter() - start:.1f} s")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Convert Qwen checkpoints between Hugging Face and megatron-core (dist_checkpointing).
 
-    python tools/convert_checkpoint.py hf-to-mcore --hf DIR --out CKPT --tp T --pp P [--vpp V]
-    python tools/convert_checkpoint.py mcore-to-hf --ckpt CKPT --out DIR [--layout qwen2|qwen] [--task lm|reward] \
+    megatron-qwen convert hf-to-mcore --hf DIR --out CKPT --tp T --pp P [--vpp V]
+    megatron-qwen convert mcore-to-hf --ckpt CKPT --out DIR [--layout qwen2|qwen] [--task lm|reward] \
         [--trust-checkpoint]
 
 hf-to-mcore reads transformers' Qwen2 layout or the Qwen v1 release's (remote code) layout, from
@@ -11,7 +11,7 @@ writes safetensors + config.json that `Qwen2ForCausalLM.from_pretrained` loads (
 names and config keys (qwen). Both run in one process and stream tensor by tensor. Exit status 2
 means the input or the request was refused (the message says why and what to do), e.g. a checkpoint
 whose metadata holds pickled objects outside the allowlist (--trust-checkpoint unpickles them: only for
-a checkpoint from a source you trust).
+a checkpoint from a source you trust). `python tools/convert_checkpoint.py` takes the same arguments.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def parse_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tools/convert_checkpoint.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="megatron-qwen convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     to_mcore = sub.add_parser("hf-to-mcore", help="Hugging Face Qwen checkpoint -> megatron-core checkpoint")
@@ -97,6 +97,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

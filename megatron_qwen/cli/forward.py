@@ -1,15 +1,16 @@
 """Full-vocabulary logits (and greedy continuations) of a checkpoint at any parallel layout.
 
-    torchrun --nproc-per-node N tools/forward.py --ckpt CKPT --tokens TOKENS.npy --out LOGITS.npy \
+    megatron-qwen forward [--nproc N] --ckpt CKPT --tokens TOKENS.npy --out LOGITS.npy \
         [--tp T --pp P --vpp V --sequence-parallel] [--generate K] [--trust-checkpoint]
 
-Loads CKPT (saved or converted at any layout) at the layout given here; ranks beyond TP x PP are
-data-parallel replicas that repeat the work. Writes fp32 logits [batch, seq, vocab] of the (batch,
-seq) integer array in TOKENS.npy, gathered across TP, from the last pipeline stage. With --generate
-K, K greedy tokens (from the KV-cache engine of tools/generate.py) are appended to each row, printed
-(decoded when the vocabulary is Qwen's) and saved to --generated-out (default: LOGITS.generated.npy).
-Exit status 2: the request was refused, e.g. a checkpoint holding pickled objects outside the
-allowlist (--trust-checkpoint unpickles them: only for a checkpoint from a source you trust).
+`torchrun --nproc-per-node N tools/forward.py ...` is the same. Loads CKPT (saved or converted at any
+layout) at the layout given here; ranks beyond TP x PP are data-parallel replicas that repeat the work.
+Writes fp32 logits [batch, seq, vocab] of the (batch, seq) integer array in TOKENS.npy, gathered across
+TP, from the last pipeline stage. With --generate K, K greedy tokens (from the KV-cache engine of
+`megatron-qwen generate`) are appended to each row, printed (decoded when the vocabulary is Qwen's) and
+saved to --generated-out (default: LOGITS.generated.npy). Exit status 2: the request was refused, e.g. a
+checkpoint holding pickled objects outside the allowlist (--trust-checkpoint unpickles them: only for a
+checkpoint from a source you trust).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from megatron_qwen.tokenizer import load_tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tools/forward.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="megatron-qwen forward", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, type=Path, help="megatron-core checkpoint directory")
     parser.add_argument("--tokens", required=True, type=Path, help=".npy (batch, seq) integer array")
     parser.add_argument("--out", required=True, type=Path, help="where to write the fp32 logits (.npy)")
@@ -116,9 +117,3 @@ def main(argv: list[str] | None = None) -> int:
         parallel_state.destroy_model_parallel()
     return 0
 
-
-if __name__ == "__main__":
-    status = main()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    sys.exit(status)

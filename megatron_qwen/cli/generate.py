@@ -1,6 +1,6 @@
 """Generate from a checkpoint at any layout with the KV-cache engine: prompts in, continuations out.
 
-    torchrun --nproc-per-node N tools/generate.py --ckpt CKPT \\
+    megatron-qwen generate [--nproc N] --ckpt CKPT \\
         (--prompt TEXT | --prompts FILE.jsonl | --prompt-tokens FILE.npy | --interactive) \\
         [--chat [--system TEXT]] [--max-new-tokens 128] [--temperature 1.0] [--top-p 1.0] [--top-k 0] \\
         [--seed 0] [--tp T --pp P --vpp V] [--precision auto|fp32|bf16] [--batch-size 8] [--out OUT.jsonl] \
@@ -16,9 +16,9 @@ Generation stops at <|im_end|>, <|im_start|> or <|endoftext|>, or after --max-ne
 token under the model), text (decoded when the vocabulary is Qwen's, else null) and finished (stopped at
 a stop token). With one prompt and no --out the continuation streams to stdout. --interactive is a ChatML
 chat in the terminal that keeps the conversation (/reset starts over, /exit or end of input leaves).
-Runs under torchrun, srun and mpirun like every tool; exit status 2: the request was refused, e.g. a
-checkpoint holding pickled objects outside the allowlist (--trust-checkpoint unpickles them: only for a
-checkpoint from a source you trust).
+`torchrun --nproc-per-node N tools/generate.py ...` is the same, and it runs under srun and mpirun too.
+Exit status 2: the request was refused, e.g. a checkpoint holding pickled objects outside the allowlist
+(--trust-checkpoint unpickles them: only for a checkpoint from a source you trust).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from megatron_qwen.tokenizer import load_tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tools/generate.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="megatron-qwen generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, type=Path, help="megatron-core checkpoint directory (any layout)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt text")
@@ -136,12 +136,6 @@ def _prompt_token_rows(path: Path, vocab_limit: int) -> list[list[int]]:
     return rows
 
 
-def stop_ids(tokenizer, vocab_limit: int) -> tuple[int, ...]:
-    """ChatML's and the document end's ids, where the model's vocabulary has them."""
-    ids = (tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id)
-    return tuple(i for i in ids if i < vocab_limit)
-
-
 class Writer:
     """Rank 0 of the last stage: decodes, streams and writes the results."""
 
@@ -215,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer()
         vocab_limit = plan.generate_vocab
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed, stop_ids=stop_ids(tokenizer, vocab_limit))
+                                top_p=args.top_p, seed=args.seed, stop_ids=tokenizer.generation_stop_ids(vocab_limit))
         params.check()
         prompts = [] if args.interactive else read_prompts(args, tokenizer, vocab_limit)
         if args.interactive and vocab_limit < TOKENIZER_VOCAB_SIZE:
@@ -262,9 +256,3 @@ def main(argv: list[str] | None = None) -> int:
         parallel_state.destroy_model_parallel()
     return 0
 
-
-if __name__ == "__main__":
-    status = main()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    sys.exit(status)

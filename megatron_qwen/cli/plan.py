@@ -1,6 +1,6 @@
 """Plan a parallel layout: which TP/PP/VPP/DP/SP/recompute/optimizer layouts fit, ranked by predicted step time.
 
-    python tools/plan.py --config configs/qwen-72b.yaml --gpus 256 --gpus-per-node 8 --gpu h100-80gb \
+    megatron-qwen plan --config configs/qwen-72b.yaml --gpus 256 --gpus-per-node 8 --gpu h100-80gb \
         --seq-length 4096 --global-batch 2048 [--micro-batch N] [--fp8] [--top 10] [--json] [--emit-overrides]
 
 Every layout that the trainer's config validation accepts for that many GPUs is evaluated; those whose
@@ -8,7 +8,7 @@ most loaded GPU fits in memory (less the headroom) are listed fastest first with
 fp32 gradients, optimizer state, activations, the buffer allowance) and step time (compute, TP, PP, DP,
 pipeline bubble) and MFU. --json prints the same for scripts; --emit-overrides prints only the best
 layout as the trainer's dotted overrides. Exit status 2: the request cannot be planned (the message says
-why and what would work).
+why and what would work). `python tools/plan.py` takes the same arguments.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def format_table(result: Plan, top: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tools/plan.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="megatron-qwen plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the model's config YAML (e.g. configs/qwen-72b.yaml)")
     parser.add_argument("--gpus", type=int, required=True, help="GPUs in the job (the world size)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
@@ -142,6 +142,3 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(result, args.top))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,26 +1,27 @@
 """Tokenize JSONL corpora into Megatron shards: PREFIX_{key}_document.bin/.idx per --json-keys key.
 
-    python tools/preprocess_data.py --input FILE.jsonl[.gz] [more files or globs] --output-prefix PREFIX \\
+    megatron-qwen preprocess --input FILE.jsonl[.gz] [more files or globs] --output-prefix PREFIX \\
         [--json-keys text [more keys]] [--append-eod] [--workers N] [--tokenizer-file qwen.tiktoken] \\
         [--skip-bad-lines] [--mpi]
 
 Chat data for SFT (one conversation per line, `messages` or Qwen's `conversations`), rendered with ChatML:
 PREFIX_chat_tokens_document and its loss mask PREFIX_chat_mask_document:
 
-    python tools/preprocess_data.py --chat --input chats.jsonl --output-prefix PREFIX --max-length 2048
+    megatron-qwen preprocess --chat --input chats.jsonl --output-prefix PREFIX --max-length 2048
 
 Preference pairs for the reward model (`prompt` or `messages`, `chosen`, `rejected`):
 PREFIX_chosen_document and PREFIX_rejected_document:
 
-    python tools/preprocess_data.py --preference --input pairs.jsonl --output-prefix PREFIX --max-length 2048
+    megatron-qwen preprocess --preference --input pairs.jsonl --output-prefix PREFIX --max-length 2048
 
 PPO prompts (`prompt`, or `messages` ending with a user turn; optional `system`), rendered with ChatML up to
 "<|im_start|>assistant\n": PREFIX_prompt_document:
 
-    python tools/preprocess_data.py --prompts --input prompts.jsonl --output-prefix PREFIX --max-length 1024
+    megatron-qwen preprocess --prompts --input prompts.jsonl --output-prefix PREFIX --max-length 1024
 
 With --mpi, launch it under mpirun or srun: ranks split the input and rank 0 merges, giving the same bytes as
-a single-process run. The work is done by megatron_qwen.data.preprocess.
+a single-process run. The work is done by megatron_qwen.data.preprocess. `python tools/preprocess_data.py` takes
+the same arguments.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from megatron_qwen.data.renderers import RENDERERS
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line above."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="megatron-qwen preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="JSONL or JSONL.gz files or globs, in order")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
     parser.add_argument("--json-keys", nargs="+", default=None, help="string fields to tokenize (default: text)")
@@ -102,6 +103,3 @@ def main(argv=None) -> int:
         print(format_summary(result), file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

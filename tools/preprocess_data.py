@@ -1,0 +1,15 @@
+"""`megatron-qwen preprocess` under its former path: `python tools/preprocess_data.py ARGS` is `megatron-qwen preprocess ARGS`
+(the code is in megatron_qwen/cli/)."""
+
+import sys
+
+from megatron_qwen.cli.main import main as megatron_qwen
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `megatron-qwen preprocess ARGV`; returns the exit status."""
+    return megatron_qwen(["preprocess", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
