@@ -353,11 +353,8 @@ def test_megatron_core_names_are_restored_after_every_load(tmp_path, tiny_cfg):
 
 
 def test_forward_tool_refuses_planted_metadata(tmp_path, capsys):
-    import importlib.util
+    from megatron_qwen.cli import forward as forward_tool
 
-    spec = importlib.util.spec_from_file_location("forward_tool", REPO / "tools" / "forward.py")
-    forward_tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(forward_tool)
     ckpt, canary = copy_checkpoint(tmp_path), tmp_path / "canary"
     plant_metadata(ckpt, Canary(canary))
     tokens = tmp_path / "tokens.npy"

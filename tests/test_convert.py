@@ -314,8 +314,7 @@ def test_conversion_refuses_bad_checkpoints_and_leaves_nothing(tmp_path, monkeyp
 
 @pytest.mark.parallel
 def test_forward_refuses_bad_requests(work, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    import forward
+    from megatron_qwen.cli import forward
 
     ckpt = work["ckpts"]["tp2"]
     good = tmp_path / "tokens.npy"

@@ -252,8 +252,7 @@ def test_generate_cli_streams_writes_and_chats(chat_ckpt, tmp_path):
     ("reward_ckpt", "it is a reward or value model (scalar head); logits and generation need a language-model checkpoint"),
 ])
 def test_generate_cli_refuses_bad_input(chat_ckpt, tmp_path, case, message, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    import generate
+    from megatron_qwen.cli import generate
 
     out = tmp_path / "out.jsonl"
     tokens = tmp_path / "tokens.npy"

@@ -10,11 +10,12 @@ word that describes my friend" kindly:
 3. a reward model (stages.reward) on preference pairs: chosen = a kind word, rejected = an unkind one; its
    accuracy on held-out pairs is printed;
 4. PPO (stages.ppo) from the SFT policy with that reward model: the reward curve, then the share of kind replies
-   before and after (a rule: the reply is one of the kind words), sampled with tools/generate.py on questions
-   about people the training data never mentions.
+   before and after (a rule: the reply is one of the kind words), sampled with `megatron-qwen generate` on
+   questions about people the training data never mentions; last, the PPO run's curves (`megatron-qwen plot`).
 
-Every step is the command a user would type (tools/preprocess_data.py, torchrun -m megatron_qwen.stages.*,
-tools/generate.py); everything lands in --out. It takes about 8 minutes on 2 cores.
+Every step is the command a user would type (`megatron-qwen preprocess`, `megatron-qwen run STAGE`,
+`megatron-qwen generate`, `megatron-qwen plot`, here as `python -m megatron_qwen.cli`); everything lands in
+--out, and the last line is the path of the PPO run's chart. It takes about 8 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ import json
 import os
 import random
 import resource
-import socket
 import string
 import subprocess
 import sys
 import time
 from pathlib import Path
 from statistics import median
+
+from megatron_qwen.checkpoint.directory import latest_checkpoint
+from megatron_qwen.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,12 +128,8 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 # --------------------------------------------------------------------------- reading the results
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def reply_shares(generations: Path) -> dict[str, float]:
-    """Share of kind, unkind and other replies among the lines `tools/generate.py --out` wrote."""
+    """Share of kind, unkind and other replies among the lines `megatron-qwen generate --out` wrote."""
     verdicts = [judge(json.loads(line)["text"]) for line in generations.read_text().splitlines() if line.strip()]
     return {kind: verdicts.count(kind) / len(verdicts) for kind in ("kind", "unkind", "other")}
 
@@ -143,12 +142,9 @@ def reward_chart(rewards: list[float], width: int = 40) -> list[str]:
             for step, reward in enumerate(rewards, start=1)]
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
-    checkpoints = run_dir / "checkpoints"
-    return checkpoints / (checkpoints / "latest").read_text().strip()
-
-
 # --------------------------------------------------------------------------- running the commands
+
+COMMAND = [sys.executable, "-m", "megatron_qwen.cli"]  # `megatron-qwen`, also where the venv is not on PATH
 
 # Each stage's demo-sized settings, on top of its config file and MODEL. Batches are global (split over --nproc
 # data-parallel ranks); small ones and a high learning rate: with Adam every step moves each weight by about the
@@ -193,25 +189,24 @@ class Demo:
         return result
 
     def preprocess(self, flags: list, records: list[dict], name: str) -> Path:
-        """`records` as NAME.jsonl, tokenized by tools/preprocess_data.py into shards with prefix data/NAME."""
+        """`records` as NAME.jsonl, tokenized by `megatron-qwen preprocess` into shards with prefix data/NAME."""
         source = write_jsonl(self.data / f"{name}.jsonl", records)
-        self.run([sys.executable, "tools/preprocess_data.py", *flags, "--input", source, "--output-prefix", self.data / name])
+        self.run([*COMMAND, "preprocess", *flags, "--input", source, "--output-prefix", self.data / name])
         return self.data / name
 
     def stage(self, name: str, recipe: tuple[str, list[str]], *overrides: str, micro_batch: int) -> Path:
-        """torchrun -m megatron_qwen.stages.NAME CONFIG MODEL RECIPE OVERRIDES; returns the final checkpoint."""
+        """`megatron-qwen run NAME CONFIG MODEL RECIPE OVERRIDES --nproc N`; returns the final checkpoint."""
         config, settings = recipe
         run_dir = self.out / name
-        self.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", self.nproc, "--master-port",
-                  free_port(), "-m", f"megatron_qwen.stages.{name}", config, *MODEL, *settings,
-                  f"training.micro_batch_size={micro_batch}", f"logging.run_dir={run_dir}",
-                  f"data.cache_dir={self.data / 'cache'}", *overrides])
-        return latest_checkpoint(run_dir)
+        self.run([*COMMAND, "run", name, config, *MODEL, *settings, f"training.micro_batch_size={micro_batch}",
+                  f"logging.run_dir={run_dir}", f"data.cache_dir={self.data / 'cache'}", *overrides,
+                  "--nproc", self.nproc])
+        return latest_checkpoint(run_dir / "checkpoints")
 
     def generate(self, ckpt: Path, prompts: Path, name: str, seed: int) -> Path:
-        """tools/generate.py's sampled replies (temperature 1) to the ChatML `prompts`, in NAME.jsonl."""
+        """`megatron-qwen generate`'s sampled replies (temperature 1) to the ChatML `prompts`, in NAME.jsonl."""
         out = self.out / f"{name}.jsonl"
-        self.run([sys.executable, "tools/generate.py", "--ckpt", ckpt, "--prompts", prompts, "--chat", "--max-new-tokens",
+        self.run([*COMMAND, "generate", "--ckpt", ckpt, "--prompts", prompts, "--chat", "--max-new-tokens",
                   MAX_NEW_TOKENS, "--temperature", "1.0", "--top-p", TOP_P, "--seed", seed, "--batch-size", 64, "--out", out])
         return out
 
@@ -221,18 +216,12 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def banner(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
 
 def build_data(demo: Demo, seed: int) -> dict[str, Path]:
-    """The four synthetic sets as shards (tools/preprocess_data.py), and the held-out evaluation prompts."""
+    """The four synthetic sets as shards (`megatron-qwen preprocess`), and the held-out evaluation prompts."""
     rng = random.Random(seed)
     length = str(SEQ_LENGTH)
     return {
@@ -259,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = Demo(args.out.resolve(), args.nproc)
     started, load = time.monotonic(), os.getloadavg()[0]
 
-    banner("0. synthetic data, tokenized with the Qwen tokenizer (tools/preprocess_data.py)")
+    banner("0. synthetic data, tokenized with the Qwen tokenizer (megatron-qwen preprocess)")
     data = demo.timed("data", build_data, demo, args.seed)
     print("an SFT conversation:", json.loads(open(f"{data['chats']}.jsonl").readline())["messages"])
 
@@ -282,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "ppo", PPO, f"ppo.policy_from={policy}", f"ppo.reward_from={reward_model}", f"data.paths=[{data['prompts']}]",
         f"training.train_iters={args.ppo_steps}", micro_batch=8))
 
-    banner("5. replies before and after PPO, to questions about people the training never saw (tools/generate.py)")
+    banner("5. replies before and after PPO to questions about people the training never saw (megatron-qwen generate)")
     shares = {}
     for name, ckpt in (("sft", policy), ("ppo", tuned)):
         generations = demo.timed(f"eval {name}", demo.generate, ckpt, data["eval"], f"replies_{name}", args.seed)
@@ -312,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(f"checkpoints:\n  pretrained   {pretrained}\n  SFT          {policy}\n  reward model {reward_model}\n"
           f"  PPO policy   {tuned}")
+    banner("the PPO run's curves (megatron-qwen plot)")
+    demo.run([*COMMAND, "plot", demo.out / "ppo"])  # prints the chart's path, the demo's last line
     return 0
 
 

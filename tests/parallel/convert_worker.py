@@ -1,6 +1,6 @@
 """Worker for tests/test_convert.py, launched with torchrun on gloo CPU ranks.
 
---forward "ARGS" (repeatable): run tools/forward.py's main with ARGS in these ranks, one layout after the
+--forward "ARGS" (repeatable): run `megatron-qwen forward`'s main with ARGS in these ranks, one layout after the
 other (the process group stays, the model-parallel state is rebuilt per run).
 --resave SRC DST TP PP: load checkpoint SRC at TP x PP and save it again with megatron-core's own
 `save_model`, giving a checkpoint sharded the way a training run at that layout writes one.
@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def resave(src: str, dst: str, tp: int, pp: int) -> None:
@@ -41,13 +38,12 @@ def main() -> None:
     parser.add_argument("--forward", action="append", default=[])
     parser.add_argument("--resave", nargs=4, action="append", default=[], metavar=("SRC", "DST", "TP", "PP"))
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO / "tools"))
-    import forward
+    from megatron_qwen.cli import forward
 
     for run in args.forward:
         status = forward.main(shlex.split(run))
         if status != 0:
-            raise SystemExit(f"tools/forward.py {run} exited with {status}")
+            raise SystemExit(f"megatron-qwen forward {run} exited with {status}")
     for src, dst, tp, pp in args.resave:
         resave(src, dst, int(tp), int(pp))
     import torch
