@@ -31,9 +31,10 @@ LAUNCHED = ("generate", "forward")
 # of a run says what it uses instead. Matched by message, category and megatron-core's modules only.
 ACCELERATOR_NOTES = dict(message=r"(Transformer Engine and Apex are|Apex is) not installed", category=UserWarning,
                          module=r"megatron\.core\.")
-# torch's deprecation of ShardedTensor, which megatron-core's checkpoint reader still uses, at every load.
+# torch's deprecation of ShardedTensor, which megatron-core's checkpoints still hold, from torch's checkpoint
+# planners at every load (default_planner, planner_helpers).
 SHARDED_TENSOR_NOTES = dict(message="Please use DTensor instead and we are deprecating ShardedTensor",
-                            category=FutureWarning)
+                            category=FutureWarning, module=r"torch\.distributed\.checkpoint\.")
 
 
 def show_library_warnings(verbose: bool) -> None:

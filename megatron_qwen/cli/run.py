@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import pkgutil
+import signal
 import sys
 from pathlib import Path
 
@@ -41,7 +42,9 @@ def launch(module_argv: list[str], nproc: int, verbose: bool = False) -> int:
     try:
         torchrun(torchrun_args(["--standalone", "--nproc-per-node", str(nproc), "-m", *module_argv]))
     except ChildFailedError as exc:
-        rank, failure = min(exc.failures.items())
+        # The rank that stopped first, not one the launcher then stopped with SIGTERM (exit 143, or -15 unhandled).
+        rank, failure = min(exc.failures.items(), key=lambda item: (item[1].exitcode in (143, -signal.SIGTERM),
+                                                                  item[1].timestamp, item[0]))
         code = failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode  # killed by signal -exitcode
         if code != 2:  # a refusal has printed its reasons; anything else gets a line saying which rank stopped
             print(f"megatron-qwen: rank {rank} exited with status {code} (its output is above)", file=sys.stderr)
