@@ -69,7 +69,8 @@ def test_help_lists_every_command_on_one_line(capsys):
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and not line.startswith("  -")}
+    lines = {line.split()[0]: line for line in out.splitlines()
+             if line.startswith("  ") and not line.startswith("  -")}
     assert tuple(lines) == COMMANDS, out
     for name, line in lines.items():
         assert len(line.split(maxsplit=1)) == 2, f"{name} has no one-line summary: {line!r}"
@@ -158,9 +159,11 @@ def test_run_refuses_a_bad_config_with_the_stage_error_lines_alone(megatron_qwen
                                   "--nproc", 2))
     assert code == 2
     lines = [line for line in (out + err).splitlines() if line.strip()]
-    # Each rank refuses the config itself: its two lines, and nothing of the launcher's.
-    assert lines == ["error: invalid configuration:", lines[1]] * 2, out + err
-    assert lines[1].startswith("  - unknown key 'training.no_such_key'; valid keys under training: ")
+    # Each rank refuses the config itself with these two lines (a rank the launcher stops first prints none; the
+    # ranks' lines may interleave), and nothing of the launcher's is there.
+    errors = [line for line in lines if line == "error: invalid configuration:"]
+    reasons = [line for line in lines if line.startswith("  - unknown key 'training.no_such_key'; valid keys under ")]
+    assert len(errors) == len(reasons) in (1, 2) and len(lines) == 2 * len(errors), out + err
     code, out, err = finish(start(megatron_qwen, "run", "pretrian", "configs/tiny.yaml"))
     assert code == 2 and "no stage 'pretrian'; the stages are " in err and "pretrain" in err, err
 
@@ -215,7 +218,8 @@ def write_run(run_dir: Path, keys: tuple[str, ...], valid: tuple[str, ...] = (),
 
 @pytest.mark.parametrize("keys, valid, stage, expected", [
     (LANGUAGE_MODEL_KEYS, ("loss",), "language model",
-     [("loss", ["loss", "valid_loss"]), ("lr", ["lr"]), ("tokens_per_s", ["tokens_per_s"]), ("grad_norm", ["grad_norm"])]),
+     [("loss", ["loss", "valid_loss"]), ("lr", ["lr"]), ("tokens_per_s", ["tokens_per_s"]),
+      ("grad_norm", ["grad_norm"])]),
     (REWARD_KEYS, ("loss", "accuracy", "margin"), "preference",
      [("loss", ["loss", "valid_loss"]), ("accuracy", ["accuracy", "valid_accuracy"]),
       ("margin", ["margin", "valid_margin"])]),
@@ -252,7 +256,7 @@ def test_plot_metrics_draws_any_logged_key_and_refuses_with_the_keys_there(tmp_p
     assert out == f"{run_dir / 'metrics.png'}\n" and "not logged, not drawn: nope" in err
     assert main([str(run_dir), "--metrics", "loss,valid_loss"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: none of --metrics loss,valid_loss was logged; the keys are reward_mean, reward_std"), err
+    assert err.startswith("error: none of --metrics loss,valid_loss was logged; the keys are reward_mean, "), err
     assert all(key in err for key in PPO_KEYS)
     assert main([str(tmp_path / "elsewhere")]) == 2
     assert "elsewhere/metrics.jsonl does not exist" in capsys.readouterr().err
