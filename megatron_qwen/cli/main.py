@@ -27,8 +27,8 @@ COMMANDS = {
 # Commands that run on several ranks: `--nproc N` relaunches them under torchrun.
 LAUNCHED = ("generate", "forward")
 
-# megatron-core's import-time notes that Transformer Engine and Apex are absent (four of them); the start-up line
-# of a run says what it uses instead. Matched by message, category and megatron-core's modules only.
+# megatron-core's import-time notes that Transformer Engine and Apex are absent (four, and one for Apex alone);
+# the start-up line of a run says what it uses instead. Matched by message, category and megatron-core's modules.
 ACCELERATOR_NOTES = dict(message=r"(Transformer Engine and Apex are|Apex is) not installed", category=UserWarning,
                          module=r"megatron\.core\.")
 # torch's deprecation of ShardedTensor, which megatron-core's checkpoints still hold, from torch's checkpoint
