@@ -105,17 +105,18 @@ def test_gradient_accumulation_fusion_stays_off_for_the_torchao_fp8_linears(sing
         for linear in (Float8ColumnParallelLinear, Float8RowParallelLinear):
             extra = {"gather_output": False} if linear is Float8ColumnParallelLinear else {
                 "input_is_parallel": True, "skip_bias_add": True}
-            linear(16, 16, config=config, init_method=config.init_method, bias=False, fp8_recipe=config.local_fp8_recipe,
-                   **extra)
+            linear(16, 16, config=config, init_method=config.init_method, bias=False,
+                   fp8_recipe=config.local_fp8_recipe, **extra)
     # Every other layout keeps it: the Transformer Engine spec (FP8 or not) and the local spec without FP8.
     for overrides in ([], ["model.fp8=tensorwise"], ["model.transformer_impl=local"]):
         runtime = resolve_runtime(cuda_config(*overrides), 0, apex)
         assert transformer_config(load_config("configs/tiny.yaml", overrides), runtime).gradient_accumulation_fusion
     # A config that turns it on by hand is refused with a message that says who turns it off.
     fused = dataclasses.replace(config, gradient_accumulation_fusion=True)
-    with pytest.raises(ValueError, match=r"must be off; megatron_qwen.model.qwen.transformer_config turns it off whenever "
-                                         r"model.fp8 runs on torchao"):
-        Float8ColumnParallelLinear(16, 16, config=fused, init_method=config.init_method, bias=False, fp8_recipe="rowwise")
+    with pytest.raises(ValueError, match=r"must be off; megatron_qwen.model.qwen.transformer_config turns it off "
+                                         r"whenever model.fp8 runs on torchao"):
+        Float8ColumnParallelLinear(16, 16, config=fused, init_method=config.init_method, bias=False,
+                                   fp8_recipe="rowwise")
 
 
 def test_fused_kernels_need_a_c_compiler_and_python_headers(tmp_path, monkeypatch, gpus):
@@ -171,13 +172,16 @@ def test_tensorwise_fp8_falls_back_to_torchao_below_transformer_engine_2_2(gpus)
     for version in ("2.1.0+8eb1712", "1.13.0", "2.0.0", "not-a-version"):
         runtime = resolve_runtime(cuda_config("model.fp8=tensorwise"), 0, te(version))
         assert (runtime.use_te, runtime.fp8_backend) == (False, "torchao"), version
-        assert runtime.describe().endswith(f"FP8: torchao (local layers) (Transformer Engine {version} has no "
-                                           "Float8CurrentScaling, which model.fp8=tensorwise needs (TE >= 2.2))"), version
+        line = runtime.describe()
+        assert line.endswith(f"FP8: torchao (local layers) (Transformer Engine {version} has no "
+                             "Float8CurrentScaling, which model.fp8=tensorwise needs (TE >= 2.2))"), version
+        assert "Transformer Engine: no (model.fp8 runs on torchao)" in line
         with pytest.raises(ConfigError, match=rf"model.fp8_backend=te: Transformer Engine {re.escape(version)} has no "
                                               r"Float8CurrentScaling.* or set model.fp8_backend=torchao"):
             resolve_runtime(cuda_config("model.fp8=tensorwise", "model.fp8_backend=te"), 0, te(version))
         with pytest.raises(ConfigError, match=r"model.transformer_impl=transformer_engine: Transformer Engine"):
-            resolve_runtime(cuda_config("model.fp8=tensorwise", "model.transformer_impl=transformer_engine"), 0, te(version))
+            resolve_runtime(cuda_config("model.fp8=tensorwise", "model.transformer_impl=transformer_engine"), 0,
+                            te(version))
     for version in ("2.2.0.dev0+a1b2c3", "2.2.0rc0", "2.2.0", "2.8.0+cu12"):
         runtime = resolve_runtime(cuda_config("model.fp8=tensorwise"), 0, te(version))
         assert (runtime.use_te, runtime.fp8_backend, runtime.fp8_note) == (True, "te", ""), version
@@ -229,7 +233,8 @@ def test_startup_line_says_why_each_accelerator_is_off(gpus, monkeypatch):
 
 
 @pytest.mark.parametrize("on_gpu, vpp, batch, overlap, sync", [
-    (True, 2, False, True, False), (True, 1, True, False, False), (False, 2, False, False, True), (False, 1, True, False, True),
+    (True, 2, False, True, False), (True, 1, True, False, False),
+    (False, 2, False, False, True), (False, 1, True, False, True),
 ])
 def test_interleaved_pipelines_overlap_p2p_on_gpus(on_gpu, vpp, batch, overlap, sync):
     """GPUs overlap the interleaved schedule's transfers (megatron-core forbids it together with batched p2p);

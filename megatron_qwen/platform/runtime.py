@@ -226,7 +226,8 @@ class Runtime:
     def describe(self) -> str:
         """The start-up line: what this run is made of, and why an optional piece is not used."""
         not_te = "model.fp8 runs on torchao" if self.fp8_backend == "torchao" else "model.transformer_impl=local"
-        te = "yes" if self.use_te else f"no ({'CPU ranks' if self.on_cpu else self.accelerators.transformer_engine or not_te})"
+        not_te = "CPU ranks" if self.on_cpu else self.accelerators.transformer_engine or not_te
+        te = "yes" if self.use_te else f"no ({not_te})"
         apex = "yes" if self.accelerators.apex is None else f"no ({self.accelerators.apex})"
         wgrad_off = self.wgrad_fusion_off(local_fp8=self.fp8_backend == "torchao")
         wgrad = "yes" if wgrad_off is None else f"no ({wgrad_off})"
