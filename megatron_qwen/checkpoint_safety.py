@@ -17,8 +17,8 @@ through ``torch.load(weights_only=True)``: tensors, containers, numbers, strings
 devices, plus numpy's array for the older RNG files (`LEGACY_RNG_GLOBALS`). The DCP metadata and TE's bytes
 go through a `pickle.Unpickler` whose ``find_class`` admits only the listed classes (`DCP_METADATA_TYPES`,
 `TE_RECIPE_TYPES` with a tensor's parts). Anything else raises `UnsafeCheckpointError` naming the file, the
-type and how to load a checkpoint one trusts: ``trust=True`` (``training.trust_checkpoint=true``, ``--trust-checkpoint``)
-reads everything as torch and megatron-core do by themselves.
+type and how to load a checkpoint one trusts: ``trust=True`` (``training.trust_checkpoint=true``,
+``--trust-checkpoint``) reads everything as torch and megatron-core do by themselves.
 
 megatron-core 0.16.1's torch_dist strategy builds its DCP reader and load planner inside its own methods,
 with no parameter for either (`MEGATRON_SITES`); `AllowlistLoadStrategy` rebinds those two names in
