@@ -17,7 +17,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Iterable
