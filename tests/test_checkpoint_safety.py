@@ -12,6 +12,8 @@ The upstream sites the loaders work around are checked to still read as listed, 
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import inspect
 import io
 import json
@@ -226,6 +228,200 @@ def test_extra_state_bytes_are_screened_before_transformer_engine_unpickles_them
     screen_extra_states(planted, "CKPT", trust=True)  # left for Transformer Engine to unpickle as it likes
     pickle.loads(planted["decoder"]["linear_fc1._extra_state"].numpy().tobytes())
     assert canary.is_dir()
+
+
+# Transformer Engine's recipe classes under their own class paths, for writing pickles as TE writes them (a
+# dataclass instance pickles as its class and its fields, an Enum member as its class and value): pydantic
+# dataclasses there, plain ones here, which pickle alike. Only ever in sys.modules while a pickle is written.
+TE_RECIPE_SOURCE = """
+import dataclasses, enum, typing
+
+class _FormatHelper(typing.NamedTuple):
+    max_fwd: float
+    max_bwd: float
+
+class Format(enum.Enum):
+    E4M3 = _FormatHelper(max_fwd=448, max_bwd=448)
+    E5M2 = _FormatHelper(max_fwd=57344, max_bwd=57344)
+    HYBRID = _FormatHelper(max_fwd=448, max_bwd=57344)
+
+@dataclasses.dataclass(frozen=True)
+class MMParams:
+    use_split_accumulator: bool = True
+
+@dataclasses.dataclass(frozen=True)
+class QParams:
+    power_2_scale: bool = False
+    amax_epsilon: float = 0.0
+
+class Recipe:
+    pass
+
+@dataclasses.dataclass
+class DelayedScaling(Recipe):
+    margin: int = 0
+    fp8_format: Format = Format.HYBRID
+    amax_history_len: int = 1024
+    amax_compute_algo: typing.Any = "max"
+    scaling_factor_compute_algo: typing.Any = None
+    reduce_amax: bool = True
+    fp8_dpa: bool = False
+    fp8_mha: bool = False
+    backward_override: typing.Any = None
+
+@dataclasses.dataclass
+class Float8CurrentScaling(Recipe):
+    fp8_format: Format = Format.HYBRID
+    fp8_quant_fwd_inp: QParams = QParams()
+    fp8_quant_fwd_weight: QParams = QParams()
+    fp8_quant_bwd_grad: QParams = QParams()
+    fp8_gemm_fprop: MMParams = MMParams(use_split_accumulator=False)
+    fp8_gemm_dgrad: MMParams = MMParams()
+    fp8_gemm_wgrad: MMParams = MMParams()
+    fp8_dpa: bool = False
+    fp8_mha: bool = False
+
+@dataclasses.dataclass
+class CustomRecipe(Recipe):
+    qfactory: typing.Any = None
+    fp8_format: Format = Format.HYBRID
+"""
+
+
+@pytest.fixture
+def te_class_paths(monkeypatch):
+    """A context manager: inside it, TE's recipe module and megatron-core's TEDelayedScaling are importable
+    under their real paths (stand-ins), as where Transformer Engine is installed."""
+    import contextlib
+    import types
+
+    from megatron.core.extensions import transformer_engine as mcore_te
+
+    recipe = types.ModuleType("transformer_engine.common.recipe")
+    with monkeypatch.context() as m:  # dataclasses look their module up while they are made
+        m.setitem(sys.modules, recipe.__name__, recipe)
+        exec(compile(TE_RECIPE_SOURCE, "recipe", "exec"), recipe.__dict__)
+
+    class TEDelayedScaling(recipe.DelayedScaling):  # megatron-core's: a DelayedScaling from a TransformerConfig
+        pass
+
+    TEDelayedScaling.__module__, TEDelayedScaling.__qualname__ = mcore_te.__name__, "TEDelayedScaling"
+    recipe.TEDelayedScaling = TEDelayedScaling
+
+    @contextlib.contextmanager
+    def installed():
+        with monkeypatch.context() as m:
+            for name in ("transformer_engine", "transformer_engine.common"):
+                m.setitem(sys.modules, name, types.ModuleType(name))
+            m.setitem(sys.modules, recipe.__name__, recipe)
+            m.setattr(mcore_te, "TEDelayedScaling", TEDelayedScaling)
+            yield
+
+    return recipe, installed
+
+
+def _te_extra_state(recipe_object) -> dict:
+    """What TE 2.x's get_extra_state pickles for a layer (delayed scaling adds its scales and amax histories)."""
+    state = {"recipe": recipe_object, "extra_fp8_variables": {"num_gemms": 1, "fp8_max_fwd": 448.0,
+                                                              "fp8_max_bwd": 57344.0, "fp8_checkpoint": True}}
+    if type(recipe_object).__name__.endswith("DelayedScaling"):
+        state.update(scale_fwd=torch.tensor([1.5, 2.0, 4.0]), amax_history_fwd=torch.rand(1024, 3),
+                     scale_bwd=torch.tensor([0.5, 8.0]), amax_history_bwd=torch.rand(1024, 2))
+    return state
+
+
+def test_transformer_engine_recipes_pass_the_screen(te_class_paths):
+    """model.fp8=delayed (megatron-core's TEDelayedScaling) and tensorwise (TE's Float8CurrentScaling) resume:
+    their extra state passes with Transformer Engine importable (then pickled afresh) and without it (kept)."""
+    from megatron_qwen.checkpoint_safety import screen_extra_states
+
+    recipe, installed = te_class_paths
+    hybrid = recipe.Format.HYBRID
+    objects = {
+        "delayed": recipe.TEDelayedScaling(fp8_format=hybrid, amax_history_len=1024, amax_compute_algo="max"),
+        "tensorwise": recipe.Float8CurrentScaling(fp8_format=hybrid, fp8_quant_fwd_inp=recipe.QParams(True, 0.0)),
+        "te_delayed": recipe.DelayedScaling(fp8_format=recipe.Format.E4M3, amax_compute_algo="most_recent"),
+    }
+    for name, obj in objects.items():
+        with installed():
+            written = pickle.dumps(_te_extra_state(obj))
+        assert b"transformer_engine" in written
+        # No Transformer Engine here: admitted by name, left as written.
+        state = {"linear_fc1._extra_state": torch.frombuffer(bytearray(written), dtype=torch.uint8)}
+        screen_extra_states(state, "CKPT")
+        assert state["linear_fc1._extra_state"].numpy().tobytes() == written, name
+        # Transformer Engine importable: unpickled into its classes and pickled afresh, the same state.
+        with installed():
+            state = {"linear_fc1._extra_state": torch.frombuffer(bytearray(written), dtype=torch.uint8)}
+            screen_extra_states(state, "CKPT")
+            screened = pickle.loads(state["linear_fc1._extra_state"].numpy().tobytes())
+            original = pickle.loads(written)
+        assert type(screened["recipe"]) is type(obj) and screened["recipe"] == obj, name
+        assert screened["extra_fp8_variables"] == original["extra_fp8_variables"]
+        for key in ("scale_fwd", "amax_history_fwd", "scale_bwd", "amax_history_bwd"):
+            assert (key in original) == (name != "tensorwise"), (name, key)
+            assert key not in original or torch.equal(screened[key], original[key]), (name, key)
+
+
+def test_transformer_engine_recipes_carry_no_code(tmp_path, te_class_paths):
+    """The allowlist stays one: a recipe holding a callable (a custom amax algorithm, TE's CustomRecipe and its
+    factory) or a class of TE's recipe module that no recipe pickles is refused, with TE importable or not."""
+    from megatron_qwen.checkpoint_safety import UnsafeCheckpointError, screen_extra_states
+
+    recipe, installed = te_class_paths
+    canary = tmp_path / "canary"
+    plants = {
+        f"{PLANTED}": recipe.TEDelayedScaling(amax_compute_algo=Canary(canary)),
+        "transformer_engine.common.recipe.CustomRecipe": recipe.CustomRecipe(qfactory=None),
+        "transformer_engine.common.recipe.Recipe": recipe.Recipe(),
+    }
+    for names, obj in plants.items():
+        with installed():
+            written = pickle.dumps(_te_extra_state(obj))
+        for present in (False, True):
+            state = {"linear_qkv._extra_state": torch.frombuffer(bytearray(written), dtype=torch.uint8)}
+            with installed() if present else contextlib.nullcontext():
+                with pytest.raises(UnsafeCheckpointError) as exc_info:
+                    screen_extra_states(state, "CKPT")
+            assert_refused(exc_info, "CKPT (linear_qkv._extra_state)", names=names)
+    assert not canary.exists()
+
+
+def _source_of(site) -> str:
+    """The source of `site.qualname` in `site.module`, read from its file without importing it (megatron-core
+    defines the TE sites only where Transformer Engine imports)."""
+    import ast
+    import importlib.util
+
+    path = importlib.util.find_spec(site.module).origin
+    source = Path(path).read_text()
+    node = ast.parse(source)
+    for part in site.qualname.split("."):
+        node = next(n for n in ast.walk(node) if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == part)
+    return ast.get_source_segment(source, node)
+
+
+def test_megatron_core_builds_the_recipes_listed():
+    from megatron_qwen.checkpoint_safety import TE_RECIPE_SITES
+
+    for site in TE_RECIPE_SITES:
+        if site.module.startswith("megatron."):
+            assert site.snippet in _source_of(site), site
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,
+                    reason="Transformer Engine is not installed")
+def test_transformer_engine_pickles_the_recipe_as_listed():
+    import transformer_engine.common.recipe as te_recipe
+
+    from megatron_qwen.checkpoint_safety import TE_RECIPE_SITES, TE_RECIPE_TYPES
+
+    for site in TE_RECIPE_SITES:
+        assert site.snippet in _source_of(site), site
+    # Every recipe class TE has is admitted, or holds code (CustomRecipe's factory).
+    recipes = {name for name, value in vars(te_recipe).items()
+               if isinstance(value, type) and issubclass(value, te_recipe.Recipe) and value is not te_recipe.Recipe}
+    assert recipes - set(TE_RECIPE_TYPES["transformer_engine.common.recipe"]) <= {"CustomRecipe"}
 
 
 def _te_fp8_available() -> bool:

@@ -24,6 +24,33 @@ def test_boundaries_from_position_ids_by_hand():
     assert packed_rows(positions[1:], torch.device("cpu")) is None  # nothing packed: plain causal attention
 
 
+def test_varlen_kernel_only_where_it_takes_a_scale_and_a_causal_window(monkeypatch):
+    """torch 2.10's varlen_attn takes is_causal and no scale: calling it as torch >= 2.11's would raise a
+    TypeError at the first packed step, so packed rows take the per-sequence path there."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    from megatron_qwen.model import attention
+
+    def torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        raise AssertionError("never called")
+
+    def torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                   window_size=(-1, -1), enable_gqa=False):
+        raise AssertionError("never called")
+
+    def scale_only(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None):
+        raise AssertionError("never called")
+
+    assert attention.varlen_kernel(torch_2_11) is torch_2_11
+    assert attention.varlen_kernel(varlen_attn) is varlen_attn  # this torch's
+    for older in (torch_2_10, scale_only):
+        assert attention.varlen_kernel(older) is None, older.__name__
+    monkeypatch.setattr(attention, "varlen_attn", torch_2_10)  # what `_packed` asks for
+    assert attention.varlen_kernel() is None
+    monkeypatch.setattr(attention, "varlen_attn", None)  # torch without the module
+    assert attention.varlen_kernel() is None
+
+
 @pytest.mark.usefixtures("single_rank")
 def test_packed_rows_attend_per_conversation_without_a_dense_mask(tmp_path, monkeypatch):
     from megatron_qwen.config import load_config

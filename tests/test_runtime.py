@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import sys
 
 import pytest
 import torch
@@ -83,6 +85,125 @@ def test_gradient_accumulation_fusion_only_when_apex_kernel_imports(single_rank)
         ColumnParallelLinear(8, 16, config=fused, init_method=config.init_method, bias=False)
 
 
+def test_gradient_accumulation_fusion_stays_off_for_the_torchao_fp8_linears(single_rank, gpus, monkeypatch):
+    """An image with apex's kernel (as NGC's) still builds model.fp8=rowwise and fp8_backend=torchao: the torchao
+    FP8 linears compute their weight gradient themselves, so fusion is on only where every linear supports it."""
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_qwen.model.fp8 import Float8ColumnParallelLinear, Float8RowParallelLinear
+    from megatron_qwen.model.qwen import transformer_config
+
+    apex = dataclasses.replace(NOTHING, transformer_engine=None, fused_wgrad=None, te_version="2.8.0")
+    monkeypatch.setattr(layers, "_grad_accum_fusion_available", True)  # apex's kernel "imports"
+    for overrides in (["model.fp8=rowwise"], ["model.fp8=tensorwise", "model.fp8_backend=torchao"]):
+        runtime = resolve_runtime(cuda_config(*overrides), 0, apex)
+        assert (runtime.use_te, runtime.fp8_backend) == (False, "torchao"), overrides
+        config = transformer_config(load_config("configs/tiny.yaml", overrides), runtime)
+        assert config.gradient_accumulation_fusion is False and config.local_fp8_recipe is not None, overrides
+        assert "fused weight-gradient accumulation: no (the torchao FP8 linears compute their own" in runtime.describe()
+        config = dataclasses.replace(config, use_cpu_initialization=True, params_dtype=torch.float32)
+        for linear in (Float8ColumnParallelLinear, Float8RowParallelLinear):
+            extra = {"gather_output": False} if linear is Float8ColumnParallelLinear else {
+                "input_is_parallel": True, "skip_bias_add": True}
+            linear(16, 16, config=config, init_method=config.init_method, bias=False,
+                   fp8_recipe=config.local_fp8_recipe, **extra)
+    # Every other layout keeps it: the Transformer Engine spec (FP8 or not) and the local spec without FP8.
+    for overrides in ([], ["model.fp8=tensorwise"], ["model.transformer_impl=local"]):
+        runtime = resolve_runtime(cuda_config(*overrides), 0, apex)
+        assert transformer_config(load_config("configs/tiny.yaml", overrides), runtime).gradient_accumulation_fusion
+    # A config that turns it on by hand is refused with a message that says who turns it off.
+    fused = dataclasses.replace(config, gradient_accumulation_fusion=True)
+    with pytest.raises(ValueError, match=r"must be off; megatron_qwen.model.qwen.transformer_config turns it off "
+                                         r"whenever model.fp8 runs on torchao"):
+        Float8ColumnParallelLinear(16, 16, config=fused, init_method=config.init_method, bias=False,
+                                   fp8_recipe="rowwise")
+
+
+def test_fused_kernels_need_a_c_compiler_and_python_headers(tmp_path, monkeypatch, gpus):
+    """megatron-core's bias-activation and bias-dropout fusions are torch.compile'd: on a machine without a C
+    compiler (or Python.h) they are turned off, and the start-up line says why."""
+    from megatron_qwen.model.qwen import transformer_config
+    from megatron_qwen.platform import runtime as rt
+
+    bare, tools = tmp_path / "bare", tmp_path / "tools"
+    bare.mkdir()
+    tools.mkdir()
+    (tools / "gcc").write_text("#!/bin/sh\n")
+    (tools / "gcc").chmod(0o755)
+    headers = tmp_path / "include"
+    headers.mkdir()
+    (headers / "Python.h").write_text("")
+    monkeypatch.setattr(rt.sysconfig, "get_paths", lambda scheme=None: {"include": str(headers)})
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(bare))
+    assert rt.compile_toolchain() == "no C compiler: neither $CC nor gcc nor clang on PATH"
+    monkeypatch.setenv("CC", "/nowhere/cc")
+    assert rt.compile_toolchain() == "CC=/nowhere/cc is not an executable"
+    monkeypatch.setenv("CC", str(tools / "gcc"))
+    assert rt.compile_toolchain() is None
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("PATH", str(tools))
+    assert rt.compile_toolchain() is None
+    (headers / "Python.h").unlink()
+    assert rt.compile_toolchain().startswith(f"no Python headers: {headers}/Python.h is missing")
+
+    cfg = cuda_config()
+    without = dataclasses.replace(NOTHING, compiler="no C compiler: neither $CC nor gcc nor clang on PATH")
+    off = resolve_runtime(cfg, 0, without)
+    config = transformer_config(cfg, off)
+    assert (config.bias_activation_fusion, config.bias_dropout_fusion) == (False, False)
+    assert "fused kernels (torch.compile): no (no C compiler: neither $CC nor gcc nor clang on PATH)" in off.describe()
+    on = resolve_runtime(cfg, 0, dataclasses.replace(NOTHING, compiler=None))
+    config = transformer_config(cfg, on)
+    assert (config.bias_activation_fusion, config.bias_dropout_fusion) == (True, True)
+    assert "fused kernels (torch.compile): yes" in on.describe()
+    assert "fused kernels (torch.compile): no (CPU ranks)" in Runtime.cpu().describe()
+    assert transformer_config(cfg, Runtime.cpu()).bias_activation_fusion is False
+
+
+def test_tensorwise_fp8_falls_back_to_torchao_below_transformer_engine_2_2(gpus):
+    """Float8CurrentScaling, TE's tensorwise recipe, arrived in Transformer Engine 2.2: fp8_backend=auto takes
+    torchao below it and says why on the start-up line; asking for TE there is refused."""
+    from megatron_qwen.config import ConfigError
+
+    def te(version):
+        return dataclasses.replace(NOTHING, transformer_engine=None, te_version=version)
+
+    for version in ("2.1.0+8eb1712", "1.13.0", "2.0.0", "not-a-version"):
+        runtime = resolve_runtime(cuda_config("model.fp8=tensorwise"), 0, te(version))
+        assert (runtime.use_te, runtime.fp8_backend) == (False, "torchao"), version
+        line = runtime.describe()
+        assert line.endswith(f"FP8: torchao (local layers) (Transformer Engine {version} has no "
+                             "Float8CurrentScaling, which model.fp8=tensorwise needs (TE >= 2.2))"), version
+        assert "Transformer Engine: no (model.fp8 runs on torchao)" in line
+        with pytest.raises(ConfigError, match=rf"model.fp8_backend=te: Transformer Engine {re.escape(version)} has no "
+                                              r"Float8CurrentScaling.* or set model.fp8_backend=torchao"):
+            resolve_runtime(cuda_config("model.fp8=tensorwise", "model.fp8_backend=te"), 0, te(version))
+        with pytest.raises(ConfigError, match=r"model.transformer_impl=transformer_engine: Transformer Engine"):
+            resolve_runtime(cuda_config("model.fp8=tensorwise", "model.transformer_impl=transformer_engine"), 0,
+                            te(version))
+    for version in ("2.2.0.dev0+a1b2c3", "2.2.0rc0", "2.2.0", "2.8.0+cu12"):
+        runtime = resolve_runtime(cuda_config("model.fp8=tensorwise"), 0, te(version))
+        assert (runtime.use_te, runtime.fp8_backend, runtime.fp8_note) == (True, "te", ""), version
+    # Delayed scaling is in every release; rowwise is torchao's alone, whatever TE's version.
+    assert resolve_runtime(cuda_config("model.fp8=delayed"), 0, te("2.1.0")).use_te
+    assert resolve_runtime(cuda_config("model.fp8=rowwise"), 0, te("2.1.0")).fp8_note == ""
+
+
+def test_transformer_engine_version_is_read_when_it_imports(tmp_path, monkeypatch):
+    package = tmp_path / "transformer_engine"
+    (package / "pytorch").mkdir(parents=True)
+    (package / "__init__.py").write_text("__version__ = '2.1.0+8eb1712'\n")
+    (package / "pytorch" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        found = Accelerators.detect()
+    finally:  # later tests import their own stand-ins under the same name
+        for name in ("transformer_engine.pytorch", "transformer_engine"):
+            sys.modules.pop(name, None)
+    assert (found.transformer_engine, found.te_version) == (None, "2.1.0+8eb1712")
+
+
 def test_accelerators_are_detected_by_importing_them(tmp_path, monkeypatch):
     """A package that is installed but fails at import (a Transformer Engine built for another CUDA or torch)
     is reported as such, not selected."""
@@ -111,16 +232,20 @@ def test_startup_line_says_why_each_accelerator_is_off(gpus, monkeypatch):
     assert "Transformer Engine: no (CPU ranks)" in Runtime.cpu().describe()
 
 
-@pytest.mark.parametrize("on_gpu, vpp, batch, overlap", [(True, 2, False, True), (True, 1, True, False), (False, 2, False, False), (False, 1, True, False)])
-def test_interleaved_pipelines_overlap_p2p_on_gpus(on_gpu, vpp, batch, overlap):
+@pytest.mark.parametrize("on_gpu, vpp, batch, overlap, sync", [
+    (True, 2, False, True, False), (True, 1, True, False, False),
+    (False, 2, False, False, True), (False, 1, True, False, True),
+])
+def test_interleaved_pipelines_overlap_p2p_on_gpus(on_gpu, vpp, batch, overlap, sync):
     """GPUs overlap the interleaved schedule's transfers (megatron-core forbids it together with batched p2p);
-    CPU ranks keep separate, blocking sends and receives."""
+    CPU ranks keep separate, blocking sends and receives. GPUs never synchronise the device after a batched
+    transfer (megatron-core's batch_p2p_sync, on by default), which would stall the overlapped gradient reduce."""
     from megatron_qwen.model.qwen import transformer_config
 
     cfg = load_config("configs/tiny.yaml", ["parallel.pp=2", f"parallel.vpp={vpp}"])
     runtime = Runtime(torch.device("cuda", 0), torch.bfloat16, False, NOTHING) if on_gpu else Runtime.cpu()
     config = transformer_config(cfg, runtime)
-    assert (config.batch_p2p_comm, config.overlap_p2p_comm) == (batch, overlap)
+    assert (config.batch_p2p_comm, config.overlap_p2p_comm, config.batch_p2p_sync) == (batch, overlap, sync)
 
 
 def test_overlapped_communication_orders_gpu_work(gpus, monkeypatch):

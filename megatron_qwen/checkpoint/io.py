@@ -17,7 +17,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
@@ -86,7 +85,7 @@ def chunks_state(modules: list[torch.nn.Module], namespace: str = "") -> dict:
 # it reads the step from the per-parameter state, which torch creates only at the first step, and it copies
 # every key of that state, 'step' included, from the checkpoint's parameter state, which has no 'step'
 # (DistributedOptimizer.state_dict and _set_main_param_and_optimizer_states), and its load_state_dict gives
-# every parameter one shared step tensor. The two functions below bridge all three;
+# every parameter one shared step tensor. `_create_optimizer_state` and `_load_optimizer` bridge all three;
 # tests/test_checkpoint_memory.py shows the plain calls fail.
 
 
@@ -97,16 +96,24 @@ def _torch_adams(optimizer) -> list:
             if isinstance(opt, DistributedOptimizer) and isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))]
 
 
-def _create_adam_state(optimizer) -> None:
-    """Give torch's Adam/AdamW the per-parameter state it otherwise creates at its first step (step 0, zero
-    moments: what that step would create), so that a distributed optimizer that has not stepped yet can build
-    its state dict, to save or to load into."""
-    for _, inner in _torch_adams(optimizer):
-        for group in inner.param_groups:
-            for param in group["params"]:
-                if not inner.state[param]:
-                    inner.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
-                                              exp_avg_sq=torch.zeros_like(param))
+def _create_optimizer_state(optimizer) -> None:
+    """Give every optimizer in `optimizer` the per-parameter state it otherwise creates at its first step (zero
+    moments: what that step would start from), so that one that has not stepped yet can build its state dict,
+    to save or to load into.
+
+    The state is made by each megatron-core optimizer's own ``init_state_fn`` (what megatron-core itself calls
+    before loading), which matches its inner optimizer: torch's Adam, or Transformer Engine's / apex's
+    FusedAdam, which create their state lazily at their first step and keep the step count per group.
+    torch's Adam/AdamW also keep a per-parameter step, which that function leaves out: step 0 is added."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init_state = getattr(opt, "init_state_fn", None)
+        inner = getattr(opt, "optimizer", None)
+        if init_state is None or inner is None:
+            continue
+        init_state(inner, opt.config)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for state in inner.state.values():
+                state.setdefault("step", torch.tensor(0.0))
 
 
 def _load_optimizer(optimizer, state: dict) -> None:
@@ -142,7 +149,7 @@ def units_state(units: Iterable[ModelUnit], loading: bool = False) -> dict:
         if unit.optimizer is not None:
             # Loading needs the state to load into; saving an optimizer that has not stepped yet (PPO's policy
             # during the value warm-up, training.train_iters=0) needs it too.
-            _create_adam_state(unit.optimizer)
+            _create_optimizer_state(unit.optimizer)
             unit_state[ckdir.OPTIMIZER_KEY] = unit.optimizer.sharded_state_dict(
                 unit_state, is_loading=loading, metadata=OPTIMIZER_METADATA
             )

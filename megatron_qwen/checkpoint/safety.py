@@ -16,9 +16,9 @@ Each is read here through an allowlist of exactly the types those files hold. ``
 through ``torch.load(weights_only=True)``: tensors, containers, numbers, strings, torch sizes, dtypes and
 devices, plus numpy's array for the older RNG files (`LEGACY_RNG_GLOBALS`). The DCP metadata and TE's bytes
 go through a `pickle.Unpickler` whose ``find_class`` admits only the listed classes (`DCP_METADATA_TYPES`,
-`te_extra_state_type`). Anything else raises `UnsafeCheckpointError` naming the file, the type and how to
-load a checkpoint one trusts: ``trust=True`` (``training.trust_checkpoint=true``, ``--trust-checkpoint``)
-reads everything as torch and megatron-core do by themselves.
+`TE_RECIPE_TYPES` with a tensor's parts). Anything else raises `UnsafeCheckpointError` naming the file, the
+type and how to load a checkpoint one trusts: ``trust=True`` (``training.trust_checkpoint=true``,
+``--trust-checkpoint``) reads everything as torch and megatron-core do by themselves.
 
 megatron-core 0.16.1's torch_dist strategy builds its DCP reader and load planner inside its own methods,
 with no parameter for either (`MEGATRON_SITES`); `AllowlistLoadStrategy` rebinds those two names in
@@ -112,19 +112,64 @@ _TENSOR_PICKLE_TYPES = {
     ("torch", "Size"): torch.Size,
     **{("torch", name): getattr(torch, name) for name in _DTYPE_NAMES},
 }
-TE_RECIPE_MODULE = "transformer_engine.common.recipe"
+# What Transformer Engine 2.x pickles into a layer's extra state besides tensors: its FP8 recipe object
+# (`TE_RECIPE_SITES`), one of TE's recipe dataclasses or, for model.fp8=delayed, megatron-core's TEDelayedScaling
+# (a DelayedScaling subclass), whose fields hold the Format enum (its values are _FormatHelper tuples), QParams,
+# MMParams, numbers, strings and None. TE's CustomRecipe is left out: it holds a quantizer factory, i.e. code.
+# Listed from TE's transformer_engine/common/recipe/__init__.py, v2.0 to v2.18.
+TE_RECIPE_TYPES: dict[str, tuple[str, ...]] = {
+    "transformer_engine.common.recipe": (
+        "_FormatHelper", "Format", "MMParams", "QParams", "DelayedScaling", "Float8CurrentScaling",
+        "MXFP8BlockScaling", "Float8BlockScaling", "NVFP4BlockScaling",
+    ),
+    "megatron.core.extensions.transformer_engine": ("TEDelayedScaling",),
+}
+
+
+class _Absent:
+    """Stands in, while extra state is screened, for an admitted class that does not import in this process
+    (no Transformer Engine here): takes whatever arguments and state the pickle gives it, and runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+@functools.lru_cache(maxsize=None)
+def _absent(module: str, name: str) -> type:
+    return type(name, (_Absent,), {"__qualname__": f"_Absent[{module}.{name}]"})
+
+
+class TEExtraStateTypes:
+    """What a Transformer Engine layer's extra state may name: a tensor's parts, or a `TE_RECIPE_TYPES` class.
+
+    An admitted class resolves to itself where its module imports; elsewhere (no Transformer Engine: its recipe
+    module does not import, and megatron-core's TEDelayedScaling is then no class) to an inert stand-in, and
+    `stood_in` records that it did."""
+
+    def __init__(self):
+        self.stood_in = False
+
+    def __call__(self, module: str, name: str):
+        if (module, name) in _TENSOR_PICKLE_TYPES:
+            return _TENSOR_PICKLE_TYPES[(module, name)]
+        if name not in TE_RECIPE_TYPES.get(module, ()):
+            return None
+        try:
+            value = getattr(importlib.import_module(module), name, None)
+        except Exception:  # TE missing, or an install that does not import: nothing here will unpickle TE's bytes
+            value = None
+        if isinstance(value, type):
+            return value
+        self.stood_in = True
+        return _absent(module, name)
 
 
 def te_extra_state_type(module: str, name: str):
-    """The object a Transformer Engine layer's extra state may name, or None: a tensor's parts, or a
-    class defined in TE's recipe module (the FP8 recipe: its dataclasses, the Format enum and its tuple)."""
-    if (module, name) in _TENSOR_PICKLE_TYPES:
-        return _TENSOR_PICKLE_TYPES[(module, name)]
-    if module == TE_RECIPE_MODULE and "." not in name:
-        value = getattr(importlib.import_module(module), name, None)
-        if isinstance(value, type) and value.__module__ == module:
-            return value
-    return None
+    """The object a Transformer Engine layer's extra state may name, or None (see `TEExtraStateTypes`)."""
+    return TEExtraStateTypes()(module, name)
 
 
 def dcp_metadata_type(module: str, name: str):
@@ -274,6 +319,24 @@ UNRESTRICTED_SITES = (
 )
 
 
+# Where Transformer Engine's FP8 recipe objects come from and are pickled, for `TE_RECIPE_TYPES`: megatron-core
+# builds TE's recipe per model.fp8 (TEDelayedScaling for delayed, TE's Float8CurrentScaling for tensorwise), TE
+# pickles it into each layer's extra state and unpickles that without restriction when a layer loads it.
+# Defined only where Transformer Engine imports; tests/test_checkpoint_safety.py reads them from the source.
+TE_RECIPE_SITES = (
+    UpstreamSite("megatron.core.fp8_utils", "get_fp8_recipe", "fp8_recipe = TEDelayedScaling("),
+    UpstreamSite("megatron.core.fp8_utils", "get_fp8_recipe", "transformer_engine.common.recipe.Float8CurrentScaling("),
+    UpstreamSite("megatron.core.extensions.transformer_engine", "TEDelayedScaling",
+                 "class TEDelayedScaling(te.common.recipe.DelayedScaling)"),
+    UpstreamSite("transformer_engine.pytorch.module.base", "TransformerEngineBaseModule.get_extra_state",
+                 'state["recipe"] = '),
+    UpstreamSite("transformer_engine.pytorch.module.base", "TransformerEngineBaseModule.get_extra_state",
+                 "pickle.dumps(state)"),
+    UpstreamSite("transformer_engine.pytorch.module.base", "TransformerEngineBaseModule.set_extra_state",
+                 "pickle.loads(state_bytes)"),
+)
+
+
 @contextlib.contextmanager
 def _megatron_reads_through(reader: FileSystemReader, planner: Callable) -> Iterator[None]:
     """While the block runs, megatron-core's torch strategy reads with `reader` and plans with `planner`.
@@ -363,9 +426,11 @@ def screen_extra_states(state: dict, where: str, trust: bool = False) -> None:
     """Make every Transformer Engine extra state in `state` (nested dicts, as loaded) safe for TE to unpickle.
 
     TE stores a layer's FP8 state as a uint8 tensor of pickle bytes and unpickles it without restriction in
-    ``set_extra_state``. Each such tensor is unpickled here through `te_extra_state_type` and replaced by
-    a fresh pickle of what that gave, so TE unpickles only bytes made here from admitted types. Other
-    extra states (None, an empty tensor: no FP8 state) are left alone; nothing is done when `trust`.
+    ``set_extra_state``. Each such tensor is unpickled here through `TEExtraStateTypes` and replaced by a fresh
+    pickle of what that gave, so TE unpickles only bytes made here from admitted types. Where an admitted class
+    does not import (no Transformer Engine in this process, so no layer here unpickles the bytes), the bytes stay
+    as they are, now known to name admitted classes only. Other extra states (None, an empty tensor: no FP8
+    state) are left alone; nothing is done when `trust`.
     """
     if trust:
         return
@@ -373,5 +438,7 @@ def screen_extra_states(state: dict, where: str, trust: bool = False) -> None:
         if isinstance(value, dict):
             screen_extra_states(value, where, trust)
         elif key.endswith("_extra_state") and isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.numel():
-            obj = unpickle_allowlisted(value.detach().cpu().numpy().tobytes(), te_extra_state_type, f"{where} ({key})")
-            state[key] = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+            types = TEExtraStateTypes()
+            obj = unpickle_allowlisted(value.detach().cpu().numpy().tobytes(), types, f"{where} ({key})")
+            if not types.stood_in:
+                state[key] = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)

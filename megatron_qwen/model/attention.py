@@ -6,12 +6,14 @@ kernel on GPU where the shape allows.
 
 Rows packed with several sequences (SFT) come with `PackedRows`, megatron-core's PackedSeqParams with the
 sequence boundaries: each sequence attends causally within itself, through torch's variable-length flash
-kernel on GPU, or one causal SDPA call per sequence (CPU ranks, attention dropout, fp32). No dense
+kernel on GPU (torch >= 2.11, whose varlen_attn takes a scale and a causal window), or one causal SDPA call per sequence (CPU ranks, attention dropout, fp32). No dense
 (seq x seq) mask is built.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -27,6 +29,26 @@ try:  # torch's variable-length flash attention (CUDA, bf16/fp16, no dropout)
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # older torch: every packed row takes the per-sequence path
     varlen_attn = None
+
+# The keywords `SDPAttention` passes to varlen_attn. torch 2.10's varlen_attn has neither (it takes is_causal and
+# always scales by 1/sqrt(head_dim)); they arrived in torch 2.11.
+VARLEN_KEYWORDS = ("scale", "window_size")
+
+
+@functools.lru_cache(maxsize=4)
+def _takes_varlen_keywords(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read: do not guess
+        return False
+    return all(name in params for name in VARLEN_KEYWORDS)
+
+
+def varlen_kernel(fn=None):
+    """torch's varlen_attn (or `fn`) when it takes the keywords this module calls it with, else None, so that an
+    older torch takes the per-sequence path instead of raising a TypeError at the first packed step."""
+    fn = varlen_attn if fn is None else fn
+    return fn if fn is not None and _takes_varlen_keywords(fn) else None
 
 
 class SDPAttention(MegatronModule):
@@ -114,9 +136,10 @@ class SDPAttention(MegatronModule):
     def _packed(self, q, k, v, rows: PackedRows, dropout_p: float) -> torch.Tensor:
         """[b, np, s, hn] context of rows packed with sequences that each attend causally within themselves."""
         b, heads, s, hn = q.shape
-        if varlen_attn is not None and q.is_cuda and dropout_p == 0.0 and q.dtype in (torch.bfloat16, torch.float16):
+        kernel = varlen_kernel()
+        if kernel is not None and q.is_cuda and dropout_p == 0.0 and q.dtype in (torch.bfloat16, torch.float16):
             flat = [t.transpose(1, 2).reshape(b * s, heads, hn) for t in (q, k, v)]  # [b*s, np, hn], rows in order
-            out = varlen_attn(*flat, rows.cu_seqlens_q, rows.cu_seqlens_kv, rows.max_seqlen_q, rows.max_seqlen_kv,
+            out = kernel(*flat, rows.cu_seqlens_q, rows.cu_seqlens_kv, rows.max_seqlen_q, rows.max_seqlen_kv,
                               scale=self.softmax_scale, window_size=(-1, 0))  # (-1, 0): causal
             return out.view(b, s, heads, hn).transpose(1, 2)
         parts: list[list[torch.Tensor]] = [[] for _ in range(b)]

@@ -249,8 +249,10 @@ def _input_operand(ctx, x: torch.Tensor, cast: CastConfig, axiswise_dim: int) ->
 def _check_config(layer, config) -> None:
     if config.gradient_accumulation_fusion:
         raise ValueError(
-            f"{type(layer).__name__} computes its weight gradient itself; gradient_accumulation_fusion must be off "
-            "(it is on only with the Transformer Engine spec)"
+            f"{type(layer).__name__} computes its weight gradient itself (an FP8 GEMM), so "
+            "gradient_accumulation_fusion (apex's fused weight-gradient GEMM) must be off; "
+            "megatron_qwen.model.qwen.transformer_config turns it "
+            "off whenever model.fp8 runs on torchao, so set it off in a config built by hand"
         )
 
 

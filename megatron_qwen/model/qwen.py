@@ -66,7 +66,10 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
     """megatron-core's config for this Qwen model at this run's parallel layout."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
     dtype = runtime.params_dtype
-    fused = not runtime.on_cpu  # megatron-core's fused kernels are CUDA (or torch.compile) kernels
+    # megatron-core's bias-activation and bias-dropout fusions are torch.compile'd kernels: GPUs only, and only
+    # where a C compiler and Python's headers are there to build them (`Runtime.fused_kernels_off`).
+    fused = runtime.fused_kernels_off is None
+    local_fp8 = None if runtime.use_te else m.fp8
     recompute = {} if t.recompute == "none" else {"recompute_granularity": t.recompute}
     if t.recompute == "full":
         recompute.update(recompute_method="uniform", recompute_num_layers=t.recompute_num_layers)
@@ -101,6 +104,10 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         # pipeline ranks the peer is the same for "prev" and "next", so send/recv pairs would match
         # out of order. Separate isend/irecv keep each direction on its own channel.
         batch_p2p_comm=p.vpp == 1,
+        # megatron-core synchronises the whole device after each batched send/recv by default (a workaround for
+        # a batch_isend_irecv race that torch fixed in 1.13, pytorch/pytorch#82450); it would stall the gradient
+        # reduce overlapped with the 1F1B schedule. Waiting on the requests suffices. (A no-op on CPU ranks.)
+        batch_p2p_sync=runtime.on_cpu,
         # GPUs overlap the interleaved schedule's sends and receives with compute (megatron-core allows it only
         # with unbatched p2p); CPU ranks wait for each transfer.
         overlap_p2p_comm=p.vpp > 1 and not runtime.on_cpu,
@@ -112,11 +119,11 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
-        # Needs apex's fused_weight_gradient_mlp_cuda: megatron-core's ColumnParallelLinear (the output layer,
-        # in both specs) refuses to build without it.
-        gradient_accumulation_fusion=not runtime.on_cpu and runtime.accelerators.fused_wgrad is None,
+        # Needs apex's fused_weight_gradient_mlp_cuda (megatron-core's ColumnParallelLinear, the output layer in
+        # both specs, refuses to build without it) and linears that all support it (`Runtime.wgrad_fusion_off`).
+        gradient_accumulation_fusion=runtime.wgrad_fusion_off(local_fp8=local_fp8 is not None) is None,
         **te_fp8_settings(m.fp8 if runtime.use_te else None),
-        local_fp8_recipe=None if runtime.use_te else m.fp8,
+        local_fp8_recipe=local_fp8,
         cuda_graph_scope=[],  # the whole layer; megatron-core's default ("full") is deprecated and warns
         qwen_seq_length=m.seq_length,
         use_logn_attn=m.use_logn_attn,

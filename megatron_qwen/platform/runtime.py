@@ -8,11 +8,15 @@ use and why the others are not, for the one start-up line a run prints.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
+import shutil
+import sysconfig
 from dataclasses import dataclass
 
 import torch
+from packaging.version import InvalidVersion, Version
 
 from megatron_qwen.config import Config
 from megatron_qwen.errors import ConfigError
@@ -30,6 +34,36 @@ def _try_import(name: str) -> str | None:
     return None
 
 
+def _te_version() -> str:
+    """The installed Transformer Engine's version, as megatron-core reads it ("unknown" when it cannot tell)."""
+    version = getattr(importlib.import_module("transformer_engine"), "__version__", None)
+    if version is None:
+        try:
+            version = importlib.metadata.version("transformer-engine")
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+    return str(version)
+
+
+def compile_toolchain() -> str | None:
+    """None when torch.compile can build its GPU kernels here, else what is missing.
+
+    megatron-core's bias-activation and bias-dropout fusions are torch.compile'd; Inductor's Triton kernels
+    are launched through a C stub that Triton compiles on first use, with the compiler in $CC (else gcc,
+    else clang on PATH) against Python's headers (Python.h)."""
+    compiler = os.environ.get("CC")
+    if compiler:
+        if shutil.which(compiler) is None:
+            return f"CC={compiler} is not an executable"
+    elif shutil.which("gcc") is None and shutil.which("clang") is None:
+        return "no C compiler: neither $CC nor gcc nor clang on PATH"
+    scheme = sysconfig.get_default_scheme()
+    include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
+    if not os.path.isfile(os.path.join(include, "Python.h")):
+        return f"no Python headers: {include}/Python.h is missing (install python3-dev)"
+    return None
+
+
 @dataclass(frozen=True)
 class Accelerators:
     """Optional accelerators found in this process: each is None when usable, else the reason it is not."""
@@ -39,19 +73,46 @@ class Accelerators:
     # apex's fused weight-gradient GEMM (a separate CUDA extension of apex). megatron-core's own
     # ColumnParallelLinear (the output layer in both specs) refuses gradient_accumulation_fusion without it.
     fused_wgrad: str | None = "not checked"
+    # Transformer Engine's version when it imports (None: not checked, e.g. an Accelerators made by hand).
+    te_version: str | None = None
+    # A C compiler and Python's headers, which torch.compile'd fused kernels need at run time (`compile_toolchain`).
+    compiler: str | None = "not checked"
 
     @classmethod
     def detect(cls) -> "Accelerators":
         # Imported, not just found: a TE whose CUDA build does not match torch is found but fails at import.
+        transformer_engine = _try_import("transformer_engine.pytorch")
         return cls(
-            transformer_engine=_try_import("transformer_engine.pytorch"),
+            transformer_engine=transformer_engine,
             apex=_try_import("apex"),
             fused_wgrad=_try_import("fused_weight_gradient_mlp_cuda"),
+            te_version=_te_version() if transformer_engine is None else None,
+            compiler=compile_toolchain(),
         )
 
 
 # Nothing optional is used on CPU ranks (the CUDA kernels cannot run there).
-ON_CPU_RANKS = Accelerators(transformer_engine="CPU ranks", apex="CPU ranks", fused_wgrad="CPU ranks")
+ON_CPU_RANKS = Accelerators(transformer_engine="CPU ranks", apex="CPU ranks", fused_wgrad="CPU ranks",
+                            compiler="CPU ranks")
+
+# The first Transformer Engine release with each `model.fp8` recipe it runs (megatron-core checks the same:
+# Float8CurrentScaling, TE's tensorwise recipe, arrived in 2.2; delayed scaling is in every release).
+TE_RECIPE_SINCE = {"tensorwise": ("2.2.0.dev0", "2.2", "Float8CurrentScaling")}
+
+
+def te_recipe_missing(recipe: str | None, accelerators: Accelerators) -> str | None:
+    """Why the usable Transformer Engine cannot run FP8 `recipe` (its version is too old), or None."""
+    if recipe not in TE_RECIPE_SINCE or accelerators.te_version is None:
+        return None
+    since, release, name = TE_RECIPE_SINCE[recipe]
+    try:
+        too_old = Version(accelerators.te_version) < Version(since)
+    except InvalidVersion:
+        too_old = True
+    if too_old:
+        return (f"Transformer Engine {accelerators.te_version} has no {name}, which model.fp8={recipe} needs "
+                f"(TE >= {release})")
+    return None
 
 
 def use_transformer_engine(cfg: Config, on_cpu: bool, accelerators: Accelerators) -> bool:
@@ -68,6 +129,17 @@ def use_transformer_engine(cfg: Config, on_cpu: bool, accelerators: Accelerators
                 f"model.fp8_backend=te but Transformer Engine is not usable here ({reason}); run on GPUs with "
                 "Transformer Engine installed, or set model.fp8_backend=torchao (or auto) for FP8 in the local layers"
             ])
+    if fp8 is not None and not on_cpu and accelerators.transformer_engine is None:
+        missing = te_recipe_missing(fp8, accelerators)
+        if missing is not None and (backend == "te" or impl == "transformer_engine"):
+            asked = "model.fp8_backend=te" if backend == "te" else "model.transformer_impl=transformer_engine"
+            raise ConfigError([
+                f"{asked}: {missing}; upgrade Transformer Engine (e.g. the container named in slurm/pretrain.sbatch), "
+                f"or set model.fp8_backend=torchao and model.transformer_impl=auto for FP8 in the local layers"
+            ])
+        if missing is not None and backend == "auto":
+            return False  # torchao runs the recipe; resolve_runtime puts the reason on the start-up line
+    if fp8 is not None and backend == "te":
         return True
     if fp8 is not None and (backend == "torchao" or fp8 == "rowwise"):
         return False  # torchao's FP8 linears are part of the local spec
@@ -123,10 +195,28 @@ class Runtime:
     # local spec's FP8 linears); None when FP8 is off. The model follows ``use_te``; this names it for the logs.
     fp8_backend: str | None = None
     precision_note: str = ""  # why training.precision=auto chose params_dtype, when it is not the obvious choice
+    fp8_note: str = ""  # why model.fp8_backend=auto chose torchao although Transformer Engine imports
 
     @property
     def on_cpu(self) -> bool:
         return self.device.type == "cpu"
+
+    def wgrad_fusion_off(self, local_fp8: bool) -> str | None:
+        """Why megatron-core's gradient_accumulation_fusion (apex's fused weight-gradient GEMM) must stay off,
+        or None. It is on only where every linear of the model supports it: megatron-core's and Transformer
+        Engine's do, the torchao FP8 linears (`local_fp8`) compute their weight gradient in FP8 themselves."""
+        if self.on_cpu:
+            return "CPU ranks"
+        if self.accelerators.fused_wgrad is not None:
+            return self.accelerators.fused_wgrad
+        if local_fp8:
+            return "the torchao FP8 linears compute their own weight gradients"
+        return None
+
+    @property
+    def fused_kernels_off(self) -> str | None:
+        """Why megatron-core's torch.compile'd bias-activation and bias-dropout fusions are off, or None."""
+        return "CPU ranks" if self.on_cpu else self.accelerators.compiler
 
     @classmethod
     def cpu(cls, params_dtype: torch.dtype = torch.float32) -> "Runtime":
@@ -135,9 +225,13 @@ class Runtime:
 
     def describe(self) -> str:
         """The start-up line: what this run is made of, and why an optional piece is not used."""
-        te = "yes" if self.use_te else f"no ({'CPU ranks' if self.on_cpu else self.accelerators.transformer_engine or 'model.transformer_impl=local'})"
+        not_te = "model.fp8 runs on torchao" if self.fp8_backend == "torchao" else "model.transformer_impl=local"
+        not_te = "CPU ranks" if self.on_cpu else self.accelerators.transformer_engine or not_te
+        te = "yes" if self.use_te else f"no ({not_te})"
         apex = "yes" if self.accelerators.apex is None else f"no ({self.accelerators.apex})"
-        wgrad = "yes" if self.accelerators.fused_wgrad is None else f"no ({self.accelerators.fused_wgrad})"
+        wgrad_off = self.wgrad_fusion_off(local_fp8=self.fp8_backend == "torchao")
+        wgrad = "yes" if wgrad_off is None else f"no ({wgrad_off})"
+        fused = "yes" if self.fused_kernels_off is None else f"no ({self.fused_kernels_off})"
         if self.on_cpu:
             sdpa = "math kernel (CPU)"
         else:
@@ -145,8 +239,10 @@ class Runtime:
         device = "CPU ranks over gloo" if self.on_cpu else f"CUDA ({torch.cuda.get_device_name(self.device)}) over NCCL"
         dtype = str(self.params_dtype).removeprefix("torch.") + (f" ({self.precision_note})" if self.precision_note else "")
         fp8 = {None: "off", "te": "Transformer Engine", "torchao": "torchao (local layers)"}[self.fp8_backend]
+        fp8 += f" ({self.fp8_note})" if self.fp8_note else ""
         return (f"running on {device}, {dtype} | Transformer Engine: {te} | apex: {apex} | "
-                f"fused weight-gradient accumulation: {wgrad} | attention: SDPA {sdpa} | FP8: {fp8}")
+                f"fused weight-gradient accumulation: {wgrad} | fused kernels (torch.compile): {fused} | "
+                f"attention: SDPA {sdpa} | FP8: {fp8}")
 
 
 def overlaps_communication(cfg: Config) -> bool:
@@ -179,9 +275,11 @@ def resolve_runtime(cfg: Config, local_rank: int = 0, accelerators: Accelerators
         accelerators = accelerators or Accelerators.detect()
         device = torch.device("cuda", local_gpu(local_rank))
     use_te = use_transformer_engine(cfg, on_cpu, accelerators)
-    fp8_backend = None
+    fp8_backend, fp8_note = None, ""
     if cfg.model.fp8 is not None:
         fp8_backend = "te" if use_te else "torchao"
+        if cfg.model.fp8_backend == "auto" and not use_te and not on_cpu and accelerators.transformer_engine is None:
+            fp8_note = te_recipe_missing(cfg.model.fp8, accelerators) or ""
         if not use_te and importlib.util.find_spec("torchao") is None:
             raise ConfigError([
                 f"model.fp8={cfg.model.fp8} runs on torchao here, which is not installed: "
@@ -199,4 +297,5 @@ def resolve_runtime(cfg: Config, local_rank: int = 0, accelerators: Accelerators
         accelerators=accelerators,
         fp8_backend=fp8_backend,
         precision_note=note,
+        fp8_note=fp8_note,
     )
