@@ -227,6 +227,7 @@ def test_kill_then_rerun_resumes_and_gives_the_same_bytes(big_corpus, tmp_path):
     rerun = subprocess.run(tool_command(corpus, prefix), env=TOOL_ENV, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resumed: {done} of {RESUME_PARTS} parts reused from an earlier run" in rerun.stderr, rerun.stderr
+    assert f"documents: {len(make_records()) * 4:,} in " in rerun.stderr  # reused parts counted once, not redone
     assert shard_bytes(f"{prefix}_text_document") == shard_bytes(reference)
     assert sorted(os.listdir(tmp_path)) == ["out_text_document.bin", "out_text_document.idx"]
 
