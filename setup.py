@@ -18,5 +18,6 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.10",
-    install_requires=["torch", "megatron-core", "numpy", "pyyaml", "tiktoken", "safetensors", "psutil", "wandb", "matplotlib"],
+    install_requires=["torch", "megatron-core", "numpy", "pyyaml", "tiktoken", "safetensors", "psutil", "wandb", "matplotlib",
+                      "pyarrow", "zstandard"],
 )
