@@ -20,7 +20,9 @@ import zstandard
 
 from megatron_qwen.data import preprocess as pp
 from mpi_run import mpirun_command, mpirun_or_skip
-from test_preprocess import TOOL, TOOL_ENV, encoding, make_records, shard_bytes, tokenizer_file, write_reference  # noqa: F401
+from test_preprocess import (  # noqa: F401 - encoding is a fixture
+    TOOL, TOOL_ENV, encoding, make_records, shard_bytes, tokenizer_file, write_reference,
+)
 
 NULL_ROW = 101  # 1-based row (line) whose text is null: a bad record in every format
 ROWS_PER_GROUP = 37
@@ -145,7 +147,8 @@ def test_chat_messages_column_of_structs_equals_jsonl(tmp_path):
     for name in ("chats.jsonl", "chats.parquet"):
         pp.preprocess([str(tmp_path / name)], str(tmp_path / name.replace(".", "_")), mode="chat", workers=2)
     for key in ("chat_tokens", "chat_mask"):
-        assert shard_bytes(tmp_path / f"chats_parquet_{key}_document") == shard_bytes(tmp_path / f"chats_jsonl_{key}_document")
+        parquet, jsonl = (tmp_path / f"chats_{fmt}_{key}_document" for fmt in ("parquet", "jsonl"))
+        assert shard_bytes(parquet) == shard_bytes(jsonl)
 
 
 def bad_inputs(tmp_path, corpora):
@@ -167,7 +170,9 @@ def bad_inputs(tmp_path, corpora):
     }
 
 
-@pytest.mark.parametrize("kind", ["truncated_parquet", "missing_column", "nested_column", "non_string_column", "damaged_zstd"])
+@pytest.mark.parametrize(
+    "kind", ["truncated_parquet", "missing_column", "nested_column", "non_string_column", "damaged_zstd"]
+)
 def test_bad_input_stops_with_file_and_place_and_leaves_nothing(corpora, tmp_path, kind):
     inputs, options, message = bad_inputs(tmp_path, corpora)[kind]
     (tmp_path / "out").mkdir()
@@ -209,7 +214,7 @@ def kill_half_way(corpus, prefix) -> int:
     deadline = time.monotonic() + 300
     try:
         while len(records_of(prefix)) < RESUME_PARTS // 2:
-            assert proc.poll() is None, f"the run ended (exit code {proc.returncode}) before half of its parts were done"
+            assert proc.poll() is None, f"the run ended (exit code {proc.returncode}) before half its parts were done"
             assert time.monotonic() < deadline
             time.sleep(0.01)
     finally:

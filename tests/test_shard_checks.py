@@ -72,7 +72,8 @@ def test_bin_of_another_shard_is_refused(corpus, tmp_path):
     other = str(tmp_path / "other_text_document")
     write_dense_corpus(other, package="json", limit=10)
     shutil.copy(prefix + ".idx", other + ".idx")  # the .bin of one shard beside the index of another
-    with pytest.raises(DataError, match=rf"other_text_document\.bin: (truncated data: )?{os.path.getsize(other + '.bin')} "
+    actual = os.path.getsize(other + ".bin")
+    with pytest.raises(DataError, match=rf"other_text_document\.bin: (truncated data: )?{actual} "
                        rf"bytes, but .* describes (only )?{tokens} int32 tokens = {tokens * 4} bytes"):
         build_gpt_datasets(gpt_cfg(other, vocab, tmp_path), eod=0, vocab_size=vocab)
 
@@ -105,7 +106,7 @@ def test_sft_mask_that_does_not_match_its_tokens_is_refused(tmp_path):
     # A truncated token shard is refused before the lengths are compared.
     tokens = shard_prefix(prefix, SFT_KEYS[0]) + ".bin"
     os.truncate(tokens, 8)
-    with pytest.raises(DataError, match=r"sft_chat_tokens_document\.bin: truncated data: 8 bytes, but .* 7 int32 tokens"):
+    with pytest.raises(DataError, match=r"chat_tokens_document\.bin: truncated data: 8 bytes, but .* 7 int32 tokens"):
         _Shards([prefix], SFT_KEYS, "--chat")
 
 

@@ -319,7 +319,8 @@ def main(argv=None) -> None:
         )
         x2_inputs = {"jsonl": doubled(path), **other_formats(doubled(path))}
         for fmt, x2_path in x2_inputs.items():
-            rows[name, "x2", fmt] = measure("pipeline", x2_path, os.path.join(workdir, f"{name}_x2_{fmt}"), args.workers)
+            x2_prefix = os.path.join(workdir, f"{name}_x2_{fmt}")
+            rows[name, "x2", fmt] = measure("pipeline", x2_path, x2_prefix, args.workers)
 
     print(
         f"\nworkers={args.workers}, CPUs={os.cpu_count()}, corpora {args.corpus_mb:g} MB each (JSONL), best of "

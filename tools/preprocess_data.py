@@ -43,7 +43,9 @@ from megatron_qwen.data.renderers import RENDERERS
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line above."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="files (.jsonl[.gz|.zst], .parquet, .arrow), globs or directories, in order")
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="files (.jsonl[.gz|.zst], .parquet, .arrow), globs or directories"
+    )
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
     parser.add_argument("--json-keys", nargs="+", default=None, help="string fields to tokenize (default: text)")
     parser.add_argument("--append-eod", action="store_true", help="end each non-empty document with <|endoftext|>")

@@ -69,8 +69,8 @@ class _Shards:
                 if (tokens != mask).any():
                     doc = int(np.flatnonzero(tokens != mask)[0])
                     raise DataError(
-                        f"{shard_prefix(prefix, keys[1])} does not belong with {shard_prefix(prefix, keys[0])}: document "
-                        f"{doc} has {mask[doc]} mask entries for {tokens[doc]} tokens; preprocess it again"
+                        f"{shard_prefix(prefix, keys[1])} does not belong with {shard_prefix(prefix, keys[0])}: "
+                        f"document {doc} has {mask[doc]} mask entries for {tokens[doc]} tokens; preprocess it again"
                     )
             self.parts.append(shards)
         self.offsets = np.cumsum([0] + [len(p[keys[0]]) for p in self.parts])

@@ -55,7 +55,8 @@ def describe(path: str, columns: Sequence[str] | None) -> ColumnarFile:
         if path.endswith(".parquet"):
             meta = pa.parquet.ParquetFile(path).metadata
             _check_columns(path, meta.schema.to_arrow_schema(), columns)
-            sizes = [(rg, meta.row_group(rg).total_byte_size, meta.row_group(rg).num_rows) for rg in range(meta.num_row_groups)]
+            groups = [meta.row_group(rg) for rg in range(meta.num_row_groups)]
+            sizes = [(rg, group.total_byte_size, group.num_rows) for rg, group in enumerate(groups)]
         else:
             sizes = _arrow_batches(pa, path, columns)
     except (OSError, pa.ArrowException) as e:
@@ -79,13 +80,16 @@ def _arrow_batches(pa, path: str, columns) -> list[tuple[int, int, int]]:
         if source.read(len(_ARROW_FILE_MAGIC)) == _ARROW_FILE_MAGIC:
             reader = pa.ipc.open_file(source)
             _check_columns(path, reader.schema, columns)
-            return [(i, reader.get_batch(i).nbytes, reader.get_batch(i).num_rows) for i in range(reader.num_record_batches)]
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            return [(i, batch.nbytes, batch.num_rows) for i, batch in enumerate(batches)]
         source.seek(0)
         # Batches are zero-copy views of the map: finding their offsets touches only the message headers.
         reader = pa.ipc.open_stream(source)
         _check_columns(path, reader.schema, columns)
         if any(pa.types.is_dictionary(field.type) for field in reader.schema):
-            raise PreprocessError(f"{path}: dictionary-encoded columns are not supported; save the dataset without them")
+            raise PreprocessError(
+                f"{path}: dictionary-encoded columns are not supported; save the dataset without them"
+            )
         batches, pos = [], source.tell()
         while True:
             try:
@@ -126,7 +130,9 @@ def iter_piece_rows(piece: Piece, columns: Sequence[str] | None) -> Iterator[tup
             for i, record in enumerate(records):
                 yield record, first_row + i + 1, size
     except (OSError, pa.ArrowException) as e:
-        raise PreprocessError(f"{piece.path}: cannot be read as {_kind(piece.path)} ({e}); re-create or re-download it") from None
+        raise PreprocessError(
+            f"{piece.path}: cannot be read as {_kind(piece.path)} ({e}); re-create or re-download it"
+        ) from None
 
 
 def _piece_batches(pa, piece: Piece, columns) -> Iterator[tuple[object, int]]:
@@ -136,7 +142,8 @@ def _piece_batches(pa, piece: Piece, columns) -> Iterator[tuple[object, int]]:
         parquet = pa.parquet.ParquetFile(piece.path)
         for row_group, first_row in piece.units:
             row = first_row
-            for batch in parquet.iter_batches(ROWS_PER_BATCH, row_groups=[row_group], columns=columns, use_threads=False):
+            batches = parquet.iter_batches(ROWS_PER_BATCH, row_groups=[row_group], columns=columns, use_threads=False)
+            for batch in batches:
                 yield batch, row
                 row += batch.num_rows
         return

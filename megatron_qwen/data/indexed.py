@@ -72,7 +72,9 @@ def check_shard(prefix: str, vocab_size: int | None = None) -> ShardSummary:
     try:
         summary = validate_shard(prefix)
     except ShardFormatError as e:
-        raise DataError(f"data shard {prefix} is unusable: {e}; copy it again or re-run tools/preprocess_data.py") from None
+        raise DataError(
+            f"data shard {prefix} is unusable: {e}; copy it again or re-run tools/preprocess_data.py"
+        ) from None
     capacity = np.iinfo(summary.dtype).max + 1
     if vocab_size is not None and capacity < vocab_size:
         raise DataError(

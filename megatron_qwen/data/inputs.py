@@ -52,7 +52,9 @@ def _directory_files(directory: str) -> list[str]:
             with open(state, encoding="utf-8") as f:
                 names = [entry["filename"] for entry in json.load(f)["_data_files"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise PreprocessError(f"{state}: not a datasets save_to_disk state file ({e}); save the dataset again") from None
+            raise PreprocessError(
+                f"{state}: not a datasets save_to_disk state file ({e}); save the dataset again"
+            ) from None
         return [os.path.join(directory, name) for name in names]
     splits = os.path.join(directory, "dataset_dict.json")
     if os.path.isfile(splits):
@@ -84,7 +86,9 @@ def describe_inputs(files: Sequence[str], columns: Sequence[str] | None) -> list
     return [columnar_input.describe(p, columns) if is_columnar(p) else (p, os.path.getsize(p)) for p in files]
 
 
-def plan_parts(files: Sequence[tuple[str, int] | ColumnarFile], num_parts: int, gz_cut_every: int = 1) -> list[list[Piece]]:
+def plan_parts(
+    files: Sequence[tuple[str, int] | ColumnarFile], num_parts: int, gz_cut_every: int = 1
+) -> list[list[Piece]]:
     """Cut the concatenated files into ``num_parts`` contiguous, equal ranges of their sizes.
 
     Inside a compressed file only every ``gz_cut_every``-th cut is kept (the parts in between stay empty):

@@ -86,7 +86,9 @@ def _zstd_chunks(piece: Piece) -> Iterator[tuple[int, bool, bytes]]:
     try:
         import zstandard  # imported here: only .zst inputs need it
     except ImportError as e:
-        raise PreprocessError(f"{piece.path}: reading .zst needs the zstandard package ({e}); pip install zstandard") from None
+        raise PreprocessError(
+            f"{piece.path}: reading .zst needs the zstandard package ({e}); pip install zstandard"
+        ) from None
     with open(piece.path, "rb", buffering=0) as f:
         decompressor = zstandard.ZstdDecompressor()
         frame = None

@@ -275,7 +275,8 @@ def _difference(old: dict, new: dict) -> str:
         if path not in old_inputs:
             return f"input {path} was not one of its inputs"
         if old_inputs[path] != (size, mtime):
-            return f"input {path} changed since (size {old_inputs[path][0]:,} -> {size:,} bytes, or its modification time)"
+            return (f"input {path} changed since (size {old_inputs[path][0]:,} -> {size:,} bytes, "
+                    "or its modification time)")
     if [i[0] for i in old.get("inputs", [])] != [i[0] for i in new["inputs"]]:
         return "its inputs were other files, or in another order"
     if old.get("tokenizer") != new["tokenizer"]:
@@ -293,7 +294,8 @@ def _completed_parts(job: _Job, fingerprint: dict) -> tuple[dict[int, dict], str
 
     Anything else an earlier run left (parts it did not finish, parts of another fingerprint) is removed.
     """
-    records = sorted(glob.glob(glob.escape(shard_prefix(job.output_prefix, job.renderer.keys[0])) + ".part-*-of-*.json"))
+    first_key = shard_prefix(job.output_prefix, job.renderer.keys[0])
+    records = sorted(glob.glob(glob.escape(first_key) + ".part-*-of-*.json"))
     reused: dict[int, dict] = {}
     note = ""
     if records and not job.resume:
@@ -320,10 +322,13 @@ def _completed_parts(job: _Job, fingerprint: dict) -> tuple[dict[int, dict], str
         note = f"not resuming the earlier run of {job.output_prefix}: {note}; starting afresh"
         reused = {}
     for key in job.renderer.keys:
-        for path in glob.glob(glob.escape(shard_prefix(job.output_prefix, key)) + ".part-*"):
+        final = glob.escape(shard_prefix(job.output_prefix, key))
+        for path in glob.glob(final + ".part-*"):
             part = int(path.rsplit(".part-", 1)[1].split("-of-")[0])
             if part not in reused or not path.startswith(job.partial_prefix(key, part) + "."):
                 os.remove(path)
+        for path in glob.glob(final + ".bin.tmp-*") + glob.glob(final + ".idx.tmp-*"):
+            os.remove(path)  # a merge that was killed; its final names were never written
     return reused, note
 
 
@@ -441,7 +446,9 @@ def _stop(procs) -> None:
         proc.join()
 
 
-def _merge(job: _Job, plan: _Plan, gathered: list[dict[int, dict]], totals: list[int], started: float) -> PreprocessResult:
+def _merge(
+    job: _Job, plan: _Plan, gathered: list[dict[int, dict]], totals: list[int], started: float
+) -> PreprocessResult:
     """Rank 0: merge the partial shards in part order into the final shards and build the result."""
     renderer = job.renderer
     by_part = dict(plan.reused)
