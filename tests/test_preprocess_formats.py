@@ -189,7 +189,7 @@ RESUME_PARTS = 16  # 2 workers x PARTS_PER_WORKER
 
 @pytest.fixture(scope="module")
 def big_corpus(tmp_path_factory, encoding):
-    """~6 MB of JSON lines, so that a 16-part run lasts long enough to be killed half-way."""
+    """~2.7 MB of JSON lines, so that a 16-part run lasts long enough to be killed half-way."""
     root = tmp_path_factory.mktemp("resume")
     records = [r for r in make_records() for _ in range(4)]
     write_jsonl(root / "big.jsonl", records)
