@@ -13,7 +13,7 @@ NPROC ?= 4
 $(VENV)/.installed: constraints.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIPC) $(TORCH_SPEC)
-	$(PIPC) megatron-core numpy pyyaml tiktoken safetensors psutil wandb matplotlib transformers torchao pybind11 setuptools wheel
+	$(PIPC) megatron-core numpy pyyaml tiktoken safetensors psutil wandb matplotlib transformers torchao pyarrow zstandard pybind11 setuptools wheel
 	$(PIPC) --no-deps dashscope
 	$(PIPC) --no-build-isolation -e .
 	touch $@

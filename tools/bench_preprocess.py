@@ -3,18 +3,20 @@
     python tools/bench_preprocess.py [--workers 2] [--corpus-mb 50] [--workdir DIR] [--repeat 1]
 
 Builds two JSONL corpora from text on this machine (Python's standard-library sources, /usr/share/doc,
-man pages): LONG, one document per file, and SHORT, ~300-byte paragraphs. Then, with the same tokenizer
-and worker count, each in its own subprocess:
-  (a) tokenize   workers read, parse and tokenize their part and discard the tokens (the ceiling);
-  (b) pipeline   tools/preprocess_data.py (partial shards through the C++ builder, then one merge);
+man pages): LONG, one document per file, and SHORT, ~300-byte paragraphs, and each also as Parquet (row
+groups of ~8 MB of text) and as .jsonl.zst (a zstd frame per 4 MB). Then, with the same tokenizer and
+worker count, each in its own subprocess:
+  (a) tokenize   workers read, parse and tokenize their part of the JSONL and discard the tokens (the ceiling);
+  (b) pipeline   tools/preprocess_data.py (partial shards through the C++ builder, then one merge), on the
+                 JSONL, the Parquet and the .jsonl.zst (rates counted in JSONL bytes, so they compare);
   (c) megatron   the Megatron-LM approach: a Pool(imap, chunksize 32) returns token lists to the main
                  process, which writes them with megatron-core's IndexedDatasetBuilder.
 Times run from the start of the work (worker start-up included) to complete output, leaving out each
 interpreter's own imports; CPU seconds add up all processes of a method (less sensitive to other load on
 the machine than wall time). Peak RSS is the largest single process (getrusage of the process and its
 children) and the sum over the process tree (sampled from /proc every 20 ms). (b) also runs on each corpus
-twice over (same largest document, twice the size) to show that its memory does not grow with the corpus.
-(b) and (c) outputs are compared byte for byte.
+twice over (same largest document, twice the size), in every format, to show that its memory does not grow
+with the corpus. (b) and (c) outputs, and (b)'s outputs from the three formats, are compared byte for byte.
 """
 
 from __future__ import annotations
@@ -109,6 +111,30 @@ def doubled(path: str) -> str:
             dst.write(data)
             dst.write(data)
     return out
+
+
+PARQUET_GROUP_BYTES = 8_000_000  # text per row group (FineWeb's files hold row groups of this order)
+ZSTD_FRAME_BYTES = 4_000_000
+
+
+def other_formats(path: str) -> dict[str, str]:
+    """The JSONL corpus as Parquet and as .jsonl.zst (concatenated frames): {format: path}, written once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    outputs = {"parquet": path.replace(".jsonl", ".parquet"), "zstd": path + ".zst"}
+    if not os.path.exists(outputs["parquet"]):
+        with open(path, encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f]
+        rows = max(1, int(len(texts) * PARQUET_GROUP_BYTES / os.path.getsize(path)))
+        pq.write_table(pa.table({"text": texts}), outputs["parquet"], row_group_size=rows)
+    if not os.path.exists(outputs["zstd"]):
+        compressor = zstandard.ZstdCompressor(level=3)
+        with open(path, "rb") as src, open(outputs["zstd"], "wb") as dst:
+            while block := src.read(ZSTD_FRAME_BYTES):
+                dst.write(compressor.compress(block))
+    return outputs
 
 
 # ---- the three methods; each runs in a child process started by `measure` ----------------------------------
@@ -213,7 +239,8 @@ def _tree_rss_bytes(pid: int) -> int:
 def measure(method, input_path, output_prefix, workers) -> dict:
     """Run a method in a fresh interpreter; return its report plus the sampled peak RSS of its process tree."""
     command = [sys.executable, os.path.abspath(__file__), "--child", method, input_path, output_prefix, str(workers)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}  # this checkout's code
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = 0
 
     def sample():
@@ -265,22 +292,35 @@ def main(argv=None) -> None:
     print(f"corpora in {workdir}, workers={args.workers}, {os.cpu_count()} CPUs", file=sys.stderr)
     load_before = os.getloadavg()[0]
 
+    formats = {name: other_formats(path) for name, path in corpora.items()}
+    # (method, input format): the JSONL runs of every method, and the pipeline on each other format.
+    variants = [(method, "jsonl") for method in METHODS] + [("pipeline", f) for f in ("parquet", "zstd")]
+
+    def source(name, fmt):
+        return corpora[name] if fmt == "jsonl" else formats[name][fmt]
+
     rows, runs = {}, {}
     for repeat in range(args.repeat):
         # Methods interleaved, so that a burst of load from elsewhere does not hit one method's runs only.
-        for name, path in corpora.items():
-            for method in METHODS:
-                print(f"  run {repeat + 1}/{args.repeat}: {name} corpus, {method} ...", file=sys.stderr)
-                prefix = os.path.join(workdir, f"{name}_{method}")
-                runs.setdefault((name, method), []).append(measure(method, path, prefix, args.workers))
+        for name in corpora:
+            for method, fmt in variants:
+                print(f"  run {repeat + 1}/{args.repeat}: {name} corpus, {method} on {fmt} ...", file=sys.stderr)
+                prefix = os.path.join(workdir, f"{name}_{method}_{fmt}")
+                report = measure(method, source(name, fmt), prefix, args.workers)
+                report["mb"] = os.path.getsize(corpora[name]) / 1e6  # the same text in every format
+                runs.setdefault((name, method, fmt), []).append(report)
     for key, reports in runs.items():
         rows[key] = {**min(reports, key=lambda r: r["seconds"]), "cpu_seconds": min(r["cpu_seconds"] for r in reports)}
     for name, path in corpora.items():
-        rows[name, "same"] = same_shards(
-            os.path.join(workdir, f"{name}_pipeline_text_document"),
-            os.path.join(workdir, f"{name}_megatron_text_document"),
+        pipeline_out = os.path.join(workdir, f"{name}_pipeline_jsonl_text_document")
+        rows[name, "same"] = all(
+            same_shards(pipeline_out, os.path.join(workdir, f"{name}_{method}_{fmt}_text_document"))
+            for method, fmt in variants if method != "tokenize"
         )
-        rows[name, "x2"] = measure("pipeline", doubled(path), os.path.join(workdir, f"{name}_x2"), args.workers)
+        x2_inputs = {"jsonl": doubled(path), **other_formats(doubled(path))}
+        for fmt, x2_path in x2_inputs.items():
+            x2_prefix = os.path.join(workdir, f"{name}_x2_{fmt}")
+            rows[name, "x2", fmt] = measure("pipeline", x2_path, x2_prefix, args.workers)
 
     print(
         f"\nworkers={args.workers}, CPUs={os.cpu_count()}, corpora {args.corpus_mb:g} MB each (JSONL), best of "
@@ -290,26 +330,28 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|")
     labels = {"tokenize": "(a) tokenize only", "pipeline": "(b) this pipeline", "megatron": "(c) Megatron-LM way"}
     for name in corpora:
-        for method in METHODS:
-            r = rows[name, method]
+        for method, fmt in variants:
+            r = rows[name, method, fmt]
             print(
-                f"| {name} ({rows[name, 'tokenize']['documents']:,} docs) | {labels[method]} "
+                f"| {name} ({rows[name, 'tokenize', 'jsonl']['documents']:,} docs) | {labels[method]}, {fmt} "
                 f"| {r['mb'] / r['seconds']:.2f} "
                 f"| {r['documents'] / r['seconds']:,.0f} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} "
                 f"| {r['max_rss_mb']:.0f} / {r['tree_rss_mb']:.0f} |"
             )
     print("\nThroughput ratios by wall time (and by CPU time, which holds up when other jobs load the machine):")
-    print("\n| corpus | b/a (target >= 0.90) | b/c (target >= 1.5 on short) | (b) == (c) bytes | "
-          "(b) peak RSS on the corpus / on it twice over, largest process / tree (MB) |")
-    print("|---|---|---|---|---|")
+    print("\n| corpus | input | b/a (target >= 0.90) | b/c (target >= 1.5 on short) | same bytes as (b) on JSONL "
+          "and (c) | (b) peak RSS on the corpus / on it twice over, largest process / tree (MB) |")
+    print("|---|---|---|---|---|---|")
     for name in corpora:
-        a, b, c, x2 = (rows[name, m] for m in ("tokenize", "pipeline", "megatron", "x2"))
-        print(
-            f"| {name} | {a['seconds'] / b['seconds']:.2f} (CPU {a['cpu_seconds'] / b['cpu_seconds']:.2f}) "
-            f"| {c['seconds'] / b['seconds']:.2f} (CPU {c['cpu_seconds'] / b['cpu_seconds']:.2f}) | "
-            f"{'yes' if rows[name, 'same'] else 'NO'} | {b['max_rss_mb']:.0f} / {b['tree_rss_mb']:.0f} -> "
-            f"{x2['max_rss_mb']:.0f} / {x2['tree_rss_mb']:.0f} |"
-        )
+        a, c = rows[name, "tokenize", "jsonl"], rows[name, "megatron", "jsonl"]
+        for fmt in ("jsonl", "parquet", "zstd"):
+            b, x2 = rows[name, "pipeline", fmt], rows[name, "x2", fmt]
+            print(
+                f"| {name} | {fmt} | {a['seconds'] / b['seconds']:.2f} (CPU {a['cpu_seconds'] / b['cpu_seconds']:.2f}) "
+                f"| {c['seconds'] / b['seconds']:.2f} (CPU {c['cpu_seconds'] / b['cpu_seconds']:.2f}) | "
+                f"{'yes' if rows[name, 'same'] else 'NO'} | {b['max_rss_mb']:.0f} / {b['tree_rss_mb']:.0f} -> "
+                f"{x2['max_rss_mb']:.0f} / {x2['tree_rss_mb']:.0f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,16 @@
-"""Tokenize JSONL corpora into Megatron shards: PREFIX_{key}_document.bin/.idx per --json-keys key.
+"""Tokenize corpora into Megatron shards: PREFIX_{key}_document.bin/.idx per --json-keys key.
 
-    megatron-qwen preprocess --input FILE.jsonl[.gz] [more files or globs] --output-prefix PREFIX \\
-        [--json-keys text [more keys]] [--append-eod] [--workers N] [--tokenizer-file qwen.tiktoken] \\
-        [--skip-bad-lines] [--mpi]
+    megatron-qwen preprocess --input FILE.jsonl[.gz|.zst] [more files, globs, directories] \\
+        --output-prefix PREFIX [--json-keys text [more keys]] [--append-eod] [--workers N] \\
+        [--tokenizer-file qwen.tiktoken] [--skip-bad-lines] [--mpi] [--no-resume]
+
+--input also takes Parquet files (--json-keys names string columns), Arrow files, a directory written by
+Hugging Face datasets' save_to_disk, and any directory (every .jsonl[.gz|.zst], .parquet, .arrow file under
+it, in sorted order). The output is the same bytes as for the JSON lines of the same records.
+
+A run killed before it finished (preemption, a node failure) leaves its completed parts: rerunning the same
+command with the same inputs resumes, redoing only the rest; a changed input or option starts afresh and
+says why; --no-resume always starts afresh.
 
 Chat data for SFT (one conversation per line, `messages` or Qwen's `conversations`), rendered with ChatML:
 PREFIX_chat_tokens_document and its loss mask PREFIX_chat_mask_document:
@@ -36,7 +44,9 @@ from megatron_qwen.data.renderers import RENDERERS
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line above."""
     parser = argparse.ArgumentParser(prog="megatron-qwen preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="JSONL or JSONL.gz files or globs, in order")
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="files (.jsonl[.gz|.zst], .parquet, .arrow), globs or directories"
+    )
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
     parser.add_argument("--json-keys", nargs="+", default=None, help="string fields to tokenize (default: text)")
     parser.add_argument("--append-eod", action="store_true", help="end each non-empty document with <|endoftext|>")
@@ -46,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--skip-bad-lines", action="store_true", help="count and skip unusable lines instead of stopping"
     )
     parser.add_argument("--mpi", action="store_true", help="split the work over the ranks of mpirun/srun (mpi4py)")
+    parser.add_argument(
+        "--no-resume", dest="resume", action="store_false",
+        help="remove the completed parts of an interrupted earlier run instead of reusing them",
+    )
     # One flag per record kind other than plain text (the default), from the renderers' registry.
     kind = parser.add_mutually_exclusive_group()
     for mode, renderer in RENDERERS.items():
@@ -91,13 +105,14 @@ def main(argv=None) -> int:
             progress=True,
             mode=args.mode,
             max_length=args.max_length,
+            resume=args.resume,
         )
     except PreprocessError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; partial output was removed", file=sys.stderr)
+        print("interrupted; the completed parts were kept: rerun the same command to resume", file=sys.stderr)
         return 130
     if rank == 0:
         print(format_summary(result), file=sys.stderr)

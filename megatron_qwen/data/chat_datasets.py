@@ -34,6 +34,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_qwen.config import Config
 from megatron_qwen.data.chat import PREFERENCE_KEYS, PROMPT_KEYS, SFT_KEYS
+from megatron_qwen.data.indexed import check_shard
 from megatron_qwen.data.shard_names import shard_prefix
 from megatron_qwen.errors import DataError
 from megatron_qwen.packed_rows import PackedRows
@@ -58,10 +59,19 @@ class _Shards:
                         f"{path}.bin/.idx does not exist; data.paths takes the --output-prefix given to "
                         f"`tools/preprocess_data.py {flag}` ({prefix!r} should hold {', '.join(shard_prefix(prefix, k) for k in keys)})"
                     )
+                check_shard(path)
                 shards[key] = IndexedDataset(path)
             counts = {key: len(shard) for key, shard in shards.items()}
             if len(set(counts.values())) != 1:
                 raise DataError(f"the shards of {prefix} disagree on the number of documents {counts}; preprocess it again")
+            if keys == SFT_KEYS:  # a loss mask has exactly one entry per token of its conversation
+                tokens, mask = (np.asarray(shards[k].sequence_lengths) for k in keys)
+                if (tokens != mask).any():
+                    doc = int(np.flatnonzero(tokens != mask)[0])
+                    raise DataError(
+                        f"{shard_prefix(prefix, keys[1])} does not belong with {shard_prefix(prefix, keys[0])}: "
+                        f"document {doc} has {mask[doc]} mask entries for {tokens[doc]} tokens; preprocess it again"
+                    )
             self.parts.append(shards)
         self.offsets = np.cumsum([0] + [len(p[keys[0]]) for p in self.parts])
 

@@ -19,6 +19,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_qwen.config import Config
+from megatron_qwen.data.indexed import check_shard
 from megatron_qwen.errors import DataError
 
 
@@ -99,6 +100,8 @@ def build_gpt_datasets(cfg: Config, eod: int, vocab_size: int):
             f"{cfg.data.split!r} gives it 0; use e.g. data.split=969,30,1 or training.eval_interval=0"
         )
     sizes = requested_samples(cfg)
+    for prefix in config.blend[0]:
+        check_shard(prefix, vocab_size)
     check_corpus_size(cfg, config)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
     return tuple(builder.build())

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_qwen import _C
+from megatron_qwen.errors import DataError
 
 ShardFormatError = _C.ShardFormatError
 ShardFormatError.__doc__ = "A shard's .idx/.bin are malformed or disagree; the message names the file and the problem."
@@ -59,6 +60,28 @@ def validate_shard(prefix: PathLike) -> ShardSummary:
     prefix = os.fspath(prefix)
     info = _C.shard_summary(prefix)
     return ShardSummary(prefix=prefix, **{**info, "dtype": np.dtype(info["dtype"])})
+
+
+def check_shard(prefix: str, vocab_size: int | None = None) -> ShardSummary:
+    """Check a shard's .idx against itself and its .bin (sizes, pointers, document indices) and, given the
+    model's ``vocab_size``, that its token dtype can hold the vocabulary; returns its `ShardSummary`.
+
+    A truncated copy or a .bin paired with another shard's .idx is refused here, naming the file and the
+    expected and actual sizes, instead of failing in numpy during the first steps.
+    """
+    try:
+        summary = validate_shard(prefix)
+    except ShardFormatError as e:
+        raise DataError(
+            f"data shard {prefix} is unusable: {e}; copy it again or re-run tools/preprocess_data.py"
+        ) from None
+    capacity = np.iinfo(summary.dtype).max + 1
+    if vocab_size is not None and capacity < vocab_size:
+        raise DataError(
+            f"data shard {prefix} holds {summary.dtype} tokens (ids below {capacity:,}), but the tokenizer has "
+            f"{vocab_size:,} ids: it was written with another tokenizer; preprocess the corpus with this one"
+        )
+    return summary
 
 
 def merge_shards(prefixes: Sequence[PathLike], out_prefix: PathLike) -> ShardSummary:

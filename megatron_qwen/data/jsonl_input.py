@@ -1,16 +1,16 @@
-"""Reading JSON-lines corpora (optionally gzipped) in parts: input files, byte ranges, lines, records.
+"""Reading JSON-lines corpora (plain, .gz or .zst) in parts: byte ranges, lines, records.
 
-The input files, in order, form one byte stream that `plan_parts` cuts into contiguous byte ranges
-(`Piece`s). A line belongs to the part holding its first byte (in a .gz file, to the part holding the
-compressed block of ``BLOCK_BYTES`` that decompresses to it), so every line is read by exactly one part and
-each part reads only its own bytes. `line_number` gives a line's number in its file, for reporting a bad
-line as ``file:line``; `record_of` parses a line into its JSON object or says why it is not one.
+The input files, in order, form one byte stream that `megatron_qwen.data.inputs.plan_parts` cuts into
+contiguous byte ranges (`Piece`s). A line belongs to the part holding its first byte (in a compressed file,
+to the part holding the compressed block of ``BLOCK_BYTES`` that decompresses to it), so every line is read
+by exactly one part and each part reads only its own bytes. `line_number` gives a line's number in its
+file, for reporting a bad line as ``file:line``; `record_of` parses a line into its JSON object or says why
+it is not one.
 """
 
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import os
 import zlib
@@ -19,63 +19,28 @@ from dataclasses import dataclass
 
 from megatron_qwen.errors import PreprocessError
 
-BLOCK_BYTES = 1 << 20  # read size, and the unit in which .gz files are split between parts
+BLOCK_BYTES = 1 << 20  # read size, and the unit in which compressed files are split between parts
+COMPRESSED_SUFFIXES = (".gz", ".zst")
 
 
 @dataclass(frozen=True)
 class Piece:
-    """The lines of ``path`` that start in raw bytes [start, end) (compressed bytes for .gz files)."""
+    """The lines of ``path`` that start in raw bytes [start, end) (compressed bytes for .gz/.zst files).
+
+    For a columnar file (Parquet, Arrow) [start, end) is a range of its row groups' (record batches')
+    cumulative sizes, and ``units`` lists the (locator, first row) of those starting in it, which the
+    piece reads (see `megatron_qwen.data.columnar_input`).
+    """
 
     path: str
     start: int
     end: int
+    units: tuple[tuple[int, int], ...] = ()
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """Input files in processing order: each argument in turn, a glob expanded in sorted order."""
-    files: list[str] = []
-    seen: dict[str, str] = {}
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise PreprocessError(f"--input {pattern!r} matches no file; check the path or quote the glob")
-        for path in matches:
-            if not os.path.isfile(path):
-                raise PreprocessError(f"--input {path!r} is not a readable file")
-            real = os.path.realpath(path)
-            if real in seen:
-                raise PreprocessError(
-                    f"input file {path!r} is given twice (by {seen[real]!r} and {pattern!r}); list each file once"
-                )
-            seen[real] = pattern
-            files.append(path)
-    return files
-
-
-def plan_parts(files: Sequence[tuple[str, int]], num_parts: int, gz_cut_every: int = 1) -> list[list[Piece]]:
-    """Cut the concatenated (path, size) files into ``num_parts`` contiguous, equal byte ranges.
-
-    Inside a .gz file only every ``gz_cut_every``-th cut is kept (the parts in between stay empty): each cut
-    in a .gz file costs one more decompression of the file up to it.
-    """
-    total = sum(size for _, size in files)
-    bounds = [total * p // num_parts for p in range(num_parts + 1)]
-    offset = 0
-    for path, size in files:
-        if path.endswith(".gz"):
-            for p in range(1, num_parts):
-                if offset < bounds[p] < offset + size and p % gz_cut_every:
-                    bounds[p] = max(offset, bounds[p - p % gz_cut_every])
-        offset += size
-    parts: list[list[Piece]] = [[] for _ in range(num_parts)]
-    offset = 0
-    for path, size in files:
-        for p in range(num_parts):
-            lo, hi = max(bounds[p], offset), min(bounds[p + 1], offset + size)
-            if lo < hi:
-                parts[p].append(Piece(path, lo - offset, hi - offset))
-        offset += size
-    return parts
+def is_compressed(path: str) -> bool:
+    """A .gz or .zst file: read from its start, split only at the compressed blocks a part begins with."""
+    return path.endswith(COMPRESSED_SUFFIXES)
 
 
 def _plain_chunks(piece: Piece) -> Iterator[tuple[int, bool, bytes]]:
@@ -113,12 +78,49 @@ def _gzip_chunks(piece: Piece) -> Iterator[tuple[int, bool, bytes]]:
             raise PreprocessError(f"{piece.path}: truncated gzip file (its last member does not end); re-create it")
 
 
+def _zstd_chunks(piece: Piece) -> Iterator[tuple[int, bool, bytes]]:
+    """(compressed offset, exact=False, decompressed data) per compressed block, from the start of the file.
+
+    Concatenated zstd frames (``zstd -T``, ``cat a.zst b.zst``) are read as one stream, as .gz members are.
+    """
+    try:
+        import zstandard  # imported here: only .zst inputs need it
+    except ImportError as e:
+        raise PreprocessError(
+            f"{piece.path}: reading .zst needs the zstandard package ({e}); pip install zstandard"
+        ) from None
+    with open(piece.path, "rb", buffering=0) as f:
+        decompressor = zstandard.ZstdDecompressor()
+        frame = None
+        pos = 0
+        while raw := f.read(BLOCK_BYTES):
+            out = []
+            data = raw
+            try:
+                while data:
+                    if frame is None or frame.eof:
+                        frame = decompressor.decompressobj()
+                    out.append(frame.decompress(data))
+                    data = frame.unused_data if frame.eof else b""
+            except zstandard.ZstdError as e:
+                raise PreprocessError(
+                    f"{piece.path}: not a valid zstd file near compressed byte {pos} ({e}); re-create it"
+                ) from None
+            yield pos, False, b"".join(out)
+            pos += len(raw)
+        if frame is not None and not frame.eof:
+            raise PreprocessError(f"{piece.path}: truncated zstd file (its last frame does not end); re-create it")
+
+
 def iter_piece_lines(piece: Piece) -> Iterator[tuple[bytes, int]]:
     """Yield (line without its newline, newlines read before it) for every line the piece owns.
 
     The newline count is relative to where reading began (see :func:`line_number`).
     """
-    chunks = _gzip_chunks(piece) if piece.path.endswith(".gz") else _plain_chunks(piece)
+    if piece.path.endswith(".gz"):
+        chunks = _gzip_chunks(piece)
+    else:
+        chunks = _zstd_chunks(piece) if piece.path.endswith(".zst") else _plain_chunks(piece)
     start, end = piece.start, piece.end
     carry: list[bytes] = []  # the unfinished line, kept only when it is ours
     carry_pos = None  # where the unfinished line began; None when the next byte starts a line
@@ -127,7 +129,7 @@ def iter_piece_lines(piece: Piece) -> Iterator[tuple[bytes, int]]:
         if raw_pos >= end and (carry_pos is None or carry_pos >= end):
             return
         if not exact and raw_pos < start:
-            # A block before this part (only in .gz files): track line numbers and the open line, nothing else.
+            # A block before this part (only in compressed files): track line numbers and the open line, nothing else.
             count = data.count(b"\n")
             newlines += count
             if count:
@@ -161,7 +163,7 @@ def iter_piece_lines(piece: Piece) -> Iterator[tuple[bytes, int]]:
 
 def line_number(piece: Piece, newlines_before: int) -> int:
     """1-based line number in the file of a line that ``iter_piece_lines`` reported ``newlines_before`` for."""
-    if piece.path.endswith(".gz") or piece.start == 0:
+    if is_compressed(piece.path) or piece.start == 0:
         return newlines_before + 1  # reading began at the start of the (decompressed) file
     return _newlines_before(piece.path, piece.start - 1) + newlines_before + 1
 

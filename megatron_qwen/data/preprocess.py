@@ -1,28 +1,39 @@
-"""Corpora (JSON lines, optionally gzipped) -> Megatron shards ``PREFIX_{key}_document.bin/.idx``: the run.
+"""Corpora (JSON lines, plain, .gz or .zst; Parquet; Arrow) -> Megatron shards ``PREFIX_{key}_document.bin/.idx``.
 
-What a line becomes is its mode's renderer (`megatron_qwen.data.renderers`: text, chat, preference); how
-the input is cut and read is `megatron_qwen.data.jsonl_input`. This module runs the work and merges it.
+What a record becomes is its mode's renderer (`megatron_qwen.data.renderers`: text, chat, preference,
+prompts); which files are read, how they are cut and read is `megatron_qwen.data.inputs`. This module runs
+the work, resumes it, and merges it.
 
-How the work is split: the input files, in order, form one byte stream that is cut into equal parts,
+How the work is split: the input files, in order, form one stream that is cut into equal parts,
 ``PARTS_PER_WORKER`` per worker process; each MPI rank owns a contiguous run of them. A line belongs to the
-part holding its first byte (in a .gz file, to the part holding the compressed 1 MiB block that decompresses
-to it). A rank's workers take its parts one after another, so a stretch of slow text does not leave the
-other workers idle; each reads only its part, checks each line and renders the good ones in batches, and
-streams the part's own partial shard per key through the C++ builder, so no token crosses between
-processes. Rank 0 then merges the partial shards in part order and deletes them. Documents therefore keep
-input order and the output is byte-identical for any worker count and any number of MPI ranks.
+part holding its first byte (in a .gz/.zst file, to the part holding the compressed 1 MiB block that
+decompresses to it), a Parquet row group or Arrow record batch to the part holding its first byte of the
+file's span of unit sizes. A rank's workers take its parts one after another, so a stretch of slow text does
+not leave the other workers idle; each reads only its part, checks each record and renders the good ones in
+batches, and streams the part's own partial shard per key through the C++ builder, so no token crosses
+between processes. Rank 0 then merges the partial shards in part order and deletes them. Documents therefore
+keep input order and the output is byte-identical for any worker count and any number of MPI ranks, and a
+row of a columnar file gives the same bytes as the JSON line of the same fields.
 
-Nothing half-written is left behind: shards are written under temporary names and renamed when complete,
-and on any failure every partial shard and temporary is removed. A bad line (invalid JSON, not an object,
-missing key, non-string value, a record breaking its mode's rules) stops the run with ``file:line`` and the
-reason, or is counted and skipped with ``skip_bad_lines``.
+Resuming: a completed part is recorded beside its partial shards (``.part-NNNNN-of-NNNNN.json``) with the
+run's fingerprint: every input's path, size and modification time, the tokenizer file's, the mode's options
+and the part count. A run killed before its merge (preemption, a node failure) leaves those parts behind; a
+rerun with the same fingerprint reuses them and does only the rest, giving the same bytes. Any difference
+starts afresh and says which; ``resume=False`` (``--no-resume``) always does.
+
+Nothing half-written is left under a final name: shards are written under temporary names and renamed when
+complete. A failure (not a kill or an interrupt) removes every partial shard. A bad record (invalid JSON,
+not an object, missing key, non-string value, a record breaking its mode's rules) stops the run with
+``file:line`` (``file: row N``) and the reason, or is counted and skipped with ``skip_bad_lines``.
 
 The command-line front end is ``tools/preprocess_data.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import json
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -35,9 +46,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_qwen.data.indexed import IndexedShardWriter, ShardSummary, merge_shards
+from megatron_qwen.data.indexed import IndexedShardWriter, ShardFormatError, ShardSummary, merge_shards, validate_shard
+from megatron_qwen.data.inputs import describe_inputs, expand_inputs, iter_piece_records, plan_parts, where
+from megatron_qwen.data.jsonl_input import Piece
 from megatron_qwen.data.shard_names import shard_prefix
-from megatron_qwen.data.jsonl_input import Piece, expand_inputs, iter_piece_lines, line_number, plan_parts
 from megatron_qwen.data.renderers import RENDERERS, Renderer, renderer_for
 from megatron_qwen.errors import PreprocessError
 from megatron_qwen.tokenizer import default_tokenizer_file, load_tokenizer
@@ -60,6 +72,10 @@ class PreprocessResult:
     seconds: float = 0.0
     outputs: dict[str, ShardSummary] = field(default_factory=dict)
     mode: str = "text"
+    parts: int = 0  # the parts the input was cut into
+    parts_reused: int = 0  # completed by an interrupted earlier run and reused
+    reused_bytes: int = 0  # input bytes of the reused parts, not read again
+    resume_note: str = ""  # why an earlier run's parts were not reused, if there were any
     # Counters of one mode (its renderer's stat_names), 0 in the others.
     truncated: int = 0  # chat: conversations that lost trailing exchanges to max_length
     trained_tokens: int = 0  # chat: tokens the loss mask trains
@@ -74,9 +90,15 @@ class _Job:
     skip_bad_lines: bool
     output_prefix: str | None  # None: tokenize and count only
     num_parts: int
+    resume: bool = True
+    fingerprint: dict | None = None  # set by the plan: what a completed part must match to be reused
 
     def partial_prefix(self, key: str, part: int) -> str:
         return f"{shard_prefix(self.output_prefix, key)}.part-{part:05d}-of-{self.num_parts:05d}"
+
+    def record_path(self, part: int) -> str:
+        """Where a completed part's results and the run's fingerprint are recorded."""
+        return self.partial_prefix(self.renderer.keys[0], part) + ".json"
 
 
 # Slots per part in the shared progress counters.
@@ -84,21 +106,25 @@ _DOCS, _TOKENS, _BYTES, _BAD = range(4)
 
 
 def _run_worker(parts: dict[int, list[Piece]], next_part, job: _Job, counters, conn) -> None:
-    """Worker process: take this rank's parts in turn (``next_part`` is their shared cursor) and render each
-    into its partial shards; finally send {part: result} or {"error": message} through ``conn``."""
+    """Worker process: take this rank's parts to do in turn (``next_part`` is their shared cursor into the
+    sorted list) and render each into its partial shards; finally send {part: result} or {"error": message}."""
     try:
         try:
             tokenizer = load_tokenizer(job.tokenizer_file)
         except (OSError, ValueError) as e:
             raise PreprocessError(f"cannot load the tokenizer: {e}") from None
+        todo = sorted(parts)
         results = {}
         while True:
             with next_part.get_lock():
-                part = next_part.value
+                index = next_part.value
                 next_part.value += 1
-            if part not in parts:
+            if index >= len(todo):
                 break
+            part = todo[index]
             results[part] = _run_part(part, parts[part], job, tokenizer, counters)
+            if job.output_prefix is not None:
+                _record_part(job, part, results[part])
         conn.send({"parts": results})
     except PreprocessError as e:
         conn.send({"error": str(e)})
@@ -113,6 +139,7 @@ def _run_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counters) ->
     renderer = job.renderer
     check = renderer.check  # looked up once: it is called for every line
     slot = 4 * part
+    columns = renderer.columns
     items: list = []  # what `check` made of the good lines since the last flush
     tokens = dict.fromkeys(renderer.token_keys, 0)
     stats = dict.fromkeys(renderer.stat_names, 0)
@@ -145,22 +172,29 @@ def _run_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counters) ->
             pending_bytes = 0
 
         for piece in pieces:
-            for line, newlines_before in iter_piece_lines(piece):
-                pending_bytes += len(line) + 1
-                item = check(tokenizer, line)
+            for record, position, size in iter_piece_records(piece, columns):
+                pending_bytes += size
+                item = check(tokenizer, record)
                 if isinstance(item, str):
-                    _bad_line(job, piece, newlines_before, item, counters, slot, bad_examples)
+                    _bad_line(job, where(piece, position), item, counters, slot, bad_examples)
                     continue
                 items.append(item)
                 if pending_bytes >= BATCH_BYTES:
                     flush()
         flush()
-    return {"tokens": tokens, "bad_examples": bad_examples, "stats": stats}
+    return {"tokens": tokens, "bad_examples": bad_examples, "stats": stats, "counters": list(counters[slot : slot + 4])}
 
 
-def _bad_line(job: _Job, piece: Piece, newlines_before: int, reason: str, counters, slot: int, examples: list[str]) -> None:
-    """Stop at an unusable line with file:line and the reason, or count it under skip_bad_lines."""
-    where = f"{piece.path}:{line_number(piece, newlines_before)}"
+def _record_part(job: _Job, part: int, result: dict) -> None:
+    """Record a part whose shards are complete (written after them, renamed into place: present means done)."""
+    path = job.record_path(part)
+    with open(f"{path}.tmp-{os.getpid()}", "w", encoding="utf-8") as f:
+        json.dump({"fingerprint": job.fingerprint, "result": result}, f)
+    os.replace(f"{path}.tmp-{os.getpid()}", path)
+
+
+def _bad_line(job: _Job, where: str, reason: str, counters, slot: int, examples: list[str]) -> None:
+    """Stop at an unusable record with file:line (file: row N) and the reason, or count it under skip_bad_lines."""
     if not job.skip_bad_lines:
         raise PreprocessError(f"{where}: {reason}; {_SKIP_HINT}")
     counters[slot + _BAD] += 1
@@ -197,23 +231,122 @@ def _on_root(comm, fn):
     return value
 
 
-def _plan(inputs: Sequence[str], output_prefix: str | None, num_parts: int) -> list[list[Piece]]:
+@dataclass(frozen=True)
+class _Plan:
+    """Rank 0's plan, given to every rank: the pieces of each part, the run's fingerprint, the parts reused."""
+
+    parts: list[list[Piece]]
+    fingerprint: dict | None
+    reused: dict[int, dict]  # part -> its recorded result
+    note: str  # why earlier parts were not reused ("" when there were none or all were)
+
+
+def _plan(inputs: Sequence[str], job: _Job) -> _Plan:
     files = expand_inputs(inputs)
-    if output_prefix is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    return plan_parts([(path, os.path.getsize(path)) for path in files], num_parts, gz_cut_every=PARTS_PER_WORKER)
+    parts = plan_parts(describe_inputs(files, job.renderer.columns), job.num_parts, gz_cut_every=PARTS_PER_WORKER)
+    if job.output_prefix is None:
+        return _Plan(parts, None, {}, "")
+    os.makedirs(os.path.dirname(os.path.abspath(job.output_prefix)), exist_ok=True)
+    fingerprint = _fingerprint(job, files)
+    reused, note = _completed_parts(job, fingerprint)
+    return _Plan(parts, fingerprint, reused, note)
 
 
-def _remove_partials(job: _Job, parts: Sequence[int]) -> None:
-    """Delete the partial shards of ``parts`` and any temporaries their writers left (e.g. when killed)."""
+def _fingerprint(job: _Job, files: Sequence[str]) -> dict:
+    """What a completed part depends on: inputs and tokenizer (path, size, mtime), the mode's options, the cut."""
+
+    def stat(path: str) -> list:
+        st = os.stat(path)
+        return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
+
+    fingerprint = {
+        "inputs": [stat(p) for p in files],
+        "tokenizer": stat(job.tokenizer_file),
+        "options": {"renderer": repr(job.renderer), "skip_bad_lines": job.skip_bad_lines},
+        "parts": job.num_parts,
+    }
+    return json.loads(json.dumps(fingerprint))  # as it reads back from a record
+
+
+def _difference(old: dict, new: dict) -> str:
+    """What differs between an earlier run's fingerprint and this run's, in words."""
+    old_inputs = {path: (size, mtime) for path, size, mtime in old.get("inputs", [])}
+    for path, size, mtime in new["inputs"]:
+        if path not in old_inputs:
+            return f"input {path} was not one of its inputs"
+        if old_inputs[path] != (size, mtime):
+            return (f"input {path} changed since (size {old_inputs[path][0]:,} -> {size:,} bytes, "
+                    "or its modification time)")
+    if [i[0] for i in old.get("inputs", [])] != [i[0] for i in new["inputs"]]:
+        return "its inputs were other files, or in another order"
+    if old.get("tokenizer") != new["tokenizer"]:
+        return f"the tokenizer file differs ({old.get('tokenizer')} -> {new['tokenizer']})"
+    if old.get("options") != new["options"]:
+        return f"its options differ ({old.get('options')} -> {new['options']})"
+    if old.get("parts") != new["parts"]:
+        return (f"it cut the input into {old.get('parts')} parts, this run into {new['parts']} "
+                "(the same --workers and MPI size resume)")
+    return "its record differs"
+
+
+def _completed_parts(job: _Job, fingerprint: dict) -> tuple[dict[int, dict], str]:
+    """Rank 0: the recorded parts of an earlier run of this output that this run can reuse, and a note on why not.
+
+    Anything else an earlier run left (parts it did not finish, parts of another fingerprint) is removed.
+    """
+    first_key = shard_prefix(job.output_prefix, job.renderer.keys[0])
+    records = sorted(glob.glob(glob.escape(first_key) + ".part-*-of-*.json"))
+    reused: dict[int, dict] = {}
+    note = ""
+    if records and not job.resume:
+        note = f"--no-resume: removed the {len(records)} completed parts of an earlier run of {job.output_prefix}"
+    for path in records if job.resume else ():
+        try:
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+            part = int(path.rsplit(".part-", 1)[1].split("-of-")[0])
+        except (OSError, ValueError, IndexError) as e:
+            note = f"its record {path} cannot be read ({e})"
+            break
+        if record.get("fingerprint") != fingerprint or not path.endswith(f"-of-{job.num_parts:05d}.json"):
+            note = _difference(record.get("fingerprint") or {}, fingerprint)
+            break
+        try:
+            for key in job.renderer.keys:
+                validate_shard(job.partial_prefix(key, part))
+        except (ShardFormatError, FileNotFoundError) as e:
+            note = f"its part {part} is damaged ({e})"
+            break
+        reused[part] = record["result"]
+    if note and job.resume:
+        note = f"not resuming the earlier run of {job.output_prefix}: {note}; starting afresh"
+        reused = {}
+    for key in job.renderer.keys:
+        final = glob.escape(shard_prefix(job.output_prefix, key))
+        for path in glob.glob(final + ".part-*"):
+            part = int(path.rsplit(".part-", 1)[1].split("-of-")[0])
+            if part not in reused or not path.startswith(job.partial_prefix(key, part) + "."):
+                os.remove(path)
+        for path in glob.glob(final + ".bin.tmp-*") + glob.glob(final + ".idx.tmp-*"):
+            os.remove(path)  # a merge that was killed; its final names were never written
+    return reused, note
+
+
+def _remove_partials(job: _Job, parts: Sequence[int], keep_completed: bool = False) -> None:
+    """Delete the partial shards and records of ``parts`` and any temporaries their writers left (e.g. when
+    killed); with ``keep_completed``, the parts already recorded as complete stay for a rerun to resume."""
     for part in parts:
+        if keep_completed and os.path.exists(job.record_path(part)):
+            continue
+        paths = [job.record_path(part), *glob.glob(glob.escape(job.record_path(part)) + ".tmp-*")]
         for key in job.renderer.keys:
             prefix = job.partial_prefix(key, part)
-            for path in [prefix + ".bin", prefix + ".idx", *glob.glob(glob.escape(prefix) + ".*.tmp-*")]:
-                try:
-                    os.remove(path)
-                except FileNotFoundError:
-                    pass
+            paths += [prefix + ".bin", prefix + ".idx", *glob.glob(glob.escape(prefix) + ".*.tmp-*")]
+        for path in paths:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
 
 
 class _Progress:
@@ -239,8 +372,9 @@ class _Progress:
         sys.stderr.flush()
 
 
-def _run_workers(plan: list[list[Piece]], my_parts: range, workers: int, job: _Job, comm, progress: bool):
-    """Run this rank's parts in ``workers`` processes; return {part: result} and the global counter totals.
+def _run_workers(plan: _Plan, my_parts: range, workers: int, job: _Job, comm, progress: bool):
+    """Run this rank's parts that are not reused in up to ``workers`` processes; return {part: result} and the
+    global counter totals (reused parts included).
 
     Every rank loops in step (one allreduce per round) so all of them see a failure anywhere at once; then
     each removes its partial shards and all raise the same PreprocessError.
@@ -248,8 +382,12 @@ def _run_workers(plan: list[list[Piece]], my_parts: range, workers: int, job: _J
     # Spawned (not forked) workers: safe under MPI and with threads in the parent.
     ctx = multiprocessing.get_context("spawn")
     counters = ctx.RawArray("q", 4 * job.num_parts)
-    next_part = ctx.Value("q", my_parts.start)
-    parts = {p: plan[p] for p in my_parts}
+    for part, record in plan.reused.items():
+        if part in my_parts:
+            counters[4 * part : 4 * part + 4] = record["counters"]
+    next_part = ctx.Value("q", 0)
+    parts = {p: plan.parts[p] for p in my_parts if p not in plan.reused}
+    workers = min(workers, len(parts))
     procs, conns, results, errors = [], [], {}, []
     meter = _Progress(progress and comm.rank == 0)
     try:
@@ -285,10 +423,11 @@ def _run_workers(plan: list[list[Piece]], my_parts: range, workers: int, job: _J
             meter.update(totals[_DOCS], totals[_TOKENS], totals[_BYTES], final=not running and not failed)
             if failed or not running:
                 break
-    except BaseException:
+    except BaseException as e:
         _stop(procs)
         if job.output_prefix is not None:
-            _remove_partials(job, my_parts)
+            # Interrupted (Ctrl-C): the completed parts stay for a rerun to resume; anything else removes all.
+            _remove_partials(job, my_parts, keep_completed=isinstance(e, KeyboardInterrupt))
         raise
     _stop(procs)
     if failed:
@@ -307,10 +446,15 @@ def _stop(procs) -> None:
         proc.join()
 
 
-def _merge(job: _Job, gathered: list[dict[int, dict]], totals: list[int], started: float) -> PreprocessResult:
+def _merge(
+    job: _Job, plan: _Plan, gathered: list[dict[int, dict]], totals: list[int], started: float
+) -> PreprocessResult:
     """Rank 0: merge the partial shards in part order into the final shards and build the result."""
     renderer = job.renderer
-    per_part = [rank_results[p] for rank_results in gathered for p in sorted(rank_results)]
+    by_part = dict(plan.reused)
+    for rank_results in gathered:
+        by_part.update(rank_results)
+    per_part = [by_part[p] for p in sorted(by_part)]
     result = PreprocessResult(
         documents=totals[_DOCS],
         tokens={key: sum(r["tokens"][key] for r in per_part) for key in renderer.token_keys},
@@ -318,6 +462,10 @@ def _merge(job: _Job, gathered: list[dict[int, dict]], totals: list[int], starte
         bad_lines=totals[_BAD],
         bad_line_examples=[e for r in per_part for e in r["bad_examples"]][:MAX_BAD_LINE_EXAMPLES],
         mode=renderer.mode,
+        parts=job.num_parts,
+        parts_reused=len(plan.reused),
+        reused_bytes=sum(r["counters"][_BYTES] for r in plan.reused.values()),
+        resume_note=plan.note,
         **{name: sum(r["stats"][name] for r in per_part) for name in renderer.stat_names},
     )
     if job.output_prefix is not None:
@@ -334,15 +482,23 @@ def _merge(job: _Job, gathered: list[dict[int, dict]], totals: list[int], starte
 def _run(inputs: Sequence[str], job: _Job, workers: int, comm, progress: bool) -> PreprocessResult:
     started = time.monotonic()
     comm = comm if comm is not None else _SingleProcess()
-    plan = _on_root(comm, lambda: _plan(inputs, job.output_prefix, job.num_parts))
+    plan = _on_root(comm, lambda: _plan(inputs, job))
+    job = dataclasses.replace(job, fingerprint=plan.fingerprint)
+    if progress and comm.rank == 0 and (plan.note or plan.reused):
+        print(f"[preprocess] {plan.note or _reuse_line(len(plan.reused), job.num_parts)}", file=sys.stderr, flush=True)
     per_rank = workers * PARTS_PER_WORKER
     my_parts = range(comm.rank * per_rank, (comm.rank + 1) * per_rank)
     results, totals = _run_workers(plan, my_parts, workers, job, comm, progress)
     gathered = comm.gather(results, root=0)
-    return _on_root(comm, lambda: _merge(job, gathered, totals, started))
+    return _on_root(comm, lambda: _merge(job, plan, gathered, totals, started))
 
 
-def _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_prefix, workers, comm, mode, max_length) -> _Job:
+def _reuse_line(reused: int, parts: int) -> str:
+    return f"resuming: {reused} of {parts} parts were completed by an earlier run and are reused"
+
+
+def _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_prefix, workers, comm, mode, max_length,
+              resume=True) -> _Job:
     renderer = renderer_for(mode, json_keys, append_eod, max_length)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise PreprocessError(f"--workers must be a positive integer, got {workers!r}")
@@ -359,6 +515,7 @@ def _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_pref
         skip_bad_lines=skip_bad_lines,
         output_prefix=None if output_prefix is None else os.fspath(output_prefix),
         num_parts=size * workers * PARTS_PER_WORKER,
+        resume=resume,
     )
 
 
@@ -374,10 +531,12 @@ def preprocess(
     progress: bool = False,
     mode: str = "text",
     max_length: int | None = None,
+    resume: bool = True,
 ) -> PreprocessResult:
-    """Tokenize JSONL(.gz) ``inputs`` (paths or globs) into ``shard_prefix(output_prefix, key)`` shards.
+    """Tokenize ``inputs`` (files, globs, directories: JSONL, .jsonl.gz, .jsonl.zst, Parquet, Arrow) into
+    ``shard_prefix(output_prefix, key)`` shards.
 
-    Each JSON line is one document: the NFC-normalised string at each of ``json_keys`` (default ``text``),
+    Each JSON line (or row) is one document: the NFC-normalised string at each of ``json_keys`` (default ``text``),
     encoded with special tokens as plain text, plus ``<|endoftext|>`` when ``append_eod`` and the document
     is not empty. ``mode`` "chat" or "preference" renders conversations or preference pairs with ChatML
     instead (see `megatron_qwen.data.renderers`), each at most ``max_length`` tokens. ``workers``
@@ -385,8 +544,11 @@ def preprocess(
     ``comm`` (an mpi4py communicator; all its ranks call this) spreads the parts over the ranks and rank 0
     merges them, so ``output_prefix`` must be on a filesystem all ranks share. Every rank returns the same
     result or raises the same PreprocessError. ``progress`` prints a progress line on stderr (rank 0).
+    With ``resume``, the parts an interrupted earlier run of the same inputs and options completed are reused
+    (see the module docstring); without, they are removed first.
     """
-    job = _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_prefix, workers, comm, mode, max_length)
+    job = _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_prefix, workers, comm, mode,
+                    max_length, resume)
     return _run(inputs, job, workers, comm, progress)
 
 
@@ -416,9 +578,14 @@ def format_summary(result: PreprocessResult) -> str:
     renderer = RENDERERS[result.mode]
     seconds = max(result.seconds, 1e-9)
     lines = [
-        f"{renderer.unit}: {result.documents:,} in {seconds:.1f} s ({result.documents / seconds:,.0f}/s, "
-        f"{result.text_bytes / 1e6 / seconds:,.2f} MB/s of JSONL text)",
+        f"{renderer.unit}: {result.documents:,} in {seconds:.1f} s "
+        f"({(result.text_bytes - result.reused_bytes) / 1e6 / seconds:,.2f} MB/s of input read)",
     ]
+    if result.parts_reused:
+        lines.append(
+            f"resumed: {result.parts_reused} of {result.parts} parts reused from an earlier run "
+            f"({result.reused_bytes / 1e6:,.1f} of {result.text_bytes / 1e6:,.1f} MB not read again)"
+        )
     for key, count in result.tokens.items():
         lines.append(f"tokens[{key}]: {count:,}")
     lines += renderer.summary_lines(result)

@@ -71,9 +71,14 @@ class Renderer(ABC):
         """The values shard ``key`` holds are in [0, vocab_size): it sets the shard's dtype as megatron-core does."""
         return tokenizer.n_vocab
 
+    @property
+    def columns(self) -> tuple[str, ...] | None:
+        """The fields this mode reads by name, checked up front in columnar files (None: it reads whole records)."""
+        return None
+
     @abstractmethod
-    def check(self, tokenizer, line: bytes):
-        """What `render` needs of one line (never a str), or a str: the reason the line is unusable."""
+    def check(self, tokenizer, line: bytes | dict):
+        """What `render` needs of one JSON line or row record (never a str), or a str: the reason it is unusable."""
 
     @abstractmethod
     def render(self, tokenizer, items: list, with_tokens: bool) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
@@ -108,9 +113,13 @@ class TextRenderer(Renderer):
             raise PreprocessError("--max-length applies to --chat and --preference data; drop it for plain text")
         return cls(keys, append_eod)
 
-    def check(self, tokenizer, line: bytes) -> list[str] | str:
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.keys
+
+    def check(self, tokenizer, line: bytes | dict) -> list[str] | str:
         """The string values of `keys`, or the reason the line is unusable (tokenized later, in batches)."""
-        record = record_of(line)
+        record = record_of(line) if isinstance(line, bytes) else line
         if isinstance(record, str):
             return record
         texts = []
@@ -163,8 +172,8 @@ class ChatMLRenderer(Renderer):
     def render_record(self, tokenizer, record: dict) -> Rendered:
         """The record's documents; raises ChatFormatError with the reason when it breaks a rule."""
 
-    def check(self, tokenizer, line: bytes) -> Rendered | str:
-        record = record_of(line)
+    def check(self, tokenizer, line: bytes | dict) -> Rendered | str:
+        record = record_of(line) if isinstance(line, bytes) else line
         if isinstance(record, str):
             return record
         try:
