@@ -97,9 +97,9 @@ def _torch_adams(optimizer) -> list:
 
 
 def _create_optimizer_state(optimizer) -> None:
-    """Give every optimizer in `optimizer` the per-parameter state it otherwise creates at its first step (zero
-    moments: what that step would start from), so that one that has not stepped yet can build its state dict,
-    to save or to load into.
+    """Give every distributed optimizer in `optimizer` the per-parameter state it otherwise creates at its first
+    step (zero moments: what that step would start from), so that one that has not stepped yet can build its
+    state dict, to save or to load into.
 
     The state is made by each megatron-core optimizer's own ``init_state_fn`` (what megatron-core itself calls
     before loading), which matches its inner optimizer: torch's Adam, or Transformer Engine's / apex's
@@ -107,9 +107,9 @@ def _create_optimizer_state(optimizer) -> None:
     torch's Adam/AdamW also keep a per-parameter step, which that function leaves out: step 0 is added."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         init_state = getattr(opt, "init_state_fn", None)
-        inner = getattr(opt, "optimizer", None)
-        if init_state is None or inner is None:
+        if not isinstance(opt, DistributedOptimizer) or init_state is None:
             continue
+        inner = opt.optimizer
         init_state(inner, opt.config)
         if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             for state in inner.state.values():
