@@ -74,7 +74,7 @@ def layout_rows(rollouts: Rollouts, multiple: int = 1, pad_id: int = 0) -> Rows:
 def per_token_rewards(scores: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
                       kl_coef: float, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(rewards [n, s]: ``-kl_coef * KL`` on every action and the score added on the last one, the KL [n, s])."""
-    kl = kl_estimate(old_logprobs, ref_logprobs, estimator) * mask
+    kl = kl_estimate(old_logprobs, ref_logprobs, estimator, mask)
     rewards = -kl_coef * kl
     last = (mask.cumsum(dim=1) == mask.sum(dim=1, keepdim=True)) & (mask > 0)  # each row's last action
     rewards = rewards + last.float() * scores[:, None]
