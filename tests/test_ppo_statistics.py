@@ -121,7 +121,8 @@ def test_grpo_tied_groups_get_exactly_zero(group_size):
     scores = values.float().repeat_interleave(group_size)  # every group's samples tie
     assert scores.dtype == torch.float32
     advantages = group_advantages(scores, group_size)
-    assert advantages.dtype == torch.float32 and torch.equal(advantages, torch.zeros_like(scores)), advantages.abs().max()
+    assert advantages.dtype == torch.float32
+    assert torch.equal(advantages, torch.zeros_like(scores)), advantages.abs().max()
     # A group that does not tie still gets its z-scores.
     mixed = group_advantages(torch.tensor([1.0, 2.0, 3.0] + [4.0] * (group_size - 3)), group_size)
     x = torch.tensor([1.0, 2.0, 3.0] + [4.0] * (group_size - 3), dtype=torch.float64)

@@ -46,6 +46,11 @@ class Rows:
     def length(self) -> int:
         return self.tokens.shape[1]
 
+    def to(self, device: torch.device) -> Rows:
+        """The rows on `device` (where the experience is computed and reduced over the data-parallel group)."""
+        return Rows(*(t.to(device) for t in (self.tokens, self.labels, self.position_ids, self.mask, self.final)),
+                    extra={k: v.to(device) for k, v in self.extra.items()})
+
     def micro_batches(self, size: int) -> list[dict]:
         """The rows in order, `size` per micro-batch, as the forward steps take them."""
         fields = {"tokens": self.tokens, "labels": self.labels, "position_ids": self.position_ids, "mask": self.mask,
