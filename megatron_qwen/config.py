@@ -173,7 +173,9 @@ class PPOConfig:
     ptx_data: list = field(default_factory=list)  # pretraining shards ([weight, prefix, ...] or [prefix, ...])
     ptx_coef: float = 0.0  # weight of the pretraining LM loss in the policy's step
     ptx_microbatches: int = 1  # pretraining micro-batches per policy optimizer step and data-parallel rank
-    offload_frozen: bool = True  # move the reference and reward models to CPU memory between phases (GPUs)
+    # GPUs: keep the frozen reference and reward models in pinned host memory between their forwards (frees their
+    # device memory for generation and the updates, at one host-to-device copy of each per step); off: resident
+    offload_frozen: bool = True
 
 
 @dataclass

@@ -127,3 +127,72 @@ def test_grpo_tied_groups_get_exactly_zero(group_size):
     mixed = group_advantages(torch.tensor([1.0, 2.0, 3.0] + [4.0] * (group_size - 3)), group_size)
     x = torch.tensor([1.0, 2.0, 3.0] + [4.0] * (group_size - 3), dtype=torch.float64)
     torch.testing.assert_close(mixed.double(), (x - x.mean()) / (x.std(unbiased=False) + 1e-6), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- frozen models between their forwards
+
+
+def frozen_unit(on_cpu: bool):
+    """A frozen unit of one linear layer on a runtime that says it is (not) on CPU ranks; its "device" is the CPU."""
+    from types import SimpleNamespace
+
+    from megatron_qwen.training.units import ModelUnit
+
+    layer = torch.nn.Linear(3, 2)
+    layer.register_buffer("scale", torch.ones(2))
+    layer.requires_grad_(False)
+    return ModelUnit("reference", [layer], SimpleNamespace(on_cpu=on_cpu, device=torch.device("cpu")))
+
+
+def storages(unit) -> list[int]:
+    return [t.data_ptr() for t in unit._tensors()]
+
+
+def test_offload_keeps_weights_in_host_buffers_copied_once():
+    unit = frozen_unit(on_cpu=False)
+    weights = [t.clone() for t in unit._tensors()]
+    unit.offload()
+    host = unit.host_copies
+    assert storages(unit) == [t.data_ptr() for t in host]  # the model now reads its host copies
+    assert all(torch.equal(a, b) for a, b in zip(unit._tensors(), weights))
+    unit.onload()
+    assert not set(storages(unit)) & {t.data_ptr() for t in host}  # fresh tensors on the device
+    assert all(torch.equal(a, b) for a, b in zip(unit._tensors(), weights))
+    unit.offload()  # frozen weights: the host copies made the first time are still right
+    assert unit.host_copies is host and storages(unit) == [t.data_ptr() for t in host]
+    with pytest.raises(ValueError, match="only frozen units move"):
+        dataclasses_replace_trained(unit).offload()
+
+
+def dataclasses_replace_trained(unit):
+    import dataclasses
+
+    return dataclasses.replace(unit, optimizer=object())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs CUDA (torch refuses to pin without it)")
+def test_offloaded_weights_are_pinned():
+    unit = frozen_unit(on_cpu=False)
+    unit.offload()
+    assert all(t.is_pinned() for t in unit.host_copies)
+
+
+def test_nothing_moves_on_cpu_ranks_or_with_offload_off():
+    from types import SimpleNamespace
+
+    from megatron_qwen.rl.trainer import PPOTrainer
+
+    unit = frozen_unit(on_cpu=True)
+    before = storages(unit)
+    unit.offload()
+    unit.onload()
+    assert storages(unit) == before and unit.host_copies is None
+
+    calls = []
+    spy = SimpleNamespace(onload=lambda: calls.append("onload"), offload=lambda: calls.append("offload"))
+    for offload_frozen, expected in ((False, ["forward"]), (True, ["onload", "forward", "offload"])):
+        calls.clear()
+        trainer = SimpleNamespace(cfg=SimpleNamespace(ppo=SimpleNamespace(offload_frozen=offload_frozen)))
+        with PPOTrainer.frozen_on_device(trainer, spy):
+            calls.append("forward")
+        assert calls == expected, (offload_frozen, calls)

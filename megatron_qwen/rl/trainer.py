@@ -13,6 +13,7 @@ with ``ppo.ptx_coef`` times the language-model loss of pretraining micro-batches
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -177,8 +178,22 @@ class PPOTrainer:
 
     def _load_frozen(self, unit: ModelUnit, path: str, key: str) -> None:
         checkpointing.load_weights(unit.modules, path, f"{key}={path}", trust=self.cfg.training.trust_checkpoint)
-        unit.offload()
+        if self.cfg.ppo.offload_frozen:
+            unit.offload()
         self.ctx.say(f"loaded the frozen {unit.name} model from {path}")
+
+    @contextlib.contextmanager
+    def frozen_on_device(self, unit: ModelUnit):
+        """The block runs with frozen `unit` on its device: with ``ppo.offload_frozen`` it is brought back from
+        pinned host memory for the block and its device memory freed after; without, it stays resident."""
+        if not self.cfg.ppo.offload_frozen:
+            yield
+            return
+        unit.onload()
+        try:
+            yield
+        finally:
+            unit.offload()
 
     # ------------------------------------------------------------------ one step
 
@@ -213,9 +228,8 @@ class PPOTrainer:
         """Each rollout's raw score on every rank: the reward model at its final token, or the reward function."""
         device = self.ctx.runtime.device
         if self.reward_model is not None:
-            self.reward_model.onload()
-            out = self.collect(self.reward_model, micro, "scalar", rows.length)
-            self.reward_model.offload()
+            with self.frozen_on_device(self.reward_model):
+                out = self.collect(self.reward_model, micro, "scalar", rows.length)
             scores = torch.zeros(len(rollouts), dtype=torch.float64, device=device)
             if out is not None:
                 values = torch.cat(out).to(device)
@@ -267,9 +281,8 @@ class PPOTrainer:
 
         policy_out = self.collect(self.policy, micro, "logprobs", length)
         old_logprobs, entropy = cat(policy_out, "logprobs"), cat(policy_out, "entropy")
-        self.reference.onload()
-        ref_logprobs = cat(self.collect(self.reference, micro, "logprobs", length), "logprobs")
-        self.reference.offload()
+        with self.frozen_on_device(self.reference):
+            ref_logprobs = cat(self.collect(self.reference, micro, "logprobs", length), "logprobs")
         values = cat(self.collect(self.value, micro, "scalar", length)) if self.value is not None else zeros.clone()
         raw = self.scores(rollouts, rows, micro)
 
