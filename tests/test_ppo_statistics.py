@@ -4,6 +4,8 @@ and GRPO's advantages of groups whose samples tie. One rank in this process (TP=
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -161,16 +163,10 @@ def test_offload_keeps_weights_in_host_buffers_copied_once():
     unit.offload()  # frozen weights: the host copies made the first time are still right
     assert unit.host_copies is host and storages(unit) == [t.data_ptr() for t in host]
     with pytest.raises(ValueError, match="only frozen units move"):
-        dataclasses_replace_trained(unit).offload()
+        dataclasses.replace(unit, optimizer=object()).offload()  # a trained unit's optimizer holds its weights
 
 
-def dataclasses_replace_trained(unit):
-    import dataclasses
-
-    return dataclasses.replace(unit, optimizer=object())
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs CUDA (torch refuses to pin without it)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning host memory needs CUDA (torch refuses without it)")
 def test_offloaded_weights_are_pinned():
     unit = frozen_unit(on_cpu=False)
     unit.offload()
