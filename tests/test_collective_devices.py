@@ -2,7 +2,8 @@
 
 NCCL refuses host tensors; on CPU ranks every group is gloo's, which takes them, so such a call passes every
 CPU test and fails the first GPU step. tests/collective_residency.py tracks where each tensor would live on a
-GPU run and records every collective; one pretraining step and one PPO step run on 2 ranks with it.
+GPU run and records every collective; one pretraining step and PPO steps at DP=2 and at TP=2 run on 2 ranks
+with it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def test_collectives_of_would_be_nccl_groups_get_device_tensors(tmp_path):
                 "megatron_qwen/training/forward_backward.py:reduce_reports",
                 "megatron/core/distributed/param_and_grad_buffer.py:start_grad_sync"},
     }
+    expected["ppo-tp2"] = expected["ppo"] | {"megatron/core/tensor_parallel/mappings.py:_reduce_scatter_along_first_dim"}
     for rank in (0, 1):
         stages = json.loads((tmp_path / f"collectives-{rank}.json").read_text())
         for stage, callers in expected.items():

@@ -1,6 +1,6 @@
-"""One pretraining step and one PPO step (a reward function, pretraining micro-batches mixed in) with every
-collective recorded and every tensor's GPU-run residency tracked (tests/collective_residency.py); each rank
-writes its records to WORKDIR/collectives-RANK.json.
+"""One pretraining step and a PPO step at DP=2 and at TP=2 (a reward function, pretraining micro-batches mixed
+in) with every collective recorded and every tensor's GPU-run residency tracked (tests/collective_residency.py);
+each rank writes its records to WORKDIR/collectives-RANK.json.
 
     torchrun --nproc-per-node 2 tests/parallel/collectives_worker.py --workdir DIR --prompts PREFIX
 """
@@ -40,6 +40,8 @@ def main() -> None:
     recorder.install()  # before megatron-core is imported
     route_cpu_harness_to_run_device()
 
+    from megatron.core import parallel_state
+
     from megatron_qwen.config import load_config
     from megatron_qwen.stages.ppo import train_ppo
     from megatron_qwen.stages.pretrain import TASK
@@ -56,15 +58,21 @@ def main() -> None:
         first = len(recorder.calls)
         assert train(load_config(REPO / "configs" / "tiny.yaml", MODEL + [
             f"data.paths=[{shards}]", "data.split=100,0,0", cache, "training.micro_batch_size=2",
-            "training.global_batch_size=4", "training.train_iters=1", "training.lr_warmup_iters=0", f"logging.run_dir={args.workdir / 'pretrain'}"]), task=TASK) == 0
+            "training.global_batch_size=4", "training.train_iters=1", "training.lr_warmup_iters=0",
+            f"logging.run_dir={args.workdir / 'pretrain'}"]), task=TASK) == 0
         stages["pretrain"] = recorder.calls[first:]
-        first = len(recorder.calls)
-        assert train_ppo(load_config(REPO / "configs" / "stage" / "ppo.yaml", MODEL + [
-            f"data.paths=[{args.prompts}]", f"ppo.policy_from={policy}", "ppo.reward_fn=tests.ppo_rewards:good_fraction",
-            "ppo.prompts_per_step=4", "ppo.samples_per_prompt=2", "ppo.max_new_tokens=4", "ppo.critic_warmup_steps=0",
-            "training.micro_batch_size=2", "training.train_iters=1", f"ppo.ptx_data=[{shards}]", "ppo.ptx_coef=0.1",
-            "data.split=100,0,0", cache, f"logging.run_dir={args.workdir / 'ppo'}"])) == 0
-        stages["ppo"] = recorder.calls[first:]
+        # PPO at DP=2 (the data-parallel statistics) and at TP=2 with SP (generation and the vocab-parallel
+        # log-probabilities and entropy over the tensor-parallel group).
+        for name, layout in (("ppo", []), ("ppo-tp2", ["parallel.tp=2", "parallel.sp=true"])):
+            parallel_state.destroy_model_parallel()  # the next run makes its layout's groups
+            first = len(recorder.calls)
+            assert train_ppo(load_config(REPO / "configs" / "stage" / "ppo.yaml", MODEL + layout + [
+                f"data.paths=[{args.prompts}]", f"ppo.policy_from={policy}",
+                "ppo.reward_fn=tests.ppo_rewards:good_fraction", "ppo.prompts_per_step=4", "ppo.samples_per_prompt=2",
+                "ppo.max_new_tokens=4", "ppo.critic_warmup_steps=0", "training.micro_batch_size=2",
+                "training.train_iters=1", f"ppo.ptx_data=[{shards}]", "ppo.ptx_coef=0.1", "data.split=100,0,0", cache,
+                f"logging.run_dir={args.workdir / name}"])) == 0
+            stages[name] = recorder.calls[first:]
     rank = int(os.environ["RANK"])
     (args.workdir / f"collectives-{rank}.json").write_text(json.dumps(stages, indent=1))
 
