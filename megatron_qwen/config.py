@@ -9,6 +9,7 @@ process group exists and each message names the value, the rule and the fix.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import os
@@ -142,7 +143,7 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
-    """PPO (stages/ppo.py), the Qwen report's RLHF recipe by default (configs/stage/ppo.yaml)."""
+    """PPO (stages/ppo.py), the Qwen report's RLHF recipe by default (with the stage's `STAGE_DEFAULTS`)."""
 
     policy_from: Optional[str] = None  # the SFT checkpoint the policy (and by default the reference) starts from
     reference_from: Optional[str] = None  # default: policy_from
@@ -172,7 +173,9 @@ class PPOConfig:
     ptx_data: list = field(default_factory=list)  # pretraining shards ([weight, prefix, ...] or [prefix, ...])
     ptx_coef: float = 0.0  # weight of the pretraining LM loss in the policy's step
     ptx_microbatches: int = 1  # pretraining micro-batches per policy optimizer step and data-parallel rank
-    offload_frozen: bool = True  # move the reference and reward models to CPU memory between phases (GPUs)
+    # GPUs: keep the frozen reference and reward models in pinned host memory between their forwards (frees their
+    # device memory for generation and the updates, at one host-to-device copy of each per step); off: resident
+    offload_frozen: bool = True
 
 
 @dataclass
@@ -349,12 +352,27 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def load_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
-    """Read a YAML config, following its optional ``base:`` (a path relative to the file) first."""
-    path = Path(path)
+# A stage's own recipe where it differs from the dataclass defaults (pretraining's): the defaults of a run of that
+# stage, whichever config file it starts from. A file's ``base:`` chain (model sizes, which carry pretraining's
+# recipe) is below them, the file given and the overrides above (`load_config`). configs/stage/*.yaml restate them.
+STAGE_DEFAULTS: dict[str, dict] = {
+    # The Qwen report's RLHF stage: policy LR 1e-6 and value LR 5e-6 (ppo.value_lr), both constant; no dropout, so
+    # that the old log-probabilities and the first update see one network; one log line and a checkpoint per 50 steps.
+    "ppo": {
+        "model": {"hidden_dropout": 0.0, "attention_dropout": 0.0},
+        "training": {"train_iters": 1000, "lr": 1.0e-6, "min_lr": 1.0e-6, "lr_warmup_iters": 0,
+                     "lr_decay_style": "constant", "weight_decay": 0.0, "save_interval": 50},
+        "data": {"split": "100,0,0"},
+        "logging": {"log_interval": 1, "run_dir": "runs/ppo"},
+    },
+}
+
+
+def _read_yaml(path: Path, seen: tuple) -> tuple[dict, str | None]:
+    """A YAML config's own mapping and its ``base:`` (None when it has none)."""
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} does not exist"])
-    if path.resolve() in _seen:
+    if path.resolve() in seen:
         raise ConfigError([f"config {path} includes itself through 'base:'"])
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -362,10 +380,18 @@ def load_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError([f"{path}: not valid YAML ({exc})"]) from exc
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of sections (model, parallel, ...)"])
-    base = data.pop("base", None)
-    if base is not None:
-        data = _deep_merge(load_yaml_tree(path.parent / base, _seen + (path.resolve(),)), data)
-    return data
+    return data, data.pop("base", None)
+
+
+def _base_tree(path: Path, base: str | None, seen: tuple) -> dict:
+    return {} if base is None else load_yaml_tree(path.parent / base, seen + (path.resolve(),))
+
+
+def load_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a YAML config, following its optional ``base:`` (a path relative to the file) first."""
+    path = Path(path)
+    data, base = _read_yaml(path, _seen)
+    return _deep_merge(_base_tree(path, base, _seen), data)
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
@@ -385,13 +411,21 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, stage: str | None = None) -> Config:
     """Build a `Config` from a YAML file (or the defaults) plus dotted overrides; types are checked.
+
+    Each key takes the first of: the overrides, the file `path` itself, `stage`'s `STAGE_DEFAULTS`, the files
+    of its ``base:`` chain, the dataclass defaults. The stage's recipe beats what a file inherits (model sizes carry
+    pretraining's) and yields to what the user's own file or command line says.
 
     ``$MEGATRON_QWEN_DEVICE``, when set, is the default of ``parallel.device``: the file and the overrides
     still win. It lets a test suite put every rank on the CPU on a machine that has a GPU.
     """
-    tree = load_yaml_tree(path) if path is not None else {}
+    tree = copy.deepcopy(STAGE_DEFAULTS.get(stage, {}))  # the overrides below write into the tree
+    if path is not None:
+        path = Path(path)
+        data, base = _read_yaml(path, ())
+        tree = _deep_merge(_deep_merge(_base_tree(path, base, ()), tree), data)
     device = os.environ.get(DEVICE_ENV)
     if device:
         allowed = choices(ParallelConfig, "device")

@@ -464,7 +464,8 @@ def test_checkpoint_exports_the_policy_and_resumes_at_another_layout(start, stra
     assert not torch.equal(stored["embedding.word_embeddings.weight"], stored["value.embedding.word_embeddings.weight"])
 
     # The step-8 checkpoint continued at TP=2 with SP: the same rollouts and scores (the sampling does not depend
-    # on the layout), and the losses of the TP=1 run to fp32 reduction order.
+    # on the layout), and the losses of the TP=1 run to fp32 reduction order. Step 9's losses read only the
+    # weights; step 10's read the weights after an optimizer step from the resharded Adam moments.
     load = tmp_path / "from_tp1"
     load.mkdir()
     (load / "latest").write_text("iter_0000008\n")
@@ -474,5 +475,22 @@ def test_checkpoint_exports_the_policy_and_resumes_at_another_layout(start, stra
     assert "layout changed" in out.stdout
     ref, got = metrics(straight), metrics(tmp_path / "tp2")
     assert sorted(got) == [9, 10]
-    for key in ("reward_mean", "response_length", "policy_loss", "value_loss", "kl_to_reference"):
-        assert got[9][key] == pytest.approx(ref[9][key], rel=1e-4, abs=1e-5), key
+    for step in (9, 10):
+        for key in ("reward_mean", "response_length", "policy_loss", "value_loss", "kl_to_reference"):
+            assert got[step][key] == pytest.approx(ref[step][key], rel=1e-4, abs=1e-5), (step, key)
+
+    # The states themselves after those two steps: weights and both Adam moments of policy and value model against
+    # the same two steps at TP=1 (the straight run saves no step 10).
+    run_torchrun(1, ppo_args(start, tmp_path / "tp1", "training.train_iters=10", f"training.load={load}"))
+    from megatron_qwen.training.checkpointing import read_full_state_dict
+
+    a = read_full_state_dict(tmp_path / "tp2" / "checkpoints" / "iter_0000010")
+    b = read_full_state_dict(tmp_path / "tp1" / "checkpoints" / "iter_0000010")
+    assert a.keys() == b.keys()
+    moments = [k for k in b if k.startswith(("optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq."))]
+    assert any(".value." in k for k in moments) and len(moments) == 2 * len(policy_and_value(ckpt))
+    worst = {k: (torch.linalg.vector_norm(a[k].double() - b[k].double())
+                 / torch.linalg.vector_norm(b[k].double()).clamp(min=1e-30)).item() for k in b}
+    print(f"step 10 at TP=2 vs TP=1: worst relative norm difference {max(worst.values()):.2e} "
+          f"({max(worst, key=worst.get)})")
+    assert max(worst.values()) < 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:5]

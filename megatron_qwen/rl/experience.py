@@ -46,6 +46,11 @@ class Rows:
     def length(self) -> int:
         return self.tokens.shape[1]
 
+    def to(self, device: torch.device) -> Rows:
+        """The rows on `device` (where the experience is computed and reduced over the data-parallel group)."""
+        return Rows(*(t.to(device) for t in (self.tokens, self.labels, self.position_ids, self.mask, self.final)),
+                    extra={k: v.to(device) for k, v in self.extra.items()})
+
     def micro_batches(self, size: int) -> list[dict]:
         """The rows in order, `size` per micro-batch, as the forward steps take them."""
         fields = {"tokens": self.tokens, "labels": self.labels, "position_ids": self.position_ids, "mask": self.mask,
@@ -74,7 +79,7 @@ def layout_rows(rollouts: Rollouts, multiple: int = 1, pad_id: int = 0) -> Rows:
 def per_token_rewards(scores: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
                       kl_coef: float, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(rewards [n, s]: ``-kl_coef * KL`` on every action and the score added on the last one, the KL [n, s])."""
-    kl = kl_estimate(old_logprobs, ref_logprobs, estimator) * mask
+    kl = kl_estimate(old_logprobs, ref_logprobs, estimator, mask)
     rewards = -kl_coef * kl
     last = (mask.cumsum(dim=1) == mask.sum(dim=1, keepdim=True)) & (mask > 0)  # each row's last action
     rewards = rewards + last.float() * scores[:, None]

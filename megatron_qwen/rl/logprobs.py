@@ -15,21 +15,27 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 
 def _prepared(logits: torch.Tensor, vocab_limit: int, temperature: float) -> torch.Tensor:
-    """fp32 logits / temperature with this rank's columns of ids >= vocab_limit at -inf."""
-    logits = logits.float()
+    """fp32 logits / temperature with this rank's columns of ids >= vocab_limit at -inf (possibly `logits`
+    itself: fp32, temperature 0 or 1, nothing masked)."""
+    prepared = logits.float()
     if temperature not in (0.0, 1.0):
-        logits = logits / temperature
-    width = logits.shape[-1]
+        prepared = prepared / temperature
+    width = prepared.shape[-1]
     first = parallel_state.get_tensor_model_parallel_rank() * width
     if first + width > vocab_limit:
-        ids = torch.arange(first, first + width, device=logits.device)
-        logits = logits.masked_fill(ids >= vocab_limit, float("-inf"))
-    return logits
+        ids = torch.arange(first, first + width, device=prepared.device)
+        prepared = prepared.masked_fill(ids >= vocab_limit, float("-inf"))
+    return prepared
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_limit: int, temperature: float = 1.0) -> torch.Tensor:
-    """log p(label) [b, s] from vocab-parallel logits [b, s, V / tp] (differentiable)."""
-    return -vocab_parallel_cross_entropy(_prepared(logits, vocab_limit, temperature), labels)
+    """log p(label) [b, s] from vocab-parallel logits [b, s, V / tp] (differentiable); `logits` is left as it was."""
+    prepared = _prepared(logits, vocab_limit, temperature)
+    if prepared is logits:
+        # megatron-core's vocab-parallel cross entropy works in place on its input, and callers read the logits
+        # again (the entropy): it gets a copy.
+        prepared = prepared.clone()
+    return -vocab_parallel_cross_entropy(prepared, labels)
 
 
 @torch.no_grad()

@@ -61,11 +61,13 @@ class RunningMoments:
     m2: float = 0.0
 
     def update(self, values: torch.Tensor, group=None) -> None:
-        """Add a batch of scores (of the whole data-parallel batch when `group` is given)."""
-        stats = torch.stack([torch.tensor(float(values.numel())), values.double().sum(), (values.double() ** 2).sum()])
+        """Add a batch of scores (of the whole data-parallel batch when `group` is given: then `values` live on
+        the device that group's collectives take)."""
+        values = values.double()
+        stats = torch.stack([values.new_tensor(float(values.numel())), values.sum(), (values**2).sum()])
         if group is not None:
             torch.distributed.all_reduce(stats, group=group)
-        n, total, squares = (float(x) for x in stats)
+        n, total, squares = stats.tolist()
         if n == 0:
             return
         batch_mean = total / n

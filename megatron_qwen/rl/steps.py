@@ -69,7 +69,7 @@ def policy_update_step(vocab_limit: int, temperature: float, clip: float, grpo_k
         logprobs = token_logprobs(logits, batch["labels"], vocab_limit, temperature)
         per_token, clipped, approx_kl = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], clip)
         if grpo_kl_coef:
-            per_token = per_token + grpo_kl_coef * kl_estimate(logprobs, batch["ref_logprobs"], "k3")
+            per_token = per_token + grpo_kl_coef * kl_estimate(logprobs, batch["ref_logprobs"], "k3", mask)
         count = mask.sum()
         reports = {
             "policy loss": _pair((per_token * mask).sum(), count),

@@ -13,6 +13,7 @@ with ``ppo.ptx_coef`` times the language-model loss of pretraining micro-batches
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -177,8 +178,22 @@ class PPOTrainer:
 
     def _load_frozen(self, unit: ModelUnit, path: str, key: str) -> None:
         checkpointing.load_weights(unit.modules, path, f"{key}={path}", trust=self.cfg.training.trust_checkpoint)
-        unit.offload()
+        if self.cfg.ppo.offload_frozen:
+            unit.offload()
         self.ctx.say(f"loaded the frozen {unit.name} model from {path}")
+
+    @contextlib.contextmanager
+    def frozen_on_device(self, unit: ModelUnit):
+        """The block runs with frozen `unit` on its device: with ``ppo.offload_frozen`` it is brought back from
+        pinned host memory for the block and its device memory freed after; without, it stays resident."""
+        if not self.cfg.ppo.offload_frozen:
+            yield
+            return
+        unit.onload()
+        try:
+            yield
+        finally:
+            unit.offload()
 
     # ------------------------------------------------------------------ one step
 
@@ -211,19 +226,18 @@ class PPOTrainer:
 
     def scores(self, rollouts: Rollouts, rows: Rows, micro: list[dict]) -> torch.Tensor:
         """Each rollout's raw score on every rank: the reward model at its final token, or the reward function."""
+        device = self.ctx.runtime.device
         if self.reward_model is not None:
-            self.reward_model.onload()
-            out = self.collect(self.reward_model, micro, "scalar", rows.length)
-            self.reward_model.offload()
-            scores = torch.zeros(len(rollouts), dtype=torch.float64)
+            with self.frozen_on_device(self.reward_model):
+                out = self.collect(self.reward_model, micro, "scalar", rows.length)
+            scores = torch.zeros(len(rollouts), dtype=torch.float64, device=device)
             if out is not None:
-                values = torch.cat(out).cpu()
-                scores = values[torch.arange(len(rollouts)), rows.final].double()
+                values = torch.cat(out).to(device)
+                scores = values[torch.arange(len(rollouts), device=device), rows.final].double()
             group = parallel_state.get_pipeline_model_parallel_group()
             if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-                scores = scores.to(self.ctx.runtime.device)
                 torch.distributed.broadcast(scores, parallel_state.get_pipeline_model_parallel_last_rank(), group=group)
-            return scores.cpu().float()
+            return scores.float()
         # A user function: called once per rollout on this data-parallel replica's first rank, then shared.
         group = parallel_state.get_model_parallel_group()
         source = torch.distributed.get_process_group_ranks(group)[0]
@@ -245,32 +259,34 @@ class PPOTrainer:
         first = next((e for e in errors if e is not None), None)
         if first is not None:
             raise RewardFunctionError(f"step {self.state.step + 1}: {first}; stopping without saving this step")
-        scores = scores.to(self.ctx.runtime.device)
+        scores = scores.to(device)
         torch.distributed.broadcast(scores, source, group=group)
-        return scores.cpu().float()
+        return scores.float()
 
     def make_experience(self, rollouts: Rollouts) -> tuple[Rows, dict]:
-        """Rows with old/reference log-probabilities, old values, advantages and returns; and the step's reports."""
-        p, cfg = self.cfg.ppo, self.cfg
-        rows = layout_rows(rollouts, multiple=cfg.parallel.tp if cfg.parallel.sp else 1)
+        """Rows with old/reference log-probabilities, old values, advantages and returns; and the step's reports.
+
+        Everything stays on the device: the statistics over the data-parallel batch (running moments, whitening,
+        explained variance, the reports) are reduced by that group's collectives, which are NCCL's on GPUs."""
+        p, cfg, device = self.cfg.ppo, self.cfg, self.ctx.runtime.device
+        rows = layout_rows(rollouts, multiple=cfg.parallel.tp if cfg.parallel.sp else 1).to(device)
         micro = rows.micro_batches(cfg.training.micro_batch_size)
         n, length = rows.tokens.shape
-        zeros = torch.zeros(n, length)
+        zeros = torch.zeros(n, length, device=device)
 
         def cat(out, key=None):
             if out is None:  # not the last pipeline stage: the loss is not computed here
                 return zeros.clone()
-            return torch.cat([o[key] if key else o for o in out]).cpu().float()
+            return torch.cat([o[key] if key else o for o in out]).to(device).float()
 
         policy_out = self.collect(self.policy, micro, "logprobs", length)
         old_logprobs, entropy = cat(policy_out, "logprobs"), cat(policy_out, "entropy")
-        self.reference.onload()
-        ref_logprobs = cat(self.collect(self.reference, micro, "logprobs", length), "logprobs")
-        self.reference.offload()
+        with self.frozen_on_device(self.reference):
+            ref_logprobs = cat(self.collect(self.reference, micro, "logprobs", length), "logprobs")
         values = cat(self.collect(self.value, micro, "scalar", length)) if self.value is not None else zeros.clone()
         raw = self.scores(rollouts, rows, micro)
 
-        finished = torch.tensor(rollouts.finished, dtype=torch.bool)
+        finished = torch.tensor(rollouts.finished, dtype=torch.bool, device=device)
         mask = rows.mask.clone()
         if p.unfinished == "penalty":
             raw = torch.where(finished, raw, torch.full_like(raw, p.unfinished_penalty))
@@ -292,11 +308,13 @@ class PPOTrainer:
         rows.extra = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "advantages": advantages,
                       "old_values": values * mask, "returns": returns}
 
-        sampler = torch.zeros(n, length)
-        for i, lps in enumerate(rollouts.sampler_logprobs):
-            sampler[i, rows.mask[i] > 0] = torch.tensor(lps[: int(rows.mask[i].sum())])
+        sampler = torch.zeros(n, length)  # filled on the host from the engine's lists, then moved in one copy
+        for i, (prompt, response) in enumerate(zip(rollouts.prompts, rollouts.responses)):
+            first = len(prompt) - 1  # the label position of the response's first token
+            sampler[i, first:first + len(response)] = torch.tensor(rollouts.sampler_logprobs[i][:len(response)])
+        sampler = sampler.to(device)
         tokens = mask.sum()
-        per_row = torch.ones(n)
+        per_row = torch.ones(n, device=device)
         reports = {
             "reward": [raw[kept].sum(), kept.sum()], "reward_sq": [(raw[kept] ** 2).sum(), kept.sum()],
             "reward_normalised": [scores[kept].sum(), kept.sum()],
@@ -304,13 +322,14 @@ class PPOTrainer:
             "kl": [((old_logprobs - ref_logprobs) * mask).sum(), tokens],
             "kl_per_response": [((old_logprobs - ref_logprobs) * mask).sum(), kept.sum()],
             "entropy_before": [(entropy * mask).sum(), tokens],
-            "response_length": [torch.tensor([float(len(r)) for r in rollouts.responses]).sum(), per_row.sum()],
+            "response_length": [torch.tensor(float(sum(map(len, rollouts.responses))), device=device), per_row.sum()],
             "finished": [finished.float().sum(), per_row.sum()],
             "sampler_logprob_gap": [((sampler - old_logprobs).abs() * mask).sum(), tokens],
         }
         if self.value is not None:
             ev = explained_variance(values, returns, mask, self.dp_group)
-            reports["explained_variance"] = [ev * (1.0 if self.last_stage else 0.0), torch.tensor(1.0 if self.last_stage else 0.0)]
+            weight = 1.0 if self.last_stage else 0.0
+            reports["explained_variance"] = [ev * weight, ev.new_tensor(weight)]
         return rows, reports
 
     def update(self, rows: Rows) -> dict:
@@ -333,7 +352,8 @@ class PPOTrainer:
     def _weighted(self, batch: list[dict], length: int) -> list[dict]:
         """The rollout micro-batches plus this step's pretraining ones, each loss weighted so that the policy step
         minimises mean(policy loss) + ptx_coef * mean(LM loss) whatever their token counts."""
-        counts = torch.stack([sum(b["mask"].sum() for b in batch), torch.zeros(())]).double()
+        counts = torch.zeros(2, dtype=torch.float64, device=self.ctx.runtime.device)  # reduced over DP: on the device
+        counts[0] = sum(b["mask"].sum() for b in batch)
         ptx = []
         if self.ptx is not None:
             for sample in self.ptx.next_global_batch():
@@ -343,9 +363,10 @@ class PPOTrainer:
             counts[1] = sum(b["loss_mask"].sum() for b in ptx)
             self.state.consumed_ptx_samples = self.ptx.position
         torch.distributed.all_reduce(counts, group=self.dp_group)
-        total = float(counts.sum())
-        rollout_weight = total / float(counts[0]) if counts[0] > 0 else 0.0
-        ptx_weight = self.cfg.ppo.ptx_coef * total / float(counts[1]) if counts[1] > 0 else 0.0
+        rollout_tokens, ptx_tokens = counts.tolist()
+        total = rollout_tokens + ptx_tokens
+        rollout_weight = total / rollout_tokens if rollout_tokens > 0 else 0.0
+        ptx_weight = self.cfg.ppo.ptx_coef * total / ptx_tokens if ptx_tokens > 0 else 0.0
         return [dict(b, weight=rollout_weight) for b in batch] + [dict(b, weight=ptx_weight) for b in ptx]
 
     def _optimizer_step(self, unit: ModelUnit, batch: list[dict], step: str, keys: tuple, length: int) -> dict:
@@ -369,8 +390,9 @@ class PPOTrainer:
         """A step's metrics, the same on every rank: experience means over the data-parallel batch, the updates'
         means, generation throughput and the seconds each phase took."""
         means = self._global_means(experience)
-        tokens = torch.tensor([float(rollouts.new_tokens), rollouts.seconds])
+        tokens = torch.tensor([float(rollouts.new_tokens), rollouts.seconds], device=self.ctx.runtime.device)
         torch.distributed.all_reduce(tokens, group=self.dp_group)
+        new_tokens, seconds_generating = tokens.tolist()
         generate, score, train = seconds
         return {
             "reward_mean": means["reward"], "reward_std": _std(means["reward"], means["reward_sq"]),
@@ -381,14 +403,15 @@ class PPOTrainer:
             "sampler_trainer_logprob_gap": means["sampler_logprob_gap"],
             **({"explained_variance": means["explained_variance"]} if "explained_variance" in means else {}),
             **{key.replace(" ", "_"): value for key, value in updates.items()},
-            "generation_tokens_per_s": float(tokens[0] / max(float(tokens[1]) / self.ctx.layout.dp, 1e-9)),
+            "generation_tokens_per_s": new_tokens / max(seconds_generating / self.ctx.layout.dp, 1e-9),
             "seconds_generate": generate, "seconds_score": score, "seconds_train": train,
             "policy_lr": self.policy.schedule.at(self.state.step),
         }
 
     def _global_means(self, reports: dict) -> dict:
-        keys = tuple(reports)
-        item = {key: torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in reports[key]]) for key in keys}
+        keys, device = tuple(reports), self.ctx.runtime.device
+        item = {key: torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in reports[key]])
+                for key in keys}
         means = reduce_reports([item] if self.last_stage else [], keys, self.ctx.runtime.device)
         return {key: float(value) for key, value in means.items()}
 

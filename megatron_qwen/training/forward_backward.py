@@ -101,12 +101,12 @@ def forward_backward(
 
 def reduce_reports(losses: list[dict], keys: tuple[str, ...], device: torch.device) -> dict[str, torch.Tensor]:
     """Global means of the last stage's [sum, count] reports, summed over micro-batches and data-parallel
-    replicas and broadcast to every pipeline stage (the others have no reports to give)."""
-    totals = torch.zeros(len(keys), 2, dtype=torch.float64)
-    for item in losses:
-        for i, key in enumerate(keys):
-            totals[i] += item[key].detach().to("cpu", torch.float64)
-    totals = totals.to(device)
+    replicas and broadcast to every pipeline stage (the others have no reports to give). Summed and reduced on
+    `device`; the means come to the host once, as one copy."""
+    totals = torch.zeros(len(keys), 2, dtype=torch.float64, device=device)
+    if losses:
+        totals += torch.stack([torch.stack([torch.as_tensor(item[key]) for key in keys]) for item in losses]).to(
+            device, torch.float64).sum(dim=0)
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         last = parallel_state.get_pipeline_model_parallel_last_rank()

@@ -9,8 +9,9 @@ that name with its tensors' keys prefixed (see `megatron_qwen.checkpoint.directo
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -120,6 +121,7 @@ class ModelUnit:
     schedule: LRSchedule | None = None
     weight_decay: float = 0.0
     clip_grad: float = 0.0
+    host_copies: list[torch.Tensor] | None = field(default=None, repr=False)  # a frozen unit's offloaded weights
 
     @property
     def trained(self) -> bool:
@@ -158,19 +160,34 @@ class ModelUnit:
         """Bring this rank's weights up to date now (before a save); see `finish_param_sync`."""
         finish_param_sync(self.chunks)
 
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for chunk in self.chunks for t in itertools.chain(chunk.parameters(), chunk.buffers())]
+
     def offload(self) -> None:
-        """Move a frozen unit's weights to CPU memory between uses (a no-op on CPU ranks)."""
+        """Free a frozen unit's device memory between uses, its weights kept in pinned host buffers (a no-op on CPU
+        ranks). The weights never change, so only the first call copies them to the host."""
         if self.trained:
-            raise ValueError(f"model unit {self.name!r} is trained: its optimizer holds views of its weights; only frozen units move")
-        if not self.runtime.on_cpu:
-            for chunk in self.chunks:
-                chunk.to("cpu")
+            raise ValueError(f"model unit {self.name!r} is trained: its optimizer holds views of its weights; "
+                             "only frozen units move")
+        if self.runtime.on_cpu:
+            return
+        tensors = self._tensors()
+        if self.host_copies is None:
+            # Pinned, so that `onload` copies back asynchronously (pageable memory makes every copy synchronous).
+            self.host_copies = [torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+                                for t in tensors]
+            for host, t in zip(self.host_copies, tensors):
+                host.copy_(t.data)
+        for host, t in zip(self.host_copies, tensors):
+            t.data = host
 
     def onload(self) -> None:
-        """Bring an offloaded frozen unit back to its device."""
-        if not self.runtime.on_cpu:
-            for chunk in self.chunks:
-                chunk.to(self.runtime.device)
+        """Bring an offloaded frozen unit back to its device: non-blocking copies from its pinned host buffers
+        (never the buffers themselves), ordered before the unit's first kernel on the same stream."""
+        if self.runtime.on_cpu or self.host_copies is None:
+            return
+        for host, t in zip(self.host_copies, self._tensors()):
+            t.data = host.to(self.runtime.device, non_blocking=True, copy=True)
 
 
 def build_unit(
