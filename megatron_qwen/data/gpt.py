@@ -100,8 +100,10 @@ def build_gpt_datasets(cfg: Config, eod: int, vocab_size: int):
             f"{cfg.data.split!r} gives it 0; use e.g. data.split=969,30,1 or training.eval_interval=0"
         )
     sizes = requested_samples(cfg)
+    # Ids the model can take: a small test model's uint16 shard is fine, a uint16 shard for Qwen's vocabulary is not.
+    model_ids = min(vocab_size, cfg.model.padded_vocab_size)
     for prefix in config.blend[0]:
-        check_shard(prefix, vocab_size)
+        check_shard(prefix, model_ids)
     check_corpus_size(cfg, config)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
     return tuple(builder.build())

@@ -78,7 +78,7 @@ def check_shard(prefix: str, vocab_size: int | None = None) -> ShardSummary:
     capacity = np.iinfo(summary.dtype).max + 1
     if vocab_size is not None and capacity < vocab_size:
         raise DataError(
-            f"data shard {prefix} holds {summary.dtype} tokens (ids below {capacity:,}), but the tokenizer has "
+            f"data shard {prefix} holds {summary.dtype} tokens (ids below {capacity:,}), but the run's vocabulary has "
             f"{vocab_size:,} ids: it was written with another tokenizer; preprocess the corpus with this one"
         )
     return summary
