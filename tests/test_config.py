@@ -46,9 +46,11 @@ def test_tiny_runs_every_test_layout(name):
     """Each layout of the parallel-equivalence test is valid for the tiny model on its 4 ranks and resolves to
     the sizes named, data parallelism taking what TP x PP leaves."""
     tp, pp, vpp, sp = (int(part[len(key):]) for part, key in zip(name.split("-"), ("tp", "pp", "vpp", "sp")))
-    overrides = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.vpp={vpp}", f"parallel.sp={str(bool(sp)).lower()}"]
+    overrides = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.vpp={vpp}",
+                 f"parallel.sp={str(bool(sp)).lower()}"]
     cfg, layout, _ = resolve(load_config("configs/tiny.yaml", overrides), 4)
-    assert (layout.world_size, layout.tp, layout.pp, layout.vpp, layout.dp, layout.sp) == (4, tp, pp, vpp, 4 // (tp * pp), bool(sp))
+    sizes = (layout.world_size, layout.tp, layout.pp, layout.vpp, layout.dp, layout.sp)
+    assert sizes == (4, tp, pp, vpp, 4 // (tp * pp), bool(sp)), sizes
     assert cfg.model.num_layers % (pp * vpp) == 0 and cfg.model.padded_vocab_size % tp == 0
 
 

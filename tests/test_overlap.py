@@ -61,8 +61,9 @@ def compare(workdir: Path, layout: str) -> str:
     loss_diff = max(abs(x - y) / abs(x) for x, y in zip(ref, got, strict=True))
     norm_diff = max(abs(x - y) / x for x, y in zip(norms, results(overlap)[0]["grad_norms"], strict=True))
     weight_diff = max(relative_difference(b[k], a[k]) for k in a)
-    figures = (f"{layout}: losses {ref[0]:.4f} -> {ref[-1]:.4f}, grad norms {norms[0]:.2f} -> {norms[-1]:.2f}; overlapped "
-               f"against plain: losses {loss_diff:.1e}, grad norms {norm_diff:.1e}, weights {weight_diff:.1e} (relative)")
+    figures = (f"{layout}: losses {ref[0]:.4f} -> {ref[-1]:.4f}, grad norms {norms[0]:.2f} -> {norms[-1]:.2f}; "
+               f"overlapped against plain: losses {loss_diff:.1e}, grad norms {norm_diff:.1e}, weights "
+               f"{weight_diff:.1e} (relative)")
     assert loss_diff <= CLIP_RTOL["losses"] and norm_diff <= CLIP_RTOL["grad norms"], figures
     assert weight_diff <= CLIP_RTOL["weights"], figures
     return figures

@@ -34,7 +34,8 @@ def test_set_lr_honours_group_multipliers():
     class Opt:
         # megatron-core's groups: a scaled LR (e.g. a head trained faster), norms and biases without decay,
         # and a group that names no multipliers (1.0 then).
-        param_groups = [{"lr_mult": 2.5, "wd_mult": 1.0}, {"lr_mult": 0.5, "wd_mult": 0.0}, {"lr_mult": 1.0, "wd_mult": 0.25}, {}]
+        param_groups = [{"lr_mult": 2.5, "wd_mult": 1.0}, {"lr_mult": 0.5, "wd_mult": 0.0},
+                        {"lr_mult": 1.0, "wd_mult": 0.25}, {}]
 
     opt = Opt()
     set_lr(opt, 2e-4, 0.1)

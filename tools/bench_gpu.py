@@ -24,8 +24,8 @@ the data, cached training runs) and returns table rows. A check that fails with 
 "error" row and the others still run; each row is printed as soon as it is known, the table at the end.
 
 It needs a CUDA GPU, torch, transformers, tiktoken, and the megatron-core, torchao and psutil wheels, and none
-of the compiled extension in csrc/ (training does not use it) nor the dashscope wheel: run it from the source tree with PYTHONPATH set to the
-repository (README, "GPU benchmark", says how to carry the wheels to a bare machine).
+of the compiled extension in csrc/ (training does not use it) nor the dashscope wheel: run it from the source
+tree with PYTHONPATH set to the repository (README, "GPU benchmark", says how to carry the wheels to a bare machine).
 """
 
 from __future__ import annotations
@@ -465,11 +465,13 @@ def print_table(rows: list[Row]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=24, help="layers of the 1.8B-shaped model (default 24: Qwen-1.8B)")
+    parser.add_argument("--layers", type=int, default=24,
+                        help="layers of the 1.8B-shaped model (default 24: Qwen-1.8B)")
     parser.add_argument("--seq", type=int, default=2048, help="sequence length (default 2048)")
     parser.add_argument("--steps", type=int, default=50, help="training steps per run (default 50)")
     parser.add_argument("--budget-s", type=float, default=BUDGET_S - 60,
-                        help=f"start no check, and run no subprocess, after this many seconds (default {BUDGET_S - 60})")
+                        help=f"start no check, and run no subprocess, after this many seconds "
+                             f"(default {BUDGET_S - 60})")
     parser.add_argument("--only", nargs="+", choices=sorted(CHECKS), help="run only these checks")
     parser.add_argument("--config", default=str(REPO / "configs" / "qwen-1_8b.yaml"), help="model config (default Qwen-1.8B)")
     parser.add_argument("--override", nargs="*", default=[], help="further dotted config overrides")

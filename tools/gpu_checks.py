@@ -3,12 +3,12 @@
     python tools/gpu_checks.py [NAME ...]    # every check by default; exit status 1 when one fails
 
 ``gpu-check NAME: PASS|FAIL|SKIP detail``. Each check is a function ``check_NAME() -> (status, detail)``,
-listed in `CHECKS` for other tools to run. They need torch, transformers, tiktoken and the megatron-core and
-torchao wheels only: not the compiled extension of csrc/ (shards are written with megatron-core's builder) nor
+listed in `CHECKS` for other tools to run. They need torch, transformers, tiktoken and the megatron-core,
+torchao and psutil wheels only: not the compiled extension of csrc/ (shards are written with megatron-core's builder) nor
 the dashscope wheel (the stage reads a stand-in tokenizer file; pretraining uses only its EOD id and size).
-No subprocess runs past `DEADLINE` (a `time.monotonic()` value; tools/bench_gpu.py sets it from its budget). They run in one process with one rank (TP = PP = DP = 1) on GPU
-0; checks that need a fresh CUDA context or the stage's command line start their own subprocess. What CPU
-ranks show (layouts, overlap at DP = 2, resharding) is in the test suite; these confirm the CUDA, NCCL
+No subprocess runs past `DEADLINE` (a `time.monotonic()` value; tools/bench_gpu.py sets it from its budget).
+They run in one process with one rank (TP = PP = DP = 1) on GPU 0; checks that need a fresh CUDA context or
+the stage's command line start their own subprocess. What CPU ranks show (layouts, overlap at DP = 2, resharding) is in the test suite; these confirm the CUDA, NCCL
 and Transformer Engine paths of the same code.
 """
 
@@ -354,7 +354,8 @@ def check_pretrain_stage(device: str = "cuda") -> Result:
                 "training.save_interval=2", "training.keep_last=1", "training.recompute=full", "logging.log_interval=1",
                 f"logging.run_dir={run_dir}", "data.split=100,0,0"]
         env = {k: v for k, v in os.environ.items() if k not in ("CUDA_DEVICE_MAX_CONNECTIONS", "MASTER_ADDR", "MASTER_PORT")}
-        env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), WANDB_MODE="disabled")
+        env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                   WANDB_MODE="disabled")
         limit = subprocess_timeout(240)
         # Its own session: on a timeout the whole group (torchrun and its rank) is killed, not torchrun alone.
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -104,7 +104,8 @@ def run(layout: tuple[int, int, int], overlap: bool, clip: bool, workdir: Path, 
     out = workdir / f"tp{tp}-pp{pp}-vpp{vpp}{'-clip' if clip else ''}-{'overlap' if overlap else 'plain'}"
     save_checkpoint(out, STEPS, [unit], {"consumed_samples": STEPS * GLOBAL_BATCH}, keep_last=1)
     buckets = [len(buffer.buckets) for chunk in unit.chunks for buffer in chunk.buffers]
-    result = {"losses": losses, "phases": phases, "grad_norms": norms, "buckets": buckets, "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
+    result = {"losses": losses, "phases": phases, "grad_norms": norms, "buckets": buckets,
+              "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
     (out / f"rank{torch.distributed.get_rank()}.json").write_text(json.dumps(result))
 
 
