@@ -4,12 +4,13 @@
 
 ``gpu-check NAME: PASS|FAIL|SKIP detail``. Each check is a function ``check_NAME() -> (status, detail)``,
 listed in `CHECKS` for other tools to run. They need torch, transformers, tiktoken and the megatron-core,
-torchao and psutil wheels only: not the compiled extension of csrc/ (shards are written with megatron-core's builder) nor
-the dashscope wheel (the stage reads a stand-in tokenizer file; pretraining uses only its EOD id and size).
-No subprocess runs past `DEADLINE` (a `time.monotonic()` value; tools/bench_gpu.py sets it from its budget).
-They run in one process with one rank (TP = PP = DP = 1) on GPU 0; checks that need a fresh CUDA context or
-the stage's command line start their own subprocess. What CPU ranks show (layouts, overlap at DP = 2, resharding) is in the test suite; these confirm the CUDA, NCCL
-and Transformer Engine paths of the same code.
+torchao and psutil wheels only: not the compiled extension of csrc/ (shards are written with megatron-core's
+builder) nor the dashscope wheel (the stage reads a stand-in tokenizer file; pretraining uses only its EOD id
+and size). No subprocess runs past `DEADLINE` (a `time.monotonic()` value; tools/bench_gpu.py sets it from its
+budget). They run in one process with one rank (TP = PP = DP = 1) on GPU 0; checks that need a fresh CUDA
+context or the stage's command line start their own subprocess. What CPU ranks show (layouts, overlap at
+DP = 2, resharding) is in the test suite; these confirm the CUDA, NCCL and Transformer Engine paths of the
+same code.
 """
 
 from __future__ import annotations
