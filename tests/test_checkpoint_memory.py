@@ -78,16 +78,23 @@ def test_distributed_optimizer_over_torch_adam_resumes(tmp_path):
 
     resumed = build_unit(cfg, Runtime.cpu(), "model")
     checkpointing.load_checkpoint(path, [resumed], restore_rng=False)
-    # Equal state, and it stays equal over two more steps (each parameter advances its own step counter).
-    for _ in range(2):
+
+    def assert_same_state(after: str) -> None:
         (opt,) = unit.optimizer.chained_optimizers
         (again,) = resumed.optimizer.chained_optimizers
-        for a, b in zip(opt.optimizer.param_groups, again.optimizer.param_groups):
-            for p, q in zip(a["params"], b["params"]):
-                assert torch.equal(p, q)
-                for key in ("exp_avg", "exp_avg_sq", "step"):
-                    assert torch.equal(opt.optimizer.state[p][key], again.optimizer.state[q][key]), key
+        pairs = [(p, q) for a, b in zip(opt.optimizer.param_groups, again.optimizer.param_groups, strict=True)
+                 for p, q in zip(a["params"], b["params"], strict=True)]
+        assert len(pairs) == len(list(unit.modules[0].parameters())), after
+        for p, q in pairs:
+            assert torch.equal(p, q), after
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(opt.optimizer.state[p][key], again.optimizer.state[q][key]), (after, key)
+
+    # Equal state after the load and after each of two more steps (each parameter advances its own step counter).
+    assert_same_state("the load")
+    for step in range(2):
         for u in (unit, resumed):
             u.zero_grad()
             forward_backward(u.chunks, iter([{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(1, 16)} for t in tokens]), 2, 16, 1)
             assert u.step()[1]
+        assert_same_state(f"step {step + 1} after the load")

@@ -43,9 +43,13 @@ def test_local_spec_stores_norms_under_transformer_engines_names():
     }
 
 
-def _unit(extra_state: bool):
-    """A trained model unit (one optimizer step); with `extra_state` its final norm carries an _extra_state
-    as Transformer Engine's norms and linears do."""
+EXTRA_STATE = torch.tensor([3.0])  # what the source's final norm stores; TE keeps FP8 scaling metadata there
+
+
+def _unit(extra_state: bool, seed: int = 1234):
+    """A trained model unit (one optimizer step) built from training.seed=`seed`, on tokens drawn from `seed`;
+    with `extra_state` its final norm carries an _extra_state as Transformer Engine's norms and linears do.
+    A load check builds its target at another seed: two builds at one seed hold the same weights already."""
     from megatron_qwen.model.norm import QwenRMSNorm
     from megatron_qwen.platform.runtime import Runtime
     from megatron_qwen.training.forward_backward import forward_backward
@@ -53,24 +57,42 @@ def _unit(extra_state: bool):
 
     class NormWithExtraState(QwenRMSNorm):
         def get_extra_state(self):
-            return torch.tensor([3.0])  # TE keeps FP8 scaling metadata here
+            return EXTRA_STATE.clone()
 
         def set_extra_state(self, state):
             self.loaded_extra_state = state
 
     cfg = load_config("configs/tiny.yaml", ["model.padded_vocab_size=1024", "model.num_layers=2", "model.seq_length=16",
-                                            "training.global_batch_size=2", "training.micro_batch_size=1"])
+                                            "training.global_batch_size=2", "training.micro_batch_size=1",
+                                            f"training.seed={seed}"])
     unit = build_unit(cfg, Runtime.cpu(), "model")
     if extra_state:
         unit.modules[0].decoder.final_layernorm.__class__ = NormWithExtraState
-    tokens = torch.randint(0, 1024, (2, 1, 17), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 1024, (2, 1, 17), generator=torch.Generator().manual_seed(seed))
     unit.zero_grad()
     forward_backward(unit.chunks, iter([{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(1, 16)} for t in tokens]), 2, 16, 1)
     assert unit.step()[1]
     return unit
 
 
-@pytest.mark.parametrize("saved_with, loaded_by", [(False, True), (True, False)], ids=["local-to-te", "te-to-local"])
+def _assert_same_weights(source, target, loaded: bool = True):
+    pairs = list(zip(source.modules[0].named_parameters(), target.modules[0].parameters(), strict=True))
+    assert pairs
+    if loaded:
+        for (name, a), b in pairs:
+            assert torch.equal(a, b), name
+    else:  # the target before its load: every tensor differs, so the equalities above prove the load
+        for (name, a), b in pairs:
+            assert not torch.equal(a, b), name
+
+
+def _optimizer_states(unit) -> list[dict]:
+    (opt,) = unit.optimizer.chained_optimizers
+    return [opt.optimizer.state[p] for group in opt.optimizer.param_groups for p in group["params"]]
+
+
+@pytest.mark.parametrize("saved_with, loaded_by", [(False, True), (True, False), (True, True)],
+                         ids=["local-to-te", "te-to-local", "te-to-te"])
 def test_checkpoints_load_with_and_without_extra_state(tmp_path, saved_with, loaded_by):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
@@ -83,21 +105,26 @@ def test_checkpoints_load_with_and_without_extra_state(tmp_path, saved_with, loa
     stored = load_sharded_metadata(str(path))
     assert any(key.startswith("decoder.final_layernorm._extra_state") for key in stored) == saved_with
 
-    target = _unit(loaded_by)
+    target = _unit(loaded_by, seed=99)
+    _assert_same_weights(source, target, loaded=False)
     if not saved_with:  # what resuming did before: the absent _extra_state failed the load
         with pytest.raises(BaseException) as failed:  # torch's CheckpointException is a BaseException
             dist_checkpointing.load(checkpointing.units_state([target], loading=True), str(path))
         assert "final_layernorm._extra_state" in str(getattr(failed.value, "failures", failed.value))
     checkpointing.load_checkpoint(path, [target], restore_rng=False)
-    for (name, a), b in zip(source.modules[0].named_parameters(), target.modules[0].parameters()):
-        assert torch.equal(a, b), name
+    _assert_same_weights(source, target)
+    for got, expected in zip(_optimizer_states(target), _optimizer_states(source), strict=True):
+        assert all(torch.equal(got[key], expected[key]) for key in ("exp_avg", "exp_avg_sq"))
     norm = target.modules[0].decoder.final_layernorm
-    assert getattr(norm, "loaded_extra_state", None) is None or torch.equal(norm.loaded_extra_state, torch.tensor([3.0]))
+    if saved_with and loaded_by:  # the stored extra state reaches the loading norm
+        assert torch.equal(norm.loaded_extra_state, EXTRA_STATE)
+    elif loaded_by:  # nothing stored: the norm keeps its own
+        assert not hasattr(norm, "loaded_extra_state")
 
-    fresh = _unit(loaded_by)
+    fresh = _unit(loaded_by, seed=7)
+    _assert_same_weights(source, fresh, loaded=False)
     assert checkpointing.load_weights(fresh.modules, path, "the checkpoint") == []
-    for (name, a), b in zip(source.modules[0].named_parameters(), fresh.modules[0].parameters()):
-        assert torch.equal(a, b), name
+    _assert_same_weights(source, fresh)
 
 
 def test_a_checkpoint_of_another_model_is_refused_by_name(tmp_path):

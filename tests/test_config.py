@@ -8,6 +8,9 @@ import sys
 import pytest
 
 from megatron_qwen.config import ConfigError, load_config, padded_vocab_size, resolve, validate
+from test_parallel_equivalence import LAYOUTS
+
+EQUIVALENCE_LAYOUTS = sorted({name.removesuffix("-p2p") for name in LAYOUTS})  # p2p overlap is no layout size
 
 SIZES = {
     # name: (hidden, heads, layers, ffn, vocab, rope base, eps)
@@ -38,9 +41,17 @@ def test_recipe_defaults():
     assert (t.lr, t.min_lr, t.lr_warmup_iters) == (3e-4, 3e-5, 2000)
 
 
-def test_tiny_runs_every_test_layout():
-    for overrides, world in ((["parallel.tp=2", "parallel.pp=2", "parallel.sp=true"], 4), (["parallel.pp=2", "parallel.vpp=2"], 4)):
-        resolve(load_config("configs/tiny.yaml", overrides), world)
+@pytest.mark.parametrize("name", EQUIVALENCE_LAYOUTS)
+def test_tiny_runs_every_test_layout(name):
+    """Each layout of the parallel-equivalence test is valid for the tiny model on its 4 ranks and resolves to
+    the sizes named, data parallelism taking what TP x PP leaves."""
+    tp, pp, vpp, sp = (int(part[len(key):]) for part, key in zip(name.split("-"), ("tp", "pp", "vpp", "sp")))
+    overrides = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.vpp={vpp}",
+                 f"parallel.sp={str(bool(sp)).lower()}"]
+    cfg, layout, _ = resolve(load_config("configs/tiny.yaml", overrides), 4)
+    sizes = (layout.world_size, layout.tp, layout.pp, layout.vpp, layout.dp, layout.sp)
+    assert sizes == (4, tp, pp, vpp, 4 // (tp * pp), bool(sp)), sizes
+    assert cfg.model.num_layers % (pp * vpp) == 0 and cfg.model.padded_vocab_size % tp == 0
 
 
 def test_dotted_overrides_are_typed():
@@ -79,7 +90,6 @@ def _errors(overrides, world=None, path="configs/tiny.yaml"):
         (["parallel.tp=2"], 3, "world size 3 is not a multiple of parallel.tp x parallel.pp = 2"),
         (["training.global_batch_size=6", "training.micro_batch_size=2"], 2, "not a multiple of micro_batch_size=2 x data-parallel size 2; use a multiple of 4"),
         (["parallel.pp=2", "parallel.vpp=2", "training.global_batch_size=6", "training.micro_batch_size=2"], 2, "multiple of parallel.pp=2"),
-        (["model.fp8=delayed", "model.transformer_impl=local"], None, "model.fp8=delayed is Transformer Engine's recipe"),
         (["model.seq_length=16384"], None, "exceeds model.max_position_embeddings=8192"),
     ],
 )

@@ -1,8 +1,8 @@
 """Overlapped data-parallel communication (megatron-core's bucketed gradient reduce-scatter during backward
 and weight all-gather during the next forward, distributed optimizer) trains exactly like the plain
-schedule: bit for bit the same losses and weights after 10 steps, on gloo CPU ranks (gradient clipping off,
-see tests/parallel/overlap_worker.py). The collectives are counted by the phase of the step that issues
-them, so the test also shows the overlap happens."""
+schedule: bit for bit the same losses and weights after 10 steps, on gloo CPU ranks, with gradient clipping
+off (see tests/parallel/overlap_worker.py); with clipping on (the default) at DP=2, the same to rounding. The
+collectives are counted by the phase of the step that issues them, so the test also shows the overlap happens."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ import torch
 from spawn import run_torchrun
 
 WORKER = str(Path(__file__).parent / "parallel" / "overlap_worker.py")
+# With clipping, relative differences allowed (measured: losses 1.3e-7, grad norms 3.7e-5, weights 4.6e-4):
+# rounding that Adam amplifies for near-zero gradients; an unclipped or wrongly clipped update is off by far more.
+CLIP_RTOL = {"losses": 1e-5, "grad norms": 1e-3, "weights": 5e-3}
 
 
 def results(run_dir: Path) -> list[dict]:
@@ -44,18 +47,37 @@ def compare(workdir: Path, layout: str) -> str:
                 assert op.get("reduce-scatter during forward-backward", 0) > 0, (layout, step, op)
                 assert op.get("all-gather during forward-backward", 0) > 0, (layout, step, op)
     ref, got = results(plain)[0]["losses"], results(overlap)[0]["losses"]
-    assert got == ref, (layout, ref, got)
     a, b = weights(plain), weights(overlap)
     assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), (layout, [k for k in a if not torch.equal(a[k], b[k])])
     assert ref[-1] < ref[0] - 1.0  # the runs really trained
-    return f"{layout}: losses {ref[0]:.4f} -> {ref[-1]:.4f} identical, {len(a)} tensors identical"
+    if not layout.endswith("-clip"):
+        assert got == ref, (layout, ref, got)
+        assert all(torch.equal(a[k], b[k]) for k in a), (layout, [k for k in a if not torch.equal(a[k], b[k])])
+        return f"{layout}: losses {ref[0]:.4f} -> {ref[-1]:.4f} identical, {len(a)} tensors identical"
+    # Clipping on (the default): the global norm's last bits follow the bucket layout (see the worker), so the
+    # runs agree to rounding, not bit for bit. Clipping acted: the norms exceed 1.0 at the start.
+    norms = results(plain)[0]["grad_norms"]
+    assert norms[0] > 1.0, norms
+    loss_diff = max(abs(x - y) / abs(x) for x, y in zip(ref, got, strict=True))
+    norm_diff = max(abs(x - y) / x for x, y in zip(norms, results(overlap)[0]["grad_norms"], strict=True))
+    weight_diff = max(relative_difference(b[k], a[k]) for k in a)
+    figures = (f"{layout}: losses {ref[0]:.4f} -> {ref[-1]:.4f}, grad norms {norms[0]:.2f} -> {norms[-1]:.2f}; "
+               f"overlapped against plain: losses {loss_diff:.1e}, grad norms {norm_diff:.1e}, weights "
+               f"{weight_diff:.1e} (relative)")
+    assert loss_diff <= CLIP_RTOL["losses"] and norm_diff <= CLIP_RTOL["grad norms"], figures
+    assert weight_diff <= CLIP_RTOL["weights"], figures
+    return figures
+
+
+def relative_difference(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref| over one tensor."""
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp(min=1e-30)).item()
 
 
 @pytest.mark.parallel
 def test_overlap_at_dp2(tmp_path):
-    run_torchrun(2, [WORKER, "--workdir", str(tmp_path), "--layouts", "1,1,1"])
-    print("\n" + compare(tmp_path, "tp1-pp1-vpp1"))
+    run_torchrun(2, [WORKER, "--workdir", str(tmp_path), "--layouts", "1,1,1;1,1,1,clip"])
+    print("\n" + compare(tmp_path, "tp1-pp1-vpp1") + "\n" + compare(tmp_path, "tp1-pp1-vpp1-clip"))
 
 
 @pytest.mark.parallel

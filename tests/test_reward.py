@@ -115,12 +115,24 @@ def language_model_at(data, single_rank, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def initial(data, language_model_at, tmp_path_factory):
-    """The language model of training.seed's default and the reward stage's initial checkpoint made from it
-    (training.train_iters=0 saves it)."""
+def initial(data, single_rank, tmp_path_factory):
+    """A language model and the reward stage's initial checkpoint made from it (training.train_iters=0 saves
+    it). The language model is training.seed's default with noise added to every tensor, norms and biases
+    included: the reward stage's own build at that seed holds other weights, so only a load can match."""
+    from megatron_qwen.config import load_config
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
+    from megatron_qwen.training.checkpointing import save_model
+
     root = tmp_path_factory.mktemp("initial")
-    run_torchrun(1, STAGE + overrides(data, root, "training.train_iters=0", f"training.init_from={language_model_at(None)}"))
-    return language_model_at(None), root / "checkpoints" / "iter_0000000"
+    (model,) = build_model(load_config("configs/tiny.yaml", overrides(data, root)), Runtime.cpu())
+    noise = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=noise) * 0.05)
+    save_model([model], root / "lm")
+    run_torchrun(1, STAGE + overrides(data, root, "training.train_iters=0", f"training.init_from={root / 'lm'}"))
+    return root / "lm", root / "checkpoints" / "iter_0000000"
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +164,8 @@ def test_reward_model_starts_from_the_language_model(initial):
     reward = {k: v for k, v in reward.items() if not k.startswith("optimizer")}
     assert set(reward) == set(lm) - {"output_layer.weight"} | {"reward_head.weight"}
     assert all(torch.equal(reward[k], lm[k]) for k in reward if k != "reward_head.weight")
+    norm = lm["decoder.final_layernorm.weight"]
+    assert not torch.equal(norm, torch.ones_like(norm))  # perturbed: an ignored load could not pass
     std = reward["reward_head.weight"].std().item()
     assert reward["reward_head.weight"].shape == (1, 128) and 0.015 < std < 0.025  # fresh, init_method_std 0.02
 

@@ -32,11 +32,15 @@ def test_constant_and_no_warmup():
 
 def test_set_lr_honours_group_multipliers():
     class Opt:
-        param_groups = [{"lr_mult": 1.0, "wd_mult": 1.0}, {"lr_mult": 1.0, "wd_mult": 0.0}]
+        # megatron-core's groups: a scaled LR (e.g. a head trained faster), norms and biases without decay,
+        # and a group that names no multipliers (1.0 then).
+        param_groups = [{"lr_mult": 2.5, "wd_mult": 1.0}, {"lr_mult": 0.5, "wd_mult": 0.0},
+                        {"lr_mult": 1.0, "wd_mult": 0.25}, {}]
 
     opt = Opt()
     set_lr(opt, 2e-4, 0.1)
-    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(2e-4, 0.1), (2e-4, 0.0)]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 1e-4, 2e-4, 2e-4], rel=1e-15)
+    assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx([0.1, 0.0, 0.025, 0.1], rel=1e-15)
 
 
 def test_flops_by_hand():

@@ -232,7 +232,10 @@ def test_sft_learns_a_synthetic_chat_task(digit_data, training_seed, tmp_path):
     trained = exact_match(chunks, tokens, remap)
     print(f"held-out exact match: {trained:.3f} after {STEPS} steps, {halfway:.3f} after {STEPS // 2} (untrained: {untrained:.3f})")
     assert untrained < 0.05
-    assert trained > 0.9, trained  # measured 1.0 at training seeds 1-5 and the default (worst at step 200: 0.62)
+    # Halfway already well above chance (1e-4) and the untrained model: measured 0.62 at worst (seeds 1-5 and
+    # the default), so learning is under way by step 200 and the final figure is not one lucky last stretch.
+    assert halfway > 0.3, (halfway, trained)
+    assert trained > 0.9, trained  # measured 1.0 at training seeds 1-5 and the default
 
 
 def test_sft_config_holds_the_qwen_recipe():

@@ -3,14 +3,19 @@
     python tools/gpu_checks.py [NAME ...]    # every check by default; exit status 1 when one fails
 
 ``gpu-check NAME: PASS|FAIL|SKIP detail``. Each check is a function ``check_NAME() -> (status, detail)``,
-listed in `CHECKS` for other tools to run. They run in one process with one rank (TP = PP = DP = 1) on GPU
-0; checks that need a fresh CUDA context or the stage's command line start their own subprocess. What CPU
-ranks show (layouts, overlap at DP = 2, resharding) is in the test suite; these confirm the CUDA, NCCL
-and Transformer Engine paths of the same code.
+listed in `CHECKS` for other tools to run. They need torch, transformers, tiktoken and the megatron-core,
+torchao and psutil wheels only: not the compiled extension of csrc/ (shards are written with megatron-core's
+builder) nor the dashscope wheel (the stage reads a stand-in tokenizer file; pretraining uses only its EOD id
+and size). No subprocess runs past `DEADLINE` (a `time.monotonic()` value; tools/bench_gpu.py sets it from its
+budget). They run in one process with one rank (TP = PP = DP = 1) on GPU 0; checks that need a fresh CUDA
+context or the stage's command line start their own subprocess. What CPU ranks show (layouts, overlap at
+DP = 2, resharding) is in the test suite; these confirm the CUDA, NCCL and Transformer Engine paths of the
+same code.
 """
 
 from __future__ import annotations
 
+import base64
 import gc
 import json
 import os
@@ -18,6 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -30,6 +36,36 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 SEQ, VOCAB = 128, 1024  # small shapes, so the checks take seconds
 Result = tuple[str, str]
+DEADLINE: float | None = None  # time.monotonic() after which no subprocess may run (None: their own limits)
+
+
+def subprocess_timeout(limit: float) -> float:
+    """`limit` seconds, or what is left before `DEADLINE` when that is less (at least 1 s)."""
+    if DEADLINE is None:
+        return limit
+    return max(1.0, min(limit, DEADLINE - time.monotonic()))
+
+
+def write_stand_in_tokenizer(path: Path) -> Path:
+    """A file in qwen.tiktoken's format (151,643 distinct byte strings, ranks 0..151,642: the 256 bytes, then
+    pairs, then triples) that `load_tokenizer` accepts. Not Qwen's merges: for runs that read only the
+    tokenizer's EOD id and vocabulary size (pretraining on shards), on machines without the dashscope wheel."""
+    from megatron_qwen.tokenizer import N_MERGEABLE
+
+    tokens = [bytes([a]) for a in range(256)] + [bytes([a, b]) for a in range(256) for b in range(256)]
+    tokens += [bytes([a, b, c]) for a in range(256) for b in range(256) for c in range(2)][: N_MERGEABLE - len(tokens)]
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens)))
+    return path
+
+
+def write_shard(prefix: Path, documents: list[np.ndarray]) -> None:
+    """A Megatron .bin/.idx shard through megatron-core's own builder (pure Python: no compiled extension)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    for document in documents:
+        builder.add_document(torch.as_tensor(document, dtype=torch.int32), [len(document)])
+    builder.finalize(f"{prefix}.idx")
 
 
 def _config(*overrides: str):
@@ -117,8 +153,9 @@ def check_cuda_work_ordering() -> Result:
         "print(before, os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS'), torch.cuda.is_initialized())\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "CUDA_DEVICE_MAX_CONNECTIONS"}
-    env["PYTHONPATH"] = str(REPO)
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         timeout=subprocess_timeout(120))
     line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-300:]
     return ("PASS" if line == "False 1 True" else "FAIL"), f"CUDA initialised before, variable, after: {line}"
 
@@ -301,26 +338,36 @@ def check_packed_attention() -> Result:
         f"dense mask {results[(8192, 'dense')]:.0f}; synchronising calls in the packed forward: {len(syncs)} {syncs[:2]}")
 
 
-def check_pretrain_stage() -> Result:
+def check_pretrain_stage(device: str = "cuda") -> Result:
     """The pretraining stage under torchrun on one GPU: bf16, distributed optimizer, overlap, full recomputation,
-    saves every 2 steps keeping 1 (old ones deleted in the background), MFU and HFU logged."""
-    from megatron_qwen.data.indexed import IndexedShardWriter
-
+    saves every 2 steps keeping 1 (old ones deleted in the background), MFU and HFU logged. (`device="cpu"`
+    runs the same command on a CPU rank: the test suite checks that it needs nothing a bare machine lacks.)"""
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
-        with IndexedShardWriter(Path(tmp) / "corpus", VOCAB) as writer:
-            for _ in range(400):
-                writer.add_document(rng.integers(0, 64, 300))
+        write_shard(Path(tmp) / "corpus", [rng.integers(0, 64, 300) for _ in range(400)])
+        tokenizer = write_stand_in_tokenizer(Path(tmp) / "stand_in.tiktoken")
         run_dir = Path(tmp) / "run"
         argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(_free_port()),
                 "-m", "megatron_qwen.stages.pretrain", str(TINY), f"data.paths=[{Path(tmp) / 'corpus'}]",
-                f"model.padded_vocab_size={VOCAB}", f"model.seq_length={SEQ}", "parallel.device=cuda",
+                f"model.padded_vocab_size={VOCAB}", f"model.seq_length={SEQ}", f"parallel.device={device}",
+                f"data.tokenizer_file={tokenizer}",
                 "parallel.use_distributed_optimizer=true", "training.train_iters=6", "training.lr_warmup_iters=1",
                 "training.save_interval=2", "training.keep_last=1", "training.recompute=full", "logging.log_interval=1",
                 f"logging.run_dir={run_dir}", "data.split=100,0,0"]
         env = {k: v for k, v in os.environ.items() if k not in ("CUDA_DEVICE_MAX_CONNECTIONS", "MASTER_ADDR", "MASTER_PORT")}
-        env.update(PYTHONPATH=str(REPO), WANDB_MODE="disabled")
-        proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                   WANDB_MODE="disabled")
+        limit = subprocess_timeout(240)
+        # Its own session: on a timeout the whole group (torchrun and its rank) is killed, not torchrun alone.
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.communicate()
+            return "FAIL", f"the stage did not finish within {limit:.0f} s (its limit, or the time left in the budget)"
+        proc = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
         if proc.returncode != 0:
             return "FAIL", f"exit {proc.returncode}: {proc.stderr[-800:]}"
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

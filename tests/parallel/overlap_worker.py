@@ -1,7 +1,8 @@
 """Worker for tests/test_overlap.py, launched with torchrun on gloo CPU ranks.
 
-For each layout (``tp,pp,vpp``, the rest of the ranks data-parallel, distributed optimizer), trains the tiny
-Qwen for STEPS steps on the same batches twice, with gradient reduction and weight all-gather overlapped
+For each layout (``tp,pp,vpp`` or ``tp,pp,vpp,clip``, the rest of the ranks data-parallel, distributed
+optimizer; gradient clipping off unless ``clip``), trains the tiny Qwen for STEPS steps on the same batches
+twice, with gradient reduction and weight all-gather overlapped
 (``parallel.overlap_grad_reduce``, ``parallel.overlap_param_gather``, small buckets) and without, the model
 unit built as the trainer builds it. Each run writes its per-step losses and when its collectives ran, and
 saves a checkpoint through the trainer's save path (which must first complete the overlapped all-gather).
@@ -41,7 +42,7 @@ class CollectiveLog:
         return call
 
 
-def run(layout: tuple[int, int, int], overlap: bool, workdir: Path, log: CollectiveLog) -> None:
+def run(layout: tuple[int, int, int], overlap: bool, clip: bool, workdir: Path, log: CollectiveLog) -> None:
     from megatron.core import parallel_state
 
     from megatron_qwen.config import load_config, resolve
@@ -62,9 +63,11 @@ def run(layout: tuple[int, int, int], overlap: bool, workdir: Path, log: Collect
         # Clipping scales every gradient by the global norm, which each rank sums over the share of the buffer
         # it owns: a share that the bucket layout changes, so the norm's last bits would too, and Adam turns
         # such differences into visible ones for near-zero gradients (the key biases). Without it, every
-        # update is elementwise on identically reduced gradients.
-        "training.clip_grad=0",
+        # update is elementwise on identically reduced gradients; with it (the default, 1.0) the test
+        # compares within a tolerance.
+        *([] if clip else ["training.clip_grad=0"]),
     ])
+    assert cfg.training.clip_grad == (1.0 if clip else 0.0), cfg.training.clip_grad
     cfg, layout_, _ = resolve(cfg, detect_launch().world_size)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -80,7 +83,7 @@ def run(layout: tuple[int, int, int], overlap: bool, workdir: Path, log: Collect
     config.finalize_model_grads_func = finalize_logged
     num_micro = GLOBAL_BATCH // (MICRO_BATCH * layout_.dp)
     dp_rank = parallel_state.get_data_parallel_rank()
-    losses, phases = [], []
+    losses, phases, norms = [], [], []
     for step in range(STEPS):
         # Tokens from a small subset of the vocabulary: learnable in a few steps, so the runs visibly train.
         tokens = torch.randint(0, 16, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(step))
@@ -92,28 +95,30 @@ def run(layout: tuple[int, int, int], overlap: bool, workdir: Path, log: Collect
         log.counts, log.phase = {}, "forward-backward"
         losses.append(forward_backward(unit.chunks, iterators, num_micro, SEQ, MICRO_BATCH)["lm loss"].item())
         log.phase = "optimizer step"
-        _, updated = unit.step()
+        norm, updated = unit.step()
         assert updated
+        norms.append(norm)
         log.phase = "idle"
         phases.append(log.counts)
     log.counts = {}
-    out = workdir / f"tp{tp}-pp{pp}-vpp{vpp}-{'overlap' if overlap else 'plain'}"
+    out = workdir / f"tp{tp}-pp{pp}-vpp{vpp}{'-clip' if clip else ''}-{'overlap' if overlap else 'plain'}"
     save_checkpoint(out, STEPS, [unit], {"consumed_samples": STEPS * GLOBAL_BATCH}, keep_last=1)
     buckets = [len(buffer.buckets) for chunk in unit.chunks for buffer in chunk.buffers]
-    result = {"losses": losses, "phases": phases, "buckets": buckets, "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
+    result = {"losses": losses, "phases": phases, "grad_norms": norms, "buckets": buckets,
+              "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
     (out / f"rank{torch.distributed.get_rank()}.json").write_text(json.dumps(result))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--layouts", required=True, help="tp,pp,vpp;tp,pp,vpp;...")
+    parser.add_argument("--layouts", required=True, help="tp,pp,vpp[,clip];tp,pp,vpp[,clip];...")
     args = parser.parse_args()
     log = CollectiveLog()
     for item in args.layouts.split(";"):
-        layout = tuple(int(x) for x in item.split(","))
+        *sizes, clip = item.split(",") + ([] if item.endswith(",clip") else [""])
         for overlap in (False, True):
-            run(layout, overlap, args.workdir, log)
+            run(tuple(int(x) for x in sizes), overlap, clip == "clip", args.workdir, log)
 
 
 if __name__ == "__main__":

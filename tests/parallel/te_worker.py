@@ -1,6 +1,7 @@
 """Worker for the Transformer Engine spec test (one GPU rank): the TE layers, loaded with the local spec's saved
-weights, give the local spec's logits; with FP8 (TE's tensorwise and delayed recipes) they are as far from the
-fp32 logits as the local spec's torchao FP8 (same recipe) is.
+weights (perturbed first: norm weights other than 1, biases other than 0), give the local spec's logits; with
+FP8 (TE's tensorwise and delayed recipes) they are as far from the fp32 logits as the local spec's torchao FP8
+(same recipe) is.
 
 Prints ``RESULT <max |TE - local|>`` and ``FP8 <case> <||logits - fp32 logits|| / ||fp32 logits||>`` lines.
 """
@@ -20,6 +21,16 @@ CASES = [
     ("te-delayed", "transformer_engine", "delayed", "te"),
     ("torchao-tensorwise", "local", "tensorwise", "torchao"),
 ]
+
+
+def perturb(model: torch.nn.Module, seed: int = 5) -> None:
+    """Noise on every weight: norm weights leave 1 and biases leave 0 (their initial values), so a spec that
+    drops a bias or ignores a norm's weight gives other logits. Drawn on the CPU: the same on every GPU."""
+    noise = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            scale = 0.2 if param.dim() == 1 else 0.5 * param.std().item()  # 1-D: norm weights and biases
+            param.add_((torch.randn(param.shape, generator=noise) * scale).to(param.device, param.dtype))
 
 
 def main() -> None:
@@ -46,6 +57,7 @@ def main() -> None:
         assert runtime.fp8_backend == (None if fp8 == "null" else backend), (name, runtime.fp8_backend)
         (model,) = build_model(cfg, runtime)
         if name == "local":
+            perturb(model)
             save_model([model], args.workdir / "weights")
         else:
             load_model([model], args.workdir / "weights")
