@@ -32,8 +32,9 @@ import time
 from pathlib import Path
 from statistics import median
 
-from megatron_qwen.checkpoint.directory import latest_checkpoint
-from megatron_qwen.training.metrics import read_metrics
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
+from megatron_qwen.checkpoint.directory import latest_checkpoint  # noqa: E402
+from megatron_qwen.training.metrics import read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

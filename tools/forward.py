@@ -2,8 +2,10 @@
 (the code is in megatron_qwen/cli/)."""
 
 import sys
+from pathlib import Path
 
-from megatron_qwen.cli.main import main as megatron_qwen
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
+from megatron_qwen.cli.main import main as megatron_qwen  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
