@@ -30,6 +30,14 @@ def dpo_overrides(data, run_dir, init_from, *extra) -> list[str]:
     return overrides(data, run_dir, f"training.init_from={init_from}", "training.weight_decay=0.0", *extra)
 
 
+@pytest.fixture(scope="module")
+def start_at(language_model_at):
+    """start_at(seed): the language model the runs at training.seed=seed start from (policy and reference). It is
+    made at another seed than the run's: a model that failed to load would start from the run seed's fresh weights
+    and differ from it."""
+    return lambda seed: language_model_at(1000 if seed is None else 1000 + seed)
+
+
 # --------------------------------------------------------------------------- the math
 
 
@@ -88,7 +96,7 @@ def test_response_rows_mask_the_labels_of_the_response():
 
 
 @pytest.fixture(scope="module")
-def trained_at(data, language_model_at, tmp_path_factory):
+def trained_at(data, start_at, tmp_path_factory):
     """trained_at(seed): the run directory of STEPS DPO steps at training.seed=seed from that seed's language
     model (policy and reference); made once per seed."""
     import functools
@@ -96,7 +104,7 @@ def trained_at(data, language_model_at, tmp_path_factory):
     @functools.cache
     def make(seed):
         run_dir = tmp_path_factory.mktemp("dpo")
-        run_torchrun(1, STAGE + dpo_overrides(data, run_dir, language_model_at(seed), "training.save_interval=1",
+        run_torchrun(1, STAGE + dpo_overrides(data, run_dir, start_at(seed), "training.save_interval=1",
                                               "training.keep_last=100", *seeded(seed)))
         return run_dir
 
@@ -128,7 +136,7 @@ def sequence_logprobs(model, rows: torch.Tensor, lengths: torch.Tensor) -> torch
 
 @pytest.mark.parallel
 @pytest.mark.usefixtures("single_rank")
-def test_dpo_learns_a_hidden_preference(data, language_model_at, trained_at, training_seed):
+def test_dpo_learns_a_hidden_preference(data, start_at, trained_at, training_seed):
     from megatron_qwen.config import load_config
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.runtime import Runtime
@@ -139,7 +147,7 @@ def test_dpo_learns_a_hidden_preference(data, language_model_at, trained_at, tra
     cfg = load_config("configs/tiny.yaml", overrides(data, run_dir))
     models = {}
     for name, ckpt in (("policy", run_dir / "checkpoints" / f"iter_{STEPS:07d}"),
-                       ("reference", language_model_at(training_seed))):
+                       ("reference", start_at(training_seed))):
         (models[name],) = build_model(cfg, Runtime.cpu())
         load_model([models[name]], ckpt)
         models[name].eval()
@@ -147,19 +155,20 @@ def test_dpo_learns_a_hidden_preference(data, language_model_at, trained_at, tra
     for side in ("chosen", "rejected"):
         rows = padded(str(dense / f"heldout_{side}_document"), vocab - 1)
         lengths = (rows != vocab - 1).sum(dim=1)
-        ratios[side] = sequence_logprobs(models["policy"], rows, lengths) - sequence_logprobs(models["reference"], rows, lengths)
+        policy, reference = (sequence_logprobs(models[name], rows, lengths) for name in ("policy", "reference"))
+        ratios[side] = policy - reference
     # The prompt's tokens are alike in both sides and cancel: the sign of the margin is the implicit rewards' order.
     accuracy = (ratios["chosen"] > ratios["rejected"]).float().mean().item()
     curve = metrics(run_dir)
-    print(f"held-out reward accuracy {accuracy:.3f}; training loss {curve[1]['loss']:.3f} -> {curve[STEPS]['loss']:.3f}")
+    print(f"held-out reward accuracy {accuracy:.3f}; loss {curve[1]['loss']:.3f} -> {curve[STEPS]['loss']:.3f}")
     assert accuracy > 0.9, accuracy
 
 
 @pytest.mark.parallel
-def test_tp2_pp2_update_equals_one_rank(data, language_model_at, trained, tmp_path):
+def test_tp2_pp2_update_equals_one_rank(data, start_at, trained, tmp_path):
     from megatron_qwen.training.checkpointing import read_full_state_dict
 
-    run_torchrun(4, STAGE + dpo_overrides(data, tmp_path, language_model_at(None), "training.train_iters=2",
+    run_torchrun(4, STAGE + dpo_overrides(data, tmp_path, start_at(None), "training.train_iters=2",
                                           "training.save_interval=1", "parallel.tp=2", "parallel.pp=2",
                                           "parallel.sp=true"))
     ref, got = metrics(trained), metrics(tmp_path)
@@ -170,14 +179,14 @@ def test_tp2_pp2_update_equals_one_rank(data, language_model_at, trained, tmp_pa
     theirs = read_full_state_dict(trained / "checkpoints" / "iter_0000001")
     weights = [k for k in theirs if not k.startswith("optimizer") and isinstance(theirs[k], torch.Tensor)]
     assert weights and set(weights) <= set(mine)
-    start = read_full_state_dict(language_model_at(None))
+    start = read_full_state_dict(start_at(None))
     assert all(not torch.equal(theirs[k], start[k]) for k in weights)  # the update moved every weight
     worst = max((mine[k].float() - theirs[k].float()).abs().max().item() for k in weights)
     assert worst < 1e-5, worst
 
 
 @pytest.mark.parallel
-def test_resume_is_bit_exact(data, language_model_at, trained, tmp_path):
+def test_resume_is_bit_exact(data, start_at, trained, tmp_path):
     """A job restarted from its step-2 checkpoint (what a kill -9 after that save leaves) continues the run's
     curve and weights exactly: the reference is loaded again, the data resumes at the next pair."""
     from megatron_qwen.training.checkpointing import read_full_state_dict
@@ -186,7 +195,7 @@ def test_resume_is_bit_exact(data, language_model_at, trained, tmp_path):
     save.mkdir()
     shutil.copytree(trained / "checkpoints" / "iter_0000002", save / "iter_0000002")
     (save / "latest").write_text("iter_0000002\n")
-    out = run_torchrun(1, STAGE + dpo_overrides(data, tmp_path, language_model_at(None), "training.train_iters=4",
+    out = run_torchrun(1, STAGE + dpo_overrides(data, tmp_path, start_at(None), "training.train_iters=4",
                                                 f"training.lr_decay_iters={STEPS}"))
     assert "resumed from" in out.stdout and "at step 2" in out.stdout, out.stdout
     ref, got = metrics(trained), metrics(tmp_path)
@@ -200,7 +209,8 @@ def test_resume_is_bit_exact(data, language_model_at, trained, tmp_path):
 
 def test_config_refused_before_start(tmp_path):
     proc = subprocess.run([sys.executable, *STAGE, f"logging.run_dir={tmp_path}", "dpo.beta=0", "dpo.loss=ipo",
-                           "dpo.label_smoothing=0.5"], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+                           "dpo.label_smoothing=0.5"], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 2, proc.stderr
     for message in ("training.init_from is not set", "dpo.beta=0.0 must be > 0", "0 <= label_smoothing < 0.5",
                     "dpo.label_smoothing=0.5 applies to the sigmoid loss only"):

@@ -47,5 +47,6 @@ def test_every_problem_is_reported_at_once():
         "the demo stage holds a frozen reference model: set ppo.reference_from to its checkpoint",
         "the demo stage trains 2 models; give Stage.step to update them",
     ]
-    check_stage(load_config(None, ["ppo.reference_from=/ckpt"]), stage(trains=two, step=lambda trainer: None,
-                                                                      frozen={"reference": Model(("ppo.reference_from",))}))
+    frozen = {"reference": Model(from_keys=("ppo.reference_from",))}
+    cfg = load_config(None, ["ppo.reference_from=/ckpt"])
+    check_stage(cfg, stage(trains=two, step=lambda trainer: None, frozen=frozen))

@@ -315,7 +315,8 @@ class Trainer:
             if self.valid_ds is not None and t.eval_interval and self.state.step % t.eval_interval == 0:
                 ctx.logger.log(self.state.step, self.evaluate())
             preempted = ctx.preemption.any_rank(ctx.runtime.device)
-            if preempted or (t.save_interval and self.state.step % t.save_interval == 0) or self.state.step == t.train_iters:
+            periodic = t.save_interval and self.state.step % t.save_interval == 0
+            if preempted or periodic or self.state.step == t.train_iters:
                 self.save()
             if preempted and self.state.step < t.train_iters:  # at the last step the run is simply done
                 ctx.say(f"signal received: saved at step {self.state.step}, exiting with {EXIT_PREEMPTED} so the job "
