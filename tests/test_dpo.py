@@ -20,7 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from spawn import REPO, cpu_env, run_torchrun
-from test_reward import MODEL, SEQ, STEPS, data, language_model_at, metrics, overrides, padded, seeded  # noqa: F401
+import test_reward
+from test_reward import STEPS, metrics, overrides, padded, seeded
+
+# The reward test's module-scoped fixtures: its preference pairs and language models, made here once as well.
+data = test_reward.data
+language_model_at = test_reward.language_model_at
 
 STAGE = ["-m", "megatron_qwen.stages.dpo", "configs/tiny.yaml"]
 REPORTS = ("loss", "chosen_reward", "rejected_reward", "accuracy", "margin")
