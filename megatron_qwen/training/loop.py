@@ -28,7 +28,7 @@ from megatron_qwen.model.qwen import SCALAR_HEAD_KEY, Head
 from megatron_qwen.platform.launch import destroy_distributed, detect_launch, refuse
 from megatron_qwen.tokenizer import load_tokenizer
 from megatron_qwen.training.checkpointer import Checkpointer
-from megatron_qwen.training.context import EXIT_PREEMPTED, RunContext, start_run
+from megatron_qwen.training.context import EXIT_PREEMPTED, start_run
 from megatron_qwen.training.flops import hardware_flops_per_token, model_flops_per_token, peak_flops, utilisation
 from megatron_qwen.training.forward_backward import forward_backward, micro_batch_iterators
 from megatron_qwen.training.metrics import ProgressClock
