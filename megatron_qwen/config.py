@@ -113,6 +113,7 @@ class TrainingConfig:
     # code. Turn it on only for a checkpoint from a source you trust.
     trust_checkpoint: bool = False
     max_skipped_in_row: int = 5  # non-finite losses/grad norms skipped in a row before aborting
+    offload_frozen: bool = True  # move a stage's frozen models (DPO's reference) to CPU memory between uses (GPUs)
 
 
 @dataclass
@@ -138,6 +139,17 @@ class SFTConfig:
 class RewardConfig:
     """The reward model (stages/reward.py); it starts from a language model with training.init_from."""
 
+    epochs: Optional[float] = None  # when set, training.train_iters covers this many passes over the pairs
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (stages/dpo.py): Rafailov et al.'s loss against a frozen reference."""
+
+    beta: float = 0.1  # strength of the implicit KL constraint (the reward is beta x the log-ratio to the reference)
+    label_smoothing: float = 0.0  # cDPO: the probability that a pair's preference label is flipped (sigmoid only)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: Rafailov et al.; ipo: Azar et al.'s squared loss
+    reference_from: Optional[str] = None  # the frozen reference's checkpoint (default: training.init_from)
     epochs: Optional[float] = None  # when set, training.train_iters covers this many passes over the pairs
 
 
@@ -211,6 +223,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
 

@@ -89,7 +89,7 @@ def _inner(unit):
 
 @pytest.mark.usefixtures("single_rank", "fused_adam")
 def test_never_stepped_lazy_optimizer_saves_and_resumes_with_zero_moments(tmp_path):
-    from megatron_qwen.training import checkpointing
+    from megatron_qwen.checkpoint import io as checkpointing
 
     source = _unit(seed=1)
     assert not _inner(source).state  # lazily created: nothing before the first step

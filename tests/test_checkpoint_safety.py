@@ -333,7 +333,7 @@ def _te_extra_state(recipe_object) -> dict:
 def test_transformer_engine_recipes_pass_the_screen(te_class_paths):
     """model.fp8=delayed (megatron-core's TEDelayedScaling) and tensorwise (TE's Float8CurrentScaling) resume:
     their extra state passes with Transformer Engine importable (then pickled afresh) and without it (kept)."""
-    from megatron_qwen.checkpoint_safety import screen_extra_states
+    from megatron_qwen.checkpoint.safety import screen_extra_states
 
     recipe, installed = te_class_paths
     hybrid = recipe.Format.HYBRID
@@ -366,7 +366,7 @@ def test_transformer_engine_recipes_pass_the_screen(te_class_paths):
 def test_transformer_engine_recipes_carry_no_code(tmp_path, te_class_paths):
     """The allowlist stays one: a recipe holding a callable (a custom amax algorithm, TE's CustomRecipe and its
     factory) or a class of TE's recipe module that no recipe pickles is refused, with TE importable or not."""
-    from megatron_qwen.checkpoint_safety import UnsafeCheckpointError, screen_extra_states
+    from megatron_qwen.checkpoint.safety import UnsafeCheckpointError, screen_extra_states
 
     recipe, installed = te_class_paths
     canary = tmp_path / "canary"
@@ -402,7 +402,7 @@ def _source_of(site) -> str:
 
 
 def test_megatron_core_builds_the_recipes_listed():
-    from megatron_qwen.checkpoint_safety import TE_RECIPE_SITES
+    from megatron_qwen.checkpoint.safety import TE_RECIPE_SITES
 
     for site in TE_RECIPE_SITES:
         if site.module.startswith("megatron."):
@@ -414,7 +414,7 @@ def test_megatron_core_builds_the_recipes_listed():
 def test_transformer_engine_pickles_the_recipe_as_listed():
     import transformer_engine.common.recipe as te_recipe
 
-    from megatron_qwen.checkpoint_safety import TE_RECIPE_SITES, TE_RECIPE_TYPES
+    from megatron_qwen.checkpoint.safety import TE_RECIPE_SITES, TE_RECIPE_TYPES
 
     for site in TE_RECIPE_SITES:
         assert site.snippet in _source_of(site), site

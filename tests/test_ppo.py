@@ -482,7 +482,7 @@ def test_checkpoint_exports_the_policy_and_resumes_at_another_layout(start, stra
     # The states themselves after those two steps: weights and both Adam moments of policy and value model against
     # the same two steps at TP=1 (the straight run saves no step 10).
     run_torchrun(1, ppo_args(start, tmp_path / "tp1", "training.train_iters=10", f"training.load={load}"))
-    from megatron_qwen.training.checkpointing import read_full_state_dict
+    from megatron_qwen.checkpoint.io import read_full_state_dict
 
     a = read_full_state_dict(tmp_path / "tp2" / "checkpoints" / "iter_0000010")
     b = read_full_state_dict(tmp_path / "tp1" / "checkpoints" / "iter_0000010")

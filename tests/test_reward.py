@@ -122,7 +122,7 @@ def initial(data, single_rank, tmp_path_factory):
     from megatron_qwen.config import load_config
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.runtime import Runtime
-    from megatron_qwen.training.checkpointing import save_model
+    from megatron_qwen.checkpoint.io import save_model
 
     root = tmp_path_factory.mktemp("initial")
     (model,) = build_model(load_config("configs/tiny.yaml", overrides(data, root)), Runtime.cpu())

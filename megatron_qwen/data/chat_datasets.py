@@ -14,9 +14,9 @@ Preference items are single sequences: item 2k is the chosen and item 2k+1 the r
 right-padded, with ``loss_mask`` 1 at the final ``<|im_end|>`` where the reward is read. A micro-batch
 of even size therefore holds whole pairs.
 
-With ``sft.epochs`` (``reward.epochs``) set, ``training.train_iters`` is derived from the train split's size;
-otherwise a run longer than the split stops unless ``data.allow_repeat``. Rows (SFT) and pairs (preference) are
-reshuffled every epoch with ``training.seed``.
+With ``sft.epochs`` (``reward.epochs``, ``dpo.epochs``) set, ``training.train_iters`` is derived from the train
+split's size; otherwise a run longer than the split stops unless ``data.allow_repeat``. Rows (SFT) and pairs
+(preference) are reshuffled every epoch with ``training.seed``.
 """
 
 from __future__ import annotations
@@ -284,8 +284,10 @@ class PreferenceDataset:
         return {"tokens": tokens, "loss_mask": loss_mask}
 
 
-def build_preference_datasets(cfg: Config) -> tuple[PreferenceDataset, PreferenceDataset | None]:
-    """(train, valid or None) preference datasets of ``data.paths`` for this run."""
+def build_preference_datasets(cfg: Config, epochs_key: str = "reward.epochs"
+                              ) -> tuple[PreferenceDataset, PreferenceDataset | None]:
+    """(train, valid or None) preference datasets of ``data.paths`` for this run; `epochs_key` names the config
+    key of the run length in passes over the pairs (``reward.epochs``, ``dpo.epochs``)."""
     flag = "--preference"
     t = cfg.training
     if t.micro_batch_size % 2:
@@ -299,7 +301,9 @@ def build_preference_datasets(cfg: Config) -> tuple[PreferenceDataset, Preferenc
         lengths = shards.lengths(key)
         _check_fits(lengths, np.arange(lengths.size), seq, shards, flag)
     train_pairs = shards.split_documents(cfg.data.split, 0)
-    needed = _train_samples_needed(cfg, 2 * train_pairs.size, "sequences (2 per pair)", cfg.reward.epochs, "reward.epochs")
+    section, name = epochs_key.split(".")
+    epochs = getattr(getattr(cfg, section), name)
+    needed = _train_samples_needed(cfg, 2 * train_pairs.size, "sequences (2 per pair)", epochs, epochs_key)
     train = PreferenceDataset(shards, train_pairs, seq, max(needed, 2 * train_pairs.size), seed)
     valid_pairs = _valid_documents(cfg, shards)
     valid = None if valid_pairs is None else PreferenceDataset(shards, valid_pairs, seq, 2 * valid_pairs.size, seed + 1)

@@ -158,8 +158,7 @@ class PPOTrainer:
         self.moments = RunningMoments(**self.state.reward_moments)
         self.state.wandb_run_id = ctx.logger.run_id
         self.engine = GenerationEngine(self.policy.chunks, self.vocab_limit)
-        stops = p.stop_ids or [self.tokenizer.im_end_id, self.tokenizer.im_start_id, self.tokenizer.eod_id]
-        self.stop_ids = tuple(int(i) for i in stops if int(i) < self.vocab_limit)
+        self.stop_ids = self.tokenizer.generation_stop_ids(self.vocab_limit, p.stop_ids)
         self.steps = ppo_steps.steps(self.vocab_limit, p.temperature, p.clip_ratio, p.value_clip,
                                      p.kl_coef if p.estimator == "grpo" else 0.0)
         self.dp_group = parallel_state.get_data_parallel_group()

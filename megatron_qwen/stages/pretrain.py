@@ -9,7 +9,7 @@ from functools import partial
 
 from megatron_qwen.data.gpt import build_gpt_datasets
 from megatron_qwen.training.forward_backward import lm_forward_step
-from megatron_qwen.training.loop import Task, run_stage, train
+from megatron_qwen.training.loop import Model, Stage, run_stage, train
 
 
 def build_datasets(cfg, tokenizer):
@@ -18,7 +18,8 @@ def build_datasets(cfg, tokenizer):
     return train, valid
 
 
-TASK = Task(name="pretrain", build_datasets=build_datasets, forward_step=lm_forward_step)
+STAGE = Stage(name="pretrain", build_datasets=build_datasets, forward_step=lm_forward_step,
+              trains={"pretrain": Model()})  # fresh weights, or training.init_from
 
 if __name__ == "__main__":
-    run_stage(TASK.name, partial(train, task=TASK))
+    run_stage(STAGE.name, partial(train, stage=STAGE))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from megatron_qwen.data.chat_datasets import build_preference_datasets
 from megatron_qwen.training.forward_backward import to_model_device
-from megatron_qwen.training.loop import Task, run_stage, train
+from megatron_qwen.training.loop import Model, Stage, run_stage, train
 
 REPORT_KEYS = ("reward loss", "accuracy", "margin")
 
@@ -56,13 +56,13 @@ def reward_forward_step(data_iterator, model):
     return output, partial(pairwise_loss, batch["loss_mask"])
 
 
-TASK = Task(
+STAGE = Stage(
     name="reward",
     build_datasets=build_datasets,
     forward_step=reward_forward_step,
+    trains={"reward": Model(head="scalar")},  # from training.init_from: a language model starts a fresh head
     report_keys=REPORT_KEYS,
-    head="scalar",
 )
 
 if __name__ == "__main__":
-    run_stage(TASK.name, partial(train, task=TASK))
+    run_stage(STAGE.name, partial(train, stage=STAGE))

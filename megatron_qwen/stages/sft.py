@@ -13,7 +13,7 @@ from functools import partial
 
 from megatron_qwen.data.chat_datasets import build_sft_datasets, packed_rows
 from megatron_qwen.training.forward_backward import lm_loss, to_model_device
-from megatron_qwen.training.loop import Task, run_stage, train
+from megatron_qwen.training.loop import Model, Stage, run_stage, train
 
 
 def build_datasets(cfg, tokenizer):
@@ -31,7 +31,8 @@ def sft_forward_step(data_iterator, model):
     return output, partial(lm_loss, batch["loss_mask"])
 
 
-TASK = Task(name="sft", build_datasets=build_datasets, forward_step=sft_forward_step, rope_at_positions=True)
+STAGE = Stage(name="sft", build_datasets=build_datasets, forward_step=sft_forward_step,
+              trains={"sft": Model(rope_at_positions=True)})
 
 if __name__ == "__main__":
-    run_stage(TASK.name, partial(train, task=TASK))
+    run_stage(STAGE.name, partial(train, stage=STAGE))

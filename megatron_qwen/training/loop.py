@@ -1,63 +1,97 @@
-"""The training loop of the single-model stages (pretrain, SFT, reward): build, resume, then step, log,
-validate and save.
+"""The training skeleton every stage runs on: build, load, resume, then step, log, validate, save and exit.
 
-A stage is a `Task`: how to build its datasets, which model head it trains, and its megatron-core
-forward step. The loop composes the shared parts: the run context (`training.context`), one trained
-model unit (`training.units`), the global-batch sampler, checkpoints (`checkpoint.io`) and the
-metrics logger. A stage with several models (PPO) composes the same parts in a loop of its own.
+A stage is a `Stage`: the model it trains, the models it holds frozen (each named by the config keys of its
+checkpoint), its datasets, its megatron-core forward step (the loss), and optionally a per-batch preparation
+that may run the frozen models (DPO's reference log-probabilities). The skeleton composes the shared parts:
+the run context (`training.context`), model units (`training.units`), the global-batch sampler, the
+`Checkpointer` (multi-unit, atomic saves; resume at any layout) and the metrics logger with progress and
+ETA. It skips non-finite steps, saves and exits with `EXIT_PREEMPTED` on a signal, and returns the process's
+exit code. A stage with its own step (PPO: rollouts, experience, updates) gives `Stage.step` and keeps the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import resource
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import yaml
 
-from megatron_qwen.checkpoint import directory as ckdir
 from megatron_qwen.config import Config, ConfigError, load_config
 from megatron_qwen.errors import UserError
 from megatron_qwen.model.qwen import SCALAR_HEAD_KEY, Head
 from megatron_qwen.platform.launch import destroy_distributed, detect_launch, refuse
 from megatron_qwen.tokenizer import load_tokenizer
-from megatron_qwen.checkpoint import io as checkpointing
-from megatron_qwen.training.context import EXIT_PREEMPTED, RunContext, start_run
+from megatron_qwen.training.checkpointer import Checkpointer
+from megatron_qwen.training.context import EXIT_PREEMPTED, start_run
 from megatron_qwen.training.flops import hardware_flops_per_token, model_flops_per_token, peak_flops, utilisation
 from megatron_qwen.training.forward_backward import forward_backward, micro_batch_iterators
 from megatron_qwen.training.metrics import ProgressClock
 from megatron_qwen.training.sampler import GlobalBatches
 from megatron_qwen.training.units import ModelUnit, build_unit
 
+__all__ = ["Checkpointer", "Model", "Stage", "StepResult", "Trainer", "run_stage", "train"]
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model of a stage: the config keys naming the checkpoint it starts from (the first one set wins; a
+    trained model with none set starts from fresh weights, a frozen one is refused), its head, and for a trained
+    model the config key of its peak learning rate (None: ``training.lr``)."""
+
+    from_keys: tuple[str, ...] = ("training.init_from",)
+    head: Head = "lm"  # language-model logits, or one scalar per token (reward, value)
+    rope_at_positions: bool = False  # RoPE at each token's position id (packed rows, generation)
+    lr_key: str | None = None
+
+    @property
+    def fresh_keys(self) -> tuple[str, ...]:
+        """Weights that may start fresh when the checkpoint lacks them: a scalar head started from a language
+        model (whose output layer is then left out)."""
+        return (SCALAR_HEAD_KEY.rsplit(".", 1)[0] + ".",) if self.head == "scalar" else ()
+
 
 @dataclass
-class Task:
-    """What a stage plugs into the loop.
+class Stage:
+    """What a stage plugs into the skeleton.
 
-    build_datasets(cfg, tokenizer) -> (train, valid): map-style datasets whose items are dicts of
-    ``tokens``, ``labels``, ``loss_mask`` (and optionally ``position_ids``), valid may be None.
+    trains: name -> the trained model(s); the first is saved at the checkpoint's root (where export and
+    generation read a model), any other under its name. frozen: name -> a model loaded from its checkpoint
+    at every start and resume, never saved, offloaded between uses (``training.offload_frozen``).
+    build_datasets(cfg, tokenizer) -> (train, valid): map-style datasets of dicts of ``tokens``, ``labels``,
+    ``loss_mask`` (and optionally ``position_ids``); valid may be None.
     forward_step: megatron-core forward_step_func (see `training.forward_backward.lm_forward_step`).
+    prepare(trainer, micro_batches): per global batch (training and validation), before the trained model's
+    forward; it may run the frozen models (`Trainer.frozen_model`) and add tensors to the micro-batches.
+    check(cfg) -> problems: the stage's own config rules, checked before any process group exists.
+    step(trainer) -> StepResult: a stage's own optimizer step instead of one forward-backward of the model.
     """
 
     name: str
     build_datasets: Callable
     forward_step: Callable
+    trains: dict[str, Model]
     # The loss function's report keys; the first is the loss. Each is logged as its mean.
     report_keys: tuple[str, ...] = ("lm loss",)
-    head: Head = "lm"  # the model's head: language-model logits, or one scalar per token (reward)
-    rope_at_positions: bool = False  # RoPE at each token's position id (packed SFT rows)
+    frozen: dict[str, Model] = field(default_factory=dict)
+    prepare: Callable[[Trainer, list[dict]], None] | None = None
+    check: Callable[[Config], list[str]] | None = None
+    step: Callable[[Trainer], StepResult] | None = None
 
-    @property
-    def fresh_keys(self) -> tuple[str, ...]:
-        """Weights that may start fresh when ``training.init_from`` lacks them: a scalar head started from a
-        language model (whose output layer is then left out)."""
-        return (SCALAR_HEAD_KEY.rsplit(".", 1)[0] + ".",) if self.head == "scalar" else ()
+
+@dataclass
+class StepResult:
+    """One optimizer step: the reported means, whether the update was applied, the LR and the gradient norm."""
+
+    reports: dict
+    updated: bool
+    lr: float
+    grad_norm: float | None = None
 
 
 @dataclass
@@ -77,124 +111,160 @@ class MetricWindow:
         self.keys = keys
         self.sums = dict.fromkeys(keys, 0.0)
         self.updates = self.steps = 0
-        self.seconds = 0.0
+        self.seconds = self.prepare_seconds = 0.0
 
-    def add(self, reports: dict | None, seconds: float) -> None:
+    def add(self, reports: dict | None, seconds: float, prepare_seconds: float = 0.0) -> None:
         """One step: `reports` None for a skipped step (timed, not averaged)."""
         if reports is not None:
             for key in self.keys:
-                self.sums[key] += reports[key].item()
+                self.sums[key] += float(reports[key])
             self.updates += 1
         self.steps += 1
         self.seconds += seconds
+        self.prepare_seconds += prepare_seconds
 
     def means(self) -> dict:
-        return {key.replace(" ", "_"): (self.sums[key] / self.updates if self.updates else float("nan")) for key in self.keys}
+        return {key.replace(" ", "_"): (self.sums[key] / self.updates if self.updates else float("nan"))
+                for key in self.keys}
 
 
-class Checkpointer:
-    """Where a job's checkpoints go and come from: resume, initial weights, periodic saves, carried files."""
+def config_value(cfg: Config, key: str):
+    """The value of dotted config key `key` (``training.init_from``)."""
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
-    def __init__(self, ctx: RunContext):
-        self.ctx = ctx
-        self.carried_files: dict[str, str] = {}  # e.g. a converted model's hf_source.json, kept in every save
 
-    def resume(self, units: list[ModelUnit]) -> dict | None:
-        """Load the checkpoint the run continues from (any layout) into `units`; its loop state, or None."""
-        ctx = self.ctx
-        if ctx.resume_from is None:
-            return None
-        layout = dataclasses.asdict(ctx.layout)
-        saved_layout = ctx.saved_state.get("layout")
-        # RNG streams are per rank: they are restored only at the layout that wrote them.
-        saved = checkpointing.load_checkpoint(ctx.resume_from, units, restore_rng=saved_layout == layout,
-                                              trust=ctx.cfg.training.trust_checkpoint)
-        change = "" if saved_layout == layout else f"; layout changed from {saved_layout} to {layout}"
-        consumed = ", ".join(f"{v} {k.removeprefix('consumed_').replace('_', ' ')} consumed"
-                             for k, v in saved.items() if k.startswith("consumed_"))
-        ctx.say(f"resumed from {ctx.resume_from} at step {saved['step']} ({consumed}){change}")
-        self.carry_from(ctx.resume_from)
-        return saved
+def model_source(cfg: Config, model: Model) -> tuple[str, str] | None:
+    """(config key, checkpoint path) that `model` starts from: the first of its keys that is set, or None."""
+    return next(((key, config_value(cfg, key)) for key in model.from_keys if config_value(cfg, key)), None)
 
-    def init_from(self, unit: ModelUnit, path: str, what: str, fresh: tuple[str, ...] = ()) -> None:
-        """Start `unit` from the weights of checkpoint `path` (named `what` in messages)."""
-        trust = self.ctx.cfg.training.trust_checkpoint
-        started_fresh = checkpointing.load_weights(unit.modules, path, what, fresh=fresh, trust=trust)
-        note = f" ({', '.join(started_fresh)} started fresh)" if started_fresh else ""
-        self.ctx.say(f"initialised {unit.name} weights from {path}{note}")
-        self.carry_from(Path(path))
 
-    def carry_from(self, path: Path) -> None:
-        # A model converted from Hugging Face records its source vocabulary; exports after training need it.
-        source = path / ckdir.HF_SOURCE_FILE
-        if source.is_file():
-            self.carried_files[source.name] = source.read_text()
-
-    def save(self, step: int, units: list[ModelUnit], train_state: dict) -> None:
-        ctx, t = self.ctx, self.ctx.cfg.training
-        train_state = dict(train_state, layout=dataclasses.asdict(ctx.layout), config=ctx.cfg.to_dict())
-        files = {ckdir.MODEL_CONFIG_FILE: yaml.safe_dump(ctx.cfg.to_dict(), sort_keys=False), **self.carried_files}
-        path = checkpointing.save_checkpoint(ctx.save_dir, step, units, train_state, t.keep_last, files, ctx.faults.before_commit)
-        ctx.say(f"saved checkpoint {path}")
+def check_stage(cfg: Config, stage: Stage) -> None:
+    """Refuse, before any process group exists, a config the stage cannot run; ConfigError names the fix."""
+    problems = list(stage.check(cfg)) if stage.check else []
+    for name, model in stage.frozen.items():
+        if model_source(cfg, model) is None:
+            keys = " or ".join(model.from_keys)
+            problems.append(f"the {stage.name} stage holds a frozen {name} model: set {keys} to its checkpoint")
+    if stage.step is None and len(stage.trains) != 1:
+        problems.append(f"the {stage.name} stage trains {len(stage.trains)} models; give Stage.step to update them")
+    if problems:
+        raise ConfigError(problems)
 
 
 class Trainer:
-    """One single-model training job: `Trainer(cfg, task).run()` builds everything, resumes, then loops."""
+    """One training job of `stage`: `Trainer(cfg, stage).run()` builds everything, resumes, then loops."""
 
-    def __init__(self, cfg: Config, task: Task):
+    def __init__(self, cfg: Config, stage: Stage):
+        check_stage(cfg, stage)
         self.ctx = ctx = start_run(cfg)
-        self.cfg, self.task = ctx.cfg, task
+        self.cfg, self.stage = ctx.cfg, stage
         t, m = self.cfg.training, self.cfg.model
-        self.train_ds, self.valid_ds = task.build_datasets(self.cfg, load_tokenizer(self.cfg.data.tokenizer_file))
-        self.unit = build_unit(self.cfg, ctx.runtime, task.name, head=task.head, rope_at_positions=task.rope_at_positions)
+        self.tokenizer = load_tokenizer(self.cfg.data.tokenizer_file)
+        self.train_ds, self.valid_ds = stage.build_datasets(self.cfg, self.tokenizer)
+        self.units: dict[str, ModelUnit] = {}
+        for i, (name, model) in enumerate(stage.trains.items()):
+            lr = config_value(self.cfg, model.lr_key) if model.lr_key else None
+            self.units[name] = build_unit(self.cfg, ctx.runtime, name, head=model.head,
+                                          rope_at_positions=model.rope_at_positions, lr=lr,
+                                          namespace="" if i == 0 else name)
+        self.frozen = {name: build_unit(self.cfg, ctx.runtime, name, head=model.head,
+                                        rope_at_positions=model.rope_at_positions, trained=False)
+                       for name, model in stage.frozen.items()}
         self.checkpointer = Checkpointer(ctx)
         self.state = TrainState()
-        saved = self.checkpointer.resume([self.unit])
+        saved = self.checkpointer.resume(list(self.units.values()))
         if saved is not None:
             self.state = TrainState(**{k: saved[k] for k in dataclasses.asdict(TrainState()) if k in saved})
-        elif t.init_from:
-            self.checkpointer.init_from(self.unit, t.init_from, f"training.init_from={t.init_from}", task.fresh_keys)
+        else:
+            for name, model in stage.trains.items():
+                source = model_source(self.cfg, model)
+                if source is not None:
+                    key, path = source
+                    self.checkpointer.init_from(self.units[name], path, f"{key}={path}", model.fresh_keys)
+        for name, model in stage.frozen.items():
+            key, path = model_source(self.cfg, model)
+            self.checkpointer.load_frozen(self.frozen[name], path, f"{key}={path}", t.offload_frozen)
         self.state.wandb_run_id = ctx.logger.run_id
-        self.batches = GlobalBatches(self.train_ds, self.state.consumed_samples, t.global_batch_size, t.micro_batch_size,
-                                     ctx.dp_rank, ctx.layout.dp)
+        self.batches = GlobalBatches(self.train_ds, self.state.consumed_samples, t.global_batch_size,
+                                     t.micro_batch_size, ctx.dp_rank, ctx.layout.dp)
+        first = next(iter(stage.trains.values()))
         shape = (m.hidden_size, m.num_layers, m.ffn_hidden_size, m.padded_vocab_size, m.seq_length)
-        self.model_flops = model_flops_per_token(*shape, head=task.head)
-        self.hardware_flops = hardware_flops_per_token(*shape, head=task.head, recompute=t.recompute)
-        self.peak = peak_flops(None if ctx.runtime.on_cpu else torch.cuda.get_device_name(), self.cfg.logging.peak_tflops)
+        self.model_flops = model_flops_per_token(*shape, head=first.head)
+        self.hardware_flops = hardware_flops_per_token(*shape, head=first.head, recompute=t.recompute)
+        self.peak = peak_flops(None if ctx.runtime.on_cpu else torch.cuda.get_device_name(),
+                               self.cfg.logging.peak_tflops)
+        self.prepare_seconds = 0.0
+
+    @property
+    def unit(self) -> ModelUnit:
+        """The trained model (the first, for a stage that trains several)."""
+        return next(iter(self.units.values()))
 
     @property
     def model(self) -> list[torch.nn.Module]:
         return self.unit.chunks
 
-    def save(self) -> None:
-        self.checkpointer.save(self.state.step, [self.unit], dataclasses.asdict(self.state))
+    @contextlib.contextmanager
+    def frozen_model(self, name: str):
+        """The frozen unit `name` on the device for the duration of the block (offloaded again after it)."""
+        unit = self.frozen[name]
+        offload = self.cfg.training.offload_frozen
+        if offload:
+            unit.onload()
+        try:
+            yield unit
+        finally:
+            if offload:
+                unit.offload()
 
-    def train_step(self) -> tuple[float, dict, float | None, bool]:
-        """One optimizer step on the next global batch: (lr, reports, grad norm, updated)."""
+    def save(self) -> None:
+        self.checkpointer.save(self.state.step, list(self.units.values()), dataclasses.asdict(self.state))
+
+    def prepare(self, micro: list[dict]) -> None:
+        """Run the stage's per-batch preparation on `micro` (timed into `prepare_seconds`)."""
+        if self.stage.prepare is not None:
+            start = time.perf_counter()
+            self.stage.prepare(self, micro)
+            self.prepare_seconds += time.perf_counter() - start
+
+    def forward_backward(self, micro: list[dict], forward_only: bool = False) -> dict:
+        """The trained model's forward (and backward) over this rank's micro-batches of one global batch."""
         t = self.cfg.training
+        return forward_backward(
+            self.model, micro_batch_iterators(self.model, micro), len(micro), self.cfg.model.seq_length,
+            t.micro_batch_size, self.stage.forward_step, forward_only=forward_only, report_keys=self.stage.report_keys,
+        )
+
+    def train_step(self) -> StepResult:
+        """One optimizer step: the stage's own, or one forward-backward of the trained model on the next global
+        batch (skipped when the loss or the gradient norm is not finite)."""
+        if self.stage.step is not None:
+            return self.stage.step(self)
         lr = self.unit.set_lr(self.state.step)
         self.unit.zero_grad()
         micro = self.batches.next_global_batch()
-        reports = forward_backward(
-            self.model, micro_batch_iterators(self.model, micro), self.batches.num_microbatches, self.cfg.model.seq_length,
-            t.micro_batch_size, self.task.forward_step, report_keys=self.task.report_keys,
-        )
+        self.prepare(micro)
+        reports = self.forward_backward(micro)
+        loss_key = self.stage.report_keys[0]
         if self.ctx.faults.nan_loss(self.state.step + 1):
-            reports[self.task.report_keys[0]] = torch.tensor(float("nan"))
-        if not torch.isfinite(reports[self.task.report_keys[0]]):
-            return lr, reports, None, False
+            reports[loss_key] = torch.tensor(float("nan"))
+        if not torch.isfinite(reports[loss_key]):
+            return StepResult(reports, False, lr)
         grad_norm, updated = self.unit.step()
-        return lr, reports, grad_norm, updated
+        return StepResult(reports, updated, lr, grad_norm)
 
-    def log(self, window: MetricWindow, lr: float, grad_norm: float | None, clock: ProgressClock) -> None:
+    def log(self, window: MetricWindow, result: StepResult, clock: ProgressClock) -> None:
         t = self.cfg.training
         tokens_per_s = t.global_batch_size * self.cfg.model.seq_length * window.steps / window.seconds
         per_device = tokens_per_s / self.ctx.layout.world_size
         means = window.means()
         metrics = {
-            "loss": means.pop(self.task.report_keys[0].replace(" ", "_")),
-            "lr": lr,
-            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "loss": means.pop(self.stage.report_keys[0].replace(" ", "_")),
+            "lr": result.lr,
+            "grad_norm": None if result.grad_norm is None else float(result.grad_norm),
             "skipped": self.state.skipped_steps,
             "tokens_per_s": tokens_per_s,
             "tflops_per_device": per_device * self.model_flops / 1e12,
@@ -204,6 +274,8 @@ class Trainer:
             "consumed_samples": self.state.consumed_samples,
             **means,
         }
+        if self.stage.prepare is not None:  # the share of the step the frozen models take
+            metrics["prepare_seconds"] = window.prepare_seconds / window.steps
         self.ctx.logger.log(self.state.step, metrics, progress=clock.progress(self.state.step))
 
     def run(self) -> int:
@@ -217,64 +289,64 @@ class Trainer:
         ctx, t = self.ctx, self.cfg.training
         if t.train_iters == 0 and ctx.resume_from is None:
             self.save()  # train_iters=0 writes the initial weights (to inspect them, or start other runs from)
-        window = MetricWindow(self.task.report_keys)
+        window = MetricWindow(self.stage.report_keys)
         clock = ProgressClock(self.state.step, t.train_iters)
         skipped_in_row = 0
         while self.state.step < t.train_iters:
-            start = time.perf_counter()
-            lr, reports, grad_norm, updated = self.train_step()
+            start, self.prepare_seconds = time.perf_counter(), 0.0
+            result = self.train_step()
             self.state.step += 1
             self.state.consumed_samples += t.global_batch_size
-            window.add(reports if updated else None, time.perf_counter() - start)
-            skipped_in_row = 0 if updated else skipped_in_row + 1
-            if not updated:
+            window.add(result.reports if result.updated else None, time.perf_counter() - start, self.prepare_seconds)
+            skipped_in_row = 0 if result.updated else skipped_in_row + 1
+            if not result.updated:
                 self.state.skipped_steps += 1
                 first = self.state.consumed_samples - t.global_batch_size
-                ctx.say(f"step {self.state.step}: skipped (loss {reports[self.task.report_keys[0]].item()}, grad norm "
-                        f"{grad_norm}); samples {first}..{self.state.consumed_samples - 1} ({skipped_in_row} in a row)")
+                ctx.say(f"step {self.state.step}: skipped (loss {float(result.reports[self.stage.report_keys[0]])}, "
+                        f"grad norm {result.grad_norm}); samples {first}..{self.state.consumed_samples - 1} "
+                        f"({skipped_in_row} in a row)")
                 if skipped_in_row > t.max_skipped_in_row:
                     ctx.say(f"error: {skipped_in_row} non-finite steps in a row (training.max_skipped_in_row="
                             f"{t.max_skipped_in_row}); aborting without saving", error=True)
                     return 1
             if self.state.step % self.cfg.logging.log_interval == 0 or self.state.step == t.train_iters:
-                self.log(window, lr, grad_norm, clock)
-                window = MetricWindow(self.task.report_keys)
+                self.log(window, result, clock)
+                window = MetricWindow(self.stage.report_keys)
             if self.valid_ds is not None and t.eval_interval and self.state.step % t.eval_interval == 0:
-                ctx.logger.log(self.state.step, evaluate(self.cfg, self.unit, self.valid_ds, self.task, ctx))
+                ctx.logger.log(self.state.step, self.evaluate())
             preempted = ctx.preemption.any_rank(ctx.runtime.device)
-            if preempted or (t.save_interval and self.state.step % t.save_interval == 0) or self.state.step == t.train_iters:
+            periodic = t.save_interval and self.state.step % t.save_interval == 0
+            if preempted or periodic or self.state.step == t.train_iters:
                 self.save()
             if preempted and self.state.step < t.train_iters:  # at the last step the run is simply done
-                ctx.say(f"signal received: saved at step {self.state.step}, exiting with {EXIT_PREEMPTED} so the job can be requeued")
+                ctx.say(f"signal received: saved at step {self.state.step}, exiting with {EXIT_PREEMPTED} so the job "
+                        "can be requeued")
                 return EXIT_PREEMPTED
         return 0
 
+    def evaluate(self) -> dict[str, float]:
+        """Each reported metric's mean over ``training.eval_iters`` global batches of the valid split."""
+        t, ctx, keys = self.cfg.training, self.ctx, self.stage.report_keys
+        # Each validation reads the same batches, so curves are comparable across steps.
+        batches = GlobalBatches(self.valid_ds, 0, t.global_batch_size, t.micro_batch_size, ctx.dp_rank, ctx.layout.dp)
+        self.unit.eval()
+        totals = dict.fromkeys(keys, 0.0)
+        with torch.no_grad():
+            for _ in range(t.eval_iters):
+                micro = batches.next_global_batch()
+                self.prepare(micro)
+                reports = self.forward_backward(micro, forward_only=True)
+                for key in keys:
+                    totals[key] += reports[key].item()
+        self.unit.train()
+        # The first key is the loss: logged as valid_loss; the others as valid_<key>.
+        names = ["loss", *(key.replace(" ", "_") for key in keys[1:])]
+        return {f"valid_{name}": totals[key] / t.eval_iters for name, key in zip(names, keys)}
 
-def train(cfg: Config, task: Task) -> int:
-    """Run (or resume) a training job for `task`; returns the process exit code."""
-    return Trainer(cfg, task).run()
 
-
-def evaluate(cfg: Config, unit: ModelUnit, valid_ds, task: Task, ctx: RunContext) -> dict[str, float]:
-    """Each reported metric's mean over ``training.eval_iters`` global batches of the valid split."""
-    t = cfg.training
-    # Each validation reads the same batches, so curves are comparable across steps.
-    batches = GlobalBatches(valid_ds, 0, t.global_batch_size, t.micro_batch_size, ctx.dp_rank, ctx.layout.dp)
-    unit.eval()
-    totals = dict.fromkeys(task.report_keys, 0.0)
-    with torch.no_grad():
-        for _ in range(t.eval_iters):
-            micro = batches.next_global_batch()
-            reports = forward_backward(
-                unit.chunks, micro_batch_iterators(unit.chunks, micro), batches.num_microbatches, cfg.model.seq_length,
-                t.micro_batch_size, task.forward_step, forward_only=True, report_keys=task.report_keys,
-            )
-            for key in task.report_keys:
-                totals[key] += reports[key].item()
-    unit.train()
-    # The first key is the loss: logged as valid_loss; the others as valid_<key>.
-    names = ["loss", *(key.replace(" ", "_") for key in task.report_keys[1:])]
-    return {f"valid_{name}": totals[key] / t.eval_iters for name, key in zip(names, task.report_keys)}
+def train(cfg: Config, stage: Stage) -> int:
+    """Run (or resume) a training job of `stage`; returns the process exit code."""
+    return Trainer(cfg, stage).run()
 
 
 def _memory_gb(on_cpu: bool) -> float:

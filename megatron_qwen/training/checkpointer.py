@@ -1,0 +1,72 @@
+"""Where a job's checkpoints go and come from: the resume point, initial weights, frozen models, periodic saves
+and the files every save carries. Every stage (the skeleton in `training.loop`, PPO) uses one `Checkpointer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from megatron_qwen.checkpoint import directory as ckdir
+from megatron_qwen.checkpoint import io as checkpointing
+from megatron_qwen.training.context import RunContext
+from megatron_qwen.training.units import ModelUnit
+
+
+class Checkpointer:
+    """Resume, initial and frozen weights, periodic saves and carried files of one job (`RunContext`)."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.carried_files: dict[str, str] = {}  # e.g. a converted model's hf_source.json, kept in every save
+
+    def resume(self, units: list[ModelUnit]) -> dict | None:
+        """Load the checkpoint the run continues from (any layout) into `units`; its loop state, or None."""
+        ctx = self.ctx
+        if ctx.resume_from is None:
+            return None
+        layout = dataclasses.asdict(ctx.layout)
+        saved_layout = ctx.saved_state.get("layout")
+        # RNG streams are per rank: they are restored only at the layout that wrote them.
+        saved = checkpointing.load_checkpoint(ctx.resume_from, units, restore_rng=saved_layout == layout,
+                                              trust=ctx.cfg.training.trust_checkpoint)
+        change = "" if saved_layout == layout else f"; layout changed from {saved_layout} to {layout}"
+        consumed = ", ".join(f"{v} {k.removeprefix('consumed_').replace('_', ' ')} consumed"
+                             for k, v in saved.items() if k.startswith("consumed_"))
+        ctx.say(f"resumed from {ctx.resume_from} at step {saved['step']} ({consumed}){change}")
+        self.carry_from(ctx.resume_from)
+        return saved
+
+    def init_from(self, unit: ModelUnit, path: str, what: str, fresh: tuple[str, ...] = ()) -> None:
+        """Start `unit` from the weights of checkpoint `path` (named `what` in messages)."""
+        trust = self.ctx.cfg.training.trust_checkpoint
+        started_fresh = checkpointing.load_weights(unit.modules, path, what, fresh=fresh, trust=trust)
+        note = f" ({', '.join(started_fresh)} started fresh)" if started_fresh else ""
+        self.ctx.say(f"initialised {unit.name} weights from {path}{note}")
+        self.carry_from(Path(path))
+
+    def load_frozen(self, unit: ModelUnit, path: str, what: str, offload: bool) -> None:
+        """Load a frozen unit's weights from `path` (every start and resume: frozen models are never saved), then
+        move it off the device until it is used when `offload`."""
+        checkpointing.load_weights(unit.modules, path, what, trust=self.ctx.cfg.training.trust_checkpoint)
+        if offload:
+            unit.offload()
+        self.ctx.say(f"loaded the frozen {unit.name} model from {path}")
+
+    def carry_from(self, path: Path) -> None:
+        # A model converted from Hugging Face records its source vocabulary; exports after training need it.
+        source = path / ckdir.HF_SOURCE_FILE
+        if source.is_file():
+            self.carried_files[source.name] = source.read_text()
+
+    def save(self, step: int, units: list[ModelUnit], train_state: dict) -> None:
+        """Write checkpoint `step` of the trained `units` with the loop state (atomic: temporary name, rename,
+        then ``latest``)."""
+        ctx, t = self.ctx, self.ctx.cfg.training
+        train_state = dict(train_state, layout=dataclasses.asdict(ctx.layout), config=ctx.cfg.to_dict())
+        files = {ckdir.MODEL_CONFIG_FILE: yaml.safe_dump(ctx.cfg.to_dict(), sort_keys=False), **self.carried_files}
+        path = checkpointing.save_checkpoint(ctx.save_dir, step, units, train_state, t.keep_last, files,
+                                             ctx.faults.before_commit)
+        ctx.say(f"saved checkpoint {path}")
