@@ -25,7 +25,7 @@ the data, cached training runs) and returns table rows. A check that fails with 
 
 It needs a CUDA GPU, torch, transformers, tiktoken, and the megatron-core, torchao and psutil wheels, and none
 of the compiled extension in csrc/ (training does not use it) nor the dashscope wheel: run it from the source
-tree with PYTHONPATH set to the repository (README, "GPU benchmark", says how to carry the wheels to a bare machine).
+tree with PYTHONPATH set to the repository (docs/fp8.md, "GPU benchmark", says how to carry the wheels to a bare machine).
 """
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ def bf16_mfu(bench: Bench) -> list[Row]:
     return rows
 
 
-# Targets a correct FP8 can reach (README, "GPU benchmark", has the arithmetic): FP8 runs only the layers'
+# Targets a correct FP8 can reach (docs/fp8.md, "GPU benchmark", has the arithmetic): FP8 runs only the layers'
 # four linears; on H100 their GEMMs can approach 2x BF16 (the dense FP8 peak), less the separate casts.
 GEMM_TARGET = 1.3  # the layer GEMMs alone, casts included
 STEP_TARGET = 1.1  # the whole training step, where the layer GEMMs are only part of the work

@@ -283,7 +283,7 @@ def resolve_runtime(cfg: Config, local_rank: int = 0, accelerators: Accelerators
         if not use_te and importlib.util.find_spec("torchao") is None:
             raise ConfigError([
                 f"model.fp8={cfg.model.fp8} runs on torchao here, which is not installed: "
-                "pip install torchao==0.18.0 (see README, FP8), or set model.fp8=null"
+                "pip install torchao==0.18.0 (see docs/fp8.md), or set model.fp8=null"
             ])
     bf16 = on_cpu or gpu_has_bf16(device)
     note = ""
