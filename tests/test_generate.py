@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from parallel.generate_worker import NEW_TOKENS, PROMPTS
 from qwen_reference import megatron_to_qwen2, qwen_v1_forward
@@ -160,6 +161,116 @@ def test_sequence_parallel_padding_does_not_change_alpha(runs):
     assert (padded_alpha - reference).abs().max().item() > 1e-2
     for name, r in results.items():
         assert (torch.tensor(r["long_logits"]) - reference).abs().max().item() < 1e-4, name
+
+
+# --------------------------------------------------------------------------- one process: transfers, row seeds
+
+SMALL_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=2", "model.ffn_hidden_size=128",
+               "model.padded_vocab_size=256"]
+SMALL_VOCAB = 250  # the engine never draws ids 250..255, as with Qwen's padded vocabulary
+RAGGED = [[3, 17, 92, 45, 8, 61, 33], [5, 120], [77, 77, 12, 9], [40], [9, 8, 7, 6, 5], [200, 1, 2]]
+STOPS = tuple(range(0, 250, 9))  # about one id in nine stops a row: rows end at different steps
+
+
+@pytest.fixture(scope="module")
+def small_model(single_rank):
+    """A 2-layer model with random weights, perturbed so that continuations vary, at TP=1 in this process."""
+    from megatron_qwen.config import load_config
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
+
+    cfg = load_config("configs/tiny.yaml", SMALL_MODEL)
+    torch.manual_seed(3)
+    (model,) = build_model(cfg, Runtime.cpu(), rope_at_positions=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the operations that bring tensor values to the host, each of which makes the host wait for a GPU:
+    reading values (``item``, ``tolist``, ``int()``, ``float()``, ``bool()``, indexing a list with a tensor),
+    shapes that depend on values (``nonzero``, ``unique``) and copies to the CPU. On CPU ranks the engine makes
+    no copies to its device, so every copy to the CPU counts."""
+
+    READS = frozenset({"item", "tolist", "numpy", "cpu", "nonzero", "unique", "masked_select", "equal", "__int__",
+                       "__float__", "__bool__", "__index__", "__contains__", "__repr__", "__format__"})
+
+    def __init__(self):
+        super().__init__()
+        self.reads = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        to_cpu = name == "to" and any(isinstance(a, (str, torch.device)) and torch.device(a).type == "cpu"
+                                      for a in (*args[1:], kwargs.get("device")))
+        if name in self.READS or to_cpu:
+            self.reads[name] = self.reads.get(name, 0) + 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("sampling", [
+    dict(temperature=0.0), dict(temperature=0.9, top_p=0.9, seed=7, stop_ids=STOPS),
+    dict(temperature=1.0, row_seeds=tuple(range(100, 100 + len(RAGGED))), stop_ids=STOPS),
+])
+def test_one_host_transfer_per_step(small_model, sampling):
+    """Padded rows, several rows, rows that stop early (the batch shrinks): each step brings its tokens and
+    log-probabilities to the host at once, not per row or per value."""
+    from megatron_qwen.inference.engine import GenerationEngine
+    from megatron_qwen.inference.sampling import SamplingParams
+
+    engine = GenerationEngine([small_model], SMALL_VOCAB)
+    with HostReads() as counter:
+        result = engine.generate(RAGGED, SamplingParams(max_new_tokens=8, **sampling))
+    steps = max(len(tokens) for tokens in result.tokens)
+    assert counter.reads == {"tolist": steps}, counter.reads
+    if "stop_ids" in sampling:  # the shrinking batch ran: rows ended at different steps
+        assert len({len(tokens) for tokens in result.tokens}) > 1 and any(result.finished), result.tokens
+
+
+def reference_sampling(model, prompt: list[int], seed: int, new_tokens: int, temperature: float, top_p: float,
+                       stops: tuple[int, ...]) -> tuple[list[int], list[float], list[float]]:
+    """One prompt alone, the whole sequence recomputed at each step; the next id by inverse CDF, in id order, of
+    softmax(logits / temperature) kept to the most probable ids that reach `top_p`, drawn with the step's number
+    from the row's own generator. Returns the ids and their log-probabilities, raw and at the temperature."""
+    generator = torch.Generator().manual_seed(seed)
+    seq, raw, scaled = list(prompt), [], []
+    for _ in range(new_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq]), torch.arange(len(seq))[None], None)[0, -1, :SMALL_VOCAB].double()
+        probs = (logits / temperature).softmax(-1)
+        ranked = probs.sort(descending=True)
+        outside = ranked.values.cumsum(0) - ranked.values >= top_p  # the ids before already reach top_p
+        probs[ranked.indices[outside]] = 0
+        cdf = probs.cumsum(0)
+        token = int((cdf < torch.rand(1, generator=generator).double() * cdf[-1]).sum())
+        seq.append(token)
+        raw.append(float(logits.log_softmax(-1)[token]))
+        scaled.append(float((logits / temperature).log_softmax(-1)[token]))
+        if token in stops:
+            break
+    return seq[len(prompt):], raw, scaled
+
+
+def test_each_row_samples_from_its_own_seed_whatever_its_batch(small_model):
+    """PPO draws every rollout from a seed of its own: in a padded batch whose rows stop at different steps, each
+    row gets the tokens of a plain sampler over its prompt alone (full recompute, its own generator), and the
+    engine's log-probabilities are that sampler's."""
+    from megatron_qwen.inference.engine import GenerationEngine
+    from megatron_qwen.inference.sampling import SamplingParams
+
+    seeds = tuple(range(100, 100 + len(RAGGED)))
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, row_seeds=seeds, stop_ids=STOPS)
+    result = GenerationEngine([small_model], SMALL_VOCAB).generate(RAGGED, params)
+    assert len({len(tokens) for tokens in result.tokens}) > 1  # rows left the batch at different steps
+    for row, (prompt, seed) in enumerate(zip(RAGGED, seeds)):
+        tokens, raw, scaled = reference_sampling(small_model, prompt, seed, 8, 0.8, 0.9, STOPS)
+        assert result.tokens[row] == tokens, (row, result.tokens[row], tokens)
+        assert result.finished[row] == (tokens[-1] in STOPS)
+        assert max(abs(a - b) for a, b in zip(result.logprobs[row], raw)) < 1e-5, row
+        assert max(abs(a - b) for a, b in zip(result.sampling_logprobs[row], scaled)) < 1e-5, row
 
 
 # --------------------------------------------------------------------------- tools/generate.py
