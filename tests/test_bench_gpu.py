@@ -29,8 +29,8 @@ def test_training_imports_without_the_compiled_extension(tmp_path):
     )
     proc = _run(BARE + ["--also-block", "torchao", str(script)])
     assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr[-3000:]
-    # The data tools do use it: the same run stops there, so the blocking is real.
-    script.write_text("import megatron_qwen.data.indexed\n")
+    # Preprocessing does use it (training only reads shards): importing it stops there, so the blocking is real.
+    script.write_text("from megatron_qwen import _C\n")
     proc = _run(BARE + [str(script)])
     assert proc.returncode != 0 and "megatron_qwen._C is not available on a bare GPU machine" in proc.stderr
 

@@ -134,3 +134,27 @@ def test_pretraining_stage_refuses_truncated_bin_before_the_first_step(corpus, t
     assert "]: Traceback" not in output and "offset must be non-negative" not in output, output
     assert re.search(r"rank +: \d \(local_rank: \d\)\n +exitcode +: 2 ", output), output
     assert "iteration" not in proc.stdout, proc.stdout
+
+
+def test_shards_are_checked_the_same_without_the_compiled_extension(tmp_path):
+    """A bare GPU machine trains without the C++ extension: megatron-core's index reader stands in for it, with
+    the same summary of a good shard and the same message for a truncated or overlong .bin."""
+    from megatron_qwen.data import indexed
+
+    prefix = str(tmp_path / "docs")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for n in (5, 7, 3):
+        builder.add_document(torch.arange(n, dtype=torch.int64), [n])
+    builder.finalize(prefix + ".idx")
+    summary = indexed.validate_shard(prefix)
+    assert indexed._summary_without_extension(prefix) == {
+        "dtype": "int32", "num_sequences": 3, "num_documents": 3, "num_tokens": 15}
+    assert (summary.num_sequences, summary.num_documents, summary.num_tokens) == (3, 3, 15)
+    for size in (40, 64):
+        with open(prefix + ".bin", "r+b") as f:
+            f.truncate(size)
+        with pytest.raises(ValueError) as compiled:
+            indexed.validate_shard(prefix)
+        with pytest.raises(ValueError) as fallback:
+            indexed._summary_without_extension(prefix)
+        assert str(fallback.value) == str(compiled.value)

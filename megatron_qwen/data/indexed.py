@@ -15,15 +15,25 @@ sequence, exactly like Megatron-LM's ``tools/preprocess_data.py``.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_qwen import _C
 from megatron_qwen.errors import DataError
 
-ShardFormatError = _C.ShardFormatError
+try:
+    from megatron_qwen import _C
+except ImportError:  # a machine without the compiled extension (a bare GPU box): shards are only read and checked
+    _C = None
+
+
+class _ShardFormatError(ValueError):
+    pass
+
+
+ShardFormatError = _C.ShardFormatError if _C is not None else _ShardFormatError
 ShardFormatError.__doc__ = "A shard's .idx/.bin are malformed or disagree; the message names the file and the problem."
 
 PathLike = str | os.PathLike
@@ -58,8 +68,40 @@ def validate_shard(prefix: PathLike) -> ShardSummary:
     truncated or oversized files, pointers that disagree with the lengths, ...), or FileNotFoundError.
     """
     prefix = os.fspath(prefix)
-    info = _C.shard_summary(prefix)
+    info = _C.shard_summary(prefix) if _C is not None else _summary_without_extension(prefix)
     return ShardSummary(prefix=prefix, **{**info, "dtype": np.dtype(info["dtype"])})
+
+
+def _summary_without_extension(prefix: str) -> dict:
+    """`validate_shard`'s header and size checks through megatron-core's own index reader, for machines that have
+    the package's Python but not its compiled extension (training reads shards; only preprocessing writes them)."""
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    for path in (idx, bin_):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file")
+    try:
+        index = _IndexReader(idx, multimodal=False)
+        lengths, pointers = index.sequence_lengths, index.sequence_pointers
+        documents = index.document_indices
+    except (AssertionError, ValueError, KeyError, struct.error) as e:
+        raise ShardFormatError(f"{idx}: not a readable Megatron indexed-dataset index ({e})") from None
+    dtype = np.dtype(index.dtype)
+    tokens = int(lengths.sum(dtype=np.int64))
+    expected = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize if len(lengths) else 0
+    actual = os.path.getsize(bin_)
+    if actual < expected:
+        raise ShardFormatError(
+            f"{bin_}: truncated data: {actual} bytes, but {idx} describes {tokens} {dtype.name} tokens = {expected} bytes"
+        )
+    if actual > expected:
+        raise ShardFormatError(
+            f"{bin_}: {actual} bytes, but {idx} describes only {tokens} {dtype.name} tokens = {expected} bytes; "
+            "the .idx and .bin do not belong together"
+        )
+    return {"dtype": dtype.name, "num_sequences": len(lengths), "num_documents": len(documents) - 1,
+            "num_tokens": tokens}
 
 
 def check_shard(prefix: str, vocab_size: int | None = None) -> ShardSummary:
