@@ -280,3 +280,19 @@ def test_config_refuses_an_embedding_smaller_than_the_family_vocabulary():
     assert errors("qwen2.5") == [] and errors("qwen3") == []
     (error,) = errors("qwen")
     assert "smaller than the qwen tokenizer's 151851 tokens (model.family)" in error
+
+
+@pytest.mark.parametrize("family", ["qwen", "qwen3"])
+def test_truncation_keeps_leading_exchanges_rendered_as_their_own_conversation(family):
+    from megatron_qwen.data.chat import ChatFormatError, render_conversation
+
+    tok = load_tokenizer(family=family)
+    turns = [{"role": role, "content": f"{role} turn {i} " * 5} for i in range(3) for role in ("user", "assistant")]
+    two = tok.render_chat(turns[:4])
+    # Qwen3 gives the kept conversation's final reply its (empty) thinking block, absent from the full rendering.
+    assert (tok.special_tokens.get("<think>") in two[0]) == (family == "qwen3")
+    for max_length, kept in ((len(two[0]), 2), (len(two[0]) - 1, 1)):
+        chat = render_conversation(tok, {"messages": turns}, max_length)
+        assert (chat.ids, chat.mask, chat.dropped_exchanges) == (*tok.render_chat(turns[: 2 * kept]), 3 - kept)
+    with pytest.raises(ChatFormatError, match=f"first exchange alone is {len(tok.render_chat(turns[:2])[0])} tokens"):
+        render_conversation(tok, {"messages": turns}, 5)
