@@ -65,7 +65,7 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 # The system prompt each family's template inserts when the conversation has none (Qwen3 inserts none).
 FAMILY_DEFAULT_SYSTEM: dict[str, str | None] = {
     "qwen": DEFAULT_SYSTEM_PROMPT,
-    "qwen1.5": "You are a helpful assistant",
+    "qwen1.5": "You are a helpful assistant",  # sic: Qwen1.5's template has no full stop
     "qwen2": DEFAULT_SYSTEM_PROMPT,
     "qwen2.5": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
     "qwen3": None,
@@ -198,8 +198,9 @@ class QwenTokenizer:
         """
         system_prompt, turns = self._split_system(messages, system)
         convo = ([] if system_prompt is None else [{"role": "system", "content": system_prompt}]) + list(turns)
-        # Qwen3 keeps the thinking block only in assistant turns after the last user query.
-        users = [i for i, m in enumerate(convo) if m["role"] == "user"]
+        # Qwen3 keeps the thinking block only in assistant turns after the last user query (a user turn that is
+        # all one <tool_response> block is a tool's answer, not a query).
+        users = [i for i, m in enumerate(convo) if m["role"] == "user" and not _is_tool_response(m["content"])]
         last_query = users[-1] if users else len(convo) - 1
         pieces: list[tuple[bool, str, bool]] = []
         for i, m in enumerate(convo):
@@ -295,6 +296,10 @@ class QwenTokenizer:
         """Return the string that :meth:`render_chat` tokenises: the family's Hugging Face `chat_template`
         rendering of a plain conversation (v1: QwenLM's ChatML)."""
         return "".join(text for _, text, _ in self._pieces(messages, system, add_generation_prompt, enable_thinking))
+
+
+def _is_tool_response(text: str) -> bool:
+    return text.startswith("<tool_response>") and text.endswith("</tool_response>")
 
 
 def check_family(family: str) -> None:
