@@ -193,7 +193,7 @@ class QwenTokenizer:
     ) -> list[tuple[bool, str, bool]]:
         """The rendered conversation as (is a special token, text, trained) pieces, in order.
 
-        Every turn is ``<|im_start|>role\ncontent<|im_end|>\n``; ``<|im_start|>`` and ``<|im_end|>\n`` are
+        Every turn is ``<|im_start|>role\\ncontent<|im_end|>\\n``; ``<|im_start|>`` and ``<|im_end|>\\n`` are
         trained in every turn and the content in assistant turns only (finetune.py's rule, for every family).
         """
         system_prompt, turns = self._split_system(messages, system)
@@ -220,7 +220,7 @@ class QwenTokenizer:
 
     @staticmethod
     def _qwen3_reply(message: dict, after_last_query: bool, last: bool) -> list[tuple[bool, str, bool]]:
-        """Qwen3's assistant content: ``<think>\nreasoning\n</think>\n\ncontent`` for the final turn (an
+        """Qwen3's assistant content: ``<think>\\nreasoning\\n</think>\\n\\ncontent`` for the final turn (an
         empty block without reasoning) and for later turns with reasoning after the last user query; the
         reasoning is dropped elsewhere. It comes from ``reasoning_content`` or a ``</think>`` in the content."""
         content, reasoning = message["content"], message.get("reasoning_content")
@@ -276,12 +276,12 @@ class QwenTokenizer:
         (``mask[i]``: ids[i] is a target).
 
         The text is :meth:`render_chat_text`'s. The mask mirrors QwenLM finetune.py ``preprocess`` for every
-        family: ``<|im_start|>``, ``<|im_end|>`` and the ``\n`` after it are targets in every turn; system and
-        user turns are otherwise ignored; assistant turns mask the role tokens (``assistant\n``) and train the
+        family: ``<|im_start|>``, ``<|im_end|>`` and the ``\\n`` after it are targets in every turn; system and
+        user turns are otherwise ignored; assistant turns mask the role tokens (``assistant\\n``) and train the
         content (Qwen3: with its thinking block) and ``<|im_end|>``. v1 encodes every piece on its own, as
         finetune.py does; later families encode the text between special tokens in one go, as Hugging Face
         does. Without a leading system message or ``system``, the family's default system prompt is used
-        (Qwen3 has none). ``add_generation_prompt`` appends ``<|im_start|>assistant\n`` (Qwen3 with
+        (Qwen3 has none). ``add_generation_prompt`` appends ``<|im_start|>assistant\\n`` (Qwen3 with
         ``enable_thinking=False``: and an empty thinking block), all masked.
         """
         return self._encode_pieces(self._pieces(messages, system, add_generation_prompt, enable_thinking))
