@@ -16,8 +16,10 @@ import bisect
 import functools
 import importlib.metadata
 import itertools
+import json
 import os
 import pathlib
+import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -71,6 +73,17 @@ FAMILY_DEFAULT_SYSTEM: dict[str, str | None] = {
     "qwen3": None,
 }
 CHAT_ROLES = ("system", "user", "assistant")
+# Families whose templates render tools, tool calls and tool results.
+TOOL_FAMILIES = ("qwen2.5", "qwen3")
+_TOOLS_INTRO = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_TOOLS_OUTRO = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}'
+    "\n</tool_call>"
+)
 
 _DASHSCOPE_RESOURCE = "dashscope/resources/qwen.tiktoken"
 _INSTALL_HINT = "pip install --no-deps dashscope==2.0.2"
@@ -177,40 +190,103 @@ class QwenTokenizer:
 
     def _split_system(self, messages: Sequence[dict], system: str | None) -> tuple[str | None, Sequence[dict]]:
         """Validate roles and return (system prompt or None for no system turn, remaining turns)."""
+        roles = CHAT_ROLES + (("tool",) if self.family in TOOL_FAMILIES else ())
         for i, m in enumerate(messages):
-            if m["role"] not in CHAT_ROLES:
-                raise ValueError(f"unknown chat role {m['role']!r} in message {i}; allowed roles: {CHAT_ROLES}")
+            if m["role"] not in roles:
+                raise ValueError(
+                    f"unknown chat role {m['role']!r} in message {i}; the {self.family} template's roles: {roles}"
+                )
             if m["role"] == "system" and i > 0:
                 raise ValueError(f"a system message is only allowed first, found one at message {i}")
+            if m.get("tool_calls") and (m["role"] != "assistant" or self.family not in TOOL_FAMILIES):
+                raise ValueError(
+                    f"message {i} has tool calls: only assistant messages of {' and '.join(TOOL_FAMILIES)} have them"
+                )
         if messages and messages[0]["role"] == "system":
             if system is not None:
                 raise ValueError("system prompt given both as the `system` argument and as a leading system message")
             return messages[0]["content"], messages[1:]
         return (self.default_system if system is None else system), messages
 
+    def _template_text(self, text: str, trained: bool) -> list[tuple[bool, str, bool]]:
+        """Pieces of text the template itself writes (tool instructions and wrappers): the family's special-token
+        strings in it are special tokens, as Hugging Face encodes them. Message text never goes through here."""
+        parts = re.split("(" + "|".join(map(re.escape, self.special_tokens)) + ")", text)
+        return [(part in self.special_tokens, part, trained) for part in parts if part]
+
+    def _tools_header(self, system_prompt: str | None, tools: Sequence[dict]) -> list[tuple[bool, str, bool]]:
+        """The system turn listing `tools` (Qwen2.5: after the system prompt or its default; Qwen3: after the
+        system prompt, if any)."""
+        if self.family == "qwen2.5":
+            text = system_prompt + "\n\n"
+        else:
+            text = "" if system_prompt is None else system_prompt + "\n\n"
+        text += _TOOLS_INTRO + "".join("\n" + _tojson(tool) for tool in tools) + _TOOLS_OUTRO
+        return [(True, IM_START, True), (False, "system\n", False)] + self._template_text(text, False) + [
+            (True, IM_END, True), (False, "\n", True)
+        ]
+
+    def _tool_calls(self, calls: Sequence[dict], content: str) -> list[tuple[bool, str, bool]]:
+        """An assistant message's tool calls, after its content (trained, as the reply they are part of)."""
+        text = ""
+        for k, call in enumerate(calls):
+            call = call.get("function", call)
+            arguments = call["arguments"]
+            if self.family == "qwen3":
+                text += "\n" if (k == 0 and content) or k > 0 else ""
+                arguments = arguments if isinstance(arguments, str) else _tojson(arguments)
+            else:
+                text += "\n"
+                arguments = _tojson(arguments)
+            text += '<tool_call>\n{"name": "' + call["name"] + '", "arguments": ' + arguments + "}\n</tool_call>"
+        return self._template_text(text, True)
+
     def _pieces(
-        self, messages: Sequence[dict], system: str | None, add_generation_prompt: bool, enable_thinking: bool
+        self,
+        messages: Sequence[dict],
+        system: str | None,
+        add_generation_prompt: bool,
+        enable_thinking: bool,
+        tools: Sequence[dict] | None = None,
     ) -> list[tuple[bool, str, bool]]:
         """The rendered conversation as (is a special token, text, trained) pieces, in order.
 
         Every turn is ``<|im_start|>role\\ncontent<|im_end|>\\n``; ``<|im_start|>`` and ``<|im_end|>\\n`` are
         trained in every turn and the content in assistant turns only (finetune.py's rule, for every family).
+        Tool results (Qwen2.5, Qwen3) are a user turn of ``\\n<tool_response>\\n...\\n</tool_response>`` blocks.
         """
+        if tools and self.family not in TOOL_FAMILIES:
+            raise ValueError(f"the {self.family} template has no tools; {' and '.join(TOOL_FAMILIES)} have")
         system_prompt, turns = self._split_system(messages, system)
         convo = ([] if system_prompt is None else [{"role": "system", "content": system_prompt}]) + list(turns)
         # Qwen3 keeps the thinking block only in assistant turns after the last user query (a user turn that is
         # all one <tool_response> block is a tool's answer, not a query).
         users = [i for i, m in enumerate(convo) if m["role"] == "user" and not _is_tool_response(m["content"])]
         last_query = users[-1] if users else len(convo) - 1
-        pieces: list[tuple[bool, str, bool]] = []
+        pieces: list[tuple[bool, str, bool]] = self._tools_header(system_prompt, tools) if tools else []
         for i, m in enumerate(convo):
+            if tools and m["role"] == "system":
+                continue  # the tools header holds it
+            if m["role"] == "tool":
+                if i == 0 or convo[i - 1]["role"] != "tool":
+                    pieces += [(True, IM_START, True), (False, "user", False)]
+                pieces += self._template_text("\n<tool_response>\n", False) + [(False, m["content"], False)]
+                pieces += self._template_text("\n</tool_response>", False)
+                if i == len(convo) - 1 or convo[i + 1]["role"] != "tool":
+                    pieces += [(True, IM_END, True), (False, "\n", True)]
+                continue
             trained = m["role"] == "assistant"
-            pieces += [(True, IM_START, True), (False, m["role"], False), (False, "\n", False)]
+            calls = m.get("tool_calls") or []
+            content = m["content"] or ""
+            pieces += [(True, IM_START, True), (False, m["role"], False)]
             if trained and self.family == "qwen3":
-                pieces += self._qwen3_reply(m, after_last_query=i > last_query, last=i == len(convo) - 1)
+                reply, content = self._qwen3_reply(m, after_last_query=i > last_query, last=i == len(convo) - 1)
+                pieces += [(False, "\n", False)] + reply
+            elif calls:
+                pieces += [(False, "\n", False), (False, content, True)] if content else []
             else:
-                pieces.append((False, m["content"], trained))
-            pieces += [(True, IM_END, True), (False, "\n", True)]
+                pieces += [(False, "\n", False), (False, content, trained)]
+            pieces += self._tool_calls(calls, content) + [(True, IM_END, True), (False, "\n", True)]
         if add_generation_prompt:
             pieces += [(True, IM_START, False), (False, "assistant", False), (False, "\n", False)]
             if self.family == "qwen3" and not enable_thinking:
@@ -219,11 +295,12 @@ class QwenTokenizer:
         return pieces
 
     @staticmethod
-    def _qwen3_reply(message: dict, after_last_query: bool, last: bool) -> list[tuple[bool, str, bool]]:
-        """Qwen3's assistant content: ``<think>\\nreasoning\\n</think>\\n\\ncontent`` for the final turn (an
-        empty block without reasoning) and for later turns with reasoning after the last user query; the
-        reasoning is dropped elsewhere. It comes from ``reasoning_content`` or a ``</think>`` in the content."""
-        content, reasoning = message["content"], message.get("reasoning_content")
+    def _qwen3_reply(message: dict, after_last_query: bool, last: bool) -> tuple[list[tuple[bool, str, bool]], str]:
+        """Qwen3's assistant content pieces and the content without its thinking: ``<think>\\nreasoning\\n</think>
+        \\n\\ncontent`` for the final turn (an empty block without reasoning) and for later turns with reasoning
+        after the last user query; the reasoning is dropped elsewhere. It comes from ``reasoning_content`` or a
+        ``</think>`` in the content."""
+        content, reasoning = message["content"] or "", message.get("reasoning_content")
         if reasoning is None:
             reasoning = ""
             if END_THINK in content:
@@ -233,8 +310,8 @@ class QwenTokenizer:
             return [
                 (True, THINK, True), (False, "\n" + reasoning.strip("\n") + "\n", True), (True, END_THINK, True),
                 (False, "\n\n" + content.lstrip("\n"), True),
-            ]
-        return [(False, content, True)]
+            ], content
+        return [(False, content, True)], content
 
     def _encode_pieces(self, pieces: list[tuple[bool, str, bool]]) -> tuple[list[int], list[bool]]:
         if self.family == "qwen":
@@ -271,6 +348,7 @@ class QwenTokenizer:
         system: str | None = None,
         add_generation_prompt: bool = False,
         enable_thinking: bool = True,
+        tools: Sequence[dict] | None = None,
     ) -> tuple[list[int], list[bool]]:
         """Render a conversation with the family's chat template as token ids plus an aligned loss mask
         (``mask[i]``: ids[i] is a target).
@@ -283,8 +361,12 @@ class QwenTokenizer:
         does. Without a leading system message or ``system``, the family's default system prompt is used
         (Qwen3 has none). ``add_generation_prompt`` appends ``<|im_start|>assistant\\n`` (Qwen3 with
         ``enable_thinking=False``: and an empty thinking block), all masked.
+
+        Qwen2.5 and Qwen3 also take `tools` (JSON schemas, listed in the system turn), assistant messages with
+        ``tool_calls`` (``{"name", "arguments"}``, optionally under ``"function"``; trained with the reply) and
+        ``tool`` messages (their results, rendered as a user turn, not trained).
         """
-        return self._encode_pieces(self._pieces(messages, system, add_generation_prompt, enable_thinking))
+        return self._encode_pieces(self._pieces(messages, system, add_generation_prompt, enable_thinking, tools))
 
     def render_chat_text(
         self,
@@ -292,10 +374,17 @@ class QwenTokenizer:
         system: str | None = None,
         add_generation_prompt: bool = False,
         enable_thinking: bool = True,
+        tools: Sequence[dict] | None = None,
     ) -> str:
         """Return the string that :meth:`render_chat` tokenises: the family's Hugging Face `chat_template`
-        rendering of a plain conversation (v1: QwenLM's ChatML)."""
-        return "".join(text for _, text, _ in self._pieces(messages, system, add_generation_prompt, enable_thinking))
+        rendering of the conversation (v1: QwenLM's ChatML)."""
+        pieces = self._pieces(messages, system, add_generation_prompt, enable_thinking, tools)
+        return "".join(text for _, text, _ in pieces)
+
+
+def _tojson(value) -> str:
+    # The templates' `tojson` as transformers defines it: json.dumps, non-ASCII kept.
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _is_tool_response(text: str) -> bool:

@@ -303,3 +303,65 @@ def test_truncation_keeps_leading_exchanges_rendered_as_their_own_conversation(f
         assert (chat.ids, chat.mask, chat.dropped_exchanges) == (*tok.render_chat(turns[: 2 * kept]), 3 - kept)
     with pytest.raises(ChatFormatError, match=f"first exchange alone is {len(tok.render_chat(turns[:2])[0])} tokens"):
         render_conversation(tok, {"messages": turns}, 5)
+
+
+TOOLS = [{
+    "type": "function",
+    "function": {
+        "name": "get_weather", "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}]
+TOOL_CHATS = {
+    "system, parallel calls, two results, answer": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris and Zürich?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"type": "function",
+             "function": {"name": "get_weather", "arguments": {"city": "Zürich", "unit": "celsius"}}},
+        ]},
+        {"role": "tool", "content": "18°C"},
+        {"role": "tool", "content": "12°C"},
+        {"role": "assistant", "content": "Paris 18°C, Zürich 12°C."},
+    ],
+    "content with a call, then the result": [
+        {"role": "user", "content": "Paris?"},
+        {"role": "assistant", "content": "Let me check.",
+         "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]},
+        {"role": "tool", "content": "{\"temperature\": 18}"},
+    ],
+    "arguments as a JSON string": [
+        {"role": "user", "content": "Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]},
+        {"role": "tool", "content": "18°C"},
+        {"role": "assistant", "content": "18°C."},
+    ],
+}
+
+
+@pytest.mark.parametrize("name", TOOL_CHATS)
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3"])
+def test_tools_match_the_released_template(family, name, hf_tokenizers):
+    tok = load_tokenizer(family=family)
+    messages = TOOL_CHATS[name]
+    generation = messages[-1]["role"] == "tool"
+    text = tok.render_chat_text(messages, add_generation_prompt=generation, tools=TOOLS)
+    assert text == hf_render(family, messages, add_generation_prompt=generation, tools=TOOLS)
+    ids, mask = tok.render_chat(messages, add_generation_prompt=generation, tools=TOOLS)
+    assert ids == hf_tokenizers[family].encode(text)
+    # The calls are trained with the reply; the tool instructions (two <tool_call> in the system turn) and the
+    # results are not.
+    call = tok.special_tokens["<tool_call>"]
+    calls = sum(len(m.get("tool_calls", [])) for m in messages)
+    assert [mask[i] for i, t in enumerate(ids) if t == call] == [False, False] + [True] * calls
+    result = tok.encode("18")
+    starts = [i for i in range(len(ids)) if ids[i:i + len(result)] == result]
+    assert starts and not mask[starts[0]]  # the first "18" is the tool's result
+
+
+def test_tools_are_refused_where_the_template_has_none():
+    with pytest.raises(ValueError, match=r"the qwen2 template has no tools; qwen2\.5 and qwen3 have"):
+        load_tokenizer(family="qwen2").render_chat([{"role": "user", "content": "Hi"}], tools=TOOLS)
+    with pytest.raises(ValueError, match=r"unknown chat role 'tool'"):
+        load_tokenizer().render_chat([{"role": "user", "content": "Hi"}, {"role": "tool", "content": "x"}])
