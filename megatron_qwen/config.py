@@ -24,6 +24,9 @@ import yaml
 from megatron_qwen.errors import ConfigError
 
 TOKENIZER_VOCAB_SIZE = 151851  # regular + special tokens of qwen.tiktoken
+# Tokenizer families (model.family): v1's 151,643 BPE ranks plus each release's special/added tokens.
+TOKENIZER_FAMILIES = ("qwen", "qwen1.5", "qwen2", "qwen2.5", "qwen3")
+TOKENIZER_VOCAB_SIZES = {"qwen": 151851, "qwen1.5": 151646, "qwen2": 151646, "qwen2.5": 151665, "qwen3": 151669}
 DEVICE_ENV = "MEGATRON_QWEN_DEVICE"  # when set, the default of parallel.device (tests force CPU ranks with it)
 
 
@@ -37,6 +40,8 @@ class ModelConfig:
     num_attention_heads: int = 2
     ffn_hidden_size: int = 512  # per-branch SwiGLU width (the v1 config's intermediate_size / 2)
     padded_vocab_size: int = 151936  # embedding rows; kept when TP divides it, else padded up
+    # Tokenizer family: special tokens, chat template and SFT loss mask (qwen: v1).
+    family: Literal["qwen", "qwen1.5", "qwen2", "qwen2.5", "qwen3"] = "qwen"
     seq_length: int = 2048  # training context; NTK/LogN start beyond it
     max_position_embeddings: int = 8192
     rotary_base: float = 10000.0
@@ -496,10 +501,11 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
             f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}; "
             "Qwen uses head_dim = hidden_size / heads (128 in every released size)"
         )
-    if m.padded_vocab_size < TOKENIZER_VOCAB_SIZE and m.name.startswith("qwen"):
+    family_vocab = TOKENIZER_VOCAB_SIZES[m.family]
+    if m.padded_vocab_size < family_vocab and m.name.startswith("qwen"):
         errors.append(
-            f"model.padded_vocab_size={m.padded_vocab_size} is smaller than the tokenizer's {TOKENIZER_VOCAB_SIZE} tokens; "
-            "use 151936 (1.8B/7B/14B) or 152064 (72B)"
+            f"model.padded_vocab_size={m.padded_vocab_size} is smaller than the {m.family} tokenizer's {family_vocab} "
+            "tokens (model.family); use 151936 or 152064, as the released checkpoints do"
         )
     if m.max_position_embeddings < m.seq_length:
         errors.append(

@@ -12,10 +12,11 @@ A run killed before it finished (preemption, a node failure) leaves its complete
 command with the same inputs resumes, redoing only the rest; a changed input or option starts afresh and
 says why; --no-resume always starts afresh.
 
-Chat data for SFT (one conversation per line, `messages` or Qwen's `conversations`), rendered with ChatML:
-PREFIX_chat_tokens_document and its loss mask PREFIX_chat_mask_document:
+Chat data for SFT (one conversation per line, `messages` or Qwen's `conversations`), rendered with the chat
+template of --family (qwen: v1's ChatML, the default; qwen1.5, qwen2, qwen2.5, qwen3: their Hugging Face
+templates): PREFIX_chat_tokens_document and its loss mask PREFIX_chat_mask_document:
 
-    megatron-qwen preprocess --chat --input chats.jsonl --output-prefix PREFIX --max-length 2048
+    megatron-qwen preprocess --chat --input chats.jsonl --output-prefix PREFIX --max-length 2048 [--family qwen2.5]
 
 Preference pairs for the reward model (`prompt` or `messages`, `chosen`, `rejected`):
 PREFIX_chosen_document and PREFIX_rejected_document:
@@ -39,6 +40,7 @@ import sys
 
 from megatron_qwen.data.preprocess import PreprocessError, format_summary, preprocess
 from megatron_qwen.data.renderers import RENDERERS
+from megatron_qwen.tokenizer import FAMILIES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         if renderer.cli_help:
             kind.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode, help=renderer.cli_help)
     parser.set_defaults(mode="text")
+    parser.add_argument(
+        "--family", default="qwen", choices=FAMILIES,
+        help="tokenizer family: special tokens and chat template of --chat/--preference/--prompts (default: qwen, v1)",
+    )
     parser.add_argument(
         "--max-length", type=int, default=None,
         help="--chat: keep the leading whole exchanges within N tokens; --preference, --prompts: longer records "
@@ -106,6 +112,7 @@ def main(argv=None) -> int:
             mode=args.mode,
             max_length=args.max_length,
             resume=args.resume,
+            family=args.family,
         )
     except PreprocessError as e:
         if rank == 0:

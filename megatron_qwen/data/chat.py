@@ -6,9 +6,10 @@ Conversations come in the two common shapes:
 - Qwen's ``{"conversations": [{"from": "human"|"user"|"gpt"|"assistant"|"system", "value": "..."}, ...]}``
 
 either with an optional top-level ``"system"`` string. After an optional leading system turn the turns
-alternate user, assistant, ..., and end with an assistant turn. They are rendered by the tokenizer's
-`render_chat` (QwenLM finetune.py's template and loss mask; the system prompt defaults to "You are a
-helpful assistant.").
+alternate user, assistant, ..., and end with an assistant turn; an assistant turn may carry a
+``"reasoning_content"`` string (Qwen3's thinking). They are rendered by the tokenizer's `render_chat`: its
+family's chat template (v1: QwenLM finetune.py's ChatML, the system prompt defaulting to "You are a helpful
+assistant."; Qwen1.5 to Qwen3 as their Hugging Face `chat_template`) and finetune.py's loss mask.
 
 Preference records are ``{"prompt": ..., "chosen": ..., "rejected": ...}`` or ``{"messages": [...],
 "chosen": ..., "rejected": ...}``: the prompt is a user string or a list of turns ending with a user
@@ -58,7 +59,16 @@ def _turns(items, where: str, role_key: str, content_key: str) -> list[dict]:
         role = ROLE_NAMES.get(item[role_key])
         if role is None:
             raise ChatFormatError(f"{where}[{i}] has role {item[role_key]!r}; known roles: {', '.join(ROLE_NAMES)}")
-        turns.append({"role": role, "content": item[content_key]})
+        turn = {"role": role, "content": item[content_key]}
+        reasoning = item.get("reasoning_content")
+        if reasoning is not None:
+            # Qwen3's template renders it as the reply's thinking block; other families leave it out.
+            if role != "assistant" or not isinstance(reasoning, str):
+                raise ChatFormatError(
+                    f"{where}[{i}]: 'reasoning_content' must be a string on an assistant turn, found {reasoning!r:.80}"
+                )
+            turn["reasoning_content"] = reasoning
+        turns.append(turn)
     return turns
 
 
@@ -107,32 +117,32 @@ def conversation_of(record: dict) -> tuple[str | None, list[dict]]:
     return system, turns
 
 
-def _turn_starts(ids: list[int], im_start_id: int) -> list[int]:
-    # User text is encoded with special tokens as plain text, so every <|im_start|> begins a turn.
-    return [i for i, t in enumerate(ids) if t == im_start_id]
-
-
 def render_conversation(tokenizer, record: dict, max_length: int | None = None) -> RenderedChat:
-    """Render a chat record with ChatML and its loss mask, keeping at most `max_length` tokens.
+    """Render a chat record with the tokenizer family's chat template and its loss mask, keeping at most
+    `max_length` tokens.
 
-    Too long a conversation keeps its leading whole exchanges (user + assistant) that fit; one whose
+    Too long a conversation keeps its leading whole exchanges (user + assistant) that fit, rendered as a
+    conversation of their own (Qwen3 renders a conversation's final reply with its thinking block); one whose
     first exchange does not fit raises ChatFormatError.
     """
     system, turns = conversation_of(record)
     ids, mask = tokenizer.render_chat(turns, system=system)
     if max_length is None or len(ids) <= max_length:
         return RenderedChat(ids, mask, 0)
-    # starts[0] is the system turn; exchange k (1-based) ends where turn 2k + 1 starts.
-    ends = _turn_starts(ids, tokenizer.im_start_id)[3::2]
-    fitting = [end for end in ends if end <= max_length]
-    if not fitting:
-        first = ends[0] if ends else len(ids)
+    # A conversation grows with every exchange: bisect for the most leading exchanges that fit.
+    fits, too_long = 0, len(turns) // 2
+    rendered = {}
+    while too_long - fits > 1:
+        kept = (fits + too_long) // 2
+        rendered[kept] = tokenizer.render_chat(turns[: 2 * kept], system=system)
+        fits, too_long = (kept, too_long) if len(rendered[kept][0]) <= max_length else (fits, kept)
+    if fits == 0:
+        first = len(rendered.get(1, (ids,))[0])
         raise ChatFormatError(
             f"the first exchange alone is {first} tokens (system prompt included), over --max-length {max_length}; "
             "shorten it or raise --max-length"
         )
-    end = fitting[-1]
-    return RenderedChat(ids[:end], mask[:end], len(ends) + 1 - len(fitting))
+    return RenderedChat(*rendered[fits], len(turns) // 2 - fits)
 
 
 def _response(value, where: str) -> list[dict]:

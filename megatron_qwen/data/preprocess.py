@@ -52,7 +52,7 @@ from megatron_qwen.data.jsonl_input import Piece
 from megatron_qwen.data.shard_names import shard_prefix
 from megatron_qwen.data.renderers import RENDERERS, Renderer, renderer_for
 from megatron_qwen.errors import PreprocessError
-from megatron_qwen.tokenizer import default_tokenizer_file, load_tokenizer
+from megatron_qwen.tokenizer import FAMILIES, default_tokenizer_file, load_tokenizer
 
 PARTS_PER_WORKER = 8  # more, smaller parts balance uneven text better but make more partial shards
 BATCH_BYTES = 1 << 20  # JSONL text rendered per batch: large enough to amortise per-call costs
@@ -87,6 +87,7 @@ class _Job:
 
     renderer: Renderer
     tokenizer_file: str
+    family: str  # the tokenizer family: special tokens and chat template
     skip_bad_lines: bool
     output_prefix: str | None  # None: tokenize and count only
     num_parts: int
@@ -110,7 +111,7 @@ def _run_worker(parts: dict[int, list[Piece]], next_part, job: _Job, counters, c
     sorted list) and render each into its partial shards; finally send {part: result} or {"error": message}."""
     try:
         try:
-            tokenizer = load_tokenizer(job.tokenizer_file)
+            tokenizer = load_tokenizer(job.tokenizer_file, job.family)
         except (OSError, ValueError) as e:
             raise PreprocessError(f"cannot load the tokenizer: {e}") from None
         todo = sorted(parts)
@@ -262,7 +263,7 @@ def _fingerprint(job: _Job, files: Sequence[str]) -> dict:
     fingerprint = {
         "inputs": [stat(p) for p in files],
         "tokenizer": stat(job.tokenizer_file),
-        "options": {"renderer": repr(job.renderer), "skip_bad_lines": job.skip_bad_lines},
+        "options": {"renderer": repr(job.renderer), "skip_bad_lines": job.skip_bad_lines, "family": job.family},
         "parts": job.num_parts,
     }
     return json.loads(json.dumps(fingerprint))  # as it reads back from a record
@@ -498,8 +499,12 @@ def _reuse_line(reused: int, parts: int) -> str:
 
 
 def _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_prefix, workers, comm, mode, max_length,
-              resume=True) -> _Job:
+              resume=True, family="qwen") -> _Job:
     renderer = renderer_for(mode, json_keys, append_eod, max_length)
+    if family not in FAMILIES:
+        raise PreprocessError(
+            f"--family {family!r} is not one of {', '.join(FAMILIES)}; name the model's tokenizer family"
+        )
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise PreprocessError(f"--workers must be a positive integer, got {workers!r}")
     try:
@@ -512,6 +517,7 @@ def _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_pref
     return _Job(
         renderer=renderer,
         tokenizer_file=tokenizer_file,
+        family=family,
         skip_bad_lines=skip_bad_lines,
         output_prefix=None if output_prefix is None else os.fspath(output_prefix),
         num_parts=size * workers * PARTS_PER_WORKER,
@@ -532,14 +538,15 @@ def preprocess(
     mode: str = "text",
     max_length: int | None = None,
     resume: bool = True,
+    family: str = "qwen",
 ) -> PreprocessResult:
     """Tokenize ``inputs`` (files, globs, directories: JSONL, .jsonl.gz, .jsonl.zst, Parquet, Arrow) into
     ``shard_prefix(output_prefix, key)`` shards.
 
     Each JSON line (or row) is one document: the NFC-normalised string at each of ``json_keys`` (default ``text``),
     encoded with special tokens as plain text, plus ``<|endoftext|>`` when ``append_eod`` and the document
-    is not empty. ``mode`` "chat" or "preference" renders conversations or preference pairs with ChatML
-    instead (see `megatron_qwen.data.renderers`), each at most ``max_length`` tokens. ``workers``
+    is not empty. ``mode`` "chat" or "preference" renders conversations or preference pairs with the chat
+    template of tokenizer ``family`` instead (see `megatron_qwen.data.renderers`), each at most ``max_length`` tokens. ``workers``
     processes per rank are spawned, so a script calling this needs the ``if __name__ == "__main__":`` guard.
     ``comm`` (an mpi4py communicator; all its ranks call this) spreads the parts over the ranks and rank 0
     merges them, so ``output_prefix`` must be on a filesystem all ranks share. Every rank returns the same
@@ -548,7 +555,7 @@ def preprocess(
     (see the module docstring); without, they are removed first.
     """
     job = _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, output_prefix, workers, comm, mode,
-                    max_length, resume)
+                    max_length, resume, family)
     return _run(inputs, job, workers, comm, progress)
 
 
@@ -563,13 +570,15 @@ def count_tokens(
     progress: bool = False,
     mode: str = "text",
     max_length: int | None = None,
+    family: str = "qwen",
 ) -> PreprocessResult:
     """Read and tokenize like :func:`preprocess`, writing nothing: the corpus's document and token counts.
 
     Being the same pipeline minus the shards, it is also the throughput ceiling that preprocessing is
     measured against (tools/bench_preprocess.py).
     """
-    job = _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, None, workers, comm, mode, max_length)
+    job = _make_job(json_keys, append_eod, tokenizer_file, skip_bad_lines, None, workers, comm, mode, max_length,
+                    family=family)
     return _run(inputs, job, workers, comm, progress)
 
 
