@@ -14,6 +14,7 @@ import torch
 
 from megatron_qwen.config import load_config
 from megatron_qwen.platform.runtime import Accelerators, Runtime, resolve_runtime
+from megatron_qwen.platform import runtime as runtime_module
 
 NOTHING = Accelerators(transformer_engine="not installed", apex="not installed", fused_wgrad="not installed")
 
@@ -220,7 +221,7 @@ def test_accelerators_are_detected_by_importing_them(tmp_path, monkeypatch):
 
 
 def test_startup_line_says_why_each_accelerator_is_off(gpus, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda: True)
+    monkeypatch.setattr(runtime_module, "probe_sdpa_kernel", lambda device, dtype, head_dim: "flash")
     runtime = resolve_runtime(cuda_config(), 0, NOTHING)
     line = runtime.describe()
     assert line.startswith("running on CUDA (NVIDIA H100 80GB HBM3) over NCCL, bfloat16 |")
@@ -263,3 +264,20 @@ def test_overlapped_communication_orders_gpu_work(gpus, monkeypatch):
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
     resolve_runtime(load_config("configs/tiny.yaml", ["parallel.device=cpu"]))  # CPU ranks: nothing to order
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
+
+
+def test_start_up_line_names_the_sdpa_kernel_that_ran(monkeypatch):
+    """On GPUs the start-up line names the attention kernel a probe call launched (flash is not the only fused
+    one: torch >= 2.11 may pick cuDNN attention on Hopper), classified from the kernels' names."""
+    import torch
+
+    from megatron_qwen.platform.runtime import Accelerators, Runtime, sdpa_kernel_kind
+
+    assert sdpa_kernel_kind(["void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>"]) == "flash"
+    assert sdpa_kernel_kind(["cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3"]) == "cuDNN"
+    assert sdpa_kernel_kind(["cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64"]) == "cuDNN"
+    assert sdpa_kernel_kind(["fmha_cutlassF_bf16_aligned_64x64_rf_sm80"]) == "memory-efficient"
+    assert sdpa_kernel_kind(["ampere_bf16_s16816gemm_bf16_128x64", "softmax_warp_forward"]) == "math"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    runtime = Runtime(torch.device("cuda", 0), torch.bfloat16, False, Accelerators(None, None), sdpa_kernel="cuDNN")
+    assert "attention: SDPA cuDNN |" in runtime.describe()

@@ -196,6 +196,7 @@ class Runtime:
     fp8_backend: str | None = None
     precision_note: str = ""  # why training.precision=auto chose params_dtype, when it is not the obvious choice
     fp8_note: str = ""  # why model.fp8_backend=auto chose torchao although Transformer Engine imports
+    sdpa_kernel: str = ""  # the SDPA kernel a probe call ran on this GPU at the model's head size and dtype
 
     @property
     def on_cpu(self) -> bool:
@@ -235,7 +236,7 @@ class Runtime:
         if self.on_cpu:
             sdpa = "math kernel (CPU)"
         else:
-            sdpa = "flash" if torch.backends.cuda.flash_sdp_enabled() else "memory-efficient/math (flash disabled)"
+            sdpa = self.sdpa_kernel or "not probed"
         device = "CPU ranks over gloo" if self.on_cpu else f"CUDA ({torch.cuda.get_device_name(self.device)}) over NCCL"
         dtype = str(self.params_dtype).removeprefix("torch.") + (f" ({self.precision_note})" if self.precision_note else "")
         fp8 = {None: "off", "te": "Transformer Engine", "torchao": "torchao (local layers)"}[self.fp8_backend]
@@ -260,6 +261,33 @@ def order_gpu_work(cfg: Config) -> None:
     this runs before anything touches CUDA; the Slurm and mpirun scripts export it, torchrun does not."""
     if overlaps_communication(cfg) and not torch.cuda.is_initialized():
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+
+# Marks in the kernel names of each SDPA implementation (cuDNN's generated kernels first: some are named
+# "..._flash_fprop..."; then flash_fwd_kernel, the memory-efficient cutlass fmha kernels); a call that launched
+# none of them ran the math path (GEMMs, softmax).
+SDPA_KERNEL_MARKS = (("cuDNN", ("cudnn",)), ("flash", ("flash",)), ("memory-efficient", ("fmha", "efficient", "mem_eff")))
+
+
+def sdpa_kernel_kind(kernel_names) -> str:
+    """Which SDPA implementation ran, named from the kernels a call launched."""
+    names = " ".join(kernel_names).lower()
+    return next((kind for kind, marks in SDPA_KERNEL_MARKS if any(mark in names for mark in marks)), "math")
+
+
+def probe_sdpa_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """Run one causal SDPA call shaped as the model's attention and name the kernel torch's dispatcher chose:
+    flash is not the only fused kernel (torch >= 2.11 may prefer cuDNN attention on Hopper)."""
+    import torch.nn.functional as F
+
+    try:
+        q = torch.randn(1, 2, 256, head_dim, device=device, dtype=dtype)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+            torch.cuda.synchronize(device)
+    except (RuntimeError, AssertionError) as e:  # a diagnostic for the start-up line: never what stops a run
+        return f"unknown (the probe failed: {e})"
+    return sdpa_kernel_kind(event.name for event in prof.events())
 
 
 def resolve_runtime(cfg: Config, local_rank: int = 0, accelerators: Accelerators | None = None) -> Runtime:
@@ -290,12 +318,14 @@ def resolve_runtime(cfg: Config, local_rank: int = 0, accelerators: Accelerators
     if cfg.training.precision == "auto" and not bf16:
         note = (f"training.precision=auto: {torch.cuda.get_device_name(device)} has no bf16, "
                 "and fp16 would need loss scaling")
+    dtype = precision_dtype(cfg.training.precision, on_cpu, bf16)
     return Runtime(
         device=device,
-        params_dtype=precision_dtype(cfg.training.precision, on_cpu, bf16),
+        params_dtype=dtype,
         use_te=use_te,
         accelerators=accelerators,
         fp8_backend=fp8_backend,
         precision_note=note,
         fp8_note=fp8_note,
+        sdpa_kernel="" if on_cpu else probe_sdpa_kernel(device, dtype, cfg.model.head_dim),
     )
