@@ -20,6 +20,6 @@ setup(
     # The metadata lives here rather than in pyproject's [project] table, so the command is declared here too.
     entry_points={"console_scripts": ["megatron-qwen = megatron_qwen.cli.main:console"]},
     python_requires=">=3.10",
-    install_requires=["torch", "megatron-core", "numpy", "pyyaml", "tiktoken", "safetensors", "psutil", "wandb", "matplotlib",
-                      "pyarrow", "zstandard"],
+    install_requires=["torch", "megatron-core", "numpy", "pyyaml", "tiktoken", "safetensors", "psutil", "wandb",
+                      "matplotlib", "pyarrow", "zstandard"],
 )

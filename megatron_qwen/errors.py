@@ -8,7 +8,8 @@ from __future__ import annotations
 
 
 class UserError(ValueError):
-    """A request that cannot run as given (config, data, checkpoint, conversion); the message says why and how to fix it."""
+    """A request that cannot run as given (config, data, checkpoint, conversion); the message says why and how
+    to fix it."""
 
 
 class ConfigError(UserError):

@@ -83,8 +83,8 @@ def _free_ports(count: int) -> list[int]:
 class LocalCluster:
     """The cluster's files under `root` and the daemons started from them."""
 
-    def __init__(self, root: str | os.PathLike | None = None, nodes: int = 2, gpus_per_node: int = 2, cpus_per_node: int = 4,
-                 first_job_id: int | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, nodes: int = 2, gpus_per_node: int = 2,
+                 cpus_per_node: int = 4, first_job_id: int | None = None):
         self.root = Path(root or default_root()).resolve()
         # Job ids from a random start: the templates derive the rendezvous port from the job id (20000 + id % 20000),
         # so two local clusters on one host (two test sessions) must not both number their jobs 1, 2, 3. Below
@@ -122,7 +122,8 @@ class LocalCluster:
                 break
             time.sleep(1 + attempt)
         if check and proc.returncode != 0:
-            raise ClusterError(f"{' '.join(cmd)} exited with {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
+            raise ClusterError(f"{' '.join(cmd)} exited with {proc.returncode}: "
+                               f"{proc.stderr.strip() or proc.stdout.strip()}")
         return proc
 
     # ------------------------------------------------------------------ start
@@ -132,7 +133,9 @@ class LocalCluster:
         if missing:
             raise ClusterError("cannot start a local Slurm cluster, missing: " + ", ".join(missing))
         if self.running_pids():
-            raise ClusterError(f"a local cluster is already running from {self.root} (stop it with `down --root {self.root}`)")
+            raise ClusterError(
+                f"a local cluster is already running from {self.root} (stop it with `down --root {self.root}`)"
+            )
         if self.root.exists():
             # Only ever delete a previous cluster's directory (or an empty one), never a directory given by mistake.
             ours = self.conf.is_file() and self.conf.read_text(errors="replace").startswith(CONF_HEADER)
@@ -161,9 +164,11 @@ class LocalCluster:
             )
             self._wait_for(lambda: (munge / "munge.socket").exists(), "munged's socket", pids, timeout)
             pids["slurmctld"] = self._start("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
-            self._wait_for(lambda: self.run("scontrol", "ping", check=False).stdout.count("UP") > 0, "slurmctld", pids, timeout)
+            self._wait_for(lambda: self.run("scontrol", "ping", check=False).stdout.count("UP") > 0, "slurmctld", pids,
+                           timeout)
             for node in self.nodes:
-                pids[f"slurmd-{node}"] = self._start(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", str(self.conf)])
+                pids[f"slurmd-{node}"] = self._start(f"slurmd-{node}",
+                                                     ["slurmd", "-D", "-N", node, "-f", str(self.conf)])
             self.pids_file.write_text(json.dumps(pids, indent=1))
 
             def idle():
@@ -187,7 +192,8 @@ class LocalCluster:
             return True
         except PermissionError:
             # Containers without CAP_MKNOD: count-only GPUs still schedule, without CUDA_VISIBLE_DEVICES.
-            print("local_cluster: mknod is not allowed here; the fake GPUs are counted, not device files", file=sys.stderr)
+            print("local_cluster: mknod is not allowed here; the fake GPUs are counted, not device files",
+                  file=sys.stderr)
             return False
 
     def _write_config(self, ctld_port: int, node_ports: list[int], fake_gpus: bool) -> None:
@@ -349,7 +355,8 @@ def _cmdline(pid: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["up", "down", "status"])
-    parser.add_argument("--root", default=None, help="directory of the cluster's files (default: $TMPDIR/megatron-qwen-slurm)")
+    parser.add_argument("--root", default=None,
+                        help="directory of the cluster's files (default: $TMPDIR/megatron-qwen-slurm)")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--gpus-per-node", type=int, default=2)
     parser.add_argument("--cpus-per-node", type=int, default=4)

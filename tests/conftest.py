@@ -28,7 +28,8 @@ os.environ.setdefault("MEGATRON_QWEN_DEVICE", "cpu")
 def pytest_addoption(parser):
     parser.addoption(
         "--seeds", default=None, metavar="S1,S2,...",
-        help="run each learning test (marked `learning`) at these training.seed values (default: training.seed's default)",
+        help="run each learning test (marked `learning`) at these training.seed values (default: training.seed's "
+             "default)",
     )
 
 
@@ -49,7 +50,8 @@ def pytest_generate_tests(metafunc):
     """Parametrise every test that takes `training_seed` over --seeds and mark it `learning`."""
     if "training_seed" in metafunc.fixturenames:
         seeds = _seeds(metafunc.config)
-        params = [pytest.param(s, marks=pytest.mark.learning, id="default-seed" if s is None else f"seed{s}") for s in seeds]
+        params = [pytest.param(s, marks=pytest.mark.learning,
+                               id="default-seed" if s is None else f"seed{s}") for s in seeds]
         metafunc.parametrize("training_seed", params)
 
 

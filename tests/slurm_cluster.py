@@ -25,7 +25,8 @@ _spec = importlib.util.spec_from_file_location("local_cluster", REPO / "slurm" /
 local_cluster = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(local_cluster)
 
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED"}
 
 
 class SlurmCluster:
@@ -44,7 +45,8 @@ class SlurmCluster:
         proc = subprocess.run(argv, cwd=REPO, env=self.env(env), capture_output=True, text=True, timeout=60)
         match = re.search(r"Submitted batch job (\d+)", proc.stdout)
         if proc.returncode != 0 or not match:
-            raise AssertionError(f"{' '.join(map(str, argv))} exited with {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(f"{' '.join(map(str, argv))} exited with "
+                                 f"{proc.returncode}\n{proc.stdout}\n{proc.stderr}")
         return int(match.group(1))
 
     def job(self, job_id: int) -> dict[str, str]:
@@ -62,7 +64,8 @@ class SlurmCluster:
             if time.time() > deadline:
                 self.cluster.run("scancel", str(job_id), check=False)
                 text = log.read_text() if log and log.is_file() else ""
-                raise AssertionError(f"job {job_id} still {info['JobState']} after {timeout:.0f} s\n{text[-6000:]}\n{self.cluster.logs_tail()}")
+                raise AssertionError(f"job {job_id} still {info['JobState']} after {timeout:.0f} "
+                                     f"s\n{text[-6000:]}\n{self.cluster.logs_tail()}")
             time.sleep(0.5)
 
 

@@ -31,7 +31,8 @@ def cpu_env(**extra: str) -> dict:
     return env
 
 
-def run_torchrun(nproc: int, argv: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_torchrun(nproc: int, argv: list[str], timeout: float = 600,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``torchrun --nproc-per-node nproc ARGV`` on loopback; fail the test with its output on error."""
     for _attempt in range(3):
         cmd = [
@@ -45,6 +46,7 @@ def run_torchrun(nproc: int, argv: list[str], timeout: float = 600, env: dict | 
             break
     if proc.returncode != 0:
         raise AssertionError(
-            f"{' '.join(cmd)} exited with {proc.returncode}\n--- stdout ---\n{proc.stdout[-8000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+            f"{' '.join(cmd)} exited with {proc.returncode}\n--- stdout ---\n{proc.stdout[-8000:]}\n--- stderr "
+            f"---\n{proc.stderr[-8000:]}"
         )
     return proc

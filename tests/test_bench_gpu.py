@@ -77,8 +77,8 @@ def _gpu_checks():
 
 def test_bench_gpu_checks_run_on_cpu():
     proc = _run(BARE + ["tools/bench_gpu.py", "--device", "cpu", "--config", "configs/tiny.yaml", "--precision", "fp32",
-                        "--micro-batch", "1", "--override", "model.padded_vocab_size=1024", "--layers", "2", "--seq", "64",
-                        "--steps", "2"])
+                        "--micro-batch", "1", "--override", "model.padded_vocab_size=1024", "--layers", "2",
+                        "--seq", "64", "--steps", "2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout[proc.stdout.index("\ncheck "):]
     print(table)

@@ -26,7 +26,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron_qwen.data import preprocess as pp
 from spawn import REPO, cpu_env
 
-QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501 (Qwen's pattern, verbatim)
 IM_START, IM_END = 151644, 151645
 MAX_LENGTH = 60
 
@@ -36,7 +36,8 @@ def encode():
     path = importlib.metadata.distribution("dashscope").locate_file("dashscope/resources/qwen.tiktoken")
     with open(path, "rb") as f:
         ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
-    return tiktoken.Encoding(name="qwen-reference", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens={}).encode_ordinary
+    return tiktoken.Encoding(name="qwen-reference", pat_str=QWEN_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={}).encode_ordinary
 
 
 def expected(encode, pieces) -> tuple[list[int], list[int]]:
@@ -64,25 +65,31 @@ CHATS = [
     # multi-turn, Qwen's "conversations" shape with human/gpt
     ({"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"},
                         {"from": "human", "value": "and 3+3?"}, {"from": "gpt", "value": "6"}]},
-     DEFAULT_SYSTEM + turn("user", "2+2?") + turn("assistant", "4") + turn("user", "and 3+3?") + turn("assistant", "6")),
+     DEFAULT_SYSTEM + turn("user", "2+2?") + turn("assistant", "4") + turn("user", "and 3+3?")
+     + turn("assistant", "6")),
     # a system prompt as the "system" field
     ({"conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Yo"}], "system": "Be terse."},
      turn("system", "Be terse.") + turn("user", "Hi") + turn("assistant", "Yo")),
     # ... and as a leading system turn
-    ({"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
+    ({"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
+                   {"role": "assistant", "content": "Yo"}]},
      turn("system", "Be terse.") + turn("user", "Hi") + turn("assistant", "Yo")),
     # over MAX_LENGTH: the third exchange does not fit and is dropped whole
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
-                   {"role": "assistant", "content": "d"}, {"role": "user", "content": "e"}, {"role": "assistant", "content": LONG}]},
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                   {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"},
+                   {"role": "user", "content": "e"},
+                   {"role": "assistant", "content": LONG}]},
      DEFAULT_SYSTEM + turn("user", "a") + turn("assistant", "b") + turn("user", "c") + turn("assistant", "d")),
 ]
 BAD_CHATS = [  # (record, the reason's tell-tale words)
     ({"messages": [{"role": "bot", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}, "role 'bot'"),
     ({"messages": []}, "no user/assistant turns"),
     ({"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Yo"}]}, "'assistant' is due"),
-    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "?"}]}, "ends with a user turn"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                   {"role": "user", "content": "?"}]}, "ends with a user turn"),
     ({"messages": [{"role": "user", "content": LONG}, {"role": "assistant", "content": LONG}]}, "first exchange alone"),
-    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "system": "t"}, "given twice"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "Hi"},
+                   {"role": "assistant", "content": "Yo"}], "system": "t"}, "given twice"),
     ({"text": "not a conversation"}, "exactly one of 'messages'"),
 ]
 
@@ -101,7 +108,8 @@ def shard_docs(prefix: str) -> list[list[int]]:
 def chat_shards(tmp_path_factory):
     """The good and bad chats interleaved, through the CLI with --skip-bad-lines; returns (prefix, stderr)."""
     root = tmp_path_factory.mktemp("chat")
-    records = [r for pair in zip([c for c, _ in CHATS], [b for b, _ in BAD_CHATS]) for r in pair] + [b for b, _ in BAD_CHATS[len(CHATS):]]
+    records = ([r for pair in zip([c for c, _ in CHATS], [b for b, _ in BAD_CHATS]) for r in pair]
+               + [b for b, _ in BAD_CHATS[len(CHATS):]])
     path = write_jsonl(root / "chat.jsonl", records)
     run = subprocess.run(
         [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--chat", "--input", path, "--output-prefix",
@@ -120,7 +128,8 @@ def test_chat_tokens_and_loss_mask_follow_finetune_py(chat_shards, encode):
         ids, mask = expected(encode, pieces)
         assert tokens[i] == ids, f"conversation {i}"
         assert masks[i] == mask, f"conversation {i}"
-    assert len(tokens[4]) <= MAX_LENGTH < len(tokens[4]) + len(expected(encode, turn("user", "e") + turn("assistant", LONG))[0])
+    assert len(tokens[4]) <= MAX_LENGTH < len(tokens[4]) + len(
+        expected(encode, turn("user", "e") + turn("assistant", LONG))[0])
 
 
 def test_bad_conversations_are_counted_with_their_lines(chat_shards):
@@ -128,7 +137,8 @@ def test_bad_conversations_are_counted_with_their_lines(chat_shards):
     assert f"bad lines skipped: {len(BAD_CHATS)}" in summary
     assert "conversations truncated to --max-length (trailing exchanges dropped): 1" in summary
     # Bad line k sits at line 2k + 2 while good ones interleave, then the rest follow in order.
-    lines = [2 * k + 2 for k in range(len(CHATS))] + [2 * len(CHATS) + 1 + k for k in range(len(BAD_CHATS) - len(CHATS))]
+    lines = ([2 * k + 2 for k in range(len(CHATS))]
+             + [2 * len(CHATS) + 1 + k for k in range(len(BAD_CHATS) - len(CHATS))])
     for (_, words), line in zip(BAD_CHATS, lines):
         assert any(f"{path}:{line}: " in row and words in row for row in summary.splitlines()), (line, words, summary)
 
@@ -148,7 +158,8 @@ def test_sft_dataset_shifts_labels_and_mask_and_packs(chat_shards, encode):
     from megatron_qwen.data.chat_datasets import build_sft_datasets
 
     prefix, _, _ = chat_shards
-    common = [f"data.paths=[{prefix}]", "model.seq_length=64", "data.split=100,0,0", "training.train_iters=1", "training.global_batch_size=2"]
+    common = [f"data.paths=[{prefix}]", "model.seq_length=64", "data.split=100,0,0", "training.train_iters=1",
+              "training.global_batch_size=2"]
     alone, _ = build_sft_datasets(load_config("configs/tiny.yaml", common + ["sft.pack=false"]))
     rows = [alone[i] for i in range(len(alone))]
     for _, pieces in CHATS:
@@ -204,8 +215,10 @@ def test_packed_attention_mask_is_block_diagonal_causal():
 
 PAIRS = [
     ({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}, [], "Hi", "Hello!", "Go away."),
-    ({"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                   {"role": "user", "content": "c"}], "chosen": [{"role": "assistant", "content": "d"}], "rejected": "e"},
+    ({"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "a"},
+                   {"role": "assistant", "content": "b"},
+                   {"role": "user", "content": "c"}], "chosen": [{"role": "assistant", "content": "d"}],
+                   "rejected": "e"},
      turn("user", "a") + turn("assistant", "b"), "c", "d", "e"),
     ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}],
       "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "y"}]}, [], "q", "x", "y"),
@@ -214,7 +227,8 @@ BAD_PAIRS = [
     ({"prompt": "Hi", "chosen": "Same", "rejected": "Same"}, "the same conversation"),
     ({"prompt": "Hi", "chosen": "Yo"}, "missing 'rejected'"),
     ({"prompt": "Hi", "chosen": LONG, "rejected": "Yo"}, "chosen conversation is"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "chosen": "c", "rejected": "d"}, "'user' is due"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "chosen": "c",
+      "rejected": "d"}, "'user' is due"),
 ]
 
 
@@ -227,7 +241,8 @@ def test_preference_pairs_end_at_the_final_im_end(tmp_path, encode):
     assert result.bad_lines == len(BAD_PAIRS)
     for (_, words), example in zip(BAD_PAIRS, result.bad_line_examples):
         assert words in example, (words, example)
-    chosen, rejected = shard_docs(str(tmp_path / "rm_chosen_document")), shard_docs(str(tmp_path / "rm_rejected_document"))
+    chosen, rejected = (shard_docs(str(tmp_path / "rm_chosen_document")),
+                        shard_docs(str(tmp_path / "rm_rejected_document")))
     for i, (_, history, prompt, good, bad) in enumerate(PAIRS):
         system = turn("system", "Be terse.") if i == 1 else DEFAULT_SYSTEM
         for got, reply in ((chosen[i], good), (rejected[i], bad)):
@@ -235,12 +250,14 @@ def test_preference_pairs_end_at_the_final_im_end(tmp_path, encode):
             assert got == ids[:-1], f"pair {i}"  # without the "\n" after the final <|im_end|>
             assert got[-1] == IM_END
 
-    cfg = load_config("configs/tiny.yaml", [f"data.paths=[{tmp_path / 'rm'}]", "model.seq_length=40", "data.split=100,0,0",
-                                             "training.train_iters=1", "training.micro_batch_size=2", "training.global_batch_size=6"])
+    cfg = load_config("configs/tiny.yaml",
+                      [f"data.paths=[{tmp_path / 'rm'}]", "model.seq_length=40", "data.split=100,0,0",
+                       "training.train_iters=1", "training.micro_batch_size=2", "training.global_batch_size=6"])
     train, _ = build_preference_datasets(cfg)
     items = [train[i] for i in range(6)]
     for pair in range(3):
-        sides = {tuple(items[2 * pair + s]["tokens"][: np.flatnonzero(items[2 * pair + s]["loss_mask"])[0] + 1]) for s in (0, 1)}
+        sides = {tuple(items[2 * pair + s]["tokens"][: np.flatnonzero(items[2 * pair + s]["loss_mask"])[0] + 1])
+                 for s in (0, 1)}
         index = next(i for i in range(3) if tuple(chosen[i]) in sides)
         # Item 2k is the chosen side, 2k + 1 the rejected side of the same pair; loss_mask marks the last token.
         for side, doc in ((0, chosen[index]), (1, rejected[index])):
@@ -257,13 +274,16 @@ def test_data_epochs_sets_the_run_length_and_repeats_need_consent(tmp_path):
     from megatron_qwen.config import load_config
     from megatron_qwen.data.chat_datasets import build_preference_datasets, build_sft_datasets
 
-    pp.preprocess([write_jsonl(tmp_path / "pairs.jsonl", [p[0] for p in PAIRS])], str(tmp_path / "rm"), mode="preference")
-    cfg = load_config("configs/stage/reward.yaml", [f"data.paths=[{tmp_path / 'rm'}]", "data.split=100,0,0", "training.eval_interval=0",
+    pp.preprocess([write_jsonl(tmp_path / "pairs.jsonl", [p[0] for p in PAIRS])], str(tmp_path / "rm"),
+                  mode="preference")
+    cfg = load_config("configs/stage/reward.yaml",
+                      [f"data.paths=[{tmp_path / 'rm'}]", "data.split=100,0,0", "training.eval_interval=0",
                                                     "training.global_batch_size=4", "training.train_iters=999"])
     build_preference_datasets(cfg)
     assert cfg.training.train_iters == 2  # one epoch: 3 pairs = 6 sequences, 4 per step
 
-    pp.preprocess([write_jsonl(tmp_path / "chat.jsonl", [c for c, _ in CHATS])], str(tmp_path / "sft"), mode="chat", max_length=MAX_LENGTH)
+    pp.preprocess([write_jsonl(tmp_path / "chat.jsonl", [c for c, _ in CHATS])], str(tmp_path / "sft"), mode="chat",
+                  max_length=MAX_LENGTH)
     common = [f"data.paths=[{tmp_path / 'sft'}]", "model.seq_length=64", "data.split=100,0,0", "sft.pack=false",
               "training.global_batch_size=4", "training.train_iters=2"]
     with pytest.raises(ValueError, match=r"needs 8 sequences .* holds 5 .*data.allow_repeat=true"):

@@ -18,7 +18,8 @@ def test_old_checkpoints_go_in_the_background(tmp_path, monkeypatch):
     from megatron_qwen.checkpoint import io as checkpointing
     from megatron_qwen.training.units import build_unit
 
-    unit = build_unit(load_config("configs/tiny.yaml", ["model.padded_vocab_size=256", "model.num_layers=1"]), Runtime.cpu(), "m")
+    unit = build_unit(load_config("configs/tiny.yaml", ["model.padded_vocab_size=256", "model.num_layers=1"]),
+                      Runtime.cpu(), "m")
     release, deleted_by = threading.Event(), []
     rmtree = shutil.rmtree
 

@@ -34,13 +34,15 @@ def test_save_memory_and_resharding(tmp_path):
 
     # Both formats hold the same tensors and load at TP=1 x PP=2 (from TP=2): the resumed state saved there
     # equals the original, optimizer moments and main weights included.
-    before, now = read_full_state_dict(tmp_path / "before" / "iter_0000001"), read_full_state_dict(tmp_path / "now" / "iter_0000001")
+    before, now = (read_full_state_dict(tmp_path / "before" / "iter_0000001"),
+                   read_full_state_dict(tmp_path / "now" / "iter_0000001"))
     assert before.keys() == now.keys() and any(k.startswith("optimizer.state.exp_avg.") for k in now)
     assert all(torch.equal(before[k], now[k]) for k in now)
     for name, original in (("before", before), ("now", now)):
         resharded = read_full_state_dict(tmp_path / f"{name}-resharded" / "iter_0000001")
         assert resharded.keys() == original.keys(), name
-        assert all(torch.equal(resharded[k], original[k]) for k in original), (name, [k for k in original if not torch.equal(resharded[k], original[k])])
+        assert all(torch.equal(resharded[k], original[k]) for k in original), \
+            (name, [k for k in original if not torch.equal(resharded[k], original[k])])
 
 
 @pytest.mark.usefixtures("single_rank")
@@ -61,7 +63,9 @@ def test_distributed_optimizer_over_torch_adam_resumes(tmp_path):
     unit = build_unit(cfg, Runtime.cpu(), "model")
     tokens = torch.randint(0, 1024, (2, 1, 17), generator=torch.Generator().manual_seed(0))
     unit.zero_grad()
-    forward_backward(unit.chunks, iter([{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(1, 16)} for t in tokens]), 2, 16, 1)
+    forward_backward(unit.chunks,
+                     iter([{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(1, 16)} for t in tokens]),
+                     2, 16, 1)
     assert unit.step()[1]
     checkpointing.save_checkpoint(tmp_path, 1, [unit], {}, keep_last=1)
     path = tmp_path / "iter_0000001"
@@ -95,6 +99,8 @@ def test_distributed_optimizer_over_torch_adam_resumes(tmp_path):
     for step in range(2):
         for u in (unit, resumed):
             u.zero_grad()
-            forward_backward(u.chunks, iter([{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(1, 16)} for t in tokens]), 2, 16, 1)
+            forward_backward(u.chunks,
+                             iter([{"tokens": t[:, :-1], "labels": t[:, 1:],
+                                    "loss_mask": torch.ones(1, 16)} for t in tokens]), 2, 16, 1)
             assert u.step()[1]
         assert_same_state(f"step {step + 1} after the load")

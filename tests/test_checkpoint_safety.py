@@ -138,7 +138,8 @@ def test_planted_metadata_is_refused_by_every_reader(tmp_path, tiny_cfg):
         "resume": lambda: checkpointing.load_checkpoint(ckpt, [unit], restore_rng=True),
         "init_from": lambda: checkpointing.load_weights(unit.modules, ckpt, "training.init_from"),
         "tensor_metadata": lambda: tensor_metadata(ckpt),
-        "read_chunks": lambda: read_chunks(ckpt, {"embedding.word_embeddings.weight": ((0, 0), (1, 32), torch.float32)}),
+        "read_chunks": lambda: read_chunks(ckpt,
+                                           {"embedding.word_embeddings.weight": ((0, 0), (1, 32), torch.float32)}),
         "read_full_state_dict": lambda: checkpointing.read_full_state_dict(ckpt),
         "mcore_to_hf": lambda: mcore_to_hf(ckpt, tmp_path / "hf"),
         "forward prepare": lambda: prepare(ckpt, 1),
@@ -210,7 +211,8 @@ def test_extra_state_bytes_are_screened_before_transformer_engine_unpickles_them
 
     fp8_state = {"scale_fwd": torch.tensor([1.5, 2.0]), "amax_history_fwd": torch.zeros(4, 3),
                  "extra_fp8_variables": {"num_gemms": 3, "fp8_max_fwd": 448.0, "name": "fc1"}}
-    state = {"linear_fc1._extra_state": as_bytes(fp8_state), "linear_fc2._extra_state": torch.empty(0, dtype=torch.uint8),
+    state = {"linear_fc1._extra_state": as_bytes(fp8_state),
+             "linear_fc2._extra_state": torch.empty(0, dtype=torch.uint8),
              "linear_proj._extra_state": None, "weight": torch.ones(2)}
     screen_extra_states(state, "CKPT")
     screened = pickle.loads(state["linear_fc1._extra_state"].numpy().tobytes())
@@ -432,7 +434,8 @@ def _te_fp8_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
-@pytest.mark.skipif(not _te_fp8_available(), reason="Transformer Engine's FP8 state needs transformer_engine and an FP8 GPU")
+@pytest.mark.skipif(not _te_fp8_available(),
+                    reason="Transformer Engine's FP8 state needs transformer_engine and an FP8 GPU")
 def test_transformer_engine_fp8_extra_state_passes_the_screen():
     import transformer_engine.pytorch as te
 
@@ -463,13 +466,15 @@ def test_new_checkpoints_hold_no_pickled_objects_and_resume_exactly(tmp_path, ti
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
-    path = checkpointing.save_checkpoint(tmp_path, 5, [unit], {"consumed_samples": 20, "layout": {"tp": 1}}, keep_last=1)
+    path = checkpointing.save_checkpoint(tmp_path, 5, [unit], {"consumed_samples": 20, "layout": {"tp": 1}},
+                                         keep_last=1)
     draws = (random.random(), np.random.rand(), torch.rand(1).item())
     # RNG states and common state read with torch's own allowlist alone; the loop's state is JSON.
     rng = torch.load(path / "rng" / "rank00000.pt", weights_only=True)
     assert isinstance(rng["python"]["key"], torch.Tensor) and isinstance(rng["numpy"]["key"], torch.Tensor)
     assert "train_state" not in torch.load(path / "common.pt", weights_only=True)
-    assert json.loads((path / "train_state.json").read_text()) == {"consumed_samples": 20, "layout": {"tp": 1}, "step": 5}
+    assert json.loads((path / "train_state.json").read_text()) == {"consumed_samples": 20, "layout": {"tp": 1},
+                                                                   "step": 5}
     assert unpickle_allowlisted((path / ".metadata").read_bytes(), dcp_metadata_type, "metadata").state_dict_metadata
     before = {k: v.clone() for k, v in unit.modules[0].state_dict().items() if isinstance(v, torch.Tensor)}
 
@@ -518,7 +523,8 @@ def test_upstream_reads_still_run_planted_pickles(tmp_path, monkeypatch):
     torch.save([Canary(tmp_path / "object")], buffer)
     buffer.seek(0)
     index = MetadataIndex("x")
-    planner.load_bytes(ReadItem(LoadItemType.BYTE_IO, index, torch.Size([0]), index, torch.Size([0]), torch.Size([0])), buffer)
+    planner.load_bytes(ReadItem(LoadItemType.BYTE_IO, index, torch.Size([0]), index, torch.Size([0]), torch.Size([0])),
+                       buffer)
     assert (tmp_path / "object").is_dir()
 
     plant_common(ckpt, Canary(tmp_path / "common"))
@@ -563,16 +569,19 @@ def test_forward_tool_refuses_planted_metadata(tmp_path, capsys):
 
 
 def _run(argv: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    """A job on `nproc` gloo ranks: one rank as a plain process (the launcher adds nothing it needs), more with torchrun."""
+    """A job on `nproc` gloo ranks: one rank as a plain process (the launcher adds nothing it needs), more with
+    torchrun."""
     port = str(free_port())
     env = cpu_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
                 "--master-port", port] if nproc > 1 else []
-    return subprocess.run([sys.executable, *launcher, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *launcher, *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def _stage(tmp_path: Path, *extra: str) -> list[str]:
-    return ["-m", "megatron_qwen.stages.pretrain", "configs/tiny.yaml", *TINY, f"data.paths=[{FIXTURE / 'data_text_document'}]",
+    return ["-m", "megatron_qwen.stages.pretrain", "configs/tiny.yaml", *TINY,
+            f"data.paths=[{FIXTURE / 'data_text_document'}]",
             f"logging.run_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", *extra]
 
 
@@ -598,7 +607,8 @@ def test_stages_refuse_plants_on_any_rank_and_trust_on_request(tmp_path):
     torch.save({"python": Canary(canary)}, ckpt / "rng" / "rank00001.pt")
     both = _run(_stage(tmp_path / "dp2-run", "training.train_iters=3", f"training.save={checkpoints}"), nproc=2)
     assert both.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", both.stderr), both.stdout + both.stderr
-    assert f"error: rank 1 could not read its RNG state: UnsafeCheckpointError: {ckpt / 'rng' / 'rank00001.pt'}" in both.stderr
+    assert (f"error: rank 1 could not read its RNG state: UnsafeCheckpointError: {ckpt / 'rng' / 'rank00001.pt'}"
+            in both.stderr)
     assert PLANTED in both.stderr and not canary.exists()
 
     # A checkpoint holding a type outside the allowlist resumes when trusted, with a warning.

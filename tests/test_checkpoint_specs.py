@@ -70,7 +70,9 @@ def _unit(extra_state: bool, seed: int = 1234):
         unit.modules[0].decoder.final_layernorm.__class__ = NormWithExtraState
     tokens = torch.randint(0, 1024, (2, 1, 17), generator=torch.Generator().manual_seed(seed))
     unit.zero_grad()
-    forward_backward(unit.chunks, iter([{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(1, 16)} for t in tokens]), 2, 16, 1)
+    forward_backward(unit.chunks,
+                     iter([{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(1, 16)} for t in tokens]),
+                     2, 16, 1)
     assert unit.step()[1]
     return unit
 

@@ -54,7 +54,8 @@ def test_collectives_of_would_be_nccl_groups_get_device_tensors(tmp_path):
                 "megatron_qwen/training/forward_backward.py:reduce_reports",
                 "megatron/core/distributed/param_and_grad_buffer.py:start_grad_sync"},
     }
-    expected["ppo-tp2"] = expected["ppo"] | {"megatron/core/tensor_parallel/mappings.py:_reduce_scatter_along_first_dim"}
+    expected["ppo-tp2"] = expected["ppo"] | {
+        "megatron/core/tensor_parallel/mappings.py:_reduce_scatter_along_first_dim"}
     for rank in (0, 1):
         stages = json.loads((tmp_path / f"collectives-{rank}.json").read_text())
         for stage, callers in expected.items():

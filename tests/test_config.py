@@ -24,7 +24,8 @@ SIZES = {
 @pytest.mark.parametrize("name", sorted(SIZES))
 def test_released_sizes(name):
     m = load_config(f"configs/{name}.yaml").model
-    assert (m.hidden_size, m.num_attention_heads, m.num_layers, m.ffn_hidden_size, m.padded_vocab_size, m.rotary_base, m.norm_epsilon) == SIZES[name]
+    assert (m.hidden_size, m.num_attention_heads, m.num_layers, m.ffn_hidden_size, m.padded_vocab_size, m.rotary_base,
+            m.norm_epsilon) == SIZES[name]
     assert m.head_dim == 128
 
 
@@ -55,7 +56,8 @@ def test_tiny_runs_every_test_layout(name):
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config("configs/tiny.yaml", ["parallel.tp=2", "parallel.sp=true", "training.lr=1e-4", "data.paths=[1.0, a, 2, b]"])
+    cfg = load_config("configs/tiny.yaml",
+                      ["parallel.tp=2", "parallel.sp=true", "training.lr=1e-4", "data.paths=[1.0, a, 2, b]"])
     assert cfg.parallel.tp == 2 and cfg.parallel.sp is True and cfg.training.lr == 1e-4
     assert cfg.data.paths == [1.0, "a", 2, "b"]
 
@@ -88,8 +90,10 @@ def _errors(overrides, world=None, path="configs/tiny.yaml"):
         (["parallel.vpp=2"], None, "parallel.vpp=2 needs pipeline parallelism"),
         (["parallel.sp=true"], None, "parallel.sp=true needs tensor parallelism"),
         (["parallel.tp=2"], 3, "world size 3 is not a multiple of parallel.tp x parallel.pp = 2"),
-        (["training.global_batch_size=6", "training.micro_batch_size=2"], 2, "not a multiple of micro_batch_size=2 x data-parallel size 2; use a multiple of 4"),
-        (["parallel.pp=2", "parallel.vpp=2", "training.global_batch_size=6", "training.micro_batch_size=2"], 2, "multiple of parallel.pp=2"),
+        (["training.global_batch_size=6", "training.micro_batch_size=2"], 2,
+         "not a multiple of micro_batch_size=2 x data-parallel size 2; use a multiple of 4"),
+        (["parallel.pp=2", "parallel.vpp=2", "training.global_batch_size=6", "training.micro_batch_size=2"], 2,
+         "multiple of parallel.pp=2"),
         (["model.seq_length=16384"], None, "exceeds model.max_position_embeddings=8192"),
     ],
 )

@@ -100,7 +100,8 @@ def greedy(model, tokens: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def convert_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, CONVERT, *args], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, CONVERT, *args], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                          timeout=300)
 
 
 def load_safetensors_dir(directory: Path) -> dict:
@@ -141,7 +142,8 @@ def work(tmp_path_factory):
     ckpts = {name: root / f"ck-{name}" for name in LAYOUTS}
     for name, ((tp, pp, vpp), _) in LAYOUTS.items():
         if name == "tp2-pp2-sp":  # the command line, as users run it
-            proc = convert_cli("hf-to-mcore", "--hf", str(root / "hf"), "--out", str(ckpts[name]), "--tp", "2", "--pp", "2")
+            proc = convert_cli("hf-to-mcore", "--hf", str(root / "hf"), "--out", str(ckpts[name]), "--tp", "2", "--pp",
+                               "2")
             assert proc.returncode == 0, proc.stdout + proc.stderr
         else:
             hf_to_mcore(root / "hf", ckpts[name], tp=tp, pp=pp, vpp=vpp)
@@ -158,7 +160,8 @@ def work(tmp_path_factory):
 
     def forward_args(name, flags):
         out = root / f"logits-{name}.npy"
-        return f"--ckpt {ckpts[name]} --tokens {root / 'tokens.npy'} --out {out} {flags} --generate {NEW_TOKENS}".split()
+        return (f"--ckpt {ckpts[name]} --tokens {root / 'tokens.npy'} --out {out} {flags} "
+                f"--generate {NEW_TOKENS}").split()
 
     # One layout through the command line as users launch it; the others in one 4-rank worker, which
     # calls the same tools/forward.py main() layout after layout to save the start-up of each launch.
@@ -281,7 +284,8 @@ def test_conversion_refuses_bad_checkpoints_and_leaves_nothing(tmp_path, monkeyp
         (missing, {}, r"tensor model\.layers\.2\.mlp\.up_proj\.weight is missing"),
         (variant("shape", weights, intermediate_size=640), {},
          r"tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \[512, 256\], but .*needs \[640, 256\]"),
-        (variant("gqa", weights, num_key_value_heads=1), {}, r"num_key_value_heads=1 differs from num_attention_heads=2"),
+        (variant("gqa", weights, num_key_value_heads=1), {},
+         r"num_key_value_heads=1 differs from num_attention_heads=2"),
         (base, {"tp": 4}, r"parallel\.tp=4 does not divide model\.num_attention_heads=2"),
         (base, {"pp": 3}, r"parallel\.pp=3 x parallel\.vpp=1 = 3 does not divide model\.num_layers=4"),
     ]

@@ -46,7 +46,8 @@ def test_recipes_use_e4m3_forward_and_e5m2_gradients():
     for recipe, granularity, pow2 in (("tensorwise", ScalingGranularity.TENSORWISE, False),
                                       ("rowwise", ScalingGranularity.AXISWISE, True)):
         c = Float8Scaling.for_recipe(recipe).config
-        forward = (c.cast_config_input, c.cast_config_weight, c.cast_config_input_for_grad_weight, c.cast_config_weight_for_grad_input)
+        forward = (c.cast_config_input, c.cast_config_weight, c.cast_config_input_for_grad_weight,
+                   c.cast_config_weight_for_grad_input)
         assert all(cc.target_dtype == torch.float8_e4m3fn and cc.scaling_granularity is granularity for cc in forward)
         grads = (c.cast_config_grad_output, c.cast_config_grad_output_for_grad_weight)
         assert all(cc.target_dtype == torch.float8_e5m2 and cc.scaling_granularity is granularity for cc in grads)
@@ -64,7 +65,8 @@ def test_cast_scales_by_hand():
     # tensorwise: 448 / amax 2; rowwise: 448 / 2 = 224 and 448 / 0.3 = 1493.3, rounded down to powers of two
     for recipe, expected in (("tensorwise", torch.tensor(224.0)), ("rowwise", torch.tensor([[128.0], [1024.0]]))):
         scaling = Float8Scaling.for_recipe(recipe)
-        (t8,) = _to_float8([_Operand(t, scaling.config.cast_config_input, GemmInputRole.INPUT, -1, None)], scaling, None)
+        (t8,) = _to_float8([_Operand(t, scaling.config.cast_config_input, GemmInputRole.INPUT, -1, None)], scaling,
+                           None)
         assert torch.equal(t8._scale, expected), (recipe, t8._scale)
         assert t8._data.dtype == torch.float8_e4m3fn
         assert torch.equal(t8._data.float(), (t * expected).to(torch.float8_e4m3fn).float())
@@ -93,7 +95,8 @@ def test_one_fp8_linear_within_float8_rounding(recipe, kind):
     from megatron.core import parallel_state
 
     x, w, bias, dy = linear_data(T, K, N, seed=3)
-    layer = build_linear(kind, recipe, K, N, _tp1_config(), parallel_state.get_tensor_model_parallel_group(), bias=kind == "column")
+    layer = build_linear(kind, recipe, K, N, _tp1_config(), parallel_state.get_tensor_model_parallel_group(),
+                         bias=kind == "column")
     with torch.no_grad():
         layer.weight.copy_(w)
         if kind == "column":
@@ -160,7 +163,8 @@ def test_fp8_config_problems_are_named(overrides, fragment):
 def test_fp8_sizes_of_the_released_models_pass():
     from megatron_qwen.config import load_config, validate
 
-    for path, tp in (("configs/qwen-1_8b.yaml", 1), ("configs/qwen-7b.yaml", 4), ("configs/qwen-72b.yaml", 8), ("configs/tiny.yaml", 2)):
+    for path, tp in (("configs/qwen-1_8b.yaml", 1), ("configs/qwen-7b.yaml", 4), ("configs/qwen-72b.yaml", 8),
+                     ("configs/tiny.yaml", 2)):
         errors, _ = validate(load_config(path, ["model.fp8=tensorwise", f"parallel.tp={tp}"]))
         assert not errors, (path, errors)
 
@@ -175,13 +179,16 @@ def test_backend_resolution_and_its_errors():
     assert use_transformer_engine(_cfg("model.fp8=tensorwise"), on_cpu=False, accelerators=te)
     assert not use_transformer_engine(_cfg("model.fp8=tensorwise"), on_cpu=False, accelerators=no_te)
     assert not use_transformer_engine(_cfg("model.fp8=rowwise"), on_cpu=False, accelerators=te)
-    assert not use_transformer_engine(_cfg("model.fp8=tensorwise", "model.fp8_backend=torchao"), on_cpu=False, accelerators=te)
+    assert not use_transformer_engine(_cfg("model.fp8=tensorwise", "model.fp8_backend=torchao"), on_cpu=False,
+                                      accelerators=te)
     assert not use_transformer_engine(_cfg("model.fp8=tensorwise"), on_cpu=True, accelerators=te)
-    with pytest.raises(ConfigError, match=r"model.fp8_backend=te but Transformer Engine is not usable here \(not installed\)"):
+    with pytest.raises(ConfigError,
+                       match=r"model.fp8_backend=te but Transformer Engine is not usable here \(not installed\)"):
         use_transformer_engine(_cfg("model.fp8=tensorwise", "model.fp8_backend=te"), on_cpu=False, accelerators=no_te)
     with pytest.raises(ConfigError, match=r"Transformer Engine is not usable here \(CPU ranks\)"):
         use_transformer_engine(_cfg("model.fp8=tensorwise", "model.fp8_backend=te"), on_cpu=True, accelerators=te)
-    with pytest.raises(ConfigError, match=r"model.fp8=delayed needs Transformer Engine, which is not usable here \(not installed\)"):
+    with pytest.raises(ConfigError,
+                       match=r"model.fp8=delayed needs Transformer Engine, which is not usable here \(not installed\)"):
         use_transformer_engine(_cfg("model.fp8=delayed"), on_cpu=False, accelerators=no_te)
 
 
@@ -193,7 +200,8 @@ def test_runtime_names_the_fp8_backend(monkeypatch):
     assert (rt.use_te, rt.fp8_backend) == (False, "torchao") and rt.describe().endswith("FP8: torchao (local layers)")
     assert runtime.resolve_runtime(_cfg("parallel.device=cpu")).describe().endswith("FP8: off")
     real = runtime.importlib.util.find_spec
-    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    monkeypatch.setattr(runtime.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torchao" else real(name, *a))
     with pytest.raises(ConfigError, match=r"runs on torchao here, which is not installed: pip install torchao==0.18.0"):
         runtime.resolve_runtime(_cfg("model.fp8=rowwise", "parallel.device=cpu"))
 
@@ -208,7 +216,8 @@ def test_fp8_model_has_the_same_checkpoint_layout():
     def layout(*overrides):
         (model,) = build_model(_cfg("model.padded_vocab_size=1024", *overrides), Runtime.cpu())
         sharded = model.sharded_state_dict()
-        return model, {k: (tuple(v.global_shape), v.global_offset) for k, v in sharded.items() if hasattr(v, "global_shape")}
+        return model, {k: (tuple(v.global_shape), v.global_offset) for k, v in sharded.items()
+                       if hasattr(v, "global_shape")}
 
     model, fp8 = layout("model.fp8=tensorwise")
     _, plain = layout()
@@ -253,7 +262,8 @@ def test_tp_layouts_scale_like_tp1(tmp_path):
     # scale sends to the subnormal range (power-of-two scales differ only there). Rows whole on each rank need none.
     casts = report["casts"]
     assert all(v == 0 for k, v in casts.items() if "local-amax" not in k), casts
-    assert all(casts[f"{k} local-amax"] > 0 for k in ("tensorwise split features", "tensorwise split tokens", "rowwise split features")), casts
+    assert all(casts[f"{k} local-amax"] > 0 for k in ("tensorwise split features", "tensorwise split tokens",
+                                                      "rowwise split features")), casts
     assert casts["rowwise split tokens local-amax"] == 0, casts
 
     # The tiny Qwen at TP=2 x PP=2 with SP. Once an fp32 rounding differs (the row-parallel partial sums, a
@@ -270,7 +280,8 @@ def test_tp_layouts_scale_like_tp1(tmp_path):
     # scales are off by more than 1e-2 and the output gradients' median by 3.7e-2 to 5.1e-2. Loss and gradients
     # then only guard against gross errors.
     def result(name):
-        return json.loads((tmp_path / name / "loss.json").read_text())["loss"], read_full_state_dict(tmp_path / name / "grads")
+        return (json.loads((tmp_path / name / "loss.json").read_text())["loss"],
+                read_full_state_dict(tmp_path / name / "grads"))
 
     def scales(name):
         by_role = {}
@@ -291,9 +302,11 @@ def test_tp_layouts_scale_like_tp1(tmp_path):
     got = {name: scales(name) for name in ("tp2pp2sp", "tp2pp2sp-local-amax")}
     off = {}  # per run and role: (median relative difference of the sorted scales, share off by more than 1e-2)
     for name, run_scales in got.items():
-        assert sorted(run_scales) == sorted(ref_scales) == ["GRAD_OUTPUT", "INPUT", "WEIGHT"], (name, sorted(run_scales))
+        assert sorted(run_scales) == sorted(ref_scales) == ["GRAD_OUTPUT", "INPUT", "WEIGHT"], \
+            (name, sorted(run_scales))
         for role, expected in ref_scales.items():
-            assert run_scales[role].shape == expected.shape, (name, role, run_scales[role].shape, expected.shape)  # one per cast
+            # one per cast
+            assert run_scales[role].shape == expected.shape, (name, role, run_scales[role].shape, expected.shape)
             relative = (run_scales[role] / expected - 1).abs()
             off[name, role] = (relative.median().item(), (relative > 1e-2).double().mean().item())
             lines.append(f"scales of the {role:11s} casts, {name:19s}: median {off[name, role][0]:.1e}, "
@@ -327,7 +340,8 @@ def _overrides(corpus, run_dir: Path, *extra: str) -> list[str]:
     prefix, vocab = corpus
     return [
         f"data.paths=[{prefix}]", f"model.padded_vocab_size={vocab}", "model.num_layers=2", "model.hidden_size=128",
-        "model.ffn_hidden_size=384", "model.seq_length=64", "training.micro_batch_size=2", "training.global_batch_size=4",
+        "model.ffn_hidden_size=384", "model.seq_length=64", "training.micro_batch_size=2",
+        "training.global_batch_size=4",
         f"training.train_iters={STEPS}", f"training.lr_decay_iters={STEPS}", "training.lr=3e-3", "training.min_lr=3e-4",
         "training.lr_warmup_iters=10", f"training.save_interval={RESUME_AT}", "logging.log_interval=1",
         f"logging.run_dir={run_dir}", *extra,
@@ -371,7 +385,8 @@ def resumed(corpus, curves, tmp_path_factory):
         iteration = ckdir.checkpoint_name(RESUME_AT)
         shutil.copytree(curves[source] / "checkpoints" / iteration, load / iteration)
         ckdir.set_latest(load, load / iteration)
-        runs[name] = (tmp_path_factory.mktemp(name), [f"model.fp8={fp8}", f"training.load={load}", f"training.train_iters={RESUMED_TO}"])
+        runs[name] = (tmp_path_factory.mktemp(name),
+                      [f"model.fp8={fp8}", f"training.load={load}", f"training.train_iters={RESUMED_TO}"])
     out = _train_concurrently(corpus, runs)
     assert "FP8: off" in out["fp8-to-fp32"] and "FP8: torchao (local layers)" in out["fp32-to-fp8-rowwise"]
     return {name: run_dir for name, (run_dir, _) in runs.items()}
@@ -384,8 +399,9 @@ def test_fp8_training_follows_the_fp32_curve(curves):
     windows = [range(s, s + 10) for s in range(1, STEPS + 1, 10)]
     mean = lambda curve, steps: sum(curve[s] for s in steps) / len(steps)  # noqa: E731
     rel = [abs(mean(fp8, w) - mean(fp32, w)) / mean(fp32, w) for w in windows]
-    print(f"\nFP8 vs fp32, mean loss per 10 steps: " + ", ".join(f"{mean(fp32, w):.3f}/{mean(fp8, w):.3f}" for w in windows)
-          + f"\nrelative differences: " + ", ".join(f"{r:.1e}" for r in rel))
+    print("\nFP8 vs fp32, mean loss per 10 steps: "
+          + ", ".join(f"{mean(fp32, w):.3f}/{mean(fp8, w):.3f}" for w in windows)
+          + "\nrelative differences: " + ", ".join(f"{r:.1e}" for r in rel))
     assert mean(fp32, windows[0]) - mean(fp32, windows[-1]) > 1.5  # the curve has a shape to follow
     assert max(rel) <= 0.03, rel
     # FP8 ran: the first step (same weights, same batch) already differs by FP8's own rounding. A run whose

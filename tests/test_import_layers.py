@@ -27,9 +27,12 @@ def test_the_package_keeps_its_layers():
 
 
 def test_a_forbidden_import_breaks_the_contract(tmp_path):
-    shutil.copytree(REPO / "megatron_qwen", tmp_path / "megatron_qwen", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(REPO / "megatron_qwen", tmp_path / "megatron_qwen",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     rope = tmp_path / "megatron_qwen" / "model" / "rotary.py"
-    rope.write_text(rope.read_text() + "\nfrom megatron_qwen.training import loop  # the model must not know the loop\n")
+    rope.write_text(rope.read_text()
+                    + "\nfrom megatron_qwen.training import loop  # the model must not know the loop\n")
     proc = lint(tmp_path)
     assert proc.returncode != 0
-    assert "BROKEN" in proc.stdout and "megatron_qwen.model.rotary -> megatron_qwen.training.loop" in proc.stdout, proc.stdout
+    assert ("BROKEN" in proc.stdout
+            and "megatron_qwen.model.rotary -> megatron_qwen.training.loop" in proc.stdout), proc.stdout

@@ -33,7 +33,8 @@ def test_slurm_batch_script_without_srun_is_single():
 
 
 def test_openmpi_and_pmi_env():
-    info = detect_launch({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+    info = detect_launch({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+                          "OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
     assert (info.launcher, info.rank, info.world_size, info.local_rank, info.local_world_size) == ("mpi", 2, 4, 0, 2)
     info = detect_launch({"PMI_RANK": "1", "PMI_SIZE": "2"})
     assert (info.launcher, info.rank, info.world_size) == ("mpi", 1, 2)
@@ -66,7 +67,8 @@ HYDRA = {"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MPI_LOCALNRA
           "MASTER_PORT": "29500"}, "torchrun", ("gpu07", 29500)),
         (SLURM_STEP, "slurm", ("gpu07", 20000 + 4242)),  # srun --mpi=none
         # srun --mpi=pmi2: PMI's rank and size, nothing node-local
-        ({**SLURM_STEP, "PMI_RANK": "5", "PMI_SIZE": "8", "PMI_FD": "7", "PMI_JOBID": "4242.0"}, "slurm", ("gpu07", 20000 + 4242)),
+        ({**SLURM_STEP, "PMI_RANK": "5", "PMI_SIZE": "8", "PMI_FD": "7", "PMI_JOBID": "4242.0"}, "slurm",
+         ("gpu07", 20000 + 4242)),
         # srun --mpi=pmix: PMIx's own names, which are no rank layout we read
         ({**SLURM_STEP, "PMIX_RANK": "5", "PMIX_NAMESPACE": "slurm.pmix.4242.0"}, "slurm", ("gpu07", 20000 + 4242)),
         ({**HELPER_STEP, **OPENMPI, "MASTER_ADDR": "gpu07", "MASTER_PORT": "29500"}, "mpi", ("gpu07", 29500)),
@@ -74,7 +76,8 @@ HYDRA = {"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MPI_LOCALNRA
         ({**HELPER_STEP, **HYDRA, "MASTER_ADDR": "gpu07"}, "mpi", ("gpu07", 29500)),
         ({**HYDRA, "MASTER_ADDR": "gpu07"}, "mpi", ("gpu07", 29500)),
     ],
-    ids=["torchrun", "srun", "srun-pmi2", "srun-pmix", "openmpi-in-allocation", "openmpi", "mpich-in-allocation", "mpich"],
+    ids=["torchrun", "srun", "srun-pmi2", "srun-pmix", "openmpi-in-allocation", "openmpi", "mpich-in-allocation",
+         "mpich"],
 )
 def test_every_launcher_gives_rank_5_its_local_rank_1(env, launcher, master):
     info = detect_launch(env)

@@ -96,7 +96,8 @@ def test_initialisation_follows_qwen_v1():
         assert abs(measured - std) / std < 0.05, f"{name}: std {measured:.5f}, Qwen v1 uses {std:.5f}"
         assert abs(sd[name].mean().item()) < 0.1 * std
     assert torch.count_nonzero(sd["decoder.layers.0.self_attention.linear_qkv.bias"]) == 0
-    for name in ("decoder.layers.0.input_layernorm.weight", "decoder.layers.0.pre_mlp_layernorm.weight", "decoder.final_layernorm.weight"):
+    for name in ("decoder.layers.0.input_layernorm.weight", "decoder.layers.0.pre_mlp_layernorm.weight",
+                 "decoder.final_layernorm.weight"):
         assert torch.equal(sd[name], torch.ones_like(sd[name]))
     # No bias on the attention output or the MLP; fc1 is [gate; up] of the per-branch width.
     assert not any(k.endswith(("linear_proj.bias", "linear_fc1.bias", "linear_fc2.bias")) for k in sd)
@@ -143,7 +144,8 @@ def _te_fp8_missing() -> str | None:
     """Why Transformer Engine's FP8 cannot run here, None when it can."""
     missing = _te_missing()
     if missing is None and torch.cuda.get_device_capability() < (8, 9):
-        return f"the GPU's compute capability {torch.cuda.get_device_capability()} is below 8.9 (Ada, Hopper, Blackwell)"
+        return (f"the GPU's compute capability {torch.cuda.get_device_capability()} is below 8.9 "
+                "(Ada, Hopper, Blackwell)")
     return missing
 
 

@@ -40,7 +40,8 @@ def test_mpirun_trains_like_torchrun(corpus, reference, tmp_path):
     env = cpu_env(NP=str(runs.NPROC), DEVICE="cpu", MPIRUN_ARGS="--oversubscribe", MASTER_PORT=str(free_port()),
                   PYTHON=sys.executable, MPIRUN=_mpirun())
     proc = subprocess.run(
-        [str(REPO / "slurm" / "mpirun.sh"), "configs/tiny.yaml", *runs.overrides(corpus, f"logging.run_dir={tmp_path}")],
+        [str(REPO / "slurm" / "mpirun.sh"), "configs/tiny.yaml",
+         *runs.overrides(corpus, f"logging.run_dir={tmp_path}")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]

@@ -33,13 +33,16 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def compare(workdir: Path, layout: str) -> str:
     plain, overlap = workdir / f"{layout}-plain", workdir / f"{layout}-overlap"
     for rank, (p, o) in enumerate(zip(results(plain), results(overlap))):
-        assert p["buckets"] == [1] * len(p["buckets"]), (layout, rank, p["buckets"])  # without overlap: one bucket per chunk
+        # without overlap: one bucket per chunk
+        assert p["buckets"] == [1] * len(p["buckets"]), (layout, rank, p["buckets"])
         if o["pp_rank"] == 0:
             assert o["buckets"][0] > 1, (layout, rank, o["buckets"])  # the overlapped first chunk has several
         for step, (pp_, op) in enumerate(zip(p["phases"], o["phases"])):
             # Plain: gradients reduced after the schedule, weights gathered inside the optimizer step.
-            assert pp_.get("reduce-scatter during finalize", 0) > 0 and "reduce-scatter during forward-backward" not in pp_, (layout, step, pp_)
-            assert pp_.get("all-gather during optimizer step", 0) > 0 and "all-gather during forward-backward" not in pp_, (layout, step, pp_)
+            assert (pp_.get("reduce-scatter during finalize", 0) > 0
+                    and "reduce-scatter during forward-backward" not in pp_), (layout, step, pp_)
+            assert (pp_.get("all-gather during optimizer step", 0) > 0
+                    and "all-gather during forward-backward" not in pp_), (layout, step, pp_)
             # Overlapped: reductions start during backward (after the first step, which counts each bucket's
             # gradients), weights are gathered during the forward, never in the optimizer step.
             assert "all-gather during optimizer step" not in op, (layout, step, op)

@@ -51,14 +51,16 @@ def test_layouts_match_single_process(tmp_path):
     for name in LAYOUTS:
         initial = read_full_state_dict(tmp_path / name / "initial")
         assert initial.keys() == ref_initial.keys(), name
-        assert all(torch.equal(initial[k], ref_initial[k]) for k in initial), (name, [k for k in initial if not torch.equal(initial[k], ref_initial[k])])
+        assert all(torch.equal(initial[k], ref_initial[k]) for k in initial), \
+            (name, [k for k in initial if not torch.equal(initial[k], ref_initial[k])])
         result = json.loads((tmp_path / name / "loss.json").read_text())
         grads = read_full_state_dict(tmp_path / name / "grads")
         assert grads.keys() == ref_grads.keys(), name
         loss_diff = abs(result["loss"] - ref_loss) / abs(ref_loss)
         grad_diff = {k: max_relative_difference(grads[k], ref_grads[k]) for k in ref_grads}
         worst = max(grad_diff, key=grad_diff.get)
-        report.append(f"{name} (dp{result['dp']}): loss rel diff {loss_diff:.2e}, max grad rel diff {grad_diff[worst]:.2e} ({worst})")
+        report.append(f"{name} (dp{result['dp']}): loss rel diff {loss_diff:.2e}, max grad rel diff "
+                      f"{grad_diff[worst]:.2e} ({worst})")
         assert loss_diff <= RTOL, report[-1]
         assert grad_diff[worst] <= RTOL, report[-1]
     print("\n" + "\n".join(report))

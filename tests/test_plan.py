@@ -45,7 +45,8 @@ PLAN = [sys.executable, str(REPO / "tools" / "plan.py")]
 
 
 def run(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
 
 
 # --------------------------------------------------------------------------- pure models by hand
@@ -67,7 +68,8 @@ def test_buffer_layout_and_shards_by_hand():
     assert owned_numels(ranges, buckets, 3, 0) == [0, 30, 64]
     assert owned_numels(ranges, buckets, 3, 1) == [100, 0, 0]
     assert owned_numels(ranges, buckets, 3, 2) == [0, 0, 0]
-    assert buffer_layout([100, 30, 64], dp=3, distributed_optimizer=False) == ([(94, 194), (64, 94), (0, 64)], [(0, 194)])
+    assert buffer_layout([100, 30, 64], dp=3, distributed_optimizer=False) == (
+        [(94, 194), (64, 94), (0, 64)], [(0, 194)])
 
 
 def test_bucketed_buffer_layout_and_shards_by_hand():
@@ -93,12 +95,14 @@ def test_model_state_bytes_by_hand():
     # fc1 128 x 64, fc2 64 x 64 -> 8 tensors, 6400 + 28992 = 35392 elements, all multiples of 64.
     numel = 6400 + 64 + 4096 + 12288 + 192 + 64 + 8192 + 4096
     assert numel == 35392
-    fp32 = model_state_bytes(shape, tp=1, pp=2, vpp=1, dp=2, distributed_optimizer=False, prec=precision("fp32", False), pp_rank=0)
+    fp32 = model_state_bytes(shape, tp=1, pp=2, vpp=1, dp=2, distributed_optimizer=False, prec=precision("fp32", False),
+                             pp_rank=0)
     assert (fp32.weights, fp32.gradients, fp32.optimizer) == (4 * numel, 4 * numel, 8 * numel + 4 * 8)
     # bf16 + distributed optimizer over DP=2: buffer padded to a multiple of 128 = 35456, 17728 per rank;
     # rank 0 owns 17728 real elements, rank 1 the other 17664 (the 64 padding elements are its too).
     for dp_rank, owned in ((0, 17728), (1, 35392 - 17728)):
-        bf16 = model_state_bytes(shape, 1, 2, 1, 2, True, precision("bf16", fused_adam=True), pp_rank=0, dp_rank=dp_rank)
+        bf16 = model_state_bytes(shape, 1, 2, 1, 2, True, precision("bf16", fused_adam=True), pp_rank=0,
+                                 dp_rank=dp_rank)
         assert (bf16.weights, bf16.gradients, bf16.optimizer) == (2 * 35456, 4 * 35456, (4 + 8) * owned)
 
 
@@ -116,7 +120,8 @@ def test_layer_activations_by_hand():
     # QKV output 3 x 4h, rotated Q and K 2 x 4h, attention output 4h, log-sum-exp 2 heads x 4,
     # SwiGLU 4F x 4, fc2 input 4F; plus RoPE cos/sin 4 x s x 128 x 4 per sequence batch.
     per_token = 2 * (4 * 256 + 4 * 256 + 4) + 2 * 1024 + 3 * 1024 + 2 * 1024 + 1024 + 2 * 4 + 4 * 512 * 4 + 512 * 4
-    assert layer_activation_bytes(tiny, 128, 2, 1, False, "none", 4, LOCAL_CPU) == 256 * per_token + 4 * 128 * 128 * 4 == 6_033_408
+    assert (layer_activation_bytes(tiny, 128, 2, 1, False, "none", 4, LOCAL_CPU)
+            == 256 * per_token + 4 * 128 * 128 * 4 == 6_033_408)
 
     # Qwen-7B on GPU (Transformer Engine norms, fused SwiGLU), bf16, TP=2 with SP, s=4096, b=1.
     qwen7b = ModelShape(32, 4096, 32, 11008, 151936)
@@ -175,7 +180,8 @@ def test_step_time_by_hand():
     # Overlapped (4 buckets): the reduce-scatter hides behind the last micro-batch's backward (2/3 of its
     # compute), the all-gather behind the next forward (1/3); each exposes at least one bucket.
     def overlapped(grads, weights):
-        return step_time(shape, 512, 16, 2, tp=2, pp=2, vpp=1, dp=2, sp=True, recompute="none", distributed_optimizer=True,
+        return step_time(shape, 512, 16, 2, tp=2, pp=2, vpp=1, dp=2, sp=True, recompute="none",
+                         distributed_optimizer=True,
                          gradient_bytes=grads, weight_bytes=weights, gpu=gpu, gpus_per_node=4,
                          overlap_grad_reduce=True, overlap_param_gather=True, num_buckets=4)
 
@@ -213,14 +219,16 @@ def test_state_bytes_equal_a_real_run(measured):
             cfg = worker_config(plan_worker.STATE_CASES[name])
             p = cfg.parallel
             dtype = "bf16" if cfg.training.precision == "bf16" else "fp32"
-            shape, buckets = ModelShape.from_config(cfg.model), ddp_bucket_size(p.overlap_grad_reduce, p.ddp_bucket_size, m["dp"])
+            shape, buckets = (ModelShape.from_config(cfg.model),
+                              ddp_bucket_size(p.overlap_grad_reduce, p.ddp_bucket_size, m["dp"]))
             # CPU ranks have neither TE nor apex: megatron-core falls back to torch.optim.AdamW.
             predicted = model_state_bytes(
                 shape, m["tp"], m["pp"], m["vpp"], m["dp"], p.use_distributed_optimizer,
                 precision(dtype, fused_adam=False), m["pp_rank"], m["dp_rank"], bucket_size=buckets,
             )
             got = (m["weights"], m["gradients"], m["optimizer"])
-            report.append(f"rank {rank} {name}: predicted {predicted.weights, predicted.gradients, predicted.optimizer} measured {got}")
+            report.append(f"rank {rank} {name}: predicted "
+                          f"{predicted.weights, predicted.gradients, predicted.optimizer} measured {got}")
             assert (predicted.weights, predicted.gradients, predicted.optimizer) == got, report[-1]
             # The buckets the models assume are the ones the trainer's DDP made, with the config's overlap.
             assert m["buckets_per_chunk"] == buckets_per_chunk(
@@ -241,14 +249,16 @@ def test_activation_bytes_match_a_real_forward(measured):
         dropout = cfg.model.hidden_dropout > 0
         total = microbatch_activation_bytes(shape, plan_worker.SEQ, plan_worker.MICRO_BATCH, p.tp, p.sp, t.recompute,
                                             act_bytes, LOCAL_CPU, t.recompute_num_layers, dropout)
-        layer = layer_activation_bytes(shape, plan_worker.SEQ, plan_worker.MICRO_BATCH, p.tp, p.sp, t.recompute, act_bytes, LOCAL_CPU, dropout)
+        layer = layer_activation_bytes(shape, plan_worker.SEQ, plan_worker.MICRO_BATCH, p.tp, p.sp, t.recompute,
+                                       act_bytes, LOCAL_CPU, dropout)
         for rank, result in enumerate(measured):
             m = result["activations"][name]
             error = (total - m["total"]) / m["total"]
             line = f"{name} rank {rank}: predicted {total} measured {m['total']} ({error:+.2%})"
             assert abs(error) <= 0.10, line
             if t.recompute != "full":  # full recomputation saves the layer inputs outside the layers
-                assert all(abs(layer - got) <= 0.10 * got for got in m["layers"]), f"{name}: per layer {layer} vs {m['layers']}"
+                assert all(abs(layer - got) <= 0.10 * got for got in m["layers"]), \
+                    f"{name}: per layer {layer} vs {m['layers']}"
         report.append(line)
     print("\n" + "\n".join(report))
 
@@ -277,7 +287,8 @@ def test_listed_layouts_pass_config_validation():
         parts = ("weights", "gradients", "optimizer", "activations", "buffers")
         assert sum(memory[k] for k in parts) == pytest.approx(memory["total"]) and memory["total"] <= out["usable_gib"]
         assert sum(time[k] for k in ("compute", "tp", "pp", "dp", "bubble")) == pytest.approx(time["total"])
-        check = run([sys.executable, "-m", "megatron_qwen.config", "configs/qwen-7b.yaml", *entry["overrides"], "--world-size", "8"])
+        check = run([sys.executable, "-m", "megatron_qwen.config", "configs/qwen-7b.yaml", *entry["overrides"],
+                     "--world-size", "8"])
         assert check.returncode == 0, f"{entry['overrides']}: {check.stderr}"
     best = run(PLAN + ["--config", "configs/qwen-7b.yaml", "--gpus", "8", "--gpu", "h100-80gb",
                        "--seq-length", "2048", "--global-batch", "2048", "--emit-overrides"])
@@ -343,7 +354,8 @@ def test_published_layouts_are_among_the_top_choices(row):
     top = [(layout.tp, layout.pp) for layout in runnable[:10]]
     assert (tp, pp) in top, f"{name}: published TP{tp} PP{pp} not in the top 10 {top}"
 
-    paper = evaluate(request, base_config(request), Layout(tp, pp, vpp, gpus // (tp * pp), False, "full", False, micro_batch))
+    paper = evaluate(request, base_config(request),
+                     Layout(tp, pp, vpp, gpus // (tp * pp), False, "full", False, micro_batch))
     assert paper.fits
     s, v = 2048, 51200
     flops = 96 * batch * s * layers * hidden**2 * (1 + s / (6 * hidden) + v / (16 * layers * hidden))
@@ -378,7 +390,8 @@ def test_bad_requests_name_what_would_work():
     # 72.3B parameters need at least 2 (bf16) + 4 (fp32 grads) bytes each on some GPU: >= 12 GPUs of 35.5 GiB.
     assert 16 <= smallest <= 128 and smallest % 8 == 0
     # It is the smallest: fewer whole nodes fit nothing (or allow no layout), that many do.
-    request = Request(load_config(REPO / "configs" / "qwen-72b.yaml"), 8, 8, find_gpu("a100-40gb"), 4096, 2048, micro_batch=1)
+    request = Request(load_config(REPO / "configs" / "qwen-72b.yaml"), 8, 8, find_gpu("a100-40gb"), 4096, 2048,
+                      micro_batch=1)
     for fewer in range(8, smallest, 8):
         with pytest.raises(PlanError):
             plan(dataclasses.replace(request, num_gpus=fewer))

@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "preprocess_data.py")
 TOOL_ENV = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}  # this checkout's package
 # The Qwen v1 tokenizer facts.
-QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501 (Qwen's pattern, verbatim)
 QWEN_VOCAB, EOD = 151_851, 151_643
 NUM_DOCS = 600
 BAD_LINE = 450  # in the second half of the corpus, i.e. read by the second worker
@@ -242,7 +242,8 @@ def test_parts_partition_the_lines(tmp_path, monkeypatch, compressed):
         seen = []
         for part in parts:
             for piece in part:
-                seen += [(line, jsonl_input.line_number(piece, before)) for line, before in jsonl_input.iter_piece_lines(piece)]
+                seen += [(line, jsonl_input.line_number(piece, before))
+                         for line, before in jsonl_input.iter_piece_lines(piece)]
         assert seen == [(line, n) for n, line in enumerate(lines, 1)], num_parts
         cut_after = [p for p in range(num_parts - 1) if parts[p]]  # parts that end at a cut
         assert all((p + 1) % gz_cut_every == 0 for p in cut_after) if compressed else len(cut_after) == num_parts - 1

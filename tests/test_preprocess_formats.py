@@ -19,10 +19,12 @@ import pytest
 import zstandard
 
 from megatron_qwen.data import preprocess as pp
+import test_preprocess
 from mpi_run import mpirun_command, mpirun_or_skip
-from test_preprocess import (  # noqa: F401 - encoding is a fixture
-    TOOL, TOOL_ENV, encoding, make_records, shard_bytes, tokenizer_file, write_reference,
-)
+from test_preprocess import TOOL, TOOL_ENV, make_records, shard_bytes, tokenizer_file, write_reference
+
+# The fixture, bound here so that the tests below can name it.
+encoding = test_preprocess.encoding
 
 NULL_ROW = 101  # 1-based row (line) whose text is null: a bad record in every format
 ROWS_PER_GROUP = 37

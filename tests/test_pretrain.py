@@ -68,7 +68,8 @@ def straight_at(corpus, tmp_path_factory):
         run_dir = tmp_path_factory.mktemp("straight")
         env = cpu_env(WANDB_MODE="offline", WANDB_SILENT="true")
         seeded = [] if seed is None else [f"training.seed={seed}"]
-        run_torchrun(1, STAGE + overrides(corpus, run_dir, "logging.wandb.project=megatron-qwen-tests", *seeded), env=env)
+        run_torchrun(1, STAGE + overrides(corpus, run_dir, "logging.wandb.project=megatron-qwen-tests", *seeded),
+                     env=env)
         return run_dir
 
     return make
@@ -127,7 +128,8 @@ def test_layouts_give_the_same_loss_curve(corpus, straight, tmp_path, nproc, lay
 def _launch(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
     """Start a one-rank torchrun writing to `log` (a file: helper processes that outlive a killed
     rank must not hold a pipe the test waits on)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()), *argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()),
+           *argv]
     with open(log, "w") as out:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -210,7 +212,8 @@ def test_resume_at_another_layout(corpus, straight, tmp_path):
 
 @pytest.mark.parallel
 def test_kill_during_save_keeps_previous_checkpoint(corpus, tmp_path):
-    args = STAGE + overrides(corpus, tmp_path, "training.train_iters=10", "training.save_interval=5", "faults.nan_loss_at=[2,3]")
+    args = STAGE + overrides(corpus, tmp_path, "training.train_iters=10", "training.save_interval=5",
+                             "faults.nan_loss_at=[2,3]")
     log = tmp_path / "crashed.log"
     proc = _launch(args + ["faults.kill_during_save_at=10"], cpu_env(), log)
     _reap(proc)

@@ -84,7 +84,8 @@ def data(tmp_path_factory):
     heldout = preference_task(rng, 200)
     train = preference_task(rng, 3000, exclude={(r["prompt"], r["chosen"], r["rejected"]) for r in heldout})
     for name, records in (("train", train), ("heldout", heldout)):
-        pp.preprocess([str(write_jsonl(root / f"{name}.jsonl", records))], str(root / name), mode="preference", max_length=SEQ)
+        pp.preprocess([str(write_jsonl(root / f"{name}.jsonl", records))], str(root / name), mode="preference",
+                      max_length=SEQ)
     dense = root / "dense"
     dense.mkdir()
     names = [f"{n}_{side}_document" for n in ("train", "heldout") for side in ("chosen", "rejected")]
@@ -108,7 +109,8 @@ def language_model_at(data, single_rank, tmp_path_factory):
     @functools.cache
     def make(seed: int | None) -> Path:
         root = tmp_path_factory.mktemp("lm")
-        save_model(build_model(load_config("configs/tiny.yaml", overrides(data, root, *seeded(seed))), Runtime.cpu()), root / "lm")
+        save_model(build_model(load_config("configs/tiny.yaml", overrides(data, root, *seeded(seed))), Runtime.cpu()),
+                   root / "lm")
         return root / "lm"
 
     return make
@@ -143,7 +145,8 @@ def trained_at(data, language_model_at, tmp_path_factory):
     @functools.cache
     def make(seed: int | None) -> Path:
         run_dir = tmp_path_factory.mktemp("trained")
-        run_torchrun(1, STAGE + overrides(data, run_dir, f"training.init_from={language_model_at(seed)}", *seeded(seed)))
+        run_torchrun(1,
+                     STAGE + overrides(data, run_dir, f"training.init_from={language_model_at(seed)}", *seeded(seed)))
         return run_dir
 
     return make

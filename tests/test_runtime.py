@@ -50,7 +50,8 @@ def test_precision_auto_falls_back_to_fp32_without_bf16_and_says_why(gpus):
     assert runtime.params_dtype == torch.float32
     assert "Tesla V100-SXM2-32GB has no bf16" in runtime.precision_note
     assert "float32 (training.precision=auto: Tesla V100-SXM2-32GB has no bf16" in runtime.describe()
-    with pytest.raises(ValueError, match="training.precision=bf16 but this GPU has no bf16 .* use training.precision=fp32"):
+    with pytest.raises(ValueError,
+                       match="training.precision=bf16 but this GPU has no bf16 .* use training.precision=fp32"):
         resolve_runtime(cuda_config("training.precision=bf16"), 0, NOTHING)
     # Explicit fp32 is what it says; CPU ranks keep fp32 under auto and may ask for bf16.
     assert resolve_runtime(cuda_config("training.precision=fp32"), 0, NOTHING).precision_note == ""
@@ -228,7 +229,8 @@ def test_startup_line_says_why_each_accelerator_is_off(gpus, monkeypatch):
     for part in ("Transformer Engine: no (not installed)", "apex: no (not installed)",
                  "fused weight-gradient accumulation: no (not installed)", "attention: SDPA flash"):
         assert part in line, (part, line)
-    local = resolve_runtime(cuda_config("model.transformer_impl=local"), 0, dataclasses.replace(NOTHING, transformer_engine=None))
+    local = resolve_runtime(cuda_config("model.transformer_impl=local"), 0,
+                            dataclasses.replace(NOTHING, transformer_engine=None))
     assert "Transformer Engine: no (model.transformer_impl=local)" in local.describe()
     assert "Transformer Engine: no (CPU ranks)" in Runtime.cpu().describe()
 

@@ -87,7 +87,8 @@ def test_shard_with_too_small_dtype_for_the_vocabulary_is_refused(tmp_path):
     builder.add_document(torch.tensor([1, 2, 3], dtype=torch.int64), [3])
     builder.finalize(prefix + ".idx")
     assert check_shard(prefix, vocab_size=65_536).num_tokens == 3
-    with pytest.raises(DataError, match=r"holds uint16 tokens \(ids below 65,536\), but the run.s vocabulary has 151,851 ids"):
+    with pytest.raises(DataError,
+                       match=r"holds uint16 tokens \(ids below 65,536\), but the run.s vocabulary has 151,851 ids"):
         check_shard(prefix, vocab_size=151_851)
 
 

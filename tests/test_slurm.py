@@ -19,12 +19,14 @@ from pathlib import Path
 import pytest
 
 import launch_runs as runs
-from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
+import slurm_cluster as cluster_fixtures
 from spawn import REPO, cpu_env
 
 pytestmark = pytest.mark.parallel
 
 TEMPLATES = REPO / "slurm"
+# The session fixture, bound here so that the tests below can name it.
+slurm_cluster = cluster_fixtures.slurm_cluster
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,8 @@ def test_usr1_saves_requeues_and_resumes_to_the_same_weights(slurm_cluster, corp
     deadline = time.time() + 400
     while not ((run_dir / "metrics.jsonl").is_file() and len(runs.losses(run_dir)) >= 2):
         info = slurm_cluster.job(job)
-        assert info["JobState"] in ("PENDING", "RUNNING") and time.time() < deadline, (info, log.read_text() if log.is_file() else "")
+        assert info["JobState"] in ("PENDING", "RUNNING") and time.time() < deadline, \
+            (info, log.read_text() if log.is_file() else "")
         time.sleep(0.2)
     slurm_cluster.cluster.run("scancel", "--signal=USR1", "--batch", str(job))
 
@@ -122,7 +125,8 @@ def test_preprocess_over_two_nodes_equals_one_process(slurm_cluster, tmp_path):
     bytes as a single process."""
     files = _write_jsonl_corpus(tmp_path)
     single = subprocess.run(
-        [sys.executable, "tools/preprocess_data.py", "--input", *map(str, files), "--output-prefix", str(tmp_path / "single"),
+        [sys.executable, "tools/preprocess_data.py", "--input", *map(str, files), "--output-prefix",
+         str(tmp_path / "single"),
          "--append-eod"],
         cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300,
     )
@@ -136,10 +140,12 @@ def test_preprocess_over_two_nodes_equals_one_process(slurm_cluster, tmp_path):
     log = tmp_path / "runs" / f"qwen-preprocess-{job}.out"
     info = slurm_cluster.wait(job, timeout=300, log=log)
     text = log.read_text()
-    assert (info["JobState"], info["ExitCode"], info["NodeList"], info["NumTasks"]) == ("COMPLETED", "0:0", "node[1-2]", "4"), text
+    assert (info["JobState"], info["ExitCode"], info["NodeList"], info["NumTasks"]) == ("COMPLETED", "0:0", "node[1-2]",
+                                                                                        "4"), text
     assert re.search(r"launch: \S*mpirun -n 4 .*tools/preprocess_data\.py --mpi", text), text
     for ext in ("bin", "idx"):
-        assert (tmp_path / f"mpi_text_document.{ext}").read_bytes() == (tmp_path / f"single_text_document.{ext}").read_bytes(), ext
+        assert ((tmp_path / f"mpi_text_document.{ext}").read_bytes()
+                == (tmp_path / f"single_text_document.{ext}").read_bytes()), ext
 
 
 def test_chained_job_waits_then_starts_from_the_latest_checkpoint_of_a_run(slurm_cluster, corpus, reference, tmp_path):
@@ -148,7 +154,8 @@ def test_chained_job_waits_then_starts_from_the_latest_checkpoint_of_a_run(slurm
     rank at TP=1 with 0 steps, so the job writes exactly the weights it started from."""
     first = slurm_cluster.submit(["sbatch", f"--output={tmp_path / 'first.out'}", "--wrap", "sleep 4"], cpu_env())
     env = cpu_env(
-        NODES="1", TASKS_PER_NODE="1", DEVICE="cpu", RUN_ROOT=str(tmp_path), RUN_NAME="chained", CONFIG="configs/tiny.yaml",
+        NODES="1", TASKS_PER_NODE="1", DEVICE="cpu", RUN_ROOT=str(tmp_path), RUN_NAME="chained",
+        CONFIG="configs/tiny.yaml",
         INIT_FROM=str(reference), SBATCH_ARGS=f"--dependency=afterok:{first}",
         OVERRIDES=" ".join(runs.overrides(corpus, "training.train_iters=0", "parallel.tp=1", "parallel.pp=1")),
     )
@@ -164,7 +171,8 @@ def test_chained_job_waits_then_starts_from_the_latest_checkpoint_of_a_run(slurm
     assert f"initialised pretrain weights from {reference}/checkpoints/iter_{runs.STEPS:07d}" in text, text
     from megatron_qwen.checkpoint.io import read_full_state_dict
 
-    start = {k: v for k, v in read_full_state_dict(tmp_path / "chained" / "checkpoints" / "iter_0000000").items() if not k.startswith("optimizer")}
+    start = {k: v for k, v in read_full_state_dict(tmp_path / "chained" / "checkpoints" / "iter_0000000").items()
+             if not k.startswith("optimizer")}
     runs.assert_same_weights(start, runs.final_weights(reference))
 
 
@@ -172,10 +180,12 @@ def test_a_stage_that_does_not_exist_is_refused_before_submitting(tmp_path):
     template = tmp_path / "nosuch.sbatch"
     template.write_text((TEMPLATES / "pretrain.sbatch").read_text().replace("STAGE=pretrain", "STAGE=nosuchstage"))
     # No cluster: were the check missing, sbatch would fail to reach this non-existent one rather than submit.
-    env = {k: v for k, v in cpu_env(REPO=str(REPO), SLURM_CONF=str(tmp_path / "none.conf")).items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
+    env = {k: v for k, v in cpu_env(REPO=str(REPO), SLURM_CONF=str(tmp_path / "none.conf")).items()
+           if not k.startswith("SLURM_") or k == "SLURM_CONF"}
     proc = subprocess.run(["bash", str(template)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "error: megatron_qwen.stages.nosuchstage does not exist" in proc.stderr and "pretrain" in proc.stderr, proc.stderr
+    assert ("error: megatron_qwen.stages.nosuchstage does not exist" in proc.stderr
+            and "pretrain" in proc.stderr), proc.stderr
     assert "Submitted" not in proc.stdout
 
 
@@ -187,13 +197,16 @@ def test_sbatch_ppo_from_a_policy_run(slurm_cluster, tmp_path):
     write_prompts(tmp_path / "prompts")
     runs_root = tmp_path / "runs"
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(__import__("spawn").free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port",
+         str(__import__("spawn").free_port()),
          "-m", "megatron_qwen.stages.pretrain", "configs/tiny.yaml", *MODEL, "data.split=100,0,0",
-         f"data.paths=[{tmp_path / 'prompts_prompt_document'}]", "training.train_iters=0", f"logging.run_dir={tmp_path / 'sft'}"],
+         f"data.paths=[{tmp_path / 'prompts_prompt_document'}]", "training.train_iters=0",
+         f"logging.run_dir={tmp_path / 'sft'}"],
         cwd=REPO, env=cpu_env(), check=True, capture_output=True, timeout=300,
     )
     overrides = MODEL + [
-        f"data.paths=[{tmp_path / 'prompts'}]", "ppo.reward_fn=tests.ppo_rewards:good_fraction", "ppo.prompts_per_step=8",
+        f"data.paths=[{tmp_path / 'prompts'}]", "ppo.reward_fn=tests.ppo_rewards:good_fraction",
+        "ppo.prompts_per_step=8",
         "ppo.samples_per_prompt=2", "ppo.max_new_tokens=8", "ppo.critic_warmup_steps=0", "training.micro_batch_size=8",
         "training.train_iters=2",
     ]

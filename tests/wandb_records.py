@@ -52,7 +52,8 @@ def history_and_config(path: str | Path) -> tuple[list[dict], dict]:
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.history.item})
         elif kind == "config" or kind == "run":
             items = record.config.update if kind == "config" else record.run.config.update
             config.update({item.key: json.loads(item.value_json) for item in items})

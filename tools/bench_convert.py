@@ -34,14 +34,16 @@ REPO = Path(__file__).resolve().parents[1]
 CONVERT = str(REPO / "tools" / "convert_checkpoint.py")
 
 
-def generate(directory: Path, hidden: int, layers: int, heads: int, ffn: int, vocab: int, dtype: torch.dtype, shard_bytes: int) -> tuple[int, int]:
+def generate(directory: Path, hidden: int, layers: int, heads: int, ffn: int, vocab: int, dtype: torch.dtype,
+             shard_bytes: int) -> tuple[int, int]:
     """Write a random Qwen2 checkpoint; returns (total bytes, largest tensor bytes)."""
     from safetensors.torch import save_file
 
     from megatron_qwen.config import ModelConfig
     from megatron_qwen.convert.layouts import QWEN2, expected_tensors, hf_config
 
-    m = ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, ffn_hidden_size=ffn, padded_vocab_size=vocab)
+    m = ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, ffn_hidden_size=ffn,
+                    padded_vocab_size=vocab)
     shapes = expected_tensors(QWEN2, m, vocab)
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = {name: torch.Size(shape).numel() * itemsize for name, shape in shapes.items()}
@@ -61,7 +63,8 @@ def generate(directory: Path, hidden: int, layers: int, heads: int, ffn: int, vo
         del tensors
     index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (directory / "config.json").write_text(json.dumps(hf_config(QWEN2, m, vocab, str(dtype).removeprefix("torch.")), indent=2))
+    (directory / "config.json").write_text(json.dumps(hf_config(QWEN2, m, vocab, str(dtype).removeprefix("torch.")),
+                                                      indent=2))
     return sum(sizes.values()), max(sizes.values())
 
 
@@ -100,7 +103,8 @@ def compare(original: Path, converted: Path) -> int:
 
     index = json.loads((original / "model.safetensors.index.json").read_text())["weight_map"]
     back_index = converted / "model.safetensors.index.json"
-    back = json.loads(back_index.read_text())["weight_map"] if back_index.exists() else dict.fromkeys(index, "model.safetensors")
+    back = (json.loads(back_index.read_text())["weight_map"] if back_index.exists()
+            else dict.fromkeys(index, "model.safetensors"))
     if set(back) != set(index):
         raise SystemExit(f"round trip changed the tensor names: {sorted(set(back) ^ set(index))[:5]}")
     for file in sorted(set(index.values())):
@@ -131,26 +135,32 @@ def main() -> int:
     for path in outputs:
         shutil.rmtree(path, ignore_errors=True)
     try:
-        total, largest = generate(hf, args.hidden, args.layers, args.heads, args.ffn, args.vocab, getattr(torch, args.dtype), 500 * 10**6)
-        baseline, _ = run_measured([sys.executable, "-c", "import megatron.core, megatron_qwen.convert, megatron_qwen.model.qwen"])
-        to_mcore, t_mcore = run_measured([sys.executable, CONVERT, "hf-to-mcore", "--hf", str(hf), "--out", str(ckpt), "--tp", "2", "--pp", "2"])
+        total, largest = generate(hf, args.hidden, args.layers, args.heads, args.ffn, args.vocab,
+                                  getattr(torch, args.dtype), 500 * 10**6)
+        baseline, _ = run_measured([sys.executable, "-c",
+                                    "import megatron.core, megatron_qwen.convert, megatron_qwen.model.qwen"])
+        to_mcore, t_mcore = run_measured([sys.executable, CONVERT, "hf-to-mcore", "--hf", str(hf), "--out", str(ckpt),
+                                          "--tp", "2", "--pp", "2"])
         to_hf, t_hf = run_measured([sys.executable, CONVERT, "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(back)])
         to_hf_small, t_hf_small = run_measured(
-            [sys.executable, CONVERT, "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(back_small), "--max-shard-size", "500MB"]
+            [sys.executable, CONVERT, "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(back_small), "--max-shard-size",
+             "500MB"]
         )
         n = compare(hf, back)
         compare(hf, back_small)
         ckpt_bytes = sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file())
         mib = 2**20
         print(f"checkpoint: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype}: "
-              f"{total / mib:.0f} MiB safetensors ({n} tensors, largest {largest / mib:.0f} MiB); megatron-core {ckpt_bytes / mib:.0f} MiB")
+              f"{total / mib:.0f} MiB safetensors ({n} tensors, largest {largest / mib:.0f} MiB); megatron-core "
+              f"{ckpt_bytes / mib:.0f} MiB")
         print(f"baseline (imports only)      peak RSS {baseline / mib:7.0f} MiB")
-        print(f"hf-to-mcore (TP=2 x PP=2)    peak RSS {to_mcore / mib:7.0f} MiB  ({(to_mcore - baseline) / mib:+.0f} MiB over baseline, "
-              f"{to_mcore / total:.2f} x checkpoint)  {t_mcore:.1f} s")
-        print(f"mcore-to-hf (2 GB shards)    peak RSS {to_hf / mib:7.0f} MiB  ({(to_hf - baseline) / mib:+.0f} MiB over baseline, "
-              f"{to_hf / total:.2f} x checkpoint)  {t_hf:.1f} s")
-        print(f"mcore-to-hf (500 MB shards)  peak RSS {to_hf_small / mib:7.0f} MiB  ({(to_hf_small - baseline) / mib:+.0f} MiB over baseline, "
-              f"{to_hf_small / total:.2f} x checkpoint)  {t_hf_small:.1f} s")
+        print(f"hf-to-mcore (TP=2 x PP=2)    peak RSS {to_mcore / mib:7.0f} MiB  ({(to_mcore - baseline) / mib:+.0f} "
+              f"MiB over baseline, {to_mcore / total:.2f} x checkpoint)  {t_mcore:.1f} s")
+        print(f"mcore-to-hf (2 GB shards)    peak RSS {to_hf / mib:7.0f} MiB  ({(to_hf - baseline) / mib:+.0f} MiB "
+              f"over baseline, {to_hf / total:.2f} x checkpoint)  {t_hf:.1f} s")
+        print(f"mcore-to-hf (500 MB shards)  peak RSS {to_hf_small / mib:7.0f} MiB  "
+              f"({(to_hf_small - baseline) / mib:+.0f} MiB over baseline, {to_hf_small / total:.2f} x checkpoint)  "
+              f"{t_hf_small:.1f} s")
         print(f"round trips: all {n} tensors bit-identical")
     finally:
         if not args.keep:

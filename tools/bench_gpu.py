@@ -246,7 +246,8 @@ def gpu_checks():
     return module
 
 
-@check("readiness", "tools/gpu_checks.py's correctness checks of the CUDA paths, one row each (first: a crash matters most)")
+@check("readiness",
+       "tools/gpu_checks.py's correctness checks of the CUDA paths, one row each (first: a crash matters most)")
 def readiness(bench: Bench) -> list[Row]:
     checks = gpu_checks()
     checks.DEADLINE = bench.deadline  # no subprocess of the checks runs past the budget
@@ -277,7 +278,8 @@ def bf16_mfu(bench: Bench) -> list[Row]:
     for spec, run in runs:
         cfg = bench.config(run.micro_batch)
         value = utilisation(run.tokens_per_s, flops_per_token(cfg), peak)
-        result = (f"{spec}: MFU {value:.1%}" if value is not None else f"{spec}: MFU unknown (no peak for this device)") + (
+        result = (f"{spec}: MFU {value:.1%}" if value is not None
+                  else f"{spec}: MFU unknown (no peak for this device)") + (
             f", {run.tokens_per_s:,.0f} tokens/s ({bench.args.precision}), micro-batch {run.micro_batch} x "
             f"{cfg.model.seq_length}" + (f", peak memory {run.peak_gib:.1f} GiB" if bench.cuda else ""))
         rows.append(Row("bf16-mfu", result, ">= 45 %", None if value is None else value >= 0.45))
@@ -341,7 +343,7 @@ def layer_gemm_times(bench: Bench, iters: int = 10) -> tuple[float, float]:
     def one_pass(fp8: bool) -> float:
         bench.synchronize()
         start = time.perf_counter()
-        for x, w, grad in operands:
+        for x, w, grad in operands:  # noqa: F821 (bound above; deleted only after the last call)
             y = (_Float8ParallelLinear.apply(x, w, scaling, True, False, False, group) if fp8
                  else torch.nn.functional.linear(x, w))
             y.backward(grad)
@@ -473,10 +475,13 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"start no check, and run no subprocess, after this many seconds "
                              f"(default {BUDGET_S - 60})")
     parser.add_argument("--only", nargs="+", choices=sorted(CHECKS), help="run only these checks")
-    parser.add_argument("--config", default=str(REPO / "configs" / "qwen-1_8b.yaml"), help="model config (default Qwen-1.8B)")
+    parser.add_argument("--config", default=str(REPO / "configs" / "qwen-1_8b.yaml"),
+                        help="model config (default Qwen-1.8B)")
     parser.add_argument("--override", nargs="*", default=[], help="further dotted config overrides")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="training precision (default bf16)")
-    parser.add_argument("--micro-batch", type=int, default=None, help=f"micro-batch (default: the largest of {MICRO_BATCHES} that fits)")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="training precision (default bf16)")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help=f"micro-batch (default: the largest of {MICRO_BATCHES} that fits)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu runs the checks' plumbing only")
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
     args = parser.parse_args(argv)
@@ -492,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     m = bench.config(1).model
     print(f"{bench.device_name}, torch {torch.__version__}, Python {sys.version.split()[0]}; {Path(args.config).stem} "
           f"shape (hidden {m.hidden_size}, {m.num_attention_heads} heads, SwiGLU {m.ffn_hidden_size}, vocabulary "
-          f"{m.padded_vocab_size}) with {m.num_layers} layers, sequence {m.seq_length}, {args.steps} steps per run", flush=True)
+          f"{m.padded_vocab_size}) with {m.num_layers} layers, sequence {m.seq_length}, {args.steps} steps per run",
+          flush=True)
     rows = []
     for name in args.only or list(CHECKS):
         if time.perf_counter() - start > args.budget_s:
@@ -502,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
                 new = CHECKS[name][1](bench)
             except Exception as exc:  # one broken check must not cost the others' figures
                 traceback.print_exc()
-                new = [Row(name, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}", ok=False)]
+                new = [Row(name, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}",
+                           ok=False)]
                 release()
         for row in new:
             print(f"[{time.perf_counter() - start:6.1f} s] {row.check}: {row.result} ({row.status})", flush=True)

@@ -76,7 +76,8 @@ def run_transformers(args) -> list[float]:
         vocab_size=m.padded_vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_attention_heads, rms_norm_eps=m.norm_epsilon, tie_word_embeddings=False,
-        max_position_embeddings=m.max_position_embeddings, rope_parameters={"rope_type": "default", "rope_theta": m.rotary_base},
+        max_position_embeddings=m.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": m.rotary_base},
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -120,7 +121,8 @@ def main() -> None:
         ours = run_ours(args, workdir, env)
         cmd = [sys.executable, __file__, "--only", "transformers", "--steps", str(args.steps), "--warmup",
                str(args.warmup), "--seq", str(args.seq), "--batch", str(args.batch)]
-        theirs = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        theirs = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True,
+                                           text=True).stdout.splitlines()[-1])
 
     tokens = args.seq * args.batch
     ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
@@ -129,7 +131,8 @@ def main() -> None:
     print("| step | seconds/step (median, min-max) | tokens/s |")
     print("|---|---|---|")
     print(f"| (a) megatron-qwen loop, TP=1 | {ours_s:.3f} ({min(ours):.3f}-{max(ours):.3f}) | {tokens / ours_s:,.0f} |")
-    print(f"| (b) transformers Qwen2ForCausalLM + AdamW | {theirs_s:.3f} ({min(theirs):.3f}-{max(theirs):.3f}) | {tokens / theirs_s:,.0f} |")
+    print(f"| (b) transformers Qwen2ForCausalLM + AdamW | {theirs_s:.3f} ({min(theirs):.3f}-{max(theirs):.3f}) | "
+          f"{tokens / theirs_s:,.0f} |")
     print(f"\nspeed-up (a)/(b): {theirs_s / ours_s:.2f}x (target >= 1.15x)")
 
 

@@ -1,4 +1,5 @@
-"""`megatron-qwen build-cache` under its former path: `python tools/build_dataset_cache.py ARGS` is `megatron-qwen build-cache ARGS`
+"""`megatron-qwen build-cache` under its former path: `python tools/build_dataset_cache.py ARGS` is
+`megatron-qwen build-cache ARGS`
 (the code is in megatron_qwen/cli/)."""
 
 import sys

@@ -1,4 +1,5 @@
-"""`megatron-qwen convert` under its former path: `python tools/convert_checkpoint.py ARGS` is `megatron-qwen convert ARGS`
+"""`megatron-qwen convert` under its former path: `python tools/convert_checkpoint.py ARGS` is
+`megatron-qwen convert ARGS`
 (the code is in megatron_qwen/cli/)."""
 
 import sys

@@ -94,7 +94,8 @@ def perplexity(model, windows) -> float:
     with torch.no_grad():
         for batch in windows.split(8):
             logits = model(input_ids=batch).logits[:, :-1].float()
-            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                       reduction="sum").item()
             count += batch[:, 1:].numel()
     return math.exp(total / count)
 
@@ -144,29 +145,34 @@ def main(argv: list[str] | None = None) -> int:
     for earlier in ("data", "hf_initial", "initial", "run", "hf"):  # a run directory with a checkpoint would resume
         shutil.rmtree(out / earlier, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"))
     python = sys.executable
 
     banner("1. corpus")
     train_jsonl, heldout_jsonl = out / "corpus.jsonl", out / "heldout.jsonl"
     docs, held = write_corpus(train_jsonl, heldout_jsonl)
-    print(f"{docs} documents, {train_jsonl.stat().st_size / 1e6:.1f} MB -> {train_jsonl}; {held} held out -> {heldout_jsonl}")
+    print(f"{docs} documents, {train_jsonl.stat().st_size / 1e6:.1f} MB -> {train_jsonl}; "
+          f"{held} held out -> {heldout_jsonl}")
 
     banner("2. preprocess into Megatron shards")
     prefix = out / "data" / "stdlib"
     (out / "data").mkdir()
-    run([python, "tools/preprocess_data.py", "--input", train_jsonl, "--output-prefix", prefix, "--append-eod", "--workers", "2"], env)
+    run([python, "tools/preprocess_data.py", "--input", train_jsonl, "--output-prefix", prefix, "--append-eod",
+         "--workers", "2"], env)
 
     banner("3. an untrained Qwen2 of the tiny shape (transformers' random initialisation), imported for TP=2 x PP=2")
     hf_initial, initial = out / "hf_initial", out / "initial"
     untrained = untrained_model(hf_initial)
     print(f"saved {hf_initial}")
-    run([python, "tools/convert_checkpoint.py", "hf-to-mcore", "--hf", hf_initial, "--out", initial, "--tp", 2, "--pp", 2], env)
+    run([python, "tools/convert_checkpoint.py", "hf-to-mcore", "--hf", hf_initial, "--out", initial, "--tp", 2, "--pp",
+         2], env)
 
     banner(f"4. pretrain it at TP=2 x PP=2 with SP on {args.nproc} CPU ranks, {args.steps} steps")
     run_dir = out / "run"
     run([
-        python, "-m", "torch.distributed.run", "--nproc-per-node", args.nproc, "--master-port", os.environ.get("MASTER_PORT", "29517"),
+        python, "-m", "torch.distributed.run", "--nproc-per-node", args.nproc, "--master-port",
+        os.environ.get("MASTER_PORT", "29517"),
         "-m", "megatron_qwen.stages.pretrain", "configs/tiny.yaml",
         f"data.paths=[{prefix}_text_document]", f"logging.run_dir={run_dir}", f"training.init_from={initial}",
         "parallel.tp=2", "parallel.pp=2", "parallel.sp=true", "parallel.device=cpu",
@@ -201,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.tensor([tokenizer.encode(PROMPT)])
     with torch.no_grad():
         generated = trained.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eod_id)
-    print("greedy continuation of the trained model:\n" + PROMPT + tokenizer.decode(generated[0, ids.shape[1]:].tolist()))
+    print("greedy continuation of the trained model:\n" + PROMPT + tokenizer.decode(generated[0,
+                                                                                              ids.shape[1]:].tolist()))
     print(f"\ndemo finished in {time.time() - START:.0f} s; metrics in {run_dir / 'metrics.jsonl'}, "
           f"checkpoint {ckpt}, Hugging Face model in {hf_dir}")
     return 0

@@ -72,7 +72,8 @@ def _config(*overrides: str):
     from megatron_qwen.config import load_config
 
     return load_config(TINY, ["parallel.device=cuda", f"model.seq_length={SEQ}", f"model.padded_vocab_size={VOCAB}",
-                              "training.micro_batch_size=2", "training.global_batch_size=4", "training.lr_warmup_iters=0",
+                              "training.micro_batch_size=2", "training.global_batch_size=4",
+                              "training.lr_warmup_iters=0",
                               *overrides])
 
 
@@ -138,7 +139,8 @@ def check_runtime() -> Result:
     bf16 = gpu_has_bf16(runtime.device)
     ok = (runtime.params_dtype == torch.bfloat16) == bf16
     peak_text = f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (set logging.peak_tflops)"
-    return ("PASS" if ok else "FAIL"), f"{runtime.describe()} | capability {torch.cuda.get_device_capability()} | peak {peak_text}"
+    return ("PASS" if ok else "FAIL"), (f"{runtime.describe()} | capability {torch.cuda.get_device_capability()} "
+                                        f"| peak {peak_text}")
 
 
 def check_cuda_work_ordering() -> Result:
@@ -174,7 +176,8 @@ def check_gradient_accumulation_fusion() -> Result:
     losses = _train(unit, 3)
     ok = fused == (runtime.accelerators.fused_wgrad is None) and all(np.isfinite(losses)) and losses[-1] < losses[0]
     return ("PASS" if ok else "FAIL"), (f"TE {runtime.use_te}, fusion {fused} (apex kernel: "
-                                        f"{runtime.accelerators.fused_wgrad or 'imports'}), losses {[round(x, 3) for x in losses]}")
+                                        f"{runtime.accelerators.fused_wgrad or 'imports'}), losses "
+                                        f"{[round(x, 3) for x in losses]}")
 
 
 def check_initialisation() -> Result:
@@ -197,7 +200,8 @@ def check_initialisation() -> Result:
     sliced = torch.equal(shard, whole[1500:, 350:])
     std = qkv.float().std().item()
     ok = same and distinct and sliced and abs(std - 0.02) < 0.002
-    return ("PASS" if ok else "FAIL"), f"reproducible {same}, layers differ {distinct}, shard = region of whole {sliced}, QKV std {std:.4f}"
+    return ("PASS" if ok else "FAIL"), (f"reproducible {same}, layers differ {distinct}, "
+                                        f"shard = region of whole {sliced}, QKV std {std:.4f}")
 
 
 def check_te_checkpoints() -> Result:
@@ -241,7 +245,8 @@ def check_overlap() -> Result:
     for flag in ("false", "true"):
         # Clipping off: the gradient norm's summation order follows the bucket layout (see the CPU test).
         cfg = _config("parallel.use_distributed_optimizer=true", f"parallel.overlap_grad_reduce={flag}",
-                      f"parallel.overlap_param_gather={flag}", "parallel.ddp_bucket_size=200000", "training.clip_grad=0")
+                      f"parallel.overlap_param_gather={flag}", "parallel.ddp_bucket_size=200000",
+                      "training.clip_grad=0")
         unit = build_unit(cfg, resolve_runtime(cfg, 0), "model")
         buckets = len(unit.chunks[0].buffers[0].buckets)
         losses[flag] = _train(unit, 4)
@@ -276,7 +281,8 @@ def check_distributed_optimizer_checkpoint() -> Result:
         checkpointing.load_checkpoint(Path(tmp) / "iter_0000002", [resumed], restore_rng=False)
         again = _train(resumed, 2, seed=100)
     ok = _close(again, kept_going)
-    return ("PASS" if ok else "FAIL"), f"losses after resume {again} vs {kept_going}; save peak host memory +{save_mib:.0f} MiB"
+    return ("PASS" if ok else "FAIL"), (f"losses after resume {again} vs {kept_going}; "
+                                        f"save peak host memory +{save_mib:.0f} MiB")
 
 
 def check_packed_attention() -> Result:
@@ -293,7 +299,8 @@ def check_packed_attention() -> Result:
     _one_rank()
 
     def rows(seq: int, lengths: list[int]) -> torch.Tensor:
-        positions = np.concatenate([np.arange(n) for n in lengths] + [np.arange(lengths[-1], lengths[-1] + seq - sum(lengths))])
+        positions = np.concatenate([np.arange(n) for n in lengths] + [np.arange(lengths[-1],
+                                                                                lengths[-1] + seq - sum(lengths))])
         return torch.as_tensor(positions)[None]
 
     results, syncs = {}, []
@@ -315,7 +322,8 @@ def check_packed_attention() -> Result:
                 with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     if path == "dense":
-                        out[path] = model(tokens, positions.cuda(), packed_attention_mask(positions.cuda()), labels=labels)
+                        out[path] = model(tokens, positions.cuda(), packed_attention_mask(positions.cuda()),
+                                          labels=labels)
                     else:
                         # Reading the boundaries must not wait for the GPU; what else in the forward does is reported.
                         torch.cuda.set_sync_debug_mode("error")
@@ -331,11 +339,13 @@ def check_packed_attention() -> Result:
                 syncs += [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
             results[(seq, path)] = torch.cuda.max_memory_allocated() / 2**20
         results[(seq, "diff")] = max((out["varlen"] - out[p]).abs().max().item() for p in ("per-sequence", "dense"))
-    ok = results[(SEQ, "diff")] < 0.05 and results[(8192, "diff")] < 0.05 and results[(8192, "varlen")] < results[(8192, "dense")]
+    ok = results[(SEQ, "diff")] < 0.05 and results[(8192, "diff")] < 0.05 and results[(8192, "varlen")] < results[(8192,
+                                                                                                                   "dense")]
     return ("PASS" if ok else "FAIL"), (
         f"max loss difference {results[(SEQ, 'diff')]:.2e} (seq {SEQ}), {results[(8192, 'diff')]:.2e} (seq 8192); "
-        f"peak memory at 8192: varlen {results[(8192, 'varlen')]:.0f} MiB, per-sequence {results[(8192, 'per-sequence')]:.0f}, "
-        f"dense mask {results[(8192, 'dense')]:.0f}; synchronising calls in the packed forward: {len(syncs)} {syncs[:2]}")
+        f"peak memory at 8192: varlen {results[(8192, 'varlen')]:.0f} MiB, per-sequence "
+        f"{results[(8192, 'per-sequence')]:.0f}, dense mask {results[(8192, 'dense')]:.0f}; synchronising calls in the "
+        f"packed forward: {len(syncs)} {syncs[:2]}")
 
 
 def check_pretrain_stage(device: str = "cuda") -> Result:
@@ -347,14 +357,16 @@ def check_pretrain_stage(device: str = "cuda") -> Result:
         write_shard(Path(tmp) / "corpus", [rng.integers(0, 64, 300) for _ in range(400)])
         tokenizer = write_stand_in_tokenizer(Path(tmp) / "stand_in.tiktoken")
         run_dir = Path(tmp) / "run"
-        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(_free_port()),
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port",
+                str(_free_port()),
                 "-m", "megatron_qwen.stages.pretrain", str(TINY), f"data.paths=[{Path(tmp) / 'corpus'}]",
                 f"model.padded_vocab_size={VOCAB}", f"model.seq_length={SEQ}", f"parallel.device={device}",
                 f"data.tokenizer_file={tokenizer}",
                 "parallel.use_distributed_optimizer=true", "training.train_iters=6", "training.lr_warmup_iters=1",
                 "training.save_interval=2", "training.keep_last=1", "training.recompute=full", "logging.log_interval=1",
                 f"logging.run_dir={run_dir}", "data.split=100,0,0"]
-        env = {k: v for k, v in os.environ.items() if k not in ("CUDA_DEVICE_MAX_CONNECTIONS", "MASTER_ADDR", "MASTER_PORT")}
+        env = {k: v for k, v in os.environ.items() if k not in ("CUDA_DEVICE_MAX_CONNECTIONS", "MASTER_ADDR",
+                                                                "MASTER_PORT")}
         env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                    WANDB_MODE="disabled")
         limit = subprocess_timeout(240)
@@ -376,8 +388,9 @@ def check_pretrain_stage(device: str = "cuda") -> Result:
     last = records[-1]
     ok = (kept == ["iter_0000006", "latest"] and last["mfu"] is not None and 0 < last["mfu"] < last["hfu"] < 1
           and last["loss"] < records[0]["loss"])
-    return ("PASS" if ok else "FAIL"), (f"loss {records[0]['loss']:.3f} -> {last['loss']:.3f}, {last['tflops_per_device']:.1f} "
-                                        f"TFLOP/s, MFU {last['mfu']}, HFU {last['hfu']}, kept {kept}; {startup}")
+    return ("PASS" if ok else "FAIL"), (f"loss {records[0]['loss']:.3f} -> {last['loss']:.3f}, "
+                                        f"{last['tflops_per_device']:.1f} TFLOP/s, MFU {last['mfu']}, HFU "
+                                        f"{last['hfu']}, kept {kept}; {startup}")
 
 
 CHECKS: dict[str, Callable[[], Result]] = {

@@ -1,4 +1,5 @@
-"""`megatron-qwen preprocess` under its former path: `python tools/preprocess_data.py ARGS` is `megatron-qwen preprocess ARGS`
+"""`megatron-qwen preprocess` under its former path: `python tools/preprocess_data.py ARGS` is
+`megatron-qwen preprocess ARGS`
 (the code is in megatron_qwen/cli/)."""
 
 import sys

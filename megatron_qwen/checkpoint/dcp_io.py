@@ -27,7 +27,9 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata, MetadataIndex, TensorProperties, TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import (
     LoadPlan,
     LoadPlanner,
@@ -91,7 +93,8 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         chunk = self.chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
         tensor = chunk.load()
         if tuple(tensor.shape) != tuple(chunk.sizes) or tensor.dtype != chunk.dtype:
-            raise AssertionError(f"{chunk.key} at {chunk.offsets}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {chunk.sizes} {chunk.dtype}")
+            raise AssertionError(f"{chunk.key} at {chunk.offsets}: produced {tuple(tensor.shape)} {tensor.dtype}, "
+                                 f"planned {chunk.sizes} {chunk.dtype}")
         return tensor.contiguous()
 
 
@@ -150,10 +153,13 @@ def tensor_metadata(path: str | os.PathLike, trust: bool = False) -> dict[str, S
     """Every tensor of a dist_checkpointing checkpoint, by global key."""
     path = Path(path)
     if not ckdir.is_checkpoint(path) or not (path / ".metadata").is_file():
-        raise ConversionError(f"{path} is not a megatron-core dist_checkpointing checkpoint (no metadata.json / .metadata)")
+        raise ConversionError(
+            f"{path} is not a megatron-core dist_checkpointing checkpoint (no metadata.json / .metadata)"
+        )
     metadata = AllowlistFileSystemReader(path, trust).read_metadata()
     return {
-        key: StoredInfo(tuple(md.size), md.properties.dtype, tuple((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks))
+        key: StoredInfo(tuple(md.size), md.properties.dtype,
+                        tuple((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks))
         for key, md in metadata.state_dict_metadata.items()
         if isinstance(md, TensorStorageMetadata)
     }

@@ -14,8 +14,9 @@ What may be unpickled from any of these files is `megatron_qwen.checkpoint.safet
 
 A training run's save directory holds ``iter_NNNNNNN`` checkpoints and ``latest``, a one-line file naming
 the current one, written last. In the sharded state dict a model's chunks sit under ``model`` (``model0``,
-``model1``, ... with virtual pipeline stages) and its optimizer under ``optimizer``. A checkpoint of several model units keeps the root unit there and nests every
-other unit under its name, its tensors' global keys prefixed with ``NAME.``, so names never collide.
+``model1``, ... with virtual pipeline stages) and its optimizer under ``optimizer``. A checkpoint of several
+model units keeps the root unit there and nests every other unit under its name, its tensors' global keys
+prefixed with ``NAME.``, so names never collide.
 
 Every writer and reader (the loop, conversion, the forward and generate tools) goes through here.
 """
@@ -76,7 +77,9 @@ def read_model_config(path: str | os.PathLike, config_path: str | os.PathLike | 
     """The model section of a checkpoint's ``model_config.yaml`` (or of `config_path`)."""
     file = Path(config_path) if config_path is not None else Path(path) / MODEL_CONFIG_FILE
     if not file.is_file():
-        raise CheckpointError(f"{file} does not exist; the model's shape comes from its config: pass --config CONFIG.yaml")
+        raise CheckpointError(
+            f"{file} does not exist; the model's shape comes from its config: pass --config CONFIG.yaml"
+        )
     try:
         return load_model_section(file)
     except ConfigError as exc:

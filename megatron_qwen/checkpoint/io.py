@@ -36,7 +36,8 @@ from megatron_qwen.errors import CheckpointError
 # The distributed optimizer's state in megatron-core's fully reshardable format (loads at any TP/PP/DP), saved
 # memory-efficiently: only data-parallel rank 0 of each model-parallel group gathers the state of its TP x PP
 # shard (over gloo) to write it; without the flag every DP rank all-gathers all of it.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "distrib_optim_fully_reshardable_mem_efficient": True}
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                      "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
 class ModelUnit(Protocol):
@@ -77,7 +78,8 @@ def _barrier() -> None:
 def chunks_state(modules: list[torch.nn.Module], namespace: str = "") -> dict:
     """The sharded state dict of model chunks under their chunk keys, global keys prefixed for `namespace`."""
     prefix = ckdir.unit_prefix(namespace)
-    return {key: module.sharded_state_dict(prefix=prefix) for key, module in zip(ckdir.chunk_keys(len(modules)), modules)}
+    return {key: module.sharded_state_dict(prefix=prefix)
+            for key, module in zip(ckdir.chunk_keys(len(modules)), modules)}
 
 
 # megatron-core 0.16.1's distributed optimizer over torch's Adam/AdamW (what runs without Transformer Engine
@@ -131,7 +133,9 @@ def _load_optimizer(optimizer, state: dict) -> None:
                "dp_reshardable": opt.load_parameter_state_from_dp_reshardable}
     kind = param_state["param_state_sharding_type"]
     if kind not in loaders:
-        raise CheckpointError(f"the distributed optimizer's state is stored as {kind!r}, which this trainer does not read")
+        raise CheckpointError(
+            f"the distributed optimizer's state is stored as {kind!r}, which this trainer does not read"
+        )
     try:
         loaders[kind](param_state["param_state"])
     finally:
@@ -174,7 +178,9 @@ def _load_into(modules: list[torch.nn.Module], loaded: dict, namespace: str, whe
         missing, unexpected = module.load_state_dict(_unprefixed(loaded[key], prefix), strict=False)
         missing = [name for name in missing if not name.endswith("_extra_state")]
         if missing or unexpected:
-            raise CheckpointError(f"{where}: weights do not fit this model (missing {missing}, unexpected {unexpected})")
+            raise CheckpointError(
+                f"{where}: weights do not fit this model (missing {missing}, unexpected {unexpected})"
+            )
 
 
 def save_sharded(sharded_state_dict: dict, path: str | os.PathLike, write_extra=None, before_commit=None) -> Path:
@@ -216,7 +222,8 @@ def save_model(chunks: list[torch.nn.Module], path: str | os.PathLike) -> Path:
 
 
 def load_weights(
-    modules: list[torch.nn.Module], path: str | os.PathLike, what: str, namespace: str = "", fresh: tuple[str, ...] = (),
+    modules: list[torch.nn.Module], path: str | os.PathLike, what: str, namespace: str = "",
+    fresh: tuple[str, ...] = (),
     trust: bool = False,
 ) -> list[str]:
     """Load a checkpoint's weights (saved at any layout) into this rank's model chunks; all ranks call this.
@@ -233,13 +240,14 @@ def load_weights(
     request, started_fresh = {}, []
     for key, module in zip(ckdir.chunk_keys(len(modules)), modules):
         sharded = module.sharded_state_dict(prefix=prefix)
-        absent = {name for name, item in sharded.items() if getattr(item, "key", None) is not None and item.key not in stored}
+        absent = {name for name, item in sharded.items()
+                  if getattr(item, "key", None) is not None and item.key not in stored}
         local = [name[len(prefix):] for name in absent if not name.endswith("_extra_state")]
         unexpected = [name for name in local if not name.startswith(fresh)]
         if unexpected:
             raise CheckpointError(
-                f"{what}: the checkpoint has no {prefix}{unexpected[0]} ({len(unexpected)} tensor(s) of this model missing); "
-                "it holds another kind or size of model: check the path and the model.* sizes"
+                f"{what}: the checkpoint has no {prefix}{unexpected[0]} ({len(unexpected)} tensor(s) of this model "
+                "missing); it holds another kind or size of model: check the path and the model.* sizes"
             )
         started_fresh += local
         request[key] = {name: item for name, item in sharded.items() if name not in absent}
@@ -264,7 +272,8 @@ def read_full_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[s
     tensors are stacked on a leading axis (``decoder.layers.mlp.linear_fc1.weight``: [L, 2F, H]).
     """
     stored = tensor_metadata(path, trust)
-    return read_chunks(path, {key: ((0,) * len(info.shape), info.shape, info.dtype) for key, info in stored.items()}, trust)
+    return read_chunks(path, {key: ((0,) * len(info.shape), info.shape, info.dtype) for key, info in stored.items()},
+                       trust)
 
 
 # --------------------------------------------------------------------------- training checkpoints
@@ -399,11 +408,12 @@ def load_checkpoint(path: str | os.PathLike, units: list[ModelUnit], restore_rng
     lifts the unpickling allowlist."""
     path = Path(path)
     loaded, _, absent = dist_checkpointing.load(units_state(units, loading=True), str(path),
-                                                strict=StrictHandling.RETURN_UNEXPECTED, **safety.load_strategies(trust))
+                                                strict=StrictHandling.RETURN_UNEXPECTED,
+                                                **safety.load_strategies(trust))
     absent = sorted(key for key in absent if not key.endswith("_extra_state"))  # see _load_into
     if absent:
-        raise CheckpointError(f"{path} has no {absent[0]} ({len(absent)} tensor(s) of this run missing): it holds another "
-                              "kind or size of model; check training.load and the model.* sizes")
+        raise CheckpointError(f"{path} has no {absent[0]} ({len(absent)} tensor(s) of this run missing): it holds "
+                              "another kind or size of model; check training.load and the model.* sizes")
     for unit in units:
         unit_loaded = loaded[unit.namespace] if unit.namespace else loaded
         _load_into(unit.modules, unit_loaded, unit.namespace, str(path), trust)
@@ -429,5 +439,7 @@ def saved_train_state(path: str | os.PathLike, trust: bool = False) -> dict:
     # Checkpoints written before train_state.json kept the loop's state in megatron-core's common state.
     common = safety.read_common_state(path, trust)
     if ckdir.TRAIN_STATE_KEY not in common:
-        raise CheckpointError(f"{path} holds model weights only (no train_state); use training.init_from to start from it")
+        raise CheckpointError(
+            f"{path} holds model weights only (no train_state); use training.init_from to start from it"
+        )
     return dict(common[ckdir.TRAIN_STATE_KEY])

@@ -206,7 +206,9 @@ def unpickle_allowlisted(data: bytes, resolve: Callable[[str, str], Any], where:
     except _Refused as exc:
         raise refused(where, exc.name) from None
     except Exception as exc:
-        raise CheckpointError(f"{where}: not a readable pickle ({type(exc).__name__}: {exc}); the file is damaged") from None
+        raise CheckpointError(
+            f"{where}: not a readable pickle ({type(exc).__name__}: {exc}); the file is damaged"
+        ) from None
 
 
 # --------------------------------------------------------------------------- torch.save files
@@ -261,7 +263,9 @@ class AllowlistFileSystemReader(FileSystemReader):
             path = Path(self._get_metadata_path(rank))
             metadata = unpickle_allowlisted(path.read_bytes(), dcp_metadata_type, str(path))
             if not isinstance(metadata, Metadata):
-                raise CheckpointError(f"{path} holds a {type(metadata).__name__}, not DCP metadata; the checkpoint is damaged")
+                raise CheckpointError(
+                    f"{path} holds a {type(metadata).__name__}, not DCP metadata; the checkpoint is damaged"
+                )
             # As torch's reader does: each load gets its own id.
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
@@ -306,12 +310,14 @@ MEGATRON_SITES = (
                  "_get_filesystem_reader(checkpoint_dir, cache_metadata=True)"),
     UpstreamSite("megatron.core.dist_checkpointing.strategies.torch", "TorchDistLoadShardedStrategy.load",
                  "planner=MCoreLoadPlanner("),
-    UpstreamSite("megatron.core.dist_checkpointing.strategies.torch", "TorchDistLoadShardedStrategy.load_sharded_metadata",
+    UpstreamSite("megatron.core.dist_checkpointing.strategies.torch",
+                 "TorchDistLoadShardedStrategy.load_sharded_metadata",
                  "_get_filesystem_reader(checkpoint_dir)"),
 )
 # The unrestricted reads the allowlist replaces.
 UNRESTRICTED_SITES = (
-    UpstreamSite("torch.distributed.checkpoint.filesystem", "FileSystemReader.read_metadata", "pickle.load(metadata_file)"),
+    UpstreamSite("torch.distributed.checkpoint.filesystem", "FileSystemReader.read_metadata",
+                 "pickle.load(metadata_file)"),
     UpstreamSite("torch.distributed.checkpoint.default_planner", "DefaultLoadPlanner.load_bytes", "weights_only=False"),
     # torch.load without weights_only: safe by torch's default, unrestricted under $TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
     UpstreamSite("megatron.core.dist_checkpointing.strategies.common", "TorchCommonLoadStrategy.load_common",
@@ -375,7 +381,8 @@ class AllowlistLoadStrategy(TorchDistLoadShardedStrategy):
     def _reading(self, checkpoint_dir) -> Iterator[None]:
         reader = AllowlistFileSystemReader(checkpoint_dir, self.trust)
         reader.read_metadata()  # refused here, on every rank alike, before any collective
-        planner = MCoreLoadPlanner if self.trust else functools.partial(_AllowlistLoadPlanner, checkpoint_dir=checkpoint_dir)
+        planner = MCoreLoadPlanner if self.trust else functools.partial(_AllowlistLoadPlanner,
+                                                                        checkpoint_dir=checkpoint_dir)
         with _megatron_reads_through(reader, planner), refusals_raised():
             yield
 
@@ -437,7 +444,8 @@ def screen_extra_states(state: dict, where: str, trust: bool = False) -> None:
     for key, value in state.items():
         if isinstance(value, dict):
             screen_extra_states(value, where, trust)
-        elif key.endswith("_extra_state") and isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.numel():
+        elif (key.endswith("_extra_state") and isinstance(value, torch.Tensor) and value.dtype == torch.uint8
+              and value.numel()):
             types = TEExtraStateTypes()
             obj = unpickle_allowlisted(value.detach().cpu().numpy().tobytes(), types, f"{where} ({key})")
             if not types.stood_in:

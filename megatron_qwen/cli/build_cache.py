@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, requested, dataset in zip(("train", "valid", "test"), requested_samples(cfg), datasets):
         size = "not built" if dataset is None else f"{len(dataset)} samples"
         print(f"{name}: {size} (requested {requested if requested is not None else 'one epoch'})")
-    print(f"index cache in {cfg.data.cache_dir or 'cache/ beside the shards'}, built in {time.perf_counter() - start:.1f} s")
+    print(f"index cache in {cfg.data.cache_dir or 'cache/ beside the shards'}, built in "
+          f"{time.perf_counter() - start:.1f} s")
     return 0
 

@@ -42,24 +42,32 @@ def main(argv: list[str] | None = None) -> int:
     to_mcore = sub.add_parser("hf-to-mcore", help="Hugging Face Qwen checkpoint -> megatron-core checkpoint")
     to_mcore.add_argument("--hf", required=True, type=Path, help="Hugging Face model directory (config.json + weights)")
     to_mcore.add_argument("--out", required=True, type=Path, help="new checkpoint directory")
-    to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel size: checked against the model, pads the vocabulary, recorded (default 1)")
+    to_mcore.add_argument("--tp", type=int, default=1,
+                          help="tensor-parallel size: checked against the model, pads the vocabulary, "
+                               "recorded (default 1)")
     to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel size: checked and recorded (default 1)")
-    to_mcore.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank: checked and recorded (default 1)")
-    to_mcore.add_argument("--max-chunk-size", type=parse_size, default="64MiB", help="largest block held in memory and stored as one piece (default 64MiB)")
+    to_mcore.add_argument("--vpp", type=int, default=1,
+                          help="model chunks per pipeline rank: checked and recorded (default 1)")
+    to_mcore.add_argument("--max-chunk-size", type=parse_size, default="64MiB",
+                          help="largest block held in memory and stored as one piece (default 64MiB)")
 
     to_hf = sub.add_parser("mcore-to-hf", help="megatron-core checkpoint -> Hugging Face safetensors + config.json")
     to_hf.add_argument("--ckpt", required=True, type=Path, help="megatron-core checkpoint directory")
     to_hf.add_argument("--out", required=True, type=Path, help="new Hugging Face model directory")
-    to_hf.add_argument("--layout", choices=LAYOUTS, default=QWEN2, help="qwen2 (transformers) or qwen (v1 release); default qwen2")
+    to_hf.add_argument("--layout", choices=LAYOUTS, default=QWEN2,
+                       help="qwen2 (transformers) or qwen (v1 release); default qwen2")
     to_hf.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
-    to_hf.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="cast weights (default: as stored)")
-    to_hf.add_argument("--max-shard-size", type=parse_size, default="2GB", help="largest safetensors file (default 2GB)")
+    to_hf.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                       help="cast weights (default: as stored)")
+    to_hf.add_argument("--max-shard-size", type=parse_size, default="2GB",
+                       help="largest safetensors file (default 2GB)")
     to_hf.add_argument("--task", choices=("lm", "reward"), default="lm",
                        help="lm: Qwen2ForCausalLM (default); reward: Qwen2ForSequenceClassification (score head)")
     to_hf.add_argument("--pad-token-id", type=int, default=151643,
                        help="reward export: pad id (rewards are read at the last non-pad token; default <|endoftext|>)")
     to_hf.add_argument("--trust-checkpoint", action="store_true",
-                       help="unpickle every object in CKPT, also types outside the allowlist (can run code: trust its source)")
+                       help="unpickle every object in CKPT, also types outside the allowlist "
+                            "(can run code: trust its source)")
 
     args = parser.parse_args(argv)
     trust = getattr(args, "trust_checkpoint", False)

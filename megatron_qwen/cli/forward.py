@@ -43,12 +43,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
     parser.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank (default 1)")
     parser.add_argument("--sequence-parallel", action="store_true", help="split the sequence over TP ranks")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="auto: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
     parser.add_argument("--generate", type=int, default=0, metavar="K", help="append K greedy tokens to each row")
     parser.add_argument("--generated-out", type=Path, default=None, help="where to write the continued rows (.npy)")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle every object in CKPT, also types outside the allowlist (can run code: trust its source)")
+                        help="unpickle every object in CKPT, also types outside the allowlist "
+                             "(can run code: trust its source)")
     args = parser.parse_args(argv)
     if args.generate < 0:
         parser.error(f"--generate {args.generate}: the number of tokens must be >= 0")

@@ -49,11 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ckpt", required=True, type=Path, help="megatron-core checkpoint directory (any layout)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt text")
-    source.add_argument("--prompts", type=Path, help='JSONL file of {"prompt": ...} (or, with --chat, {"messages": [...]}) lines')
+    source.add_argument("--prompts", type=Path,
+                        help='JSONL file of {"prompt": ...} (or, with --chat, {"messages": [...]}) lines')
     source.add_argument("--prompt-tokens", type=Path, help=".npy (batch, len) token ids, padded with -1 on the right")
     source.add_argument("--interactive", action="store_true", help="a ChatML chat in the terminal")
     parser.add_argument("--chat", action="store_true", help="render text prompts with ChatML up to the assistant turn")
-    parser.add_argument("--system", default=None, help="system prompt for --chat (default: 'You are a helpful assistant.')")
+    parser.add_argument("--system", default=None,
+                        help="system prompt for --chat (default: 'You are a helpful assistant.')")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
@@ -62,12 +64,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
     parser.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank (default 1)")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="auto: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
     parser.add_argument("--out", type=Path, default=None, help="write one JSON line per prompt here")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle every object in CKPT, also types outside the allowlist (can run code: trust its source)")
+                        help="unpickle every object in CKPT, also types outside the allowlist "
+                             "(can run code: trust its source)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size} must be >= 1")
@@ -131,7 +135,9 @@ def _prompt_token_rows(path: Path, vocab_limit: int) -> list[list[int]]:
     for i, row in enumerate(inference.read_token_array(path, "--prompt-tokens").tolist()):
         length = row.index(-1) if -1 in row else len(row)
         if any(t != -1 for t in row[length:]):
-            raise UserError(f"--prompt-tokens {path}: row {i} has ids after its -1 padding; pad with -1 on the right only")
+            raise UserError(
+                f"--prompt-tokens {path}: row {i} has ids after its -1 padding; pad with -1 on the right only"
+            )
         rows.append(row[:length])
     return rows
 
@@ -191,10 +197,12 @@ def chat_loop(engine: GenerationEngine, params: SamplingParams, tokenizer, syste
         streamer = Writer(tokenizer, True, True)
         if writer:
             print("assistant> ", end="", flush=True)
-        result = engine.generate([prompt], params, on_token=(lambda r, t: streamer.on_token(r, t, params.stop_ids)) if writer else None)
+        result = engine.generate([prompt], params,
+                                 on_token=(lambda r, t: streamer.on_token(r, t, params.stop_ids)) if writer else None)
         if writer:
             print(flush=True)
-        history.append({"role": "assistant", "content": tokenizer.decode([t for t in result.tokens[0] if t not in params.stop_ids])})
+        history.append({"role": "assistant",
+                        "content": tokenizer.decode([t for t in result.tokens[0] if t not in params.stop_ids])})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.trust_checkpoint and launch.rank == 0:
         print(f"warning: --trust-checkpoint: {TRUST_WARNING}", file=sys.stderr, flush=True)
     try:
-        plan = inference.prepare(args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp, precision=args.precision,
+        plan = inference.prepare(args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp,
+                                 precision=args.precision,
                                  config_path=args.config, trust_checkpoint=args.trust_checkpoint)
         tokenizer = load_tokenizer()
         vocab_limit = plan.generate_vocab
@@ -230,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             chat_loop(engine, params, tokenizer, args.system, is_writer)
             return 0
         writer = Writer(tokenizer, vocab_limit >= TOKENIZER_VOCAB_SIZE, stream=len(prompts) == 1 and args.out is None)
-        stream = (lambda row, token: writer.on_token(row, token, params.stop_ids)) if is_writer and writer.stream else None
+        stream = ((lambda row, token: writer.on_token(row, token, params.stop_ids))
+                  if is_writer and writer.stream else None)
         lines, tokens, seconds = [], 0, 0.0
         for start in range(0, len(prompts), args.batch_size):
             result = engine.generate(prompts[start:start + args.batch_size], params, on_token=stream)

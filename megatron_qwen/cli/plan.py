@@ -71,9 +71,9 @@ def format_table(result: Plan, top: int) -> str:
     for i, e in enumerate(result.fitting[:top], 1):
         m, t = e.memory, e.time
         lines.append(
-            f"{i:>3}  {e.layout.describe():<44} {m.weights / GIB:>7.1f} {m.gradients / GIB:>6.1f} {m.optimizer / GIB:>6.1f} "
-            f"{m.activations / GIB:>6.1f} {m.buffers / GIB:>4.1f} {m.total / GIB:>6.1f}   {t.compute:>7.2f} {t.tp:>6.2f} "
-            f"{t.pp:>6.2f} {t.dp:>6.2f} {t.bubble:>6.2f} {t.total:>7.2f}  {e.mfu:>5.1%}"
+            f"{i:>3}  {e.layout.describe():<44} {m.weights / GIB:>7.1f} {m.gradients / GIB:>6.1f} "
+            f"{m.optimizer / GIB:>6.1f} {m.activations / GIB:>6.1f} {m.buffers / GIB:>4.1f} {m.total / GIB:>6.1f}   "
+            f"{t.compute:>7.2f} {t.tp:>6.2f} {t.pp:>6.2f} {t.dp:>6.2f} {t.bubble:>6.2f} {t.total:>7.2f}  {e.mfu:>5.1%}"
         )
     lines += ["", "overrides of #1: " + " ".join(plan_overrides(result, result.fitting[0]))]
     return "\n".join(lines)
@@ -87,16 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", required=True, help="GPU model from megatron_qwen/plan/gpus.yaml, e.g. h100-80gb")
     parser.add_argument("--seq-length", type=int, default=None, help="training sequence length (default: the config's)")
     parser.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: the config's)")
-    parser.add_argument("--micro-batch", type=int, default=None, help="consider only this micro-batch size (default: all)")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="consider only this micro-batch size (default: all)")
     parser.add_argument("--fp8", action="store_true", help="FP8 GEMMs through Transformer Engine")
     parser.add_argument("--top", type=int, default=10, help="layouts to list (default 10)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--emit-overrides", action="store_true", help="print only the best layout as dotted overrides")
-    parser.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM, help=f"fraction of GPU memory kept free (default {DEFAULT_HEADROOM})")
+    parser.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
+                        help=f"fraction of GPU memory kept free (default {DEFAULT_HEADROOM})")
     parser.add_argument("--buffer-gib", type=float, default=DEFAULT_BUFFER_GIB,
-                        help=f"allowance per GPU for CUDA context, workspaces and NCCL buffers (default {DEFAULT_BUFFER_GIB})")
-    parser.add_argument("--achievable-tflops", type=float, default=None, help="sustained BF16 GEMM rate per GPU (default: the table's)")
-    parser.add_argument("--inter-node-gbps", type=float, default=None, help="network bandwidth per GPU, GB/s (default: the table's)")
+                        help="allowance per GPU for CUDA context, workspaces and NCCL buffers "
+                             f"(default {DEFAULT_BUFFER_GIB})")
+    parser.add_argument("--achievable-tflops", type=float, default=None,
+                        help="sustained BF16 GEMM rate per GPU (default: the table's)")
+    parser.add_argument("--inter-node-gbps", type=float, default=None,
+                        help="network bandwidth per GPU, GB/s (default: the table's)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)

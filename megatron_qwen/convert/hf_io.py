@@ -56,11 +56,15 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         if entry["dtype"] not in SAFETENSORS_DTYPES:
-            raise ConversionError(f"{file}: tensor {name} has dtype {entry['dtype']}, which this converter does not read")
-        info = TensorInfo(file, tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]], start + entry["data_offsets"][0])
+            raise ConversionError(
+                f"{file}: tensor {name} has dtype {entry['dtype']}, which this converter does not read"
+            )
+        info = TensorInfo(file, tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]],
+                          start + entry["data_offsets"][0])
         first, last = entry["data_offsets"]
         if last - first != math.prod(info.shape) * info.dtype.itemsize:
-            raise ConversionError(f"{file}: the header gives tensor {name} {last - first} bytes for shape {list(info.shape)}; the file is corrupt")
+            raise ConversionError(f"{file}: the header gives tensor {name} {last - first} bytes for shape "
+                                  f"{list(info.shape)}; the file is corrupt")
         out[name] = info
     return out
 
@@ -85,14 +89,17 @@ class HFCheckpoint:
             self._scan(file)
 
     def _weight_files(self) -> list[Path]:
-        for index_name, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
             index = self.dir / index_name
             if index.is_file():
                 weight_map = _read_json(index).get("weight_map") or {}
                 files = sorted({self.dir / name for name in weight_map.values()})
                 missing = [f.name for f in files if not f.is_file()]
                 if missing:
-                    raise ConversionError(f"{index} lists {missing[0]}, which is not in {self.dir}; finish the download")
+                    raise ConversionError(
+                        f"{index} lists {missing[0]}, which is not in {self.dir}; finish the download"
+                    )
                 if not files:
                     raise ConversionError(f"{index} has an empty weight_map")
                 return files
@@ -103,7 +110,8 @@ class HFCheckpoint:
                 if files:
                     return files
         raise ConversionError(
-            f"--hf {self.dir}: no weights found; expected model.safetensors[.index.json] or pytorch_model.bin[.index.json]"
+            f"--hf {self.dir}: no weights found; expected model.safetensors[.index.json] or "
+            "pytorch_model.bin[.index.json]"
         )
 
     def _scan(self, file: Path) -> None:
@@ -130,7 +138,9 @@ class HFCheckpoint:
         with open(info.file, "rb") as f:
             f.seek(info.offset + start * row_bytes)
             if f.readinto(out.view(-1).view(torch.uint8).numpy()) != out.numel() * out.element_size():
-                raise ConversionError(f"{info.file}: ends inside tensor {name}; the file is truncated, download it again")
+                raise ConversionError(
+                    f"{info.file}: ends inside tensor {name}; the file is truncated, download it again"
+                )
         return out
 
 
@@ -187,7 +197,8 @@ def write_safetensors(directory: Path, tensors: list[PlannedTensor], max_shard_b
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         for t in shard:
-            header[t.name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            header[t.name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [offset, offset + t.nbytes]}
             offset += t.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment
@@ -198,7 +209,9 @@ def write_safetensors(directory: Path, tensors: list[PlannedTensor], max_shard_b
                 written = 0
                 for block in t.blocks():
                     if block.dtype != t.dtype or tuple(block.shape[1:]) != tuple(t.shape[1:]):
-                        raise AssertionError(f"{t.name}: block {block.dtype} {tuple(block.shape)} does not fit {t.dtype} {t.shape}")
+                        raise AssertionError(
+                            f"{t.name}: block {block.dtype} {tuple(block.shape)} does not fit {t.dtype} {t.shape}"
+                        )
                     f.write(block.contiguous().view(-1).view(torch.uint8).numpy())
                     written += block.numel() * block.element_size()
                 if written != t.nbytes:

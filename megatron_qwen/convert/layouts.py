@@ -116,7 +116,8 @@ def detect_layout(config: dict, tensor_names: Iterable[str], where: str) -> str:
     if by_config is not None and by_keys is not None and by_config != by_keys:
         raise ConversionError(
             f"{where}: config.json describes a {by_config!r} model but the tensors are named in the {by_keys!r} layout "
-            f"({'transformer.wte.weight' if by_keys == QWEN else 'model.embed_tokens.weight'}); fix config.json's model_type"
+            f"({'transformer.wte.weight' if by_keys == QWEN else 'model.embed_tokens.weight'}); fix config.json's "
+            "model_type"
         )
     return by_config or by_keys
 
@@ -159,15 +160,20 @@ def model_from_hf(config: dict, layout: str, where: str) -> tuple[ModelConfig, i
         kv_heads = int(config.get("num_key_value_heads") or heads)
         if kv_heads != heads:
             raise ConversionError(
-                f"{where}: num_key_value_heads={kv_heads} differs from num_attention_heads={heads}: that is grouped-query "
-                "attention (Qwen2 and later), not Qwen v1; only Qwen v1 models (full multi-head attention) convert"
+                f"{where}: num_key_value_heads={kv_heads} differs from num_attention_heads={heads}: that is "
+                "grouped-query attention (Qwen2 and later), not Qwen v1; only Qwen v1 models (full multi-head "
+                "attention) convert"
             )
         if config.get("hidden_act", "silu") != "silu":
             raise ConversionError(f"{where}: hidden_act={config['hidden_act']!r}; Qwen v1's SwiGLU needs 'silu'")
         if config.get("use_sliding_window"):
-            raise ConversionError(f"{where}: use_sliding_window=true; Qwen v1 attends to the full context, set it to false")
+            raise ConversionError(
+                f"{where}: use_sliding_window=true; Qwen v1 attends to the full context, set it to false"
+            )
         if config.get("head_dim") not in (None, head_dim):
-            raise ConversionError(f"{where}: head_dim={config['head_dim']} but hidden_size / num_attention_heads = {head_dim}")
+            raise ConversionError(
+                f"{where}: head_dim={config['head_dim']} but hidden_size / num_attention_heads = {head_dim}"
+            )
         max_positions = int(config.get("max_position_embeddings", 32768))
         model = ModelConfig(
             num_layers=layers,
@@ -187,10 +193,13 @@ def model_from_hf(config: dict, layout: str, where: str) -> tuple[ModelConfig, i
 
     if intermediate % 2:
         raise ConversionError(
-            f"{where}: intermediate_size={intermediate} is odd; the Qwen v1 config gives twice the per-branch SwiGLU width"
+            f"{where}: intermediate_size={intermediate} is odd; the Qwen v1 config gives twice the per-branch SwiGLU "
+            "width"
         )
     if int(config.get("kv_channels", head_dim)) != head_dim:
-        raise ConversionError(f"{where}: kv_channels={config['kv_channels']} but hidden_size / num_attention_heads = {head_dim}")
+        raise ConversionError(
+            f"{where}: kv_channels={config['kv_channels']} but hidden_size / num_attention_heads = {head_dim}"
+        )
     if float(config.get("rotary_pct", 1.0)) != 1.0:
         raise ConversionError(f"{where}: rotary_pct={config['rotary_pct']}; Qwen v1 rotates the whole head (1.0)")
     if config.get("no_bias", True) is not True:
@@ -265,7 +274,8 @@ def hf_config(layout: str, m: ModelConfig, vocab_size: int, dtype_name: str, bas
             initializer_range=m.init_method_std,
         )
         for key, value in (
-            ("auto_map", {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}),
+            ("auto_map",
+             {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}),
             ("emb_dropout_prob", 0.0),
             ("attn_dropout_prob", 0.0),
             ("scale_attn_weights", True),

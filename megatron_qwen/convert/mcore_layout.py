@@ -40,8 +40,11 @@ def single_process_model_parallel():
     one-process gloo group on an in-memory store (no port, no launcher) and removes it afterwards.
     """
     if parallel_state.model_parallel_is_initialized():
-        if parallel_state.get_tensor_model_parallel_world_size() != 1 or parallel_state.get_pipeline_model_parallel_world_size() != 1:
-            raise RuntimeError("conversion lays out the model at TP=PP=1; call it outside a tensor/pipeline-parallel run")
+        if (parallel_state.get_tensor_model_parallel_world_size() != 1
+                or parallel_state.get_pipeline_model_parallel_world_size() != 1):
+            raise RuntimeError(
+                "conversion lays out the model at TP=PP=1; call it outside a tensor/pipeline-parallel run"
+            )
         yield
         return
     created_group = not torch.distributed.is_initialized()
@@ -71,7 +74,8 @@ def stored_layout(cfg: Config) -> tuple[list[StoredTensor], dict[str, object]]:
     for item in nested_values(sharded):
         if isinstance(item, ShardedTensor):
             prepend = (1,) * item.prepend_axis_num
-            tensors.append(StoredTensor(item.key, tuple(item.global_shape), tuple(item.global_offset), prepend + tuple(item.local_shape)))
+            tensors.append(StoredTensor(item.key, tuple(item.global_shape), tuple(item.global_offset),
+                                        prepend + tuple(item.local_shape)))
         elif isinstance(item, ShardedObject):
             objects[item.unique_key] = item.data
         else:

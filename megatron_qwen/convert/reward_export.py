@@ -53,25 +53,28 @@ def export_reward_to_hf(
     stored = tensor_metadata(ckpt, trust_checkpoint)
     if K.SCALAR_HEAD not in stored:
         raise ConversionError(
-            f"--ckpt {ckpt} has no reward head ({K.SCALAR_HEAD}); it is not a checkpoint of megatron_qwen.stages.reward "
-            "(export a language model without --task reward)"
+            f"--ckpt {ckpt} has no reward head ({K.SCALAR_HEAD}); it is not a checkpoint of "
+            "megatron_qwen.stages.reward (export a language model without --task reward)"
         )
     rows = stored[K.EMBED].shape[0] if K.EMBED in stored else m.padded_vocab_size
-    expected = {k: v for k, v in K.full_shapes(m.num_layers, m.hidden_size, m.ffn_hidden_size, rows).items() if k != K.OUTPUT}
+    expected = {k: v for k, v in K.full_shapes(m.num_layers, m.hidden_size, m.ffn_hidden_size, rows).items()
+                if k != K.OUTPUT}
     expected[K.SCALAR_HEAD] = (1, m.hidden_size)
     for key, shape in expected.items():
         if key not in stored or stored[key].shape != shape:
             found = "missing" if key not in stored else f"of shape {list(stored[key].shape)}"
             raise ConversionError(
                 f"--ckpt {ckpt}: tensor {key} is {found}, but {config_path} (num_layers={m.num_layers}, hidden_size="
-                f"{m.hidden_size}, ffn_hidden_size={m.ffn_hidden_size}) needs {list(shape)}; pass the model's config with --config"
+                f"{m.hidden_size}, ffn_hidden_size={m.ffn_hidden_size}) needs {list(shape)}; pass the model's config "
+                "with --config"
             )
     vocab = exported_vocab(ckpt, rows)
     # One dtype for every tensor (a checkpoint stores its weights in one): the LM plan also describes an
     # lm_head, which a reward checkpoint lacks and which is dropped before anything is read.
     reader = LayerReader(ckpt, stored, getattr(torch, dtype) if dtype else stored[K.EMBED].dtype, trust_checkpoint)
     tensors = [t for t in plan_tensors(reader, QWEN2, m, vocab) if t.name != GLOBAL_NAMES[QWEN2]["lm_head"]]
-    tensors.append(PlannedTensor(SCORE, (1, m.hidden_size), reader.dtype(K.SCALAR_HEAD), lambda: iter([reader.whole(K.SCALAR_HEAD)])))
+    tensors.append(PlannedTensor(SCORE, (1, m.hidden_size), reader.dtype(K.SCALAR_HEAD),
+                                 lambda: iter([reader.whole(K.SCALAR_HEAD)])))
 
     config = hf_config(QWEN2, m, vocab, str(reader.dtype(K.EMBED)).removeprefix("torch."))
     config.update(
@@ -81,5 +84,6 @@ def export_reward_to_hf(
         pad_token_id=pad_token_id,
     )
     files = write_hf_dir(out, tensors, config, vocab, max_shard_bytes, log)
-    log(f"wrote {out}: Qwen2ForSequenceClassification, {len(files)} safetensors file(s), vocab_size {vocab}, pad_token_id {pad_token_id}")
+    log(f"wrote {out}: Qwen2ForSequenceClassification, {len(files)} safetensors file(s), vocab_size {vocab}, "
+        f"pad_token_id {pad_token_id}")
     return out

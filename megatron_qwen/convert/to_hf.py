@@ -163,11 +163,14 @@ def mcore_to_hf(
     expected = K.full_shapes(m.num_layers, m.hidden_size, m.ffn_hidden_size, rows)
     for key, shape in expected.items():
         if key not in stored:
-            raise ConversionError(f"--ckpt {ckpt} has no tensor {key}; it is not a Qwen model checkpoint of this project")
+            raise ConversionError(
+                f"--ckpt {ckpt} has no tensor {key}; it is not a Qwen model checkpoint of this project"
+            )
         if stored[key].shape != shape:
             raise ConversionError(
                 f"--ckpt {ckpt}: tensor {key} has shape {list(stored[key].shape)}, but {config_path} "
-                f"(num_layers={m.num_layers}, hidden_size={m.hidden_size}, ffn_hidden_size={m.ffn_hidden_size}) needs {list(shape)}"
+                f"(num_layers={m.num_layers}, hidden_size={m.hidden_size}, ffn_hidden_size={m.ffn_hidden_size}) needs "
+                f"{list(shape)}"
             )
     source = ckdir.read_hf_source(ckpt)
     vocab = exported_vocab(ckpt, rows)
@@ -175,8 +178,8 @@ def mcore_to_hf(
     out_dtype = reader.dtype(K.EMBED)
     if layout == QWEN2 and (m.use_dynamic_ntk or m.use_logn_attn):
         log(
-            f"note: the model uses dynamic NTK / LogN attention beyond {m.seq_length} tokens, which transformers' Qwen2 "
-            "does not model: its logits match only up to that length (--layout qwen keeps both)"
+            f"note: the model uses dynamic NTK / LogN attention beyond {m.seq_length} tokens, which transformers' "
+            "Qwen2 does not model: its logits match only up to that length (--layout qwen keeps both)"
         )
 
     base = source["config"] if source and source.get("layout") == layout else None

@@ -71,7 +71,9 @@ def _check_tensors(hf: HFCheckpoint, layout: str, cfg: Config, vocab: int, tied:
         if not info.dtype.is_floating_point:
             raise ConversionError(f"{hf.dir}: tensor {name} has dtype {info.dtype}; weights must be floating point")
     if tied and lm_head in hf.tensors and hf.tensors[lm_head].shape != (vocab, m.hidden_size):
-        raise ConversionError(f"{hf.dir}: tensor {lm_head} has shape {list(hf.tensors[lm_head].shape)}, expected {[vocab, m.hidden_size]}")
+        raise ConversionError(
+            f"{hf.dir}: tensor {lm_head} has shape {list(hf.tensors[lm_head].shape)}, expected {[vocab, m.hidden_size]}"
+        )
     unexpected = [
         name for name in hf.tensors
         if name not in expected and name != lm_head and not name.endswith(IGNORED_SUFFIXES)

@@ -57,13 +57,16 @@ class _Shards:
                 if not (Path(path + ".bin").is_file() and Path(path + ".idx").is_file()):
                     raise DataError(
                         f"{path}.bin/.idx does not exist; data.paths takes the --output-prefix given to "
-                        f"`tools/preprocess_data.py {flag}` ({prefix!r} should hold {', '.join(shard_prefix(prefix, k) for k in keys)})"
+                        f"`tools/preprocess_data.py {flag}` ({prefix!r} should hold "
+                        f"{', '.join(shard_prefix(prefix, k) for k in keys)})"
                     )
                 check_shard(path)
                 shards[key] = IndexedDataset(path)
             counts = {key: len(shard) for key, shard in shards.items()}
             if len(set(counts.values())) != 1:
-                raise DataError(f"the shards of {prefix} disagree on the number of documents {counts}; preprocess it again")
+                raise DataError(
+                    f"the shards of {prefix} disagree on the number of documents {counts}; preprocess it again"
+                )
             if keys == SFT_KEYS:  # a loss mask has exactly one entry per token of its conversation
                 tokens, mask = (np.asarray(shards[k].sequence_lengths) for k in keys)
                 if (tokens != mask).any():
@@ -108,7 +111,8 @@ def _check_fits(lengths: np.ndarray, docs: np.ndarray, seq_length: int, shards: 
 
 
 def _train_samples_needed(cfg: Config, available: int, what: str, epochs: float | None, epochs_key: str) -> int:
-    """Samples the train split must provide; sets training.train_iters when `epochs` (config key `epochs_key`) is given."""
+    """Samples the train split must provide; sets training.train_iters when `epochs` (config key `epochs_key`)
+    is given."""
     t, d = cfg.training, cfg.data
     if available == 0:
         raise DataError(f"the train split holds no {what} (data.split={d.split!r}); add data or give train a share")
@@ -135,7 +139,8 @@ def _valid_documents(cfg: Config, shards: _Shards) -> np.ndarray | None:
     docs = shards.split_documents(cfg.data.split, 1)
     if cfg.training.eval_interval and docs.size == 0:
         raise DataError(
-            f"training.eval_interval={cfg.training.eval_interval} needs a valid split, but data.split={cfg.data.split!r} "
+            f"training.eval_interval={cfg.training.eval_interval} needs a valid split, but "
+            f"data.split={cfg.data.split!r} "
             "leaves it empty; use e.g. data.split=98,2,0 or training.eval_interval=0"
         )
     return docs if docs.size else None
@@ -241,7 +246,9 @@ def build_sft_datasets(cfg: Config) -> tuple[SFTDataset, SFTDataset | None]:
     seq, seed = cfg.model.seq_length, cfg.training.seed
     lengths = shards.lengths(SFT_KEYS[0])
     if not np.array_equal(lengths, shards.lengths(SFT_KEYS[1])):
-        raise DataError(f"the token and loss-mask shards of {shards.prefixes} differ in document lengths; preprocess again")
+        raise DataError(
+            f"the token and loss-mask shards of {shards.prefixes} differ in document lengths; preprocess again"
+        )
 
     def rows_of(docs: np.ndarray, which: int) -> list[np.ndarray]:
         _check_fits(lengths, docs, seq, shards, flag)
@@ -336,8 +343,8 @@ def build_prompt_dataset(cfg: Config) -> PromptDataset:
     lengths = shards.lengths(PROMPT_KEYS[0])
     room = cfg.model.seq_length - cfg.ppo.max_new_tokens
     if room < 1:
-        raise DataError(f"ppo.max_new_tokens={cfg.ppo.max_new_tokens} leaves no room for a prompt within model.seq_length="
-                        f"{cfg.model.seq_length}; lower ppo.max_new_tokens or raise model.seq_length")
+        raise DataError(f"ppo.max_new_tokens={cfg.ppo.max_new_tokens} leaves no room for a prompt within "
+                        f"model.seq_length={cfg.model.seq_length}; lower ppo.max_new_tokens or raise model.seq_length")
     docs = shards.split_documents(cfg.data.split, 0)
     if docs.size == 0:
         raise DataError(f"the train split of {shards.prefixes} holds no prompt (data.split={cfg.data.split!r})")

@@ -45,7 +45,9 @@ def parse_blend(paths: list) -> tuple[list[str], list[float] | None]:
         prefixes, weights = list(paths), None
     else:
         if len(paths) % 2 or not all(isinstance(w, (int, float)) for w in paths[0::2]):
-            raise DataError(f"data.paths={paths!r} must alternate weight and prefix: [0.7, /data/a_text_document, 0.3, /data/b]")
+            raise DataError(
+                f"data.paths={paths!r} must alternate weight and prefix: [0.7, /data/a_text_document, 0.3, /data/b]"
+            )
         weights, prefixes = [float(w) for w in paths[0::2]], [str(p) for p in paths[1::2]]
         if any(w <= 0 for w in weights):
             raise DataError(f"data.paths weights {weights} must all be > 0")

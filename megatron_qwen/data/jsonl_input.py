@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from megatron_qwen.errors import PreprocessError

@@ -56,10 +56,13 @@ def prepare(
     model = dataclasses.replace(ckdir.read_model_config(ckpt, config_path), fp8=None)
     stored = tensor_metadata(ckpt, trust_checkpoint)
     if K.EMBED not in stored:
-        raise ConversionError(f"--ckpt {ckpt} has no tensor {K.EMBED}; it is not a Qwen model checkpoint of this project")
+        raise ConversionError(
+            f"--ckpt {ckpt} has no tensor {K.EMBED}; it is not a Qwen model checkpoint of this project"
+        )
     if K.OUTPUT not in stored:
         kind = "a reward or value model (scalar head)" if K.SCALAR_HEAD in stored else "not a language model"
-        raise ConversionError(f"--ckpt {ckpt} has no {K.OUTPUT}: it is {kind}; logits and generation need a language-model checkpoint")
+        raise ConversionError(f"--ckpt {ckpt} has no {K.OUTPUT}: it is {kind}; logits and generation need a "
+                              "language-model checkpoint")
     stored_rows = stored[K.EMBED].shape[0]
     mp = tp * pp
     dp = world_size // mp if mp > 0 and world_size % mp == 0 else 1
@@ -98,7 +101,9 @@ def read_token_array(path: str | os.PathLike, option: str) -> np.ndarray:
     if tokens.ndim == 1:
         tokens = tokens[None, :]
     if tokens.ndim != 2 or tokens.size == 0:
-        raise ConversionError(f"{option} {path} has shape {list(tokens.shape)}; expected a non-empty (batch, seq) array")
+        raise ConversionError(
+            f"{option} {path} has shape {list(tokens.shape)}; expected a non-empty (batch, seq) array"
+        )
     return tokens.astype(np.int64)
 
 
@@ -170,7 +175,8 @@ def forward_logits(chunks: list[torch.nn.Module], plan: ForwardPlan, tokens: tor
     return torch.cat(outputs[:batch])[:, :seq, : plan.vocab_size]
 
 
-def recompute_greedy(chunks: list[torch.nn.Module], plan: ForwardPlan, tokens: torch.Tensor, steps: int) -> torch.Tensor:
+def recompute_greedy(chunks: list[torch.nn.Module], plan: ForwardPlan, tokens: torch.Tensor,
+                     steps: int) -> torch.Tensor:
     """`tokens` with `steps` greedy ids appended to every row, on every rank, recomputing the whole sequence at
     every step: the reference the KV-cache engine (`inference.engine`) is tested and benchmarked against."""
     for _ in range(steps):

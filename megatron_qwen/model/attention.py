@@ -6,8 +6,8 @@ kernel on GPU where the shape allows.
 
 Rows packed with several sequences (SFT) come with `PackedRows`, megatron-core's PackedSeqParams with the
 sequence boundaries: each sequence attends causally within itself, through torch's variable-length flash
-kernel on GPU (torch >= 2.11, whose varlen_attn takes a scale and a causal window), or one causal SDPA call per sequence (CPU ranks, attention dropout, fp32). No dense
-(seq x seq) mask is built.
+kernel on GPU (torch >= 2.11, whose varlen_attn takes a scale and a causal window), or one causal SDPA call
+per sequence (CPU ranks, attention dropout, fp32). No dense (seq x seq) mask is built.
 """
 
 from __future__ import annotations

@@ -72,9 +72,12 @@ def float8_linear_config(recipe: str) -> Float8LinearConfig:
         e4m3 = CastConfig(scaling_granularity=ScalingGranularity.AXISWISE, target_dtype=e4m3_dtype)
         e5m2 = CastConfig(scaling_granularity=ScalingGranularity.AXISWISE, target_dtype=e5m2_dtype)
         return Float8LinearConfig(
-            cast_config_input=e4m3, cast_config_weight=e4m3, cast_config_grad_output=e5m2, round_scales_to_power_of_2=True
+            cast_config_input=e4m3, cast_config_weight=e4m3, cast_config_grad_output=e5m2,
+            round_scales_to_power_of_2=True
         )
-    raise ValueError(f"FP8 recipe {recipe!r} is not one of the local layers' {RECIPES} (delayed is Transformer Engine's)")
+    raise ValueError(
+        f"FP8 recipe {recipe!r} is not one of the local layers' {RECIPES} (delayed is Transformer Engine's)"
+    )
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,8 @@ def _to_float8(operands: list[_Operand], scaling: Float8Scaling, group) -> list[
     out = []
     for op, dim, amax in zip(operands, dims, amaxes):
         scale = amax_to_scale(amax, op.cast.target_dtype, scaling.config.round_scales_to_power_of_2)
-        out.append(hp_tensor_and_scale_to_float8(op.tensor, scale, op.cast.target_dtype, scaling.mm_config, op.role, dim))
+        out.append(hp_tensor_and_scale_to_float8(op.tensor, scale, op.cast.target_dtype, scaling.mm_config, op.role,
+                                                 dim))
     return out
 
 
@@ -161,7 +165,8 @@ class _Float8ParallelLinear(torch.autograd.Function):
     gradient). Saves this rank's input, as megatron-core does, and casts again in backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, scaling: Float8Scaling, column: bool, sequence_parallel: bool, allreduce_dgrad: bool, group):
+    def forward(ctx, x, weight, scaling: Float8Scaling, column: bool, sequence_parallel: bool, allreduce_dgrad: bool,
+                group):
         ctx.save_for_backward(x, weight)
         ctx.scaling, ctx.column, ctx.sequence_parallel, ctx.allreduce_dgrad, ctx.group = (
             scaling, column, sequence_parallel, allreduce_dgrad, group
@@ -169,7 +174,8 @@ class _Float8ParallelLinear(torch.autograd.Function):
         c = scaling.config
         w_split = _weight_split(column, group)
         x_op, gather = _input_operand(ctx, x.reshape(-1, x.shape[-1]), c.cast_config_input, axiswise_dim=-1)
-        wt = _Operand(weight.t(), c.cast_config_weight, GemmInputRole.WEIGHT, 0, None if w_split is None else 1 - w_split)
+        wt = _Operand(weight.t(), c.cast_config_weight, GemmInputRole.WEIGHT, 0,
+                      None if w_split is None else 1 - w_split)
         x8, wt8 = _to_float8([x_op, wt], scaling, group)
         if gather:
             x8 = _all_gather_float8(x8, group)
@@ -266,7 +272,8 @@ class Float8ColumnParallelLinear(ColumnParallelLinear):
 
     def _forward_impl(self, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
                       grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None):
-        out = _Float8ParallelLinear.apply(input, weight, self.fp8, True, sequence_parallel, allreduce_dgrad, self.tp_group)
+        out = _Float8ParallelLinear.apply(input, weight, self.fp8, True, sequence_parallel, allreduce_dgrad,
+                                          self.tp_group)
         return out if bias is None else out + bias
 
 

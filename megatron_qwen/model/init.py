@@ -59,7 +59,8 @@ def draw_region(shape: tuple[int, ...], region: tuple[slice, ...], std: float, s
         lo = block * rows_per_block
         rows = min(rows_per_block, shape[0] - lo)
         generator = torch.Generator(device=device).manual_seed(block_seed(seed, key, layer, block))
-        values = torch.empty((rows, *shape[1:]), dtype=torch.float32, device=device).normal_(0.0, std, generator=generator)
+        values = torch.empty((rows, *shape[1:]), dtype=torch.float32, device=device).normal_(
+            0.0, std, generator=generator)
         parts.append(values[max(first, lo) - lo : min(stop, lo + rows) - lo][(slice(None), *region[1:])])
     return torch.cat(parts)
 
@@ -90,4 +91,6 @@ def initialize_weights(module: torch.nn.Module, seed: int, std: float, num_layer
             done.add(ptr)
     missing = [name for name, p in module.named_parameters() if p.untyped_storage().data_ptr() not in done]
     if missing:
-        raise RuntimeError(f"no layout-independent initialisation for {missing}: they are not in the sharded state dict")
+        raise RuntimeError(
+            f"no layout-independent initialisation for {missing}: they are not in the sharded state dict"
+        )

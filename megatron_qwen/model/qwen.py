@@ -202,7 +202,8 @@ class QwenModel(GPTModel):
         if post and head == "scalar":
             self.post_process = self.decoder.post_process = True
             self.decoder.final_layernorm = build_module(
-                self.decoder.submodules.layer_norm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+                self.decoder.submodules.layer_norm, config=config, hidden_size=config.hidden_size,
+                eps=config.layernorm_epsilon
             )
             self.reward_head = ScalarHead(config)  # stored as SCALAR_HEAD_KEY
 
@@ -226,7 +227,8 @@ class QwenModel(GPTModel):
         if self.head == "lm":
             return super().sharded_state_dict(prefix, sharded_offsets, metadata)
         # GPTModel's version adjusts the LM output layer's entries, which a scalar-head model does not have.
-        return MegatronModule.sharded_state_dict(self, prefix, sharded_offsets, ensure_metadata_has_dp_cp_group(metadata))
+        return MegatronModule.sharded_state_dict(self, prefix, sharded_offsets,
+                                                 ensure_metadata_has_dp_cp_group(metadata))
 
 
 def build_model(cfg: Config, runtime: Runtime, head: Head = "lm", rope_at_positions: bool = False) -> list[QwenModel]:

@@ -1,4 +1,5 @@
-"""Qwen's rotary position embedding and its inference-only long-context tricks (Qwen technical report, released modeling_qwen.py).
+"""Qwen's rotary position embedding and its inference-only long-context tricks (Qwen technical report,
+released modeling_qwen.py).
 
 Dynamic NTK raises the rotary base once a sequence is longer than the training context; LogN scales
 queries beyond it. Both are no-ops in training and whenever the length is <= seq_length. The pure

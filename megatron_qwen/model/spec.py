@@ -29,7 +29,8 @@ def qwen_layer_spec(use_transformer_engine: bool = False, local_fp8_recipe: str 
         # Imported only for the TE spec: the module needs Transformer Engine, which is optional.
         from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear, TERowParallelLinear
 
-        qkv, proj, fc1, fc2 = TELayerNormColumnParallelLinear, TERowParallelLinear, TELayerNormColumnParallelLinear, TERowParallelLinear
+        qkv, proj, fc1, fc2 = (TELayerNormColumnParallelLinear, TERowParallelLinear,
+                               TELayerNormColumnParallelLinear, TERowParallelLinear)
         input_norm = pre_mlp_norm = IdentityOp  # fused into qkv / fc1
         keys_map = {}
     else:

@@ -38,7 +38,8 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, model: ModelConfig) -> "ModelShape":
-        return cls(model.num_layers, model.hidden_size, model.num_attention_heads, model.ffn_hidden_size, model.padded_vocab_size)
+        return cls(model.num_layers, model.hidden_size, model.num_attention_heads, model.ffn_hidden_size,
+                   model.padded_vocab_size)
 
     @property
     def head_dim(self) -> int:
@@ -50,7 +51,8 @@ class ModelShape:
 
     def num_parameters(self) -> int:
         """Parameters of the whole network (untied embedding and output layer)."""
-        return self.num_layers * sum(layer_param_numels(self, 1)) + 2 * self.vocab_size * self.hidden_size + self.hidden_size
+        return (self.num_layers * sum(layer_param_numels(self, 1)) + 2 * self.vocab_size * self.hidden_size
+                + self.hidden_size)
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,8 @@ def model_state_bytes(
     weights = gradients = optimizer = 0
     for chunk in range(vpp):
         numels = chunk_param_numels(shape, tp, pp, vpp, pp_rank, chunk)
-        ranges, buckets = buffer_layout(numels, dp, distributed_optimizer, chunk_bucket_size(bucket_size, pp_rank, chunk))
+        ranges, buckets = buffer_layout(numels, dp, distributed_optimizer,
+                                        chunk_bucket_size(bucket_size, pp_rank, chunk))
         buffer_numel = buckets[-1][1]
         gradients += buffer_numel * prec.grad_bytes
         if distributed_optimizer:
@@ -395,7 +398,8 @@ def microbatch_activation_bytes(
         body = inputs * layer_activation_bytes(shape, seq, micro_batch, tp, sp, "full", act_bytes, kernels)
         body += rope_frequencies_bytes(shape, seq)
     else:
-        body = layers * layer_activation_bytes(shape, seq, micro_batch, tp, sp, recompute, act_bytes, kernels, hidden_dropout)
+        body = layers * layer_activation_bytes(shape, seq, micro_batch, tp, sp, recompute, act_bytes, kernels,
+                                               hidden_dropout)
     embedding = embedding_activation_bytes(shape, seq, micro_batch, tp, sp, act_bytes, kernels, hidden_dropout)
     return embedding + body + head_activation_bytes(shape, seq, micro_batch, tp, sp, act_bytes, kernels)
 
@@ -449,7 +453,8 @@ def stage_activation_bytes(
         per_chunk = groups * layer_activation_bytes(shape, seq, micro_batch, tp, sp, "full", act_bytes, kernels)
         per_chunk += rope_frequencies_bytes(shape, seq)
         recomputed = min(recompute_num_layers, chunk_layers)
-        transient = recomputed * layer_activation_bytes(shape, seq, micro_batch, tp, sp, "none", act_bytes, kernels, hidden_dropout)
+        transient = recomputed * layer_activation_bytes(shape, seq, micro_batch, tp, sp, "none", act_bytes, kernels,
+                                                        hidden_dropout)
     else:
         layer = layer_activation_bytes(shape, seq, micro_batch, tp, sp, recompute, act_bytes, kernels, hidden_dropout)
         per_chunk = chunk_layers * layer
@@ -458,7 +463,8 @@ def stage_activation_bytes(
         per_chunk += (seq // tp if sp else seq) * micro_batch * shape.hidden_size * act_bytes
     total = in_flight * per_chunk + transient
     if pp_rank == 0:
-        total += in_flight * embedding_activation_bytes(shape, seq, micro_batch, tp, sp, act_bytes, kernels, hidden_dropout)
+        total += in_flight * embedding_activation_bytes(shape, seq, micro_batch, tp, sp, act_bytes, kernels,
+                                                        hidden_dropout)
     if pp_rank == pp - 1:
         total += head_activation_bytes(shape, seq, micro_batch, tp, sp, act_bytes, kernels)
     return total

@@ -208,8 +208,8 @@ def candidate_layouts(cfg: Config, num_gpus: int, micro_batch: int | None = None
 
 
 @functools.lru_cache(maxsize=4096)
-def _state(shape: ModelShape, tp: int, pp: int, vpp: int, dp: int, distributed_optimizer: bool, dtype: str, pp_rank: int,
-           bucket_size: int | None) -> StateBytes:
+def _state(shape: ModelShape, tp: int, pp: int, vpp: int, dp: int, distributed_optimizer: bool, dtype: str,
+           pp_rank: int, bucket_size: int | None) -> StateBytes:
     # Model state does not depend on SP, recomputation or the micro-batch: computed once per split.
     return model_state_bytes(shape, tp, pp, vpp, dp, distributed_optimizer, precision(dtype, fused_adam=True), pp_rank,
                              bucket_size=bucket_size)
@@ -259,10 +259,11 @@ def rejection(request: Request, memory: Memory) -> str | None:
     if state > room:
         parts = {"optimizer state": memory.optimizer, "gradients": memory.gradients, "weights": memory.weights}
         listed = ", ".join(f"{name} {size / GIB:.1f}" for name, size in sorted(parts.items(), key=lambda kv: -kv[1]))
-        return f"model state does not fit: {state / GIB:.1f} GiB on {where} ({listed}) against {room / GIB:.1f} GiB usable"
+        return (f"model state does not fit: {state / GIB:.1f} GiB on {where} ({listed}) "
+                f"against {room / GIB:.1f} GiB usable")
     return (
-        f"activations do not fit: {memory.activations / GIB:.1f} GiB on {where}, which has {(room - state) / GIB:.1f} GiB "
-        f"left after {state / GIB:.1f} GiB of model state"
+        f"activations do not fit: {memory.activations / GIB:.1f} GiB on {where}, which has {(room - state) / GIB:.1f} "
+        f"GiB left after {state / GIB:.1f} GiB of model state"
     )
 
 
@@ -285,7 +286,8 @@ def evaluate(request: Request, cfg: Config, layout: Layout) -> Evaluation:
         num_buckets=buckets,
     )
     flops = model_flops_per_step(shape, request.seq_length, request.global_batch)
-    return Evaluation(layout, memory, time, mfu(flops, time.total, request.num_gpus, request.gpu), rejection(request, memory))
+    return Evaluation(layout, memory, time, mfu(flops, time.total, request.num_gpus, request.gpu),
+                      rejection(request, memory))
 
 
 def check_request(request: Request, cfg: Config) -> None:
@@ -299,9 +301,13 @@ def check_request(request: Request, cfg: Config) -> None:
             f"{request.gpus_per_node}; use whole nodes: {lower} or {lower + request.gpus_per_node}"
         )
     if request.fp8 and request.gpu.fp8_flops is None:
-        raise PlanError(f"--fp8: {request.gpu.name} has no FP8 tensor cores; drop --fp8 or plan for an H100, H200, L40S or B200")
+        raise PlanError(
+            f"--fp8: {request.gpu.name} has no FP8 tensor cores; drop --fp8 or plan for an H100, H200, L40S or B200"
+        )
     if request.fp8 and cfg.model.transformer_impl == "local":
-        raise PlanError("--fp8 needs Transformer Engine but the config sets model.transformer_impl=local; set it to auto")
+        raise PlanError(
+            "--fp8 needs Transformer Engine but the config sets model.transformer_impl=local; set it to auto"
+        )
     if not 0 <= request.headroom < 1:
         raise PlanError(f"--headroom {request.headroom} must be in [0, 1)")
     errors, _ = validate(cfg)
@@ -366,7 +372,8 @@ def plan(request: Request) -> Plan:
     layouts = candidate_layouts(cfg, request.num_gpus, request.micro_batch)
     if not layouts:
         nearest = nearest_valid_world_sizes(cfg, request.num_gpus, request.micro_batch)
-        batch = f"global batch {request.global_batch}" + (f", micro-batch {request.micro_batch}" if request.micro_batch else "")
+        batch = f"global batch {request.global_batch}" + (
+            f", micro-batch {request.micro_batch}" if request.micro_batch else "")
         raise PlanError(
             f"no layout of {cfg.model.name} is valid on {request.num_gpus} GPUs: TP must divide the "
             f"{cfg.model.num_attention_heads} heads and FFN {cfg.model.ffn_hidden_size}, PP x VPP the "
@@ -387,7 +394,8 @@ def too_big_message(request: Request, cfg: Config, rejected: list[Evaluation]) -
     head = (
         f"no layout of {cfg.model.name} fits on {request.num_gpus} x {request.gpu.name} "
         f"({request.usable_bytes / GIB:.1f} GiB usable each): the leanest, {leanest.layout.describe()}, needs "
-        f"{leanest.memory.total / GIB:.1f} GiB with {leanest.memory.buffers / GIB:.1f} GiB of buffers; {leanest.rejection}"
+        f"{leanest.memory.total / GIB:.1f} GiB with {leanest.memory.buffers / GIB:.1f} GiB of buffers; "
+        f"{leanest.rejection}"
     )
     limit = max(64 * request.num_gpus, 1024)
     found = smallest_fitting_world_size(request, cfg, limit)

@@ -114,8 +114,10 @@ def _patch_rng():
     proxy.cuda = cuda_ns
     undo = [
         _set_attr(random, "torch", proxy),
-        _set_attr(random, "_get_cuda_rng_state", lambda device=None, clone=False, graph_safe=False: torch.get_rng_state()),
-        _set_attr(random, "_set_cuda_rng_state", lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)),
+        _set_attr(random, "_get_cuda_rng_state",
+                  lambda device=None, clone=False, graph_safe=False: torch.get_rng_state()),
+        _set_attr(random, "_set_cuda_rng_state",
+                  lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)),
     ]
     return lambda: [u() for u in undo]
 
@@ -143,8 +145,10 @@ def _cpu_tensors_pose_as_cuda():
 # call `.cuda()` on tensors that gloo can reduce on the CPU as they are.
 CUDA_TENSOR_METHOD_SITES = (
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),  # asserts grad.type()
-    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._build_model_and_main_param_groups"),  # param.type()
-    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero"),  # .cuda() before gather
+    # param.type()
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._build_model_and_main_param_groups"),
+    # .cuda() before gather
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero"),
 )
 
 
@@ -197,9 +201,12 @@ PATCHES: tuple[Patch, ...] = (
         "megatron-core allocates buffers with device=torch.cuda.current_device(); on CPU ranks that device is the CPU.",
         _patch_current_device,
         sites=(
-            ("megatron.core.models.common.embeddings.rotary_pos_embedding", "RotaryEmbedding.get_emb", "torch.cuda.current_device()"),
-            ("megatron.core.pipeline_parallel.p2p_communication", "P2PCommunicator._communicate", "torch.cuda.current_device()"),
-            ("megatron.core.distributed.param_and_grad_buffer", "_ParamAndGradBuffer.__init__", "torch.cuda.current_device()"),
+            ("megatron.core.models.common.embeddings.rotary_pos_embedding", "RotaryEmbedding.get_emb",
+             "torch.cuda.current_device()"),
+            ("megatron.core.pipeline_parallel.p2p_communication", "P2PCommunicator._communicate",
+             "torch.cuda.current_device()"),
+            ("megatron.core.distributed.param_and_grad_buffer", "_ParamAndGradBuffer.__init__",
+             "torch.cuda.current_device()"),
         ),
     ),
     Patch(
@@ -213,9 +220,11 @@ PATCHES: tuple[Patch, ...] = (
     ),
     Patch(
         "cuda_synchronize",
-        "Pipeline p2p exchanges call torch.cuda.synchronize() after batched send/recv; CPU work is already synchronous.",
+        "Pipeline p2p exchanges call torch.cuda.synchronize() after batched send/recv; "
+        "CPU work is already synchronous.",
         _patch_synchronize,
-        sites=(("megatron.core.pipeline_parallel.p2p_communication", "P2PCommunicator._communicate", "torch.cuda.synchronize()"),),
+        sites=(("megatron.core.pipeline_parallel.p2p_communication", "P2PCommunicator._communicate",
+                "torch.cuda.synchronize()"),),
     ),
     Patch(
         "cuda_factory_device",
@@ -237,8 +246,10 @@ PATCHES: tuple[Patch, ...] = (
         _patch_tensor_methods,
         sites=(
             ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32", "'torch.cuda.FloatTensor'"),
-            ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._build_model_and_main_param_groups", "'torch.cuda.FloatTensor'"),
-            ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero", ".cuda()"),
+            ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._build_model_and_main_param_groups",
+             "'torch.cuda.FloatTensor'"),
+            ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero",
+             ".cuda()"),
         ),
     ),
     Patch(

@@ -129,7 +129,9 @@ def detect_launch(env: dict | None = None) -> LaunchInfo:
         launcher, rank, world, local_rank, local_world = "single", 0, 1, 0, 1
 
     if rank < 0 or rank >= world:
-        raise ValueError(f"{launcher} launch gave rank {rank} outside world size {world}: check the launcher's environment")
+        raise ValueError(
+            f"{launcher} launch gave rank {rank} outside world size {world}: check the launcher's environment"
+        )
     return LaunchInfo(
         launcher=launcher,
         rank=rank,
@@ -169,7 +171,8 @@ def use_cpu_ranks(device: str = "auto") -> bool:
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError([f"parallel.device={device!r} must be one of auto, cpu, cuda"])
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(["parallel.device=cuda but torch.cuda.is_available() is False; use parallel.device=auto or cpu"])
+        raise ConfigError(["parallel.device=cuda but torch.cuda.is_available() is False; use parallel.device=auto or "
+                           "cpu"])
     return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
 
@@ -230,7 +233,9 @@ def _format_host(host: str) -> str:
         try:
             socket.getaddrinfo(host, None)
         except socket.gaierror as exc:
-            raise RuntimeError(f"master address {host!r} does not resolve ({exc}); set MASTER_ADDR to a reachable host") from exc
+            raise RuntimeError(
+                f"master address {host!r} does not resolve ({exc}); set MASTER_ADDR to a reachable host"
+            ) from exc
     return host
 
 

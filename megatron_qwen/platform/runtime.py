@@ -152,12 +152,13 @@ def use_transformer_engine(cfg: Config, on_cpu: bool, accelerators: Accelerators
     if impl == "transformer_engine":
         if accelerators.transformer_engine is not None:
             raise ConfigError([
-                f"model.transformer_impl=transformer_engine but Transformer Engine is {accelerators.transformer_engine}; "
+                "model.transformer_impl=transformer_engine but Transformer Engine is "
+                f"{accelerators.transformer_engine}; "
                 "install it or set model.transformer_impl=local"
             ])
         if on_cpu:
-            raise ConfigError(["model.transformer_impl=transformer_engine needs CUDA ranks; use parallel.device=cuda or "
-                               "model.transformer_impl=local"])
+            raise ConfigError(["model.transformer_impl=transformer_engine needs CUDA ranks; use parallel.device=cuda "
+                               "or model.transformer_impl=local"])
         return True
     return impl == "auto" and not on_cpu and accelerators.transformer_engine is None
 
@@ -238,7 +239,8 @@ class Runtime:
         else:
             sdpa = self.sdpa_kernel or "not probed"
         device = "CPU ranks over gloo" if self.on_cpu else f"CUDA ({torch.cuda.get_device_name(self.device)}) over NCCL"
-        dtype = str(self.params_dtype).removeprefix("torch.") + (f" ({self.precision_note})" if self.precision_note else "")
+        dtype = str(self.params_dtype).removeprefix("torch.") + (
+            f" ({self.precision_note})" if self.precision_note else "")
         fp8 = {None: "off", "te": "Transformer Engine", "torchao": "torchao (local layers)"}[self.fp8_backend]
         fp8 += f" ({self.fp8_note})" if self.fp8_note else ""
         return (f"running on {device}, {dtype} | Transformer Engine: {te} | apex: {apex} | "

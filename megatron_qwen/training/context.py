@@ -115,6 +115,7 @@ def start_run(cfg: Config) -> RunContext:
     if t.trust_checkpoint and launch.rank == 0 and (resume_from is not None or t.init_from or cfg.ppo.policy_from):
         print(f"warning: training.trust_checkpoint=true: {TRUST_WARNING}", file=sys.stderr, flush=True)
     saved = saved_train_state(resume_from, t.trust_checkpoint) if resume_from is not None else {}
-    logger = MetricsLogger(run_dir, cfg.logging.wandb, cfg.to_dict(), enabled=launch.rank == 0, run_id=saved.get("wandb_run_id"))
-    return RunContext(cfg, layout, launch, runtime, run_dir, save_dir, resume_from, saved, logger, preemption, Faults(cfg),
-                      parallel_state.get_data_parallel_rank())
+    logger = MetricsLogger(run_dir, cfg.logging.wandb, cfg.to_dict(), enabled=launch.rank == 0,
+                           run_id=saved.get("wandb_run_id"))
+    return RunContext(cfg, layout, launch, runtime, run_dir, save_dir, resume_from, saved, logger, preemption,
+                      Faults(cfg), parallel_state.get_data_parallel_rank())

@@ -37,7 +37,8 @@ Head = Literal["lm", "scalar"]
 Recompute = Literal["none", "selective", "full"]
 
 
-def forward_flops_per_token(hidden: int, layers: int, ffn: int, vocab: int, seq: int, head: Head = "lm") -> tuple[float, float, float]:
+def forward_flops_per_token(hidden: int, layers: int, ffn: int, vocab: int, seq: int,
+                            head: Head = "lm") -> tuple[float, float, float]:
     """Forward FLOPs of one token (a multiply-add is 2), as (the layers' GEMMs, the layers' attention
     cores, the head).
 

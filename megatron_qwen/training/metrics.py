@@ -22,7 +22,8 @@ def wandb_mode(configured: str) -> str:
 class MetricsLogger:
     """Rank 0's metric sink. Other ranks get a logger whose `log` does nothing."""
 
-    def __init__(self, run_dir: str | os.PathLike, wandb_cfg, config_dict: dict, enabled: bool, run_id: str | None = None):
+    def __init__(self, run_dir: str | os.PathLike, wandb_cfg, config_dict: dict, enabled: bool,
+                 run_id: str | None = None):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.wandb_run = None

@@ -73,7 +73,8 @@ def main() -> None:
         Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current size
         saved, checkpointing.OPTIMIZER_METADATA = checkpointing.OPTIMIZER_METADATA, metadata
         try:
-            checkpointing.save_checkpoint(args.workdir / name, 1, [unit], {"consumed_samples": GLOBAL_BATCH}, keep_last=1)
+            checkpointing.save_checkpoint(args.workdir / name, 1, [unit], {"consumed_samples": GLOBAL_BATCH},
+                                          keep_last=1)
         finally:
             checkpointing.OPTIMIZER_METADATA = saved
         figures[name] = (resident_kib("VmHWM") - baseline) * 1024
@@ -84,7 +85,8 @@ def main() -> None:
     for name in ("before", "now"):
         _, _, unit = build(1, 2)
         checkpointing.load_checkpoint(args.workdir / name / "iter_0000001", [unit], restore_rng=False)
-        checkpointing.save_checkpoint(args.workdir / f"{name}-resharded", 1, [unit], {"consumed_samples": GLOBAL_BATCH}, keep_last=1)
+        checkpointing.save_checkpoint(args.workdir / f"{name}-resharded", 1, [unit], {"consumed_samples": GLOBAL_BATCH},
+                                      keep_last=1)
         del unit
         gc.collect()
     (args.workdir / f"rank{rank}.json").write_text(json.dumps(figures))

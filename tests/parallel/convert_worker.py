@@ -22,7 +22,8 @@ def resave(src: str, dst: str, tp: int, pp: int) -> None:
     from megatron_qwen.platform.runtime import Runtime
     from megatron_qwen.checkpoint.io import load_model, save_model
 
-    overrides = [f"parallel.tp={tp}", f"parallel.pp={pp}", "training.micro_batch_size=1", "training.global_batch_size=4"]
+    overrides = [f"parallel.tp={tp}", f"parallel.pp={pp}", "training.micro_batch_size=1",
+                 "training.global_batch_size=4"]
     cfg, layout, _ = resolve(load_config(Path(src) / "model_config.yaml", overrides), detect_launch().world_size)
     init_distributed(layout.tp, layout.pp, None, device="cpu")
     try:

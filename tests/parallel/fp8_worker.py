@@ -98,7 +98,8 @@ def compare_casts(tp_group) -> dict:
                 with local_amax(local):
                     mine = dequantized(shard, split_dim, tp_group)
                 differs = (_gather(mine, split_dim, tp_group) != whole).sum().item()
-                counts[f"{recipe} split {'features' if split_dim else 'tokens'}{' local-amax' if local else ''}"] = differs
+                counts[f"{recipe} split {'features' if split_dim else 'tokens'}"
+                       f"{' local-amax' if local else ''}"] = differs
     return counts
 
 
@@ -112,7 +113,8 @@ def compare_linears(workdir: Path) -> None:
     r, rank = parallel_state.get_tensor_model_parallel_rank(), dist.get_rank()
     alone = [dist.new_group([i]) for i in range(dist.get_world_size())][rank]  # TP=1 on every rank
     x, w, bias, dy = linear_data(T, K, N, seed=5)
-    n, k, t = slice(r * N // 2, (r + 1) * N // 2), slice(r * K // 2, (r + 1) * K // 2), slice(r * T // 2, (r + 1) * T // 2)
+    n, k, t = (slice(r * N // 2, (r + 1) * N // 2), slice(r * K // 2, (r + 1) * K // 2),
+               slice(r * T // 2, (r + 1) * T // 2))
     results = {}
     for recipe in ("tensorwise", "rowwise"):
         for kind in ("column", "row"):
@@ -124,7 +126,8 @@ def compare_linears(workdir: Path) -> None:
                         layer = _linear(kind, recipe, _config(2, sp), tp_group, w[n], bias[n])
                         with local_amax(local):
                             y, dx, dw = forward_backward(layer, x[t] if sp else x, dy[:, n])
-                        got = (_gather(y, 1, tp_group), _gather(dx, 0, tp_group) if sp else dx, _gather(dw, 0, tp_group))
+                        got = (_gather(y, 1, tp_group), _gather(dx, 0, tp_group) if sp else dx,
+                               _gather(dw, 0, tp_group))
                     else:  # weight split along its inputs; under SP the output is scattered over the tokens
                         layer = _linear(kind, recipe, _config(2, sp), tp_group, w[:, k], None)
                         with local_amax(local):
@@ -174,7 +177,8 @@ def main() -> None:
     compare_linears(args.workdir)
     extra = ("model.fp8=tensorwise",)
     with recorded_scales(args.workdir, "tp1"):
-        run(TP1, args.workdir, reference=True, extra=extra, out_name="tp1")  # also saves the weights every run starts from
+        # also saves the weights every run starts from
+        run(TP1, args.workdir, reference=True, extra=extra, out_name="tp1")
     with recorded_scales(args.workdir, "tp2pp2sp"):
         run(TP2PP2SP, args.workdir, reference=False, extra=extra, out_name="tp2pp2sp")
     with local_amax(), recorded_scales(args.workdir, "tp2pp2sp-local-amax"):

@@ -35,8 +35,10 @@ STATE_CASES = {
     "pp2-vpp2-distopt": ["parallel.pp=2", "parallel.vpp=2", "parallel.use_distributed_optimizer=true"],
     "tp2-dp2-distopt": ["parallel.tp=2", "parallel.use_distributed_optimizer=true"],
     # bf16 weights with fp32 main weights; on CPU ranks megatron-core's bf16 optimizer runs only distributed.
-    "tp2-pp2-distopt-bf16": ["parallel.tp=2", "parallel.pp=2", "parallel.use_distributed_optimizer=true", "training.precision=bf16"],
-    "pp2-vpp2-distopt-bf16": ["parallel.pp=2", "parallel.vpp=2", "parallel.use_distributed_optimizer=true", "training.precision=bf16"],
+    "tp2-pp2-distopt-bf16": ["parallel.tp=2", "parallel.pp=2", "parallel.use_distributed_optimizer=true",
+                             "training.precision=bf16"],
+    "pp2-vpp2-distopt-bf16": ["parallel.pp=2", "parallel.vpp=2", "parallel.use_distributed_optimizer=true",
+                              "training.precision=bf16"],
     # Sizes that are not multiples of 64 exercise the distributed optimizer's alignment padding.
     "odd-pp2-vpp2-distopt": [
         "parallel.pp=2", "parallel.vpp=2", "parallel.use_distributed_optimizer=true",
@@ -47,7 +49,8 @@ STATE_CASES = {
         "parallel.pp=2", "parallel.vpp=2", "parallel.use_distributed_optimizer=true", "parallel.ddp_bucket_size=150000",
         "model.hidden_size=200", "model.ffn_hidden_size=300",
     ],
-    "tp2-dp2-distopt-buckets": ["parallel.tp=2", "parallel.use_distributed_optimizer=true", "parallel.ddp_bucket_size=200000"],
+    "tp2-dp2-distopt-buckets": ["parallel.tp=2", "parallel.use_distributed_optimizer=true",
+                                "parallel.ddp_bucket_size=200000"],
     "tp2-pp2-no-overlap": ["parallel.tp=2", "parallel.pp=2", "parallel.overlap_grad_reduce=false"],
 }
 ACTIVATION_CASES = {
