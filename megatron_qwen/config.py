@@ -165,14 +165,16 @@ class PPOConfig:
     policy_from: Optional[str] = None  # the SFT checkpoint the policy (and by default the reference) starts from
     reference_from: Optional[str] = None  # default: policy_from
     reward_from: Optional[str] = None  # a reward-model checkpoint (stages/reward.py), read at the final <|im_end|>
-    reward_fn: Optional[str] = None  # or package.module:function(prompt_tokens, response_tokens, prompt, response) -> float
+    # or package.module:function(prompt_tokens, response_tokens, prompt, response) -> float
+    reward_fn: Optional[str] = None
     value_from: Optional[str] = None  # default: reward_from (or, with reward_fn only, policy_from with a fresh head)
     value_lr: float = 5e-6  # the value model's peak learning rate (the policy's is training.lr)
     estimator: Literal["gae", "grpo"] = "gae"  # grpo: group-relative advantages, no value model
     prompts_per_step: int = 64  # prompts per step over all data-parallel ranks
     samples_per_prompt: int = 2  # responses sampled per prompt
     max_new_tokens: int = 512
-    stop_ids: list = field(default_factory=list)  # ids that end a response (default: <|im_end|>, <|im_start|>, <|endoftext|>)
+    # ids that end a response (default: <|im_end|>, <|im_start|>, <|endoftext|>)
+    stop_ids: list = field(default_factory=list)
     temperature: float = 1.0
     top_p: float = 0.9
     kl_coef: float = 0.04  # per-token KL penalty against the reference, in the reward
@@ -334,8 +336,8 @@ MOVED_KEYS = {
     "data.pack": "sft.pack",
     "data.epochs": "sft.epochs (SFT) or reward.epochs (reward model)",
     "training.inject_nan_at": "faults.nan_loss_at",
-    "reward.init_from_lm": "training.init_from (a reward model started from a language model leaves out its output layer "
-                           "and starts the head fresh)",
+    "reward.init_from_lm": "training.init_from (a reward model started from a language model leaves out its output "
+                           "layer and starts the head fresh)",
 }
 
 
@@ -448,7 +450,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if device:
         allowed = choices(ParallelConfig, "device")
         if device not in allowed:
-            raise ConfigError([f"{DEVICE_ENV}={device!r} (the default of parallel.device) must be one of {', '.join(allowed)}"])
+            raise ConfigError([f"{DEVICE_ENV}={device!r} (the default of parallel.device) must be one of "
+                               f"{', '.join(allowed)}"])
         if "device" not in (tree.get("parallel") or {}):
             tree = _deep_merge(tree, {"parallel": {"device": device}})
     tree = apply_overrides(tree, overrides or [])
@@ -532,8 +535,8 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
         )
     if m.num_layers % (p.pp * p.vpp):
         errors.append(
-            f"parallel.pp={p.pp} x parallel.vpp={p.vpp} = {p.pp * p.vpp} does not divide model.num_layers={m.num_layers}; "
-            f"choose pp*vpp from {_divisors(m.num_layers)}"
+            f"parallel.pp={p.pp} x parallel.vpp={p.vpp} = {p.pp * p.vpp} does not divide "
+            f"model.num_layers={m.num_layers}; choose pp*vpp from {_divisors(m.num_layers)}"
         )
     if p.vpp > 1 and p.pp < 2:
         errors.append(f"parallel.vpp={p.vpp} needs pipeline parallelism: set parallel.pp >= 2 or vpp=1")
@@ -594,18 +597,19 @@ def _fp8_problems(cfg: Config) -> list[str]:
         problems.append("model.fp8_backend=te needs the Transformer Engine layers but model.transformer_impl=local; "
                         "set model.transformer_impl=auto or model.fp8_backend=torchao")
     if m.fp8_backend == "torchao" and m.transformer_impl == "transformer_engine":
-        problems.append("model.fp8_backend=torchao runs in the local layers but model.transformer_impl=transformer_engine; "
-                        "set model.transformer_impl=auto or model.fp8_backend=te")
+        problems.append("model.fp8_backend=torchao runs in the local layers but "
+                        "model.transformer_impl=transformer_engine; set model.transformer_impl=auto or "
+                        "model.fp8_backend=te")
     if m.fp8 is None:
         return problems
     if m.fp8 == "delayed" and (m.fp8_backend == "torchao" or m.transformer_impl == "local"):
-        problems.append("model.fp8=delayed is Transformer Engine's recipe (scales from an amax history), which the local "
-                        "layers do not run; use model.fp8=tensorwise or rowwise, or Transformer Engine "
+        problems.append("model.fp8=delayed is Transformer Engine's recipe (scales from an amax history), which the "
+                        "local layers do not run; use model.fp8=tensorwise or rowwise, or Transformer Engine "
                         "(model.fp8_backend=te, model.transformer_impl=auto)")
     if m.fp8 == "rowwise" and (m.fp8_backend == "te" or m.transformer_impl == "transformer_engine"):
         problems.append("model.fp8=rowwise runs on torchao in the local layers; Transformer Engine's recipes here are "
-                        "tensorwise and delayed: set model.fp8_backend=auto or torchao (and model.transformer_impl=auto), "
-                        "or model.fp8=tensorwise")
+                        "tensorwise and delayed: set model.fp8_backend=auto or torchao (and "
+                        "model.transformer_impl=auto), or model.fp8=tensorwise")
     if m.hidden_size % p.tp or m.ffn_hidden_size % p.tp:
         return problems  # reported above as a layout problem
     for where, what, size in fp8_gemm_dims(cfg):
@@ -625,7 +629,8 @@ def resolve(cfg: Config, world_size: int) -> tuple[Config, ParallelLayout, list[
         raise ConfigError(errors)
     p = cfg.parallel
     cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, padded_vocab_size=padded_vocab_size(cfg.model.padded_vocab_size, p.tp))
+        cfg,
+        model=dataclasses.replace(cfg.model, padded_vocab_size=padded_vocab_size(cfg.model.padded_vocab_size, p.tp))
     )
     layout = ParallelLayout(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp, dp=world_size // (p.tp * p.pp), sp=p.sp)
     return cfg, layout, notes

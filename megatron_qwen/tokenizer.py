@@ -27,7 +27,7 @@ import tiktoken
 
 from megatron_qwen.config import TOKENIZER_FAMILIES, TOKENIZER_VOCAB_SIZES
 
-PAT_STR = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+PAT_STR = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501 (Qwen's pattern, verbatim)
 N_MERGEABLE = 151_643
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"

@@ -62,7 +62,8 @@ def test_kv_cache_greedy_equals_full_recompute_at_every_layout(runs):
     for name, r in results.items():
         # Ragged prompts, left-padded in one batch, continue exactly as each prompt alone recomputed per step.
         assert r["greedy"] == r["recompute"], name
-        worst = max(abs(a - b) for row, ref in zip(r["greedy_logprobs"], r["recompute_logprobs"]) for a, b in zip(row, ref))
+        pairs = zip(r["greedy_logprobs"], r["recompute_logprobs"])
+        worst = max(abs(a - b) for row, ref in pairs for a, b in zip(row, ref))
         assert worst < 1e-5, (name, worst)
         assert r["greedy"] == results["tp1"]["greedy"], name
     assert len({tuple(row) for row in results["tp1"]["greedy"]}) > 1  # the prompts lead to different continuations
@@ -72,7 +73,8 @@ def test_kv_cache_greedy_equals_full_recompute_at_every_layout(runs):
 def test_generation_logprobs_equal_the_training_forward(runs):
     _, results = runs
     for name, r in results.items():
-        worst = max(abs(lp + loss) for row, losses in zip(r["greedy_logprobs"], r["train_losses"]) for lp, loss in zip(row, losses))
+        pairs = zip(r["greedy_logprobs"], r["train_losses"])
+        worst = max(abs(lp + loss) for row, losses in pairs for lp, loss in zip(row, losses))
         assert worst < 1e-5, (name, worst)
 
 
@@ -329,7 +331,9 @@ def test_generate_cli_streams_writes_and_chats(chat_ckpt, tmp_path):
     assert written.returncode == 0, written.stderr
     (line,) = [json.loads(text) for text in out.read_text().splitlines()]
     assert set(line) == {"prompt_tokens", "tokens", "logprobs", "text", "finished"}
-    assert tok.decode(line["prompt_tokens"]).endswith("<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(line["prompt_tokens"]).endswith(
+        "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert len(line["tokens"]) == len(line["logprobs"]) <= 6 and line["text"] == tok.decode(
         [t for t in line["tokens"] if t not in (tok.im_end_id, tok.im_start_id, tok.eod_id)])
     # One prompt without --out streams its text to stdout: the same continuation at TP=1.
@@ -360,7 +364,8 @@ def test_generate_cli_streams_writes_and_chats(chat_ckpt, tmp_path):
     ("empty", "prompt 0 is empty"),
     ("too_long", "over model.max_position_embeddings=8192; shorten the prompt or lower --max-new-tokens"),
     ("outside_vocab", "holds token id 999999, outside the model's vocabulary [0, 151851)"),
-    ("reward_ckpt", "it is a reward or value model (scalar head); logits and generation need a language-model checkpoint"),
+    ("reward_ckpt",
+     "it is a reward or value model (scalar head); logits and generation need a language-model checkpoint"),
 ])
 def test_generate_cli_refuses_bad_input(chat_ckpt, tmp_path, case, message, capsys):
     from megatron_qwen.cli import generate
@@ -403,7 +408,8 @@ def _reward_checkpoint(tmp_path: Path) -> Path:
 def test_bad_input_ends_every_rank_with_one_message(chat_ckpt, tmp_path):
     tokens = tmp_path / "tokens.npy"
     np.save(tokens, np.array([[1, 999999]]))
-    proc = generate_cli("--ckpt", chat_ckpt, "--prompt-tokens", tokens, "--out", tmp_path / "out.jsonl", "--tp", 2, nproc=2)
+    proc = generate_cli("--ckpt", chat_ckpt, "--prompt-tokens", tokens, "--out", tmp_path / "out.jsonl", "--tp", 2,
+                        nproc=2)
     assert proc.returncode != 0
     assert proc.stderr.count("error: prompt 0 holds token id 999999") == 1, proc.stderr
     # The ranks refuse before any collective, so none hangs: the first to exit does so with status 2 (torchrun

@@ -40,7 +40,8 @@ def tiny_config(tp: int, world: int):
     from megatron_qwen.config import load_config, resolve
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"parallel.tp={tp}", "parallel.device=cpu",
-                                                        "training.micro_batch_size=1", f"training.global_batch_size={world // tp}"])
+                                                        "training.micro_batch_size=1",
+                                                        f"training.global_batch_size={world // tp}"])
     return resolve(cfg, world)[0]
 
 

@@ -25,7 +25,8 @@ the data, cached training runs) and returns table rows. A check that fails with 
 
 It needs a CUDA GPU, torch, transformers, tiktoken, and the megatron-core, torchao and psutil wheels, and none
 of the compiled extension in csrc/ (training does not use it) nor the dashscope wheel: run it from the source
-tree with PYTHONPATH set to the repository (docs/fp8.md, "GPU benchmark", says how to carry the wheels to a bare machine).
+tree with PYTHONPATH set to the repository (docs/fp8.md, "GPU benchmark", says how to carry the wheels to a bare
+machine).
 """
 
 from __future__ import annotations

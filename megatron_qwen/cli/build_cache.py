@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer_file)
+    tokenizer = load_tokenizer(cfg.data.tokenizer_file, cfg.model.family)
     # megatron-core's builder asks torch.distributed for the rank: a one-process group answers it.
     store = tempfile.NamedTemporaryFile(prefix="dataset_cache_pg_")
     torch.distributed.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)

@@ -59,11 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _print_generation(rows: np.ndarray, prompt_len: int, vocab_size: int) -> None:
+def _print_generation(rows: np.ndarray, prompt_len: int, vocab_size: int, family: str) -> None:
     tokenizer = None
     if vocab_size >= TOKENIZER_VOCAB_SIZE:
         try:
-            tokenizer = load_tokenizer()
+            tokenizer = load_tokenizer(family=family)
         except FileNotFoundError as exc:
             print(f"note: not decoding: {exc}")
     for i, row in enumerate(rows):
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = np.concatenate([tokens, np.asarray(result.tokens, dtype=np.int64)], axis=1)
             if inference.is_writer():
                 inference.save_npy(args.generated_out, rows)
-                _print_generation(rows, tokens.shape[1], plan.vocab_size)
+                _print_generation(rows, tokens.shape[1], plan.vocab_size, plan.cfg.model.family)
                 print(f"wrote {args.generated_out}: tokens {list(rows.shape)}")
         torch.distributed.barrier()
     finally:

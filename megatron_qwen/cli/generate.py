@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = inference.prepare(args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp,
                                  precision=args.precision,
                                  config_path=args.config, trust_checkpoint=args.trust_checkpoint)
-        tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer(family=plan.cfg.model.family)
         vocab_limit = plan.generate_vocab
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, stop_ids=tokenizer.generation_stop_ids(vocab_limit))

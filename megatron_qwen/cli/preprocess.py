@@ -45,7 +45,8 @@ from megatron_qwen.tokenizer import FAMILIES
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line above."""
-    parser = argparse.ArgumentParser(prog="megatron-qwen preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="megatron-qwen preprocess", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--input", nargs="+", required=True, help="files (.jsonl[.gz|.zst], .parquet, .arrow), globs or directories"
     )

@@ -33,7 +33,8 @@ PROMPT_KEYS = ("prompt",)
 
 # Qwen's finetune.py data names the roles human/gpt; "messages" data names them user/assistant.
 ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
-_TURN_RULE = "after an optional leading system turn, turns alternate user, assistant, ... and end with an assistant turn"
+_TURN_RULE = ("after an optional leading system turn, turns alternate user, assistant, ... "
+              "and end with an assistant turn")
 
 
 class ChatFormatError(ValueError):
@@ -54,8 +55,11 @@ def _turns(items, where: str, role_key: str, content_key: str) -> list[dict]:
         raise ChatFormatError(f"{where} must be a list of turns, found {_type_name(items)}")
     turns = []
     for i, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get(role_key), str) or not isinstance(item.get(content_key), str):
-            raise ChatFormatError(f"{where}[{i}] must be an object with string {role_key!r} and {content_key!r}, found {item!r:.80}")
+        strings = isinstance(item, dict) and all(isinstance(item.get(k), str) for k in (role_key, content_key))
+        if not strings:
+            raise ChatFormatError(
+                f"{where}[{i}] must be an object with string {role_key!r} and {content_key!r}, found {item!r:.80}"
+            )
         role = ROLE_NAMES.get(item[role_key])
         if role is None:
             raise ChatFormatError(f"{where}[{i}] has role {item[role_key]!r}; known roles: {', '.join(ROLE_NAMES)}")
@@ -73,7 +77,8 @@ def _turns(items, where: str, role_key: str, content_key: str) -> list[dict]:
 
 
 def _type_name(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), "null" if value is None else type(value).__name__)
+    names = {dict: "an object", list: "a list", str: "a string"}
+    return names.get(type(value), "null" if value is None else type(value).__name__)
 
 
 def _system_of(record: dict, turns: list[dict]) -> tuple[str | None, list[dict]]:
@@ -83,7 +88,9 @@ def _system_of(record: dict, turns: list[dict]) -> tuple[str | None, list[dict]]
         raise ChatFormatError(f"'system' must be a string, found {_type_name(system)}")
     if turns and turns[0]["role"] == "system":
         if system is not None:
-            raise ChatFormatError("the system prompt is given twice: as the 'system' field and as a leading system turn; keep one")
+            raise ChatFormatError(
+                "the system prompt is given twice: as the 'system' field and as a leading system turn; keep one"
+            )
         system, turns = turns[0]["content"], turns[1:]
     for i, turn in enumerate(turns):
         if turn["role"] == "system":
@@ -108,7 +115,8 @@ def conversation_of(record: dict) -> tuple[str | None, list[dict]]:
     if len(shapes) != 1:
         present = ", ".join(repr(k) for k in list(record)[:8]) or "none"
         raise ChatFormatError(
-            f"a conversation needs exactly one of 'messages' (role/content) or 'conversations' (from/value); keys present: {present}"
+            "a conversation needs exactly one of 'messages' (role/content) or 'conversations' (from/value); keys "
+            f"present: {present}"
         )
     key = shapes[0]
     turns = _turns(record[key], key, *(("role", "content") if key == "messages" else ("from", "value")))
@@ -156,14 +164,19 @@ def preference_of(record: dict) -> tuple[str | None, list[dict], list[dict]]:
     for key in ("chosen", "rejected"):
         if key not in record:
             present = ", ".join(repr(k) for k in list(record)[:8]) or "none"
-            raise ChatFormatError(f"a preference pair needs 'chosen' and 'rejected'; missing {key!r} (keys present: {present})")
+            raise ChatFormatError(
+                f"a preference pair needs 'chosen' and 'rejected'; missing {key!r} (keys present: {present})"
+            )
     prompts = [key for key in ("prompt", "messages") if key in record]
     if len(prompts) > 1:
         raise ChatFormatError("give the prompt once: as 'prompt' or as 'messages', not both")
     prompt: list[dict] = []
     if prompts:
         value = record[prompts[0]]
-        prompt = [{"role": "user", "content": value}] if isinstance(value, str) else _turns(value, prompts[0], "role", "content")
+        if isinstance(value, str):
+            prompt = [{"role": "user", "content": value}]
+        else:
+            prompt = _turns(value, prompts[0], "role", "content")
         if not prompt:
             raise ChatFormatError(f"{prompts[0]!r} is empty")
     system, prompt = _system_of(record, prompt)
@@ -172,7 +185,9 @@ def preference_of(record: dict) -> tuple[str | None, list[dict], list[dict]]:
     for key, (_, turns) in zip(("chosen", "rejected"), sides):
         _check_alternation(turns, f"the {key} conversation")
     if sides[0][0] != sides[1][0]:
-        raise ChatFormatError("chosen and rejected have different system prompts; a pair compares two answers to one prompt")
+        raise ChatFormatError(
+            "chosen and rejected have different system prompts; a pair compares two answers to one prompt"
+        )
     return sides[0][0], sides[0][1], sides[1][1]
 
 
@@ -188,7 +203,8 @@ def render_preference(tokenizer, record: dict, max_length: int | None = None) ->
         ids, _ = tokenizer.render_chat(turns, system=system)
         ids = ids[: len(ids) - ids[::-1].index(tokenizer.im_end_id)]  # drop the "\n" after the final <|im_end|>
         if max_length is not None and len(ids) > max_length:
-            raise ChatFormatError(f"the {name} conversation is {len(ids)} tokens, over --max-length {max_length}; shorten it or raise --max-length")
+            raise ChatFormatError(f"the {name} conversation is {len(ids)} tokens, over --max-length {max_length}; "
+                                  "shorten it or raise --max-length")
         out.append(ids)
     if out[0] == out[1]:
         raise ChatFormatError("chosen and rejected are the same conversation; a pair must differ")
@@ -201,7 +217,8 @@ def prompt_of(record: dict) -> tuple[str | None, list[dict]]:
     keys = [key for key in ("prompt", "messages") if key in record]
     if len(keys) != 1:
         present = ", ".join(repr(k) for k in list(record)[:8]) or "none"
-        raise ChatFormatError(f"a prompt needs exactly one of 'prompt' (a string) or 'messages' (role/content turns); keys present: {present}")
+        raise ChatFormatError("a prompt needs exactly one of 'prompt' (a string) or 'messages' (role/content "
+                              f"turns); keys present: {present}")
     value = record[keys[0]]
     if keys[0] == "prompt":
         if not isinstance(value, str):
@@ -213,7 +230,9 @@ def prompt_of(record: dict) -> tuple[str | None, list[dict]]:
     if not turns:
         raise ChatFormatError("the prompt has no user turn")
     if turns[-1]["role"] != "user":
-        raise ChatFormatError("the prompt ends with an assistant turn; a prompt ends with the user turn the model answers")
+        raise ChatFormatError(
+            "the prompt ends with an assistant turn; a prompt ends with the user turn the model answers"
+        )
     # The conversation so far alternates user, assistant, ..., user.
     _check_alternation(turns + [{"role": "assistant", "content": ""}], "the prompt")
     return system, turns
@@ -225,5 +244,7 @@ def render_prompt(tokenizer, record: dict, max_length: int | None = None) -> lis
     system, turns = prompt_of(record)
     ids, _ = tokenizer.render_chat(turns, system=system, add_generation_prompt=True)
     if max_length is not None and len(ids) > max_length:
-        raise ChatFormatError(f"the prompt is {len(ids)} tokens, over --max-length {max_length}; shorten it or raise --max-length")
+        raise ChatFormatError(
+            f"the prompt is {len(ids)} tokens, over --max-length {max_length}; shorten it or raise --max-length"
+        )
     return ids

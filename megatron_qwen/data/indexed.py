@@ -93,7 +93,8 @@ def _summary_without_extension(prefix: str) -> dict:
     actual = os.path.getsize(bin_)
     if actual < expected:
         raise ShardFormatError(
-            f"{bin_}: truncated data: {actual} bytes, but {idx} describes {tokens} {dtype.name} tokens = {expected} bytes"
+            f"{bin_}: truncated data: {actual} bytes, but {idx} describes {tokens} {dtype.name} tokens = {expected} "
+            "bytes"
         )
     if actual > expected:
         raise ShardFormatError(

@@ -151,7 +151,8 @@ def _run_part(part: int, pieces: list[Piece], job: _Job, tokenizer, counters) ->
         writers = {}
         if job.output_prefix is not None:
             writers = {
-                key: stack.enter_context(IndexedShardWriter(job.partial_prefix(key, part), renderer.vocab_size(key, tokenizer)))
+                key: stack.enter_context(IndexedShardWriter(job.partial_prefix(key, part),
+                                                            renderer.vocab_size(key, tokenizer)))
                 for key in renderer.keys
             }
 
@@ -546,8 +547,9 @@ def preprocess(
     Each JSON line (or row) is one document: the NFC-normalised string at each of ``json_keys`` (default ``text``),
     encoded with special tokens as plain text, plus ``<|endoftext|>`` when ``append_eod`` and the document
     is not empty. ``mode`` "chat" or "preference" renders conversations or preference pairs with the chat
-    template of tokenizer ``family`` instead (see `megatron_qwen.data.renderers`), each at most ``max_length`` tokens. ``workers``
-    processes per rank are spawned, so a script calling this needs the ``if __name__ == "__main__":`` guard.
+    template of tokenizer ``family`` instead (see `megatron_qwen.data.renderers`), each at most ``max_length``
+    tokens. ``workers`` processes per rank are spawned, so a script calling this needs the
+    ``if __name__ == "__main__":`` guard.
     ``comm`` (an mpi4py communicator; all its ranks call this) spreads the parts over the ranks and rank 0
     merges them, so ``output_prefix`` must be on a filesystem all ranks share. Every rank returns the same
     result or raises the same PreprocessError. ``progress`` prints a progress line on stderr (rank 0).

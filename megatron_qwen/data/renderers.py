@@ -142,7 +142,9 @@ class TextRenderer(Renderer):
                     if doc:  # Megatron-LM leaves empty documents empty
                         doc.append(tokenizer.eod_id)
             lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
-            flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum())) if with_tokens else None
+            flat = None
+            if with_tokens:
+                flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
             yield key, lengths, flat
 
 
@@ -163,9 +165,14 @@ class ChatMLRenderer(Renderer):
     def from_options(cls, json_keys, append_eod, max_length) -> ChatMLRenderer:
         for given, flag in ((json_keys is not None, "--json-keys"), (append_eod, "--append-eod")):
             if given:
-                raise PreprocessError(f"{flag} does not apply to --{cls.mode} data (records are rendered with ChatML); drop it")
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
-            raise PreprocessError(f"--max-length must be a positive integer (the model.seq_length to train at), got {max_length!r}")
+                raise PreprocessError(
+                    f"{flag} does not apply to --{cls.mode} data (records are rendered with ChatML); drop it"
+                )
+        positive = isinstance(max_length, int) and not isinstance(max_length, bool) and max_length >= 1
+        if max_length is not None and not positive:
+            raise PreprocessError(
+                f"--max-length must be a positive integer (the model.seq_length to train at), got {max_length!r}"
+            )
         return cls(max_length)
 
     @abstractmethod
@@ -235,7 +242,8 @@ class PreferenceRenderer(ChatMLRenderer):
     keys: ClassVar[tuple[str, ...]] = PREFERENCE_KEYS
 
     def render_record(self, tokenizer, record: dict) -> Rendered:
-        return Rendered(tuple(np.asarray(ids, np.int32) for ids in render_preference(tokenizer, record, self.max_length)))
+        pair = render_preference(tokenizer, record, self.max_length)
+        return Rendered(tuple(np.asarray(ids, np.int32) for ids in pair))
 
 
 @dataclass(frozen=True)
@@ -258,7 +266,8 @@ MODES = tuple(RENDERERS)
 
 
 def renderer_for(mode: str, json_keys=None, append_eod: bool = False, max_length: int | None = None) -> Renderer:
-    """The renderer of ``mode`` with these options; raises PreprocessError naming the mode or option that does not fit."""
+    """The renderer of ``mode`` with these options; raises PreprocessError naming the mode or option that does not
+    fit."""
     if mode not in MODES:
         raise PreprocessError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     return RENDERERS[mode].from_options(json_keys, append_eod, max_length)

@@ -5,8 +5,9 @@ block, runs one prefill forward pass over the prompts and then one token per ste
 `StaticInferenceContext` keeps the keys and values of every layer on every pipeline stage; a step runs
 this rank's model chunks in pipeline order with megatron-core's inference p2p helpers, as
 `GPTInferenceWrapper.run_one_forward_step` does for one chunk, so interleaved pipelines (several chunks
-per rank, whose layers have distinct global numbers in the cache) generate too. Each token is rotated at its own position (position
-ids restart after each row's padding) and padding keys are masked, so a padded row continues exactly as
+per rank, whose layers have distinct global numbers in the cache) generate too. Each token is rotated at its
+own position (position ids restart after each row's padding) and padding keys are masked, so a padded row
+continues exactly as
 it would alone. Rows stop at a stop id or after ``max_new_tokens``; finished rows are dropped from the
 batch and from the KV cache, so they stop costing compute.
 
@@ -126,7 +127,9 @@ class GenerationEngine:
                 raise UserError(f"prompt {i} is empty; give at least one token")
             bad = [t for t in prompt if not 0 <= t < vocab_limit]
             if bad:
-                raise UserError(f"prompt {i} holds token id {bad[0]}, outside the model's vocabulary [0, {vocab_limit})")
+                raise UserError(
+                    f"prompt {i} holds token id {bad[0]}, outside the model's vocabulary [0, {vocab_limit})"
+                )
             if len(prompt) + params.max_new_tokens > max_positions:
                 raise UserError(
                     f"prompt {i} has {len(prompt)} tokens; with --max-new-tokens {params.max_new_tokens} that is "
@@ -226,7 +229,8 @@ class GenerationEngine:
         for v, chunk in enumerate(self.chunks):
             hidden = None
             if self.pp > 1 and (v > 0 or self.pp_rank > 0):
-                hidden = torch.empty(length, batch, self.config.hidden_size, dtype=self.config.params_dtype, device=self.device)
+                hidden = torch.empty(length, batch, self.config.hidden_size, dtype=self.config.params_dtype,
+                                     device=self.device)
                 recv_from_prev_pipeline_rank_(hidden, self.pp_group)
             chunk.set_input_tensor(hidden)
             output = chunk(tokens, position_ids, attention_mask, inference_context=context, runtime_gather_output=True)
@@ -258,7 +262,8 @@ class GenerationEngine:
             scaled = raw if params.greedy else token_logprobs(logits, chosen, params.temperature)
             result = torch.stack([chosen.double(), raw.double(), scaled.double()])
         if self.pp_group is not None:
-            torch.distributed.broadcast(result, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=self.pp_group)
+            torch.distributed.broadcast(result, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                        group=self.pp_group)
         return result[0].long(), result
 
     @staticmethod

@@ -4,8 +4,9 @@ Pure functions of fp32 logits. Sampling draws by inverse CDF from one uniform nu
 a seeded generator for every row of the original batch at every step, so the tokens a row gets depend
 only on the seed, its logits and its index: the same on every TP/PP layout, whichever rows have already
 finished. With ``row_seeds`` each row draws from a generator of its own instead, so a row's tokens do not
-depend on which other rows share its batch either (PPO splits its rollouts over data-parallel ranks). Logits of ids at or past `vocab_limit` (the rows a model pads its vocabulary with) are masked
-out first, so such ids are never drawn and take no probability mass.
+depend on which other rows share its batch either (PPO splits its rollouts over data-parallel ranks). Logits
+of ids at or past `vocab_limit` (the rows a model pads its vocabulary with) are masked out first, so such ids
+are never drawn and take no probability mass.
 """
 
 from __future__ import annotations

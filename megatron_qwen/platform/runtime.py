@@ -268,7 +268,8 @@ def order_gpu_work(cfg: Config) -> None:
 # Marks in the kernel names of each SDPA implementation (cuDNN's generated kernels first: some are named
 # "..._flash_fprop..."; then flash_fwd_kernel, the memory-efficient cutlass fmha kernels); a call that launched
 # none of them ran the math path (GEMMs, softmax).
-SDPA_KERNEL_MARKS = (("cuDNN", ("cudnn",)), ("flash", ("flash",)), ("memory-efficient", ("fmha", "efficient", "mem_eff")))
+SDPA_KERNEL_MARKS = (("cuDNN", ("cudnn",)), ("flash", ("flash",)),
+                     ("memory-efficient", ("fmha", "efficient", "mem_eff")))
 
 
 def sdpa_kernel_kind(kernel_names) -> str:
