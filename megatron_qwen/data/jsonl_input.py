@@ -52,63 +52,49 @@ def _plain_chunks(piece: Piece) -> Iterator[tuple[int, bool, bytes]]:
             pos += len(data)
 
 
-def _gzip_chunks(piece: Piece) -> Iterator[tuple[int, bool, bytes]]:
+def _stream_chunks(piece: Piece, new_stream, errors, kind: str, unit: str) -> Iterator[tuple[int, bool, bytes]]:
     """(compressed offset, exact=False, decompressed data) per compressed block, from the start of the file.
 
-    Concatenated gzip members (pigz, ``cat a.gz b.gz``) are read as one stream.
+    Concatenated members or frames (pigz, ``zstd -T``, ``cat a.gz b.gz``) are read as one stream: when one ends,
+    `new_stream()` starts the next on the bytes left over. `errors` are the decoder's exceptions.
     """
     with open(piece.path, "rb", buffering=0) as f:
-        inflater = None
+        stream = None
         pos = 0
         while raw := f.read(BLOCK_BYTES):
             out = []
             data = raw
             try:
                 while data:
-                    if inflater is None or inflater.eof:
-                        inflater = zlib.decompressobj(wbits=31)
-                    out.append(inflater.decompress(data))
-                    data = inflater.unused_data if inflater.eof else b""
-            except zlib.error as e:
-                raise PreprocessError(f"{piece.path}: not a valid gzip file near compressed byte {pos} ({e})") from None
+                    if stream is None or stream.eof:
+                        stream = new_stream()
+                    out.append(stream.decompress(data))
+                    data = stream.unused_data if stream.eof else b""
+            except errors as e:
+                raise PreprocessError(
+                    f"{piece.path}: not a valid {kind} file near compressed byte {pos} ({e}); re-create it"
+                ) from None
             yield pos, False, b"".join(out)
             pos += len(raw)
-        if inflater is not None and not inflater.eof:
-            raise PreprocessError(f"{piece.path}: truncated gzip file (its last member does not end); re-create it")
+        if stream is not None and not stream.eof:
+            raise PreprocessError(f"{piece.path}: truncated {kind} file (its last {unit} does not end); re-create it")
+
+
+def _gzip_chunks(piece: Piece) -> Iterator[tuple[int, bool, bytes]]:
+    """`_stream_chunks` of a .gz file (gzip members)."""
+    return _stream_chunks(piece, lambda: zlib.decompressobj(wbits=31), zlib.error, "gzip", "member")
 
 
 def _zstd_chunks(piece: Piece) -> Iterator[tuple[int, bool, bytes]]:
-    """(compressed offset, exact=False, decompressed data) per compressed block, from the start of the file.
-
-    Concatenated zstd frames (``zstd -T``, ``cat a.zst b.zst``) are read as one stream, as .gz members are.
-    """
+    """`_stream_chunks` of a .zst file (zstd frames)."""
     try:
         import zstandard  # imported here: only .zst inputs need it
     except ImportError as e:
         raise PreprocessError(
             f"{piece.path}: reading .zst needs the zstandard package ({e}); pip install zstandard"
         ) from None
-    with open(piece.path, "rb", buffering=0) as f:
-        decompressor = zstandard.ZstdDecompressor()
-        frame = None
-        pos = 0
-        while raw := f.read(BLOCK_BYTES):
-            out = []
-            data = raw
-            try:
-                while data:
-                    if frame is None or frame.eof:
-                        frame = decompressor.decompressobj()
-                    out.append(frame.decompress(data))
-                    data = frame.unused_data if frame.eof else b""
-            except zstandard.ZstdError as e:
-                raise PreprocessError(
-                    f"{piece.path}: not a valid zstd file near compressed byte {pos} ({e}); re-create it"
-                ) from None
-            yield pos, False, b"".join(out)
-            pos += len(raw)
-        if frame is not None and not frame.eof:
-            raise PreprocessError(f"{piece.path}: truncated zstd file (its last frame does not end); re-create it")
+    decompressor = zstandard.ZstdDecompressor()
+    return _stream_chunks(piece, decompressor.decompressobj, zstandard.ZstdError, "zstd", "frame")
 
 
 def iter_piece_lines(piece: Piece) -> Iterator[tuple[bytes, int]]:
