@@ -137,10 +137,10 @@ def test_one_update_gives_the_losses_and_gradients_of_tp1(tmp_path):
     run_torchrun(1, [worker, "--workdir", str(tmp_path), "--reference"])
     run_torchrun(4, [worker, "--workdir", str(tmp_path), "--layouts", "tp2-pp2-sp:2,2,1;tp2-dp2:2,1,0"])
     ref = json.loads((tmp_path / "reference" / "reports.json").read_text())
-    assert ref["policy loss"] != 0 and ref["value loss"] > 0
+    assert ref["policy_loss"] != 0 and ref["value_loss"] > 0
     for name in ("tp2-pp2-sp", "tp2-dp2"):
         got = json.loads((tmp_path / name / "reports.json").read_text())
-        for key in ("policy loss", "clip fraction", "approx kl", "entropy", "value loss", "value clip fraction"):
+        for key in ("policy_loss", "clip_fraction", "approx_kl", "policy_entropy", "value_loss", "value_clip_fraction"):
             assert abs(got[key] - ref[key]) <= 1e-5 * max(1.0, abs(ref[key])), (name, key, got[key], ref[key])
         for grads in ("policy_grads", "value_grads"):
             a, b = read_full_state_dict(tmp_path / name / grads), read_full_state_dict(tmp_path / "reference" / grads)
@@ -402,7 +402,7 @@ def ppo_config(start, *extra):
 ])
 def test_configurations_that_cannot_run_are_refused(start, extra, message):
     from megatron_qwen.errors import ConfigError
-    from megatron_qwen.rl.trainer import validate_ppo
+    from megatron_qwen.rl.checks import validate_ppo
 
     with pytest.raises(ConfigError) as info:
         validate_ppo(ppo_config(start, *extra), world_size=1)
@@ -413,7 +413,7 @@ def test_models_of_another_shape_are_refused(start, tmp_path):
     import shutil
 
     from megatron_qwen.errors import ConfigError
-    from megatron_qwen.rl.trainer import validate_ppo
+    from megatron_qwen.rl.checks import validate_ppo
 
     other = tmp_path / "other"
     shutil.copytree(start[1], other)
