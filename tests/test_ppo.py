@@ -423,6 +423,15 @@ def test_models_of_another_shape_are_refused(start, tmp_path):
         validate_ppo(ppo_config(start, "ppo.reward_fn=null", f"ppo.reward_from={other}"), world_size=1)
 
 
+def test_the_offload_key_moved_to_the_skeleton():
+    from megatron_qwen.config import ConfigError, load_config
+
+    cfg = load_config(REPO / "configs" / "stage" / "ppo.yaml", ["training.offload_frozen=false"], stage="ppo")
+    assert cfg.training.offload_frozen is False  # the one key the skeleton reads for every stage's frozen models
+    with pytest.raises(ConfigError, match=r"'ppo.offload_frozen' has moved to training.offload_frozen"):
+        load_config(REPO / "configs" / "stage" / "ppo.yaml", ["ppo.offload_frozen=false"], stage="ppo")
+
+
 def test_reward_function_results_are_checked():
     from megatron_qwen.rl.rewards import RewardFunctionError, call_reward_fn
     from tests import ppo_rewards

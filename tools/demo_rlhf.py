@@ -64,7 +64,8 @@ TOP_P = 0.9  # PPO samples with configs/stage/ppo.yaml's top-p; the evaluation s
 MODEL = [
     "model.name=demo-rlhf", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=2",
     "model.ffn_hidden_size=128", "model.padded_vocab_size=151936",
-    f"model.seq_length={SEQ_LENGTH}", "model.max_position_embeddings=128", "model.use_dynamic_ntk=false", "model.use_logn_attn=false",
+    f"model.seq_length={SEQ_LENGTH}", "model.max_position_embeddings=128", "model.use_dynamic_ntk=false",
+    "model.use_logn_attn=false",
     "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "parallel.tp=1", "parallel.pp=1", "parallel.device=cpu",
 ]
 
@@ -163,7 +164,8 @@ SFT = ("configs/stage/sft.yaml", ["data.split=100,0,0", "training.global_batch_s
 REWARD = ("configs/stage/reward.yaml", ["data.split=90,10,0", "reward.epochs=null", "training.global_batch_size=32",
                                         "training.train_iters=40", "training.lr=5e-3", "training.min_lr=5e-4",
                                         "training.lr_warmup_iters=2", "training.lr_decay_style=cosine",
-                                        "training.eval_interval=40", "training.eval_iters=2", "training.save_interval=0",
+                                        "training.eval_interval=40", "training.eval_iters=2",
+                                        "training.save_interval=0",
                                         "logging.log_interval=5"])
 PPO = ("configs/stage/ppo.yaml", ["ppo.prompts_per_step=8", "ppo.samples_per_prompt=4",
                                   f"ppo.max_new_tokens={MAX_NEW_TOKENS}", "ppo.critic_warmup_steps=0",
@@ -219,7 +221,8 @@ class Demo:
         """`megatron-qwen generate`'s sampled replies (temperature 1) to the ChatML `prompts`, in NAME.jsonl."""
         out = self.out / f"{name}.jsonl"
         self.run([*COMMAND, "generate", "--ckpt", ckpt, "--prompts", prompts, "--chat", "--max-new-tokens",
-                  MAX_NEW_TOKENS, "--temperature", "1.0", "--top-p", TOP_P, "--seed", seed, "--batch-size", 64, "--out", out])
+                  MAX_NEW_TOKENS, "--temperature", "1.0", "--top-p", TOP_P, "--seed", seed, "--batch-size", 64,
+                  "--out", out])
         return out
 
 
@@ -249,7 +252,8 @@ def build_data(demo: Demo, seed: int) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo (the command line in this module's docstring); returns the exit status."""
     parser = argparse.ArgumentParser(prog="tools/demo_rlhf.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "demo_rlhf_out", help="work directory (default demo_rlhf_out/)")
+    parser.add_argument("--out", type=Path, default=REPO / "demo_rlhf_out",
+                        help="work directory (default demo_rlhf_out/)")
     parser.add_argument("--nproc", type=int, default=1, choices=(1, 2, 4),
                         help="data-parallel CPU ranks (default 1: on 2 cores the fastest)")
     parser.add_argument("--ppo-steps", type=int, default=24, help="PPO steps (default 24)")
@@ -281,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     reward_model = demo.timed("reward", lambda: demo.stage(
         "reward", REWARD, f"training.init_from={policy}", f"data.paths=[{data['pairs']}]", micro_batch=8))
     held_out = [r for r in read_metrics(demo.out / "reward") if "valid_accuracy" in r][-1]
-    print(f"reward model: held-out accuracy {held_out['valid_accuracy']:.3f}, mean margin {held_out['valid_margin']:.2f}")
+    print(f"reward model: held-out accuracy {held_out['valid_accuracy']:.3f}, "
+          f"mean margin {held_out['valid_margin']:.2f}")
 
     banner(f"4. PPO from the SFT policy with that reward model (stages.ppo), {args.ppo_steps} steps")
     tuned = demo.timed("ppo", lambda: demo.stage(
@@ -327,7 +332,8 @@ def before_and_after(demo: Demo, data: dict, seed: int, **checkpoints: Path) -> 
 def print_shares(shares: dict[str, dict[str, float]]) -> None:
     print(f"replies to {EVAL_PROMPTS} held-out questions, sampled at temperature 1, judged by the word lists:")
     for name, share in shares.items():
-        print(f"  {name.upper()} policy: kind {share['kind']:.2f}, unkind {share['unkind']:.2f}, other {share['other']:.2f}")
+        print(f"  {name.upper()} policy: kind {share['kind']:.2f}, unkind {share['unkind']:.2f}, "
+              f"other {share['other']:.2f}")
 
 
 def print_times(demo: Demo, nproc: int, started: float, load: float) -> None:

@@ -70,7 +70,8 @@ class PPORun:
         global_batch = p.ptx_microbatches * t.micro_batch_size * ctx.layout.dp
         training = dataclasses.replace(t, train_iters=t.train_iters * p.epochs * p.minibatches,
                                        global_batch_size=global_batch, eval_interval=0)
-        ptx_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, paths=list(p.ptx_data)), training=training)
+        data = dataclasses.replace(cfg.data, paths=list(p.ptx_data))
+        ptx_cfg = dataclasses.replace(cfg, data=data, training=training)
         tokenizer = self.trainer.tokenizer
         train, _, _ = build_gpt_datasets(ptx_cfg, tokenizer.eod_id, tokenizer.n_vocab)
         return GlobalBatches(train, consumed, global_batch, t.micro_batch_size, ctx.dp_rank, ctx.layout.dp)
@@ -124,7 +125,8 @@ class PPORun:
         p, cfg = self.cfg.ppo, self.cfg
         rows = layout_rows(rollouts, multiple=cfg.parallel.tp if cfg.parallel.sp else 1).to(self.device)
         micro = rows.micro_batches(cfg.training.micro_batch_size)
-        old_logprobs, entropy = self._collect(self.policy, micro, self.steps.logprobs, rows.length, "logprobs", "entropy")
+        old_logprobs, entropy = self._collect(self.policy, micro, self.steps.logprobs, rows.length,
+                                              "logprobs", "entropy")
         with self.trainer.frozen_model("reference") as reference:
             ref_logprobs, = self._collect(reference, micro, self.steps.logprobs, rows.length, "logprobs")
         values, = self._collect(self.value, micro, self.steps.scalar, rows.length) if self.value is not None \
@@ -173,7 +175,8 @@ class PPORun:
         if self.ptx is not None:
             for sample in self.ptx.next_global_batch():
                 rows = sample["tokens"].shape[0]
-                ptx.append({"kind": "ptx", "tokens": sample["tokens"][:, :length], "labels": sample["labels"][:, :length],
+                ptx.append({"kind": "ptx", "tokens": sample["tokens"][:, :length],
+                            "labels": sample["labels"][:, :length],
                             "loss_mask": sample["loss_mask"][:, :length].float(),
                             "position_ids": torch.arange(length).expand(rows, length).contiguous()})
             counts[1] = sum(b["loss_mask"].sum() for b in ptx)
