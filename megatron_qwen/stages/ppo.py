@@ -41,10 +41,12 @@ class PPOStage:
 
     @staticmethod
     def check(cfg: Config) -> list[str]:
+        """The stage's config rules (`rl.checks`), before any process group exists."""
         validate_ppo(cfg, detect_launch().world_size)  # raises ConfigError naming every problem
         return []
 
     def start(self, trainer: Trainer) -> None:
+        """Once the skeleton has built, loaded and resumed the models: the run's engine, scorer and moments."""
         self.run = PPORun(trainer)
 
     def step(self, trainer: Trainer) -> StepResult:
