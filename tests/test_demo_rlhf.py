@@ -107,7 +107,7 @@ def test_the_dpo_ending_loads_and_keeps_whole_pairs_at_every_nproc(demo, nproc):
     micro = 8 // nproc  # as finish_with_dpo passes it
     cfg = load_config(demo.REPO / config, demo.MODEL + settings + [f"training.micro_batch_size={micro}"], stage="dpo")
     t = cfg.training
-    assert (t.lr, t.min_lr, t.weight_decay, t.train_iters, t.global_batch_size) == (1e-3, 1e-3, 0.0, 40, 16)
+    assert (t.lr, t.min_lr, t.weight_decay, t.train_iters, t.global_batch_size) == (1e-4, 1e-4, 0.0, 40, 16)
     assert cfg.dpo.epochs is None  # train_iters is the run's length, not the data's
     _, layout, _ = resolve(cfg, nproc)  # refuses a global batch that does not split over micro x DP
     assert layout.dp == nproc and micro % 2 == 0 and t.global_batch_size % (micro * nproc) == 0

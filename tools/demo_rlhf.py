@@ -172,10 +172,11 @@ PPO = ("configs/stage/ppo.yaml", ["ppo.prompts_per_step=8", "ppo.samples_per_pro
                                   "training.lr=1e-3", "training.min_lr=1e-3", "ppo.value_lr=5e-3",
                                   "training.save_interval=0", "logging.log_interval=1"])
 PPO_ROLLOUTS = 8 * 4
-# 40 steps of 8 pairs (chosen and rejected side by side: 16 sequences), the constant LR that teaches the word
-# preference at this size, no weight decay (which would pull the policy towards 0, not towards its reference).
+# 40 steps of 8 pairs (chosen and rejected side by side: 16 sequences), no weight decay (which would pull the
+# policy towards 0, not towards its reference), a constant LR of 1e-4: at 3e-4 and 1e-3 (sigmoid or IPO loss)
+# the held-out pairs are ranked right but both sides' log-probabilities fall until replies are random tokens.
 DPO = ("configs/stage/dpo.yaml", ["data.split=90,10,0", "dpo.epochs=null", "training.global_batch_size=16",
-                                  "training.train_iters=40", "training.lr=1e-3", "training.min_lr=1e-3",
+                                  "training.train_iters=40", "training.lr=1e-4", "training.min_lr=1e-4",
                                   "training.lr_warmup_iters=0", "training.lr_decay_style=constant",
                                   "training.weight_decay=0.0", "training.eval_interval=40", "training.eval_iters=2",
                                   "training.save_interval=0", "logging.log_interval=5"])
