@@ -118,7 +118,9 @@ class TrainingConfig:
     # code. Turn it on only for a checkpoint from a source you trust.
     trust_checkpoint: bool = False
     max_skipped_in_row: int = 5  # non-finite losses/grad norms skipped in a row before aborting
-    offload_frozen: bool = True  # move a stage's frozen models (DPO's reference) to CPU memory between uses (GPUs)
+    # GPUs: keep a stage's frozen models (DPO's reference; PPO's reference and reward model) in pinned host memory
+    # between their forwards (frees their device memory, at one host-to-device copy each per use); off: resident
+    offload_frozen: bool = True
 
 
 @dataclass
@@ -192,9 +194,6 @@ class PPOConfig:
     ptx_data: list = field(default_factory=list)  # pretraining shards ([weight, prefix, ...] or [prefix, ...])
     ptx_coef: float = 0.0  # weight of the pretraining LM loss in the policy's step
     ptx_microbatches: int = 1  # pretraining micro-batches per policy optimizer step and data-parallel rank
-    # GPUs: keep the frozen reference and reward models in pinned host memory between their forwards (frees their
-    # device memory for generation and the updates, at one host-to-device copy of each per step); off: resident
-    offload_frozen: bool = True
 
 
 @dataclass
@@ -338,6 +337,7 @@ MOVED_KEYS = {
     "training.inject_nan_at": "faults.nan_loss_at",
     "reward.init_from_lm": "training.init_from (a reward model started from a language model leaves out its output "
                            "layer and starts the head fresh)",
+    "ppo.offload_frozen": "training.offload_frozen (one key for every stage's frozen models)",
 }
 
 

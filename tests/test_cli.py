@@ -192,7 +192,7 @@ def test_run_trains_a_tiny_model_on_two_ranks(megatron_qwen, tmp_path):
 # --------------------------------------------------------------------------- plot: each stage's own panels
 
 # The keys each stage logs (training/loop.py's log and evaluate, stages/reward.py's reports, rl/trainer.py's
-# step_metrics), written by the stages' own MetricsLogger.
+# PPORun.metrics), written by the stages' own MetricsLogger.
 LANGUAGE_MODEL_KEYS = ("loss", "lr", "grad_norm", "skipped", "tokens_per_s", "tflops_per_device", "mfu", "hfu",
                        "mem_gb", "consumed_samples")
 REWARD_KEYS = LANGUAGE_MODEL_KEYS + ("accuracy", "margin")

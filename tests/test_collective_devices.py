@@ -49,8 +49,8 @@ def test_collectives_of_would_be_nccl_groups_get_device_tensors(tmp_path):
                      "megatron/core/distributed/param_and_grad_buffer.py:start_grad_sync",
                      "megatron_qwen/training/context.py:any_rank"},
         "ppo": {"megatron_qwen/rl/rewards.py:update", "megatron_qwen/rl/ppo_math.py:masked_mean_and_var",
-                "megatron_qwen/rl/trainer.py:_weighted", "megatron_qwen/rl/trainer.py:step_metrics",
-                "megatron_qwen/rl/trainer.py:scores", "megatron_qwen/rl/logprobs.py:token_entropy",
+                "megatron_qwen/rl/trainer.py:_weighted", "megatron_qwen/rl/trainer.py:metrics",
+                "megatron_qwen/rl/scorers.py:__call__", "megatron_qwen/rl/logprobs.py:token_entropy",
                 "megatron_qwen/training/forward_backward.py:reduce_reports",
                 "megatron/core/distributed/param_and_grad_buffer.py:start_grad_sync"},
     }

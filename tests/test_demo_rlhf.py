@@ -95,3 +95,19 @@ def test_reply_shares_and_the_reward_chart(demo, tmp_path):
     lines = demo.reward_chart([-1.0, 0.0, 1.0], width=21)
     assert [line.count("#") for line in lines] == [1, 11, 21]  # the lowest mean one mark, the highest `width`
     assert lines[0].split()[:2] == ["1", "-1.000"]
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 4])
+def test_the_dpo_ending_loads_and_keeps_whole_pairs_at_every_nproc(demo, nproc):
+    """`--dpo`'s stage settings are keys of the DPO config, with the values the demo was tuned at, and its batches
+    split into whole pairs (chosen and rejected side by side) at each --nproc choice."""
+    from megatron_qwen.config import load_config, resolve
+
+    config, settings = demo.DPO
+    micro = 8 // nproc  # as finish_with_dpo passes it
+    cfg = load_config(demo.REPO / config, demo.MODEL + settings + [f"training.micro_batch_size={micro}"], stage="dpo")
+    t = cfg.training
+    assert (t.lr, t.min_lr, t.weight_decay, t.train_iters, t.global_batch_size) == (1e-4, 1e-4, 0.0, 40, 16)
+    assert cfg.dpo.epochs is None  # train_iters is the run's length, not the data's
+    _, layout, _ = resolve(cfg, nproc)  # refuses a global batch that does not split over micro x DP
+    assert layout.dp == nproc and micro % 2 == 0 and t.global_batch_size % (micro * nproc) == 0

@@ -28,8 +28,10 @@ STAGE = ["-m", "megatron_qwen.stages.ppo", "configs/stage/ppo.yaml"]
 VOCAB, GOOD = 128, 32  # tests/ppo_rewards.py: ids below GOOD are the "good" tokens
 MODEL = [
     "model.name=tiny", "parallel.tp=1", "parallel.pp=1", "model.num_layers=2", "model.hidden_size=64",
-    "model.num_attention_heads=2", "model.ffn_hidden_size=128", f"model.padded_vocab_size={VOCAB}", "model.seq_length=32",
-    "model.max_position_embeddings=64", "model.rotary_base=10000", "model.use_dynamic_ntk=false", "model.use_logn_attn=false",
+    "model.num_attention_heads=2", "model.ffn_hidden_size=128", f"model.padded_vocab_size={VOCAB}",
+    "model.seq_length=32",
+    "model.max_position_embeddings=64", "model.rotary_base=10000", "model.use_dynamic_ntk=false",
+    "model.use_logn_attn=false",
 ]
 
 
@@ -91,7 +93,8 @@ def test_clipped_policy_and_value_losses():
     assert clipped.tolist() == [1.0, 0.0, 1.0, 0.0]
     assert approx_kl.tolist() == pytest.approx([0.5 - math.log(1.5), 0.5 - math.log(1.5), -0.5 - math.log(0.5), 0.0])
 
-    values, old_values, returns = torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.5, 0.95, 0.0]), torch.tensor([2.0, 0.0, 1.0])
+    values, old_values = torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.5, 0.95, 0.0])
+    returns = torch.tensor([2.0, 0.0, 1.0])
     vloss, vclipped = value_loss(values, old_values, returns, clip=0.15)
     # clipped values 0.65, 1.0 (within), 0.0: max((v - R)^2, (vc - R)^2) / 2
     assert vloss.tolist() == pytest.approx([0.5 * (2.0 - 0.65) ** 2, 0.5, 0.5])
@@ -137,10 +140,10 @@ def test_one_update_gives_the_losses_and_gradients_of_tp1(tmp_path):
     run_torchrun(1, [worker, "--workdir", str(tmp_path), "--reference"])
     run_torchrun(4, [worker, "--workdir", str(tmp_path), "--layouts", "tp2-pp2-sp:2,2,1;tp2-dp2:2,1,0"])
     ref = json.loads((tmp_path / "reference" / "reports.json").read_text())
-    assert ref["policy loss"] != 0 and ref["value loss"] > 0
+    assert ref["policy_loss"] != 0 and ref["value_loss"] > 0
     for name in ("tp2-pp2-sp", "tp2-dp2"):
         got = json.loads((tmp_path / name / "reports.json").read_text())
-        for key in ("policy loss", "clip fraction", "approx kl", "entropy", "value loss", "value clip fraction"):
+        for key in ("policy_loss", "clip_fraction", "approx_kl", "policy_entropy", "value_loss", "value_clip_fraction"):
             assert abs(got[key] - ref[key]) <= 1e-5 * max(1.0, abs(ref[key])), (name, key, got[key], ref[key])
         for grads in ("policy_grads", "value_grads"):
             a, b = read_full_state_dict(tmp_path / name / grads), read_full_state_dict(tmp_path / "reference" / grads)
@@ -194,7 +197,8 @@ def start(start_at):
 def ppo_args(start, run_dir: Path, *extra: str) -> list[str]:
     root, policy = start
     return STAGE + MODEL + [
-        f"data.paths=[{root / 'prompts'}]", f"ppo.policy_from={policy}", "ppo.reward_fn=tests.ppo_rewards:good_fraction",
+        f"data.paths=[{root / 'prompts'}]", f"ppo.policy_from={policy}",
+        "ppo.reward_fn=tests.ppo_rewards:good_fraction",
         "ppo.prompts_per_step=16", "ppo.samples_per_prompt=4", "ppo.max_new_tokens=8", "ppo.critic_warmup_steps=0",
         "training.micro_batch_size=8", "training.lr=5e-3", "training.min_lr=5e-3", "ppo.value_lr=5e-3",
         "logging.log_interval=1", f"logging.run_dir={run_dir}", *extra,
@@ -232,7 +236,8 @@ def test_rule_reward_rises_with_the_kl_bounded(straight_at, training_seed):
     assert sorted(curve) == list(range(1, 25))
     first = np.mean([curve[s]["reward_mean"] for s in range(1, 4)])
     last = np.mean([curve[s]["reward_mean"] for s in range(20, 25)])
-    print(f"reward {first:.3f} -> {last:.3f}, KL to the reference at most {max(curve[s]['kl_to_reference'] for s in curve):.2f}")
+    print(f"reward {first:.3f} -> {last:.3f}, KL to the reference at most "
+          f"{max(curve[s]['kl_to_reference'] for s in curve):.2f}")
     # Chance is GOOD / VOCAB = 0.25. Measured 0.26 -> 1.0; at training seeds 1-5 at worst 0.29 -> 1.0.
     assert first < 0.35 and last >= 2 * first, (first, last)
     # The KL penalty keeps the policy near the reference: far from a collapse onto one token (log 128 = 4.85 nats).
@@ -241,7 +246,8 @@ def test_rule_reward_rises_with_the_kl_bounded(straight_at, training_seed):
     # One update per step from the same forward as the old log-probabilities: ratio exactly 1, nothing clipped.
     assert all(curve[s]["approx_kl"] == 0.0 and curve[s]["clip_fraction"] == 0.0 for s in curve)
     assert all(abs(curve[s]["sampler_trainer_logprob_gap"]) < 1e-5 for s in curve)
-    for key in ("reward_std", "reward_normalised_mean", "entropy", "explained_variance", "value_loss", "response_length",
+    for key in ("reward_std", "reward_normalised_mean", "entropy", "explained_variance", "value_loss",
+                "response_length",
                 "finished_fraction", "generation_tokens_per_s", "seconds_generate", "seconds_score", "seconds_train"):
         assert key in curve[24], key
 
@@ -264,9 +270,11 @@ def test_grpo_raises_the_reward_without_a_value_model(start_at, training_seed, t
 
 
 def _launch(argv: list[str], log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()), *argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()),
+           *argv]
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -304,7 +312,8 @@ def test_kill_then_resume_equals_the_straight_run(start, straight, tmp_path):
     for step in range(9, 17):
         for key in ("reward_mean", "kl_to_reference", "policy_loss", "value_loss", "entropy"):
             assert got[step][key] == ref[step][key], (step, key)
-    a, b = policy_and_value(straight / "checkpoints" / "iter_0000016"), policy_and_value(tmp_path / "checkpoints" / "iter_0000016")
+    a = policy_and_value(straight / "checkpoints" / "iter_0000016")
+    b = policy_and_value(tmp_path / "checkpoints" / "iter_0000016")
     assert a.keys() == b.keys() and any(k.startswith("value.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
@@ -349,7 +358,8 @@ def satisfied_rate(ckpt: Path, seed: int = 1) -> float:
     chunks = build_model(cfg, Runtime.cpu(), rope_at_positions=True)
     load_weights(chunks, ckpt, str(ckpt))
     prompts = np.random.default_rng(seed).integers(0, VOCAB, (64, 6)).tolist()
-    result = GenerationEngine(chunks, VOCAB).generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.0, seed=seed))
+    result = GenerationEngine(chunks, VOCAB).generate(prompts,
+                                                      SamplingParams(max_new_tokens=8, temperature=1.0, seed=seed))
     return float(np.mean([sum(t < GOOD for t in r) >= 4 for r in result.tokens]))
 
 
@@ -360,8 +370,10 @@ def test_a_reward_model_trained_here_steers_the_policy(start_at, training_seed, 
     root, policy = start
     write_preferences(tmp_path / "pairs", 2000, seed=0)
     run_torchrun(1, ["-m", "megatron_qwen.stages.reward", "configs/tiny.yaml", *MODEL, "data.split=100,0,0",
-                     f"data.paths=[{tmp_path / 'pairs'}]", f"training.init_from={policy}", "training.micro_batch_size=8",
-                     "training.global_batch_size=32", "training.train_iters=40", "training.lr=2e-3", "training.min_lr=2e-4",
+                     f"data.paths=[{tmp_path / 'pairs'}]", f"training.init_from={policy}",
+                     "training.micro_batch_size=8",
+                     "training.global_batch_size=32", "training.train_iters=40", "training.lr=2e-3",
+                     "training.min_lr=2e-4",
                      "training.lr_warmup_iters=5", "logging.log_interval=10", f"logging.run_dir={tmp_path / 'rm'}",
                      *seeded(training_seed)])
     rm = tmp_path / "rm" / "checkpoints" / "iter_0000040"
@@ -398,11 +410,12 @@ def ppo_config(start, *extra):
     (["ppo.reward_fn=no_such_module:f"], "module 'no_such_module' does not import"),
     (["ppo.prompts_per_step=3", "ppo.samples_per_prompt=2"], "6 rollouts per data-parallel rank"),
     (["ppo.max_new_tokens=40"], "ppo.max_new_tokens=40 leaves no room for a prompt within model.seq_length=32"),
-    (["ppo.estimator=grpo", "ppo.samples_per_prompt=1", "ppo.prompts_per_step=8"], "ppo.samples_per_prompt=1 must be >= 2"),
+    (["ppo.estimator=grpo", "ppo.samples_per_prompt=1", "ppo.prompts_per_step=8"],
+     "ppo.samples_per_prompt=1 must be >= 2"),
 ])
 def test_configurations_that_cannot_run_are_refused(start, extra, message):
     from megatron_qwen.errors import ConfigError
-    from megatron_qwen.rl.trainer import validate_ppo
+    from megatron_qwen.rl.checks import validate_ppo
 
     with pytest.raises(ConfigError) as info:
         validate_ppo(ppo_config(start, *extra), world_size=1)
@@ -413,7 +426,7 @@ def test_models_of_another_shape_are_refused(start, tmp_path):
     import shutil
 
     from megatron_qwen.errors import ConfigError
-    from megatron_qwen.rl.trainer import validate_ppo
+    from megatron_qwen.rl.checks import validate_ppo
 
     other = tmp_path / "other"
     shutil.copytree(start[1], other)
@@ -421,6 +434,15 @@ def test_models_of_another_shape_are_refused(start, tmp_path):
     (other / "model_config.yaml").write_text(config)
     with pytest.raises(ConfigError, match=r"ppo.reward_from=.*other has model.hidden_size=96 but this run has 64"):
         validate_ppo(ppo_config(start, "ppo.reward_fn=null", f"ppo.reward_from={other}"), world_size=1)
+
+
+def test_the_offload_key_moved_to_the_skeleton():
+    from megatron_qwen.config import ConfigError, load_config
+
+    cfg = load_config(REPO / "configs" / "stage" / "ppo.yaml", ["training.offload_frozen=false"], stage="ppo")
+    assert cfg.training.offload_frozen is False  # the one key the skeleton reads for every stage's frozen models
+    with pytest.raises(ConfigError, match=r"'ppo.offload_frozen' has moved to training.offload_frozen"):
+        load_config(REPO / "configs" / "stage" / "ppo.yaml", ["ppo.offload_frozen=false"], stage="ppo")
 
 
 def test_reward_function_results_are_checked():
@@ -441,7 +463,8 @@ def test_a_failing_reward_function_stops_every_rank_cleanly(start, tmp_path):
            *args, "ppo.reward_fn=tests.ppo_rewards:raises"]
     proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert proc.stderr.count("error: step 1: the reward function raised ValueError: no reward for you (prompt 0 of this step)") == 1, proc.stderr
+    assert proc.stderr.count("error: step 1: the reward function raised ValueError: no reward for you (prompt 0 of "
+                             "this step)") == 1, proc.stderr
     # No rank prints a traceback of its own (torchrun prefixes rank output with [rankN]:); nothing is saved.
     assert "]: Traceback" not in proc.stderr and not (tmp_path / "checkpoints").exists()
 

@@ -42,7 +42,7 @@ def test_collected_entropy_and_logprobs_match_plain_torch(temperature):
     logits = torch.randn(2, 5, V, generator=gen) * torch.tensor([0.5, 8.0]).view(2, 1, 1)
     labels = torch.randint(0, V, (2, 5), generator=gen)
     batch = {"tokens": labels, "position_ids": torch.arange(5).expand(2, 5), "labels": labels, "mask": torch.ones(2, 5)}
-    step = ppo_steps.steps(V, temperature, 0.2, 0.15, 0.0)["logprobs"]
+    step = ppo_steps.steps(V, temperature, 0.2, 0.15, 0.0).logprobs
     output, collect = step(iter([batch]), FixedLogits(logits.clone()))
     got = collect(output)
     expected = reference_entropy(logits, temperature)
@@ -64,10 +64,10 @@ def test_policy_step_entropy_report_matches_plain_torch():
     batch = {"kind": "rollout", "weight": 1.0, "tokens": labels, "position_ids": torch.arange(4).expand(2, 4),
              "labels": labels, "mask": mask, "old_logprobs": torch.zeros(2, 4), "ref_logprobs": torch.zeros(2, 4),
              "advantages": torch.zeros(2, 4)}
-    step = ppo_steps.steps(V, 1.0, 0.2, 0.15, 0.0)["policy"]
+    step = ppo_steps.steps(V, 1.0, 0.2, 0.15, 0.0).policy
     output, loss = step(iter([batch]), FixedLogits(logits.clone()))
     _, _, reports = loss(output)
-    total, count = reports["entropy"].tolist()
+    total, count = reports["policy_entropy"].tolist()
     expected = (reference_entropy(logits, 1.0) * mask).sum() / mask.sum()
     assert total / count == pytest.approx(float(expected), rel=1e-5)
 
@@ -91,7 +91,7 @@ def test_grpo_kl_term_stays_finite_below_exp_range():
     advantages = torch.tensor([[0.0, 0.0, 0.5, -1.0, 2.0, 0.0]])
     batch = {"kind": "rollout", "weight": 1.0, "tokens": labels, "position_ids": torch.arange(6)[None],
              "labels": labels, "mask": mask, "old_logprobs": old, "ref_logprobs": ref, "advantages": advantages}
-    step = ppo_steps.steps(V, 1.0, clip, 0.15, coef)["policy"]
+    step = ppo_steps.steps(V, 1.0, clip, 0.15, coef).policy
     model = FixedLogits(logits.clone().requires_grad_(True))
     output, loss_fn = step(iter([batch]), model)
     loss, _, _ = loss_fn(output)
@@ -176,7 +176,7 @@ def test_offloaded_weights_are_pinned():
 def test_nothing_moves_on_cpu_ranks_or_with_offload_off():
     from types import SimpleNamespace
 
-    from megatron_qwen.rl.trainer import PPOTrainer
+    from megatron_qwen.training.loop import Trainer
 
     unit = frozen_unit(on_cpu=True)
     before = storages(unit)
@@ -188,7 +188,9 @@ def test_nothing_moves_on_cpu_ranks_or_with_offload_off():
     spy = SimpleNamespace(onload=lambda: calls.append("onload"), offload=lambda: calls.append("offload"))
     for offload_frozen, expected in ((False, ["forward"]), (True, ["onload", "forward", "offload"])):
         calls.clear()
-        trainer = SimpleNamespace(cfg=SimpleNamespace(ppo=SimpleNamespace(offload_frozen=offload_frozen)))
-        with PPOTrainer.frozen_on_device(trainer, spy):
+        trainer = SimpleNamespace(cfg=SimpleNamespace(training=SimpleNamespace(offload_frozen=offload_frozen)),
+                                  frozen={"reference": spy})
+        with Trainer.frozen_model(trainer, "reference") as unit:
+            assert unit is spy
             calls.append("forward")
         assert calls == expected, (offload_frozen, calls)

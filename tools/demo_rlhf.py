@@ -1,6 +1,6 @@
 """The RLHF demo: pretraining, SFT, a reward model and PPO chained through the stages' command lines, on CPU ranks.
 
-    python tools/demo_rlhf.py [--out demo_rlhf_out] [--nproc 1] [--ppo-steps 24] [--seed 0]
+    python tools/demo_rlhf.py [--out demo_rlhf_out] [--nproc 1] [--ppo-steps 24] [--seed 0] [--dpo]
 
 A small Qwen (2 layers, hidden 64, the real 151,936-row vocabulary and tokenizer) learns to answer "give me one
 word that describes my friend" kindly:
@@ -12,6 +12,10 @@ word that describes my friend" kindly:
 4. PPO (stages.ppo) from the SFT policy with that reward model: the reward curve, then the share of kind replies
    before and after (a rule: the reply is one of the kind words), sampled with `megatron-qwen generate` on
    questions about people the training data never mentions; last, the PPO run's curves (`megatron-qwen plot`).
+
+With --dpo the chain ends with DPO (stages.dpo) on the reward model's preference pairs instead of steps 3-4:
+the SFT policy learns the preference directly against its frozen copy, with no reward model and no sampling;
+then the same before/after shares, and the DPO run's curves.
 
 Every step is the command a user would type (`megatron-qwen preprocess`, `megatron-qwen run STAGE`,
 `megatron-qwen generate`, `megatron-qwen plot`, here as `python -m megatron_qwen.cli`); everything lands in
@@ -60,7 +64,8 @@ TOP_P = 0.9  # PPO samples with configs/stage/ppo.yaml's top-p; the evaluation s
 MODEL = [
     "model.name=demo-rlhf", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=2",
     "model.ffn_hidden_size=128", "model.padded_vocab_size=151936",
-    f"model.seq_length={SEQ_LENGTH}", "model.max_position_embeddings=128", "model.use_dynamic_ntk=false", "model.use_logn_attn=false",
+    f"model.seq_length={SEQ_LENGTH}", "model.max_position_embeddings=128", "model.use_dynamic_ntk=false",
+    "model.use_logn_attn=false",
     "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "parallel.tp=1", "parallel.pp=1", "parallel.device=cpu",
 ]
 
@@ -159,13 +164,22 @@ SFT = ("configs/stage/sft.yaml", ["data.split=100,0,0", "training.global_batch_s
 REWARD = ("configs/stage/reward.yaml", ["data.split=90,10,0", "reward.epochs=null", "training.global_batch_size=32",
                                         "training.train_iters=40", "training.lr=5e-3", "training.min_lr=5e-4",
                                         "training.lr_warmup_iters=2", "training.lr_decay_style=cosine",
-                                        "training.eval_interval=40", "training.eval_iters=2", "training.save_interval=0",
+                                        "training.eval_interval=40", "training.eval_iters=2",
+                                        "training.save_interval=0",
                                         "logging.log_interval=5"])
 PPO = ("configs/stage/ppo.yaml", ["ppo.prompts_per_step=8", "ppo.samples_per_prompt=4",
                                   f"ppo.max_new_tokens={MAX_NEW_TOKENS}", "ppo.critic_warmup_steps=0",
                                   "training.lr=1e-3", "training.min_lr=1e-3", "ppo.value_lr=5e-3",
                                   "training.save_interval=0", "logging.log_interval=1"])
 PPO_ROLLOUTS = 8 * 4
+# 40 steps of 8 pairs (chosen and rejected side by side: 16 sequences), no weight decay (which would pull the
+# policy towards 0, not towards its reference), a constant LR of 1e-4: at 3e-4 and 1e-3 (sigmoid or IPO loss)
+# the held-out pairs are ranked right but both sides' log-probabilities fall until replies are random tokens.
+DPO = ("configs/stage/dpo.yaml", ["data.split=90,10,0", "dpo.epochs=null", "training.global_batch_size=16",
+                                  "training.train_iters=40", "training.lr=1e-4", "training.min_lr=1e-4",
+                                  "training.lr_warmup_iters=0", "training.lr_decay_style=constant",
+                                  "training.weight_decay=0.0", "training.eval_interval=40", "training.eval_iters=2",
+                                  "training.save_interval=0", "logging.log_interval=5"])
 
 
 class Demo:
@@ -208,7 +222,8 @@ class Demo:
         """`megatron-qwen generate`'s sampled replies (temperature 1) to the ChatML `prompts`, in NAME.jsonl."""
         out = self.out / f"{name}.jsonl"
         self.run([*COMMAND, "generate", "--ckpt", ckpt, "--prompts", prompts, "--chat", "--max-new-tokens",
-                  MAX_NEW_TOKENS, "--temperature", "1.0", "--top-p", TOP_P, "--seed", seed, "--batch-size", 64, "--out", out])
+                  MAX_NEW_TOKENS, "--temperature", "1.0", "--top-p", TOP_P, "--seed", seed, "--batch-size", 64,
+                  "--out", out])
         return out
 
 
@@ -238,11 +253,14 @@ def build_data(demo: Demo, seed: int) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo (the command line in this module's docstring); returns the exit status."""
     parser = argparse.ArgumentParser(prog="tools/demo_rlhf.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "demo_rlhf_out", help="work directory (default demo_rlhf_out/)")
+    parser.add_argument("--out", type=Path, default=REPO / "demo_rlhf_out",
+                        help="work directory (default demo_rlhf_out/)")
     parser.add_argument("--nproc", type=int, default=1, choices=(1, 2, 4),
                         help="data-parallel CPU ranks (default 1: on 2 cores the fastest)")
     parser.add_argument("--ppo-steps", type=int, default=24, help="PPO steps (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the evaluation (default 0)")
+    parser.add_argument("--dpo", action="store_true", help="end with DPO on the preference pairs instead of a reward "
+                        "model and PPO")
     args = parser.parse_args(argv)
     if args.ppo_steps < 1:
         parser.error(f"--ppo-steps {args.ppo_steps} must be >= 1")
@@ -261,11 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     policy = demo.timed("sft", lambda: demo.stage(
         "sft", SFT, f"training.init_from={pretrained}", f"data.paths=[{data['chats']}]", micro_batch=4 // args.nproc))
 
+    if args.dpo:
+        return finish_with_dpo(demo, data, pretrained, policy, args, started, load)
+
     banner("3. reward model on preference pairs, chosen = kind, rejected = unkind (stages.reward)")
     reward_model = demo.timed("reward", lambda: demo.stage(
         "reward", REWARD, f"training.init_from={policy}", f"data.paths=[{data['pairs']}]", micro_batch=8))
     held_out = [r for r in read_metrics(demo.out / "reward") if "valid_accuracy" in r][-1]
-    print(f"reward model: held-out accuracy {held_out['valid_accuracy']:.3f}, mean margin {held_out['valid_margin']:.2f}")
+    print(f"reward model: held-out accuracy {held_out['valid_accuracy']:.3f}, "
+          f"mean margin {held_out['valid_margin']:.2f}")
 
     banner(f"4. PPO from the SFT policy with that reward model (stages.ppo), {args.ppo_steps} steps")
     tuned = demo.timed("ppo", lambda: demo.stage(
@@ -273,12 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         f"training.train_iters={args.ppo_steps}", micro_batch=8))
 
     banner("5. replies before and after PPO to questions about people the training never saw (megatron-qwen generate)")
-    shares = {}
-    for name, ckpt in (("sft", policy), ("ppo", tuned)):
-        generations = demo.timed(f"eval {name}", demo.generate, ckpt, data["eval"], f"replies_{name}", args.seed)
-        shares[name] = reply_shares(generations)
-        replies = [json.loads(line)["text"] for line in generations.read_text().splitlines()[:10]]
-        print(f"{name.upper()} policy, first replies: {replies}")
+    shares = before_and_after(demo, data, args.seed, sft=policy, ppo=tuned)
 
     banner("summary")
     steps = read_metrics(demo.out / "ppo")
@@ -289,21 +306,66 @@ def main(argv: list[str] | None = None) -> int:
     head, tail = rewards[:3], rewards[-3:]
     print(f"reward {sum(head) / len(head):+.2f} (first 3 steps) -> {sum(tail) / len(tail):+.2f} (last 3 steps); "
           f"reward model held-out accuracy {held_out['valid_accuracy']:.3f}")
-    print(f"replies to {EVAL_PROMPTS} held-out questions, sampled at temperature 1, judged by the word lists:")
-    for name, share in shares.items():
-        print(f"  {name.upper()} policy: kind {share['kind']:.2f}, unkind {share['unkind']:.2f}, other {share['other']:.2f}")
+    print_shares(shares)
     print("one PPO step, median of steps 3 on (seconds): " + ", ".join(
         f"{phase} {median(r[f'seconds_{phase}'] for r in settled):.2f}" for phase in ("generate", "score", "train"))
         + f"; generation {median(r['generation_tokens_per_s'] for r in settled):.0f} new tokens/s")
-    print("time per phase (wall s, CPU s of the commands):")
-    for name, (wall, cpu) in demo.seconds.items():
-        print(f"  {name:9s} {wall:6.0f} {cpu:7.0f}")
-    print(f"  {'total':9s} {time.monotonic() - started:6.0f}   on {args.nproc} rank(s), {os.cpu_count()} cores, "
-          f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    print_times(demo, args.nproc, started, load)
     print(f"checkpoints:\n  pretrained   {pretrained}\n  SFT          {policy}\n  reward model {reward_model}\n"
           f"  PPO policy   {tuned}")
     banner("the PPO run's curves (megatron-qwen plot)")
     demo.run([*COMMAND, "plot", demo.out / "ppo"])  # prints the chart's path, the demo's last line
+    return 0
+
+
+def before_and_after(demo: Demo, data: dict, seed: int, **checkpoints: Path) -> dict[str, dict[str, float]]:
+    """Each checkpoint's reply shares on the held-out questions (NAME=checkpoint, in order), its first replies
+    printed."""
+    shares = {}
+    for name, ckpt in checkpoints.items():
+        generations = demo.timed(f"eval {name}", demo.generate, ckpt, data["eval"], f"replies_{name}", seed)
+        shares[name] = reply_shares(generations)
+        replies = [json.loads(line)["text"] for line in generations.read_text().splitlines()[:10]]
+        print(f"{name.upper()} policy, first replies: {replies}")
+    return shares
+
+
+def print_shares(shares: dict[str, dict[str, float]]) -> None:
+    print(f"replies to {EVAL_PROMPTS} held-out questions, sampled at temperature 1, judged by the word lists:")
+    for name, share in shares.items():
+        print(f"  {name.upper()} policy: kind {share['kind']:.2f}, unkind {share['unkind']:.2f}, "
+              f"other {share['other']:.2f}")
+
+
+def print_times(demo: Demo, nproc: int, started: float, load: float) -> None:
+    print("time per phase (wall s, CPU s of the commands):")
+    for name, (wall, cpu) in demo.seconds.items():
+        print(f"  {name:9s} {wall:6.0f} {cpu:7.0f}")
+    print(f"  {'total':9s} {time.monotonic() - started:6.0f}   on {nproc} rank(s), {os.cpu_count()} cores, "
+          f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+
+
+def finish_with_dpo(demo: Demo, data: dict, pretrained: Path, policy: Path, args, started: float, load: float) -> int:
+    """Steps 3-5 of `--dpo`: DPO from the SFT policy on the preference pairs, the replies before and after, the
+    summary and the DPO run's curves; returns the exit status."""
+    banner("3. DPO from the SFT policy on preference pairs, chosen = kind, rejected = unkind (stages.dpo)")
+    tuned = demo.timed("dpo", lambda: demo.stage(
+        "dpo", DPO, f"training.init_from={policy}", f"data.paths=[{data['pairs']}]", micro_batch=8 // args.nproc))
+    held_out = [r for r in read_metrics(demo.out / "dpo") if "valid_accuracy" in r][-1]
+
+    banner("4. replies before and after DPO to questions about people the training never saw (megatron-qwen generate)")
+    shares = before_and_after(demo, data, args.seed, sft=policy, dpo=tuned)
+
+    banner("summary")
+    steps = [r for r in read_metrics(demo.out / "dpo") if "loss" in r]
+    print("DPO: " + "; ".join(f"step {r['step']} loss {r['loss']:.3f} accuracy {r['accuracy']:.2f}" for r in steps))
+    print(f"DPO held-out pairs: reward accuracy {held_out['valid_accuracy']:.3f}, "
+          f"mean margin {held_out['valid_margin']:.2f}")
+    print_shares(shares)
+    print_times(demo, args.nproc, started, load)
+    print(f"checkpoints:\n  pretrained   {pretrained}\n  SFT          {policy}\n  DPO policy   {tuned}")
+    banner("the DPO run's curves (megatron-qwen plot)")
+    demo.run([*COMMAND, "plot", demo.out / "dpo"])  # prints the chart's path, the demo's last line
     return 0
 
 

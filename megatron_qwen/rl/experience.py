@@ -3,16 +3,21 @@
 Each rollout (prompt + response) is one right-padded row: tokens, next-token labels, position ids from 0,
 and ``mask`` 1 where the label is a response token (the actions). Causal attention needs no padding mask.
 `per_token_rewards` puts the KL penalty on every action and the score on the last; advantages follow by
-GAE (`rl.ppo_math`) or, for GRPO, from the scores of each prompt's group of samples.
+GAE (`rl.ppo_math`) or, for GRPO, from the scores of each prompt's group of samples. `shape_scores` applies
+the unfinished-response rule and the running normalisation; `experience_reports` and `experience_metrics` give
+the step's experience metrics (each named once, here) as means over the data-parallel batch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-from megatron_qwen.rl.ppo_math import gae, group_advantages, kl_estimate, whiten
+from megatron_qwen.rl.ppo_math import explained_variance, gae, group_advantages, kl_estimate, whiten
+from megatron_qwen.rl.rewards import RunningMoments
+from megatron_qwen.training.forward_backward import reduce_reports
 
 
 @dataclass
@@ -95,3 +100,64 @@ def gae_advantages(rewards, values, mask, gamma: float, lam: float, dp_group=Non
 def grpo_advantages(scores: torch.Tensor, mask: torch.Tensor, samples_per_prompt: int) -> torch.Tensor:
     """Each action's advantage: its rollout's score normalised within the prompt's group of samples."""
     return group_advantages(scores, samples_per_prompt)[:, None] * mask
+
+
+def shape_scores(raw: torch.Tensor, finished: torch.Tensor, mask: torch.Tensor, p, moments: RunningMoments,
+                 dp_group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(raw scores after the ``ppo.unfinished`` rule, scores normalised by the running moments when
+    ``ppo.reward_norm``, the action mask without dropped rollouts, which rollouts count in the statistics)."""
+    mask = mask.clone()
+    if p.unfinished == "penalty":
+        raw = torch.where(finished, raw, torch.full_like(raw, p.unfinished_penalty))
+    elif p.unfinished == "drop":
+        mask[~finished] = 0.0
+    kept = finished | (p.unfinished != "drop")
+    if not p.reward_norm:
+        return raw, raw, mask, kept
+    moments.update(raw[kept], dp_group)
+    return raw, moments.normalise(raw), mask, kept
+
+
+def sampler_rows(rollouts: Rollouts, length: int) -> torch.Tensor:
+    """The engine's log-probabilities at the label positions of the response tokens ([n, length], host)."""
+    sampler = torch.zeros(len(rollouts), length)
+    for i, (prompt, response) in enumerate(zip(rollouts.prompts, rollouts.responses)):
+        first = len(prompt) - 1  # the label position of the response's first token
+        sampler[i, first:first + len(response)] = torch.tensor(rollouts.sampler_logprobs[i][:len(response)])
+    return sampler
+
+
+def experience_reports(rollouts: Rollouts, raw, scores, kept, finished, mask, old_logprobs, ref_logprobs, entropy,
+                       values=None, returns=None, dp_group=None, last_stage: bool = True) -> dict:
+    """This rank's [sum, count] of each experience metric (the ``*_sq_mean`` ones give the standard deviations)."""
+    device = raw.device
+    tokens, responses = mask.sum(), torch.tensor(float(len(rollouts)), device=device)
+    kl = ((old_logprobs - ref_logprobs) * mask).sum()
+    sampler = sampler_rows(rollouts, mask.shape[1]).to(device)
+    reports = {
+        "reward_mean": [raw[kept].sum(), kept.sum()], "reward_sq_mean": [(raw[kept] ** 2).sum(), kept.sum()],
+        "reward_normalised_mean": [scores[kept].sum(), kept.sum()],
+        "reward_normalised_sq_mean": [(scores[kept] ** 2).sum(), kept.sum()],
+        "kl_to_reference": [kl, tokens], "kl_per_response": [kl, kept.sum()],
+        "entropy": [(entropy * mask).sum(), tokens],  # the policy's, on the rollouts before this step's updates
+        "response_length": [torch.tensor(float(sum(map(len, rollouts.responses))), device=device), responses],
+        "finished_fraction": [finished.float().sum(), responses],
+        "sampler_trainer_logprob_gap": [((sampler - old_logprobs).abs() * mask).sum(), tokens],
+    }
+    if values is not None:
+        ev = explained_variance(values, returns, mask, dp_group)
+        weight = 1.0 if last_stage else 0.0  # the value model's outputs exist on the last pipeline stage only
+        reports["explained_variance"] = [ev * weight, ev.new_tensor(weight)]
+    return reports
+
+
+def experience_metrics(reports: dict, last_stage: bool, device) -> dict[str, float]:
+    """The experience metrics over the data-parallel batch, the same on every rank (means; rewards' std too)."""
+    keys = tuple(reports)
+    item = {key: torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in reports[key]])
+            for key in keys}
+    means = {key: float(v) for key, v in reduce_reports([item] if last_stage else [], keys, device).items()}
+    for name in ("reward", "reward_normalised"):
+        square = means.pop(f"{name}_sq_mean")
+        means[f"{name}_std"] = math.sqrt(max(square - means[f"{name}_mean"] ** 2, 0.0))
+    return means

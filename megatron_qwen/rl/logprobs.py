@@ -28,7 +28,8 @@ def _prepared(logits: torch.Tensor, vocab_limit: int, temperature: float) -> tor
     return prepared
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_limit: int, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_limit: int,
+                   temperature: float = 1.0) -> torch.Tensor:
     """log p(label) [b, s] from vocab-parallel logits [b, s, V / tp] (differentiable); `logits` is left as it was."""
     prepared = _prepared(logits, vocab_limit, temperature)
     if prepared is logits:
@@ -47,6 +48,7 @@ def token_entropy(logits: torch.Tensor, vocab_limit: int, temperature: float = 1
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX, group=group)
     shifted = logits - peak.unsqueeze(-1)
     weights = shifted.exp()
-    sums = torch.stack([weights.sum(-1), torch.where(weights > 0, weights * shifted, torch.zeros_like(shifted)).sum(-1)])
+    weighted = torch.where(weights > 0, weights * shifted, torch.zeros_like(shifted))
+    sums = torch.stack([weights.sum(-1), weighted.sum(-1)])
     torch.distributed.all_reduce(sums, group=group)
     return sums[0].log() - sums[1] / sums[0]

@@ -57,7 +57,8 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, group=None, eps: float = 1e-8) -
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over each row's masked (response) tokens.
 
     ``delta_t = r_t + gamma * V_{t+1} - V_t`` with V = 0 after the last masked token, ``A_t = delta_t +
@@ -106,7 +107,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     return loss, was_clipped, approx_kl.detach()
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               clip: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss per token: ``0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)``.
     Returns (per-token loss, per-token 1.0 where the clipped term was the larger)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)

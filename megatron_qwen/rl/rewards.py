@@ -28,11 +28,13 @@ def load_reward_fn(spec: str) -> Callable:
     """The function ``package.module:function`` names; ConfigError naming the value when it does not resolve."""
     module_name, sep, name = spec.partition(":")
     if not sep or not module_name or not name:
-        raise ConfigError([f"ppo.reward_fn={spec!r} must be package.module:function (e.g. my_rewards.math:exact_match)"])
+        raise ConfigError([f"ppo.reward_fn={spec!r} must be package.module:function "
+                           "(e.g. my_rewards.math:exact_match)"])
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import failure is the user's module: report it in one line
-        raise ConfigError([f"ppo.reward_fn={spec!r}: module {module_name!r} does not import ({type(exc).__name__}: {exc}); "
+        raise ConfigError([f"ppo.reward_fn={spec!r}: module {module_name!r} does not import "
+                           f"({type(exc).__name__}: {exc}); "
                            "check the name and that it is on PYTHONPATH"]) from exc
     fn = getattr(module, name, None)
     if not callable(fn):
@@ -46,9 +48,11 @@ def call_reward_fn(fn: Callable, index: int, prompt_tokens: list[int], response_
     try:
         value = fn(prompt_tokens=prompt_tokens, response_tokens=response_tokens, prompt=prompt, response=response)
     except Exception as exc:
-        raise RewardFunctionError(f"the reward function raised {type(exc).__name__}: {exc} (prompt {index} of this step)") from exc
+        raise RewardFunctionError(f"the reward function raised {type(exc).__name__}: {exc} "
+                                  f"(prompt {index} of this step)") from exc
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RewardFunctionError(f"the reward function returned {value!r}, not a finite number (prompt {index} of this step)")
+        raise RewardFunctionError(f"the reward function returned {value!r}, not a finite number "
+                                  f"(prompt {index} of this step)")
     return float(value)
 
 

@@ -9,7 +9,9 @@ whole data-parallel batch at every layout, as `training.forward_backward` does f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 
@@ -17,8 +19,9 @@ from megatron_qwen.rl.logprobs import token_entropy, token_logprobs
 from megatron_qwen.rl.ppo_math import kl_estimate, policy_loss, value_loss
 from megatron_qwen.training.forward_backward import to_model_device
 
-POLICY_REPORTS = ("policy loss", "clip fraction", "approx kl", "entropy", "ptx loss")
-VALUE_REPORTS = ("value loss", "value clip fraction")
+# Each report is logged under its own name (its mean over the step's optimizer steps).
+POLICY_REPORTS = ("policy_loss", "clip_fraction", "approx_kl", "policy_entropy", "ptx_loss")
+VALUE_REPORTS = ("value_loss", "value_clip_fraction")
 
 
 def _forward(data_iterator, model):
@@ -63,7 +66,7 @@ def policy_update_step(vocab_limit: int, temperature: float, clip: float, grpo_k
             per_token = -token_logprobs(logits, batch["labels"], vocab_limit) * mask
             count = mask.sum()
             reports = {key: _pair(zero, zero) for key in POLICY_REPORTS}
-            reports["ptx loss"] = _pair(per_token.sum(), count)
+            reports["ptx_loss"] = _pair(per_token.sum(), count)
             return per_token.sum() * batch["weight"], count.to(torch.int), reports
         mask = batch["mask"]
         logprobs = token_logprobs(logits, batch["labels"], vocab_limit, temperature)
@@ -72,11 +75,11 @@ def policy_update_step(vocab_limit: int, temperature: float, clip: float, grpo_k
             per_token = per_token + grpo_kl_coef * kl_estimate(logprobs, batch["ref_logprobs"], "k3", mask)
         count = mask.sum()
         reports = {
-            "policy loss": _pair((per_token * mask).sum(), count),
-            "clip fraction": _pair((clipped * mask).sum(), count),
-            "approx kl": _pair((approx_kl * mask).sum(), count),
-            "entropy": _pair((token_entropy(logits, vocab_limit, temperature) * mask).sum(), count),
-            "ptx loss": _pair(zero, zero),
+            "policy_loss": _pair((per_token * mask).sum(), count),
+            "clip_fraction": _pair((clipped * mask).sum(), count),
+            "approx_kl": _pair((approx_kl * mask).sum(), count),
+            "policy_entropy": _pair((token_entropy(logits, vocab_limit, temperature) * mask).sum(), count),
+            "ptx_loss": _pair(zero, zero),
         }
         return (per_token * mask).sum() * batch["weight"], count.to(torch.int), reports
 
@@ -91,17 +94,29 @@ def value_update_step(clip: float, data_iterator, model):
         mask = batch["mask"]
         per_token, clipped = value_loss(values.float(), batch["old_values"], batch["returns"], clip)
         count = mask.sum()
-        reports = {"value loss": _pair((per_token * mask).sum(), count), "value clip fraction": _pair((clipped * mask).sum(), count)}
+        reports = {"value_loss": _pair((per_token * mask).sum(), count),
+                   "value_clip_fraction": _pair((clipped * mask).sum(), count)}
         return (per_token * mask).sum(), count.to(torch.int), reports
 
     return output, loss
 
 
-def steps(vocab_limit: int, temperature: float, clip: float, value_clip: float, grpo_kl_coef: float) -> dict:
+@dataclass(frozen=True)
+class ForwardSteps:
     """The forward steps of one PPO run, with its constants bound."""
-    return {
-        "logprobs": partial(logprob_step, vocab_limit, temperature),
-        "scalar": scalar_step,
-        "policy": partial(policy_update_step, vocab_limit, temperature, clip, grpo_kl_coef),
-        "value": partial(value_update_step, value_clip),
-    }
+
+    logprobs: Callable  # collect: log-probabilities and entropy of the response tokens (policy, reference)
+    scalar: Callable  # collect: a scalar head's value at every token (value model, reward model)
+    policy: Callable  # update: the policy's loss (POLICY_REPORTS)
+    value: Callable  # update: the value model's loss (VALUE_REPORTS)
+
+
+def steps(vocab_limit: int, temperature: float, clip: float, value_clip: float, grpo_kl_coef: float) -> ForwardSteps:
+    """The forward steps of one PPO run: `temperature` scales the logits as the sampler did, `clip` and
+    `value_clip` bound the policy ratio and the value change, `grpo_kl_coef` weights GRPO's KL term (0: none)."""
+    return ForwardSteps(
+        logprobs=partial(logprob_step, vocab_limit, temperature),
+        scalar=scalar_step,
+        policy=partial(policy_update_step, vocab_limit, temperature, clip, grpo_kl_coef),
+        value=partial(value_update_step, value_clip),
+    )

@@ -69,7 +69,9 @@ class Stage:
     prepare(trainer, micro_batches): per global batch (training and validation), before the trained model's
     forward; it may run the frozen models (`Trainer.frozen_model`) and add tensors to the micro-batches.
     check(cfg) -> problems: the stage's own config rules, checked before any process group exists.
-    step(trainer) -> StepResult: a stage's own optimizer step instead of one forward-backward of the model.
+    step(trainer) -> StepResult: a stage's own optimizer step instead of one forward-backward of the model; its
+    reports are the step's metrics, logged as they are. start(trainer): for such a stage, once the models are
+    built and loaded and the loop state restored (its own saved position is ``trainer.state.stage_state``).
     """
 
     name: str
@@ -82,16 +84,19 @@ class Stage:
     prepare: Callable[[Trainer, list[dict]], None] | None = None
     check: Callable[[Config], list[str]] | None = None
     step: Callable[[Trainer], StepResult] | None = None
+    start: Callable[[Trainer], None] | None = None
 
 
 @dataclass
 class StepResult:
-    """One optimizer step: the reported means, whether the update was applied, the LR and the gradient norm."""
+    """One optimizer step: the reported means, whether the update was applied, the LR, the gradient norm and the
+    samples it consumed (None: ``training.global_batch_size``; PPO: its prompts)."""
 
     reports: dict
     updated: bool
     lr: float
     grad_norm: float | None = None
+    samples: int | None = None
 
 
 @dataclass
@@ -102,6 +107,7 @@ class TrainState:
     consumed_samples: int = 0
     skipped_steps: int = 0
     wandb_run_id: str | None = None
+    stage_state: dict = field(default_factory=dict)  # a stage's own position (PPO: reward moments), JSON values
 
 
 class MetricWindow:
@@ -197,6 +203,8 @@ class Trainer:
         self.peak = peak_flops(None if ctx.runtime.on_cpu else torch.cuda.get_device_name(),
                                self.cfg.logging.peak_tflops)
         self.prepare_seconds = 0.0
+        if stage.start is not None:
+            stage.start(self)
 
     @property
     def unit(self) -> ModelUnit:
@@ -296,8 +304,10 @@ class Trainer:
             start, self.prepare_seconds = time.perf_counter(), 0.0
             result = self.train_step()
             self.state.step += 1
-            self.state.consumed_samples += t.global_batch_size
-            window.add(result.reports if result.updated else None, time.perf_counter() - start, self.prepare_seconds)
+            self.state.consumed_samples += t.global_batch_size if result.samples is None else result.samples
+            if self.stage.step is None:
+                window.add(result.reports if result.updated else None, time.perf_counter() - start,
+                           self.prepare_seconds)
             skipped_in_row = 0 if result.updated else skipped_in_row + 1
             if not result.updated:
                 self.state.skipped_steps += 1
@@ -310,7 +320,10 @@ class Trainer:
                             f"{t.max_skipped_in_row}); aborting without saving", error=True)
                     return 1
             if self.state.step % self.cfg.logging.log_interval == 0 or self.state.step == t.train_iters:
-                self.log(window, result, clock)
+                if self.stage.step is None:
+                    self.log(window, result, clock)
+                else:  # a stage's own step reports its metrics whole
+                    ctx.logger.log(self.state.step, result.reports, progress=clock.progress(self.state.step))
                 window = MetricWindow(self.stage.report_keys)
             if self.valid_ds is not None and t.eval_interval and self.state.step % t.eval_interval == 0:
                 ctx.logger.log(self.state.step, self.evaluate())

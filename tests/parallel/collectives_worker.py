@@ -44,7 +44,7 @@ def main() -> None:
 
     from megatron_qwen.config import load_config
     from megatron_qwen.stages.ppo import train_ppo
-    from megatron_qwen.stages.pretrain import TASK
+    from megatron_qwen.stages.pretrain import STAGE
     from megatron_qwen.training import context
     from megatron_qwen.training.loop import train
 
@@ -59,7 +59,7 @@ def main() -> None:
         assert train(load_config(REPO / "configs" / "tiny.yaml", MODEL + [
             f"data.paths=[{shards}]", "data.split=100,0,0", cache, "training.micro_batch_size=2",
             "training.global_batch_size=4", "training.train_iters=1", "training.lr_warmup_iters=0",
-            f"logging.run_dir={args.workdir / 'pretrain'}"]), task=TASK) == 0
+            f"logging.run_dir={args.workdir / 'pretrain'}"]), stage=STAGE) == 0
         stages["pretrain"] = recorder.calls[first:]
         # PPO at DP=2 (the data-parallel statistics) and at TP=2 with SP (generation and the vocab-parallel
         # log-probabilities and entropy over the tensor-parallel group).

@@ -90,10 +90,11 @@ def run(name: str, layout: dict, workdir: Path, reference: bool) -> None:
     micro = [b for b in rows.micro_batches(MICRO)][rank * share // MICRO:(rank + 1) * share // MICRO]
     steps = ppo_steps.steps(VOCAB, 0.9, 0.2, 0.15, grpo_kl_coef=0.1)
     reports = {}
-    for unit, step, keys in ((policy, "policy", ppo_steps.POLICY_REPORTS), (value, "value", ppo_steps.VALUE_REPORTS)):
+    for unit, step, keys in ((policy, steps.policy, ppo_steps.POLICY_REPORTS),
+                             (value, steps.value, ppo_steps.VALUE_REPORTS)):
         unit.zero_grad()
         out = forward_backward(unit.chunks, micro_batch_iterators(unit.chunks, micro), len(micro), LENGTH, MICRO,
-                               steps[step], report_keys=keys)
+                               step, report_keys=keys)
         reports.update({k: float(v) for k, v in out.items()})
     out_dir = workdir / ("reference" if reference else name)
     save_grads(policy, out_dir / "policy_grads")
