@@ -168,7 +168,7 @@ class Trainer:
         self.ctx = ctx = start_run(cfg)
         self.cfg, self.stage = ctx.cfg, stage
         t, m = self.cfg.training, self.cfg.model
-        self.tokenizer = load_tokenizer(self.cfg.data.tokenizer_file)
+        self.tokenizer = load_tokenizer(self.cfg.data.tokenizer_file, self.cfg.model.family)
         self.train_ds, self.valid_ds = stage.build_datasets(self.cfg, self.tokenizer)
         self.units: dict[str, ModelUnit] = {}
         for i, (name, model) in enumerate(stage.trains.items()):
