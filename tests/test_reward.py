@@ -190,9 +190,10 @@ def test_reward_training_logs_loss_accuracy_and_margin(trained_at, training_seed
 
 
 @pytest.mark.parallel
-def test_tp2_pp2_sp_gives_the_loss_of_one_rank(data, initial, trained, tmp_path):
+def test_tp2_pp2_sp_gives_the_loss_of_one_rank(data, language_model_at, trained, tmp_path):
+    # From the language model the one-rank reference run starts from (`initial`'s is perturbed).
     run_torchrun(4, STAGE + overrides(
-        data, tmp_path, f"training.init_from={initial[0]}", "training.train_iters=3",
+        data, tmp_path, f"training.init_from={language_model_at(None)}", "training.train_iters=3",
         "parallel.tp=2", "parallel.pp=2", "parallel.sp=true",
     ))
     ref, got = metrics(trained), metrics(tmp_path)
