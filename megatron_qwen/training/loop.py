@@ -35,7 +35,7 @@ from megatron_qwen.training.metrics import ProgressClock
 from megatron_qwen.training.sampler import GlobalBatches
 from megatron_qwen.training.units import ModelUnit, build_unit
 
-__all__ = ["Checkpointer", "Model", "Stage", "StepResult", "Trainer", "run_stage", "train"]
+__all__ = ["Model", "Stage", "StepResult", "Trainer", "run_stage", "train"]
 
 
 @dataclass(frozen=True)
