@@ -32,12 +32,23 @@ DEVICE_ENV = "MEGATRON_QWEN_DEVICE"  # when set, the default of parallel.device 
 
 @dataclass
 class ModelConfig:
-    """Shape and numerics of a Qwen (v1) network; configs/ holds the released sizes."""
+    """Shape and numerics of a Qwen network (v1, 1.5, 2, 2.5, 3 dense); configs/ holds the released sizes."""
 
     name: str = "custom"
     num_layers: int = 2
     hidden_size: int = 256
     num_attention_heads: int = 2
+    # Grouped-query attention: key/value heads, each shared by num_attention_heads / num_query_groups query heads
+    # (Qwen2, 2.5, 3). None: one per query head (multi-head attention, Qwen v1 and most Qwen1.5 sizes).
+    num_query_groups: Optional[int] = None
+    # Width of one attention head. None: hidden_size / num_attention_heads; Qwen3 sets it apart (0.6B: 16 heads of
+    # 128 at hidden 1024).
+    kv_channels: Optional[int] = None
+    qkv_bias: bool = True  # bias on the query/key/value projections (v1 to 2.5); Qwen3 has none
+    qk_layernorm: bool = False  # Qwen3: RMSNorm over head_dim on every query and key head, before RoPE
+    # The output layer is the input embedding (the small Qwen2.5 and Qwen3 sizes); with PP > 1 the first and last
+    # stages each hold it and sum its gradient.
+    tie_word_embeddings: bool = False
     ffn_hidden_size: int = 512  # per-branch SwiGLU width (the v1 config's intermediate_size / 2)
     padded_vocab_size: int = 151936  # embedding rows; kept when TP divides it, else padded up
     # Tokenizer family: special tokens, chat template and SFT loss mask (qwen: v1).
@@ -49,6 +60,14 @@ class ModelConfig:
     init_method_std: float = 0.02
     use_dynamic_ntk: bool = False  # inference only, beyond seq_length
     use_logn_attn: bool = False  # inference only, beyond seq_length
+    # RoPE scaling of a Hugging Face config's rope_scaling (Qwen2.5's 128K recipe): YaRN with this factor over
+    # rope_original_max_position_embeddings. Applies to every forward, as in transformers: set it for
+    # long-context inference (or long-context training), not for short-context fine-tuning.
+    rope_scaling: Optional[Literal["yarn"]] = None
+    rope_scaling_factor: float = 1.0
+    rope_original_max_position_embeddings: Optional[int] = None
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"  # auto: TE when it imports on GPU
@@ -60,7 +79,13 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        """Width of one attention head (`kv_channels`, else hidden_size / num_attention_heads)."""
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (`num_query_groups`, else one per query head)."""
+        return self.num_query_groups if self.num_query_groups is not None else self.num_attention_heads
 
 
 @dataclass
@@ -484,6 +509,8 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
         ("model", "num_attention_heads", m.num_attention_heads),
         ("model", "ffn_hidden_size", m.ffn_hidden_size),
         ("model", "seq_length", m.seq_length),
+        ("model", "num_query_groups", m.kv_heads),
+        ("model", "kv_channels", m.head_dim if m.kv_channels is not None else 1),
         ("parallel", "tp", p.tp),
         ("parallel", "pp", p.pp),
         ("parallel", "vpp", p.vpp),
@@ -499,11 +526,25 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
     if errors:
         return errors, notes
 
-    if m.hidden_size % m.num_attention_heads:
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
         errors.append(
             f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}; "
-            "Qwen uses head_dim = hidden_size / heads (128 in every released size)"
+            "set model.kv_channels (the head width, 128 in every released size) or change the heads"
         )
+    if m.num_attention_heads % m.kv_heads:
+        errors.append(
+            f"model.num_query_groups={m.kv_heads} does not divide model.num_attention_heads={m.num_attention_heads}; "
+            f"every key/value head serves the same number of query heads: choose from "
+            f"{_divisors(m.num_attention_heads)}"
+        )
+    if m.rope_scaling == "yarn" and (m.rope_scaling_factor <= 1 or not m.rope_original_max_position_embeddings):
+        errors.append(
+            f"model.rope_scaling=yarn needs model.rope_scaling_factor > 1 (got {m.rope_scaling_factor}) and "
+            f"model.rope_original_max_position_embeddings (got {m.rope_original_max_position_embeddings}), "
+            "as a Hugging Face config's rope_scaling gives them (Qwen2.5: factor 4.0 over 32768)"
+        )
+    if m.rope_scaling is not None and m.use_dynamic_ntk:
+        errors.append("model.rope_scaling and model.use_dynamic_ntk both rescale RoPE; keep one of them")
     family_vocab = TOKENIZER_VOCAB_SIZES[m.family]
     if m.padded_vocab_size < family_vocab and m.name.startswith("qwen"):
         errors.append(
@@ -521,6 +562,11 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
         errors.append(
             f"parallel.tp={p.tp} does not divide model.num_attention_heads={m.num_attention_heads}; "
             f"choose tp from {_divisors(m.num_attention_heads)}"
+        )
+    if m.kv_heads % p.tp and not m.num_attention_heads % p.tp:
+        errors.append(
+            f"parallel.tp={p.tp} does not divide model.num_query_groups={m.kv_heads} (key/value heads): each "
+            f"tensor-parallel rank holds whole key/value heads; choose tp from {_divisors(m.kv_heads)}"
         )
     if m.ffn_hidden_size % p.tp:
         errors.append(
@@ -576,10 +622,12 @@ def fp8_gemm_dims(cfg: Config) -> list[tuple[str, str, int]]:
     m, tp = cfg.model, cfg.parallel.tp
     h, f = m.hidden_size, m.ffn_hidden_size
     rank = "" if tp == 1 else f" / parallel.tp={tp}"
+    q, kv = m.num_attention_heads * m.head_dim, m.kv_heads * m.head_dim
     return [
         ("self_attention.linear_qkv", f"input features (model.hidden_size={h})", h),
-        ("self_attention.linear_qkv", f"output features per rank (3 x model.hidden_size={h}{rank})", 3 * h // tp),
-        ("self_attention.linear_proj", f"input features per rank (model.hidden_size={h}{rank})", h // tp),
+        ("self_attention.linear_qkv", f"output features per rank (query width {q} + 2 x key/value width {kv}{rank})",
+         (q + 2 * kv) // tp),
+        ("self_attention.linear_proj", f"input features per rank (query width {q}{rank})", q // tp),
         ("self_attention.linear_proj", f"output features (model.hidden_size={h})", h),
         ("mlp.linear_fc1", f"output features per rank (2 x model.ffn_hidden_size={f}{rank})", 2 * f // tp),
         ("mlp.linear_fc2", f"input features per rank (model.ffn_hidden_size={f}{rank})", f // tp),
@@ -610,7 +658,7 @@ def _fp8_problems(cfg: Config) -> list[str]:
         problems.append("model.fp8=rowwise runs on torchao in the local layers; Transformer Engine's recipes here are "
                         "tensorwise and delayed: set model.fp8_backend=auto or torchao (and "
                         "model.transformer_impl=auto), or model.fp8=tensorwise")
-    if m.hidden_size % p.tp or m.ffn_hidden_size % p.tp:
+    if m.hidden_size % p.tp or m.ffn_hidden_size % p.tp or m.kv_heads % p.tp:
         return problems  # reported above as a layout problem
     for where, what, size in fp8_gemm_dims(cfg):
         if size % 16:
