@@ -111,6 +111,34 @@ def _probe_fp8_gemm_kernel():
     assert torch.equal(out, (a.float() @ b.float().t() * 2.0).bfloat16())
 
 
+def _probe_checkpoint_writes():
+    import multiprocessing.process
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    if not torch.distributed.is_initialized():
+        store = torch.distributed.FileStore(tempfile.mktemp(prefix="harness-store-"), 1)
+        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    started = []
+    original_start = multiprocessing.process.BaseProcess.start
+
+    def counting_start(process):
+        started.append(process)
+        return original_start(process)
+
+    weight = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    with tempfile.TemporaryDirectory() as directory:
+        multiprocessing.process.BaseProcess.start = counting_start
+        try:
+            dist_checkpointing.save({"w": ShardedTensor.from_rank_offsets("w", weight.clone())}, directory)
+        finally:
+            multiprocessing.process.BaseProcess.start = original_start
+        loaded = dist_checkpointing.load({"w": ShardedTensor.from_rank_offsets("w", torch.zeros(3, 4))}, directory)
+    assert not started, f"the save started {len(started)} processes"
+    assert torch.equal(loaded["w"], weight)
+
+
 PROBES = {
     "cuda_current_device": _probe_current_device,
     "cuda_rng_tracker": _probe_rng_tracker,
@@ -118,6 +146,7 @@ PROBES = {
     "cuda_factory_device": _probe_factory_device,
     "cuda_tensor_methods": _probe_tensor_methods,
     "cpu_fp8_gemm_kernel": _probe_fp8_gemm_kernel,
+    "cpu_checkpoint_writes_in_process": _probe_checkpoint_writes,
 }
 
 # Patches that are needed only on some CPUs, and the test saying whether this one is such a CPU.

@@ -195,6 +195,64 @@ def _patch_fp8_gemm_kernel():
     return _set_attr(torch, "_scaled_mm", _scaled_mm_off_onednn)
 
 
+class _InProcessQueue:
+    """What megatron-core's checkpoint writer asks of its result queues, in-process (put, get, task_done)."""
+
+    def __init__(self):
+        import queue
+
+        self._queue = queue.Queue()
+
+    def put(self, item):
+        self._queue.put(item)
+
+    def get(self):
+        return self._queue.get_nowait()
+
+    def get_nowait(self):
+        return self._queue.get_nowait()
+
+    def task_done(self):
+        self._queue.task_done()
+
+
+_WRITE_RESULTS = _InProcessQueue()
+
+
+def _write_buckets_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue):
+    """megatron-core's FileSystemWriterAsync.write_preloaded_data_multiproc without forking: each bucket is
+    written by this process, one after the other, and the results go to the same queue."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    results, count = _InProcessQueue(), _InProcessQueue()
+    out: dict | Exception = {}
+    for i, bucket in enumerate(write_buckets):
+        count.put(i)
+        FileSystemWriterAsync.write_preloaded_data(transform_list, i, bucket, results, count, use_fsync=True,
+                                                   use_msc=use_msc)
+        idx, written = results.get()
+        if isinstance(written, Exception):
+            out = written
+            break
+        out[idx] = written
+    global_results_queue.put(out)
+
+
+def _patch_checkpoint_writes():
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as module
+
+    writer = module.FileSystemWriterAsync
+    original = writer.__dict__["write_preloaded_data_multiproc"]  # the staticmethod object itself
+    undo_queue = _set_attr(module, "_get_write_results_queue", lambda: _WRITE_RESULTS)
+    writer.write_preloaded_data_multiproc = staticmethod(_write_buckets_in_process)
+
+    def undo():
+        writer.write_preloaded_data_multiproc = original
+        undo_queue()
+
+    return undo
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         "cuda_current_device",
@@ -261,6 +319,20 @@ PATCHES: tuple[Patch, ...] = (
         "uses on every other CPU: dequantize, scale, fp32 matmul (the same products; measured bit-equal here).",
         _patch_fp8_gemm_kernel,
         sites=(("torchao.float8.float8_ops", "addmm_float8_unwrapped", "torch._scaled_mm("),),
+    ),
+    Patch(
+        "cpu_checkpoint_writes_in_process",
+        "megatron-core's checkpoint writer starts a spawn-context multiprocessing Manager at a process's first save "
+        "(a fresh interpreter that imports the launching module again: seconds of CPU per rank) and forks one "
+        "writer process per file at every save, from a process that runs gloo's threads. On CPU ranks there is no "
+        "device copy to overlap with: each rank writes its files itself, with the same writer code and format.",
+        _patch_checkpoint_writes,
+        sites=(
+            ("megatron.core.dist_checkpointing.strategies.filesystem_async", "_get_write_results_queue",
+             'mp.get_context("spawn")'),
+            ("megatron.core.dist_checkpointing.strategies.filesystem_async",
+             "FileSystemWriterAsync.write_preloaded_data_multiproc", 'mp.get_context("fork")'),
+        ),
     ),
 )
 
