@@ -375,7 +375,8 @@ def layer_activation_terms(
     repeated_kv = gqa and recompute != "selective"
     # The fused QKV output stays whole while a view of it is kept: V (multi-head, or the recomputed core's
     # input), or in fp32 the key norm's input (x.float() of an fp32 tensor is the tensor itself).
-    qkv_kept = not repeated_kv or (shape.qk_layernorm and act_bytes == 4)
+    local_qk_norms = shape.qk_layernorm and not kernels.te_norm_linear
+    qkv_kept = not repeated_kv or (local_qk_norms and act_bytes == 4)
     terms = {
         "RMSNorms": 2 * sharded * norm_per_token,
         "QKV and fc1 inputs": 2 * sharded * h * act_bytes,
@@ -387,7 +388,11 @@ def layer_activation_terms(
         "SwiGLU": tokens * f // tp * act_bytes * (2 if kernels.fused_swiglu else 4),
         "fc2 input": tokens * f // tp * act_bytes,
     }
-    if shape.qk_layernorm:
+    if shape.qk_layernorm and kernels.te_norm_linear:
+        # Transformer Engine's RMSNorm (the TE spec's q/k norms) keeps a contiguous copy of its input and the rstd
+        # of every head (read from its code, not measured here).
+        terms["query and key RMSNorms"] = tokens * ((q + kv) * act_bytes + 4 * (heads + kv_heads))
+    elif shape.qk_layernorm:
         # Qwen's RMSNorm over head_dim keeps its fp32 input, a new copy unless it already is one (in fp32 the
         # key is a view of the kept QKV output; so is the query, unless a rank's query heads come from several
         # groups, whose [q; k; v] rows megatron-core's reshape copies out), the normalised x and the rsqrt of
