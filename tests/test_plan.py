@@ -32,9 +32,10 @@ from megatron_qwen.plan.memory import (
     model_state_bytes,
     owned_numels,
     precision,
+    shared_embedding_indices,
 )
-from megatron_qwen.plan.search import Layout, Request, evaluate, base_config, plan
-from megatron_qwen.plan.steptime import model_flops_per_step, step_time
+from megatron_qwen.plan.search import Layout, Request, evaluate, base_config, candidate_layouts, plan
+from megatron_qwen.plan.steptime import forward_flops_per_token, model_flops_per_step, step_time
 from megatron_qwen.training.flops import model_flops_per_token
 
 sys.path.insert(0, str(Path(__file__).parent / "parallel"))
@@ -153,6 +154,129 @@ def test_microbatches_in_flight_by_hand():
     assert microbatches_in_flight(4, 2, 8, 3) == 5
 
 
+# --------------------------------------------------------------------------- the later families by hand
+
+# A small shape with every feature of the later families: 4 query heads of 32 (q = 128 features, hidden 64), 2
+# key/value heads (kv = 64), no q/k/v bias, q/k norms, tied embeddings.
+FAMILY_SHAPE = ModelShape(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=64, vocab_size=100,
+                          num_query_groups=2, kv_channels=32, qkv_bias=False, qk_layernorm=True,
+                          tie_word_embeddings=True)
+
+
+def test_family_parameters_and_state_by_hand():
+    # A layer: 2 norms 64 + 64, projection 64 x 128, QKV (128 + 2 x 64) x 64 without bias, q/k norms 32 + 32,
+    # fc1 128 x 64, fc2 64 x 64 = 37056; the tied output layer is the embedding (100 x 64), counted once.
+    layer = 64 + 64 * 128 + 256 * 64 + 32 + 32 + 64 + 2 * 64 * 64 + 64 * 64
+    assert layer == 37056 and FAMILY_SHAPE.num_parameters() == 2 * layer + 100 * 64 + 64 == 80576
+    untied = dataclasses.replace(FAMILY_SHAPE, tie_word_embeddings=False, qkv_bias=True)
+    assert untied.num_parameters() == 80576 + 100 * 64 + 2 * 256
+    # PP=1: one chunk holds the embedding once (18 tensors); PP=2: the last stage also holds a copy of it.
+    fp32 = precision("fp32", fused_adam=False)
+    one = model_state_bytes(FAMILY_SHAPE, 1, 1, 1, 1, False, fp32)
+    assert (one.weights, one.optimizer) == (4 * 80576, 8 * 80576 + 4 * 18)
+    last = model_state_bytes(FAMILY_SHAPE, 1, 2, 1, 1, False, fp32, pp_rank=1)
+    assert last.weights == 4 * (layer + 64 + 100 * 64)
+    # TP=2 splits the projections, not the q/k norms (per head, over head_dim) nor the layer norms.
+    tp2 = model_state_bytes(FAMILY_SHAPE, 2, 1, 1, 1, False, fp32)
+    assert tp2.weights == 4 * (50 * 64 + 2 * (64 + 64 * 64 + 128 * 64 + 32 + 32 + 64 + 64 * 64 + 32 * 64) + 64)
+
+
+def test_tied_embedding_copies_get_their_own_bucket():
+    # megatron-core's DDP with the distributed optimizer, DP=2, buffers padded to lcm(2, 128) = 128. The first
+    # stage's embedding (registered first, laid out last): 64 [0, 64) and 30 [64, 94) close a bucket padded to
+    # 128, the embedding takes [128, 228), padded to 256.
+    ranges, buckets = buffer_layout([100, 30, 64], dp=2, distributed_optimizer=True, alone=frozenset({0}))
+    assert ranges == [(128, 228), (64, 94), (0, 64)] and buckets == [(0, 128), (128, 256)]
+    # The last stage's output layer (registered last, laid out first) is closed at once: [0, 64) -> 128.
+    ranges, buckets = buffer_layout([100, 30, 64], dp=2, distributed_optimizer=True, alone=frozenset({2}))
+    assert ranges == [(192, 292), (128, 158), (0, 64)] and buckets == [(0, 128), (128, 384)]
+    # Without the distributed optimizer nothing changes.
+    assert buffer_layout([100, 30, 64], dp=2, distributed_optimizer=False, alone=frozenset({0})) == (
+        [(94, 194), (64, 94), (0, 64)], [(0, 194)])
+    # Which parameters are the copies: only with tied embeddings and PP > 1.
+    assert shared_embedding_indices(FAMILY_SHAPE, 2, 1, 0, 0) == {0}
+    assert shared_embedding_indices(FAMILY_SHAPE, 2, 1, 1, 0) == {1 * 8 + 2 - 1}  # a layer, the norm, the copy
+    assert shared_embedding_indices(FAMILY_SHAPE, 1, 1, 0, 0) == set()
+    assert shared_embedding_indices(dataclasses.replace(FAMILY_SHAPE, tie_word_embeddings=False), 2, 1, 0, 0) == set()
+
+
+def test_kv_cache_bytes_by_hand():
+    """2 (K and V) x layers x KV heads x head_dim x 2 bytes per token, each TP rank its share of the KV heads."""
+    def shape(name):
+        return ModelShape.from_config(load_config(REPO / "configs" / f"{name}.yaml").model)
+
+    assert shape("qwen2.5-7b").kv_cache_bytes_per_token(1) == 2 * 28 * 4 * 128 * 2 == 57344
+    assert shape("qwen2.5-7b").kv_cache_bytes_per_token(2) == 57344 // 2
+    assert shape("qwen2.5-7b").kv_cache_bytes_per_token(4, num_layers=7) == 2 * 7 * 1 * 128 * 2
+    assert shape("qwen3-8b").kv_cache_bytes_per_token(8) == 2 * 36 * 1 * 128 * 2
+    assert shape("qwen3-0.6b").kv_cache_bytes_per_token(1) == 2 * 28 * 8 * 128 * 2  # head_dim 128, not 64
+    assert shape("qwen1.5-7b").kv_cache_bytes_per_token(1) == 2 * 32 * 32 * 128 * 2  # multi-head: every head
+
+
+def test_family_activations_by_hand():
+    # Qwen2.5-style tiny (hidden 256, 4 heads of 64, 2 KV heads), fp32 local spec on CPU, s=128, b=2, TP=1, per
+    # token: 2 RMSNorms (4h + 4h + 4), QKV and fc1 inputs 2 x 4h; the attention core keeps Q and K and V repeated
+    # over the query heads (3 x 4q, q = 256) but not the QKV output; attention output 4q; log-sum-exp 4 heads x 4;
+    # SwiGLU 4F x 4, fc2 input 4F; plus RoPE cos/sin 4 x s x 64 x 4. (The real forward keeps the same:
+    # test_activation_bytes_match_a_real_forward, case qwen2.5-tp1.)
+    qwen25 = ModelShape(4, 256, 4, 512, 1001, num_query_groups=2)
+    per_token = 2 * (4 * 256 + 4 * 256 + 4) + 2 * 1024 + 3 * 1024 + 1024 + 4 * 4 + 4 * 512 * 4 + 512 * 4
+    assert (layer_activation_bytes(qwen25, 128, 2, 1, False, "none", 4, LOCAL_CPU)
+            == 256 * per_token + 4 * 128 * 64 * 4 == 5_380_096)
+
+    # Qwen3-8B on GPU (TE norms, fused SwiGLU), bf16, TP=2 with SP, s=4096, b=1: per rank 16 query heads and
+    # 4 KV heads of 128 (q = 2048, kv = 512), F/t = 6144.
+    qwen3 = ModelShape.from_config(load_config(REPO / "configs" / "qwen3-8b.yaml").model)
+    te = Kernels(te_norm_linear=True, fused_swiglu=True, bool_dropout_mask=True)
+    sharded, tokens, q, kv = 2048, 4096, 2048, 512
+    expected = (
+        2 * sharded * (4096 * 2 + 4)  # norm inputs (bf16) and rstd
+        + 2 * sharded * 4096 * 2  # QKV and fc1 inputs
+        + tokens * 3 * q * 2  # rotated Q, K and V repeated over the query heads (no QKV output kept)
+        + tokens * q * 2  # attention output
+        + tokens * ((q + kv) * 2 + 4 * (16 + 4))  # TE's q/k norms: a contiguous copy of the input, the rstd
+        + 4 * 4096 * 128 * 2  # RoPE cos/sin
+        + tokens * 6144 * 2 * 2 + tokens * 6144 * 2  # fc1 output (fused SwiGLU), fc2 input
+        + tokens * 16 * 4  # log-sum-exp
+    )
+    assert layer_activation_bytes(qwen3, 4096, 1, 2, True, "none", 2, te) == expected == 310_984_704
+
+
+def test_family_flops_by_hand():
+    # Qwen3-0.6B: hidden 1024, 16 query heads of 128 (q = 2048), 8 KV heads (kv = 1024), FFN 3072, vocab 151936:
+    # QKV 2h(q + 2kv), projection 2qh, SwiGLU 6hF; attention 4sq; output layer 2hV.
+    shape = ModelShape.from_config(load_config(REPO / "configs" / "qwen3-0.6b.yaml").model)
+    gemm = 2 * 1024 * (2048 + 2 * 1024) + 2 * 2048 * 1024 + 6 * 1024 * 3072
+    assert forward_flops_per_token(shape, 4096) == (gemm, 4 * 4096 * 2048, 2 * 1024 * 151936)
+
+
+def test_tp_that_does_not_divide_the_kv_heads_is_never_proposed():
+    """Qwen3-32B on 16 GPUs: TP=16 divides its 64 heads and FFN 25600, not its 8 key/value heads."""
+    cfg = load_config(REPO / "configs" / "qwen3-32b.yaml", ["parallel.tp=1", "parallel.pp=1", "parallel.sp=false"])
+    proposed = {layout.tp for layout in candidate_layouts(cfg, 16, micro_batch=1)}
+    assert proposed == {1, 2, 4, 8}
+    # The same network with one key/value head per query head allows TP=16: the KV heads are what rules it out.
+    mha = load_config(REPO / "configs" / "qwen3-32b.yaml",
+                      ["parallel.tp=1", "parallel.pp=1", "parallel.sp=false", "model.num_query_groups=null"])
+    assert {layout.tp for layout in candidate_layouts(mha, 16, micro_batch=1)} == {1, 2, 4, 8, 16}
+
+
+def test_explicit_tp_that_does_not_divide_the_kv_heads_is_refused():
+    base = PLAN + ["--config", "configs/qwen2.5-1.5b.yaml", "--gpus", "8", "--gpu", "h100-80gb"]
+    refused = run(base + ["--tp", "4"])
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert ("--tp 4: parallel.tp=4 does not divide model.num_query_groups=2 (key/value heads): each "
+            "tensor-parallel rank holds whole key/value heads; choose tp from [1, 2]") in refused.stderr
+    allowed = run(base + ["--tp", "2", "--json", "--top", "3"])
+    assert allowed.returncode == 0, allowed.stderr
+    out = json.loads(allowed.stdout)
+    assert {entry["layout"]["tp"] for entry in out["layouts"]} == {2}
+    # 28 layers x 2 KV heads x 128 x 2 x 2 bytes per token, halved by TP=2.
+    assert out["kv_cache_bytes_per_token"] == 28 * 2 * 128 * 2 * 2
+    assert all(entry["kv_cache_bytes_per_token"] == out["kv_cache_bytes_per_token"] // 2 // entry["layout"]["pp"]
+               for entry in out["layouts"])
+
+
 def test_model_flops_equal_the_trainers_count():
     shape = ModelShape(80, 8192, 64, 24576, 152064)
     per_token = model_flops_per_token(8192, 80, 24576, 152064, 4096)
@@ -240,7 +364,8 @@ def test_state_bytes_equal_a_real_run(measured):
 
 @pytest.mark.parallel
 def test_activation_bytes_match_a_real_forward(measured):
-    """(b) activations of one micro-batch within 10 % of saved_tensors_hooks' count, in all and per layer."""
+    """(b) activations of one micro-batch within 10 % of saved_tensors_hooks' count, in all and per layer (the
+    later families' cases exactly)."""
     report = []
     for name, overrides in plan_worker.ACTIVATION_CASES.items():
         cfg = worker_config(overrides)
@@ -259,6 +384,11 @@ def test_activation_bytes_match_a_real_forward(measured):
             if t.recompute != "full":  # full recomputation saves the layer inputs outside the layers
                 assert all(abs(layer - got) <= 0.10 * got for got in m["layers"]), \
                     f"{name}: per layer {layer} vs {m['layers']}"
+            if name.startswith("qwen"):
+                # What grouped-query attention and the q/k norms keep differs from the multi-head layer by a few
+                # percent of a layer (repeated K/V instead of the QKV output): within 10 % would not tell them
+                # apart, so these cases must be exact.
+                assert (total, [layer] * len(m["layers"])) == (m["total"], m["layers"]), line
         report.append(line)
     print("\n" + "\n".join(report))
 

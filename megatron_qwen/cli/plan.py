@@ -1,14 +1,16 @@
 """Plan a parallel layout: which TP/PP/VPP/DP/SP/recompute/optimizer layouts fit, ranked by predicted step time.
 
     megatron-qwen plan --config configs/qwen-72b.yaml --gpus 256 --gpus-per-node 8 --gpu h100-80gb \
-        --seq-length 4096 --global-batch 2048 [--micro-batch N] [--fp8] [--top 10] [--json] [--emit-overrides]
+        --seq-length 4096 --global-batch 2048 [--micro-batch N] [--tp T] [--fp8] [--top 10] [--json] \
+        [--emit-overrides]
 
 Every layout that the trainer's config validation accepts for that many GPUs is evaluated; those whose
 most loaded GPU fits in memory (less the headroom) are listed fastest first with memory per GPU (weights,
 fp32 gradients, optimizer state, activations, the buffer allowance) and step time (compute, TP, PP, DP,
-pipeline bubble) and MFU. --json prints the same for scripts; --emit-overrides prints only the best
-layout as the trainer's dotted overrides. Exit status 2: the request cannot be planned (the message says
-why and what would work). `python tools/plan.py` takes the same arguments.
+pipeline bubble) and MFU, and the KV cache a token takes in generation (key/value heads only). --json
+prints the same for scripts; --emit-overrides prints only the best layout as the trainer's dotted
+overrides. Exit status 2: the request cannot be planned (the message says why and what would work).
+`python tools/plan.py` takes the same arguments.
 """
 
 from __future__ import annotations
@@ -34,10 +36,21 @@ def plan_overrides(result: Plan, evaluation: Evaluation) -> list[str]:
     return evaluation.layout.overrides() + extra
 
 
+def kv_cache_line(shape: ModelShape) -> str:
+    """The generation KV cache of one token, in all and per tensor-parallel rank."""
+    per_token = shape.kv_cache_bytes_per_token(1)
+    return (f"KV cache (bf16) {per_token / 1024:.0f} KiB per token: {shape.num_layers} layers x "
+            f"{shape.kv_heads} key/value heads x head_dim {shape.head_dim} x 2 (K and V) x 2 bytes, split by TP "
+            f"({per_token * 2**20 / GIB:.1f} GiB per 1M tokens before TP)")
+
+
 def as_dict(result: Plan, evaluation: Evaluation) -> dict:
-    m, t = evaluation.memory, evaluation.time
+    m, t, layout = evaluation.memory, evaluation.time, evaluation.layout
+    shape = ModelShape.from_config(result.request.cfg.model)
     return {
         "layout": dataclasses.asdict(evaluation.layout),
+        # What a GPU of this layout would cache per token when generating (its TP share of its stage's layers).
+        "kv_cache_bytes_per_token": shape.kv_cache_bytes_per_token(layout.tp, shape.num_layers // layout.pp),
         "overrides": plan_overrides(result, evaluation),
         "memory_gib": {
             "pipeline_rank": m.pp_rank,
@@ -57,13 +70,15 @@ def as_dict(result: Plan, evaluation: Evaluation) -> dict:
 def format_table(result: Plan, top: int) -> str:
     request = result.request
     cfg = request.cfg
+    shape = ModelShape.from_config(cfg.model)
     considered = len(result.fitting) + len(result.rejected)
     lines = [
-        f"{cfg.model.name} ({ModelShape.from_config(cfg.model).num_parameters() / 1e9:.1f}B parameters) on "
+        f"{cfg.model.name} ({shape.num_parameters() / 1e9:.1f}B parameters) on "
         f"{request.num_gpus} x {request.gpu.name} ({request.gpus_per_node} per node), "
         f"seq {request.seq_length}, global batch {request.global_batch}{', FP8' if request.fp8 else ''}: "
         f"{considered} valid layouts, {len(result.fitting)} fit in {request.usable_bytes / GIB:.1f} GiB "
         f"({request.headroom:.0%} headroom, buffers {request.buffer_bytes / GIB:.1f} GiB)",
+        kv_cache_line(shape),
         "",
         f"{'#':>3}  {'layout':<44} {'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'buf':>4} {'GiB':>6}"
         f"   {'compute':>7} {'TP':>6} {'PP':>6} {'DP':>6} {'bubble':>6} {'step s':>7}  {'MFU':>5}",
@@ -89,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: the config's)")
     parser.add_argument("--micro-batch", type=int, default=None,
                         help="consider only this micro-batch size (default: all)")
+    parser.add_argument("--tp", type=int, default=None,
+                        help="consider only this tensor-parallel size (default: every size the model allows)")
     parser.add_argument("--fp8", action="store_true", help="FP8 GEMMs through Transformer Engine")
     parser.add_argument("--top", type=int, default=10, help="layouts to list (default 10)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -116,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             seq_length=args.seq_length or cfg.model.seq_length,
             global_batch=args.global_batch or cfg.training.global_batch_size,
             micro_batch=args.micro_batch,
+            tp=args.tp,
             fp8=args.fp8,
             headroom=args.headroom,
             buffer_bytes=args.buffer_gib * GIB,
@@ -131,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {
             "model": cfg.model.name,
             "parameters": ModelShape.from_config(cfg.model).num_parameters(),
+            "kv_cache_bytes_per_token": ModelShape.from_config(cfg.model).kv_cache_bytes_per_token(1),
             "gpu": gpu.name,
             "gpus": args.gpus,
             "gpus_per_node": args.gpus_per_node,

@@ -28,31 +28,58 @@ BUFFER_ALIGN = 128
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes of a Qwen (v1) network that memory and time depend on."""
+    """The sizes of a Qwen network (v1, 1.5, 2, 2.5, 3 dense) that memory and time depend on."""
 
     num_layers: int
     hidden_size: int
     num_attention_heads: int
     ffn_hidden_size: int  # per-branch SwiGLU width
     vocab_size: int  # embedding rows before tensor-parallel padding
+    num_query_groups: int | None = None  # key/value heads (None: one per query head)
+    kv_channels: int | None = None  # head width (None: hidden_size / num_attention_heads)
+    qkv_bias: bool = True
+    qk_layernorm: bool = False  # an RMSNorm over head_dim on every query and key head (Qwen3)
+    tie_word_embeddings: bool = False  # the output layer is the embedding (a copy on the last stage when PP > 1)
 
     @classmethod
     def from_config(cls, model: ModelConfig) -> "ModelShape":
         return cls(model.num_layers, model.hidden_size, model.num_attention_heads, model.ffn_hidden_size,
-                   model.padded_vocab_size)
+                   model.padded_vocab_size, model.num_query_groups, model.kv_channels, model.qkv_bias,
+                   model.qk_layernorm, model.tie_word_embeddings)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_query_groups if self.num_query_groups is not None else self.num_attention_heads
+
+    @property
+    def query_width(self) -> int:
+        """Output features of the query projection (and input features of the attention output projection)."""
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        """Output features of the key projection, and of the value projection."""
+        return self.kv_heads * self.head_dim
 
     def vocab_per_rank(self, tp: int) -> int:
         """Embedding (and output-layer) rows on one TP rank, after padding the vocabulary for TP."""
         return padded_vocab_size(self.vocab_size, tp) // tp
 
     def num_parameters(self) -> int:
-        """Parameters of the whole network (untied embedding and output layer)."""
-        return (self.num_layers * sum(layer_param_numels(self, 1)) + 2 * self.vocab_size * self.hidden_size
-                + self.hidden_size)
+        """Parameters of the whole network, a tied embedding and output layer counted once."""
+        embeddings = (1 if self.tie_word_embeddings else 2) * self.vocab_size * self.hidden_size
+        return self.num_layers * sum(layer_param_numels(self, 1)) + embeddings + self.hidden_size
+
+    def kv_cache_bytes_per_token(self, tp: int, num_layers: int | None = None, dtype_bytes: int = 2) -> int:
+        """Bytes one token's keys and values take in a generation KV cache on one TP rank, over `num_layers`
+        layers (default: all; a pipeline rank holds its own layers'): the KV heads only (grouped-query
+        attention caches num_query_groups heads, not one per query head), each TP rank its share of them."""
+        layers = self.num_layers if num_layers is None else num_layers
+        return 2 * layers * self.kv_width // tp * dtype_bytes
 
 
 @dataclass(frozen=True)
@@ -94,16 +121,25 @@ class StateBytes:
 
 def layer_param_numels(shape: ModelShape, tp: int) -> tuple[int, ...]:
     """Element counts of one decoder layer's parameters on a TP rank, in megatron-core's registration
-    order: input RMSNorm, attention output projection, fused QKV weight and bias, pre-MLP RMSNorm,
-    fc1 ([gate; up]) and fc2."""
+    order: input RMSNorm, attention output projection, fused QKV weight ([q; k; v] rows of every query
+    group) and its bias (when `qkv_bias`), the query and key RMSNorms over head_dim (`qk_layernorm`, not
+    split by TP), pre-MLP RMSNorm, fc1 ([gate; up]) and fc2."""
     h, f = shape.hidden_size, shape.ffn_hidden_size
-    return (h, h * h // tp, 3 * h * h // tp, 3 * h // tp, h, 2 * f * h // tp, f * h // tp)
+    qkv = shape.query_width + 2 * shape.kv_width
+    numels = [h, h * shape.query_width // tp, qkv * h // tp]
+    if shape.qkv_bias:
+        numels.append(qkv // tp)
+    if shape.qk_layernorm:
+        numels += [shape.head_dim, shape.head_dim]
+    return tuple(numels + [h, 2 * f * h // tp, f * h // tp])
 
 
 def chunk_param_numels(shape: ModelShape, tp: int, pp: int, vpp: int, pp_rank: int, chunk: int) -> list[int]:
     """Element counts of the parameters of model chunk `chunk` (virtual stage) on pipeline rank
     `pp_rank`, in registration order: the embedding on the very first chunk, its layers, and the final
-    RMSNorm and output layer on the very last."""
+    RMSNorm and output layer on the very last. A tied output layer is the embedding itself when one
+    stage holds both (PP = 1); with PP > 1 the last stage holds a copy (megatron-core's
+    share_embeddings_and_output_weights)."""
     h = shape.hidden_size
     first = pp_rank == 0 and chunk == 0
     last = pp_rank == pp - 1 and chunk == vpp - 1
@@ -111,8 +147,22 @@ def chunk_param_numels(shape: ModelShape, tp: int, pp: int, vpp: int, pp_rank: i
     numels = [embedding] if first else []
     numels += list(layer_param_numels(shape, tp)) * (shape.num_layers // (pp * vpp))
     if last:
-        numels += [h, embedding]
+        numels += [h] if shape.tie_word_embeddings and pp == 1 else [h, embedding]
     return numels
+
+
+def shared_embedding_indices(shape: ModelShape, pp: int, vpp: int, pp_rank: int, chunk: int) -> frozenset[int]:
+    """Which of `chunk_param_numels` are the two copies of a tied embedding with PP > 1 (the first stage's
+    embedding, the last stage's output layer): megatron-core's DDP gives each its own bucket with the
+    distributed optimizer, so that both stages shard it alike."""
+    if not shape.tie_word_embeddings or pp == 1:
+        return frozenset()
+    indices = set()
+    if pp_rank == 0 and chunk == 0:
+        indices.add(0)
+    if pp_rank == pp - 1 and chunk == vpp - 1:
+        indices.add(len(chunk_param_numels(shape, 1, pp, vpp, pp_rank, chunk)) - 1)
+    return frozenset(indices)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -134,7 +184,8 @@ def chunk_bucket_size(bucket_size: int | None, pp_rank: int, chunk: int) -> int 
 
 
 def buffer_layout(
-    numels: list[int], dp: int, distributed_optimizer: bool, bucket_size: int | None = None
+    numels: list[int], dp: int, distributed_optimizer: bool, bucket_size: int | None = None,
+    alone: frozenset[int] = frozenset(),
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Where each parameter (given in registration order) sits in its chunk's DDP buffer, as (start, end)
     element offsets, and the buffer's buckets, as (start, end); the buffer's length is the last bucket's end.
@@ -142,7 +193,9 @@ def buffer_layout(
     megatron-core lays parameters out in reverse registration order (roughly the order in which backward
     produces their gradients) and closes a bucket once it holds `bucket_size` elements or more (None: one
     bucket). With the distributed optimizer each parameter starts on a 64-element boundary and each bucket
-    is padded to a multiple of lcm(dp, 128); without it parameters are packed end to end.
+    is padded to a multiple of lcm(dp, 128); without it parameters are packed end to end. The parameters
+    at the indices `alone` (a tied embedding's copies, `shared_embedding_indices`) get a bucket of their
+    own with the distributed optimizer.
     """
     ranges: list[tuple[int, int]] = [(0, 0)] * len(numels)
     buckets: list[tuple[int, int]] = []
@@ -156,10 +209,13 @@ def buffer_layout(
     open_bucket = False
     for i in reversed(range(len(numels))):
         start = _round_up(end, PARAM_ALIGN) if distributed_optimizer else end
+        own_bucket = distributed_optimizer and i in alone
+        if own_bucket and open_bucket:
+            start = close(start)
         end = start + numels[i]
         ranges[i] = (start, end)
         open_bucket = True
-        if bucket_size is not None and end - (buckets[-1][1] if buckets else 0) >= bucket_size:
+        if own_bucket or bucket_size is not None and end - (buckets[-1][1] if buckets else 0) >= bucket_size:
             end = close(end)
             open_bucket = False
     if open_bucket:
@@ -198,7 +254,8 @@ def model_state_bytes(
     for chunk in range(vpp):
         numels = chunk_param_numels(shape, tp, pp, vpp, pp_rank, chunk)
         ranges, buckets = buffer_layout(numels, dp, distributed_optimizer,
-                                        chunk_bucket_size(bucket_size, pp_rank, chunk))
+                                        chunk_bucket_size(bucket_size, pp_rank, chunk),
+                                        shared_embedding_indices(shape, pp, vpp, pp_rank, chunk))
         buffer_numel = buckets[-1][1]
         gradients += buffer_numel * prec.grad_bytes
         if distributed_optimizer:
@@ -216,7 +273,8 @@ def buckets_per_chunk(shape: ModelShape, tp: int, pp: int, vpp: int, dp: int, di
     """The number of DDP gradient buckets of each model chunk on pipeline rank `pp_rank`."""
     return [
         len(buffer_layout(chunk_param_numels(shape, tp, pp, vpp, pp_rank, chunk), dp, distributed_optimizer,
-                          chunk_bucket_size(bucket_size, pp_rank, chunk))[1])
+                          chunk_bucket_size(bucket_size, pp_rank, chunk),
+                          shared_embedding_indices(shape, pp, vpp, pp_rank, chunk))[1])
         for chunk in range(vpp)
     ]
 
@@ -225,7 +283,8 @@ def fp8_weight_copies_bytes(shape: ModelShape, tp: int, pp: int) -> int:
     """With FP8, Transformer Engine caches each layer GEMM's weight cast to FP8 and its transpose (1 byte
     each per element) between micro-batches; the output layer stays BF16. Per pipeline rank."""
     h, f = shape.hidden_size, shape.ffn_hidden_size
-    per_layer = (4 * h * h + 3 * h * f) // tp  # QKV, projection, fc1 ([gate; up]), fc2
+    qkv, proj = (shape.query_width + 2 * shape.kv_width) * h, shape.query_width * h
+    per_layer = (qkv + proj + 3 * h * f) // tp  # QKV, projection, fc1 ([gate; up]), fc2
     return 2 * per_layer * (shape.num_layers // pp)
 
 
@@ -282,8 +341,12 @@ def layer_activation_terms(
 
     - attention core: flash attention (SDPA's flash kernel on CPU and GPU, TE's on GPU) keeps Q, K, V,
       its output and the fp32 softmax log-sum-exp (4 bytes per head and token), never an s x s matrix,
-      so there is no 5as^2b term. V is a view of the fused QKV output, which therefore stays whole (3h);
-      rotary embedding makes new Q and K (2h); the output is also the projection's input (h).
+      so there is no 5as^2b term. With multi-head attention V is a view of the fused QKV output, which
+      therefore stays whole (q + 2kv features, q = heads x head_dim, kv = KV heads x head_dim); rotary
+      embedding makes new Q and K (q + kv); the output is also the projection's input (q). With grouped-query
+      attention the core repeats K and V over the query heads and keeps those copies (q each) instead of
+      the QKV output and the rotated K.
+    - query/key norms (`qk_layernorm`): like the RMSNorms below, per head over head_dim, on Q and K.
     - RoPE: cos and sin are recomputed in the activation dtype for Q and for K in every layer: 4*s*d.
     - dropout: Qwen pretrains without; with hidden dropout each of the two residual dropouts keeps a mask
       (sharded; `Kernels.dropout_mask_bytes` per element). Attention dropout inside flash attention keeps
@@ -298,26 +361,51 @@ def layer_activation_terms(
       attention this saves just the log-sum-exp.
     - full recomputation: the layer's (sharded) input.
     """
-    h, f, heads = shape.hidden_size, shape.ffn_hidden_size, shape.num_attention_heads
+    h, f = shape.hidden_size, shape.ffn_hidden_size
+    q, kv = shape.query_width // tp, shape.kv_width // tp  # query and key (= value) features on a rank
+    heads, kv_heads = shape.num_attention_heads // tp, shape.kv_heads // tp
+    gqa = kv_heads < heads
     tokens = seq * micro_batch
     sharded = (seq // tp if sp else seq) * micro_batch
     if recompute == "full":
         return {"checkpointed layer input": sharded * h * act_bytes}
     norm_per_token = h * act_bytes + 4 if kernels.te_norm_linear else 4 * h + h * act_bytes + 4
+    # The attention core repeats each key/value head over its query heads (grouped-query attention) and
+    # flash attention keeps those repeated copies; recomputed (selective), it keeps its inputs instead.
+    repeated_kv = gqa and recompute != "selective"
+    # The fused QKV output stays whole while a view of it is kept: V (multi-head, or the recomputed core's
+    # input), or in fp32 the key norm's input (x.float() of an fp32 tensor is the tensor itself).
+    local_qk_norms = shape.qk_layernorm and not kernels.te_norm_linear
+    qkv_kept = not repeated_kv or (local_qk_norms and act_bytes == 4)
     terms = {
         "RMSNorms": 2 * sharded * norm_per_token,
         "QKV and fc1 inputs": 2 * sharded * h * act_bytes,
-        "QKV output (V)": tokens * 3 * h // tp * act_bytes,
-        "rotated Q and K": tokens * 2 * h // tp * act_bytes,
-        "attention output": tokens * h // tp * act_bytes,
+        "QKV output (V)": tokens * (q + 2 * kv) * act_bytes if qkv_kept else 0,
+        "rotated Q and K": tokens * (q + (q if repeated_kv else kv)) * act_bytes,
+        "repeated V": tokens * q * act_bytes if repeated_kv else 0,
+        "attention output": tokens * q * act_bytes,
         "RoPE cos/sin": 4 * seq * shape.head_dim * act_bytes,
         "SwiGLU": tokens * f // tp * act_bytes * (2 if kernels.fused_swiglu else 4),
         "fc2 input": tokens * f // tp * act_bytes,
     }
+    if shape.qk_layernorm and kernels.te_norm_linear:
+        # Transformer Engine's RMSNorm (the TE spec's q/k norms) keeps a contiguous copy of its input and the rstd
+        # of every head (read from its code, not measured here).
+        terms["query and key RMSNorms"] = tokens * ((q + kv) * act_bytes + 4 * (heads + kv_heads))
+    elif shape.qk_layernorm:
+        # Qwen's RMSNorm over head_dim keeps its fp32 input, a new copy unless it already is one (in fp32 the
+        # key is a view of the kept QKV output; so is the query, unless a rank's query heads come from several
+        # groups, whose [q; k; v] rows megatron-core's reshape copies out), the normalised x and the rsqrt of
+        # every head.
+        query_copied = gqa and kv_heads > 1
+        q_input = 4 * q if act_bytes != 4 or query_copied else 0
+        k_input = 4 * kv if act_bytes != 4 else 0
+        terms["query and key RMSNorms"] = tokens * (q_input + k_input + (q + kv) * act_bytes
+                                                   + 4 * (heads + kv_heads))
     if recompute == "selective":
         terms["checkpointed mask type"] = 4
     else:
-        terms["attention log-sum-exp"] = tokens * heads // tp * 4
+        terms["attention log-sum-exp"] = tokens * heads * 4
     if hidden_dropout:
         terms["dropout masks"] = 2 * sharded * h * kernels.dropout_mask_bytes(act_bytes)
     return terms

@@ -90,6 +90,7 @@ class Request:
     seq_length: int
     global_batch: int
     micro_batch: int | None = None  # None: every micro-batch size the batch allows
+    tp: int | None = None  # None: every tensor-parallel size the model allows
     fp8: bool = False
     headroom: float = DEFAULT_HEADROOM
     buffer_bytes: float = DEFAULT_BUFFER_GIB * GIB
@@ -176,9 +177,11 @@ def accepted(cfg: Config, layout: Layout, num_gpus: int) -> bool:
     return not errors
 
 
-def candidate_layouts(cfg: Config, num_gpus: int, micro_batch: int | None = None) -> list[Layout]:
-    """Every layout `config.validate` accepts for `num_gpus` ranks: all TP x PP x VPP splits, SP on/off,
-    each recomputation, the distributed optimizer on/off and every micro-batch size (or `micro_batch`).
+def candidate_layouts(cfg: Config, num_gpus: int, micro_batch: int | None = None,
+                      tp_only: int | None = None) -> list[Layout]:
+    """Every layout `config.validate` accepts for `num_gpus` ranks: all TP x PP x VPP splits (TP = `tp_only`
+    when given), SP on/off, each recomputation, the distributed optimizer on/off and every micro-batch size
+    (or `micro_batch`). TP must divide the key/value heads, so grouped-query models get fewer TP sizes.
 
     Each layout returned was accepted by `validate`. To keep the number of calls down, a TP x PP split
     (and then each VPP) is first tried in its least constrained form (no SP, micro-batch 1 or the one
@@ -187,7 +190,9 @@ def candidate_layouts(cfg: Config, num_gpus: int, micro_batch: int | None = None
     """
     layouts = []
     batch = cfg.training.global_batch_size
-    for tp in _divisors(num_gpus):
+    for tp in [tp_only] if tp_only else _divisors(num_gpus):
+        if num_gpus % tp:
+            continue
         for pp in _divisors(num_gpus // tp):
             dp = num_gpus // (tp * pp)
             base = Layout(tp, pp, 1, dp, False, "none", False, micro_batch or 1)
@@ -313,6 +318,15 @@ def check_request(request: Request, cfg: Config) -> None:
     errors, _ = validate(cfg)
     if errors:
         raise ConfigError(errors)
+    if request.tp is not None:
+        # An explicit TP size gets the trainer's own refusal (e.g. TP not dividing the key/value heads), fix named.
+        parallel = dataclasses.replace(cfg.parallel, tp=request.tp, pp=1, vpp=1, sp=False)
+        errors, _ = validate(dataclasses.replace(cfg, parallel=parallel))
+        if errors:
+            raise PlanError(f"--tp {request.tp}: " + "; ".join(errors))
+        if request.num_gpus % request.tp:
+            raise PlanError(f"--tp {request.tp} does not divide --gpus {request.num_gpus}; use a multiple of "
+                            f"{request.tp} GPUs or a TP size that divides {request.num_gpus}")
 
 
 def has_accepted_layout(cfg: Config, num_gpus: int, micro_batch: int | None) -> bool:
@@ -369,15 +383,19 @@ def plan(request: Request) -> Plan:
     """
     cfg = base_config(request)
     check_request(request, cfg)
-    layouts = candidate_layouts(cfg, request.num_gpus, request.micro_batch)
+    layouts = candidate_layouts(cfg, request.num_gpus, request.micro_batch, request.tp)
     if not layouts:
+        m = cfg.model
         nearest = nearest_valid_world_sizes(cfg, request.num_gpus, request.micro_batch)
         batch = f"global batch {request.global_batch}" + (
             f", micro-batch {request.micro_batch}" if request.micro_batch else "")
+        heads = f"{m.num_attention_heads} heads" + (
+            f" and {m.kv_heads} key/value heads" if m.kv_heads != m.num_attention_heads else "")
         raise PlanError(
-            f"no layout of {cfg.model.name} is valid on {request.num_gpus} GPUs: TP must divide the "
-            f"{cfg.model.num_attention_heads} heads and FFN {cfg.model.ffn_hidden_size}, PP x VPP the "
-            f"{cfg.model.num_layers} layers, and DP x micro-batch the {batch}; "
+            f"no layout of {m.name} is valid on {request.num_gpus} GPUs"
+            + (f" with --tp {request.tp}" if request.tp else "")
+            + f": TP must divide the {heads} and FFN {m.ffn_hidden_size}, PP x VPP the "
+            f"{m.num_layers} layers, and DP x micro-batch the {batch}; "
             f"nearest GPU counts that work: {' or '.join(map(str, nearest)) or 'none'}"
         )
     evaluations = [evaluate(request, cfg, layout) for layout in layouts]

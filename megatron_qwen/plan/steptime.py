@@ -34,10 +34,12 @@ class StepTime:
 
 def forward_flops_per_token(shape: ModelShape, seq: int) -> tuple[float, float, float]:
     """Forward FLOPs per token (a multiply-add is 2) as (one layer's GEMMs, one layer's attention core,
-    the output layer): QKV 6h^2, projection 2h^2, SwiGLU 6hF; QK^T and AV over the full s x s 4sh (as
-    Megatron-LM counts model FLOPs); output layer 2hV."""
+    the output layer), with q = heads x head_dim and kv = KV heads x head_dim (h and h for multi-head
+    attention with head_dim = h / heads): QKV 2h(q + 2kv), projection 2qh, SwiGLU 6hF; QK^T and AV over the
+    full s x s 4sq (as Megatron-LM counts model FLOPs); output layer 2hV."""
     h, f = shape.hidden_size, shape.ffn_hidden_size
-    return 8 * h * h + 6 * h * f, 4 * seq * h, 2 * h * shape.vocab_size
+    q, kv = shape.query_width, shape.kv_width
+    return 2 * h * (q + 2 * kv) + 2 * q * h + 6 * h * f, 4 * seq * q, 2 * h * shape.vocab_size
 
 
 def model_flops_per_step(shape: ModelShape, seq: int, global_batch: int) -> float:

@@ -27,6 +27,14 @@ SEQ, MICRO_BATCH = 128, 2  # the activation cases' micro-batch
 # Model state does not depend on the batch: the state cases run the smallest one every layout accepts.
 STATE_SEQ, STATE_MICRO_BATCH, STATE_GLOBAL_BATCH = 32, 1, 4
 
+# The later families' shape on the tiny model: 4 query heads of 128 (kv_channels apart from hidden / heads = 64)
+# sharing 2 key/value heads, q/k norms, no q/k/v bias (Qwen3's features); tied embeddings like Qwen3-0.6B, or not.
+QWEN3_UNTIED = ["model.num_attention_heads=4", "model.num_query_groups=2", "model.kv_channels=128",
+                "model.qk_layernorm=true", "model.qkv_bias=false"]
+QWEN3_STYLE = QWEN3_UNTIED + ["model.tie_word_embeddings=true"]
+# Qwen2.5-style: grouped-query attention with q/k/v bias, head_dim = hidden / heads.
+QWEN25_STYLE = ["model.num_attention_heads=4", "model.num_query_groups=2", "model.tie_word_embeddings=true"]
+
 # name -> overrides. 4 ranks: DP is what TP x PP leaves.
 STATE_CASES = {
     "tp2-pp2": ["parallel.tp=2", "parallel.pp=2"],
@@ -52,6 +60,12 @@ STATE_CASES = {
     "tp2-dp2-distopt-buckets": ["parallel.tp=2", "parallel.use_distributed_optimizer=true",
                                 "parallel.ddp_bucket_size=200000"],
     "tp2-pp2-no-overlap": ["parallel.tp=2", "parallel.pp=2", "parallel.overlap_grad_reduce=false"],
+    "qwen3-untied-tp2-pp2": QWEN3_UNTIED + ["parallel.tp=2", "parallel.pp=2"],
+    "qwen3-untied-pp2-vpp2-distopt-buckets": QWEN3_UNTIED + ["parallel.pp=2", "parallel.vpp=2",
+                                                             "parallel.use_distributed_optimizer=true",
+                                                             "parallel.ddp_bucket_size=150000"],
+    # Tied at PP = 1: the output layer is the embedding itself.
+    "qwen3-tp2-dp2-distopt": QWEN3_STYLE + ["parallel.tp=2", "parallel.use_distributed_optimizer=true"],
 }
 ACTIVATION_CASES = {
     "tp1": [],
@@ -64,6 +78,11 @@ ACTIVATION_CASES = {
     "tp2-sp-selective": ["parallel.tp=2", "parallel.sp=true", "training.recompute=selective"],
     "tp2-sp-full": ["parallel.tp=2", "parallel.sp=true", "training.recompute=full"],
     "tp2-sp-bf16": ["parallel.tp=2", "parallel.sp=true", "training.precision=bf16"],
+    "qwen2.5-tp1": QWEN25_STYLE,
+    "qwen2.5-tp2-sp-selective": QWEN25_STYLE + ["parallel.tp=2", "parallel.sp=true", "training.recompute=selective"],
+    "qwen3-tp1": QWEN3_STYLE,
+    "qwen3-tp1-bf16": QWEN3_STYLE + ["training.precision=bf16"],
+    "qwen3-tp2-sp": QWEN3_STYLE + ["parallel.tp=2", "parallel.sp=true"],
 }
 
 
