@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +32,20 @@ def cpu_env(**extra: str) -> dict:
     return env
 
 
+def _run_group(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own: on a timeout the whole group (torchrun and its ranks) is killed,
+    so no rank outlives the test, spinning on the CPU the next tests need or holding the output pipes open."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def run_torchrun(nproc: int, argv: list[str], timeout: float = 600,
                  env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``torchrun --nproc-per-node nproc ARGV`` on loopback; fail the test with its output on error."""
@@ -40,7 +55,7 @@ def run_torchrun(nproc: int, argv: list[str], timeout: float = 600,
             "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
             *argv,
         ]
-        proc = subprocess.run(cmd, cwd=REPO, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
+        proc = _run_group(cmd, env or cpu_env(), timeout)
         # The free port can be taken by another process before torchrun binds it: try another one.
         if "EADDRINUSE" not in proc.stderr:
             break
