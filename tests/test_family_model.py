@@ -1,0 +1,105 @@
+"""Every Qwen architecture the one model class builds (Qwen1.5, Qwen2.5, Qwen3, tied and untied) against
+transformers' Qwen2ForCausalLM / Qwen3ForCausalLM in fp32: logits at TP=1, YaRN logits, and the deterministic
+initialisation (q/k norms at 1, the tied output layer equal to the embedding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_reference import FAMILY_ARCHS, hf_family_model, megatron_to_qwen2
+
+VOCAB = 1024
+ATOL = 1e-4
+
+
+def family_cfg(arch: str, *overrides):
+    from megatron_qwen.config import load_config
+
+    return load_config("configs/tiny.yaml", [*FAMILY_ARCHS[arch], f"model.padded_vocab_size={VOCAB}", *overrides])
+
+
+def build(cfg):
+    """The TP=1 model with weights larger than initialisation, non-zero biases and non-unit norms, so that every
+    mapping (q/k/v rows per group, biases, q/k norms, the tied head) changes the logits."""
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
+
+    (model,) = build_model(cfg, Runtime.cpu())
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if name.endswith("bias") else 0.05))
+    return model.eval()
+
+
+def reference(model, cfg):
+    m = cfg.model
+    weights = megatron_to_qwen2(model.state_dict(), m.num_layers, m.num_attention_heads, m.head_dim, m.kv_heads,
+                                tied=m.tie_word_embeddings)
+    return hf_family_model(m, weights)
+
+
+def compare(model, hf, tokens) -> float:
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    with torch.no_grad():
+        ours = model(tokens, positions, None).float()
+        ref = hf(input_ids=tokens).logits.float()
+    assert ours.shape == ref.shape == (*tokens.shape, VOCAB)
+    return (ours - ref).abs().max().item()
+
+
+@pytest.mark.usefixtures("single_rank")
+@pytest.mark.parametrize("arch", list(FAMILY_ARCHS))
+def test_logits_equal_transformers(arch):
+    cfg = family_cfg(arch)
+    model = build(cfg)
+    m = cfg.model
+    # The architecture really is what the config asks for.
+    attn = model.decoder.layers[0].self_attention
+    qkv_rows = (m.num_attention_heads + 2 * m.kv_heads) * m.head_dim
+    assert attn.linear_qkv.weight.shape == (qkv_rows, m.hidden_size)
+    assert (attn.linear_qkv.bias is not None) == m.qkv_bias
+    assert (type(attn.q_layernorm).__name__ == "QwenRMSNorm") == m.qk_layernorm
+    assert (model.output_layer.weight is None) == m.tie_word_embeddings
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(2))
+    diff = compare(model, reference(model, cfg), tokens)
+    assert diff < ATOL, f"{arch}: max |logit difference| {diff:.3e} against transformers"
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_initialisation_of_the_new_weights():
+    """q/k norms start at 1 and a tied model has one embedding matrix, drawn as the untied model's embedding is
+    (init.py draws each tensor from its checkpoint key: the tied output layer is stored under the embedding's)."""
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
+
+    (tied,) = build_model(family_cfg("qwen3"), Runtime.cpu())
+    (untied,) = build_model(family_cfg("qwen3-untied"), Runtime.cpu())
+    sd = tied.state_dict()
+    for i in range(len(tied.decoder.layers)):
+        for norm in ("q_layernorm", "k_layernorm"):
+            weight = sd[f"decoder.layers.{i}.self_attention.{norm}.weight"]
+            assert weight.shape == (64,) and torch.equal(weight, torch.ones(64))
+    assert "output_layer.weight" not in sd and tied.output_layer.weight is None
+    assert torch.equal(sd["embedding.word_embeddings.weight"], untied.state_dict()["embedding.word_embeddings.weight"])
+    assert not any(k.endswith("linear_qkv.bias") for k in sd)
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_fp8_local_spec_builds_with_qk_norm():
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
+
+    cfg = family_cfg("qwen3", "model.fp8=tensorwise", "model.fp8_backend=torchao")
+    (model,) = build_model(cfg, Runtime.cpu())
+    attn = model.decoder.layers[0].self_attention
+    assert type(attn.q_layernorm).__name__ == "QwenRMSNorm"
+    assert "Float8" in type(attn.linear_qkv).__name__, type(attn.linear_qkv).__name__
+    tokens = torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = model(tokens, torch.arange(32)[None], None)
+    assert logits.shape == (1, 32, VOCAB) and torch.isfinite(logits).all()
