@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from spawn import run_torchrun
+from test_convert import run_worker
 
 WORKER = str(Path(__file__).parent / "parallel" / "convert_worker.py")
 VOCAB = 301  # odd: TP=2 pads a zero row that must never reach logits, generations or the export
@@ -259,7 +259,7 @@ def test_tokenizer_family_comes_from_the_tokenizer_files(tmp_path):
     # Qwen2.5's 22 added tokens do not fit a Qwen2-sized vocabulary; a --family other than the files' is refused.
     with pytest.raises(ConversionError, match=r"qwen2\.5 tokenizer has 151,665 tokens but .* has 151,646 rows"):
         detect_family(QWEN2, 151646, *files("small", QWEN25_ADDED), None, "hf")
-    with pytest.raises(ConversionError, match=r"not the qwen2\.5 tokenizer's 22 .*set model\.family / --family to qwen3"):
+    with pytest.raises(ConversionError, match=r"not the qwen2\.5 tokenizer's 22 .*--family to qwen3"):
         detect_family(QWEN3, 151936, *files("q3b", QWEN3_ADDED), "qwen2.5", "hf")
     with pytest.raises(ConversionError, match=r"match no tokenizer family .*pass --family"):
         detect_family(QWEN2, 151936, *files("odd", QWEN25_ADDED[:5]), None, "hf")
@@ -300,7 +300,7 @@ def test_forward_and_generation_match_transformers_for_every_family(family):
             out = root / kind / f"logits-{name}.npy"
             argv += ["--forward", f"--ckpt {family['ckpts'][kind, name]} --tokens {root / 'tokens.npy'} --out {out} "
                                   f"{flags} --generate {NEW_TOKENS}"]
-    run_torchrun(4, argv, timeout=900)
+    run_worker(argv)
     report = []
     for kind, model in family["models"].items():
         with torch.no_grad():
