@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     to_hf.add_argument("--ckpt", required=True, type=Path, help="megatron-core checkpoint directory")
     to_hf.add_argument("--out", required=True, type=Path, help="new Hugging Face model directory")
     to_hf.add_argument("--layout", choices=LAYOUTS, default=None,
-                       help="qwen2 / qwen3 (transformers) or qwen (v1 release); default: the source's layout for a "
-                            "converted checkpoint, else qwen3 with query/key norms, else qwen2")
+                       help="qwen2 / qwen3 (transformers) or qwen (v1 release); default: qwen3 for a model with "
+                            "query/key norms, else qwen2")
     to_hf.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
     to_hf.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                        help="cast weights (default: as stored)")

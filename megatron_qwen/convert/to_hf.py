@@ -187,7 +187,7 @@ def mcore_to_hf(
     trust_checkpoint: bool = False,
 ) -> Path:
     """Write the megatron-core checkpoint `ckpt` as a Hugging Face model directory `out` in `layout` (default:
-    the source's layout for a converted checkpoint, else Qwen3 for a model with query/key norms, else Qwen2).
+    transformers' Qwen3 for a model with query/key norms, else Qwen2; `qwen` writes the v1 release's layout).
 
     The model's shape comes from `config_path` (default `ckpt/model_config.yaml`). `dtype` casts every
     tensor (default: as stored). `out` must not exist; it appears only when complete. `trust_checkpoint`
@@ -202,9 +202,7 @@ def mcore_to_hf(
     m = ckdir.read_model_config(ckpt, config_path)
     config_path = config_path or ckpt / ckdir.MODEL_CONFIG_FILE
     source = ckdir.read_hf_source(ckpt)
-    if layout is None:
-        from_source = source.get("layout") if source else None
-        layout = from_source if from_source in LAYOUTS and not layout_problem(from_source, m) else default_layout(m)
+    layout = layout or default_layout(m)
     problem = layout_problem(layout, m)
     if problem:
         raise ConversionError(f"--layout {layout} cannot hold this model: {problem}; use --layout {default_layout(m)}")
