@@ -4,6 +4,8 @@ initialisation (q/k norms at 1, the tied output layer equal to the embedding).""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from qwen_reference import FAMILY_ARCHS, hf_family_model, megatron_to_qwen2
 
 VOCAB = 1024
 ATOL = 1e-4
+YARN = ["model.rope_scaling=yarn", "model.rope_scaling_factor=4.0", "model.rope_original_max_position_embeddings=16"]
 
 
 def family_cfg(arch: str, *overrides):
@@ -103,3 +106,38 @@ def test_fp8_local_spec_builds_with_qk_norm():
     with torch.no_grad():
         logits = model(tokens, torch.arange(32)[None], None)
     assert logits.shape == (1, 32, VOCAB) and torch.isfinite(logits).all()
+
+
+@pytest.mark.usefixtures("single_rank")
+@pytest.mark.parametrize("arch", ["qwen2.5", "qwen3"])
+def test_yarn_logits_equal_transformers(arch):
+    """YaRN (rope_scaling as Qwen2.5's 128K recipe, scaled down): blended inverse frequencies and the attention
+    factor on cos/sin, over a sequence longer than the original context."""
+    cfg = family_cfg(arch, *YARN)
+    model = build(cfg)
+    hf = reference(model, cfg)
+    assert hf.model.rotary_emb.attention_scaling > 1.1  # the factor is really there to get wrong
+    tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(4))
+    diff = compare(model, hf, tokens)
+    assert diff < ATOL, f"{arch} YaRN: max |logit difference| {diff:.3e} against transformers"
+    # The scaled model really differs from the unscaled one on these tokens.
+    plain = reference(build(family_cfg(arch)), family_cfg(arch))
+    with torch.no_grad():
+        assert (plain(input_ids=tokens).logits - hf(input_ids=tokens).logits).abs().max() > 1e-2
+
+
+def test_yarn_inv_freq_equals_transformers_truncated_and_not():
+    """The frequency blend itself, including transformers' ``truncate`` (rounding the ramp's ends outwards)."""
+    from transformers import Qwen2Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megatron_qwen.model.rotary import YarnSettings, yarn_inv_freq
+
+    for truncate in (True, False):
+        rope = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32768,
+                "truncate": truncate}
+        hf_cfg = Qwen2Config(hidden_size=1024, num_attention_heads=8, rope_parameters=rope)
+        ref, factor = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg)
+        ours = yarn_inv_freq(1e6, 128, YarnSettings(4.0, 32768, truncate=truncate))
+        assert torch.equal(ours, ref), (truncate, (ours - ref).abs().max())
+        assert factor == pytest.approx(0.1 * math.log(4.0) + 1.0)
