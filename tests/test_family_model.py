@@ -1,16 +1,23 @@
 """Every Qwen architecture the one model class builds (Qwen1.5, Qwen2.5, Qwen3, tied and untied) against
-transformers' Qwen2ForCausalLM / Qwen3ForCausalLM in fp32: logits at TP=1, YaRN logits, and the deterministic
-initialisation (q/k norms at 1, the tied output layer equal to the embedding)."""
+independent references: transformers' Qwen2ForCausalLM / Qwen3ForCausalLM in fp32 (logits at TP=1, YaRN logits,
+greedy generation), the single-process run (10 training steps at TP x PP with SP, interleaved PP and the
+distributed optimizer, tied embeddings at PP > 1 included), and the deterministic initialisation."""
 
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from qwen_reference import FAMILY_ARCHS, hf_family_model, megatron_to_qwen2
+from spawn import run_torchrun
 
 VOCAB = 1024
 ATOL = 1e-4
+YARN = ["model.rope_scaling=yarn", "model.rope_scaling_factor=4.0", "model.rope_original_max_position_embeddings=16"]
 
 
 def family_cfg(arch: str, *overrides):
@@ -103,3 +110,92 @@ def test_fp8_local_spec_builds_with_qk_norm():
     with torch.no_grad():
         logits = model(tokens, torch.arange(32)[None], None)
     assert logits.shape == (1, 32, VOCAB) and torch.isfinite(logits).all()
+
+
+@pytest.mark.usefixtures("single_rank")
+@pytest.mark.parametrize("arch", ["qwen2.5", "qwen3"])
+def test_yarn_logits_equal_transformers(arch):
+    """YaRN (rope_scaling as Qwen2.5's 128K recipe, scaled down): blended inverse frequencies and the attention
+    factor on cos/sin, over a sequence longer than the original context."""
+    cfg = family_cfg(arch, *YARN)
+    model = build(cfg)
+    hf = reference(model, cfg)
+    assert hf.model.rotary_emb.attention_scaling > 1.1  # the factor is really there to get wrong
+    tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(4))
+    diff = compare(model, hf, tokens)
+    assert diff < ATOL, f"{arch} YaRN: max |logit difference| {diff:.3e} against transformers"
+    # The scaled model really differs from the unscaled one on these tokens.
+    plain = reference(build(family_cfg(arch)), family_cfg(arch))
+    with torch.no_grad():
+        assert (plain(input_ids=tokens).logits - hf(input_ids=tokens).logits).abs().max() > 1e-2
+
+
+def test_yarn_inv_freq_equals_transformers_truncated_and_not():
+    """The frequency blend itself, including transformers' ``truncate`` (rounding the ramp's ends outwards)."""
+    from transformers import Qwen2Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megatron_qwen.model.rotary import YarnSettings, yarn_inv_freq
+
+    for truncate in (True, False):
+        rope = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32768,
+                "truncate": truncate}
+        hf_cfg = Qwen2Config(hidden_size=1024, num_attention_heads=8, rope_parameters=rope)
+        ref, factor = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg)
+        ours = yarn_inv_freq(1e6, 128, YarnSettings(4.0, 32768, truncate=truncate))
+        assert torch.equal(ours, ref), (truncate, (ours - ref).abs().max())
+        assert factor == pytest.approx(0.1 * math.log(4.0) + 1.0)
+
+
+EQUIVALENCE_WORKER = str(Path(__file__).parent / "parallel" / "equivalence_worker.py")
+# Ten training steps against the TP=1 run of the same architecture (4 gloo ranks; DP takes what TP x PP leaves):
+# the tied GQA Qwen3 at TP=2 x PP=2 with SP, PP=2 x VPP=2 and with the distributed optimizer at PP=2 x DP=2; the
+# tied Qwen2.5 (GQA, q/k/v bias) at TP=2 x PP=2 with SP.
+TRAIN_RUNS = ["qwen3@tp2-pp2-vpp1-sp1", "qwen3@tp1-pp2-vpp2-sp0", "qwen3@tp1-pp2-vpp1-sp0-dopt",
+              "qwen2.5@tp2-pp2-vpp1-sp1"]
+TRAIN_RTOL = 1e-5
+
+
+def max_relative_difference(a, b) -> float:
+    """max |a - b| / max |b| over one tensor."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family_train")
+    references = sorted({run.split("@")[0] + "@tp1-pp1-vpp1-sp0" for run in TRAIN_RUNS})
+    run_torchrun(1, [EQUIVALENCE_WORKER, "--workdir", str(root), "--train", ",".join(references)])
+    run_torchrun(4, [EQUIVALENCE_WORKER, "--workdir", str(root), "--train", ",".join(TRAIN_RUNS)])
+    return root
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("run", TRAIN_RUNS)
+def test_training_steps_equal_single_process(trained, run):
+    from megatron_qwen.checkpoint.io import read_full_state_dict
+
+    arch = run.split("@")[0]
+    ref_dir = trained / f"{arch}@tp1-pp1-vpp1-sp0"
+    ref_losses = json.loads((ref_dir / "losses.json").read_text())["losses"]
+    ref_final, initial = read_full_state_dict(ref_dir / "final"), read_full_state_dict(ref_dir / "initial")
+    # Training moved every tensor, so equal final weights are not equal initial weights.
+    assert all(not torch.equal(ref_final[k], initial[k]) for k in ref_final), \
+        [k for k in ref_final if torch.equal(ref_final[k], initial[k])]
+    assert "output_layer.weight" not in ref_final  # tied: one stored embedding
+
+    losses = json.loads((trained / run / "losses.json").read_text())["losses"]
+    final = read_full_state_dict(trained / run / "final")
+    loss_diff = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
+    assert len(losses) == len(ref_losses) == 10 and loss_diff <= TRAIN_RTOL, (run, losses, ref_losses)
+    assert final.keys() == ref_final.keys(), run
+    diffs = {k: max_relative_difference(final[k], ref_final[k]) for k in ref_final}
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= TRAIN_RTOL, f"{run}: {worst} differs by {diffs[worst]:.2e} (relative)"
+    # The last stage's own copy of the tied embedding (the output layer) stayed equal to the embedding.
+    copies = sorted((trained / run).glob("output_copy_tp*.pt"))
+    assert copies, f"{run}: no tied output-layer copy on the last stage"
+    copy = torch.cat([torch.load(path) for path in copies])
+    embedding = ref_final["embedding.word_embeddings.weight"]
+    assert max_relative_difference(copy, embedding) <= TRAIN_RTOL, run
+    print(f"{run}: max loss rel diff {loss_diff:.2e}, max weight rel diff {diffs[worst]:.2e} ({worst})")

@@ -1,17 +1,19 @@
-"""Benchmark checkpoint conversion memory: peak RSS against checkpoint size.
+"""Benchmark checkpoint conversion: wall time and peak host memory both ways, per model shape, as a table.
 
-    python tools/bench_convert.py [--hidden 1024 --layers 8 --heads 8 --ffn 2816 --vocab 151936]
-                                  [--dtype float32] [--workdir DIR] [--keep]
+    python tools/bench_convert.py [--case small --case qwen2.5-7b] [--workdir DIR] [--keep]
+    python tools/bench_convert.py --case custom --hidden 512 --layers 4 --heads 8 --kv-heads 2 --ffn 1024 \
+        --vocab 151936 [--dtype bfloat16]
 
-Generates a random transformers-Qwen2 checkpoint (default ~1.6 GB in fp32: hidden 1024, 8 layers,
-vocabulary 151936; written as indexed safetensors shards of 500 MB, one shard in memory at a time),
-then runs, each as its own process:
-  (a) baseline     the interpreter with torch, megatron-core and the converter imported (the fixed cost);
-  (b) hf-to-mcore  tools/convert_checkpoint.py at TP=2 x PP=2;
-  (c) mcore-to-hf  tools/convert_checkpoint.py back to safetensors, with 2 GB shards (the default: one
-                   shard holds this whole model) and with 500 MB shards.
-Peak RSS is the sum over the process and its children, sampled from /proc every 10 ms. Finally the
-round trips are checked: every tensor of (c) must equal the generated one (compared shard by shard).
+Cases (default: both named ones):
+  small        transformers-Qwen2, hidden 1024, 8 layers, 8 heads, FFN 2816, vocabulary 151936, fp32 (~1.6 GB)
+  qwen2.5-7b   Qwen2.5-7B's shape: hidden 3584, 28 layers, 28 heads / 4 key-value heads, FFN 18944,
+               vocabulary 152064, q/k/v bias, untied, bf16 (~15.2 GB)
+Each case writes a random checkpoint (indexed safetensors shards of 500 MB, one shard in memory at a time),
+then runs, each as its own process: hf-to-mcore (tools/convert_checkpoint.py at TP=2 x PP=2), mcore-to-hf
+back with 2 GB shards (the default) and with 500 MB shards. The baseline is the interpreter with torch,
+megatron-core and the converter imported (the fixed cost). Peak RSS is the sum over the process and its
+children, sampled from /proc every 10 ms. Every round trip is checked: each exported tensor must equal the
+generated one (compared shard by shard). Disk: about 3x the checkpoint per case, freed after it.
 """
 
 from __future__ import annotations
@@ -34,19 +36,26 @@ REPO = Path(__file__).resolve().parents[1]
 CONVERT = str(REPO / "tools" / "convert_checkpoint.py")
 
 
-def generate(directory: Path, hidden: int, layers: int, heads: int, ffn: int, vocab: int, dtype: torch.dtype,
-             shard_bytes: int) -> tuple[int, int]:
-    """Write a random Qwen2 checkpoint; returns (total bytes, largest tensor bytes)."""
+CASES = {
+    "small": dict(hidden=1024, layers=8, heads=8, kv_heads=8, ffn=2816, vocab=151936, dtype="float32"),
+    "qwen2.5-7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, ffn=18944, vocab=152064, dtype="bfloat16"),
+}
+
+
+def generate(directory: Path, shape: dict, shard_bytes: int) -> tuple[int, int]:
+    """Write a random Qwen2 checkpoint of `shape` (see CASES); returns (total bytes, largest tensor bytes)."""
     from safetensors.torch import save_file
 
     from megatron_qwen.config import ModelConfig
     from megatron_qwen.convert.layouts import QWEN2, expected_tensors, hf_config
 
-    m = ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, ffn_hidden_size=ffn,
-                    padded_vocab_size=vocab)
-    shapes = expected_tensors(QWEN2, m, vocab)
+    dtype = getattr(torch, shape["dtype"])
+    m = ModelConfig(num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
+                    num_query_groups=shape["kv_heads"] if shape["kv_heads"] != shape["heads"] else None,
+                    ffn_hidden_size=shape["ffn"], padded_vocab_size=shape["vocab"])
+    shapes = expected_tensors(QWEN2, m, shape["vocab"])
     itemsize = torch.empty((), dtype=dtype).element_size()
-    sizes = {name: torch.Size(shape).numel() * itemsize for name, shape in shapes.items()}
+    sizes = {name: torch.Size(s).numel() * itemsize for name, s in shapes.items()}
     shards: list[list[str]] = [[]]
     for name in shapes:
         if shards[-1] and sum(sizes[n] for n in shards[-1]) + sizes[name] > shard_bytes:
@@ -63,8 +72,8 @@ def generate(directory: Path, hidden: int, layers: int, heads: int, ffn: int, vo
         del tensors
     index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (directory / "config.json").write_text(json.dumps(hf_config(QWEN2, m, vocab, str(dtype).removeprefix("torch.")),
-                                                      indent=2))
+    config = hf_config(QWEN2, m, shape["vocab"], shape["dtype"])
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
     return sum(sizes.values()), max(sizes.values())
 
 
@@ -116,58 +125,72 @@ def compare(original: Path, converted: Path) -> int:
     return len(index)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--ffn", type=int, default=2816)
-    parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
-    parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
-    args = parser.parse_args()
-
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_convert_"))
-    workdir.mkdir(parents=True, exist_ok=True)
+def bench_case(workdir: Path, name: str, shape: dict, baseline: float) -> list[str]:
+    """Generate, convert both ways and check case `name`; returns its table rows."""
     hf, ckpt, back, back_small = workdir / "hf", workdir / "mcore", workdir / "hf-back", workdir / "hf-back-500MB"
     outputs = (hf, ckpt, back, back_small)
     for path in outputs:
         shutil.rmtree(path, ignore_errors=True)
     try:
-        total, largest = generate(hf, args.hidden, args.layers, args.heads, args.ffn, args.vocab,
-                                  getattr(torch, args.dtype), 500 * 10**6)
-        baseline, _ = run_measured([sys.executable, "-c",
-                                    "import megatron.core, megatron_qwen.convert, megatron_qwen.model.qwen"])
+        total, largest = generate(hf, shape, 500 * 10**6)
         to_mcore, t_mcore = run_measured([sys.executable, CONVERT, "hf-to-mcore", "--hf", str(hf), "--out", str(ckpt),
                                           "--tp", "2", "--pp", "2"])
         to_hf, t_hf = run_measured([sys.executable, CONVERT, "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(back)])
+        n = compare(hf, back)
+        shutil.rmtree(back)  # one export on disk at a time
         to_hf_small, t_hf_small = run_measured(
             [sys.executable, CONVERT, "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(back_small), "--max-shard-size",
              "500MB"]
         )
-        n = compare(hf, back)
         compare(hf, back_small)
-        ckpt_bytes = sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file())
-        mib = 2**20
-        print(f"checkpoint: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype}: "
-              f"{total / mib:.0f} MiB safetensors ({n} tensors, largest {largest / mib:.0f} MiB); megatron-core "
-              f"{ckpt_bytes / mib:.0f} MiB")
-        print(f"baseline (imports only)      peak RSS {baseline / mib:7.0f} MiB")
-        print(f"hf-to-mcore (TP=2 x PP=2)    peak RSS {to_mcore / mib:7.0f} MiB  ({(to_mcore - baseline) / mib:+.0f} "
-              f"MiB over baseline, {to_mcore / total:.2f} x checkpoint)  {t_mcore:.1f} s")
-        print(f"mcore-to-hf (2 GB shards)    peak RSS {to_hf / mib:7.0f} MiB  ({(to_hf - baseline) / mib:+.0f} MiB "
-              f"over baseline, {to_hf / total:.2f} x checkpoint)  {t_hf:.1f} s")
-        print(f"mcore-to-hf (500 MB shards)  peak RSS {to_hf_small / mib:7.0f} MiB  "
-              f"({(to_hf_small - baseline) / mib:+.0f} MiB over baseline, {to_hf_small / total:.2f} x checkpoint)  "
-              f"{t_hf_small:.1f} s")
-        print(f"round trips: all {n} tensors bit-identical")
     finally:
-        if not args.keep:
-            for path in outputs:
-                shutil.rmtree(path, ignore_errors=True)
-            if args.workdir is None:
-                shutil.rmtree(workdir, ignore_errors=True)
+        for path in outputs:
+            shutil.rmtree(path, ignore_errors=True)
+    gib, mib = 2**30, 2**20
+    label = (f"{name}: hidden {shape['hidden']}, {shape['layers']} layers, {shape['heads']}/{shape['kv_heads']} heads, "
+             f"{shape['dtype']}, {total / gib:.1f} GiB (largest tensor {largest / mib:.0f} MiB), {n} tensors")
+
+    def row(step, peak, seconds):
+        return (f"| {label} | {step} | {seconds:.1f} | {peak / mib:.0f} | {(peak - baseline) / mib:+.0f} | "
+                f"{peak / total:.2f} |")
+
+    return [row("hf-to-mcore (TP=2 x PP=2)", to_mcore, t_mcore), row("mcore-to-hf (2 GB shards)", to_hf, t_hf),
+            row("mcore-to-hf (500 MB shards)", to_hf_small, t_hf_small)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", action="append", choices=(*CASES, "custom"), default=None,
+                        help="repeatable; default: every named case")
+    for key in ("hidden", "layers", "heads", "kv-heads", "ffn", "vocab"):
+        parser.add_argument(f"--{key}", type=int, default=None, help="the custom case's shape")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="the custom case's")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (the checkpoints never are)")
+    args = parser.parse_args()
+    cases = {name: CASES[name] for name in args.case or CASES if name != "custom"}
+    if "custom" in (args.case or ()):
+        shape = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
+                 "ffn": args.ffn, "vocab": args.vocab}
+        missing = [f"--{k.replace('_', '-')}" for k, v in shape.items() if v is None]
+        if missing:
+            parser.error(f"--case custom needs {' '.join(missing)}")
+        cases["custom"] = {**shape, "dtype": args.dtype}
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_convert_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        baseline, _ = run_measured([sys.executable, "-c",
+                                    "import megatron.core, megatron_qwen.convert, megatron_qwen.model.qwen"])
+        rows = [row for name, shape in cases.items() for row in bench_case(workdir, name, shape, baseline)]
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"baseline (imports only): peak RSS {baseline / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.2f}")
+    print("| case | step | wall s | peak RSS MiB | over baseline MiB | peak / checkpoint |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print("round trips: every tensor bit-identical")
     return 0
 
 

@@ -1,13 +1,14 @@
 """Convert Qwen checkpoints between Hugging Face and megatron-core (dist_checkpointing).
 
-    megatron-qwen convert hf-to-mcore --hf DIR --out CKPT --tp T --pp P [--vpp V]
-    megatron-qwen convert mcore-to-hf --ckpt CKPT --out DIR [--layout qwen2|qwen] [--task lm|reward] \
+    megatron-qwen convert hf-to-mcore --hf DIR --out CKPT --tp T --pp P [--vpp V] [--family F]
+    megatron-qwen convert mcore-to-hf --ckpt CKPT --out DIR [--layout qwen2|qwen3|qwen] [--task lm|reward] \
         [--trust-checkpoint]
 
-hf-to-mcore reads transformers' Qwen2 layout or the Qwen v1 release's (remote code) layout, from
+hf-to-mcore reads transformers' Qwen2ForCausalLM (Qwen1.5, 2, 2.5) and Qwen3ForCausalLM (Qwen3 dense) or the
+Qwen v1 release's (remote code) layout, told apart by config.json's architectures and model_type, from
 safetensors (sharded or not) or pytorch_model*.bin, and writes CKPT with model_config.yaml; the
 checkpoint loads at any TP/PP/VPP layout. mcore-to-hf reads a checkpoint saved at any layout and
-writes safetensors + config.json that `Qwen2ForCausalLM.from_pretrained` loads (qwen2) or the v1
+writes safetensors + config.json that `AutoModelForCausalLM.from_pretrained` loads (qwen2, qwen3) or the v1
 names and config keys (qwen). Both run in one process and stream tensor by tensor. Exit status 2
 means the input or the request was refused (the message says why and what to do), e.g. a checkpoint
 whose metadata holds pickled objects outside the allowlist (--trust-checkpoint unpickles them: only for
@@ -20,7 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_qwen.convert.layouts import LAYOUTS, QWEN2
+from megatron_qwen.config import TOKENIZER_FAMILIES
+from megatron_qwen.convert.layouts import LAYOUTS, QWEN
 from megatron_qwen.errors import ConversionError, UserError
 
 
@@ -48,21 +50,26 @@ def main(argv: list[str] | None = None) -> int:
     to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel size: checked and recorded (default 1)")
     to_mcore.add_argument("--vpp", type=int, default=1,
                           help="model chunks per pipeline rank: checked and recorded (default 1)")
+    to_mcore.add_argument("--family", choices=TOKENIZER_FAMILIES, default=None,
+                          help="tokenizer family (model.family; default: from the checkpoint's tokenizer files, "
+                               "else qwen2 -> qwen2.5, qwen3 -> qwen3, v1 -> qwen)")
     to_mcore.add_argument("--max-chunk-size", type=parse_size, default="64MiB",
                           help="largest block held in memory and stored as one piece (default 64MiB)")
 
     to_hf = sub.add_parser("mcore-to-hf", help="megatron-core checkpoint -> Hugging Face safetensors + config.json")
     to_hf.add_argument("--ckpt", required=True, type=Path, help="megatron-core checkpoint directory")
     to_hf.add_argument("--out", required=True, type=Path, help="new Hugging Face model directory")
-    to_hf.add_argument("--layout", choices=LAYOUTS, default=QWEN2,
-                       help="qwen2 (transformers) or qwen (v1 release); default qwen2")
+    to_hf.add_argument("--layout", choices=LAYOUTS, default=None,
+                       help="qwen2 / qwen3 (transformers) or qwen (v1 release); default: qwen3 for a model with "
+                            "query/key norms, else qwen2")
     to_hf.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
     to_hf.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                        help="cast weights (default: as stored)")
     to_hf.add_argument("--max-shard-size", type=parse_size, default="2GB",
                        help="largest safetensors file (default 2GB)")
     to_hf.add_argument("--task", choices=("lm", "reward"), default="lm",
-                       help="lm: Qwen2ForCausalLM (default); reward: Qwen2ForSequenceClassification (score head)")
+                       help="lm: Qwen2/Qwen3ForCausalLM (default); reward: Qwen2/Qwen3ForSequenceClassification "
+                            "(score head)")
     to_hf.add_argument("--pad-token-id", type=int, default=151643,
                        help="reward export: pad id (rewards are read at the last non-pad token; default <|endoftext|>)")
     to_hf.add_argument("--trust-checkpoint", action="store_true",
@@ -80,17 +87,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hf-to-mcore":
             from megatron_qwen.convert.to_mcore import hf_to_mcore
 
-            hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, max_chunk_bytes=args.max_chunk_size)
+            hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, max_chunk_bytes=args.max_chunk_size,
+                        family=args.family)
         elif args.task == "reward":
             from megatron_qwen.convert.reward_export import export_reward_to_hf
 
-            if args.layout != QWEN2:
+            if args.layout == QWEN:
                 raise ConversionError(
-                    f"--task reward writes transformers' Qwen2ForSequenceClassification; --layout {args.layout} has no "
-                    "sequence-classification class: drop --layout or use --layout qwen2"
+                    f"--task reward writes transformers' Qwen2/Qwen3ForSequenceClassification; --layout {args.layout} "
+                    "has no sequence-classification class: drop --layout"
                 )
             export_reward_to_hf(
-                args.ckpt, args.out, config_path=args.config, dtype=args.dtype, pad_token_id=args.pad_token_id,
+                args.ckpt, args.out, layout=args.layout, config_path=args.config, dtype=args.dtype,
+                pad_token_id=args.pad_token_id,
                 max_shard_bytes=args.max_shard_size, trust_checkpoint=trust,
             )
         else:

@@ -144,6 +144,27 @@ class HFCheckpoint:
         return out
 
 
+def tokenizer_files(directory: Path) -> tuple[dict[int, str] | None, str | None]:
+    """(added tokens by id, chat template) of the tokenizer files in a Hugging Face model directory: from
+    tokenizer_config.json (`added_tokens_decoder`, `chat_template`), else tokenizer.json (`added_tokens`) and
+    chat_template.jinja; (None, None) when it has none."""
+    added, template = None, None
+    config_file, tokenizer_file = directory / "tokenizer_config.json", directory / "tokenizer.json"
+    if config_file.is_file():
+        config = _read_json(config_file)
+        decoder = config.get("added_tokens_decoder")
+        if isinstance(decoder, dict):
+            added = {int(i): entry["content"] for i, entry in decoder.items()}
+        template = config.get("chat_template") if isinstance(config.get("chat_template"), str) else None
+    if added is None and tokenizer_file.is_file():
+        tokens = _read_json(tokenizer_file).get("added_tokens")
+        if isinstance(tokens, list):
+            added = {int(entry["id"]): entry["content"] for entry in tokens}
+    if template is None and (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text()
+    return added, template
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())

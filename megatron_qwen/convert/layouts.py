@@ -1,37 +1,51 @@
-"""The two Hugging Face layouts of a Qwen v1 model: transformers' Qwen2 classes and the Qwen v1 release.
+"""The Hugging Face layouts of the Qwen family: transformers' Qwen2 and Qwen3 classes and the Qwen v1 release.
 
 One table serves both conversion directions: every Hugging Face tensor name with its shape, the
 config.json keys of each layout and how they map onto the project's `ModelConfig`.
 
-| Qwen v1 release (remote code)              | transformers Qwen2                               |
+| Qwen v1 release (remote code)              | transformers Qwen2 (Qwen1.5, 2, 2.5) / Qwen3     |
 |--------------------------------------------|--------------------------------------------------|
 | transformer.wte                            | model.embed_tokens                               |
 | transformer.h.N.ln_1 / ln_2                | input_layernorm / post_attention_layernorm       |
-| attn.c_attn rows [Q; K; V] (weight, bias)  | self_attn.q_proj / k_proj / v_proj               |
+| attn.c_attn rows [Q; K; V] (weight, bias)  | self_attn.q_proj / k_proj / v_proj (Qwen3: no bias) |
+| -                                          | Qwen3: self_attn.q_norm / k_norm (head_dim wide) |
 | attn.c_proj                                | self_attn.o_proj                                 |
 | mlp.w2 (gate) / mlp.w1 (up) / mlp.c_proj   | mlp.gate_proj / up_proj / down_proj              |
-| transformer.ln_f, lm_head                  | model.norm, lm_head                              |
+| transformer.ln_f, lm_head                  | model.norm, lm_head (absent when tied)           |
 | intermediate_size = 2 x per-branch width   | intermediate_size = per-branch width             |
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import dataclasses
+from typing import Iterable, Mapping
 
-from megatron_qwen.config import TOKENIZER_VOCAB_SIZE, ModelConfig
+from megatron_qwen.config import TOKENIZER_VOCAB_SIZE, TOKENIZER_VOCAB_SIZES, ModelConfig
 from megatron_qwen.errors import ConversionError
+from megatron_qwen.tokenizer import FAMILIES, FAMILY_DEFAULT_SYSTEM, FAMILY_SPECIAL_TOKENS, check_vocabulary
 
 QWEN2 = "qwen2"
+QWEN3 = "qwen3"
 QWEN = "qwen"
-LAYOUTS = (QWEN2, QWEN)
+LAYOUTS = (QWEN2, QWEN3, QWEN)
 
 # Qwen's <|endoftext|>: the release uses it as BOS, EOS and padding.
 QWEN_ENDOFTEXT_ID = 151643
+
+# The transformers class (config.json `architectures`) and `model_type` of each layout.
+ARCHITECTURES = {QWEN2: "Qwen2ForCausalLM", QWEN3: "Qwen3ForCausalLM", QWEN: "QWenLMHeadModel"}
+MODEL_TYPES = {QWEN2: "qwen2", QWEN3: "qwen3", QWEN: "qwen"}
+# Qwen relatives that are not dense causal language models, refused by name with what to do instead.
+_MOE = "MoE models are not supported yet; convert a dense Qwen model (Qwen1.5/2/2.5 or Qwen3 dense)"
+_NOT_LM = ("not a causal language model this converts (it has a vision/audio encoder or another head); convert "
+           "the text-only causal LM of the same release (Qwen2ForCausalLM / Qwen3ForCausalLM)")
+REFUSED_MODEL_TYPES = {"qwen2_moe": _MOE, "qwen3_moe": _MOE, "qwen3_next": _MOE}
 
 GLOBAL_NAMES = {
     QWEN2: {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"},
     QWEN: {"embed": "transformer.wte.weight", "final_norm": "transformer.ln_f.weight", "lm_head": "lm_head.weight"},
 }
+GLOBAL_NAMES[QWEN3] = GLOBAL_NAMES[QWEN2]
 
 # Per-layer tensors other than the attention input projection, by role.
 LAYER_NAMES = {
@@ -52,17 +66,22 @@ LAYER_NAMES = {
         "down": "transformer.h.{i}.mlp.c_proj.weight",
     },
 }
+LAYER_NAMES[QWEN3] = {
+    **LAYER_NAMES[QWEN2],
+    "q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+    "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
+}
 
 # Buffers some exports carry that are not weights (recomputed by every implementation).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def qkv_source(layout: str, layer: int, part: int, kind: str, hidden: int) -> tuple[str, int]:
+def qkv_source(layout: str, layer: int, part: int, kind: str, m: ModelConfig) -> tuple[str, int]:
     """Where part `part` (0 = Q, 1 = K, 2 = V) of a layer's attention input projection starts:
     (Hugging Face tensor name, first row). `kind` is "weight" or "bias"."""
-    if layout == QWEN2:
+    if layout in (QWEN2, QWEN3):
         return f"model.layers.{layer}.self_attn.{'qkv'[part]}_proj.{kind}", 0
-    return f"transformer.h.{layer}.attn.c_attn.{kind}", part * hidden
+    return f"transformer.h.{layer}.attn.c_attn.{kind}", part * m.num_attention_heads * m.head_dim
 
 
 def layer_name(layout: str, role: str, layer: int) -> str:
@@ -71,55 +90,79 @@ def layer_name(layout: str, role: str, layer: int) -> str:
 
 
 def expected_tensors(layout: str, m: ModelConfig, vocab_size: int, include_lm_head: bool = True) -> dict[str, tuple]:
-    """Every Hugging Face tensor of the model with its shape, in the order checkpoints list them."""
-    H, F = m.hidden_size, m.ffn_hidden_size
+    """Every Hugging Face tensor of the model with its shape, in the order checkpoints list them.
+    `lm_head` is listed when `include_lm_head` and the embeddings are not tied."""
+    H, F, d = m.hidden_size, m.ffn_hidden_size, m.head_dim
+    q_rows, kv_rows = m.num_attention_heads * d, m.kv_heads * d
     names = GLOBAL_NAMES[layout]
+    kinds = ("weight", "bias") if m.qkv_bias else ("weight",)
     out: dict[str, tuple] = {names["embed"]: (vocab_size, H)}
     for i in range(m.num_layers):
         out[layer_name(layout, "input_norm", i)] = (H,)
-        if layout == QWEN2:
-            for part in range(3):
-                out[qkv_source(layout, i, part, "weight", H)[0]] = (H, H)
-                out[qkv_source(layout, i, part, "bias", H)[0]] = (H,)
+        if layout == QWEN:
+            out[qkv_source(layout, i, 0, "weight", m)[0]] = (q_rows + 2 * kv_rows, H)
+            out[qkv_source(layout, i, 0, "bias", m)[0]] = (q_rows + 2 * kv_rows,)
         else:
-            out[qkv_source(layout, i, 0, "weight", H)[0]] = (3 * H, H)
-            out[qkv_source(layout, i, 0, "bias", H)[0]] = (3 * H,)
-        out[layer_name(layout, "proj", i)] = (H, H)
+            for part, rows in enumerate((q_rows, kv_rows, kv_rows)):
+                for kind in kinds:
+                    out[qkv_source(layout, i, part, kind, m)[0]] = (rows, H) if kind == "weight" else (rows,)
+        if m.qk_layernorm:
+            out[layer_name(layout, "q_norm", i)] = (d,)
+            out[layer_name(layout, "k_norm", i)] = (d,)
+        out[layer_name(layout, "proj", i)] = (H, q_rows)
         out[layer_name(layout, "post_norm", i)] = (H,)
         out[layer_name(layout, "gate", i)] = (F, H)
         out[layer_name(layout, "up", i)] = (F, H)
         out[layer_name(layout, "down", i)] = (H, F)
     out[names["final_norm"]] = (H,)
-    if include_lm_head:
+    if include_lm_head and not m.tie_word_embeddings:
         out[names["lm_head"]] = (vocab_size, H)
     return out
 
 
 def detect_layout(config: dict, tensor_names: Iterable[str], where: str) -> str:
-    """qwen2 or qwen, from config.json's model_type/architectures, checked against the tensor names."""
+    """qwen2, qwen3 or qwen, from config.json's architectures/model_type, checked against the tensor names.
+    Any other architecture is refused by name."""
     names = set(tensor_names)
-    by_keys = QWEN if "transformer.wte.weight" in names else QWEN2 if "model.embed_tokens.weight" in names else None
     model_type = config.get("model_type")
-    architectures = config.get("architectures") or []
-    if model_type == "qwen2" or "Qwen2ForCausalLM" in architectures:
-        by_config = QWEN2
-    elif model_type == "qwen" or "QWenLMHeadModel" in architectures:
-        by_config = QWEN
-    else:
-        by_config = None
-    if by_config is None and by_keys is None:
+    architectures = list(config.get("architectures") or [])
+    by_arch = {arch: layout for layout, arch in ARCHITECTURES.items()}
+    for arch in architectures:
+        if arch not in by_arch:
+            reason = REFUSED_MODEL_TYPES.get(model_type) or (_MOE if "Moe" in arch else _NOT_LM)
+            raise ConversionError(
+                f"{where}: architecture {arch} (model_type={model_type!r}) is {reason}; this converter reads "
+                f"{', '.join(ARCHITECTURES.values())}"
+            )
+    if model_type in REFUSED_MODEL_TYPES:
+        raise ConversionError(f"{where}: model_type={model_type!r}: {REFUSED_MODEL_TYPES[model_type]}")
+    by_model_type = {t: layout for layout, t in MODEL_TYPES.items()}
+    if model_type is not None and model_type not in by_model_type:
+        raise ConversionError(
+            f"{where}: model_type={model_type!r} is not a Qwen causal LM this converter reads; supported: "
+            f"{', '.join(MODEL_TYPES.values())} ({', '.join(ARCHITECTURES.values())})"
+        )
+    by_config = {by_arch[a] for a in architectures} | ({by_model_type[model_type]} if model_type else set())
+    if len(by_config) > 1:
+        raise ConversionError(
+            f"{where}: architectures={architectures} and model_type={model_type!r} describe different models; "
+            "fix config.json so both name the same one"
+        )
+    by_keys = QWEN if "transformer.wte.weight" in names else QWEN2 if "model.embed_tokens.weight" in names else None
+    if not by_config and by_keys is None:
         raise ConversionError(
             f"{where}: cannot tell the checkpoint layout: config.json has model_type={model_type!r} and "
             f"architectures={architectures!r}, and neither transformer.wte.weight (Qwen v1) nor "
-            "model.embed_tokens.weight (transformers Qwen2) is among the tensors; point --hf at a Qwen checkpoint"
+            "model.embed_tokens.weight (transformers Qwen2/Qwen3) is among the tensors; point --hf at a Qwen checkpoint"
         )
-    if by_config is not None and by_keys is not None and by_config != by_keys:
+    layout = by_config.pop() if by_config else by_keys
+    if by_keys is not None and (by_keys == QWEN) != (layout == QWEN):
         raise ConversionError(
-            f"{where}: config.json describes a {by_config!r} model but the tensors are named in the {by_keys!r} layout "
+            f"{where}: config.json describes a {layout!r} model but the tensors are named in the {by_keys!r} layout "
             f"({'transformer.wte.weight' if by_keys == QWEN else 'model.embed_tokens.weight'}); fix config.json's "
-            "model_type"
+            "model_type and architectures"
         )
-    return by_config or by_keys
+    return layout
 
 
 def _require(config: dict, key: str, where: str):
@@ -128,69 +171,156 @@ def _require(config: dict, key: str, where: str):
     return config[key]
 
 
-def _rope_theta(config: dict, where: str) -> float:
-    """The RoPE base of a Qwen2 config (transformers 4 `rope_theta` or 5 `rope_parameters`), refusing scaling."""
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """RoPE settings of a Hugging Face config, in ModelConfig's terms."""
+
+    theta: float
+    scaling: str | None = None  # "yarn" or None
+    factor: float = 1.0
+    original_max_positions: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+
+def rope_from_hf(config: dict, where: str) -> Rope:
+    """RoPE base and scaling of a Qwen2/Qwen3 config.json, as transformers reads it: transformers 4's
+    `rope_theta` + `rope_scaling`, or 5's `rope_parameters` (`rope_scaling`, when set, wins). Only YaRN scales."""
+    params = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ConversionError(f"{where}: rope_parameters differ per layer type ({sorted(params)}); Qwen uses one RoPE")
+    theta = float(params.get("rope_theta") or config.get("rope_theta") or 10000.0)
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type == "default":
+        return Rope(theta)
+    if rope_type != "yarn":
         raise ConversionError(
-            f"{where}: config.json asks for RoPE scaling {rope_type!r}; Qwen v1 uses plain RoPE "
-            "(its long-context dynamic NTK is the v1 layout's use_dynamic_ntk); remove the scaling"
+            f"{where}: config.json asks for RoPE scaling {rope_type!r}; only 'yarn' (Qwen2.5's and Qwen3's "
+            "long-context recipe) is supported: remove the scaling or use YaRN"
         )
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        if params.get(key) is not None:
+            raise ConversionError(
+                f"{where}: YaRN's {key}={params[key]} is not modelled (the attention factor follows from `factor` "
+                f"alone, as in Qwen's configs); remove {key}"
+            )
+    if params.get("truncate") is False:
+        raise ConversionError(f"{where}: YaRN with truncate=false is not modelled; remove it (Qwen truncates)")
+    max_positions = int(config.get("max_position_embeddings", 32768))
+    original = int(params.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+                   or max_positions)
+    factor = float(params.get("factor") or max_positions / original)
+    return Rope(theta, "yarn", factor, original, float(params.get("beta_fast") or 32.0),
+                float(params.get("beta_slow") or 1.0))
+
+
+def rope_to_hf(m: ModelConfig) -> tuple[dict | None, dict]:
+    """(transformers 4 `rope_scaling`, transformers 5 `rope_parameters`) of the model's RoPE."""
+    if m.rope_scaling is None:
+        return None, {"rope_type": "default", "rope_theta": m.rotary_base}
+    scaling = {"rope_type": "yarn", "factor": m.rope_scaling_factor,
+               "original_max_position_embeddings": m.rope_original_max_position_embeddings,
+               "beta_fast": m.yarn_beta_fast, "beta_slow": m.yarn_beta_slow}
+    return scaling, {**scaling, "rope_theta": m.rotary_base}
+
+
+def detect_family(layout: str, vocab: int, added_tokens: Mapping[int, str] | None, chat_template: str | None,
+                  explicit: str | None, where: str) -> tuple[str, str | None]:
+    """(tokenizer family, note) of a checkpoint: `explicit` (--family) if given, else the family whose added
+    tokens the checkpoint's tokenizer files list, else the newest family of the architecture (qwen2 -> qwen2.5,
+    qwen3 -> qwen3, v1 -> qwen). A family whose vocabulary does not fit the checkpoint is refused."""
+    if explicit is None and added_tokens is not None:
+        added = {int(i): str(t) for i, t in added_tokens.items()}
+        matches = [f for f in FAMILIES if {i: t for t, i in FAMILY_SPECIAL_TOKENS[f].items()} == added]
+        if not matches:
+            raise ConversionError(
+                f"{where}: the tokenizer's {len(added)} added tokens match no tokenizer family "
+                f"({', '.join(FAMILIES)}); pass --family with the family of the release it was fine-tuned from"
+            )
+        # Qwen1.5 and Qwen2 add the same three tokens; their chat templates differ in the default system prompt.
+        by_template = [f for f in matches if f"{FAMILY_DEFAULT_SYSTEM[f]}<|im_end|>" in (chat_template or "")]
+        explicit = (by_template or matches)[-1]
+    if explicit is not None:
+        try:
+            check_vocabulary(explicit, vocab, added_tokens)
+        except ValueError as exc:
+            raise ConversionError(f"{where}: {exc}") from None
+        return explicit, None
+    family = {QWEN2: "qwen2.5", QWEN3: "qwen3", QWEN: "qwen"}[layout]
+    if TOKENIZER_VOCAB_SIZES[family] > vocab:
+        return family, (f"model.family={family} (from the architecture; no tokenizer files) has "
+                        f"{TOKENIZER_VOCAB_SIZES[family]:,} tokens but the vocabulary {vocab:,}: the Qwen tokenizer "
+                        "cannot drive this model; pass --family if that is wrong")
+    return family, None
 
 
 def model_from_hf(config: dict, layout: str, where: str) -> tuple[ModelConfig, int, bool]:
     """(ModelConfig, vocabulary size, tied embeddings) of a Hugging Face Qwen config.json.
 
     The ModelConfig's padded_vocab_size is the Hugging Face vocab_size; padding for tensor
-    parallelism is added later by `megatron_qwen.config.resolve`.
+    parallelism is added later by `megatron_qwen.config.resolve`. `family` is left at its default:
+    `detect_family` sets it.
     """
     hidden = int(_require(config, "hidden_size", where))
     heads = int(_require(config, "num_attention_heads", where))
     layers = int(_require(config, "num_hidden_layers", where))
     vocab = int(_require(config, "vocab_size", where))
     intermediate = int(_require(config, "intermediate_size", where))
-    if heads < 1 or hidden % heads:
-        raise ConversionError(f"{where}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
-    head_dim = hidden // heads
+    tied = bool(config.get("tie_word_embeddings", False))
 
-    if layout == QWEN2:
+    if layout in (QWEN2, QWEN3):
         kv_heads = int(config.get("num_key_value_heads") or heads)
-        if kv_heads != heads:
+        # transformers' Qwen3Config defaults head_dim to 128; Qwen2 takes hidden / heads unless config.json says.
+        default_head_dim = 128 if layout == QWEN3 else (hidden // heads if heads else 0)
+        head_dim = int(config.get("head_dim") or default_head_dim)
+        if heads < 1 or kv_heads < 1 or heads % kv_heads:
             raise ConversionError(
-                f"{where}: num_key_value_heads={kv_heads} differs from num_attention_heads={heads}: that is "
-                "grouped-query attention (Qwen2 and later), not Qwen v1; only Qwen v1 models (full multi-head "
-                "attention) convert"
+                f"{where}: num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}"
             )
         if config.get("hidden_act", "silu") != "silu":
-            raise ConversionError(f"{where}: hidden_act={config['hidden_act']!r}; Qwen v1's SwiGLU needs 'silu'")
-        if config.get("use_sliding_window"):
+            raise ConversionError(f"{where}: hidden_act={config['hidden_act']!r}; Qwen's SwiGLU needs 'silu'")
+        sliding = [t for t in config.get("layer_types") or [] if t != "full_attention"]
+        if config.get("use_sliding_window") or sliding:
             raise ConversionError(
-                f"{where}: use_sliding_window=true; Qwen v1 attends to the full context, set it to false"
+                f"{where}: use_sliding_window=true (or sliding layer_types): sliding-window attention is not "
+                "supported; the released Qwen models attend to the full context, set use_sliding_window to false"
             )
-        if config.get("head_dim") not in (None, head_dim):
+        if layout == QWEN3 and config.get("attention_bias"):
             raise ConversionError(
-                f"{where}: head_dim={config['head_dim']} but hidden_size / num_attention_heads = {head_dim}"
+                f"{where}: attention_bias=true: Qwen3ForCausalLM then also biases o_proj, which this model does not "
+                "have; the released Qwen3 models use attention_bias=false"
             )
+        rope = rope_from_hf(config, where)
         max_positions = int(config.get("max_position_embeddings", 32768))
         model = ModelConfig(
             num_layers=layers,
             hidden_size=hidden,
             num_attention_heads=heads,
+            num_query_groups=kv_heads if kv_heads != heads else None,
+            kv_channels=head_dim if hidden % heads or head_dim != hidden // heads else None,
+            qkv_bias=layout == QWEN2,  # Qwen2's q/k/v always have a bias; Qwen3's none (attention_bias=false)
+            qk_layernorm=layout == QWEN3,
+            tie_word_embeddings=tied,
             ffn_hidden_size=intermediate,
             padded_vocab_size=vocab,
-            # transformers' Qwen2 has no training context of its own: NTK and LogN are off, so
+            # transformers' Qwen2/Qwen3 have no training context of their own: NTK and LogN are off, so
             # seq_length only sets the default training length.
             seq_length=max_positions,
             max_position_embeddings=max_positions,
-            rotary_base=_rope_theta(config, where),
+            rotary_base=rope.theta,
+            rope_scaling=rope.scaling,
+            rope_scaling_factor=rope.factor,
+            rope_original_max_position_embeddings=rope.original_max_positions,
+            yarn_beta_fast=rope.beta_fast,
+            yarn_beta_slow=rope.beta_slow,
             norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
             init_method_std=float(config.get("initializer_range", 0.02)),
         )
-        return model, vocab, bool(config.get("tie_word_embeddings", False))
+        return model, vocab, tied
 
+    if heads < 1 or hidden % heads:
+        raise ConversionError(f"{where}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    head_dim = hidden // heads
     if intermediate % 2:
         raise ConversionError(
             f"{where}: intermediate_size={intermediate} is odd; the Qwen v1 config gives twice the per-branch SwiGLU "
@@ -204,6 +334,8 @@ def model_from_hf(config: dict, layout: str, where: str) -> tuple[ModelConfig, i
         raise ConversionError(f"{where}: rotary_pct={config['rotary_pct']}; Qwen v1 rotates the whole head (1.0)")
     if config.get("no_bias", True) is not True:
         raise ConversionError(f"{where}: no_bias={config['no_bias']}; Qwen v1 has biases only on c_attn (no_bias=true)")
+    if tied:
+        raise ConversionError(f"{where}: tie_word_embeddings=true; the Qwen v1 release never ties, set it to false")
     seq_length = int(config.get("seq_length", 8192))
     model = ModelConfig(
         num_layers=layers,
@@ -219,38 +351,63 @@ def model_from_hf(config: dict, layout: str, where: str) -> tuple[ModelConfig, i
         use_dynamic_ntk=bool(config.get("use_dynamic_ntk", True)),
         use_logn_attn=bool(config.get("use_logn_attn", True)),
     )
-    return model, vocab, bool(config.get("tie_word_embeddings", False))
+    return model, vocab, False
+
+
+def layout_problem(layout: str, m: ModelConfig) -> str | None:
+    """Why `layout`'s Hugging Face class cannot hold model `m` (None when it can)."""
+    if layout == QWEN2 and (m.qk_layernorm or not m.qkv_bias):
+        return "transformers' Qwen2ForCausalLM has q/k/v biases and no query/key norms"
+    if layout == QWEN3 and (not m.qk_layernorm or m.qkv_bias):
+        return "transformers' Qwen3ForCausalLM has query/key norms and no q/k/v biases"
+    plain_heads = m.kv_heads == m.num_attention_heads and m.head_dim * m.num_attention_heads == m.hidden_size
+    if layout == QWEN and not (plain_heads and m.qkv_bias and not m.qk_layernorm and not m.tie_word_embeddings
+                               and m.rope_scaling is None):
+        return ("the Qwen v1 release has multi-head attention with q/k/v biases, head width hidden/heads, untied "
+                "embeddings and no query/key norms or YaRN")
+    return None
+
+
+def default_layout(m: ModelConfig) -> str:
+    """The transformers layout of a model: Qwen3 with query/key norms, else Qwen2."""
+    return QWEN3 if m.qk_layernorm else QWEN2
 
 
 def hf_config(layout: str, m: ModelConfig, vocab_size: int, dtype_name: str, base: dict | None = None) -> dict:
     """config.json for the model in `layout`. `base` (the source checkpoint's config.json, same layout)
     keeps keys this project does not model, e.g. token ids; the model's shape always comes from `m`."""
+    problem = layout_problem(layout, m)
+    if problem:
+        raise ConversionError(f"--layout {layout} cannot hold this model: {problem}; use --layout {default_layout(m)}")
     qwen_vocab = vocab_size >= TOKENIZER_VOCAB_SIZE
     out = dict(base or {})
-    if layout == QWEN2:
+    if layout in (QWEN2, QWEN3):
+        rope_scaling, rope_parameters = rope_to_hf(m)
         out.update(
-            architectures=["Qwen2ForCausalLM"],
-            model_type="qwen2",
+            architectures=[ARCHITECTURES[layout]],
+            model_type=MODEL_TYPES[layout],
             vocab_size=vocab_size,
             hidden_size=m.hidden_size,
             intermediate_size=m.ffn_hidden_size,
             num_hidden_layers=m.num_layers,
             num_attention_heads=m.num_attention_heads,
-            num_key_value_heads=m.num_attention_heads,
+            num_key_value_heads=m.kv_heads,
+            head_dim=m.head_dim,
             hidden_act="silu",
             max_position_embeddings=m.max_position_embeddings,
             rms_norm_eps=m.norm_epsilon,
+            # Both transformers 4's keys and 5's rope_parameters, saying the same (5 prefers rope_scaling when set).
             rope_theta=m.rotary_base,
-            rope_scaling=None,
-            tie_word_embeddings=False,
+            rope_scaling=rope_scaling,
+            rope_parameters=rope_parameters,
+            tie_word_embeddings=m.tie_word_embeddings,
             use_sliding_window=False,
             sliding_window=None,
             attention_dropout=0.0,
             initializer_range=m.init_method_std,
         )
-        if isinstance(out.get("rope_parameters"), dict):
-            out["rope_parameters"] = {**out["rope_parameters"], "rope_type": "default", "rope_theta": m.rotary_base}
-        out.pop("head_dim", None)
+        if layout == QWEN3:
+            out["attention_bias"] = False
         out.pop("layer_types", None)  # derived from use_sliding_window by transformers
     else:
         out.update(

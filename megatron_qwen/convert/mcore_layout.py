@@ -63,7 +63,10 @@ def single_process_model_parallel():
 
 def stored_layout(cfg: Config) -> tuple[list[StoredTensor], dict[str, object]]:
     """(tensor pieces, {object unique key: value}) of a checkpoint of the model `cfg` describes."""
-    one_rank = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False))
+    # RoPE stores nothing: its scaling is left out so that no frequency table is computed on the meta device.
+    model_cfg = dataclasses.replace(cfg.model, rope_scaling=None, use_dynamic_ntk=False)
+    one_rank = dataclasses.replace(cfg, model=model_cfg,
+                                   parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False))
     with single_process_model_parallel():
         config = dataclasses.replace(transformer_config(one_rank, Runtime.cpu()), perform_initialization=False)
         with torch.device("meta"):

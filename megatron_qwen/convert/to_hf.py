@@ -28,10 +28,12 @@ from megatron_qwen.convert.hf_io import PlannedTensor, write_safetensors
 from megatron_qwen.convert.layouts import (
     GLOBAL_NAMES,
     LAYOUTS,
-    QWEN2,
+    QWEN,
+    default_layout,
     expected_tensors,
     hf_config,
     layer_name,
+    layout_problem,
     qkv_source,
 )
 from megatron_qwen.errors import ConversionError
@@ -79,9 +81,45 @@ class LayerReader:
         return self._read(key, (0,) * len(shape), shape)
 
 
+def rows_of(stored: dict, m) -> int:
+    """Embedding rows of a checkpoint (the model config's padded vocabulary when it has no embedding)."""
+    return stored[K.EMBED].shape[0] if K.EMBED in stored else m.padded_vocab_size
+
+
+def check_stored(stored: dict, expected: dict, m, ckpt: Path, config_path) -> int:
+    """Refuse a checkpoint whose tensors are not `expected` (key -> shape) for model config `m`, naming the
+    mismatch; returns the embedding rows. A stored tensor the config leaves out (an output layer, q/k norms,
+    q/k/v biases) is refused too, since exporting without it would change the network."""
+    described = (
+        f"{config_path} (num_layers={m.num_layers}, hidden_size={m.hidden_size}, num_attention_heads="
+        f"{m.num_attention_heads}, num_query_groups={m.num_query_groups}, kv_channels={m.kv_channels}, "
+        f"ffn_hidden_size={m.ffn_hidden_size}, qkv_bias={m.qkv_bias}, qk_layernorm={m.qk_layernorm}, "
+        f"tie_word_embeddings={m.tie_word_embeddings})"
+    )
+    for key, shape in expected.items():
+        if key not in stored:
+            raise ConversionError(
+                f"--ckpt {ckpt} has no tensor {key}, which {described} needs; it is not a checkpoint of that model "
+                "(pass the model's config with --config)"
+            )
+        if stored[key].shape != shape:
+            raise ConversionError(
+                f"--ckpt {ckpt}: tensor {key} has shape {list(stored[key].shape)}, but {described} needs {list(shape)}"
+            )
+    left_out = [key for key in (K.OUTPUT, K.QKV_BIAS, K.Q_NORM, K.K_NORM) if key in stored and key not in expected]
+    if left_out:
+        raise ConversionError(
+            f"--ckpt {ckpt} holds {left_out[0]}, which {described} does not have; exporting would drop it: pass the "
+            "model's config with --config"
+        )
+    return rows_of(stored, m)
+
+
 def plan_tensors(reader: LayerReader, layout: str, m, vocab: int) -> list[PlannedTensor]:
-    """The Hugging Face tensors in checkpoint order, each with a producer of its data."""
-    H, F, d, heads = m.hidden_size, m.ffn_hidden_size, m.head_dim, m.num_attention_heads
+    """The Hugging Face tensors in checkpoint order, each with a producer of its data (no lm_head when the
+    embeddings are tied: transformers ties it to the embedding again on load)."""
+    F, d, groups = m.ffn_hidden_size, m.head_dim, m.kv_heads
+    q_rows = m.num_attention_heads // groups * d  # query rows per group
     names = GLOBAL_NAMES[layout]
     shapes = expected_tensors(layout, m, vocab)
 
@@ -89,10 +127,11 @@ def plan_tensors(reader: LayerReader, layout: str, m, vocab: int) -> list[Planne
         return PlannedTensor(name, shapes[name], reader.dtype(key), produce)
 
     def qkv(key, i, parts):
-        # linear_qkv rows are [q_h; k_h; v_h] per head h: regroup into Q, K, V of `heads` heads each.
+        # linear_qkv rows are [its query heads; k_g; v_g] per query group g: regroup into Q, K and V.
         stored = reader.layer(key, i)
-        grouped = stored.view(heads, 3, d, *stored.shape[1:])
-        return iter([torch.cat([grouped[:, j].reshape(H, *stored.shape[1:]) for j in parts])])
+        grouped = stored.view(groups, q_rows + 2 * d, *stored.shape[1:])
+        pieces = (grouped[:, :q_rows], grouped[:, q_rows:q_rows + d], grouped[:, q_rows + d:])
+        return iter([torch.cat([pieces[j].reshape(-1, *stored.shape[1:]) for j in parts])])
 
     out = [planned(names["embed"], K.EMBED, lambda: reader.rows(K.EMBED, vocab))]
     for i in range(m.num_layers):
@@ -100,17 +139,21 @@ def plan_tensors(reader: LayerReader, layout: str, m, vocab: int) -> list[Planne
             return planned(layer_name(layout, role, i), key, lambda: iter([reader.layer(key, i)]))
 
         out.append(whole("input_norm", K.INPUT_NORM))
-        parts = [[0], [1], [2]] if layout == QWEN2 else [[0, 1, 2]]  # separate q/k/v_proj, or v1's fused c_attn
+        parts = [[0, 1, 2]] if layout == QWEN else [[0], [1], [2]]  # v1's fused c_attn, or separate q/k/v_proj
+        kinds = ((K.QKV_WEIGHT, "weight"), (K.QKV_BIAS, "bias")) if m.qkv_bias else ((K.QKV_WEIGHT, "weight"),)
         for j, part in enumerate(parts):
-            for key, kind in ((K.QKV_WEIGHT, "weight"), (K.QKV_BIAS, "bias")):
-                name = qkv_source(layout, i, j, kind, H)[0]
+            for key, kind in kinds:
+                name = qkv_source(layout, i, j, kind, m)[0]
                 out.append(planned(name, key, lambda key=key, i=i, part=part: qkv(key, i, part)))
+        if m.qk_layernorm:
+            out += [whole("q_norm", K.Q_NORM), whole("k_norm", K.K_NORM)]
         out += [whole("proj", K.PROJ), whole("post_norm", K.POST_NORM)]
         out.append(planned(layer_name(layout, "gate", i), K.FC1, lambda i=i: iter([reader.layer(K.FC1, i)[:F]])))
         out.append(planned(layer_name(layout, "up", i), K.FC1, lambda i=i: iter([reader.layer(K.FC1, i)[F:]])))
         out.append(whole("down", K.FC2))
     out.append(planned(names["final_norm"], K.FINAL_NORM, lambda: iter([reader.whole(K.FINAL_NORM)])))
-    out.append(planned(names["lm_head"], K.OUTPUT, lambda: reader.rows(K.OUTPUT, vocab)))
+    if not m.tie_word_embeddings:
+        out.append(planned(names["lm_head"], K.OUTPUT, lambda: reader.rows(K.OUTPUT, vocab)))
     if [t.name for t in out] != list(shapes):
         raise AssertionError("export order differs from the layout table")
     return out
@@ -136,50 +179,43 @@ def write_hf_dir(out: Path, tensors, config: dict, vocab: int, max_shard_bytes: 
 def mcore_to_hf(
     ckpt: str | os.PathLike,
     out: str | os.PathLike,
-    layout: str = QWEN2,
+    layout: str | None = None,
     config_path: str | os.PathLike | None = None,
     dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     log: Callable[[str], None] = print,
     trust_checkpoint: bool = False,
 ) -> Path:
-    """Write the megatron-core checkpoint `ckpt` as a Hugging Face model directory `out` in `layout`.
+    """Write the megatron-core checkpoint `ckpt` as a Hugging Face model directory `out` in `layout` (default:
+    transformers' Qwen3 for a model with query/key norms, else Qwen2; `qwen` writes the v1 release's layout).
 
     The model's shape comes from `config_path` (default `ckpt/model_config.yaml`). `dtype` casts every
     tensor (default: as stored). `out` must not exist; it appears only when complete. `trust_checkpoint`
     lifts the unpickling allowlist.
     """
     out = Path(out)
-    if layout not in LAYOUTS:
+    if layout is not None and layout not in LAYOUTS:
         raise ConversionError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     if out.exists():
         raise ConversionError(f"--out {out} already exists; choose a new directory or remove it first")
     ckpt = ckdir.require_checkpoint(ckpt, f"--ckpt {ckpt}")
     m = ckdir.read_model_config(ckpt, config_path)
     config_path = config_path or ckpt / ckdir.MODEL_CONFIG_FILE
+    source = ckdir.read_hf_source(ckpt)
+    layout = layout or default_layout(m)
+    problem = layout_problem(layout, m)
+    if problem:
+        raise ConversionError(f"--layout {layout} cannot hold this model: {problem}; use --layout {default_layout(m)}")
 
     stored = tensor_metadata(ckpt, trust_checkpoint)
-    rows = stored[K.EMBED].shape[0] if K.EMBED in stored else m.padded_vocab_size
-    expected = K.full_shapes(m.num_layers, m.hidden_size, m.ffn_hidden_size, rows)
-    for key, shape in expected.items():
-        if key not in stored:
-            raise ConversionError(
-                f"--ckpt {ckpt} has no tensor {key}; it is not a Qwen model checkpoint of this project"
-            )
-        if stored[key].shape != shape:
-            raise ConversionError(
-                f"--ckpt {ckpt}: tensor {key} has shape {list(stored[key].shape)}, but {config_path} "
-                f"(num_layers={m.num_layers}, hidden_size={m.hidden_size}, ffn_hidden_size={m.ffn_hidden_size}) needs "
-                f"{list(shape)}"
-            )
-    source = ckdir.read_hf_source(ckpt)
+    rows = check_stored(stored, K.full_shapes(m, rows_of(stored, m)), m, ckpt, config_path)
     vocab = exported_vocab(ckpt, rows)
     reader = LayerReader(ckpt, stored, getattr(torch, dtype) if dtype else None, trust_checkpoint)
     out_dtype = reader.dtype(K.EMBED)
-    if layout == QWEN2 and (m.use_dynamic_ntk or m.use_logn_attn):
+    if layout != QWEN and (m.use_dynamic_ntk or m.use_logn_attn):
         log(
             f"note: the model uses dynamic NTK / LogN attention beyond {m.seq_length} tokens, which transformers' "
-            "Qwen2 does not model: its logits match only up to that length (--layout qwen keeps both)"
+            f"{layout} class does not model: its logits match only up to that length (--layout qwen keeps both)"
         )
 
     base = source["config"] if source and source.get("layout") == layout else None

@@ -1,8 +1,8 @@
-"""Hugging Face Qwen checkpoint (transformers Qwen2 or Qwen v1 layout) -> megatron-core dist_checkpointing.
+"""Hugging Face Qwen checkpoint (transformers Qwen2 / Qwen3 or Qwen v1 layout) -> megatron-core dist_checkpointing.
 
 Streaming, single process: megatron-core describes the stored pieces of the model (see `mcore_layout`);
 each piece, cut into row blocks of at most `max_chunk_bytes`, is read from the Hugging Face files
-only when DCP's writer asks for it, rearranged (QKV per head, fc1 = [gate; up], vocabulary padding)
+only when DCP's writer asks for it, rearranged (QKV per query group, fc1 = [gate; up], vocabulary padding)
 and written. Peak memory is one block plus the interpreter, whatever the model size.
 
 The output directory holds the checkpoint, `model_config.yaml` (the project's Config, with the
@@ -28,11 +28,12 @@ from megatron_qwen.checkpoint import directory as ckdir
 from megatron_qwen.config import Config, ParallelConfig, padded_vocab_size, validate
 from megatron_qwen.convert import mcore_keys as K
 from megatron_qwen.checkpoint.dcp_io import Chunk, serialize_object, write_checkpoint
-from megatron_qwen.convert.hf_io import HFCheckpoint
+from megatron_qwen.convert.hf_io import HFCheckpoint, tokenizer_files
 from megatron_qwen.convert.layouts import (
     GLOBAL_NAMES,
     IGNORED_SUFFIXES,
     QWEN,
+    detect_family,
     detect_layout,
     expected_tensors,
     layer_name,
@@ -49,9 +50,10 @@ def _check_tensors(hf: HFCheckpoint, layout: str, cfg: Config, vocab: int, tied:
     """Every tensor the config implies is there with its shape and a floating dtype, and nothing else is."""
     m = cfg.model
     lm_head = GLOBAL_NAMES[layout]["lm_head"]
-    expected = expected_tensors(layout, m, vocab, include_lm_head=not tied)
+    expected = expected_tensors(layout, m, vocab)
     sizes = (
-        f"hidden_size={m.hidden_size}, num_attention_heads={m.num_attention_heads}, num_hidden_layers={m.num_layers}, "
+        f"hidden_size={m.hidden_size}, num_attention_heads={m.num_attention_heads}, num_key_value_heads={m.kv_heads}, "
+        f"head_dim={m.head_dim}, num_hidden_layers={m.num_layers}, "
         f"intermediate_size={2 * m.ffn_hidden_size if layout == QWEN else m.ffn_hidden_size}, vocab_size={vocab}"
     )
     missing = [name for name in expected if name not in hf.tensors]
@@ -80,7 +82,7 @@ def _check_tensors(hf: HFCheckpoint, layout: str, cfg: Config, vocab: int, tied:
     ]
     if unexpected:
         raise ConversionError(
-            f"{hf.dir}: tensor {unexpected[0]} is not part of a Qwen v1 model with config.json's {sizes} "
+            f"{hf.dir}: tensor {unexpected[0]} is not part of a {layout!r} model with config.json's {sizes} "
             f"({len(unexpected)} unexpected tensor(s)); converting would drop it and change the network"
         )
 
@@ -97,8 +99,8 @@ class _Sources:
 
     def names(self, key: str, layer: int | None) -> list[str]:
         """The Hugging Face tensors that `key` (of layer `layer`) is made of."""
-        H = self.m.hidden_size
-        simple = {K.INPUT_NORM: "input_norm", K.POST_NORM: "post_norm", K.PROJ: "proj", K.FC2: "down"}
+        simple = {K.INPUT_NORM: "input_norm", K.POST_NORM: "post_norm", K.PROJ: "proj", K.FC2: "down",
+                  K.Q_NORM: "q_norm", K.K_NORM: "k_norm"}
         if key == K.EMBED:
             return [self.embed]
         if key == K.OUTPUT:
@@ -111,7 +113,7 @@ class _Sources:
             return [layer_name(self.layout, "gate", layer), layer_name(self.layout, "up", layer)]
         if key in (K.QKV_WEIGHT, K.QKV_BIAS):
             kind = "weight" if key == K.QKV_WEIGHT else "bias"
-            return sorted({qkv_source(self.layout, layer, part, kind, H)[0] for part in range(3)})
+            return sorted({qkv_source(self.layout, layer, part, kind, self.m)[0] for part in range(3)})
         raise ConversionError(
             f"megatron-core's Qwen model stores {key}, which this converter does not know how to fill; "
             "megatron-core or the model spec changed: extend megatron_qwen/convert/to_mcore.py"
@@ -122,8 +124,8 @@ class _Sources:
         return functools.reduce(torch.promote_types, [self.hf.tensors[name].dtype for name in self.names(key, layer)])
 
     def row_unit(self, key: str) -> int:
-        """Rows that must stay together in one block: a whole head (q, k and v) for linear_qkv."""
-        return 3 * self.m.head_dim if key in (K.QKV_WEIGHT, K.QKV_BIAS) else 1
+        """Rows that must stay together in one block: a whole query group (its q, k and v heads) for linear_qkv."""
+        return K.qkv_group_rows(self.m) if key in (K.QKV_WEIGHT, K.QKV_BIAS) else 1
 
     def rows(self, key: str, layer: int | None, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows [start, stop) of `key`'s tensor for `layer` (without the layer axis)."""
@@ -139,15 +141,17 @@ class _Sources:
             return pad if block is None else torch.cat([block, pad])
         if key in (K.QKV_WEIGHT, K.QKV_BIAS):
             kind = "weight" if key == K.QKV_WEIGHT else "bias"
-            d, H = self.m.head_dim, self.m.hidden_size
-            first, last = start // (3 * d), stop // (3 * d)
+            unit, d = K.qkv_group_rows(self.m), self.m.head_dim
+            first, last = start // unit, stop // unit
             parts = []
-            for part in range(3):
-                name, offset = qkv_source(self.layout, layer, part, kind, H)
-                block = read(name, offset + first * d, offset + last * d).to(dtype)
-                parts.append(block.reshape(last - first, d, *block.shape[1:]))
-            # [heads, 3, d, ...]: rows of head h are q_h, k_h, v_h, as megatron-core's linear_qkv splits them.
-            return torch.stack(parts, dim=1).reshape(stop - start, *parts[0].shape[2:])
+            # Query group g: query rows [g q, (g + 1) q) (q = its heads' rows), key and value rows [g d, (g + 1) d).
+            for part, rows in enumerate((unit - 2 * d, d, d)):
+                name, offset = qkv_source(self.layout, layer, part, kind, self.m)
+                block = read(name, offset + first * rows, offset + last * rows).to(dtype)
+                parts.append(block.reshape(last - first, rows, *block.shape[1:]))
+            # [groups, q + 2d, ...]: group g's rows are its query heads, k_g, v_g, as megatron-core's linear_qkv
+            # splits them.
+            return torch.cat(parts, dim=1).reshape(stop - start, *parts[0].shape[2:])
         if key == K.FC1:
             # Rows [0, F) are the gate, [F, 2F) the up projection; megatron-core stores the two halves as
             # separate pieces, so a block never straddles them.
@@ -199,12 +203,15 @@ def hf_to_mcore(
     vpp: int = 1,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     log: Callable[[str], None] = print,
+    family: str | None = None,
 ) -> Path:
     """Convert the Hugging Face Qwen checkpoint in `hf_dir` into a megatron-core checkpoint at `out`.
 
     `tp`, `pp`, `vpp` are checked against the model and recorded in `out/model_config.yaml`; the
     vocabulary is padded with zero rows to a multiple of `tp`. The checkpoint itself loads at any
     layout with the same padded vocabulary. `out` must not exist; it appears only when complete.
+    `family` (the tokenizer family, model.family) defaults to the one the checkpoint's tokenizer files show,
+    else the architecture's newest; it must fit the vocabulary. Every refusal comes before anything is written.
     """
     out = Path(out)
     if out.exists():
@@ -212,14 +219,16 @@ def hf_to_mcore(
     hf = HFCheckpoint(hf_dir)
     layout = detect_layout(hf.config, hf.tensors, str(hf.dir))
     model, vocab, tied = model_from_hf(hf.config, layout, str(hf.dir / "config.json"))
-    model = dataclasses.replace(model, name=f"hf-{hf.dir.resolve().name}")
+    added_tokens, chat_template = tokenizer_files(hf.dir)
+    family, family_note = detect_family(layout, vocab, added_tokens, chat_template, family, str(hf.dir))
+    model = dataclasses.replace(model, name=f"hf-{hf.dir.resolve().name}", family=family)
     cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, vpp=vpp))
     errors, notes = validate(cfg)
     if errors:
         raise ConversionError(f"layout --tp {tp} --pp {pp} --vpp {vpp} does not fit the model: " + "; ".join(errors))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(model, padded_vocab_size=padded_vocab_size(vocab, tp)))
     _check_tensors(hf, layout, cfg, vocab, tied)
-    for note in notes:
+    for note in notes + ([family_note] if family_note else []):
         log(f"note: {note}")
 
     sources = _Sources(hf, layout, cfg, vocab, tied)
@@ -228,8 +237,9 @@ def hf_to_mcore(
     dtype = sources.dtype(K.EMBED, None)
     m = cfg.model
     log(
-        f"{hf.dir}: {layout} layout, {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, "
-        f"SwiGLU width {m.ffn_hidden_size}, vocabulary {vocab} (stored {m.padded_vocab_size} rows), {dtype}"
+        f"{hf.dir}: {layout} layout, {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads "
+        f"({m.kv_heads} key/value) of {m.head_dim}, SwiGLU width {m.ffn_hidden_size}, vocabulary {vocab} (stored "
+        f"{m.padded_vocab_size} rows{', tied' if tied else ''}), {dtype}, tokenizer family {family}"
     )
 
     tmp = out.with_name(out.name + ".tmp")

@@ -4,12 +4,16 @@
 other (the process group stays, the model-parallel state is rebuilt per run).
 --resave SRC DST TP PP: load checkpoint SRC at TP x PP and save it again with megatron-core's own
 `save_model`, giving a checkpoint sharded the way a training run at that layout writes one.
+--hang-dump SECONDS: print every thread's stack to stderr if the rank is still running after SECONDS, so a
+hang shows where each rank waits before the test's own timeout kills the launch.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import shlex
+import sys
 from pathlib import Path
 
 
@@ -38,7 +42,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--forward", action="append", default=[])
     parser.add_argument("--resave", nargs=4, action="append", default=[], metavar=("SRC", "DST", "TP", "PP"))
+    parser.add_argument("--hang-dump", type=float, default=0.0)
     args = parser.parse_args()
+    if args.hang_dump > 0:
+        # Repeats every SECONDS: a rank that is merely slow prints again later, a hung one shows the same stack.
+        faulthandler.dump_traceback_later(args.hang_dump, repeat=True, file=sys.stderr)
     from megatron_qwen.cli import forward
 
     for run in args.forward:
@@ -51,6 +59,7 @@ def main() -> None:
 
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
 
 
 if __name__ == "__main__":
