@@ -279,3 +279,20 @@ def test_inference_plan_of_a_tied_family_checkpoint(tmp_path):
     plan = prepare(path, world_size=1)
     assert plan.vocab_size == 151936
     assert plan.generate_vocab == TOKENIZER_VOCAB_SIZES["qwen2.5"] == 151665
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_scalar_head_model_of_a_tied_config_never_ties():
+    """A reward/value model of a tied architecture has no LM output layer to share the embedding with."""
+    from megatron_qwen.model.qwen import SCALAR_HEAD_KEY, build_model
+    from megatron_qwen.platform.runtime import Runtime
+
+    (model,) = build_model(family_cfg("qwen3"), Runtime.cpu(), head="scalar")
+    assert not model.share_embeddings_and_output_weights
+    keys = set(model.state_dict())
+    assert SCALAR_HEAD_KEY in keys and "embedding.word_embeddings.weight" in keys
+    assert not any(k.startswith("output_layer") for k in keys)
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        values = model(tokens, torch.arange(16)[None].expand(2, 16), None)
+    assert values.shape == (2, 16)
