@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel.generate_worker import NEW_TOKENS, PROMPTS
+from parallel.generate_worker import NEW_TOKENS, PROMPTS, family_tokens
 from qwen_reference import FAMILY_ARCHS, YARN, arch_overrides, hf_family_model, megatron_to_qwen2
 from spawn import run_torchrun
 
@@ -202,10 +202,11 @@ def test_training_steps_equal_single_process(trained, run):
 
 
 GENERATE_WORKER = str(Path(__file__).parent / "parallel" / "generate_worker.py")
-# Greedy generation at TP=2 (the KV heads split: one per rank for the GQA shapes), PP=2 (tied: the last stage's copy
-# of the embedding is the output layer) and TP=2 x PP=2; Qwen2.5 with YaRN at inference.
+# Greedy generation and forward logits at TP=2 (the KV heads split: one per rank for the GQA shapes), PP=2 (tied:
+# the last stage's copy of the embedding is the output layer), TP=2 x PP=2 with SP and PP=2 x VPP=2; Qwen2.5 with
+# YaRN at inference.
 GENERATE_ARCHS = ["qwen3", "qwen2.5+yarn", "qwen1.5", "qwen3-untied"]
-GENERATE_LAYOUTS = {"tp2": (2, 1, 1, 0), "pp2": (1, 2, 1, 0), "tp2pp2": (2, 2, 1, 0)}
+GENERATE_LAYOUTS = {"tp2": (2, 1, 1, 0), "pp2": (1, 2, 1, 0), "tp2pp2sp": (2, 2, 1, 1), "pp2vpp2": (1, 2, 2, 0)}
 
 
 def checkpoint_state_dict(full: dict, num_layers: int) -> dict:
@@ -235,7 +236,7 @@ def generated(tmp_path_factory):
 
 @pytest.mark.parallel
 @pytest.mark.parametrize("arch", GENERATE_ARCHS)
-def test_greedy_generation_equals_transformers(generated, arch):
+def test_generation_and_logits_equal_transformers_at_every_layout(generated, arch):
     from megatron_qwen.checkpoint.io import read_full_state_dict
     from megatron_qwen.config import load_config
 
@@ -244,7 +245,9 @@ def test_greedy_generation_equals_transformers(generated, arch):
     hf = hf_family_model(m, megatron_to_qwen2(sd, m.num_layers, m.num_attention_heads, m.head_dim, m.kv_heads,
                                               tied=m.tie_word_embeddings))
     expected = []
+    tokens = family_tokens()
     with torch.no_grad():
+        ref_logits = hf(input_ids=tokens).logits.float()
         for prompt in PROMPTS:
             out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
                               min_new_tokens=NEW_TOKENS, pad_token_id=0)
@@ -257,6 +260,10 @@ def test_greedy_generation_equals_transformers(generated, arch):
         assert shapes, (arch, layout)
         for keys, values in shapes.values():
             assert keys[2:] == values[2:] == [m.kv_heads // tp, m.head_dim], (arch, layout, keys, values)
+        logits = torch.load(generated / arch / f"{layout}.logits.pt")
+        assert logits.shape == ref_logits.shape == (*tokens.shape, VOCAB)
+        diff = (logits - ref_logits).abs().max().item()
+        assert diff < ATOL, f"{arch} at {layout}: max |logit difference| {diff:.3e} against transformers"
 
 
 @pytest.mark.usefixtures("single_rank")

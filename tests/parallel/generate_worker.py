@@ -9,7 +9,8 @@ logits of a seq_length-long sequence through the (SP-padded) forward pass.
 
 ``--families ARCH,...`` (Qwen family architectures of tests/qwen_reference.py, ``+yarn`` for YaRN): for each, save
 noisy weights at TP=1, then at every layout write ``ARCH/LAYOUT.json`` with the engine's greedy tokens and the
-shapes of the KV cache of this rank's layers.
+shapes of the KV cache of this rank's layers, and ``ARCH/LAYOUT.logits.pt``: the forward pass's logits of
+`family_tokens()`.
 """
 
 from __future__ import annotations
@@ -126,6 +127,11 @@ def run(name: str, layout: dict, overrides: list[str], workdir: Path) -> None:
 FAMILY_VOCAB = 1024
 
 
+def family_tokens() -> torch.Tensor:
+    """The (2, 23) token batch whose logits the family runs write (an odd length: SP at TP=2 pads it)."""
+    return torch.randint(0, FAMILY_VOCAB, (2, 23), generator=torch.Generator().manual_seed(13))
+
+
 def family_generate(arch: str, layouts: list[tuple[str, dict]], workdir: Path) -> None:
     """Greedy generation of a family architecture at each layout, from the same TP=1 weights."""
     from megatron.core import parallel_state
@@ -133,7 +139,7 @@ def family_generate(arch: str, layouts: list[tuple[str, dict]], workdir: Path) -
     import megatron_qwen.inference.engine as engine_module
     from megatron_qwen.checkpoint.io import load_model, save_model
     from megatron_qwen.inference.engine import GenerationEngine
-    from megatron_qwen.inference.forward import is_writer
+    from megatron_qwen.inference.forward import ForwardPlan, forward_logits, is_writer
     from megatron_qwen.inference.sampling import SamplingParams
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.launch import init_distributed
@@ -178,8 +184,11 @@ def family_generate(arch: str, layouts: list[tuple[str, dict]], workdir: Path) -
                 PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0), on_token=record)
         finally:
             engine_module.StaticInferenceContext = original
+        # Full-vocabulary logits through the forward path of tools/forward.py (SP padding, interleaving).
+        logits = forward_logits(chunks, ForwardPlan(cfg, resolved, FAMILY_VOCAB, FAMILY_VOCAB), family_tokens())
         if is_writer():
             (out / f"{name}.json").write_text(json.dumps({"greedy": greedy.tokens, "kv_cache": cache_shapes}))
+            torch.save(logits, out / f"{name}.logits.pt")
 
 
 def main() -> None:
