@@ -30,6 +30,16 @@ FAMILY_ARCHS = {
 }
 
 
+# YaRN as Qwen2.5's 128K recipe sets it, scaled down to tiny lengths (factor 4 over 16 positions).
+YARN = ["model.rope_scaling=yarn", "model.rope_scaling_factor=4.0", "model.rope_original_max_position_embeddings=16"]
+
+
+def arch_overrides(name: str) -> list[str]:
+    """Config overrides of a FAMILY_ARCHS name, with YaRN added for a ``+yarn`` suffix (``qwen2.5+yarn``)."""
+    arch, _, extra = name.partition("+")
+    return [*FAMILY_ARCHS[arch], *(YARN if extra == "yarn" else [])]
+
+
 def megatron_to_qwen2(sd: dict, num_layers: int, heads: int, head_dim: int, kv_heads: int | None = None,
                       tied: bool = False) -> dict:
     """transformers' Qwen2 / Qwen3 tensors from a single-rank megatron-core GPTModel state dict.

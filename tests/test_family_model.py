@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_reference import FAMILY_ARCHS, hf_family_model, megatron_to_qwen2
+from parallel.generate_worker import NEW_TOKENS, PROMPTS, family_tokens
+from qwen_reference import FAMILY_ARCHS, YARN, arch_overrides, hf_family_model, megatron_to_qwen2
 from spawn import run_torchrun
 
 VOCAB = 1024
 ATOL = 1e-4
-YARN = ["model.rope_scaling=yarn", "model.rope_scaling_factor=4.0", "model.rope_original_max_position_embeddings=16"]
 
 
 def family_cfg(arch: str, *overrides):
@@ -199,3 +199,107 @@ def test_training_steps_equal_single_process(trained, run):
     embedding = ref_final["embedding.word_embeddings.weight"]
     assert max_relative_difference(copy, embedding) <= TRAIN_RTOL, run
     print(f"{run}: max loss rel diff {loss_diff:.2e}, max weight rel diff {diffs[worst]:.2e} ({worst})")
+
+
+GENERATE_WORKER = str(Path(__file__).parent / "parallel" / "generate_worker.py")
+# Greedy generation and forward logits at TP=2 (the KV heads split: one per rank for the GQA shapes), PP=2 (tied:
+# the last stage's copy of the embedding is the output layer), TP=2 x PP=2 with SP and PP=2 x VPP=2; Qwen2.5 with
+# YaRN at inference.
+GENERATE_ARCHS = ["qwen3", "qwen2.5+yarn", "qwen1.5", "qwen3-untied"]
+GENERATE_LAYOUTS = {"tp2": (2, 1, 1, 0), "pp2": (1, 2, 1, 0), "tp2pp2sp": (2, 2, 1, 1), "pp2vpp2": (1, 2, 2, 0)}
+
+
+def checkpoint_state_dict(full: dict, num_layers: int) -> dict:
+    """A TP=1 model's state-dict names for a checkpoint's full tensors (layer tensors stacked on the first axis,
+    norms under Transformer Engine's fused names)."""
+    fused = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+             "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+    out = {}
+    for key, tensor in full.items():
+        if not key.startswith("decoder.layers."):
+            out[key] = tensor
+            continue
+        name = key.removeprefix("decoder.layers.")
+        for i in range(num_layers):
+            out[f"decoder.layers.{i}.{fused.get(name, name)}"] = tensor[i]
+    return out
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family_generate")
+    layouts = ";".join(f"{name}:{','.join(map(str, sizes))}" for name, sizes in GENERATE_LAYOUTS.items())
+    run_torchrun(4, [GENERATE_WORKER, "--workdir", str(root), "--families", ",".join(GENERATE_ARCHS),
+                     "--layouts", layouts])
+    return root
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("arch", GENERATE_ARCHS)
+def test_generation_and_logits_equal_transformers_at_every_layout(generated, arch):
+    from megatron_qwen.checkpoint.io import read_full_state_dict
+    from megatron_qwen.config import load_config
+
+    m = load_config("configs/tiny.yaml", [*arch_overrides(arch), f"model.padded_vocab_size={VOCAB}"]).model
+    sd = checkpoint_state_dict(read_full_state_dict(generated / arch / "weights"), m.num_layers)
+    hf = hf_family_model(m, megatron_to_qwen2(sd, m.num_layers, m.num_attention_heads, m.head_dim, m.kv_heads,
+                                              tied=m.tie_word_embeddings))
+    expected = []
+    tokens = family_tokens()
+    with torch.no_grad():
+        ref_logits = hf(input_ids=tokens).logits.float()
+        for prompt in PROMPTS:
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                              min_new_tokens=NEW_TOKENS, pad_token_id=0)
+            expected.append(out[0, len(prompt):].tolist())
+    for layout, (tp, _, _, _) in GENERATE_LAYOUTS.items():
+        result = json.loads((generated / arch / f"{layout}.json").read_text())
+        assert result["greedy"] == expected, (arch, layout, result["greedy"], expected)
+        # The cache holds this rank's key/value heads only: kv_heads / tp of head_dim, not heads / tp.
+        shapes = result["kv_cache"]
+        assert shapes, (arch, layout)
+        for keys, values in shapes.values():
+            assert keys[2:] == values[2:] == [m.kv_heads // tp, m.head_dim], (arch, layout, keys, values)
+        logits = torch.load(generated / arch / f"{layout}.logits.pt")
+        assert logits.shape == ref_logits.shape == (*tokens.shape, VOCAB)
+        diff = (logits - ref_logits).abs().max().item()
+        assert diff < ATOL, f"{arch} at {layout}: max |logit difference| {diff:.3e} against transformers"
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_inference_plan_of_a_tied_family_checkpoint(tmp_path):
+    """A tied checkpoint (no output layer stored) is a language model, and greedy decoding stops at the family's
+    tokenizer size (Qwen2.5: 151,665 tokens in 151,936 rows), not v1's 151,851."""
+    import yaml
+
+    from megatron_qwen.checkpoint.io import read_full_state_dict, save_model
+    from megatron_qwen.config import TOKENIZER_VOCAB_SIZES, load_config
+    from megatron_qwen.inference.forward import prepare
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
+
+    cfg = load_config("configs/tiny.yaml", [*FAMILY_ARCHS["qwen2.5"], "model.num_layers=1"])
+    path = tmp_path / "ckpt"
+    save_model(build_model(cfg, Runtime.cpu()), path)
+    (path / "model_config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    assert "output_layer.weight" not in read_full_state_dict(path)
+    plan = prepare(path, world_size=1)
+    assert plan.vocab_size == 151936
+    assert plan.generate_vocab == TOKENIZER_VOCAB_SIZES["qwen2.5"] == 151665
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_scalar_head_model_of_a_tied_config_never_ties():
+    """A reward/value model of a tied architecture has no LM output layer to share the embedding with."""
+    from megatron_qwen.model.qwen import SCALAR_HEAD_KEY, build_model
+    from megatron_qwen.platform.runtime import Runtime
+
+    (model,) = build_model(family_cfg("qwen3"), Runtime.cpu(), head="scalar")
+    assert not model.share_embeddings_and_output_weights
+    keys = set(model.state_dict())
+    assert SCALAR_HEAD_KEY in keys and "embedding.word_embeddings.weight" in keys
+    assert not any(k.startswith("output_layer") for k in keys)
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        values = model(tokens, torch.arange(16)[None].expand(2, 16), None)
+    assert values.shape == (2, 16)

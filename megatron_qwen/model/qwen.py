@@ -4,9 +4,9 @@
 source of truth for shape and numerics once a run starts); `build_model()` returns one `QwenModel` per
 virtual pipeline stage held by this rank, each with its share of the layers.
 
-The Qwen generation is the config's (`model.*`): multi-head or grouped-query attention (`num_query_groups`), the
-head width (`kv_channels`), q/k/v bias, per-head query/key RMSNorm (`qk_layernorm`, Qwen3), tied input/output
-embeddings and YaRN RoPE scaling.
+The Qwen release (v1 to Qwen3) is the config's (`model.*`): multi-head or grouped-query attention
+(`num_query_groups`), the head width (`kv_channels`), q/k/v bias, per-head query/key RMSNorm (`qk_layernorm`,
+Qwen3), tied input/output embeddings and YaRN RoPE scaling.
 
 One model class serves every stage; two choices are made at construction:
 - the head of the last stage: ``"lm"`` (logits over the vocabulary, or per-token losses given labels) or
