@@ -10,7 +10,6 @@ padding rows weigh it by +-30), so a bound that lets those rows through is seen 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
