@@ -10,15 +10,32 @@ padding rows weigh it by +-30), so a bound that lets those rows through is seen 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-# A small model with a family's whole embedding, so text can be encoded and decoded.
-WIDE_MODEL = ["model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=2", "model.ffn_hidden_size=128"]
+from corpus import stdlib_texts
+from parallel.family_stages_worker import FAMILIES as FAMILY_SHAPES
+from parallel.family_stages_worker import MODEL as MODEL_SHAPE
+from parallel.family_stages_worker import PRETRAIN_STEPS, SEQ, STEPS
+from spawn import run_torchrun
+
+# The stage tests' family shapes (tied embeddings, GQA, Qwen3's q/k norms and head width) with a family's whole
+# embedding, so text can be encoded and decoded.
 FAMILY_ROWS = {"qwen3": 151936, "qwen2.5": 151680}  # qwen2.5: rows enough for its 151,665 tokens, fewer than v1's
+
+
+def wide_model(family: str) -> list[str]:
+    return MODEL_SHAPE + FAMILY_SHAPES[family] + [f"model.padded_vocab_size={FAMILY_ROWS[family]}"]
+
+
+def output_weight(model) -> torch.Tensor:
+    """The output layer's weight: the input embedding's in a tied model."""
+    weight = model.output_layer.weight
+    return model.embedding.word_embeddings.weight if weight is None else weight
 
 
 def padding_rows(family: str) -> tuple[int, int]:
@@ -33,7 +50,7 @@ def favour_padding_rows(model, family: str) -> None:
     """Make one of `family`'s padding rows the greedy choice after any prompt: the final norm passes hidden unit 0
     alone, and the two padding rows of the output layer weigh it by +30 and -30 (one of them wins whatever its
     sign); every other row gets 0 there."""
-    out = model.output_layer.weight
+    out = output_weight(model)
     with torch.no_grad():
         model.decoder.final_layernorm.weight.zero_()
         model.decoder.final_layernorm.weight[0] = 1.0
@@ -44,7 +61,7 @@ def favour_padding_rows(model, family: str) -> None:
 
 @pytest.fixture(scope="module")
 def wide_checkpoints(single_rank, tmp_path_factory):
-    """{family: checkpoint} of WIDE_MODEL with FAMILY_ROWS rows, a padding row favoured (`favour_padding_rows`)."""
+    """{family: checkpoint} of `wide_model(family)`, a padding row favoured (`favour_padding_rows`)."""
     import yaml
 
     from megatron_qwen.checkpoint.io import save_model
@@ -53,10 +70,9 @@ def wide_checkpoints(single_rank, tmp_path_factory):
     from megatron_qwen.platform.runtime import Runtime
 
     out = {}
-    for family, rows in FAMILY_ROWS.items():
+    for family in FAMILY_ROWS:
         path = tmp_path_factory.mktemp(family) / "ckpt"
-        cfg = load_config("configs/tiny.yaml", WIDE_MODEL + [f"model.family={family}",
-                                                              f"model.padded_vocab_size={rows}"])
+        cfg = load_config("configs/tiny.yaml", wide_model(family))
         (model,) = build_model(cfg, Runtime.cpu())
         favour_padding_rows(model, family)
         save_model([model], path)
@@ -105,11 +121,11 @@ def test_generate_cli_stops_at_the_family_stop_ids(wide_checkpoints, tmp_path, c
     from megatron_qwen.tokenizer import load_tokenizer
 
     tok = load_tokenizer(family="qwen3")
-    cfg = load_config("configs/tiny.yaml", WIDE_MODEL + ["model.family=qwen3", "model.padded_vocab_size=151936"])
+    cfg = load_config("configs/tiny.yaml", wide_model("qwen3"))
     (model,) = build_model(cfg, Runtime.cpu())
     load_model([model], wide_checkpoints["qwen3"])
     with torch.no_grad():  # <|im_end|> and <|endoftext|> take the padding rows' weights
-        out = model.output_layer.weight
+        out = output_weight(model)
         out[tok.im_end_id, 0], out[tok.eod_id, 0] = out[padding_rows("qwen3")[0], 0], out[padding_rows("qwen3")[1], 0]
     ckpt = tmp_path / "ckpt"
     save_model([model], ckpt)
@@ -150,9 +166,8 @@ def test_ppo_rollouts_draw_the_family_ids_and_rewards_read_its_text(wide_checkpo
     from megatron_qwen.rl.trainer import PPORun
     from megatron_qwen.tokenizer import load_tokenizer
 
-    cfg = load_config("configs/tiny.yaml", WIDE_MODEL + [
-        f"model.family={family}", f"model.padded_vocab_size={FAMILY_ROWS[family]}",
-        "ppo.reward_fn=ppo_rewards:good_fraction", "ppo.policy_from=unused"])
+    cfg = load_config("configs/tiny.yaml", wide_model(family) + ["ppo.reward_fn=ppo_rewards:good_fraction",
+                                                                "ppo.policy_from=unused"])
     chunks = build_model(cfg, Runtime.cpu(), rope_at_positions=True)
     load_model(chunks, wide_checkpoints[family])
     tok = load_tokenizer(family=family)
@@ -166,3 +181,194 @@ def test_ppo_rollouts_draw_the_family_ids_and_rewards_read_its_text(wide_checkpo
     assert all(t < TOKENIZER_VOCAB_SIZES[family] for t in result.tokens[0]), result.tokens
     assert run.stop_ids == (tok.im_end_id, tok.im_start_id, tok.eod_id)
     assert run.score.decode == tok.decode  # the reward function reads the rollouts' text
+
+
+# --------------------------------------------------------------------------- (b) the stages at TP=1 and TP=2 x PP=2
+
+WORKER = str(Path(__file__).parent / "parallel" / "family_stages_worker.py")
+STAGE_FAMILIES = ("qwen3", "qwen2.5")
+
+
+def family_records(rng: np.random.Generator) -> dict[str, list[dict]]:
+    """Each stage's input records: text, conversations (the family's default system prompt, Qwen3's empty
+    thinking block), preference pairs and prompts."""
+    from test_reward import preference_task
+    from test_sft import digit_task
+
+    chats = [{"messages": r["messages"][1:]} for r in digit_task(rng, 64)]  # without the empty system turn
+    pairs = preference_task(rng, 64)
+    return {
+        "corpus": [{"text": text} for text in stdlib_texts("email", 12)],
+        "chat": chats,
+        "pairs": pairs,
+        "prompts": [{"prompt": p["prompt"] + f" ({i})"} for i, p in enumerate(pairs[:16])],
+    }
+
+
+def render_family(family: str, records: dict[str, list[dict]]) -> dict[str, list[np.ndarray]]:
+    """Shard name -> documents, rendered as `tools/preprocess_data.py` does (text with <|endoftext|>, --chat,
+    --preference, --prompts) with `family`'s tokenizer and chat template."""
+    from megatron_qwen.data.chat import render_conversation, render_preference, render_prompt
+    from megatron_qwen.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(family=family)
+    chats = [render_conversation(tok, r, SEQ) for r in records["chat"]]
+    pairs = [render_preference(tok, r, SEQ) for r in records["pairs"]]
+    docs = {
+        "corpus_text_document": [tok.encode(r["text"]) + [tok.eod_id] for r in records["corpus"]],
+        "chat_chat_tokens_document": [c.ids for c in chats],
+        "chat_chat_mask_document": [c.mask for c in chats],
+        "pairs_chosen_document": [chosen for chosen, _ in pairs],
+        "pairs_rejected_document": [rejected for _, rejected in pairs],
+        "prompts_prompt_document": [render_prompt(tok, r, SEQ) for r in records["prompts"]],
+    }
+    return {name: [np.asarray(d, dtype=np.int64) for d in items] for name, items in docs.items()}
+
+
+@pytest.fixture(scope="module")
+def family_data(tmp_path_factory):
+    """DATA/FAMILY: each family's shards, ids renumbered densely over all of them (one small vocabulary that the
+    stages' checkpoints share), and data.json: the vocabulary size, the stop ids and the renumbering."""
+    from megatron_qwen.data.indexed import IndexedShardWriter
+    from megatron_qwen.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("family-data")
+    records = family_records(np.random.default_rng(0))
+    for family in STAGE_FAMILIES:
+        docs = render_family(family, records)
+        ids = np.unique(np.concatenate([d for name, items in docs.items() if "_mask_" not in name for d in items]))
+        lookup = np.zeros(int(ids.max()) + 1, dtype=np.int64)
+        lookup[ids] = np.arange(len(ids))
+        vocab = -(-len(ids) // 128) * 128
+        (root / family).mkdir()
+        for name, items in docs.items():
+            mask = "_mask_" in name
+            with IndexedShardWriter(root / family / name, 2 if mask else vocab) as writer:
+                for doc in items:
+                    writer.add_document(doc if mask else lookup[doc])
+        stops = [int(lookup[t]) for t in load_tokenizer(family=family).stop_ids if t in set(ids.tolist())]
+        (root / family / "data.json").write_text(json.dumps({"vocab": vocab, "stop_ids": stops,
+                                                             "ids": ids.tolist()}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def stage_runs(family_data, tmp_path_factory):
+    """The worker's runs: the reference at TP=1 (one rank), then TP=2 x PP=2 with SP from its checkpoints."""
+    root = tmp_path_factory.mktemp("family-stages")
+    common = [WORKER, "--data", str(family_data), "--workdir", str(root)]
+    run_torchrun(1, common + ["--name", "tp1", "--layout", "1,1,0", "--reference"], timeout=1800)
+    run_torchrun(4, common + ["--name", "tp2pp2", "--layout", "2,2,1", "--starts", str(root / "tp1")], timeout=1800)
+    return root
+
+
+def stage_metrics(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "step" in r}
+
+
+def test_chat_data_holds_each_family_template(family_data):
+    """The SFT shards are the family's rendering (Qwen2.5: its default system prompt; Qwen3: none, and the empty
+    thinking block of the final reply), with the assistant replies trained."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_qwen.tokenizer import load_tokenizer
+
+    records = family_records(np.random.default_rng(0))
+    for family in STAGE_FAMILIES:
+        tok = load_tokenizer(family=family)
+        ids = np.asarray(json.loads((family_data / family / "data.json").read_text())["ids"])
+        tokens = IndexedDataset(str(family_data / family / "chat_chat_tokens_document"))
+        mask = IndexedDataset(str(family_data / family / "chat_chat_mask_document"))
+        text = tok.decode(ids[tokens[0]])
+        expected, trained = tok.render_chat(records["chat"][0]["messages"])
+        assert ids[tokens[0]].tolist() == expected and mask[0].astype(bool).tolist() == trained
+        if family == "qwen3":
+            assert text.startswith("<|im_start|>user\n") and "<think>\n\n</think>\n\n" in text, text
+        else:
+            assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud."), text
+
+
+def test_reward_model_starts_from_the_tied_language_model(stage_runs):
+    """The reward model's initial weights are the tied language model's, less nothing (a tied model stores no
+    output layer) plus a fresh head; the model has no output layer of its own."""
+    from megatron_qwen.checkpoint.io import read_full_state_dict
+
+    for family in STAGE_FAMILIES:
+        runs = stage_runs / "tp1" / family
+        lm, reward = (
+            {k: v for k, v in read_full_state_dict(path).items() if not k.startswith("optimizer")}
+            for path in (runs / "pretrain" / "checkpoints" / f"iter_{PRETRAIN_STEPS:07d}",
+                         runs / "reward0" / "checkpoints" / "iter_0000000"))
+        assert "output_layer.weight" not in lm and "output_layer.weight" not in reward
+        assert set(reward) == set(lm) | {"reward_head.weight"}, set(reward) ^ set(lm)
+        assert all(torch.equal(reward[k], lm[k]) for k in lm), family
+        norm = lm["decoder.final_layernorm.weight"]
+        assert not torch.equal(norm, torch.ones_like(norm))  # trained: a load that did not happen could not pass
+
+
+# Per stage: the compared reports and the tolerance the stage's own layout test uses.
+LM_TOLERANCE = dict(rel=1e-4)  # test_pretrain: relative, fp32 reduction order over Adam steps
+COMPARED = {
+    "pretrain": (("loss",), LM_TOLERANCE),
+    "sft": (("loss",), LM_TOLERANCE),
+    "reward": (("loss", "accuracy", "margin"), dict(abs=1e-5)),  # test_reward
+    "dpo": (("loss", "chosen_reward", "rejected_reward", "accuracy", "margin", "grad_norm"), dict(abs=1e-5)),
+    "ppo": (("reward_mean", "response_length", "policy_loss", "value_loss", "kl_to_reference"),
+            dict(rel=1e-4, abs=1e-5)),  # test_ppo
+    "grpo": (("reward_mean", "response_length", "policy_loss", "kl_to_reference"), dict(rel=1e-4, abs=1e-5)),
+}
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("family", STAGE_FAMILIES)
+def test_every_stage_at_tp2_pp2_gives_the_metrics_of_one_rank(stage_runs, family):
+    """Pretraining, SFT, the reward model (from the tied language model), DPO (frozen reference), PPO (policy,
+    reference, value and reward model, all GQA and tied) and GRPO at TP=2 x PP=2 with SP against TP=1."""
+    for stage, (keys, tolerance) in COMPARED.items():
+        ref, got = (stage_metrics(stage_runs / name / family / stage) for name in ("tp1", "tp2pp2"))
+        assert sorted(got) == list(range(1, STEPS[stage] + 1)), (stage, sorted(got))
+        for step in got:
+            for key in keys:
+                assert got[step][key] == pytest.approx(ref[step][key], **tolerance), \
+                    (stage, step, key, got[step][key], ref[step][key])
+        # Something moved: the stage's reports change between its first and last step.
+        assert any(got[1][key] != got[STEPS[stage]][key] for key in keys), (stage, got)
+
+
+@pytest.mark.parallel
+def test_fp8_rowwise_follows_the_fp32_curve_on_qwen3(stage_runs):
+    """As test_fp8 checks for v1: FP8 (rowwise scaling) on the Qwen3-shaped model (q/k norms, a head width apart
+    from hidden / heads, tied embeddings) follows its fp32 curve, window by window, from the same weights."""
+    fp32, fp8 = (stage_metrics(stage_runs / "tp1" / "qwen3" / name) for name in ("pretrain", "fp8"))
+    fp32, fp8 = ({step: r["loss"] for step, r in curve.items()} for curve in (fp32, fp8))
+    assert sorted(fp32) == sorted(fp8) == list(range(1, PRETRAIN_STEPS + 1))
+    windows = [range(s, s + 10) for s in range(1, PRETRAIN_STEPS + 1, 10)]
+    mean = lambda curve, steps: sum(curve[s] for s in steps) / len(steps)  # noqa: E731
+    rel = [abs(mean(fp8, w) - mean(fp32, w)) / mean(fp32, w) for w in windows]
+    print("\nFP8 rowwise vs fp32 (Qwen3-shaped), mean loss per 10 steps: "
+          + ", ".join(f"{mean(fp32, w):.3f}/{mean(fp8, w):.3f}" for w in windows))
+    # The curve has a shape to follow: measured 7.79 -> 6.63 over the four windows, FP8 within 1e-3 of it.
+    assert mean(fp32, windows[0]) - mean(fp32, windows[-1]) > 0.8
+    assert max(rel) <= 0.03, rel  # test_fp8's bound
+    # FP8 ran: the first step (same weights, same batch) already differs by FP8's own rounding.
+    assert abs(fp8[1] - fp32[1]) / fp32[1] >= 1e-6 and all(fp8[s] != fp32[s] for s in fp32), (fp32[1], fp8[1])
+
+
+def test_model_flops_count_the_gqa_and_head_width_weights(single_rank):
+    """The logged TFLOP/s and MFU count the layers' GEMMs from the real weights: 2 FLOPs per weight and token in
+    the forward, read here off a built Qwen3-shaped model (4 heads of 64 at hidden 128, 2 key/value heads)."""
+    from megatron_qwen.config import load_config
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
+    from megatron_qwen.training.flops import forward_flops_per_token
+
+    cfg = load_config("configs/tiny.yaml", MODEL_SHAPE + FAMILY_SHAPES["qwen3"] + ["model.padded_vocab_size=256"])
+    (model,) = build_model(cfg, Runtime.cpu())
+    linears = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
+    weights = sum(p.numel() for name, p in model.named_parameters() if name.endswith(linears))
+    m = cfg.model
+    gemm, attention, head = forward_flops_per_token(
+        m.hidden_size, m.num_layers, m.ffn_hidden_size, m.padded_vocab_size, m.seq_length,
+        query_width=m.num_attention_heads * m.head_dim, kv_width=m.kv_heads * m.head_dim)
+    assert gemm == 2 * weights
+    assert attention == m.num_layers * 4 * m.seq_length * 4 * 64 and head == 2 * 128 * 256
