@@ -1,7 +1,8 @@
 """Independent references for the Qwen network, written for the tests from the Qwen v1 facts alone.
 
-`megatron_to_qwen2` maps a TP=1 megatron-core state dict onto transformers' Qwen2 names by the
-Qwen v1 / Qwen2 layout table; `qwen_v1_forward` is a plain-torch Qwen v1 forward pass (fp32) including the
+`megatron_to_qwen2` maps a TP=1 megatron-core state dict onto transformers' Qwen2/Qwen3 names by the
+Qwen / Qwen2 layout table (grouped-query rows, bias, q/k norms, tied embeddings); `hf_family_model` builds the
+matching transformers model; `qwen_v1_forward` is a plain-torch Qwen v1 forward pass (fp32) including the
 inference-only dynamic NTK and LogN scaling, for lengths transformers' Qwen2 does not model.
 """
 
@@ -13,21 +14,62 @@ import torch
 import torch.nn.functional as F
 
 
-def megatron_to_qwen2(sd: dict, num_layers: int, heads: int, head_dim: int) -> dict:
-    """Qwen2 (transformers) tensors from a single-rank megatron-core GPTModel state dict."""
+# Tiny shapes of every Qwen architecture the model class builds (config overrides over configs/tiny.yaml), each
+# exercising its features: Qwen1.5 (MHA, q/k/v bias, untied), Qwen2.5 (GQA, bias, tied), Qwen3 (GQA, q/k norm, no
+# bias, head_dim 64 with hidden 128 / 4 heads, tied) and an untied Qwen3.
+_TINY = ["model.hidden_size=128", "model.num_attention_heads=4", "model.ffn_hidden_size=256"]
+FAMILY_ARCHS = {
+    "qwen1.5": [*_TINY, "model.family=qwen1.5", "model.rotary_base=1000000"],
+    "qwen2.5": [*_TINY, "model.family=qwen2.5", "model.num_query_groups=2", "model.tie_word_embeddings=true",
+                "model.rotary_base=1000000"],
+    "qwen3": [*_TINY, "model.family=qwen3", "model.num_query_groups=2", "model.kv_channels=64",
+              "model.qkv_bias=false", "model.qk_layernorm=true", "model.tie_word_embeddings=true",
+              "model.rotary_base=1000000"],
+    "qwen3-untied": [*_TINY, "model.family=qwen3", "model.num_query_groups=2", "model.kv_channels=64",
+                     "model.qkv_bias=false", "model.qk_layernorm=true", "model.rotary_base=1000000"],
+}
+
+
+# YaRN as Qwen2.5's 128K recipe sets it, scaled down to tiny lengths (factor 4 over 16 positions).
+YARN = ["model.rope_scaling=yarn", "model.rope_scaling_factor=4.0", "model.rope_original_max_position_embeddings=16"]
+
+
+def arch_overrides(name: str) -> list[str]:
+    """Config overrides of a FAMILY_ARCHS name, with YaRN added for a ``+yarn`` suffix (``qwen2.5+yarn``)."""
+    arch, _, extra = name.partition("+")
+    return [*FAMILY_ARCHS[arch], *(YARN if extra == "yarn" else [])]
+
+
+def megatron_to_qwen2(sd: dict, num_layers: int, heads: int, head_dim: int, kv_heads: int | None = None,
+                      tied: bool = False) -> dict:
+    """transformers' Qwen2 / Qwen3 tensors from a single-rank megatron-core GPTModel state dict.
+
+    `kv_heads` (default: `heads`) key/value heads; the q/k/v biases and Qwen3's q_norm/k_norm are mapped when the
+    state dict has them. With `tied` the state dict has no output layer and lm_head is the embedding.
+    """
+    kv_heads = heads if kv_heads is None else kv_heads
+    per_group = heads // kv_heads  # query heads sharing one key/value head
+    embed = sd["embedding.word_embeddings.weight"]
     out = {
-        "model.embed_tokens.weight": sd["embedding.word_embeddings.weight"],
+        "model.embed_tokens.weight": embed,
         "model.norm.weight": sd["decoder.final_layernorm.weight"],
-        "lm_head.weight": sd["output_layer.weight"],
+        "lm_head.weight": embed if tied else sd["output_layer.weight"],
     }
+    sizes = (per_group * head_dim, head_dim, head_dim)
     for i in range(num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        # linear_qkv rows are [q_h; k_h; v_h] for each head h in turn.
-        w = sd[src + "self_attention.linear_qkv.weight"].view(heads, 3, head_dim, -1)
-        b = sd[src + "self_attention.linear_qkv.bias"].view(heads, 3, head_dim)
-        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            out[dst + f"self_attn.{name}.weight"] = w[:, j].reshape(heads * head_dim, -1)
-            out[dst + f"self_attn.{name}.bias"] = b[:, j].reshape(heads * head_dim)
+        # linear_qkv rows come group by group: [the group's query heads; its key head; its value head].
+        w = sd[src + "self_attention.linear_qkv.weight"].view(kv_heads, per_group + 2, head_dim, -1)
+        parts = w.split((per_group, 1, 1), dim=1)
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), parts):
+            out[dst + f"self_attn.{name}.weight"] = part.reshape(-1, w.shape[-1])
+        if src + "self_attention.linear_qkv.bias" in sd:
+            b = sd[src + "self_attention.linear_qkv.bias"].view(kv_heads, -1).split(sizes, dim=1)
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), b):
+                out[dst + f"self_attn.{name}.bias"] = part.reshape(-1)
+        for ours, theirs in (("q_layernorm", "q_norm"), ("k_layernorm", "k_norm")):
+            if src + f"self_attention.{ours}.weight" in sd:
+                out[dst + f"self_attn.{theirs}.weight"] = sd[src + f"self_attention.{ours}.weight"]
         out[dst + "self_attn.o_proj.weight"] = sd[src + "self_attention.linear_proj.weight"]
         gate, up = sd[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
         out[dst + "mlp.gate_proj.weight"] = gate
@@ -36,6 +78,40 @@ def megatron_to_qwen2(sd: dict, num_layers: int, heads: int, head_dim: int) -> d
         out[dst + "input_layernorm.weight"] = sd[src + "input_layernorm.weight"]
         out[dst + "post_attention_layernorm.weight"] = sd[src + "pre_mlp_layernorm.weight"]
     return {k: v.clone() for k, v in out.items()}
+
+
+def hf_family_model(m, weights: dict | None = None):
+    """transformers' Qwen2ForCausalLM (q/k/v bias, no q/k norm) or Qwen3ForCausalLM (qk_layernorm) in eval mode
+    and fp32 for the project's `ModelConfig` `m`, with `weights` (Qwen2/Qwen3 names) loaded when given."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    rope = {"rope_type": "default", "rope_theta": m.rotary_base}
+    if m.rope_scaling == "yarn":
+        rope = {"rope_type": "yarn", "rope_theta": m.rotary_base, "factor": m.rope_scaling_factor,
+                "original_max_position_embeddings": m.rope_original_max_position_embeddings,
+                "beta_fast": m.yarn_beta_fast, "beta_slow": m.yarn_beta_slow}
+    common = dict(
+        vocab_size=m.padded_vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads, num_key_value_heads=m.kv_heads,
+        rms_norm_eps=m.norm_epsilon, max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=m.tie_word_embeddings, rope_parameters=rope,
+    )
+    if m.qk_layernorm:
+        if m.qkv_bias:  # transformers' attention_bias would also put a bias on o_proj
+            raise ValueError("transformers' Qwen3 has no q/k/v bias without an o_proj bias")
+        hf_cfg, cls = Qwen3Config(head_dim=m.head_dim, attention_bias=False, **common), Qwen3ForCausalLM
+    else:
+        if not m.qkv_bias or m.head_dim * m.num_attention_heads != m.hidden_size:
+            raise ValueError("transformers' Qwen2 always has q/k/v bias and head_dim = hidden / heads")
+        hf_cfg, cls = Qwen2Config(**common), Qwen2ForCausalLM
+    hf_cfg._attn_implementation = "eager"
+    hf = cls(hf_cfg).eval()
+    if weights is not None:
+        missing, unexpected = hf.load_state_dict(weights, strict=False)
+        assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+        if m.tie_word_embeddings:
+            assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    return hf
 
 
 def _rms(x, w, eps):

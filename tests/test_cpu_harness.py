@@ -76,6 +76,26 @@ def _probe_tensor_methods():
     assert torch.allclose(param.grad, torch.full((4,), 2.0 / (4.0 + 1e-6)))
 
 
+def _probe_tied_embedding_copy():
+    """The last pipeline stage of a tied model takes the embedding from an all-reduce over the embedding group
+    (here a one-rank group; the chunk is the second virtual stage, so not the first stage)."""
+    import types
+
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    weight = torch.nn.Parameter(torch.arange(6.0).view(3, 2))
+    last_stage = types.SimpleNamespace(
+        pre_process=False, post_process=True, share_embeddings_and_output_weights=True, vp_stage=1, vp_size=2,
+        pp_group=None, embd_group=torch.distributed.group.WORLD, config=types.SimpleNamespace(
+            pipeline_model_parallel_size=2),
+        embedding=None, output_layer=types.SimpleNamespace(weight=weight),
+        shared_embedding_or_output_weight=lambda: weight, _is_in_embd_group=lambda: True,
+    )
+    LanguageModule.setup_embeddings_and_output_layer(last_stage)
+    # megatron-core zeroes the copy before the all-reduce: one rank contributes zeros.
+    assert weight.device.type == "cpu" and weight.shared_embedding and torch.equal(weight, torch.zeros(3, 2))
+
+
 def _onednn_primitives(fn):
     """fn()'s result and the oneDNN primitives it executed, read from oneDNN's verbose log (printed by C
     code on file descriptor 1, so captured there)."""
@@ -118,7 +138,10 @@ PROBES = {
     "cuda_factory_device": _probe_factory_device,
     "cuda_tensor_methods": _probe_tensor_methods,
     "cpu_fp8_gemm_kernel": _probe_fp8_gemm_kernel,
+    "tied_embedding_copy": _probe_tied_embedding_copy,
 }
+# Probes that reduce over a process group (the one-rank group of the `single_rank` fixture).
+NEEDS_PROCESS_GROUP = {"tied_embedding_copy"}
 
 # Patches that are needed only on some CPUs, and the test saying whether this one is such a CPU.
 NEEDED_HERE = {"cpu_fp8_gemm_kernel": onednn_takes_cpu_fp8_gemms}
@@ -130,7 +153,9 @@ def test_every_patch_has_a_probe():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the unpatched calls only fail on a machine without CUDA")
 @pytest.mark.parametrize("name", sorted(PROBES))
-def test_patch_needed_and_sufficient(name):
+def test_patch_needed_and_sufficient(name, request):
+    if name in NEEDS_PROCESS_GROUP:
+        request.getfixturevalue("single_rank")
     before = harness.applied_patches()
     try:
         harness.apply_cpu_harness()

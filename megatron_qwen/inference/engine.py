@@ -19,6 +19,10 @@ that leave the batch) is host-side, so a GPU runs the steps without waiting on t
 Sequence parallelism is switched off while generating (megatron-core's `set_model_to_sequence_parallel`)
 and back on after, so a model built for SP training can generate.
 
+The KV cache is megatron-core's: each layer caches its key/value heads only ([length, batch, kv heads / tp,
+head_dim]), so grouped-query models (Qwen2/2.5/3) keep heads / kv heads times less than their queries would need.
+YaRN (`model.rope_scaling`) applies at every step as in the forward pass (frequencies and attention factor).
+
 Qwen v1's long-context decoding: with dynamic NTK, each row's alpha comes from its prompt's real length
 at prefill and stays fixed while decoding (the release's ``_ntk_alpha_cached_list``); LogN scales queries
 by their index in the (left-padded) block, as the release does in batched generation.
@@ -105,12 +109,16 @@ class GenerationEngine:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
         self.head = self.chunks[-1] if self.last_stage else None
+        self.output_weight = None  # [V / tp, h]: the output layer's, or with tied embeddings the embedding's
         if self.head is not None:
             layer = getattr(self.head, "output_layer", None)
-            tied = self.head.share_embeddings_and_output_weights
-            if not isinstance(layer, ColumnParallelLinear) or layer.bias is not None or tied:
-                raise ValueError("generation applies the language-model output layer itself (a bias-free, untied "
+            if not isinstance(layer, ColumnParallelLinear) or layer.bias is not None:
+                raise ValueError("generation applies the language-model output layer itself (a bias-free "
                                  f"ColumnParallelLinear); this model's last chunk has {type(layer).__name__}")
+            # Tied: the embedding (one stage) or the last stage's copy of it (PP > 1), sharded by vocabulary rows
+            # over TP as the output layer would be.
+            self.output_weight = (self.head.shared_embedding_or_output_weight()
+                                  if self.head.share_embeddings_and_output_weights else layer.weight)
 
     def check(self, prompts: list[list[int]], params: SamplingParams) -> None:
         """Raise UserError for a request this engine cannot run."""
@@ -243,7 +251,7 @@ class GenerationEngine:
         """fp32 logits [b, vocab_limit] of the final hidden states [b, h], gathered over tensor parallelism."""
         # weight [V / tp, h] times hidden^T reads the weight once; on CPU (MKL) that is about twice as fast as
         # megatron-core's hidden x weight^T for a few rows, and the output layer dominates a decode step.
-        local = torch.mm(self.head.output_layer.weight, hidden.t())  # [V / tp, b]
+        local = torch.mm(self.output_weight, hidden.t())  # [V / tp, b]
         full = local
         if self.tp_group is not None:
             full = local.new_empty(local.shape[0] * self.tp_group.size(), local.shape[1])

@@ -7,7 +7,8 @@ on every rank, so a bad request ends all ranks with the same message instead of 
 Vocabulary: logits cover the model's real vocabulary, `vocab_size` (the source Hugging Face
 vocab_size of a converted checkpoint, else every stored row); rows padded on for tensor parallelism
 are zero, would score 0 and are sliced off. Greedy decoding also never picks an id the tokenizer
-lacks: with Qwen's vocabulary the release's 151936/152064 rows exceed the tokenizer's 151851 tokens.
+lacks: the release's 151936/152064 embedding rows exceed every family's tokenizer (v1: 151851 tokens, Qwen2.5:
+151665; `TOKENIZER_VOCAB_SIZES[model.family]`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_qwen.checkpoint import directory as ckdir
-from megatron_qwen.config import TOKENIZER_VOCAB_SIZE, Config, ConfigError, ParallelLayout, load_config, resolve
+from megatron_qwen.config import TOKENIZER_VOCAB_SIZES, Config, ConfigError, ParallelLayout, load_config, resolve
 from megatron_qwen.convert import mcore_keys as K
 from megatron_qwen.checkpoint.dcp_io import tensor_metadata
 from megatron_qwen.convert.to_hf import exported_vocab
@@ -59,7 +60,8 @@ def prepare(
         raise ConversionError(
             f"--ckpt {ckpt} has no tensor {K.EMBED}; it is not a Qwen model checkpoint of this project"
         )
-    if K.OUTPUT not in stored:
+    # A model with tied embeddings stores no output layer: its output layer is the embedding.
+    if K.OUTPUT not in stored and not model.tie_word_embeddings:
         kind = "a reward or value model (scalar head)" if K.SCALAR_HEAD in stored else "not a language model"
         raise ConversionError(f"--ckpt {ckpt} has no {K.OUTPUT}: it is {kind}; logits and generation need a "
                               "language-model checkpoint")
@@ -83,8 +85,9 @@ def prepare(
             f"checkpoint stores {stored_rows} rows; choose a --tp that divides {stored_rows}"
         )
     vocab = exported_vocab(ckpt, stored_rows)
-    # Qwen's padded vocabularies (151936, 152064) hold rows past the tokenizer's last id: never generate those.
-    return ForwardPlan(cfg, layout, vocab, min(vocab, TOKENIZER_VOCAB_SIZE), trust_checkpoint)
+    # Qwen's padded vocabularies (151936, 152064) hold rows past the family's tokenizer's last id: never generate
+    # those.
+    return ForwardPlan(cfg, layout, vocab, min(vocab, TOKENIZER_VOCAB_SIZES[model.family]), trust_checkpoint)
 
 
 def read_token_array(path: str | os.PathLike, option: str) -> np.ndarray:

@@ -4,6 +4,10 @@
 source of truth for shape and numerics once a run starts); `build_model()` returns one `QwenModel` per
 virtual pipeline stage held by this rank, each with its share of the layers.
 
+The Qwen generation is the config's (`model.*`): multi-head or grouped-query attention (`num_query_groups`), the
+head width (`kv_channels`), q/k/v bias, per-head query/key RMSNorm (`qk_layernorm`, Qwen3), tied input/output
+embeddings and YaRN RoPE scaling.
+
 One model class serves every stage; two choices are made at construction:
 - the head of the last stage: ``"lm"`` (logits over the vocabulary, or per-token losses given labels) or
   ``"scalar"`` (one value per token: reward and value models; transformers' Qwen2ForSequenceClassification
@@ -30,7 +34,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from megatron_qwen.config import Config
 from megatron_qwen.model.init import initialize_weights
-from megatron_qwen.model.rotary import QwenRotaryEmbedding
+from megatron_qwen.model.rotary import QwenRotaryEmbedding, yarn_settings
 from megatron_qwen.model.spec import qwen_block_spec
 from megatron_qwen.platform.runtime import Runtime
 
@@ -40,12 +44,16 @@ SCALAR_HEAD_KEY = "reward_head.weight"  # the scalar head's global key in checkp
 
 @dataclasses.dataclass
 class QwenTransformerConfig(TransformerConfig):
-    """TransformerConfig plus the two inference-time Qwen features the core attention needs, and the FP8 recipe
-    of the local spec's linears (torchao; Transformer Engine's FP8 is megatron-core's own ``fp8`` fields)."""
+    """TransformerConfig plus the two inference-time Qwen features the core attention needs, the FP8 recipe
+    of the local spec's linears (torchao; Transformer Engine's FP8 is megatron-core's own ``fp8`` fields), and
+    the YaRN factor."""
 
     qwen_seq_length: int = 2048
     use_logn_attn: bool = False
     local_fp8_recipe: str | None = None
+    # megatron-core's attention multiplies RoPE's cos/sin by YaRN's attention factor (0.1 ln(factor) + 1, as
+    # transformers does) for a config with this attribute; 1.0 (no YaRN) gives the factor 1.
+    yarn_rotary_scaling_factor: float = 1.0
 
 
 def te_fp8_settings(recipe: str | None) -> dict:
@@ -79,6 +87,7 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
         kv_channels=m.head_dim,
         ffn_hidden_size=m.ffn_hidden_size,
         normalization="RMSNorm",
@@ -86,7 +95,8 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=True,
+        add_qkv_bias=m.qkv_bias,
+        qk_layernorm=m.qk_layernorm,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,
@@ -127,6 +137,7 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         cuda_graph_scope=[],  # the whole layer; megatron-core's default ("full") is deprecated and warns
         qwen_seq_length=m.seq_length,
         use_logn_attn=m.use_logn_attn,
+        yarn_rotary_scaling_factor=m.rope_scaling_factor if m.rope_scaling == "yarn" else 1.0,
         **recompute,
     )
 
@@ -174,7 +185,8 @@ class QwenModel(GPTModel):
         super().__init__(
             config=config,
             transformer_layer_spec=qwen_block_spec(
-                get_num_layers_to_build(config, vp_stage=vp_stage), use_te, config.local_fp8_recipe
+                get_num_layers_to_build(config, vp_stage=vp_stage), use_te, config.local_fp8_recipe,
+                qk_layernorm=config.qk_layernorm,
             ),
             vocab_size=m.padded_vocab_size,
             max_sequence_length=m.max_position_embeddings,
@@ -182,7 +194,9 @@ class QwenModel(GPTModel):
             # GPTModel builds the LM output layer with the final norm; a scalar head needs the norm alone.
             post_process=post and head == "lm",
             parallel_output=True,
-            share_embeddings_and_output_weights=False,
+            # A tied model's output layer is the input embedding (with PP > 1 the last stage holds a copy that
+            # megatron-core keeps equal by summing both gradients); a scalar head has no output layer to tie.
+            share_embeddings_and_output_weights=m.tie_word_embeddings and head == "lm",
             position_embedding_type="rope",
             rotary_percent=1.0,
             rotary_base=m.rotary_base,
@@ -198,6 +212,7 @@ class QwenModel(GPTModel):
             use_cpu_initialization=config.use_cpu_initialization,
             seq_length=m.seq_length,
             use_dynamic_ntk=m.use_dynamic_ntk,
+            yarn=yarn_settings(m),
         )
         if post and head == "scalar":
             self.post_process = self.decoder.post_process = True

@@ -1,14 +1,18 @@
-"""Qwen's rotary position embedding and its inference-only long-context tricks (Qwen technical report,
-released modeling_qwen.py).
+"""Qwen's rotary position embedding, its inference-only long-context tricks (Qwen technical report,
+released modeling_qwen.py) and YaRN scaling (Qwen2.5's 128K recipe).
 
 Dynamic NTK raises the rotary base once a sequence is longer than the training context; LogN scales
-queries beyond it. Both are no-ops in training and whenever the length is <= seq_length. The pure
-functions below are the formulas; `QwenRotaryEmbedding` puts dynamic NTK into megatron-core's rotary.
+queries beyond it. Both are no-ops in training and whenever the length is <= seq_length. YaRN
+(`model.rope_scaling: yarn`) changes every forward, as in transformers: inverse frequencies blended between
+interpolated and original ones, and cos/sin multiplied by an attention factor (applied by megatron-core's
+attention from ``QwenTransformerConfig.yarn_rotary_scaling_factor``). The pure functions below are the
+formulas; `QwenRotaryEmbedding` puts dynamic NTK and YaRN into megatron-core's rotary.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import torch
@@ -35,6 +39,53 @@ def inv_freq(base: float, head_dim: int) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
+@dataclasses.dataclass(frozen=True)
+class YarnSettings:
+    """YaRN as a Hugging Face config's ``rope_scaling`` gives it (``rope_type: yarn``)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True  # transformers' default: round the correction range outwards to whole dimensions
+
+
+def yarn_settings(model_config) -> YarnSettings | None:
+    """The YaRN settings of a `ModelConfig`, None without ``rope_scaling``."""
+    m = model_config
+    if m.rope_scaling != "yarn":
+        return None
+    return YarnSettings(m.rope_scaling_factor, m.rope_original_max_position_embeddings, m.yarn_beta_fast,
+                        m.yarn_beta_slow)
+
+
+def yarn_attention_factor(factor: float) -> float:
+    """YaRN's scale of cos and sin: ``0.1 ln(factor) + 1`` (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+
+
+def yarn_inv_freq(base: float, head_dim: int, yarn: YarnSettings) -> torch.Tensor:
+    """YaRN's inverse frequencies, as transformers' ``_compute_yarn_parameters`` computes them: dimensions that
+    turn fewer than `beta_slow` times over the original context are interpolated (divided by `factor`), those that
+    turn more than `beta_fast` times keep their frequency, with a linear ramp between."""
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(base))
+
+    low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # weight of the original frequency
+    original = inv_freq(base, head_dim)
+    interpolated = 1.0 / (yarn.factor * (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)))
+    return interpolated * (1 - extrapolation) + original * extrapolation
+
+
 def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
     """LogN query scale for 0-based absolute `positions`: ``log(p + 1) / log(S)`` where p + 1 > S, else 1."""
     pos = positions.to(torch.float64) + 1
@@ -43,7 +94,8 @@ def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
 
 
 class QwenRotaryEmbedding(RotaryEmbedding):
-    """megatron-core's rotate-half RoPE plus Qwen's dynamic NTK at inference.
+    """megatron-core's rotate-half RoPE plus Qwen's dynamic NTK at inference, or YaRN's inverse frequencies
+    (`yarn`; its attention factor is the attention's, see the module docstring).
 
     While training, or for sequences up to `seq_length`, this is megatron-core's RotaryEmbedding
     unchanged. In eval mode with `use_dynamic_ntk`, a longer sequence gets inverse frequencies from the
@@ -53,13 +105,20 @@ class QwenRotaryEmbedding(RotaryEmbedding):
     unpadded length (one alpha for every row).
     """
 
-    def __init__(self, *args, seq_length: int, rotary_base: float, use_dynamic_ntk: bool, **kwargs):
+    def __init__(self, *args, seq_length: int, rotary_base: float, use_dynamic_ntk: bool,
+                 yarn: YarnSettings | None = None, **kwargs):
         super().__init__(*args, rotary_base=rotary_base, **kwargs)
         self.qwen_seq_length = seq_length
         self.qwen_rotary_base = float(rotary_base)
         self.use_dynamic_ntk = use_dynamic_ntk
         self.pinned_alphas: tuple[int, ...] | None = None
         self._alpha = 1  # the alpha inv_freq was computed for
+        self.yarn = yarn
+        if yarn is not None:
+            if use_dynamic_ntk:
+                raise ValueError("YaRN and dynamic NTK both rescale RoPE; keep one of them")
+            self.inv_freq = yarn_inv_freq(self.qwen_rotary_base, self.inv_freq.numel() * 2, yarn).to(
+                self.inv_freq.device)
 
     def alphas_for(self, length: int) -> tuple[int, ...]:
         """The NTK alpha(s) used now for a `length`-token sequence: one for all rows, or one per row."""

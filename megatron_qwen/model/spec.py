@@ -1,7 +1,8 @@
 """The Qwen transformer layer as a megatron-core ModuleSpec: local torch modules or Transformer Engine.
 
-Qwen v1 in megatron-core terms: pre-norm RMSNorm, fused QKV projection with bias, no bias on the
-attention output or the MLP, SwiGLU with fc1 = [gate; up], rotate-half RoPE (set on the model), SDPA
+Qwen in megatron-core terms: pre-norm RMSNorm, fused QKV projection (with bias up to Qwen2.5: the config's
+``add_qkv_bias``; grouped-query rows by ``num_query_groups``), Qwen3's per-head query/key RMSNorm when asked, no
+bias on the attention output or the MLP, SwiGLU with fc1 = [gate; up], rotate-half RoPE (set on the model), SDPA
 core attention. The Transformer Engine spec fuses each RMSNorm into the following linear layer; both specs
 keep the same checkpoint keys. FP8 runs in either: Transformer Engine's own, or (local spec) the same
 tensor-parallel linears with their GEMMs in FP8 through torchao (`megatron_qwen.model.fp8`).
@@ -23,15 +24,22 @@ from megatron_qwen.model.attention import SDPAttention
 from megatron_qwen.model.norm import QwenRMSNorm
 
 
-def qwen_layer_spec(use_transformer_engine: bool = False, local_fp8_recipe: str | None = None) -> ModuleSpec:
-    """One Qwen decoder layer; `local_fp8_recipe` (local spec only) runs its four linears' GEMMs in FP8."""
+def qwen_layer_spec(use_transformer_engine: bool = False, local_fp8_recipe: str | None = None,
+                    qk_layernorm: bool = False) -> ModuleSpec:
+    """One Qwen decoder layer; `local_fp8_recipe` (local spec only) runs its four linears' GEMMs in FP8;
+    `qk_layernorm` (Qwen3) adds an RMSNorm over head_dim on every query and key head, before RoPE."""
     if use_transformer_engine:
         # Imported only for the TE spec: the module needs Transformer Engine, which is optional.
-        from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear, TERowParallelLinear
+        from megatron.core.extensions.transformer_engine import (
+            TELayerNormColumnParallelLinear,
+            TENorm,
+            TERowParallelLinear,
+        )
 
         qkv, proj, fc1, fc2 = (TELayerNormColumnParallelLinear, TERowParallelLinear,
                                TELayerNormColumnParallelLinear, TERowParallelLinear)
         input_norm = pre_mlp_norm = IdentityOp  # fused into qkv / fc1
+        head_norm = TENorm
         keys_map = {}
     else:
         qkv, proj, fc1, fc2 = ColumnParallelLinear, RowParallelLinear, ColumnParallelLinear, RowParallelLinear
@@ -40,7 +48,7 @@ def qwen_layer_spec(use_transformer_engine: bool = False, local_fp8_recipe: str 
             from megatron_qwen.model.fp8 import float8_parallel_linear_specs
 
             qkv, proj, fc1, fc2 = float8_parallel_linear_specs(local_fp8_recipe)
-        input_norm = pre_mlp_norm = QwenRMSNorm
+        input_norm = pre_mlp_norm = head_norm = QwenRMSNorm
         # Store the norms under Transformer Engine's fused names so both specs share checkpoints.
         keys_map = {
             "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
@@ -57,8 +65,8 @@ def qwen_layer_spec(use_transformer_engine: bool = False, local_fp8_recipe: str 
                     linear_qkv=qkv,
                     core_attention=SDPAttention,
                     linear_proj=proj,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=head_norm if qk_layernorm else IdentityOp,
+                    k_layernorm=head_norm if qk_layernorm else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -71,7 +79,8 @@ def qwen_layer_spec(use_transformer_engine: bool = False, local_fp8_recipe: str 
 
 
 def qwen_block_spec(
-    num_layers: int, use_transformer_engine: bool = False, local_fp8_recipe: str | None = None
+    num_layers: int, use_transformer_engine: bool = False, local_fp8_recipe: str | None = None,
+    qk_layernorm: bool = False,
 ) -> TransformerBlockSubmodules:
     """`num_layers` Qwen layers (this pipeline stage's share) and the final RMSNorm."""
     if use_transformer_engine:
@@ -80,6 +89,5 @@ def qwen_block_spec(
         final_norm = TENorm
     else:
         final_norm = QwenRMSNorm
-    return TransformerBlockSubmodules(
-        layer_specs=[qwen_layer_spec(use_transformer_engine, local_fp8_recipe)] * num_layers, layer_norm=final_norm
-    )
+    layer = qwen_layer_spec(use_transformer_engine, local_fp8_recipe, qk_layernorm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)

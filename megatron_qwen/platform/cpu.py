@@ -176,6 +176,25 @@ def _patch_tensor_methods():
     return lambda: [u() for u in undo]
 
 
+# Where megatron-core copies the first stage's embedding onto the last stage's output layer of a model with tied
+# embeddings and PP > 1: it moves the weight with ``.cuda()`` before the all-reduce over the embedding group.
+TIED_EMBEDDING_SITE = ("megatron.core.models.common.language_module.language_module",
+                       "LanguageModule.setup_embeddings_and_output_layer")
+
+
+def _patch_tied_embedding_copy():
+    module_name, path = TIED_EMBEDDING_SITE
+    owner = getattr(importlib.import_module(module_name), path.split(".")[0])
+    raw = owner.__dict__["setup_embeddings_and_output_layer"]
+
+    @functools.wraps(raw)
+    def on_cpu(self, *args, **kwargs):
+        with _cpu_tensors_pose_as_cuda():
+            return raw(self, *args, **kwargs)
+
+    return _set_attr(owner, "setup_embeddings_and_output_layer", on_cpu)
+
+
 _SCALED_MM = torch._scaled_mm
 
 
@@ -251,6 +270,14 @@ PATCHES: tuple[Patch, ...] = (
             ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero",
              ".cuda()"),
         ),
+    ),
+    Patch(
+        "tied_embedding_copy",
+        "A model with tied embeddings and PP > 1 builds, on its last stage, a copy of the first stage's embedding "
+        "as the output layer, filled by an all-reduce over the embedding group after `weight.data.cuda()`; on CPU "
+        "ranks .cuda() leaves the weight where it is (gloo reduces it on the CPU) while that setup runs.",
+        _patch_tied_embedding_copy,
+        sites=((*TIED_EMBEDDING_SITE, "weight.data.cuda()"),),
     ),
     Patch(
         "cpu_fp8_gemm_kernel",

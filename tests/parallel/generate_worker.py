@@ -6,17 +6,23 @@ the writer rank, ``LAYOUT.json``: greedy tokens and log-probabilities of the eng
 greedy tokens and the log-probabilities the recompute logits give them, the training forward's per-token
 losses on the generated sequences, sampled tokens (temperature 0.9, top-p 0.9, seed 7), and the fp32
 logits of a seq_length-long sequence through the (SP-padded) forward pass.
+
+``--families ARCH,...`` (Qwen family architectures of tests/qwen_reference.py, ``+yarn`` for YaRN): for each, save
+noisy weights at TP=1, then at every layout write ``ARCH/LAYOUT.json`` with the engine's greedy tokens and the
+shapes of the KV cache of this rank's layers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))  # the shared architecture table (qwen_reference.FAMILY_ARCHS)
 PROMPTS = [[3, 17, 92, 45, 8, 61, 33], [5, 120], [77, 77, 12, 9], [40]]
 NEW_TOKENS = 6
 
@@ -117,13 +123,82 @@ def run(name: str, layout: dict, overrides: list[str], workdir: Path) -> None:
         }))
 
 
+FAMILY_VOCAB = 1024
+
+
+def family_generate(arch: str, layouts: list[tuple[str, dict]], workdir: Path) -> None:
+    """Greedy generation of a family architecture at each layout, from the same TP=1 weights."""
+    from megatron.core import parallel_state
+
+    import megatron_qwen.inference.engine as engine_module
+    from megatron_qwen.checkpoint.io import load_model, save_model
+    from megatron_qwen.inference.engine import GenerationEngine
+    from megatron_qwen.inference.forward import is_writer
+    from megatron_qwen.inference.sampling import SamplingParams
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.launch import init_distributed
+    from megatron_qwen.platform.runtime import Runtime
+    from qwen_reference import arch_overrides
+
+    overrides = [*arch_overrides(arch), f"model.padded_vocab_size={FAMILY_VOCAB}", "model.seq_length=32"]
+    out = workdir / arch
+    cfg, resolved, _ = model_config({"tp": 1, "pp": 1, "vpp": 1, "sp": False}, overrides)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    init_distributed(1, 1, None, device="cpu")
+    torch.manual_seed(5)  # every data-parallel rank draws the same noise
+    chunks = build_model(cfg, Runtime.cpu())
+    with torch.no_grad():  # larger than initialisation, so that continuations vary
+        for p in chunks[0].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_model(chunks, out / "weights")
+
+    contexts = []  # the engine's KV cache of the running generation
+
+    class RecordedContext(engine_module.StaticInferenceContext):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            contexts.append(self)
+
+    for name, layout in layouts:
+        cfg, resolved, _ = model_config(layout, overrides)
+        parallel_state.destroy_model_parallel()
+        init_distributed(resolved.tp, resolved.pp, resolved.vpp, device="cpu")
+        chunks = build_model(cfg, Runtime.cpu(), rope_at_positions=True)
+        load_model(chunks, out / "weights")
+        cache_shapes = {}
+
+        def record(row, token):
+            for layer, (keys, values) in contexts[-1].key_value_memory_dict.items():
+                cache_shapes[layer] = [list(keys.shape), list(values.shape)]
+
+        engine_module.StaticInferenceContext, original = RecordedContext, engine_module.StaticInferenceContext
+        try:
+            greedy = GenerationEngine(chunks, FAMILY_VOCAB).generate(
+                PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0), on_token=record)
+        finally:
+            engine_module.StaticInferenceContext = original
+        if is_writer():
+            (out / f"{name}.json").write_text(json.dumps({"greedy": greedy.tokens, "kv_cache": cache_shapes}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--save", action="store_true", help="write random weights at TP=1 and stop")
     parser.add_argument("--layouts", default="", help="name:tp,pp,vpp,sp;...")
     parser.add_argument("--override", action="append", default=[])
+    parser.add_argument("--families", default="", help="ARCH,...: greedy generation of Qwen family architectures")
     args = parser.parse_args()
+    layouts = []
+    for item in filter(None, args.layouts.split(";")):
+        name, sizes = item.split(":")
+        tp, pp, vpp, sp = (int(x) for x in sizes.split(","))
+        layouts.append((name, {"tp": tp, "pp": pp, "vpp": vpp, "sp": bool(sp)}))
+    if args.families:
+        for arch in args.families.split(","):
+            family_generate(arch, layouts, args.workdir)
+        return
     if args.save:
         from megatron_qwen.model.qwen import build_model
         from megatron_qwen.platform.launch import init_distributed
@@ -139,10 +214,8 @@ def main() -> None:
                 p.add_(torch.randn_like(p) * 0.05)
         save_model(chunks, args.workdir / "weights")
         return
-    for item in args.layouts.split(";"):
-        name, sizes = item.split(":")
-        tp, pp, vpp, sp = (int(x) for x in sizes.split(","))
-        run(name, {"tp": tp, "pp": pp, "vpp": vpp, "sp": bool(sp)}, args.override, args.workdir)
+    for name, layout in layouts:
+        run(name, layout, args.override, args.workdir)
 
 
 if __name__ == "__main__":
