@@ -288,6 +288,7 @@ def test_chat_data_holds_each_family_template(family_data):
             assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud."), text
 
 
+@pytest.mark.parallel
 def test_reward_model_starts_from_the_tied_language_model(stage_runs):
     """The reward model's initial weights are the tied language model's, less nothing (a tied model stores no
     output layer) plus a fresh head; the model has no output layer of its own."""

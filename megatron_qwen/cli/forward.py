@@ -105,10 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}: logits {list(logits.shape)} (tp {args.tp}, pp {args.pp}, vpp {args.vpp}, "
                   f"sp {args.sequence_parallel}, dp {plan.layout.dp})")
         if args.generate:
-            # Greedy, exactly --generate tokens per row (no stop token), with the KV-cache engine, never past the
-            # family's last token (Qwen2.5's and Qwen3's padded rows start below v1's 151,851).
-            vocab_limit = min(plan.generate_vocab, TOKENIZER_VOCAB_SIZES[cfg.model.family])
-            result = GenerationEngine(chunks, vocab_limit).generate(
+            # Greedy, exactly --generate tokens per row (no stop token), with the KV-cache engine.
+            result = GenerationEngine(chunks, plan.generate_vocab).generate(
                 tokens.tolist(), SamplingParams(max_new_tokens=args.generate, temperature=0.0)
             )
             rows = np.concatenate([tokens, np.asarray(result.tokens, dtype=np.int64)], axis=1)

@@ -35,7 +35,6 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_qwen.checkpoint.safety import TRUST_WARNING
-from megatron_qwen.config import TOKENIZER_VOCAB_SIZES
 from megatron_qwen.data.chat import ChatFormatError, render_prompt
 from megatron_qwen.errors import UserError
 from megatron_qwen.inference import forward as inference
@@ -218,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                                  precision=args.precision,
                                  config_path=args.config, trust_checkpoint=args.trust_checkpoint)
         tokenizer = load_tokenizer(family=plan.cfg.model.family)
-        # Never past the family's last token: Qwen2.5's and Qwen3's padded rows start below v1's 151,851.
-        vocab_limit = min(plan.generate_vocab, TOKENIZER_VOCAB_SIZES[tokenizer.family])
+        vocab_limit = plan.generate_vocab  # the family's ids: never the embedding's padding rows
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, stop_ids=tokenizer.generation_stop_ids(vocab_limit))
         params.check()
