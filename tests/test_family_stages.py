@@ -5,6 +5,13 @@ tokens in 151,936 rows), and those start below v1's 151,851. `megatron-qwen gene
 --generate` and PPO's rollouts draw only the family's ids, decode with its tokenizer and stop at its stop ids.
 The models here make a padding row the most likely next id (the final norm keeps one hidden unit, and two
 padding rows weigh it by +-30), so a bound that lets those rows through is seen at once.
+
+(b) Stages: on a tiny Qwen3-shaped model (4 heads of 64 at hidden 128, 2 key/value heads, q/k norms, no q/k/v
+bias, tied) and a Qwen2.5-shaped one (2 key/value heads, bias, tied), each with data rendered by its family's
+template, pretraining, SFT, a reward model from the tied language model, DPO, PPO (reward model) and GRPO run at
+TP=1 and at TP=2 x PP=2 with SP from the same checkpoints; each stage's first steps agree within its own layout
+test's tolerance. The TP=1 launch also trains the Qwen3 shape in FP8 (rowwise) against its fp32 curve. One
+launch per layout runs every stage of both families (tests/parallel/family_stages_worker.py).
 """
 
 from __future__ import annotations
@@ -257,8 +264,9 @@ def stage_runs(family_data, tmp_path_factory):
     """The worker's runs: the reference at TP=1 (one rank), then TP=2 x PP=2 with SP from its checkpoints."""
     root = tmp_path_factory.mktemp("family-stages")
     common = [WORKER, "--data", str(family_data), "--workdir", str(root)]
-    run_torchrun(1, common + ["--name", "tp1", "--layout", "1,1,0", "--reference"], timeout=1800)
-    run_torchrun(4, common + ["--name", "tp2pp2", "--layout", "2,2,1", "--starts", str(root / "tp1")], timeout=1800)
+    # Generous: measured 1-1.5 min each with the machine's load average at 25.
+    run_torchrun(1, common + ["--name", "tp1", "--layout", "1,1,0", "--reference"], timeout=900)
+    run_torchrun(4, common + ["--name", "tp2pp2", "--layout", "2,2,1", "--starts", str(root / "tp1")], timeout=900)
     return root
 
 

@@ -74,6 +74,9 @@ def run_stage(name: str, family: str, args: argparse.Namespace, run_dir: Path, *
     overrides = MODEL + FAMILIES[family] + stage_overrides(name, family, args.data, args.starts, vocab) + [
         f"model.padded_vocab_size={vocab['vocab']}", f"parallel.tp={tp}", f"parallel.pp={pp}",
         f"parallel.sp={str(bool(sp)).lower()}", f"data.cache_dir={run_dir / 'cache'}", "logging.log_interval=1",
+        # A rank that waits for a collective the others never join (a model built differently on some stage)
+        # ends the launch in minutes rather than after the default two hours.
+        "parallel.timeout_minutes=5", "parallel.io_timeout_minutes=5",
         f"logging.run_dir={run_dir}", *extra,
     ]
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides, stage=kind)
