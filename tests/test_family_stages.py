@@ -17,6 +17,7 @@ launch per layout runs every stage of both families (tests/parallel/family_stage
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -342,6 +343,12 @@ def test_every_stage_at_tp2_pp2_gives_the_metrics_of_one_rank(stage_runs, family
                     (stage, step, key, got[step][key], ref[step][key])
         # Something moved: the stage's reports change between its first and last step.
         assert any(got[1][key] != got[STEPS[stage]][key] for key in keys), (stage, got)
+        # The frozen references loaded: the policy starts as its reference (DPO: loss ln 2; PPO, GRPO: no KL).
+        for run in (ref, got):
+            if stage == "dpo":
+                assert run[1]["loss"] == pytest.approx(math.log(2), abs=1e-7) and run[1]["margin"] == 0.0, run[1]
+            if stage in ("ppo", "grpo"):
+                assert abs(run[1]["kl_to_reference"]) < 1e-7, (stage, run[1]["kl_to_reference"])
 
 
 @pytest.mark.parallel
