@@ -146,20 +146,21 @@ def test_generate_cli_stops_at_the_family_stop_ids(wide_checkpoints, tmp_path, c
     assert line["text"] == ""
 
 
-def test_forward_cli_greedy_tokens_are_the_family_ids_and_decode(wide_checkpoints, tmp_path, capsys,
+@pytest.mark.parametrize("family", sorted(FAMILY_ROWS))
+def test_forward_cli_greedy_tokens_are_the_family_ids_and_decode(wide_checkpoints, family, tmp_path, capsys,
                                                                  cli_in_process):
     from megatron_qwen.cli import forward
     from megatron_qwen.config import TOKENIZER_VOCAB_SIZES
     from megatron_qwen.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(family="qwen3")
+    tok = load_tokenizer(family=family)
     prompt = tok.encode("Hello there")
     np.save(tmp_path / "tokens.npy", np.array([prompt]))
-    assert forward.main(["--ckpt", str(wide_checkpoints["qwen3"]), "--tokens", str(tmp_path / "tokens.npy"),
+    assert forward.main(["--ckpt", str(wide_checkpoints[family]), "--tokens", str(tmp_path / "tokens.npy"),
                          "--out", str(tmp_path / "logits.npy"), "--generate", "3"]) == 0
     rows = np.load(tmp_path / "logits.generated.npy")
     new = rows[0, len(prompt):].tolist()
-    assert len(new) == 3 and all(t < TOKENIZER_VOCAB_SIZES["qwen3"] for t in new), new
+    assert len(new) == 3 and all(t < TOKENIZER_VOCAB_SIZES[family] for t in new), new
     printed = capsys.readouterr().out
     assert f"row 0: {tok.decode(prompt)!r} -> {tok.decode(new)!r}" in printed, printed
 
