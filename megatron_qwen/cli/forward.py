@@ -7,10 +7,10 @@
 layout) at the layout given here; ranks beyond TP x PP are data-parallel replicas that repeat the work.
 Writes fp32 logits [batch, seq, vocab] of the (batch, seq) integer array in TOKENS.npy, gathered across
 TP, from the last pipeline stage. With --generate K, K greedy tokens (from the KV-cache engine of
-`megatron-qwen generate`) are appended to each row, printed (decoded when the vocabulary is Qwen's) and
-saved to --generated-out (default: LOGITS.generated.npy). Exit status 2: the request was refused, e.g. a
-checkpoint holding pickled objects outside the allowlist (--trust-checkpoint unpickles them: only for a
-checkpoint from a source you trust).
+`megatron-qwen generate`, among the model family's token ids) are appended to each row, printed (decoded
+when the vocabulary holds the family's tokens) and saved to --generated-out (default:
+LOGITS.generated.npy). Exit status 2: the request was refused, e.g. a checkpoint holding pickled objects
+outside the allowlist (--trust-checkpoint unpickles them: only for a checkpoint from a source you trust).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_qwen.checkpoint.safety import TRUST_WARNING
-from megatron_qwen.config import TOKENIZER_VOCAB_SIZE
+from megatron_qwen.config import TOKENIZER_VOCAB_SIZES
 from megatron_qwen.errors import UserError
 from megatron_qwen.inference import forward as inference
 from megatron_qwen.inference.engine import GenerationEngine
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _print_generation(rows: np.ndarray, prompt_len: int, vocab_size: int, family: str) -> None:
     tokenizer = None
-    if vocab_size >= TOKENIZER_VOCAB_SIZE:
+    if vocab_size >= TOKENIZER_VOCAB_SIZES[family]:
         try:
             tokenizer = load_tokenizer(family=family)
         except FileNotFoundError as exc:

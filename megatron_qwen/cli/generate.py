@@ -9,11 +9,13 @@
 Prompts: --prompt is one text; --prompts a JSONL file of {"prompt": "..."} lines (with --chat also
 {"messages": [...]} lines ending with a user turn, and an optional "system"); --prompt-tokens a
 (batch, len) integer array of token ids padded with -1 on the right. With --chat, text prompts are
-rendered with ChatML up to "<|im_start|>assistant\\n" (--system replaces the default system prompt).
-Generation stops at <|im_end|>, <|im_start|> or <|endoftext|>, or after --max-new-tokens.
+rendered with the chat template of the checkpoint's family (model.family) up to
+"<|im_start|>assistant\\n" (--system replaces the family's default system prompt). Generation stops at
+<|im_end|>, <|im_start|> or <|endoftext|>, or after --max-new-tokens, and draws only ids the family's
+tokenizer has (the padded embedding rows after them are never sampled).
 
 --out writes one JSON line per prompt: prompt_tokens, tokens (the continuation), logprobs (of each new
-token under the model), text (decoded when the vocabulary is Qwen's, else null) and finished (stopped at
+token under the model), text (decoded when the vocabulary holds the family's tokens, else null) and finished (stopped at
 a stop token). With one prompt and no --out the continuation streams to stdout. --interactive is a ChatML
 chat in the terminal that keeps the conversation (/reset starts over, /exit or end of input leaves).
 `torchrun --nproc-per-node N tools/generate.py ...` is the same, and it runs under srun and mpirun too.
@@ -33,7 +35,6 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_qwen.checkpoint.safety import TRUST_WARNING
-from megatron_qwen.config import TOKENIZER_VOCAB_SIZE
 from megatron_qwen.data.chat import ChatFormatError, render_prompt
 from megatron_qwen.errors import UserError
 from megatron_qwen.inference import forward as inference
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--interactive", action="store_true", help="a ChatML chat in the terminal")
     parser.add_argument("--chat", action="store_true", help="render text prompts with ChatML up to the assistant turn")
     parser.add_argument("--system", default=None,
-                        help="system prompt for --chat (default: 'You are a helpful assistant.')")
+                        help="system prompt for --chat (default: the model family's, e.g. Qwen3: none)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
@@ -86,10 +87,10 @@ def read_prompts(args: argparse.Namespace, tokenizer, vocab_limit: int) -> list[
     """The prompts as token ids; UserError names the line or row and the problem."""
     if args.prompt_tokens is not None:
         return _prompt_token_rows(args.prompt_tokens, vocab_limit)
-    if vocab_limit < TOKENIZER_VOCAB_SIZE:
+    if vocab_limit < tokenizer.n_vocab:
         raise UserError(
-            f"this model's vocabulary has {vocab_limit} ids, fewer than the Qwen tokenizer's {TOKENIZER_VOCAB_SIZE}: "
-            "text prompts cannot be encoded for it; give token ids with --prompt-tokens"
+            f"this model's vocabulary has {vocab_limit} ids, fewer than the {tokenizer.family} tokenizer's "
+            f"{tokenizer.n_vocab}: text prompts cannot be encoded for it; give token ids with --prompt-tokens"
         )
     if args.prompt is not None:
         record = {"prompt": args.prompt}
@@ -216,13 +217,14 @@ def main(argv: list[str] | None = None) -> int:
                                  precision=args.precision,
                                  config_path=args.config, trust_checkpoint=args.trust_checkpoint)
         tokenizer = load_tokenizer(family=plan.cfg.model.family)
-        vocab_limit = plan.generate_vocab
+        vocab_limit = plan.generate_vocab  # the family's ids: never the embedding's padding rows
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, stop_ids=tokenizer.generation_stop_ids(vocab_limit))
         params.check()
         prompts = [] if args.interactive else read_prompts(args, tokenizer, vocab_limit)
-        if args.interactive and vocab_limit < TOKENIZER_VOCAB_SIZE:
-            raise UserError(f"--interactive needs Qwen's vocabulary; this model has {vocab_limit} ids")
+        if args.interactive and vocab_limit < tokenizer.n_vocab:
+            raise UserError(f"--interactive needs the {tokenizer.family} tokenizer's {tokenizer.n_vocab} ids; "
+                            f"this model has {vocab_limit}")
         if not args.interactive:
             GenerationEngine.check_request(prompts, params, vocab_limit, plan.cfg.model.max_position_embeddings)
         runtime = resolve_runtime(plan.cfg, launch.local_rank)
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.interactive:
             chat_loop(engine, params, tokenizer, args.system, is_writer)
             return 0
-        writer = Writer(tokenizer, vocab_limit >= TOKENIZER_VOCAB_SIZE, stream=len(prompts) == 1 and args.out is None)
+        writer = Writer(tokenizer, vocab_limit >= tokenizer.n_vocab, stream=len(prompts) == 1 and args.out is None)
         stream = ((lambda row, token: writer.on_token(row, token, params.stop_ids))
                   if is_writer and writer.stream else None)
         lines, tokens, seconds = [], 0, 0.0

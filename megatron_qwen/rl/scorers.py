@@ -40,7 +40,7 @@ class RewardModelScorer:
 
 class RewardFunctionScorer:
     """Scores from ``fn(prompt_tokens, response_tokens, prompt, response)``; texts are decoded (stop ids left out of
-    the response) only when `decode` is given (a model with Qwen's vocabulary)."""
+    the response) only when `decode` is given (a model with its family's whole vocabulary)."""
 
     def __init__(self, fn: Callable, stop_ids, decode: Callable | None, device):
         self.fn, self.stop_ids, self.decode, self.device = fn, set(stop_ids), decode, device

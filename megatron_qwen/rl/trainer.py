@@ -20,7 +20,7 @@ import math
 import torch
 from megatron.core import parallel_state
 
-from megatron_qwen.config import TOKENIZER_VOCAB_SIZE
+from megatron_qwen.config import TOKENIZER_VOCAB_SIZES
 from megatron_qwen.data.gpt import build_gpt_datasets
 from megatron_qwen.errors import ConfigError
 from megatron_qwen.inference.engine import GenerationEngine
@@ -46,7 +46,9 @@ class PPORun:
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.runtime.device
         self.policy: ModelUnit = trainer.units["policy"]
         self.value: ModelUnit | None = trainer.units.get("value")
-        vocab_limit = min(cfg.model.padded_vocab_size, TOKENIZER_VOCAB_SIZE)
+        # Rollouts draw only the family's token ids, never the embedding's padding rows after them.
+        family_vocab = TOKENIZER_VOCAB_SIZES[cfg.model.family]
+        vocab_limit = min(cfg.model.padded_vocab_size, family_vocab)
         saved = trainer.state.stage_state
         self.moments = RunningMoments(**saved.get("reward_moments", {}))
         self.engine = GenerationEngine(self.policy.chunks, vocab_limit)
@@ -58,8 +60,8 @@ class PPORun:
         if p.reward_from:
             self.score = RewardModelScorer(trainer.frozen["reward"], functools.partial(trainer.frozen_model, "reward"),
                                            self.steps.scalar, t.micro_batch_size, self.device)
-        else:  # reward functions get decoded text with Qwen's vocabulary only
-            decode = trainer.tokenizer.decode if vocab_limit >= TOKENIZER_VOCAB_SIZE else None
+        else:  # reward functions get decoded text when the model has the family's whole vocabulary
+            decode = trainer.tokenizer.decode if vocab_limit >= family_vocab else None
             self.score = RewardFunctionScorer(load_reward_fn(p.reward_fn), self.stop_ids, decode, self.device)
         self.ptx = self._ptx_batches(saved.get("consumed_ptx_samples", 0)) if p.ptx_coef > 0 else None
 

@@ -37,36 +37,42 @@ Head = Literal["lm", "scalar"]
 Recompute = Literal["none", "selective", "full"]
 
 
-def forward_flops_per_token(hidden: int, layers: int, ffn: int, vocab: int, seq: int,
-                            head: Head = "lm") -> tuple[float, float, float]:
+def forward_flops_per_token(hidden: int, layers: int, ffn: int, vocab: int, seq: int, head: Head = "lm", *,
+                            query_width: int | None = None, kv_width: int | None = None) -> tuple[float, float, float]:
     """Forward FLOPs of one token (a multiply-add is 2), as (the layers' GEMMs, the layers' attention
     cores, the head).
 
-    Per layer: QKV projection 2*H*3H, output projection 2*H*H, SwiGLU 3 * 2*H*F -> 8H^2 + 6HF; attention
-    scores and weighted values 2 * 2*S*H (the full S x S product, as Megatron-LM counts it, although causal
-    kernels skip half). Head: the output layer 2*H*V of a language model, or the reward model's scalar
-    head 2*H.
+    Per layer, with query width Q (heads x head width) and key/value width K (key/value heads x head width), both
+    H by default (multi-head attention with head width H / heads): QKV projection 2*H*(Q + 2K), output projection
+    2*Q*H, SwiGLU 3 * 2*H*F -> 8H^2 + 6HF at Q = K = H; attention scores and weighted values 2 * 2*S*Q (the full
+    S x S product, as Megatron-LM counts it, although causal kernels skip half). Head: the output layer 2*H*V of
+    a language model, or the reward model's scalar head 2*H.
     """
-    gemm = layers * (8 * hidden * hidden + 6 * hidden * ffn)
-    attention = layers * 4 * seq * hidden
+    q = hidden if query_width is None else query_width
+    kv = hidden if kv_width is None else kv_width
+    gemm = layers * (2 * hidden * (q + 2 * kv) + 2 * q * hidden + 6 * hidden * ffn)
+    attention = layers * 4 * seq * q
     outputs = vocab if head == "lm" else 1
     return float(gemm), float(attention), float(2 * hidden * outputs)
 
 
-def model_flops_per_token(hidden: int, layers: int, ffn: int, vocab: int, seq: int, head: Head = "lm") -> float:
-    """Model FLOPs of one token in a training step: forward plus backward (twice the forward), 3x in all."""
-    return 3 * sum(forward_flops_per_token(hidden, layers, ffn, vocab, seq, head))
+def model_flops_per_token(hidden: int, layers: int, ffn: int, vocab: int, seq: int, head: Head = "lm",
+                          **widths: int | None) -> float:
+    """Model FLOPs of one token in a training step: forward plus backward (twice the forward), 3x in all.
+    `widths`: `query_width`, `kv_width` of `forward_flops_per_token` (grouped-query attention, Qwen3's head width)."""
+    return 3 * sum(forward_flops_per_token(hidden, layers, ffn, vocab, seq, head, **widths))
 
 
 def hardware_flops_per_token(
-    hidden: int, layers: int, ffn: int, vocab: int, seq: int, head: Head = "lm", recompute: Recompute = "none"
+    hidden: int, layers: int, ffn: int, vocab: int, seq: int, head: Head = "lm", recompute: Recompute = "none",
+    **widths: int | None,
 ) -> float:
     """Hardware FLOPs of one token: the model FLOPs plus what recomputation runs again in backward, i.e. the
     layers' forward with full recomputation (not the head, which megatron-core never recomputes), the
     attention cores' forward with selective recomputation (megatron-core's ``core_attn``)."""
-    gemm, attention, _ = forward_flops_per_token(hidden, layers, ffn, vocab, seq, head)
+    gemm, attention, _ = forward_flops_per_token(hidden, layers, ffn, vocab, seq, head, **widths)
     recomputed = {"none": 0.0, "selective": attention, "full": gemm + attention}[recompute]
-    return model_flops_per_token(hidden, layers, ffn, vocab, seq, head) + recomputed
+    return model_flops_per_token(hidden, layers, ffn, vocab, seq, head, **widths) + recomputed
 
 
 def peak_flops(device_name: str | None, override_tflops: float | None = None) -> float | None:

@@ -198,8 +198,9 @@ class Trainer:
                                      t.micro_batch_size, ctx.dp_rank, ctx.layout.dp)
         first = next(iter(stage.trains.values()))
         shape = (m.hidden_size, m.num_layers, m.ffn_hidden_size, m.padded_vocab_size, m.seq_length)
-        self.model_flops = model_flops_per_token(*shape, head=first.head)
-        self.hardware_flops = hardware_flops_per_token(*shape, head=first.head, recompute=t.recompute)
+        widths = dict(query_width=m.num_attention_heads * m.head_dim, kv_width=m.kv_heads * m.head_dim)
+        self.model_flops = model_flops_per_token(*shape, head=first.head, **widths)
+        self.hardware_flops = hardware_flops_per_token(*shape, head=first.head, recompute=t.recompute, **widths)
         self.peak = peak_flops(None if ctx.runtime.on_cpu else torch.cuda.get_device_name(),
                                self.cfg.logging.peak_tflops)
         self.prepare_seconds = 0.0
