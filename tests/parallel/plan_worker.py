@@ -68,7 +68,8 @@ STATE_CASES = {
     "qwen3-tp2-dp2-distopt": QWEN3_STYLE + ["parallel.tp=2", "parallel.use_distributed_optimizer=true"],
     # Tied at PP > 1: the last stage holds its own copy of the embedding (its own gradient bucket when distributed).
     "qwen3-tp2-pp2": QWEN3_STYLE + ["parallel.tp=2", "parallel.pp=2"],
-    "qwen3-pp2-vpp2-distopt": QWEN3_STYLE + ["parallel.pp=2", "parallel.vpp=2", "parallel.use_distributed_optimizer=true"],
+    "qwen3-pp2-vpp2-distopt": QWEN3_STYLE + ["parallel.pp=2", "parallel.vpp=2",
+                                             "parallel.use_distributed_optimizer=true"],
 }
 ACTIVATION_CASES = {
     "tp1": [],
