@@ -115,7 +115,7 @@ def load_safetensors_dir(directory: Path) -> dict:
 
 # The 4-rank worker spawn: ~60 s on an idle machine, several times that on a loaded CI runner. Ranks still running
 # at HANG_DUMP_S print their stacks, so a hang shows where each one waits before the timeout ends the launch.
-WORKER_TIMEOUT_S, HANG_DUMP_S = 900, 600
+WORKER_TIMEOUT_S, HANG_DUMP_S = 600, 300
 
 
 def run_worker(argv: list[str]) -> None:

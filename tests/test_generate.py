@@ -416,3 +416,39 @@ def test_bad_input_ends_every_rank_with_one_message(chat_ckpt, tmp_path):
     # then stops the other), and none prints a traceback of its own.
     assert "exitcode  : 2" in proc.stderr, proc.stderr
     assert 'generate.py", line' not in proc.stderr and not (tmp_path / "out.jsonl").exists()
+
+
+def test_sequence_parallel_off_switches_a_model_that_reuses_a_freed_models_id():
+    """megatron-core caches each model's modules under id(model) and never evicts them; a model built after another
+    was freed can get the same id. The engine must switch that model's own layers (else TP ranks disagree: a hang)."""
+    import types
+
+    from megatron.core.transformer import utils as transformer_utils
+
+    from megatron_qwen.inference.engine import sequence_parallel_off
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sequence_parallel = True
+
+    class Chunk(torch.nn.Module):
+        position_embedding_type = "rope"
+
+        def __init__(self):
+            super().__init__()
+            self.config = types.SimpleNamespace(sequence_parallel=True)
+            self.layer = Layer()
+
+    chunk, dead = Chunk(), Layer()
+    saved = transformer_utils._sequence_parallel_attr_cache
+    # What the cache holds when `chunk` got the id of a freed model: that model's modules.
+    transformer_utils._sequence_parallel_attr_cache = {
+        id(chunk): {"sequence_parallel": [dead], "scatter_to_sequence_parallel": [], "reduce_scatter_embeddings": []}
+    }
+    try:
+        with sequence_parallel_off([chunk]):
+            assert (chunk.config.sequence_parallel, chunk.layer.sequence_parallel) == (False, False)
+        assert (chunk.config.sequence_parallel, chunk.layer.sequence_parallel) == (True, True)
+    finally:
+        transformer_utils._sequence_parallel_attr_cache = saved

@@ -39,6 +39,7 @@ from megatron.core import parallel_state
 from megatron.core.inference.communication_utils import recv_from_prev_pipeline_rank_, send_to_next_pipeline_rank
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer import utils as transformer_utils
 from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
 from megatron_qwen.errors import UserError
@@ -80,6 +81,12 @@ def sequence_parallel_off(chunks: list[torch.nn.Module]):
     was = chunks[0].config.sequence_parallel
     if was:
         for chunk in chunks:
+            # megatron-core caches each model's modules under id(model) and never evicts: a model built after
+            # another was freed can get its id, and the cached modules would be the dead model's, leaving this
+            # one's layers sequence-parallel (on some tensor-parallel ranks and not others: a hang).
+            cache = transformer_utils._sequence_parallel_attr_cache
+            if cache is not None:
+                cache.pop(id(chunk), None)
             set_model_to_sequence_parallel(chunk, set_to=False)
     try:
         yield

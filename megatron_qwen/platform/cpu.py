@@ -354,11 +354,12 @@ PATCHES: tuple[Patch, ...] = (
         "writer process per file at every save, from a process that runs gloo's threads. On CPU ranks there is no "
         "device copy to overlap with: each rank writes its files itself, with the same writer code and format.",
         _patch_checkpoint_writes,
+        # The callers: the two replaced functions themselves cannot be inspected while the harness is on.
         sites=(
-            ("megatron.core.dist_checkpointing.strategies.filesystem_async", "_get_write_results_queue",
-             'mp.get_context("spawn")'),
             ("megatron.core.dist_checkpointing.strategies.filesystem_async",
-             "FileSystemWriterAsync.write_preloaded_data_multiproc", 'mp.get_context("fork")'),
+             "FileSystemWriterAsync.prepare_write_data", "_get_write_results_queue()"),
+            ("megatron.core.dist_checkpointing.strategies.filesystem_async",
+             "FileSystemWriterAsync.get_save_function_and_args", "self.write_preloaded_data_multiproc"),
         ),
     ),
 )
