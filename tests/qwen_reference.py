@@ -34,6 +34,18 @@ FAMILY_ARCHS = {
 YARN = ["model.rope_scaling=yarn", "model.rope_scaling_factor=4.0", "model.rope_original_max_position_embeddings=16"]
 
 
+def randomize_weights(model: torch.nn.Module) -> None:
+    """Weights larger than initialisation, non-zero biases and non-unit norms (from a fixed generator), so that every
+    tensor mapping changes the logits; names containing "norm" are the norms in transformers and megatron-core."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if name.endswith("bias") else 0.05))
+
+
 def arch_overrides(name: str) -> list[str]:
     """Config overrides of a FAMILY_ARCHS name, with YaRN added for a ``+yarn`` suffix (``qwen2.5+yarn``)."""
     arch, _, extra = name.partition("+")

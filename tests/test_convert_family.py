@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from qwen_reference import randomize_weights
 from test_convert import run_worker
 
 WORKER = str(Path(__file__).parent / "parallel" / "convert_worker.py")
@@ -54,13 +55,7 @@ def make_model(kind: str, directory: Path):
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if name.endswith("bias") else 0.05))
+    randomize_weights(model)
     model.save_pretrained(directory)
     return model
 

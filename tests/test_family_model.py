@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from parallel.generate_worker import NEW_TOKENS, PROMPTS, family_tokens
-from qwen_reference import FAMILY_ARCHS, YARN, arch_overrides, hf_family_model, megatron_to_qwen2
+from qwen_reference import FAMILY_ARCHS, YARN, arch_overrides, hf_family_model, megatron_to_qwen2, randomize_weights
 from spawn import run_torchrun
 
 VOCAB = 1024
@@ -33,13 +33,7 @@ def build(cfg):
     from megatron_qwen.platform.runtime import Runtime
 
     (model,) = build_model(cfg, Runtime.cpu())
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name:
-                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if name.endswith("bias") else 0.05))
+    randomize_weights(model)
     return model.eval()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import queue
 import types
 from dataclasses import dataclass
 from typing import Callable
@@ -214,28 +215,7 @@ def _patch_fp8_gemm_kernel():
     return _set_attr(torch, "_scaled_mm", _scaled_mm_off_onednn)
 
 
-class _InProcessQueue:
-    """What megatron-core's checkpoint writer asks of its result queues, in-process (put, get, task_done)."""
-
-    def __init__(self):
-        import queue
-
-        self._queue = queue.Queue()
-
-    def put(self, item):
-        self._queue.put(item)
-
-    def get(self):
-        return self._queue.get_nowait()
-
-    def get_nowait(self):
-        return self._queue.get_nowait()
-
-    def task_done(self):
-        self._queue.task_done()
-
-
-_WRITE_RESULTS = _InProcessQueue()
+_WRITE_RESULTS = queue.Queue()  # what the writer's Manager queue held, in-process
 
 
 def _write_buckets_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue):
@@ -243,7 +223,7 @@ def _write_buckets_in_process(transform_list, use_msc, rank, write_buckets, glob
     written by this process, one after the other, and the results go to the same queue."""
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-    results, count = _InProcessQueue(), _InProcessQueue()
+    results, count = queue.Queue(), queue.Queue()
     out: dict | Exception = {}
     for i, bucket in enumerate(write_buckets):
         count.put(i)
