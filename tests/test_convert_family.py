@@ -311,3 +311,16 @@ def test_forward_and_generation_match_transformers_for_every_family(family):
             continued = np.load(root / kind / f"logits-{name}.generated.npy")
             assert np.array_equal(continued, generated), (kind, name, continued[:, SEQ:], generated[:, SEQ:])
     print("\n" + "\n".join(report))
+
+
+def test_export_names_the_end_of_text_id_for_a_family_vocabulary_below_v1s():
+    """A Qwen2.5 model whose embedding holds its 151,665 tokens in 151,680 rows (fewer than v1's 151,851) is still
+    Qwen's vocabulary: the export names <|endoftext|> as bos/eos, as for a v1-sized one."""
+    from megatron_qwen.config import ModelConfig
+    from megatron_qwen.convert.layouts import QWEN2, hf_config
+
+    m = ModelConfig(family="qwen2.5", num_query_groups=1, padded_vocab_size=151680)
+    config = hf_config(QWEN2, m, 151680, "float32")
+    assert (config.get("bos_token_id"), config.get("eos_token_id")) == (151643, 151643), config
+    toy = hf_config(QWEN2, ModelConfig(family="qwen2.5", padded_vocab_size=1001), 1001, "float32")
+    assert "eos_token_id" not in toy  # a toy vocabulary is not Qwen's

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Mapping
 
-from megatron_qwen.config import TOKENIZER_VOCAB_SIZE, TOKENIZER_VOCAB_SIZES, ModelConfig
+from megatron_qwen.config import TOKENIZER_VOCAB_SIZES, ModelConfig
 from megatron_qwen.errors import ConversionError
 from megatron_qwen.tokenizer import FAMILIES, FAMILY_DEFAULT_SYSTEM, FAMILY_SPECIAL_TOKENS, check_vocabulary
 
@@ -379,7 +379,7 @@ def hf_config(layout: str, m: ModelConfig, vocab_size: int, dtype_name: str, bas
     problem = layout_problem(layout, m)
     if problem:
         raise ConversionError(f"--layout {layout} cannot hold this model: {problem}; use --layout {default_layout(m)}")
-    qwen_vocab = vocab_size >= TOKENIZER_VOCAB_SIZE
+    qwen_vocab = vocab_size >= TOKENIZER_VOCAB_SIZES[m.family]  # the family's tokens all have rows
     out = dict(base or {})
     if layout in (QWEN2, QWEN3):
         rope_scaling, rope_parameters = rope_to_hf(m)
