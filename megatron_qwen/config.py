@@ -76,6 +76,37 @@ class ModelConfig:
     fp8: Optional[Literal["tensorwise", "rowwise", "delayed"]] = None
     # auto: Transformer Engine when it imports on GPU and has the recipe, else torchao in the local spec
     fp8_backend: Literal["auto", "te", "torchao"] = "auto"
+    # Mixture of experts (Qwen1.5-MoE / Qwen2-MoE, Qwen3-MoE); None: every layer dense. Names follow
+    # megatron-core; the Hugging Face key is in each comment.
+    num_experts: Optional[int] = None  # routed experts per MoE layer (num_experts)
+    moe_router_topk: int = 2  # experts per token (num_experts_per_tok)
+    moe_ffn_hidden_size: Optional[int] = None  # one routed expert's SwiGLU width (moe_intermediate_size)
+    moe_norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1 (norm_topk_prob)
+    # Qwen2-MoE's shared expert: an MLP of this width beside the routed ones (shared_expert_intermediate_size);
+    # None: no shared expert (Qwen3-MoE). With moe_shared_expert_gate its output is scaled by sigmoid(gate(x)).
+    moe_shared_expert_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_gate: bool = False
+    # Which layers are MoE (decoder_sparse_step, mlp_only_layers): layer i (0-based) is a dense MLP of
+    # ffn_hidden_size when i is in moe_mlp_only_layers or (i + 1) % moe_decoder_sparse_step != 0.
+    moe_decoder_sparse_step: int = 1
+    moe_mlp_only_layers: list = field(default_factory=list)
+    moe_aux_loss_coeff: float = 0.001  # load-balancing loss coefficient (router_aux_loss_coef)
+    moe_z_loss_coeff: Optional[float] = None  # router z-loss; None: off
+    # Tokens one expert takes, as a multiple of its even share (extra tokens are dropped); None: dropless.
+    moe_capacity_factor: Optional[float] = None
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether any layer routes tokens to experts."""
+        return self.num_experts is not None
+
+    @property
+    def moe_layers(self) -> list[bool]:
+        """Per layer (0-based): True where the MLP is a mixture of experts, as transformers' Qwen2-MoE decides."""
+        if not self.is_moe:
+            return [False] * self.num_layers
+        step = max(self.moe_decoder_sparse_step, 1)
+        return [i not in self.moe_mlp_only_layers and (i + 1) % step == 0 for i in range(self.num_layers)]
 
     @property
     def head_dim(self) -> int:
@@ -96,6 +127,9 @@ class ParallelConfig:
     pp: int = 1
     vpp: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
     sp: bool = False  # sequence parallelism over the TP group
+    cp: int = 1  # context parallelism: each sequence split over this many ranks (two mirrored chunks per rank)
+    ep: int = 1  # expert parallelism (MoE): the routed experts split over this many ranks
+    etp: Optional[int] = None  # tensor parallelism inside each expert; None: parallel.tp (megatron-core's default)
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = True  # reduce gradients bucket by bucket while backward still runs
     overlap_param_gather: bool = True  # distributed optimizer: gather updated weights during the next forward
@@ -272,10 +306,20 @@ class ParallelLayout:
     vpp: int
     dp: int
     sp: bool
+    cp: int = 1
+    ep: int = 1
+    etp: int = 1
 
     @property
     def model_parallel_size(self) -> int:
-        return self.tp * self.pp
+        """Ranks holding one replica of the dense weights: TP x PP x CP (CP ranks hold the same weights but
+        split every sequence, so DP is what TP x PP x CP leaves of the world)."""
+        return self.tp * self.pp * self.cp
+
+    @property
+    def expert_dp(self) -> int:
+        """Data-parallel replicas of each expert: what ETP x EP x PP leaves of the world."""
+        return self.world_size // (self.etp * self.ep * self.pp)
 
 
 # --------------------------------------------------------------------------- loading
@@ -514,6 +558,9 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
         ("parallel", "tp", p.tp),
         ("parallel", "pp", p.pp),
         ("parallel", "vpp", p.vpp),
+        ("parallel", "cp", p.cp),
+        ("parallel", "ep", p.ep),
+        ("parallel", "etp", 1 if p.etp is None else p.etp),
         ("parallel", "ddp_bucket_size", 1 if p.ddp_bucket_size is None else p.ddp_bucket_size),
         ("training", "micro_batch_size", t.micro_batch_size),
         ("training", "global_batch_size", t.global_batch_size),
@@ -588,13 +635,31 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
         errors.append(f"parallel.vpp={p.vpp} needs pipeline parallelism: set parallel.pp >= 2 or vpp=1")
     if p.sp and p.tp < 2:
         errors.append("parallel.sp=true needs tensor parallelism: set parallel.tp >= 2 or parallel.sp=false")
+    if p.cp > 1 and m.seq_length % (2 * p.cp):
+        errors.append(
+            f"model.seq_length={m.seq_length} is not divisible by 2 x parallel.cp = {2 * p.cp}: context parallelism "
+            "gives each rank two mirrored chunks of every sequence; choose a seq_length that is a multiple of "
+            f"{2 * p.cp} or another cp"
+        )
+    elif p.cp > 1 and p.sp and (m.seq_length // p.cp) % p.tp:
+        errors.append(
+            f"sequence parallelism splits each context-parallel rank's {m.seq_length // p.cp} tokens over "
+            f"parallel.tp={p.tp}; choose a seq_length that is a multiple of {p.cp * p.tp}"
+        )
+    errors += _moe_problems(cfg)
 
     if world_size is not None:
-        mp = p.tp * p.pp
+        mp = p.tp * p.pp * p.cp
+        expert_mp = (p.tp if p.etp is None else p.etp) * p.ep * p.pp
         if world_size % mp:
             errors.append(
-                f"world size {world_size} is not a multiple of parallel.tp x parallel.pp = {mp}; "
-                f"launch a multiple of {mp} ranks or change tp/pp"
+                f"world size {world_size} is not a multiple of parallel.tp x parallel.pp x parallel.cp = {mp}; "
+                f"launch a multiple of {mp} ranks or change tp/pp/cp"
+            )
+        elif world_size % expert_mp:
+            errors.append(
+                f"world size {world_size} is not a multiple of parallel.etp x parallel.ep x parallel.pp = "
+                f"{expert_mp}; launch a multiple of {expert_mp} ranks or change etp/ep/pp"
             )
         else:
             dp = world_size // mp
@@ -611,6 +676,44 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
                     "change global_batch_size or micro_batch_size"
                 )
     return errors, notes
+
+
+def _moe_problems(cfg: Config) -> list[str]:
+    """Mixture-of-experts shape and expert-parallel layout problems."""
+    m, p = cfg.model, cfg.parallel
+    etp = p.tp if p.etp is None else p.etp
+    if not m.is_moe:
+        if p.ep > 1 or (p.etp is not None and p.etp != p.tp):
+            return [f"parallel.ep={p.ep} / parallel.etp={p.etp} split experts, and this model has none "
+                    "(model.num_experts is unset); leave ep=1 and etp unset"]
+        return []
+    errors = []
+    if m.num_experts < 1 or not 1 <= m.moe_router_topk <= m.num_experts:
+        errors.append(f"model.moe_router_topk={m.moe_router_topk} must be between 1 and "
+                      f"model.num_experts={m.num_experts}")
+    if m.moe_ffn_hidden_size is None or m.moe_ffn_hidden_size < 1:
+        errors.append("model.moe_ffn_hidden_size (one expert's width, Hugging Face moe_intermediate_size) must be set "
+                      "for a model with model.num_experts")
+    elif m.moe_ffn_hidden_size % etp:
+        errors.append(f"parallel.etp={etp} does not divide model.moe_ffn_hidden_size={m.moe_ffn_hidden_size}; "
+                      f"choose etp from {_divisors(m.moe_ffn_hidden_size)}")
+    if m.num_experts >= 1 and m.num_experts % p.ep:
+        errors.append(f"parallel.ep={p.ep} does not divide model.num_experts={m.num_experts}; "
+                      f"choose ep from {_divisors(m.num_experts)}")
+    if m.moe_shared_expert_gate and m.moe_shared_expert_ffn_hidden_size is None:
+        errors.append("model.moe_shared_expert_gate=true needs a shared expert: set "
+                      "model.moe_shared_expert_ffn_hidden_size")
+    if m.moe_decoder_sparse_step < 1:
+        errors.append(f"model.moe_decoder_sparse_step={m.moe_decoder_sparse_step} must be >= 1")
+    outside = [i for i in m.moe_mlp_only_layers if not isinstance(i, int) or not 0 <= i < m.num_layers]
+    if outside:
+        errors.append(f"model.moe_mlp_only_layers has {outside}: layers are numbered 0 to {m.num_layers - 1}")
+    elif not any(m.moe_layers):
+        errors.append("model.num_experts is set but no layer is MoE (moe_decoder_sparse_step / moe_mlp_only_layers); "
+                      "unset num_experts for a dense model")
+    if m.moe_capacity_factor is not None and m.moe_capacity_factor <= 0:
+        errors.append(f"model.moe_capacity_factor={m.moe_capacity_factor} must be > 0, or unset for dropless routing")
+    return errors
 
 
 def fp8_gemm_dims(cfg: Config) -> list[tuple[str, str, int]]:
@@ -680,7 +783,8 @@ def resolve(cfg: Config, world_size: int) -> tuple[Config, ParallelLayout, list[
         cfg,
         model=dataclasses.replace(cfg.model, padded_vocab_size=padded_vocab_size(cfg.model.padded_vocab_size, p.tp))
     )
-    layout = ParallelLayout(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp, dp=world_size // (p.tp * p.pp), sp=p.sp)
+    layout = ParallelLayout(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp, dp=world_size // (p.tp * p.pp * p.cp),
+                            sp=p.sp, cp=p.cp, ep=p.ep, etp=p.tp if p.etp is None else p.etp)
     return cfg, layout, notes
 
 

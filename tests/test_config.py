@@ -89,7 +89,28 @@ def _errors(overrides, world=None, path="configs/tiny.yaml"):
         (["parallel.pp=2", "parallel.vpp=4"], None, "= 8 does not divide model.num_layers=4"),
         (["parallel.vpp=2"], None, "parallel.vpp=2 needs pipeline parallelism"),
         (["parallel.sp=true"], None, "parallel.sp=true needs tensor parallelism"),
-        (["parallel.tp=2"], 3, "world size 3 is not a multiple of parallel.tp x parallel.pp = 2"),
+        (["parallel.tp=2"], 3, "world size 3 is not a multiple of parallel.tp x parallel.pp x parallel.cp = 2"),
+        (["parallel.cp=2", "parallel.tp=2"], 6,
+         "world size 6 is not a multiple of parallel.tp x parallel.pp x parallel.cp = 4"),
+        (["parallel.cp=3"], None, "not divisible by 2 x parallel.cp = 6"),
+        (["parallel.cp=2", "parallel.tp=4", "model.num_attention_heads=4", "parallel.sp=true", "model.seq_length=68"],
+         None, "choose a seq_length that is a multiple of 8"),
+        (["parallel.ep=2"], None, "this model has none"),
+        (["model.num_experts=6", "model.moe_ffn_hidden_size=64", "parallel.ep=4"], None,
+         "parallel.ep=4 does not divide model.num_experts=6; choose ep from [1, 2, 3, 6]"),
+        (["model.num_experts=4", "model.moe_ffn_hidden_size=64", "model.moe_router_topk=5"], None,
+         "model.moe_router_topk=5 must be between 1 and model.num_experts=4"),
+        (["model.num_experts=4"], None, "model.moe_ffn_hidden_size (one expert's width"),
+        (["model.num_experts=4", "model.moe_ffn_hidden_size=63", "parallel.tp=2"], None,
+         "parallel.etp=2 does not divide model.moe_ffn_hidden_size=63"),
+        (["model.num_experts=4", "model.moe_ffn_hidden_size=64", "model.moe_shared_expert_gate=true"], None,
+         "needs a shared expert"),
+        (["model.num_experts=4", "model.moe_ffn_hidden_size=64", "model.moe_mlp_only_layers=[0, 9]"], None,
+         "model.moe_mlp_only_layers has [9]"),
+        (["model.num_experts=4", "model.moe_ffn_hidden_size=64", "model.moe_decoder_sparse_step=8"], None,
+         "no layer is MoE"),
+        (["model.num_experts=4", "model.moe_ffn_hidden_size=64", "parallel.ep=4", "parallel.etp=1"], 2,
+         "not a multiple of parallel.etp x parallel.ep x parallel.pp = 4"),
         (["training.global_batch_size=6", "training.micro_batch_size=2"], 2,
          "not a multiple of micro_batch_size=2 x data-parallel size 2; use a multiple of 4"),
         (["parallel.pp=2", "parallel.vpp=2", "training.global_batch_size=6", "training.micro_batch_size=2"], 2,
@@ -115,6 +136,21 @@ def test_vocab_kept_when_tp_divides_it_else_padded_with_a_note():
 def test_resolve_layout():
     _, layout, _ = resolve(load_config("configs/qwen-72b.yaml"), 256)
     assert (layout.tp, layout.pp, layout.dp, layout.sp) == (8, 4, 8, True)
+
+
+def test_context_and_expert_parallel_layout():
+    moe = ["model.num_experts=8", "model.moe_ffn_hidden_size=64", "parallel.ep=4", "parallel.etp=1"]
+    _, layout, _ = resolve(load_config("configs/tiny.yaml", ["parallel.tp=2", "parallel.cp=2", *moe]), 8)
+    # DP is what TP x PP x CP leaves; the experts' data parallelism what ETP x EP x PP leaves.
+    assert (layout.tp, layout.cp, layout.dp, layout.ep, layout.etp, layout.expert_dp) == (2, 2, 2, 4, 1, 2)
+
+
+def test_moe_layers_follow_sparse_step_and_dense_list():
+    # transformers' Qwen2-MoE: layer i is sparse unless listed in mlp_only_layers or (i + 1) % step != 0.
+    cfg = load_config("configs/tiny.yaml", ["model.num_experts=4", "model.moe_ffn_hidden_size=64",
+                                            "model.moe_decoder_sparse_step=2", "model.moe_mlp_only_layers=[3]"])
+    assert cfg.model.moe_layers == [False, True, False, False]
+    assert load_config("configs/tiny.yaml").model.moe_layers == [False] * 4
 
 
 def test_all_errors_reported_at_once():
