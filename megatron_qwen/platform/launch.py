@@ -184,8 +184,12 @@ def init_distributed(
     timeout_minutes: float = 10.0,
     seed: int = 1234,
     io_timeout_minutes: float | None = None,
+    cp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
 ) -> LaunchInfo:
-    """Create the process group for this launch and megatron-core's TP/PP/DP groups.
+    """Create the process group for this launch and megatron-core's TP/PP/CP/DP groups (and the experts'
+    EP/ETP groups: `etp` None is `tp`).
 
     nccl when ranks use GPUs, gloo on CPU ranks (where the CPU harness of
     `megatron_qwen.platform.cpu` is applied first). `timeout_minutes` bounds every collective of
@@ -215,6 +219,9 @@ def init_distributed(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+            context_parallel_size=cp,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=tp if etp is None else etp,
             distributed_timeout_minutes=int(max(1, timeout_minutes)),
         )
     # Dropout streams differ between pipeline stages, as in Megatron-LM (initial weights do not come from

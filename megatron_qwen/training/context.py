@@ -102,7 +102,8 @@ def start_run(cfg: Config) -> RunContext:
     cfg, layout, notes = resolve(cfg, launch.world_size)
     runtime = resolve_runtime(cfg, launch.local_rank)
     p, t = cfg.parallel, cfg.training
-    init_distributed(layout.tp, layout.pp, layout.vpp, p.device, p.timeout_minutes, t.seed, p.io_timeout_minutes)
+    init_distributed(layout.tp, layout.pp, layout.vpp, p.device, p.timeout_minutes, t.seed, p.io_timeout_minutes,
+                     cp=layout.cp, ep=layout.ep, etp=layout.etp)
     run_dir = Path(cfg.logging.run_dir)
     save_dir = Path(t.save or run_dir / "checkpoints")
     if launch.rank == 0:
