@@ -17,7 +17,7 @@ class FixedLogits(torch.nn.Module):
 
     def __init__(self, logits: torch.Tensor):
         super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(()))  # the device `to_model_device` reads
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # the device `model_inputs` reads
         self.logits = logits
 
     def forward(self, tokens, position_ids, attention_mask):

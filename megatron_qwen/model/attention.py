@@ -8,6 +8,10 @@ Rows packed with several sequences (SFT) come with `PackedRows`, megatron-core's
 sequence boundaries: each sequence attends causally within itself, through torch's variable-length flash
 kernel on GPU (torch >= 2.11, whose varlen_attn takes a scale and a causal window), or one causal SDPA call
 per sequence (CPU ranks, attention dropout, fp32). No dense (seq x seq) mask is built.
+
+With context parallelism (``context_parallel_size`` > 1) each rank holds two chunks of every sequence; its
+queries attend to the keys and values gathered from the whole CP group under a mask built from global positions
+(`megatron_qwen.model.context_parallel`), which also keeps packed sequences apart.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_qwen.model import context_parallel as cp
 from megatron_qwen.model.rotary import logn_scale
 from megatron_qwen.packed_rows import PackedRows
 
@@ -71,8 +76,6 @@ class SDPAttention(MegatronModule):
         pg_collection: ProcessGroupCollection | None = None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPAttention does not implement context parallelism; set context_parallel_size=1")
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
@@ -95,25 +98,31 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None and not isinstance(packed_seq_params, PackedRows):
             raise NotImplementedError("SDPAttention takes packed rows as PackedRows (sbhd), not the thd layout")
         sq, b, heads, hn = query.shape
+        query_positions = None  # global positions of the queries, where they are not the last sq of the keys
+        mask = None
+        is_causal = False
+        if self.config.context_parallel_size > 1:
+            key, value, mask, query_positions = self._context_parallel(query, key, value, attention_mask,
+                                                                       packed_seq_params)
+            packed_seq_params = None  # the mask keeps the packed sequences apart
         sk = key.shape[0]
         if key.shape[2] != heads:  # grouped-query attention: share each K/V head across its queries
             key = key.repeat_interleave(heads // key.shape[2], dim=2)
             value = value.repeat_interleave(heads // value.shape[2], dim=2)
 
         if self.use_logn_attn and not self.training and sk > self.qwen_seq_length:
-            positions = torch.arange(sk - sq, sk, device=query.device)
+            positions = torch.arange(sk - sq, sk, device=query.device) if query_positions is None else query_positions
             query = query * logn_scale(positions, self.qwen_seq_length).to(query.dtype)[:, None, None, None]
 
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # -> [b, np, s, hn]
-        mask = None
-        is_causal = False
-        if attention_mask is not None:
-            mask = ~attention_mask  # megatron-core masks mark positions to drop; SDPA marks those to keep
-        elif sq == sk:
-            is_causal = True
-        elif sq > 1:
-            # Causal with queries aligned to the end of the keys (SDPA's is_causal aligns to the start).
-            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+        if query_positions is None:  # (the context-parallel branch has built its mask)
+            if attention_mask is not None:
+                mask = ~attention_mask  # megatron-core masks mark positions to drop; SDPA marks those to keep
+            elif sq == sk:
+                is_causal = True
+            elif sq > 1:
+                # Causal with queries aligned to the end of the keys (SDPA's is_causal aligns to the start).
+                mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
 
         dropout_p = self.dropout_p if self.training else 0.0
         if packed_seq_params is not None and (mask is not None or sq != sk):
@@ -132,6 +141,26 @@ class SDPAttention(MegatronModule):
         else:
             context = attend()
         return context.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
+
+    def _context_parallel(self, query, key, value, attention_mask, rows: PackedRows | None):
+        """Keys and values of the whole sequence (gathered over the CP group, KV heads only), the keep-mask of
+        this rank's queries over them and the queries' global positions."""
+        if attention_mask is not None:
+            raise ValueError("context-parallel attention builds its mask from positions; it takes no attention_mask")
+        if key.shape[0] != query.shape[0]:
+            raise ValueError("context-parallel attention takes no KV cache: generate at parallel.cp=1")
+        local, rows_in_batch = query.shape[0], query.shape[1]
+        size, rank = cp.cp_size(), cp.cp_rank()
+        key, value = cp.gather_kv(key), cp.gather_kv(value)
+        query_positions = cp.token_positions(local, rank, size, query.device)
+        key_positions = cp.gathered_positions(local, size, query.device)
+        if rows is None:
+            mask = cp.keep_mask(query_positions, key_positions)
+        else:
+            segments = cp.segment_ids(rows.boundaries, rows_in_batch, local * size, query.device)
+            mask = cp.keep_mask(query_positions, key_positions, segments[:, query_positions],
+                                segments[:, key_positions])
+        return key, value, mask, query_positions
 
     def _packed(self, q, k, v, rows: PackedRows, dropout_p: float) -> torch.Tensor:
         """[b, np, s, hn] context of rows packed with sequences that each attend causally within themselves."""

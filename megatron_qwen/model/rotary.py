@@ -16,8 +16,9 @@ import dataclasses
 import math
 
 import torch
-from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+from megatron_qwen.model.context_parallel import cp_size, split_sequence
 
 
 def ntk_alpha(length: int, seq_length: int) -> int:
@@ -144,13 +145,15 @@ class QwenRotaryEmbedding(RotaryEmbedding):
         emb = self.get_emb(max_seq_len, offset)
         cp_group = cp_group if cp_group is not None else self.cp_group
         if cp_group is not None and cp_group.size() > 1 and not packed_seq:
-            emb = get_pos_emb_on_this_cp_rank(emb, 0, cp_group)
+            # The rows of this CP rank's two chunks (megatron-core's get_pos_emb_on_this_cp_rank, which pins
+            # host memory and so needs CUDA): `max_seq_len` is the whole sequence's length.
+            emb = split_sequence(emb, 0, cp_group.rank(), cp_group.size())
         return emb
 
     def angles(self, position_ids: torch.Tensor) -> torch.Tensor:
         """Rotary angles [s, b, 1, d] of each token at its position id ([b, s]), with its row's alpha (unpinned:
-        the alpha of a sequence as long as the rows)."""
-        alphas = self.alphas_for(position_ids.shape[1])
+        the alpha of a sequence as long as the rows, all context-parallel ranks' shares together)."""
+        alphas = self.alphas_for(position_ids.shape[1] * cp_size())
         inv = torch.stack([self.inv_freq_for(a) for a in alphas]) if alphas != (self._alpha,) else self.inv_freq[None]
         freqs = position_ids.t().unsqueeze(-1).to(inv.dtype) * inv  # [s, b, d/2], as megatron-core's outer product
         return torch.cat((freqs, freqs), dim=-1).unsqueeze(2)

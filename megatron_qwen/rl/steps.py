@@ -17,7 +17,7 @@ import torch
 
 from megatron_qwen.rl.logprobs import token_entropy, token_logprobs
 from megatron_qwen.rl.ppo_math import kl_estimate, policy_loss, value_loss
-from megatron_qwen.training.forward_backward import to_model_device
+from megatron_qwen.training.forward_backward import model_inputs
 
 # Each report is logged under its own name (its mean over the step's optimizer steps).
 POLICY_REPORTS = ("policy_loss", "clip_fraction", "approx_kl", "policy_entropy", "ptx_loss")
@@ -25,7 +25,7 @@ VALUE_REPORTS = ("value_loss", "value_clip_fraction")
 
 
 def _forward(data_iterator, model):
-    batch = to_model_device(next(data_iterator), model)
+    batch = model_inputs(next(data_iterator), model)
     return model(batch["tokens"], batch["position_ids"], None), batch
 
 

@@ -22,7 +22,7 @@ import torch
 
 from megatron_qwen.config import Config, DPOConfig
 from megatron_qwen.data.chat_datasets import build_preference_datasets
-from megatron_qwen.training.forward_backward import forward_collect, to_model_device
+from megatron_qwen.training.forward_backward import forward_collect, model_inputs
 from megatron_qwen.training.loop import Model, Stage, Trainer, run_stage, train
 from megatron_qwen.training.preference import dpo_losses, response_start
 
@@ -65,7 +65,7 @@ def sequence_logprobs(loss_mask: torch.Tensor, token_losses: torch.Tensor) -> to
 
 def reference_step(data_iterator, model):
     """megatron-core forward_step_func collecting each sequence's response log-probability (frozen reference)."""
-    batch = to_model_device(next(data_iterator), model)
+    batch = model_inputs(next(data_iterator), model)
     output = model(batch["tokens"], None, None, labels=batch["labels"])
     return output, lambda losses, non_loss_data=True: sequence_logprobs(batch["loss_mask"], losses).detach()
 
@@ -102,7 +102,7 @@ def dpo_loss(settings: DPOConfig, batch: dict, token_losses: torch.Tensor):
 
 def dpo_forward_step(settings: DPOConfig, data_iterator, model):
     """megatron-core forward_step_func of the policy: one right-padded sequence per row, plain causal attention."""
-    batch = to_model_device(next(data_iterator), model)
+    batch = model_inputs(next(data_iterator), model)
     output = model(batch["tokens"], None, None, labels=batch["labels"])
     return output, partial(dpo_loss, settings, batch)
 

