@@ -106,3 +106,59 @@ def test_packed_rows_attend_within_each_sequence(monkeypatch):
             is_causal=True, scale=1 / math.sqrt(HEAD_DIM))
         expected = alone.permute(2, 0, 1, 3).reshape(end - start, HEADS * HEAD_DIM)
         assert (out[start:end, row] - expected).abs().max().item() < 1e-6, (row, start, end)
+
+
+REFERENCE = "tp1-pp1-vpp1-cp1"  # CP=1: data-parallel over the 4 ranks
+FORWARD_LAYOUTS = ("tp1-pp1-vpp1-cp2", "tp2-pp1-vpp1-cp2-sp", "tp1-pp2-vpp1-cp2")
+TRAIN_LAYOUTS = ("tp1-pp1-vpp1-cp2-dopt", "tp2-pp1-vpp1-cp2-sp", "tp1-pp2-vpp2-cp2")
+# Saved at step 5 at one CP size, resumed at the other (the same optimizer kind: its state layouts differ).
+RESUMED = (f"{REFERENCE}@tp2-pp1-vpp1-cp2-sp", f"tp1-pp1-vpp1-cp2@{REFERENCE}")
+
+
+@pytest.fixture(scope="module")
+def cp_runs(tmp_path_factory):
+    """One spawn of 4 ranks: the forward comparisons, then the training runs and the resumed ones."""
+    root = tmp_path_factory.mktemp("cp")
+    run_torchrun(4, ["tests/parallel/cp_worker.py", "--workdir", str(root), "--forward", ",".join(FORWARD_LAYOUTS),
+                     "--resume", "--train", ",".join((REFERENCE, *TRAIN_LAYOUTS, *RESUMED))], timeout=900)
+    return root
+
+
+@pytest.mark.parametrize("layout", FORWARD_LAYOUTS)
+def test_forward_equals_cp1(cp_runs, layout):
+    """Logits at sequence lengths 8, 16 and 32 and the per-token losses of packed SFT rows (through the SFT stage's
+    forward step) equal CP=1's at the same positions on every last-stage rank; a 30-token sequence is refused."""
+    results = [json.loads((cp_runs / layout / f"forward_rank{r}.json").read_text()) for r in range(4)]
+    last_stage = [r for r in results if r]
+    assert len(last_stage) == (2 if layout.startswith("tp1-pp2") else 4)
+    for result in last_stage:
+        for key in ("8", "16", "32", "packed"):
+            assert isinstance(result[key], float) and result[key] < 1e-5, (layout, key, result[key])
+        if "uneven" in result:
+            assert "30 tokens, not a multiple of 2 x parallel.cp = 4" in result["uneven"], result["uneven"]
+    assert any("uneven" in r for r in last_stage) != layout.startswith("tp1-pp2")
+
+
+def _max_relative_difference(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize("run", [*TRAIN_LAYOUTS, *RESUMED])
+def test_training_steps_equal_cp1(cp_runs, run):
+    """Ten optimizer steps (the distributed optimizer on DP x CP, TP with SP, interleaved PP) give CP=1's losses and
+    final weights; a run resumed at another CP size from step 5 too."""
+    from megatron_qwen.checkpoint.io import read_full_state_dict
+
+    ref_dir = cp_runs / REFERENCE / "train"
+    ref_losses = json.loads((ref_dir / "losses.json").read_text())
+    ref_final, initial = read_full_state_dict(ref_dir / "final"), read_full_state_dict(ref_dir / "initial")
+    assert all(not torch.equal(ref_final[k], initial[k]) for k in ref_final)  # training moved every tensor
+    out = cp_runs / run.replace("@", "_from_") / "train"
+    losses = json.loads((out / "losses.json").read_text())
+    assert list(losses) == list(ref_losses)[-len(losses):] and len(losses) == (5 if "@" in run else 10)
+    for step, loss in losses.items():
+        assert abs(loss - ref_losses[step]) < 1e-5, (run, step, loss, ref_losses[step])
+    final = read_full_state_dict(out / "final")
+    assert final.keys() == ref_final.keys()
+    diffs = {k: _max_relative_difference(final[k], ref_final[k]) for k in ref_final}
+    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]

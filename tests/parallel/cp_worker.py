@@ -164,6 +164,8 @@ def train(name: str, workdir: Path, resume: bool) -> None:
     if source:
         first = load_checkpoint(workdir / source / "train" / "ckpt" / f"iter_{RESUME_AT:07d}", [unit],
                                 restore_rng=False)["step"]
+    elif layout.cp == 1:
+        save_model(unit.chunks, out / "initial")  # to show that training moved every weight
     num_micro = GLOBAL_BATCH // (MICRO_BATCH * layout.dp)
     losses = {}
     for step in range(first, TRAIN_STEPS):
