@@ -113,6 +113,7 @@ FORWARD_LAYOUTS = ("tp1-pp1-vpp1-cp2", "tp2-pp1-vpp1-cp2-sp", "tp1-pp2-vpp1-cp2"
 TRAIN_LAYOUTS = ("tp1-pp1-vpp1-cp2-dopt", "tp2-pp1-vpp1-cp2-sp", "tp1-pp2-vpp2-cp2")
 # Saved at step 5 at one CP size, resumed at the other (the same optimizer kind: its state layouts differ).
 RESUMED = (f"{REFERENCE}@tp2-pp1-vpp1-cp2-sp", f"tp1-pp1-vpp1-cp2@{REFERENCE}")
+STAGE_LAYOUTS = ("tp1-pp1-vpp1-cp2", "tp1-pp2-vpp1-cp2")  # against REFERENCE
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,8 @@ def cp_runs(tmp_path_factory):
     """One spawn of 4 ranks: the forward comparisons, then the training runs and the resumed ones."""
     root = tmp_path_factory.mktemp("cp")
     run_torchrun(4, ["tests/parallel/cp_worker.py", "--workdir", str(root), "--forward", ",".join(FORWARD_LAYOUTS),
-                     "--resume", "--train", ",".join((REFERENCE, *TRAIN_LAYOUTS, *RESUMED))], timeout=900)
+                     "--resume", "--train", ",".join((REFERENCE, *TRAIN_LAYOUTS, *RESUMED)),
+                     "--stages", ",".join((REFERENCE, *STAGE_LAYOUTS))], timeout=900)
     return root
 
 
@@ -162,3 +164,28 @@ def test_training_steps_equal_cp1(cp_runs, run):
     assert final.keys() == ref_final.keys()
     diffs = {k: _max_relative_difference(final[k], ref_final[k]) for k in ref_final}
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+
+
+@pytest.mark.parametrize("layout", STAGE_LAYOUTS)
+def test_reward_and_dpo_steps_equal_cp1(cp_runs, layout):
+    """One reward-model and one DPO step (the stages' forward steps and losses, DPO's reference preparation) at
+    CP=2 give CP=1's loss, accuracy, margins and gradient norm: each sequence's sum is taken over the CP group and
+    the gradient counted once."""
+    reference = json.loads((cp_runs / REFERENCE / "stages.json").read_text())
+    result = json.loads((cp_runs / layout / "stages.json").read_text())
+    for stage in ("reward", "dpo"):
+        assert reference[stage]["grad_norm"] > 0
+        for key, expected in reference[stage].items():
+            assert abs(result[stage][key] - expected) <= 1e-5 * max(1.0, abs(expected)), (stage, key, result[stage])
+
+
+def test_ppo_at_cp2_refused_with_the_fix():
+    """PPO's rollouts are generated with a KV cache, which context-parallel attention refuses: the stage says so
+    before any process group exists, naming parallel.cp=1."""
+    from megatron_qwen.config import load_config
+    from megatron_qwen.errors import ConfigError
+    from megatron_qwen.rl.checks import validate_ppo
+
+    cfg = load_config("configs/stage/ppo.yaml", ["ppo.policy_from=/nowhere", "parallel.cp=2"])
+    with pytest.raises(ConfigError, match=r"parallel.cp=2: PPO and GRPO generate .* set parallel.cp=1"):
+        validate_ppo(cfg, world_size=2)

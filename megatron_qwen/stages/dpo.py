@@ -22,6 +22,7 @@ import torch
 
 from megatron_qwen.config import Config, DPOConfig
 from megatron_qwen.data.chat_datasets import build_preference_datasets
+from megatron_qwen.model.context_parallel import cp_size, sum_over_cp
 from megatron_qwen.training.forward_backward import forward_collect, model_inputs
 from megatron_qwen.training.loop import Model, Stage, Trainer, run_stage, train
 from megatron_qwen.training.preference import dpo_losses, response_start
@@ -59,8 +60,9 @@ def build_datasets(cfg, tokenizer):
 
 
 def sequence_logprobs(loss_mask: torch.Tensor, token_losses: torch.Tensor) -> torch.Tensor:
-    """Each row's summed log-probability of its response tokens, from the model's per-token losses [b, s]."""
-    return -(token_losses.float() * loss_mask.float()).sum(dim=-1)
+    """Each row's summed log-probability of its response tokens, from the model's per-token losses [b, s] (with
+    context parallelism, this rank's share of the tokens: summed over the CP group)."""
+    return sum_over_cp(-(token_losses.float() * loss_mask.float()).sum(dim=-1))
 
 
 def reference_step(data_iterator, model):
@@ -82,7 +84,9 @@ def add_reference_logprobs(trainer: Trainer, micro: list[dict]) -> None:
 
 
 def dpo_loss(settings: DPOConfig, batch: dict, token_losses: torch.Tensor):
-    """Sum of the pairs' losses in the micro-batch, the pair count and the [sum, count] reports."""
+    """Sum of the pairs' losses in the micro-batch, the pair count and the [sum, count] reports. Every CP rank
+    computes the same pair losses; the one it differentiates is multiplied by the CP size (see the reward stage's
+    `pairwise_loss`)."""
     policy = sequence_logprobs(batch["loss_mask"], token_losses)
     reference = batch[REFERENCE_KEY].to(policy.device, torch.float32)
     losses, chosen, rejected = dpo_losses(policy[0::2], policy[1::2], reference[0::2], reference[1::2],
@@ -97,7 +101,7 @@ def dpo_loss(settings: DPOConfig, batch: dict, token_losses: torch.Tensor):
         "accuracy": torch.stack([(margin > 0).float().sum(), count]),
         "margin": torch.stack([margin.sum(), count]),
     }
-    return losses.sum(), pairs, report
+    return losses.sum() * cp_size(), pairs, report
 
 
 def dpo_forward_step(settings: DPOConfig, data_iterator, model):

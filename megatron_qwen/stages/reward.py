@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_qwen.data.chat_datasets import build_preference_datasets
+from megatron_qwen.model.context_parallel import cp_size, sum_over_cp
 from megatron_qwen.training.forward_backward import model_inputs
 from megatron_qwen.training.loop import Model, Stage, run_stage, train
 
@@ -34,9 +35,12 @@ def pairwise_loss(read_at: torch.Tensor, rewards: torch.Tensor):
     """Sum of ``-log sigmoid(r_chosen - r_rejected)`` over the micro-batch's pairs and the pair count.
 
     `rewards` [b, s] per token, `read_at` [b, s] one-hot at each sequence's final token; rows 2k and
-    2k+1 are the chosen and rejected sides of pair k.
+    2k+1 are the chosen and rejected sides of pair k. With context parallelism each rank holds a share of the
+    tokens: the reward is summed over the CP group, every CP rank computes the same pair losses, and the loss
+    it differentiates is multiplied by the CP size because megatron-core divides the gradients by the pair count
+    summed over DP x CP (as its schedule does for losses that are not per-token).
     """
-    reward = (rewards.float() * read_at.float()).sum(dim=-1)
+    reward = sum_over_cp((rewards.float() * read_at.float()).sum(dim=-1))
     margin = reward[0::2] - reward[1::2]
     loss_sum = -F.logsigmoid(margin).sum()
     pairs = torch.tensor(margin.numel(), dtype=torch.int, device=margin.device)
@@ -46,7 +50,7 @@ def pairwise_loss(read_at: torch.Tensor, rewards: torch.Tensor):
         "accuracy": torch.stack([(margin > 0).float().sum().detach(), count]),
         "margin": torch.stack([margin.sum().detach(), count]),
     }
-    return loss_sum, pairs, report
+    return loss_sum * cp_size(), pairs, report
 
 
 def reward_forward_step(data_iterator, model):

@@ -9,6 +9,9 @@ seed, so all hold the same weights. Per layout it writes under --workdir/LAYOUT:
 - train/: TRAIN_STEPS optimizer steps (the project's model unit: DDP, megatron-core's Adam, the LR schedule),
   each on its own global batch: losses.json and the final weights. With --resume a layout also saves at
   RESUME_AT (ckpt/) and ``LAYOUT@FROM`` resumes from layout FROM's checkpoint for the remaining steps.
+- stages.json: one step of the reward and of the DPO stage (reports, gradient norm).
+--measure LAYOUT@SEQ prints the activation bytes and the forward+backward time of one sequence (a figure for the
+docs, not a test).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +30,8 @@ MODEL = ["model.padded_vocab_size=1024", "model.seq_length=32", "model.num_atten
 SEQ, GLOBAL_BATCH, MICRO_BATCH, SEED = 32, 8, 1, 1234
 TRAIN_STEPS, RESUME_AT = 10, 5
 FORWARD_LENGTHS = (8, 16, 32)
-PACKED_STARTS = ((0, 5, 13, 20), (0, 11))  # where each row's packed sequences begin (rows of SEQ tokens)
+PACKED_STARTS = ((0, 5, 13, 20), (0, 11))
+PREFERENCE_ROWS = 8  # 4 pairs  # where each row's packed sequences begin (rows of SEQ tokens)
 
 
 def parse_layout(name: str) -> dict:
@@ -185,12 +190,112 @@ def train(name: str, workdir: Path, resume: bool) -> None:
         (out / "losses.json").write_text(json.dumps(losses))
 
 
+def preference_rows(rows: int) -> list[dict]:
+    """`rows` sequences of SEQ tokens, pairs side by side (a shared 10-token prompt), each marked at its last
+    token as the preference shards mark them."""
+    tokens = tokens_of(SEQ - 1, rows, 11)
+    tokens[1::2, :10] = tokens[0::2, :10]
+    items = []
+    for i in range(rows):
+        mark = torch.zeros(SEQ)
+        mark[18 + i] = 1.0
+        items.append({"tokens": tokens[i].numpy(), "loss_mask": mark.numpy()})
+    return items
+
+
+def check_stages(name: str, workdir: Path) -> None:
+    """One step of the reward and the DPO stage (their forward steps, losses and DPO's reference preparation) on
+    PREFERENCE_ROWS rows: the reports and the gradient norm."""
+    import contextlib
+    import types
+
+    from megatron.core import parallel_state
+
+    from megatron_qwen.platform.runtime import Runtime
+    from megatron_qwen.stages import dpo, reward
+    from megatron_qwen.training.forward_backward import forward_backward, micro_batch_iterators
+    from megatron_qwen.training.units import build_unit
+
+    cfg, layout = setup(name, ("training.micro_batch_size=2",))
+    rows = preference_rows(PREFERENCE_ROWS)
+    per_rank = PREFERENCE_ROWS // layout.dp
+    mine = range(parallel_state.get_data_parallel_rank() * per_rank, (parallel_state.get_data_parallel_rank() + 1)
+                 * per_rank)
+    result = {}
+    for stage, head in (("reward", "scalar"), ("dpo", "lm")):
+        unit = build_unit(cfg, Runtime.cpu(), stage, head=head)
+        unit.set_lr(0)
+        unit.zero_grad()
+        if stage == "reward":
+            items = [{k: torch.as_tensor(v) for k, v in rows[i].items()} for i in mine]
+            step, keys = reward.reward_forward_step, reward.REPORT_KEYS
+        else:
+            responses = dpo.ResponseRows(rows)
+            items = [{k: torch.as_tensor(v) for k, v in responses[i].items()} for i in mine]
+            step, keys = partial(dpo.dpo_forward_step, cfg.dpo), dpo.REPORT_KEYS
+        micro = [{k: torch.stack([items[j][k], items[j + 1][k]]) for k in items[j]} for j in range(0, len(items), 2)]
+        if stage == "dpo":
+            reference = build_unit(cfg, Runtime.cpu(), "reference", trained=False)
+            for param in (p for chunk in reference.chunks for p in chunk.parameters()):
+                param.data.mul_(0.9)  # a reference apart from the policy: its log-probabilities count in the loss
+            trainer = types.SimpleNamespace(cfg=cfg, frozen_model=lambda _: contextlib.nullcontext(reference))
+            dpo.add_reference_logprobs(trainer, micro)
+        reports = forward_backward(unit.chunks, micro_batch_iterators(unit.chunks, micro), len(micro), SEQ, 2, step,
+                                   report_keys=keys)
+        grad_norm, _ = unit.step()
+        result[stage] = {**{k: v.item() for k, v in reports.items()}, "grad_norm": grad_norm}
+    if torch.distributed.get_rank() == 0:
+        (workdir / name).mkdir(parents=True, exist_ok=True)
+        (workdir / name / "stages.json").write_text(json.dumps(result))
+
+
+def measure(name: str, seq: int, workdir: Path) -> None:
+    """Activation bytes one micro-batch of `seq` tokens saves for backward on this rank (distinct storages under
+    saved_tensors_hooks, as the planner's activation test counts them) and the seconds of a forward+backward."""
+    import time
+
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
+    from megatron_qwen.training.forward_backward import model_inputs
+
+    cfg, _ = setup(name, (f"model.seq_length={seq}",))
+    (model,) = build_model(cfg, Runtime.cpu())
+    model.train()
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    tokens = tokens_of(seq, 1, 0)
+    batch = model_inputs({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+                          "position_ids": torch.arange(seq)[None]}, model)
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in parameters:
+            saved.setdefault(storage.data_ptr(), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    loss.sum().backward()
+    seconds = []
+    for _ in range(3):
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum().backward()
+        torch.distributed.barrier()
+        seconds.append(time.perf_counter() - start)
+    if torch.distributed.get_rank() == 0:
+        print(json.dumps({"layout": name, "seq": seq, "activation_bytes": sum(saved.values()),
+                          "step_seconds": min(seconds)}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--forward", default="", help="layouts whose forward passes are compared with CP=1")
     parser.add_argument("--train", default="", help="layouts to train (LAYOUT@FROM: resume from FROM's checkpoint)")
     parser.add_argument("--resume", action="store_true", help="save at RESUME_AT while training")
+    parser.add_argument("--stages", default="", help="layouts at which one reward and one DPO step run")
+    parser.add_argument("--measure", default="", help="LAYOUT@SEQ,...: activation bytes and step time (not a test)")
     args = parser.parse_args()
     if args.forward:
         cfg, _ = setup("tp1-pp1-vpp1-cp1")
@@ -199,6 +304,11 @@ def main() -> None:
             check_forward(name, reference, args.workdir)
     for name in filter(None, args.train.split(",")):
         train(name, args.workdir, args.resume)
+    for name in filter(None, args.stages.split(",")):
+        check_stages(name, args.workdir)
+    for item in filter(None, args.measure.split(",")):
+        name, seq = item.split("@")
+        measure(name, int(seq), args.workdir)
 
 
 if __name__ == "__main__":
