@@ -131,6 +131,10 @@ class SDPAttention(MegatronModule):
         def attend() -> torch.Tensor:
             if packed_seq_params is not None:
                 return self._packed(q, k, v, packed_seq_params, dropout_p)
+            if mask is not None and mask.dim() == 3:  # a mask per row: torch's fused CPU kernel takes one [sq, sk]
+                return torch.cat([F.scaled_dot_product_attention(
+                    q[i:i + 1], k[i:i + 1], v[i:i + 1], attn_mask=mask[i], dropout_p=dropout_p, scale=self.softmax_scale
+                ) for i in range(b)])
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale
             )
@@ -143,8 +147,9 @@ class SDPAttention(MegatronModule):
         return context.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
 
     def _context_parallel(self, query, key, value, attention_mask, rows: PackedRows | None):
-        """Keys and values of the whole sequence (gathered over the CP group, KV heads only), the keep-mask of
-        this rank's queries over them and the queries' global positions."""
+        """Keys and values of the whole sequence (gathered over the CP group, KV heads only), the additive mask of
+        this rank's queries over them ([sq, sk], or [b, sq, sk] for packed rows) and the queries' global
+        positions."""
         if attention_mask is not None:
             raise ValueError("context-parallel attention builds its mask from positions; it takes no attention_mask")
         if key.shape[0] != query.shape[0]:
@@ -152,15 +157,9 @@ class SDPAttention(MegatronModule):
         local, rows_in_batch = query.shape[0], query.shape[1]
         size, rank = cp.cp_size(), cp.cp_rank()
         key, value = cp.gather_kv(key), cp.gather_kv(value)
-        query_positions = cp.token_positions(local, rank, size, query.device)
-        key_positions = cp.gathered_positions(local, size, query.device)
-        if rows is None:
-            mask = cp.keep_mask(query_positions, key_positions)
-        else:
-            segments = cp.segment_ids(rows.boundaries, rows_in_batch, local * size, query.device)
-            mask = cp.keep_mask(query_positions, key_positions, segments[:, query_positions],
-                                segments[:, key_positions])
-        return key, value, mask, query_positions
+        mask = cp.attention_bias(local, rank, size, None if rows is None else rows.boundaries, rows_in_batch,
+                                 query.dtype, query.device)
+        return key, value, mask, cp.token_positions(local, rank, size, query.device)
 
     def _packed(self, q, k, v, rows: PackedRows, dropout_p: float) -> torch.Tensor:
         """[b, np, s, hn] context of rows packed with sequences that each attend causally within themselves."""

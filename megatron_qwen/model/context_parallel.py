@@ -13,6 +13,8 @@ sequence-parallel mapping over the CP group). Transformer Engine's attention doe
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, reduce_from_tensor_model_parallel_region
@@ -98,6 +100,24 @@ def keep_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
         same = query_segments[:, :, None] == key_segments[:, None, :]
         keep = (keep[None] & same)[:, None]
     return keep
+
+
+@functools.lru_cache(maxsize=1)
+def attention_bias(local_seq: int, rank: int, size: int, boundaries: tuple[int, ...] | None, rows: int,
+                   dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The additive mask (0 to attend, -inf not) of CP rank `rank`'s queries over the gathered keys: [sq, sk], or
+    [rows, sq, sk] for packed rows (`boundaries` of the full rows). Built once per micro-batch shape and shared by
+    every layer: attention saves its mask for the backward, and one shared tensor is saved once, where a mask per
+    layer would cost (S / cp) x S values per layer (torch converts a boolean mask to this form inside each call)."""
+    query_positions = token_positions(local_seq, rank, size, device)
+    key_positions = gathered_positions(local_seq, size, device)
+    if boundaries is None:
+        keep = keep_mask(query_positions, key_positions)
+    else:
+        segments = segment_ids(boundaries, rows, local_seq * size, device)
+        keep = keep_mask(query_positions, key_positions, segments[:, query_positions],
+                         segments[:, key_positions])[:, 0]
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
 
 
 def segment_ids(boundaries: tuple[int, ...], rows: int, seq: int, device=None) -> torch.Tensor:
