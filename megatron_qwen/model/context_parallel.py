@@ -1,4 +1,4 @@
-"""Context parallelism on the local spec: each context-parallel (CP) rank holds a share of every sequence and
+"""Context parallelism in the attention: each context-parallel (CP) rank holds a share of every sequence and
 attends over the whole of it, exactly.
 
 The split is megatron-core's causal load balancing (``megatron.core.utils.get_batch_on_this_cp_rank``): a
@@ -7,8 +7,8 @@ as many (query, key) pairs under the causal mask as any other. Attention all-gat
 over the CP group (the Llama 3 paper's approach; the K/V heads before grouped-query attention repeats them, so
 the bytes are those of the KV heads) and each rank's queries attend to all keys under a mask built from the
 tokens' global positions. The backward of the gather is a reduce-scatter of dK/dV (megatron-core's own
-sequence-parallel mapping over the CP group). Transformer Engine's attention does its own context parallelism
-(megatron-core's ``context_parallel_size`` / ``cp_comm_type``); this module is the path without it.
+sequence-parallel mapping over the CP group). Both layer specs (local and Transformer Engine) use `SDPAttention`
+as their core attention, so this is the context parallelism of every run.
 """
 
 from __future__ import annotations

@@ -105,10 +105,9 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp if p.vpp > 1 else None,
         sequence_parallel=p.sp,
-        # Transformer Engine's attention runs megatron-core's context parallelism itself (p2p: a ring of K/V
-        # exchanges overlapped with compute); the local spec's SDPAttention gathers K/V (model.context_parallel).
+        # Both specs' core attention is SDPAttention, which gathers K/V over the CP group (model.context_parallel);
+        # megatron-core reads the size for its CP groups, the rotary's split and the schedules' tensor shapes.
         context_parallel_size=p.cp,
-        cp_comm_type="p2p" if runtime.use_te and p.cp > 1 else None,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
