@@ -174,14 +174,14 @@ def _nll_step(data_iterator, model):
     labels = torch.nn.functional.pad(tokens[:, 1:], (0, 1))  # the last position predicts nothing scored
 
     def token_nll(logits, non_loss_data=True):
-        # Vocabulary-parallel logits [s, b, v / tp]: rows past the real vocabulary (padding for TP) take no
+        # Vocabulary-parallel logits [b, s, v / tp]: rows past the real vocabulary (padding for TP) take no
         # probability, as if the softmax covered the real vocabulary alone.
         logits = logits.float()
         width = logits.shape[-1]
         first = parallel_state.get_tensor_model_parallel_rank() * width
         padding = torch.arange(first, first + width, device=logits.device) >= vocab_size
         logits = logits.masked_fill(padding, float("-inf"))
-        return vocab_parallel_cross_entropy(logits, labels.t().contiguous()).t()  # [b, s]
+        return vocab_parallel_cross_entropy(logits, labels)  # [b, s]
 
     return output, token_nll
 
