@@ -27,8 +27,7 @@ def attention(windows: tuple, layer_number: int = 1, logn: bool = False, seq_len
 
     config = QwenTransformerConfig(num_layers=2, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
                                    use_cpu_initialization=True, attention_dropout=0.0, attention_windows=windows,
-                                   use_logn_attn=logn,
-                                   qwen_seq_length=seq_length)
+                                   use_logn_attn=logn, qwen_seq_length=seq_length)
     return SDPAttention(config, layer_number, AttnMaskType.causal, "self").eval()
 
 
@@ -145,6 +144,43 @@ def test_windows_and_lengths_of_the_tool():
     assert table.splitlines()[2].split() == ["+", "dynamic", "NTK", "12.35", "20.50"]
     with pytest.raises(SystemExit):
         parse_args(["--ckpt", "c", "--data", "d", "--variants", "plain,+ yarn"])
+
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_generation_with_windows_equals_a_full_forward_per_row():
+    """Ragged prompts (left-padded into one block) continued greedily with the KV cache, windows 3 and 5 in the two
+    layers: each step's log-probability equals a whole-sequence forward of that row alone with the same windows,
+    and differs from the same model without windows (so the windows act while decoding)."""
+    from megatron_qwen.config import load_config
+    from megatron_qwen.inference.engine import GenerationEngine
+    from megatron_qwen.inference.sampling import SamplingParams
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
+
+    shape = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=2", "model.ffn_hidden_size=128",
+             "model.padded_vocab_size=256"]
+    windowed, full = (build_model(load_config("configs/tiny.yaml", shape + extra), Runtime.cpu(),
+                                  rope_at_positions=True)[0] for extra in (["model.attention_windows=[3,5]"], []))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in windowed.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    full.load_state_dict(windowed.state_dict())
+    prompts = [[3, 17, 92, 45, 8, 61, 33], [5, 120], [77, 77, 12, 9, 4, 4]]
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    results = {name: GenerationEngine([model.eval()], 250).generate(prompts, params)
+               for name, model in (("windowed", windowed), ("full", full))}
+    ours = results["windowed"]
+    for prompt, new, logprobs in zip(prompts, ours.tokens, ours.logprobs):
+        row = torch.tensor([prompt + new])
+        with torch.no_grad():
+            logits = windowed(row, torch.arange(row.shape[1])[None], None)[0, :, :250].double()
+        expected = logits.log_softmax(-1)[len(prompt) - 1:-1].gather(-1, torch.tensor(new)[:, None])[:, 0]
+        np.testing.assert_allclose(logprobs, expected.numpy(), rtol=0, atol=1e-4)
+    differences = [abs(a - b) for mine, theirs in zip(ours.logprobs, results["full"].logprobs)
+                   for a, b in zip(mine, theirs)]
+    assert max(differences) > 1e-3
 
 
 # The model of the end-to-end checks: tiny.yaml pretrained at seq_length 64, evaluated up to 16 x that.
