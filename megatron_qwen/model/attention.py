@@ -58,7 +58,7 @@ class SDPAttention(MegatronModule):
     Queries may be fewer than keys (decoding with a KV cache); they are the last ``sq`` positions.
     In eval mode with ``config.use_logn_attn``, queries beyond ``config.qwen_seq_length`` are scaled
     by log(p + 1) / log(seq_length), as in the released modeling_qwen.py; with a window for this layer in
-    ``config.attention_windows``, each query sees only its last `window` positions (`model.window`).
+    ``config.attention_windows``, each query sees only its last `window` positions (megatron_qwen.model.window).
     """
 
     def __init__(
