@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[int, float]] = {}
     nll: dict[str, dict[int, float]] = {}
     predictions = {length: cut_windows(stream, length).shape[0] * (length - 1) for length in lengths}
-    total = len(args.variants) * sum(stream.size // length for length in lengths)
+    # Progress in tokens: a forward pass costs about as much per token at every length (attention aside).
+    total = len(args.variants) * sum(stream.size // length * length for length in lengths)
     done, start = 0, time.monotonic()
     try:
         for name in args.variants:
@@ -307,10 +308,10 @@ def main(argv: list[str] | None = None) -> int:
                 if token_nll is not None:
                     mean = token_nll.double().sum().item() / token_nll.numel()
                     nll[name][length], results[name][length] = mean, math.exp(mean)
-                done += cut.shape[0]
+                done += cut.numel()
                 if inference.is_writer():
                     elapsed = time.monotonic() - start
-                    print(f"[{done}/{total} windows, {elapsed:.0f} s, about {elapsed / done * (total - done):.0f} s "
+                    print(f"[{done}/{total} tokens, {elapsed:.0f} s, about {elapsed / done * (total - done):.0f} s "
                           f"left] {name} at {length}: perplexity {results[name][length]:.3f}", flush=True)
             del chunks
         if inference.is_writer():
