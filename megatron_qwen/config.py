@@ -60,6 +60,9 @@ class ModelConfig:
     init_method_std: float = 0.02
     use_dynamic_ntk: bool = False  # inference only, beyond seq_length
     use_logn_attn: bool = False  # inference only, beyond seq_length
+    # Layer-wise window attention (Qwen report, section 2.3.2), inference only: one window per layer, in layer order;
+    # a query then sees its last `window` positions (itself included); 0 or null: full causal attention. [] : none.
+    attention_windows: list = field(default_factory=list)
     # RoPE scaling of a Hugging Face config's rope_scaling (Qwen2.5's 128K recipe): YaRN with this factor over
     # rope_original_max_position_embeddings. Applies to every forward, as in transformers: set it for
     # long-context inference (or long-context training), not for short-context fine-tuning.
@@ -647,6 +650,7 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
             f"parallel.tp={p.tp}; choose a seq_length that is a multiple of {p.cp * p.tp}"
         )
     errors += _moe_problems(cfg)
+    errors += _window_problems(m)
 
     if world_size is not None:
         mp = p.tp * p.pp * p.cp
@@ -676,6 +680,22 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
                     "change global_batch_size or micro_batch_size"
                 )
     return errors, notes
+
+
+def _window_problems(m: ModelConfig) -> list[str]:
+    """model.attention_windows problems: one window per layer, each a whole number >= 0 or null."""
+    windows = m.attention_windows
+    if not windows:
+        return []
+    if len(windows) != m.num_layers:
+        return [f"model.attention_windows has {len(windows)} entries for model.num_layers={m.num_layers}; give one "
+                "window per layer (0 or null: full attention), or [] for none"]
+    bad = [(i, w) for i, w in enumerate(windows)
+           if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0)]
+    if bad:
+        return [f"model.attention_windows[{i}]={w!r} is not a window: use a whole number of positions >= 1, "
+                f"or 0 / null for full attention" for i, w in bad]
+    return []
 
 
 def _moe_problems(cfg: Config) -> list[str]:

@@ -28,6 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_qwen.model import context_parallel as cp
 from megatron_qwen.model.rotary import logn_scale
+from megatron_qwen.model.window import layer_window, window_keep_mask
 from megatron_qwen.packed_rows import PackedRows
 
 try:  # torch's variable-length flash attention (CUDA, bf16/fp16, no dropout)
@@ -61,7 +62,8 @@ class SDPAttention(MegatronModule):
 
     Queries may be fewer than keys (decoding with a KV cache); they are the last ``sq`` positions.
     In eval mode with ``config.use_logn_attn``, queries beyond ``config.qwen_seq_length`` are scaled
-    by log(p + 1) / log(seq_length), as in the released modeling_qwen.py.
+    by log(p + 1) / log(seq_length), as in the released modeling_qwen.py; with a window for this layer in
+    ``config.attention_windows``, each query sees only its last `window` positions (megatron_qwen.model.window).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class SDPAttention(MegatronModule):
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.use_logn_attn = getattr(config, "use_logn_attn", False)
         self.qwen_seq_length = getattr(config, "qwen_seq_length", None)
+        self.attention_window = layer_window(getattr(config, "attention_windows", ()), self.layer_number)
 
     def forward(
         self,
@@ -123,6 +126,13 @@ class SDPAttention(MegatronModule):
             elif sq > 1:
                 # Causal with queries aligned to the end of the keys (SDPA's is_causal aligns to the start).
                 mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+
+        if self.attention_window is not None and not self.training and sk > self.attention_window:
+            if packed_seq_params is not None:
+                raise ValueError("model.attention_windows takes unpacked rows; unset it or set sft.pack=false")
+            keep = window_keep_mask(torch.arange(sk - sq, sk, device=q.device), torch.arange(sk, device=q.device),
+                                    self.attention_window)
+            mask, is_causal = (keep if mask is None else mask & keep), False
 
         dropout_p = self.dropout_p if self.training else 0.0
         if packed_seq_params is not None and (mask is not None or sq != sk):

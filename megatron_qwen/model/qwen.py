@@ -44,12 +44,13 @@ SCALAR_HEAD_KEY = "reward_head.weight"  # the scalar head's global key in checkp
 
 @dataclasses.dataclass
 class QwenTransformerConfig(TransformerConfig):
-    """TransformerConfig plus the two inference-time Qwen features the core attention needs, the FP8 recipe
+    """TransformerConfig plus the inference-time Qwen features the core attention needs, the FP8 recipe
     of the local spec's linears (torchao; Transformer Engine's FP8 is megatron-core's own ``fp8`` fields), and
     the YaRN factor."""
 
     qwen_seq_length: int = 2048
     use_logn_attn: bool = False
+    attention_windows: tuple = ()  # one per layer, inference only (megatron_qwen.model.window)
     local_fp8_recipe: str | None = None
     # megatron-core's attention multiplies RoPE's cos/sin by YaRN's attention factor (0.1 ln(factor) + 1, as
     # transformers does) for a config with this attribute; 1.0 (no YaRN) gives the factor 1.
@@ -140,6 +141,7 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         cuda_graph_scope=[],  # the whole layer; megatron-core's default ("full") is deprecated and warns
         qwen_seq_length=m.seq_length,
         use_logn_attn=m.use_logn_attn,
+        attention_windows=tuple(m.attention_windows),
         yarn_rotary_scaling_factor=m.rope_scaling_factor if m.rope_scaling == "yarn" else 1.0,
         **recompute,
     )
