@@ -130,9 +130,13 @@ class SDPAttention(MegatronModule):
         if self.attention_window is not None and not self.training and sk > self.attention_window:
             if packed_seq_params is not None:
                 raise ValueError("model.attention_windows takes unpacked rows; unset it or set sft.pack=false")
-            keep = window_keep_mask(torch.arange(sk - sq, sk, device=q.device), torch.arange(sk, device=q.device),
-                                    self.attention_window)
-            mask, is_causal = (keep if mask is None else mask & keep), False
+            positions = torch.arange(sk - sq, sk, device=q.device) if query_positions is None else query_positions
+            keep = window_keep_mask(positions, torch.arange(sk, device=q.device), self.attention_window)
+            if mask is not None and mask.dtype != torch.bool:  # context parallelism's additive mask
+                mask = mask.masked_fill(~keep, float("-inf"))
+            else:
+                mask = keep if mask is None else mask & keep
+            is_causal = False
 
         dropout_p = self.dropout_p if self.training else 0.0
         if packed_seq_params is not None and (mask is not None or sq != sk):
