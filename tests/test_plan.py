@@ -416,7 +416,7 @@ def test_listed_layouts_pass_config_validation():
         memory, time = entry["memory_gib"], entry["time_s"]
         parts = ("weights", "gradients", "optimizer", "activations", "buffers")
         assert sum(memory[k] for k in parts) == pytest.approx(memory["total"]) and memory["total"] <= out["usable_gib"]
-        assert sum(time[k] for k in ("compute", "tp", "pp", "dp", "bubble")) == pytest.approx(time["total"])
+        assert sum(time[k] for k in ("compute", "tp", "cp", "ep", "pp", "dp", "bubble")) == pytest.approx(time["total"])
         check = run([sys.executable, "-m", "megatron_qwen.config", "configs/qwen-7b.yaml", *entry["overrides"],
                      "--world-size", "8"])
         assert check.returncode == 0, f"{entry['overrides']}: {check.stderr}"
@@ -476,8 +476,9 @@ def test_published_layouts_are_among_the_top_choices(row):
         # Its data-parallel all-reduce ran after the backward (Megatron-LM's local DDP of 2021).
         "parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false",
     ])
+    # Nor context parallelism (2023): CP = 1.
     request = Request(cfg=cfg, num_gpus=gpus, gpus_per_node=8, gpu=find_gpu("a100-80gb"),
-                      seq_length=2048, global_batch=batch, micro_batch=micro_batch)
+                      seq_length=2048, global_batch=batch, micro_batch=micro_batch, cp=1)
     result = plan(request)
     runnable = [e.layout for e in result.fitting
                 if not e.layout.sp and not e.layout.distributed_optimizer and e.layout.recompute == "full"]
