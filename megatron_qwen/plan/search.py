@@ -2,8 +2,8 @@
 GPU memory; rank them by predicted step time.
 
 A layout is TP, CP, PP, VPP (DP is what they leave of the GPUs), for a MoE model EP and ETP, sequence
-parallelism, recomputation, the distributed optimizer and the micro-batch size. Validity is decided by `megatron_qwen.config.validate`
-itself, so the planner never lists a layout the trainer would refuse.
+parallelism, recomputation, the distributed optimizer and the micro-batch size. Validity is decided by
+`megatron_qwen.config.validate` itself, so the planner never lists a layout the trainer would refuse.
 """
 
 from __future__ import annotations
@@ -296,7 +296,8 @@ def peak_memory(request: Request, cfg: Config, layout: Layout) -> Memory:
         state = _state(shape, layout.tp, layout.pp, layout.vpp, layout.dp * layout.cp, layout.distributed_optimizer,
                        dtype, pp_rank, bucket_size(cfg, layout), layout.ep, layout.expert_tp,
                        expert_dp(request.num_gpus, layout))
-        fp8_copies = fp8_weight_copies_bytes(shape, layout.tp, layout.pp, layout.ep, layout.expert_tp) if request.fp8 else 0
+        fp8_copies = (fp8_weight_copies_bytes(shape, layout.tp, layout.pp, layout.ep, layout.expert_tp)
+                      if request.fp8 else 0)
         weights = state.weights + fp8_copies
         activations = stage_activation_bytes(
             shape, request.seq_length, layout.micro_batch, layout.tp, layout.sp, layout.pp, layout.vpp,
@@ -334,7 +335,8 @@ def evaluate(request: Request, cfg: Config, layout: Layout) -> Evaluation:
     memory = peak_memory(request, cfg, layout)
     shape = ModelShape.from_config(cfg.model)
     # The distributed optimizer all-gathers the model-dtype weights, not Transformer Engine's FP8 copies.
-    fp8_copies = fp8_weight_copies_bytes(shape, layout.tp, layout.pp, layout.ep, layout.expert_tp) if request.fp8 else 0
+    fp8_copies = (fp8_weight_copies_bytes(shape, layout.tp, layout.pp, layout.ep, layout.expert_tp)
+                  if request.fp8 else 0)
     gathered = memory.weights - memory.expert_weights - fp8_copies
     # The first stage finishes its backward last: its buckets bound what the overlapped reduction exposes.
     buckets = _buckets(shape, layout.tp, layout.pp, layout.vpp, layout.dp * layout.cp, layout.distributed_optimizer,
