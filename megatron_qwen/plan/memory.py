@@ -15,6 +15,7 @@ Models", section 4, term by term, for the layers this trainer builds (see `layer
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from dataclasses import dataclass
@@ -296,12 +297,14 @@ def buffer_layout(
 def owned_numels(ranges: list[tuple[int, int]], buckets: list[tuple[int, int]], dp: int, dp_rank: int) -> list[int]:
     """How many elements of each parameter DP rank `dp_rank` owns under the distributed optimizer: each
     bucket is cut into `dp` equal contiguous shares, regardless of parameter boundaries."""
-    owned = [0] * len(ranges)
-    for lo, hi in buckets:
+    starts = [lo for lo, _ in buckets]
+    owned = []
+    for start, end in ranges:
+        # A parameter lies within one bucket (`buffer_layout` closes buckets between parameters).
+        lo, hi = buckets[bisect.bisect_right(starts, start) - 1]
         share = (hi - lo) // dp
         mine = (lo + dp_rank * share, lo + (dp_rank + 1) * share)
-        for i, (start, end) in enumerate(ranges):
-            owned[i] += max(0, min(end, mine[1]) - max(start, mine[0]))
+        owned.append(max(0, min(end, mine[1]) - max(start, mine[0])))
     return owned
 
 
