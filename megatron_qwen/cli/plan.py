@@ -81,13 +81,13 @@ def format_table(result: Plan, top: int) -> str:
         f"({request.headroom:.0%} headroom, buffers {request.buffer_bytes / GIB:.1f} GiB)",
         kv_cache_line(shape),
         "",
-        f"{'#':>3}  {'layout':<44} {'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'buf':>4} {'GiB':>6}"
+        f"{'#':>3}  {'layout':<52} {'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'buf':>4} {'GiB':>6}"
         f"   {'compute':>7} {'TP':>6} {'CP':>6} {'EP':>6} {'PP':>6} {'DP':>6} {'bubble':>6} {'step s':>7}  {'MFU':>5}",
     ]
     for i, e in enumerate(result.fitting[:top], 1):
         m, t = e.memory, e.time
         lines.append(
-            f"{i:>3}  {e.layout.describe():<44} {m.weights / GIB:>7.1f} {m.gradients / GIB:>6.1f} "
+            f"{i:>3}  {e.layout.describe():<52} {m.weights / GIB:>7.1f} {m.gradients / GIB:>6.1f} "
             f"{m.optimizer / GIB:>6.1f} {m.activations / GIB:>6.1f} {m.buffers / GIB:>4.1f} {m.total / GIB:>6.1f}   "
             f"{t.compute:>7.2f} {t.tp:>6.2f} {t.cp:>6.2f} {t.ep:>6.2f} {t.pp:>6.2f} {t.dp:>6.2f} {t.bubble:>6.2f} "
             f"{t.total:>7.2f}  {e.mfu:>5.1%}"
