@@ -61,8 +61,8 @@ def as_dict(result: Plan, evaluation: Evaluation) -> dict:
             "buffers": m.buffers / GIB,
             "total": m.total / GIB,
         },
-        "time_s": {"compute": t.compute, "tp": t.tp, "cp": t.cp, "ep": t.ep, "pp": t.pp, "dp": t.dp,
-                   "bubble": t.bubble, "total": t.total},
+        "time_s": {"compute": t.compute, "memory": t.memory, "tp": t.tp, "cp": t.cp, "ep": t.ep, "pp": t.pp,
+                   "dp": t.dp, "bubble": t.bubble, "optimizer": t.optimizer, "total": t.total},
         "mfu": evaluation.mfu,
         "rejection": evaluation.rejection,
     }
@@ -82,15 +82,16 @@ def format_table(result: Plan, top: int) -> str:
         kv_cache_line(shape),
         "",
         f"{'#':>3}  {'layout':<52} {'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'buf':>4} {'GiB':>6}"
-        f"   {'compute':>7} {'TP':>6} {'CP':>6} {'EP':>6} {'PP':>6} {'DP':>6} {'bubble':>6} {'step s':>7}  {'MFU':>5}",
+        f"   {'compute':>7} {'memory':>6} {'TP':>6} {'CP':>6} {'EP':>6} {'PP':>6} {'DP':>6} {'bubble':>6} {'optim':>6}"
+        f" {'step s':>7}  {'MFU':>5}",
     ]
     for i, e in enumerate(result.fitting[:top], 1):
         m, t = e.memory, e.time
         lines.append(
             f"{i:>3}  {e.layout.describe():<52} {m.weights / GIB:>7.1f} {m.gradients / GIB:>6.1f} "
             f"{m.optimizer / GIB:>6.1f} {m.activations / GIB:>6.1f} {m.buffers / GIB:>4.1f} {m.total / GIB:>6.1f}   "
-            f"{t.compute:>7.2f} {t.tp:>6.2f} {t.cp:>6.2f} {t.ep:>6.2f} {t.pp:>6.2f} {t.dp:>6.2f} {t.bubble:>6.2f} "
-            f"{t.total:>7.2f}  {e.mfu:>5.1%}"
+            f"{t.compute:>7.2f} {t.memory:>6.2f} {t.tp:>6.2f} {t.cp:>6.2f} {t.ep:>6.2f} {t.pp:>6.2f} {t.dp:>6.2f} "
+            f"{t.bubble:>6.2f} {t.optimizer:>6.2f} {t.total:>7.2f}  {e.mfu:>5.1%}"
         )
     lines += ["", "overrides of #1: " + " ".join(plan_overrides(result, result.fitting[0]))]
     return "\n".join(lines)

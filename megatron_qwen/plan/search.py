@@ -109,6 +109,9 @@ class Request:
     headroom: float = DEFAULT_HEADROOM
     buffer_bytes: float = DEFAULT_BUFFER_GIB * GIB
     achievable_flops: float | None = None  # overrides the GPU table's sustained rate
+    # Transformer Engine's TP communication overlap (Megatron-LM's --tp-comm-overlap), which this trainer does not
+    # set up: only for comparing with runs that had it.
+    tp_comm_overlap: bool = False
 
     @property
     def usable_bytes(self) -> float:
@@ -330,6 +333,12 @@ def rejection(request: Request, memory: Memory) -> str | None:
     )
 
 
+def optimizer_parameters(cfg: Config, memory: Memory) -> int:
+    """How many parameters the rank's Adam step updates: its optimizer state over the bytes each holds."""
+    prec = precision(training_dtype(cfg), fused_adam=True)
+    return memory.optimizer // (prec.adam_bytes + prec.main_param_bytes)
+
+
 def evaluate(request: Request, cfg: Config, layout: Layout) -> Evaluation:
     """Memory, step time and MFU of one layout."""
     memory = peak_memory(request, cfg, layout)
@@ -350,6 +359,7 @@ def evaluate(request: Request, cfg: Config, layout: Layout) -> Evaluation:
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce, overlap_param_gather=cfg.parallel.overlap_param_gather,
         num_buckets=buckets, cp=layout.cp, cp_gathers_kv=gpu_kernels(cfg.model).cp_gathers_kv, ep=layout.ep,
         etp=layout.expert_tp, expert_gradient_bytes=memory.expert_gradients, expert_weight_bytes=memory.expert_weights,
+        optimizer_parameters=optimizer_parameters(cfg, memory), tp_comm_overlap=request.tp_comm_overlap,
     )
     flops = model_flops_per_step(shape, request.seq_length, request.global_batch)
     return Evaluation(layout, memory, time, mfu(flops, time.total, request.num_gpus, request.gpu),

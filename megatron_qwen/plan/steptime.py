@@ -28,10 +28,43 @@ class StepTime:
     bubble: float
     cp: float = 0.0  # context-parallel K/V exchange not hidden behind attention
     ep: float = 0.0  # expert-parallel all-to-all and the expert tensor-parallel gather/scatter
+    memory: float = 0.0  # memory-bound kernels: norms, activation functions, RoPE, residual adds, cross entropy
+    optimizer: float = 0.0  # the Adam step over the rank's share of the parameters
 
     @property
     def total(self) -> float:
-        return self.compute + self.tp + self.pp + self.dp + self.bubble + self.cp + self.ep
+        return (self.compute + self.tp + self.pp + self.dp + self.bubble + self.cp + self.ep + self.memory
+                + self.optimizer)
+
+
+# Bytes the Adam step moves per parameter it updates: reads and writes the fp32 main weight and both moments
+# (24), reads the fp32 gradient twice (the gradient norm for clipping, then the update: 8) and writes the bf16
+# weight (2).
+ADAM_BYTES_PER_PARAMETER = 34
+# The cross entropy over a rank's vocabulary shard per token and vocabulary entry: reads the bf16 logits (2),
+# reduces the fp32 max and sum over them (8), writes the fp32 softmax (4), and backward reads it (4) and writes
+# the bf16 gradient (2).
+CROSS_ENTROPY_BYTES = 20
+
+
+def memory_bound_bytes_per_token(shape: ModelShape, tp: int, sp: bool, act_bytes: int, moe: bool,
+                                 etp: int | None = None) -> float:
+    """HBM bytes one token's forward moves through one layer's memory-bound kernels on a TP rank (GEMMs and
+    flash attention are compute-bound and not counted): the two norms (read and write h each) and two residual
+    adds (read 2h, write h), whole on every rank unless SP divides them by t; RoPE on Q and K (read and write
+    q + kv); the SwiGLU (read 2F, write F), for a MoE layer that of the shared expert and the top-k routed
+    experts plus the dispatcher's permutation of the top-k copies there and back (read and write h each)."""
+    h = shape.hidden_size
+    norms_and_residuals = (2 * 2 * h + 2 * 3 * h) / (tp if sp else 1)
+    rope = 2 * (shape.query_width + shape.kv_width) / tp
+    if moe:
+        shared = shape.moe_shared_expert_ffn_hidden_size or 0
+        topk = shape.moe_router_topk
+        mlp = (3 * shared + topk * 3 * shape.moe_ffn_hidden_size + topk * 4 * h) / tp
+    else:
+        mlp = 3 * shape.ffn_hidden_size / tp
+    return (norms_and_residuals + rope + mlp) * act_bytes
+
 
 
 def mlp_flops_per_token(shape: ModelShape, moe: bool) -> float:
@@ -102,6 +135,8 @@ def step_time(
     etp: int | None = None,
     expert_gradient_bytes: int = 0,
     expert_weight_bytes: int = 0,
+    optimizer_parameters: int = 0,
+    tp_comm_overlap: bool = False,
 ) -> StepTime:
     """Predicted step time of a layout.
 
@@ -134,6 +169,14 @@ def step_time(
     (`weight_bytes`); a MoE model's expert buffer (`expert_gradient_bytes`, `expert_weight_bytes`) likewise
     over the expert data-parallel group world / (ETP x EP x PP); over NVLink when the group fits in a node.
     The part on the critical path: all of it without overlap.
+    memory: the memory-bound kernels (`memory_bound_bytes_per_token`) of the last stage's layers, backward
+    moving twice the forward's bytes (a recomputed forward once more), and its cross entropy
+    (`CROSS_ENTROPY_BYTES` per vocabulary entry of the rank's shard), at the GPU's sustained HBM rate
+    (`GPU.achievable_memory_bandwidth`; none when the GPU gives no bandwidth).
+    optimizer: the Adam step over the `optimizer_parameters` this rank updates (its share with the distributed
+    optimizer), `ADAM_BYTES_PER_PARAMETER` each, at the same rate, after the gradients are reduced.
+    With `tp_comm_overlap` (Transformer Engine's userbuffers, Megatron-LM's --tp-comm-overlap) the TP collectives
+    run under the layer GEMMs: only what outlasts those counts.
     With `overlap_grad_reduce` megatron-core reduces each of the `num_buckets` buckets as soon as the last
     micro-batch's backward has produced its gradients, so only what outlasts that backward is exposed, and
     at least the last bucket (the first layers' gradients come last). With `overlap_param_gather` (the
@@ -192,10 +235,26 @@ def step_time(
                                  + 2 * ring_seconds(routed * etp, etp, bandwidth(etp))) if moe_layers else 0.0
     ep_mb = moe_layers * ep_layer
 
+    if tp_comm_overlap:
+        tp_mb = max(0.0, tp_mb - layer_gemm / gemm_rate)
+
+    memory_mb = optimizer_time = 0.0
+    memory_rate = gpu.achievable_memory_bandwidth
+    if memory_rate:
+        last = range(shape.num_layers - layers, shape.num_layers)
+        layer_bytes = sum(memory_bound_bytes_per_token(shape, tp, sp, act_bytes, shape.is_moe_layer(i), etp)
+                          for i in last)
+        passes = 3 + (1 if recompute == "full" else 0)  # forward, backward (twice the bytes), recomputed forward
+        head = CROSS_ENTROPY_BYTES * shape.vocab_per_rank(tp)
+        memory_mb = tokens * (passes * layer_bytes + head) / memory_rate
+        forward_mb += tokens * layer_bytes / memory_rate
+        backward_mb += memory_mb - tokens * layer_bytes / memory_rate
+        optimizer_time = optimizer_parameters * ADAM_BYTES_PER_PARAMETER / memory_rate
+
     world = tp * cp * pp * dp
     pp_mb = 2 * vpp * (activation / (tp if sp else 1)) / bandwidth(world) if pp > 1 else 0.0
 
-    per_mb = compute_mb + tp_mb + pp_mb + cp_mb + ep_mb
+    per_mb = compute_mb + tp_mb + pp_mb + cp_mb + ep_mb + memory_mb
     expert_dp = world // (etp * ep * pp)
     reduce = ring_seconds(gradient_bytes, dp * cp, bandwidth(tp * cp * dp), all_reduce=not distributed_optimizer)
     reduce += ring_seconds(expert_gradient_bytes, expert_dp, bandwidth(etp * ep * expert_dp),
@@ -217,6 +276,8 @@ def step_time(
         bubble=(pp - 1) / vpp * per_mb,
         cp=num_microbatches * cp_mb,
         ep=num_microbatches * ep_mb,
+        memory=num_microbatches * memory_mb,
+        optimizer=optimizer_time,
     )
 
 
