@@ -8,6 +8,8 @@ Model state follows megatron-core 0.16.1 as the trainer sets it up (`wrap_ddp`, 
 - optimizer: Adam's two moments in fp32, the fp32 main copy of bf16 weights, and the step counter
   (`torch.optim.AdamW` keeps a float32 tensor per parameter; TE/apex FusedAdam one per group). With the
   distributed optimizer each DP rank keeps these only for its contiguous share of the gradient buffer.
+- a MoE model's routed experts: a second buffer per chunk, split over EP x ETP and reduced (and sharded)
+  over the expert data-parallel group.
 
 Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models", section 4, term by term, for the layers this trainer builds (see `layer_activation_terms`).
@@ -30,7 +32,8 @@ BUFFER_ALIGN = 128
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes of a Qwen network (v1, 1.5, 2, 2.5, 3 dense) that memory and time depend on."""
+    """The sizes of a Qwen network (v1, 1.5, 2, 2.5, 3, dense or mixture-of-experts) that memory and time
+    depend on."""
 
     num_layers: int
     hidden_size: int

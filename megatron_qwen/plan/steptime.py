@@ -1,12 +1,14 @@
-"""How long one optimizer step takes at a layout: compute, TP, PP and DP communication, pipeline bubble.
+"""How long one optimizer step takes at a layout: GEMM compute, memory-bound kernels, TP, CP, EP, PP and DP
+communication, pipeline bubble, the optimizer step.
 
 A first-order model in the spirit of Narayanan et al. 2021 (section 3): the pipeline runs at the pace of
 its slowest stage (the last one, which also computes the output layer), each micro-batch costs that
-stage's compute plus its tensor-parallel collectives and point-to-point transfers, the bubble adds
-(p - 1)/(v * m) of that, and the data-parallel reduction follows the last backward (overlapped with it,
-bucket by bucket, when the config says so). Collectives are ring collectives at the bus bandwidth of the
-links they cross (`hardware.GPU`). What it leaves out: the
-optimizer update (memory-bound, milliseconds), kernel launch gaps, and megatron-core's partial overlap of
+stage's GEMMs at the GPU's sustained rate and its memory-bound kernels at the sustained HBM rate, plus its
+tensor-, context- and expert-parallel collectives and point-to-point transfers, the bubble adds
+(p - 1)/(v * m) of that, the data-parallel reduction follows the last backward (overlapped with it,
+bucket by bucket, when the config says so) and the Adam step follows it. Collectives are ring collectives at
+the bus bandwidth of the links they cross (`hardware.GPU`). The GPU's two efficiencies are calibrated against
+published MFU (docs/planner.md). What it leaves out: kernel launch gaps, and megatron-core's partial overlap of
 backward TP collectives with weight-gradient GEMMs (so TP time is an upper bound).
 """
 
