@@ -695,6 +695,9 @@ def test_qwen3_30b_a3b_layouts_use_expert_parallelism(gpus):
     cfg = base_config(request)
     one, eight = (evaluate(request, cfg, Layout(1, 1, 1, gpus, False, "none", True, 1, ep=ep)) for ep in (1, 8))
     assert one.memory.expert_weights == 8 * eight.memory.expert_weights
+    # A MoE layout's overrides set EP and ETP whatever the config says (etp null: split by TP).
+    assert eight.layout.overrides(moe=True)[4:6] == ["parallel.ep=8", "parallel.etp=null"]
+    assert Layout(2, 1, 1, 4, True, "none", True, 1, ep=8, etp=1).overrides(moe=True)[5] == "parallel.etp=1"
 
 
 

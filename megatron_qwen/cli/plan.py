@@ -33,7 +33,7 @@ def plan_overrides(result: Plan, evaluation: Evaluation) -> list[str]:
     extra = [f"model.seq_length={request.seq_length}", f"training.global_batch_size={request.global_batch}"]
     if request.fp8:
         extra += [f"model.fp8={request.cfg.model.fp8 or 'tensorwise'}", "model.fp8_backend=te"]
-    return evaluation.layout.overrides() + extra
+    return evaluation.layout.overrides(request.cfg.model.is_moe) + extra
 
 
 def kv_cache_line(shape: ModelShape) -> str:

@@ -58,8 +58,9 @@ class Layout:
     def expert_tp(self) -> int:
         return self.etp or self.tp
 
-    def overrides(self) -> list[str]:
-        """The trainer's dotted overrides for this layout."""
+    def overrides(self, moe: bool = False) -> list[str]:
+        """The trainer's dotted overrides for this layout; for a MoE model (`moe`) EP and ETP always, so that a
+        config's own values do not stay in force (etp null: the experts split by TP)."""
         overrides = [
             f"parallel.tp={self.tp}",
             f"parallel.pp={self.pp}",
@@ -70,8 +71,8 @@ class Layout:
             f"training.recompute={self.recompute}",
             f"training.micro_batch_size={self.micro_batch}",
         ]
-        if self.ep > 1 or self.etp is not None:
-            overrides[4:4] = [f"parallel.ep={self.ep}"] + ([f"parallel.etp={self.etp}"] if self.etp else [])
+        if moe:
+            overrides[4:4] = [f"parallel.ep={self.ep}", f"parallel.etp={'null' if self.etp is None else self.etp}"]
         return overrides
 
     def describe(self) -> str:
