@@ -1,13 +1,13 @@
-"""Plan a parallel layout: which TP/PP/VPP/DP/SP/recompute/optimizer layouts fit, ranked by predicted step time.
+"""Plan a parallel layout: which TP/CP/PP/VPP/EP/DP/SP/recompute/optimizer layouts fit, ranked by predicted step time.
 
     megatron-qwen plan --config configs/qwen-72b.yaml --gpus 256 --gpus-per-node 8 --gpu h100-80gb \
-        --seq-length 4096 --global-batch 2048 [--micro-batch N] [--tp T] [--fp8] [--top 10] [--json] \
+        --seq-length 4096 --global-batch 2048 [--micro-batch N] [--tp T] [--cp C] [--fp8] [--top 10] [--json] \
         [--emit-overrides]
 
 Every layout that the trainer's config validation accepts for that many GPUs is evaluated; those whose
 most loaded GPU fits in memory (less the headroom) are listed fastest first with memory per GPU (weights,
-fp32 gradients, optimizer state, activations, the buffer allowance) and step time (compute, TP, PP, DP,
-pipeline bubble) and MFU, and the KV cache a token takes in generation (key/value heads only). --json
+fp32 gradients, optimizer state, activations, the buffer allowance) and step time (compute, TP, CP, EP, PP,
+DP, pipeline bubble) and MFU, and the KV cache a token takes in generation (key/value heads only). --json
 prints the same for scripts; --emit-overrides prints only the best layout as the trainer's dotted
 overrides. Exit status 2: the request cannot be planned (the message says why and what would work).
 `python tools/plan.py` takes the same arguments.
@@ -33,7 +33,7 @@ def plan_overrides(result: Plan, evaluation: Evaluation) -> list[str]:
     extra = [f"model.seq_length={request.seq_length}", f"training.global_batch_size={request.global_batch}"]
     if request.fp8:
         extra += [f"model.fp8={request.cfg.model.fp8 or 'tensorwise'}", "model.fp8_backend=te"]
-    return evaluation.layout.overrides() + extra
+    return evaluation.layout.overrides(request.cfg.model.is_moe) + extra
 
 
 def kv_cache_line(shape: ModelShape) -> str:
@@ -61,7 +61,8 @@ def as_dict(result: Plan, evaluation: Evaluation) -> dict:
             "buffers": m.buffers / GIB,
             "total": m.total / GIB,
         },
-        "time_s": {"compute": t.compute, "tp": t.tp, "pp": t.pp, "dp": t.dp, "bubble": t.bubble, "total": t.total},
+        "time_s": {"compute": t.compute, "memory": t.memory, "tp": t.tp, "cp": t.cp, "ep": t.ep, "pp": t.pp,
+                   "dp": t.dp, "bubble": t.bubble, "optimizer": t.optimizer, "total": t.total},
         "mfu": evaluation.mfu,
         "rejection": evaluation.rejection,
     }
@@ -80,15 +81,17 @@ def format_table(result: Plan, top: int) -> str:
         f"({request.headroom:.0%} headroom, buffers {request.buffer_bytes / GIB:.1f} GiB)",
         kv_cache_line(shape),
         "",
-        f"{'#':>3}  {'layout':<44} {'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'buf':>4} {'GiB':>6}"
-        f"   {'compute':>7} {'TP':>6} {'PP':>6} {'DP':>6} {'bubble':>6} {'step s':>7}  {'MFU':>5}",
+        f"{'#':>3}  {'layout':<52} {'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'buf':>4} {'GiB':>6}"
+        f"   {'compute':>7} {'memory':>6} {'TP':>6} {'CP':>6} {'EP':>6} {'PP':>6} {'DP':>6} {'bubble':>6} {'optim':>6}"
+        f" {'step s':>7}  {'MFU':>5}",
     ]
     for i, e in enumerate(result.fitting[:top], 1):
         m, t = e.memory, e.time
         lines.append(
-            f"{i:>3}  {e.layout.describe():<44} {m.weights / GIB:>7.1f} {m.gradients / GIB:>6.1f} "
+            f"{i:>3}  {e.layout.describe():<52} {m.weights / GIB:>7.1f} {m.gradients / GIB:>6.1f} "
             f"{m.optimizer / GIB:>6.1f} {m.activations / GIB:>6.1f} {m.buffers / GIB:>4.1f} {m.total / GIB:>6.1f}   "
-            f"{t.compute:>7.2f} {t.tp:>6.2f} {t.pp:>6.2f} {t.dp:>6.2f} {t.bubble:>6.2f} {t.total:>7.2f}  {e.mfu:>5.1%}"
+            f"{t.compute:>7.2f} {t.memory:>6.2f} {t.tp:>6.2f} {t.cp:>6.2f} {t.ep:>6.2f} {t.pp:>6.2f} {t.dp:>6.2f} "
+            f"{t.bubble:>6.2f} {t.optimizer:>6.2f} {t.total:>7.2f}  {e.mfu:>5.1%}"
         )
     lines += ["", "overrides of #1: " + " ".join(plan_overrides(result, result.fitting[0]))]
     return "\n".join(lines)
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="consider only this micro-batch size (default: all)")
     parser.add_argument("--tp", type=int, default=None,
                         help="consider only this tensor-parallel size (default: every size the model allows)")
+    parser.add_argument("--cp", type=int, default=None,
+                        help="consider only this context-parallel size (default: every size the sequence allows)")
     parser.add_argument("--fp8", action="store_true", help="FP8 GEMMs through Transformer Engine")
     parser.add_argument("--top", type=int, default=10, help="layouts to list (default 10)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             global_batch=args.global_batch or cfg.training.global_batch_size,
             micro_batch=args.micro_batch,
             tp=args.tp,
+            cp=args.cp,
             fp8=args.fp8,
             headroom=args.headroom,
             buffer_bytes=args.buffer_gib * GIB,

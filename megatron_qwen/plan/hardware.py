@@ -24,6 +24,13 @@ class GPU:
     achievable_fraction: float
     intra_node_bandwidth: float
     inter_node_bandwidth: float
+    memory_bandwidth: float | None = None  # HBM bytes/s; None: the memory-bound terms are left out
+    memory_efficiency: float = 1.0  # share of it that elementwise kernels and the optimizer sustain
+
+    @property
+    def achievable_memory_bandwidth(self) -> float | None:
+        """The sustained HBM rate the time model divides memory-bound bytes by."""
+        return None if self.memory_bandwidth is None else self.memory_bandwidth * self.memory_efficiency
 
     @property
     def achievable_bf16_flops(self) -> float:
@@ -45,6 +52,8 @@ def load_gpus(path: str | Path = GPU_TABLE) -> dict[str, GPU]:
             achievable_fraction=entry["achievable_fraction"],
             intra_node_bandwidth=entry["intra_node_gbps"] * 1e9,
             inter_node_bandwidth=entry["inter_node_gbps"] * 1e9,
+            memory_bandwidth=entry["memory_tbps"] * 1e12,
+            memory_efficiency=entry["memory_efficiency"],
         )
     return gpus
 

@@ -1,9 +1,9 @@
 """Enumerate the layouts the trainer accepts for a model, a cluster and a batch; keep those that fit in
 GPU memory; rank them by predicted step time.
 
-A layout is TP, PP, VPP (DP is what they leave of the GPUs), sequence parallelism, recomputation, the
-distributed optimizer and the micro-batch size. Validity is decided by `megatron_qwen.config.validate`
-itself, so the planner never lists a layout the trainer would refuse.
+A layout is TP, CP, PP, VPP (DP is what they leave of the GPUs), for a MoE model EP and ETP, sequence
+parallelism, recomputation, the distributed optimizer and the micro-batch size. Validity is decided by
+`megatron_qwen.config.validate` itself, so the planner never lists a layout the trainer would refuse.
 """
 
 from __future__ import annotations
@@ -50,24 +50,38 @@ class Layout:
     recompute: str
     distributed_optimizer: bool
     micro_batch: int
+    cp: int = 1
+    ep: int = 1  # expert parallelism (MoE models only)
+    etp: int | None = None  # expert tensor parallelism; None: TP (megatron-core's default)
 
-    def overrides(self) -> list[str]:
-        """The trainer's dotted overrides for this layout."""
-        return [
+    @property
+    def expert_tp(self) -> int:
+        return self.etp or self.tp
+
+    def overrides(self, moe: bool = False) -> list[str]:
+        """The trainer's dotted overrides for this layout; for a MoE model (`moe`) EP and ETP always, so that a
+        config's own values do not stay in force (etp null: the experts split by TP)."""
+        overrides = [
             f"parallel.tp={self.tp}",
             f"parallel.pp={self.pp}",
             f"parallel.vpp={self.vpp}",
+            f"parallel.cp={self.cp}",
             f"parallel.sp={str(self.sp).lower()}",
             f"parallel.use_distributed_optimizer={str(self.distributed_optimizer).lower()}",
             f"training.recompute={self.recompute}",
             f"training.micro_batch_size={self.micro_batch}",
         ]
+        if moe:
+            overrides[4:4] = [f"parallel.ep={self.ep}", f"parallel.etp={'null' if self.etp is None else self.etp}"]
+        return overrides
 
     def describe(self) -> str:
-        """Short form for tables and messages, e.g. "TP4 PP4 VPP2 DP16 SP DistOpt mb=1"."""
-        parts = [f"TP{self.tp}", f"PP{self.pp}"]
+        """Short form for tables and messages, e.g. "TP4 CP2 PP4 VPP2 DP16 SP DistOpt mb=1"."""
+        parts = [f"TP{self.tp}"] + ([f"CP{self.cp}"] if self.cp > 1 else []) + [f"PP{self.pp}"]
         if self.vpp > 1:
             parts.append(f"VPP{self.vpp}")
+        if self.ep > 1 or self.etp is not None:
+            parts.append(f"EP{self.ep}" + (f" ETP{self.etp}" if self.etp is not None else ""))
         parts.append(f"DP{self.dp}")
         if self.sp:
             parts.append("SP")
@@ -91,10 +105,14 @@ class Request:
     global_batch: int
     micro_batch: int | None = None  # None: every micro-batch size the batch allows
     tp: int | None = None  # None: every tensor-parallel size the model allows
+    cp: int | None = None  # None: every context-parallel size the sequence allows
     fp8: bool = False
     headroom: float = DEFAULT_HEADROOM
     buffer_bytes: float = DEFAULT_BUFFER_GIB * GIB
     achievable_flops: float | None = None  # overrides the GPU table's sustained rate
+    # Transformer Engine's TP communication overlap (Megatron-LM's --tp-comm-overlap), which this trainer does not
+    # set up: only for comparing with runs that had it.
+    tp_comm_overlap: bool = False
 
     @property
     def usable_bytes(self) -> float:
@@ -112,6 +130,8 @@ class Memory:
     optimizer: int
     activations: int
     buffers: float
+    expert_weights: int = 0  # the part of weights and gradients in the expert buffers (MoE)
+    expert_gradients: int = 0
 
     @property
     def total(self) -> float:
@@ -164,6 +184,9 @@ def layout_config(cfg: Config, layout: Layout) -> Config:
         tp=layout.tp,
         pp=layout.pp,
         vpp=layout.vpp,
+        cp=layout.cp,
+        ep=layout.ep,
+        etp=layout.etp,
         sp=layout.sp,
         use_distributed_optimizer=layout.distributed_optimizer,
     )
@@ -177,52 +200,86 @@ def accepted(cfg: Config, layout: Layout, num_gpus: int) -> bool:
     return not errors
 
 
-def candidate_layouts(cfg: Config, num_gpus: int, micro_batch: int | None = None,
-                      tp_only: int | None = None) -> list[Layout]:
-    """Every layout `config.validate` accepts for `num_gpus` ranks: all TP x PP x VPP splits (TP = `tp_only`
-    when given), SP on/off, each recomputation, the distributed optimizer on/off and every micro-batch size
-    (or `micro_batch`). TP must divide the key/value heads, so grouped-query models get fewer TP sizes.
+def expert_splits(cfg: Config, num_gpus: int, tp: int, pp: int) -> list[tuple[int, int | None]]:
+    """(EP, ETP) pairs to try for a MoE model at TP x PP: every EP dividing the experts, with the experts split
+    by TP (ETP unset, megatron-core's default) or whole on each rank (ETP = 1) -- the two usual choices; (1, None)
+    for a dense model. `config.validate` decides which are valid."""
+    if not cfg.model.is_moe:
+        return [(1, None)]
+    etps = [None] + ([1] if tp > 1 else [])
+    return [(ep, etp) for ep in _divisors(cfg.model.num_experts) for etp in etps
+            if num_gpus % ((etp or tp) * ep * pp) == 0]
 
-    Each layout returned was accepted by `validate`. To keep the number of calls down, a TP x PP split
-    (and then each VPP) is first tried in its least constrained form (no SP, micro-batch 1 or the one
-    asked for), and its other forms only if that one is accepted: SP and a larger micro-batch only add
-    requirements.
+
+def candidate_layouts(cfg: Config, num_gpus: int, micro_batch: int | None = None,
+                      tp_only: int | None = None, cp_only: int | None = None) -> list[Layout]:
+    """Every layout `config.validate` accepts for `num_gpus` ranks: all TP x CP x PP x VPP splits (TP = `tp_only`,
+    CP = `cp_only` when given), for a MoE model each EP / ETP (`expert_splits`), SP on/off, each recomputation,
+    the distributed optimizer on/off and every micro-batch size (or `micro_batch`). TP must divide the
+    key/value heads, so grouped-query models get fewer TP sizes; CP needs two chunks of every sequence per rank.
+    A MoE model with TP > 1 always uses SP: megatron-core's MoE layer refuses to train without it.
+
+    Each layout returned was accepted by `validate`. To keep the number of calls down, a TP x CP x PP split
+    (and then each VPP and expert split) is first tried in its least constrained form (no SP, micro-batch 1 or
+    the one asked for), and its other forms only if that one is accepted: SP and a larger micro-batch only add
+    requirements; recomputation and the distributed optimizer add none, so each SP x micro-batch form is
+    validated once for all of them.
     """
     layouts = []
     batch = cfg.training.global_batch_size
+    moe_needs_sp = cfg.model.is_moe
     for tp in [tp_only] if tp_only else _divisors(num_gpus):
         if num_gpus % tp:
             continue
-        for pp in _divisors(num_gpus // tp):
-            dp = num_gpus // (tp * pp)
-            base = Layout(tp, pp, 1, dp, False, "none", False, micro_batch or 1)
-            if not accepted(cfg, base, num_gpus):
+        for cp in [cp_only] if cp_only else _divisors(num_gpus // tp):
+            if num_gpus % (tp * cp):
                 continue
-            vpps = _divisors(cfg.model.num_layers // pp) if pp > 1 else [1]
-            micro_batches = [micro_batch] if micro_batch else _divisors(batch // dp)
-            for vpp in vpps:
-                if vpp > 1 and not accepted(cfg, dataclasses.replace(base, vpp=vpp), num_gpus):
+            for pp in _divisors(num_gpus // (tp * cp)):
+                dp = num_gpus // (tp * cp * pp)
+                base = Layout(tp, pp, 1, dp, False, "none", False, micro_batch or 1, cp)
+                if not accepted(cfg, base, num_gpus):
                     continue
-                for sp, distributed_optimizer, mb, recompute in itertools.product(
-                    (False, True), (False, True), micro_batches, RECOMPUTE
-                ):
-                    layout = Layout(tp, pp, vpp, dp, sp, recompute, distributed_optimizer, mb)
-                    if accepted(cfg, layout, num_gpus):
-                        layouts.append(layout)
+                vpps = _divisors(cfg.model.num_layers // pp) if pp > 1 else [1]
+                micro_batches = [micro_batch] if micro_batch else _divisors(batch // dp)
+                sps = (True,) if moe_needs_sp and tp > 1 else (False, True)
+                for vpp, (ep, etp) in itertools.product(vpps, expert_splits(cfg, num_gpus, tp, pp)):
+                    split = dataclasses.replace(base, vpp=vpp, ep=ep, etp=etp)
+                    if (vpp > 1 or ep > 1 or etp) and not accepted(cfg, split, num_gpus):
+                        continue
+                    for sp, mb in itertools.product(sps, micro_batches):
+                        # Recomputation and the distributed optimizer add no requirement: validated once.
+                        if not accepted(cfg, dataclasses.replace(split, sp=sp, micro_batch=mb), num_gpus):
+                            continue
+                        layouts += [dataclasses.replace(split, sp=sp, recompute=recompute, micro_batch=mb,
+                                                        distributed_optimizer=distributed_optimizer)
+                                    for distributed_optimizer, recompute in itertools.product((False, True), RECOMPUTE)]
     return layouts
 
 
 @functools.lru_cache(maxsize=4096)
 def _state(shape: ModelShape, tp: int, pp: int, vpp: int, dp: int, distributed_optimizer: bool, dtype: str,
-           pp_rank: int, bucket_size: int | None) -> StateBytes:
+           pp_rank: int, bucket_size: int | None, ep: int = 1, etp: int | None = None,
+           expert_dp: int | None = None) -> StateBytes:
     # Model state does not depend on SP, recomputation or the micro-batch: computed once per split.
     return model_state_bytes(shape, tp, pp, vpp, dp, distributed_optimizer, precision(dtype, fused_adam=True), pp_rank,
-                             bucket_size=bucket_size)
+                             bucket_size=bucket_size, ep=ep, etp=etp, expert_dp=expert_dp)
+
+
+@functools.lru_cache(maxsize=4096)
+def _buckets(shape: ModelShape, tp: int, pp: int, vpp: int, dp: int, distributed_optimizer: bool,
+             bucket_size: int | None) -> int:
+    # The first pipeline stage's gradient buckets, likewise computed once per split.
+    return sum(buckets_per_chunk(shape, tp, pp, vpp, dp, distributed_optimizer, bucket_size))
+
+
+def expert_dp(num_gpus: int, layout: Layout) -> int:
+    """The expert data-parallel size: what ETP x EP x PP leave of the GPUs."""
+    return num_gpus // (layout.expert_tp * layout.ep * layout.pp)
 
 
 def bucket_size(cfg: Config, layout: Layout) -> int | None:
     """The gradient bucket size the trainer's DDP uses at `layout` (None: one bucket per chunk)."""
-    return ddp_bucket_size(cfg.parallel.overlap_grad_reduce, cfg.parallel.ddp_bucket_size, layout.dp)
+    return ddp_bucket_size(cfg.parallel.overlap_grad_reduce, cfg.parallel.ddp_bucket_size, layout.dp * layout.cp)
 
 
 def training_dtype(cfg: Config) -> str:
@@ -239,15 +296,20 @@ def peak_memory(request: Request, cfg: Config, layout: Layout) -> Memory:
     num_microbatches = request.global_batch // (layout.micro_batch * layout.dp)
     worst = None
     for pp_rank in sorted({0, layout.pp - 1}):
-        state = _state(shape, layout.tp, layout.pp, layout.vpp, layout.dp, layout.distributed_optimizer, dtype, pp_rank,
-                       bucket_size(cfg, layout))
-        weights = state.weights + (fp8_weight_copies_bytes(shape, layout.tp, layout.pp) if request.fp8 else 0)
+        # CP ranks hold the same weights as DP ranks: the gradients are reduced (and sharded) over DP x CP.
+        state = _state(shape, layout.tp, layout.pp, layout.vpp, layout.dp * layout.cp, layout.distributed_optimizer,
+                       dtype, pp_rank, bucket_size(cfg, layout), layout.ep, layout.expert_tp,
+                       expert_dp(request.num_gpus, layout))
+        fp8_copies = (fp8_weight_copies_bytes(shape, layout.tp, layout.pp, layout.ep, layout.expert_tp)
+                      if request.fp8 else 0)
+        weights = state.weights + fp8_copies
         activations = stage_activation_bytes(
             shape, request.seq_length, layout.micro_batch, layout.tp, layout.sp, layout.pp, layout.vpp,
             num_microbatches, layout.recompute, cfg.training.recompute_num_layers, act_bytes, kernels, pp_rank,
-            hidden_dropout=cfg.model.hidden_dropout > 0,
+            hidden_dropout=cfg.model.hidden_dropout > 0, cp=layout.cp, etp=layout.expert_tp,
         )
-        memory = Memory(pp_rank, weights, state.gradients, state.optimizer, activations, request.buffer_bytes)
+        memory = Memory(pp_rank, weights, state.gradients, state.optimizer, activations, request.buffer_bytes,
+                        state.expert_weights, state.expert_gradients)
         if worst is None or memory.total > worst.total:
             worst = memory
     return worst
@@ -272,23 +334,33 @@ def rejection(request: Request, memory: Memory) -> str | None:
     )
 
 
+def optimizer_parameters(cfg: Config, memory: Memory) -> int:
+    """How many parameters the rank's Adam step updates: its optimizer state over the bytes each holds."""
+    prec = precision(training_dtype(cfg), fused_adam=True)
+    return memory.optimizer // (prec.adam_bytes + prec.main_param_bytes)
+
+
 def evaluate(request: Request, cfg: Config, layout: Layout) -> Evaluation:
     """Memory, step time and MFU of one layout."""
     memory = peak_memory(request, cfg, layout)
     shape = ModelShape.from_config(cfg.model)
     # The distributed optimizer all-gathers the model-dtype weights, not Transformer Engine's FP8 copies.
-    gathered = memory.weights - (fp8_weight_copies_bytes(shape, layout.tp, layout.pp) if request.fp8 else 0)
+    fp8_copies = (fp8_weight_copies_bytes(shape, layout.tp, layout.pp, layout.ep, layout.expert_tp)
+                  if request.fp8 else 0)
+    gathered = memory.weights - memory.expert_weights - fp8_copies
     # The first stage finishes its backward last: its buckets bound what the overlapped reduction exposes.
-    buckets = sum(buckets_per_chunk(shape, layout.tp, layout.pp, layout.vpp, layout.dp, layout.distributed_optimizer,
-                                    bucket_size(cfg, layout)))
+    buckets = _buckets(shape, layout.tp, layout.pp, layout.vpp, layout.dp * layout.cp, layout.distributed_optimizer,
+                       bucket_size(cfg, layout))
     time = step_time(
         shape, request.seq_length, request.global_batch, layout.micro_batch, layout.tp, layout.pp, layout.vpp,
         layout.dp, layout.sp, layout.recompute, layout.distributed_optimizer,
-        gradient_bytes=memory.gradients, weight_bytes=gathered, gpu=request.gpu,
+        gradient_bytes=memory.gradients - memory.expert_gradients, weight_bytes=gathered, gpu=request.gpu,
         gpus_per_node=request.gpus_per_node, fp8=request.fp8, achievable_flops=request.achievable_flops,
         act_bytes=precision(training_dtype(cfg), fused_adam=True).activation_bytes,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce, overlap_param_gather=cfg.parallel.overlap_param_gather,
-        num_buckets=buckets,
+        num_buckets=buckets, cp=layout.cp, cp_gathers_kv=gpu_kernels(cfg.model).cp_gathers_kv, ep=layout.ep,
+        etp=layout.expert_tp, expert_gradient_bytes=memory.expert_gradients, expert_weight_bytes=memory.expert_weights,
+        optimizer_parameters=optimizer_parameters(cfg, memory), tp_comm_overlap=request.tp_comm_overlap,
     )
     flops = model_flops_per_step(shape, request.seq_length, request.global_batch)
     return Evaluation(layout, memory, time, mfu(flops, time.total, request.num_gpus, request.gpu),
@@ -327,6 +399,14 @@ def check_request(request: Request, cfg: Config) -> None:
         if request.num_gpus % request.tp:
             raise PlanError(f"--tp {request.tp} does not divide --gpus {request.num_gpus}; use a multiple of "
                             f"{request.tp} GPUs or a TP size that divides {request.num_gpus}")
+    if request.cp is not None:
+        parallel = dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False, cp=request.cp, ep=1, etp=None)
+        errors, _ = validate(dataclasses.replace(cfg, parallel=parallel))
+        if errors:
+            raise PlanError(f"--cp {request.cp}: " + "; ".join(errors))
+        if request.num_gpus % request.cp:
+            raise PlanError(f"--cp {request.cp} does not divide --gpus {request.num_gpus}; use a multiple of "
+                            f"{request.cp} GPUs or a CP size that divides {request.num_gpus}")
 
 
 def has_accepted_layout(cfg: Config, num_gpus: int, micro_batch: int | None) -> bool:
@@ -348,15 +428,18 @@ def nearest_valid_world_sizes(cfg: Config, num_gpus: int, micro_batch: int | Non
 
 
 def frugal_layouts(cfg: Config, num_gpus: int, micro_batch: int | None) -> list[Layout]:
-    """For each valid TP x PP split, its least memory-hungry variant: SP when TP > 1, full recomputation,
-    the distributed optimizer, no interleaving, the smallest micro-batch."""
+    """For each valid TP x CP x PP split, its least memory-hungry variant: SP when TP > 1, full recomputation,
+    the distributed optimizer, no interleaving, the smallest micro-batch, and for a MoE model the largest EP."""
     layouts = []
     mb = micro_batch or 1
     for tp in _divisors(num_gpus):
-        for pp in _divisors(num_gpus // tp):
-            layout = Layout(tp, pp, 1, num_gpus // (tp * pp), tp > 1, "full", True, mb)
-            if accepted(cfg, layout, num_gpus):
-                layouts.append(layout)
+        for cp in _divisors(num_gpus // tp):
+            for pp in _divisors(num_gpus // (tp * cp)):
+                layout = Layout(tp, pp, 1, num_gpus // (tp * cp * pp), tp > 1, "full", True, mb, cp)
+                splits = [(ep, etp) for ep, etp in expert_splits(cfg, num_gpus, tp, pp) if etp is None]
+                layout = dataclasses.replace(layout, ep=max(ep for ep, _ in splits))
+                if accepted(cfg, layout, num_gpus):
+                    layouts.append(layout)
     return layouts
 
 
@@ -383,7 +466,7 @@ def plan(request: Request) -> Plan:
     """
     cfg = base_config(request)
     check_request(request, cfg)
-    layouts = candidate_layouts(cfg, request.num_gpus, request.micro_batch, request.tp)
+    layouts = candidate_layouts(cfg, request.num_gpus, request.micro_batch, request.tp, request.cp)
     if not layouts:
         m = cfg.model
         nearest = nearest_valid_world_sizes(cfg, request.num_gpus, request.micro_batch)
@@ -393,7 +476,7 @@ def plan(request: Request) -> Plan:
             f" and {m.kv_heads} key/value heads" if m.kv_heads != m.num_attention_heads else "")
         raise PlanError(
             f"no layout of {m.name} is valid on {request.num_gpus} GPUs"
-            + (f" with --tp {request.tp}" if request.tp else "")
+            + (f" with --tp {request.tp}" if request.tp else "") + (f" with --cp {request.cp}" if request.cp else "")
             + f": TP must divide the {heads} and FFN {m.ffn_hidden_size}, PP x VPP the "
             f"{m.num_layers} layers, and DP x micro-batch the {batch}; "
             f"nearest GPU counts that work: {' or '.join(map(str, nearest)) or 'none'}"
