@@ -190,8 +190,9 @@ class Server:
         if nproc > 1:
             cmd += ["--nproc", str(nproc)]
         # A port of its own for the rank-0 store: the default one may be held by another server of this module.
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(MASTER_PORT=str(free_port())), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(MASTER_PORT=str(free_port())),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
         self.log: list[str] = []
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
