@@ -20,7 +20,7 @@ import pytest
 from corpus import write_dense_corpus
 from spawn import REPO, cpu_env
 
-COMMANDS = ("preprocess", "convert", "generate", "forward", "serve", "plan", "plot", "build-cache", "run")
+COMMANDS = ("preprocess", "convert", "generate", "forward", "serve", "evaluate", "plan", "plot", "build-cache", "run")
 ACCELERATOR_NOTE = "Transformer Engine and Apex are not installed"
 
 
