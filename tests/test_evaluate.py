@@ -184,3 +184,37 @@ def test_flat_metrics_name_each_task_and_metric():
     results = {"results": {"arc": {"acc,none": 0.5, "acc_stderr,none": "N/A", "alias": "arc"},
                            "gsm8k": {"exact_match,strict-match": 0.25}}}
     assert flat_metrics(results) == {"eval/arc/acc": 0.5, "eval/gsm8k/exact_match_strict-match": 0.25}
+
+
+@pytest.mark.parallel
+def test_tasks_during_training_equal_the_command_on_the_saved_checkpoint(setup, tmp_path):
+    from corpus import write_dense_corpus
+    from spawn import run_torchrun
+
+    _, _, tasks = setup
+    prefix = tmp_path / "corpus" / "text_document"
+    prefix.parent.mkdir()
+    write_dense_corpus(prefix)
+    run_dir = tmp_path / "run"
+    env = cpu_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    run_torchrun(2, ["-m", "megatron_qwen.stages.pretrain", "configs/tiny.yaml", *MODEL, f"data.paths=[{prefix}]",
+                     "model.seq_length=64", "parallel.tp=2", "training.train_iters=4", "training.micro_batch_size=2",
+                     "training.global_batch_size=4", "training.lr_warmup_iters=1", "logging.log_interval=1",
+                     f"logging.run_dir={run_dir}", "evaluation.tasks=[local_mc, local_rolling]",
+                     "evaluation.interval=2", f"evaluation.include_path=[{tasks}]", "evaluation.batch_size=3"],
+                 timeout=900, env=env)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r for r in records if "eval/local_mc/acc" in r}
+    assert sorted(logged) == [2, 4]
+    assert logged[2]["eval/local_rolling/word_perplexity"] != logged[4]["eval/local_rolling/word_perplexity"]
+    # The saved step-4 checkpoint, loaded fresh by the command at TP=1, gives the same figures.
+    out = tmp_path / "eval"
+    saved = run_dir / "checkpoints" / "iter_0000004"
+    proc = subprocess.run([sys.executable, "tools/evaluate.py", "--ckpt", str(saved), "--tasks", "local_mc,local_rolling", "--include-path", str(tasks), "--out", str(out)], cwd=REPO,
+                          env={**env, "MASTER_PORT": str(free_port())}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = json.loads((out / "results.json").read_text())["results"]
+    during = json.loads((run_dir / "eval" / "step_4.json").read_text())["results"]
+    assert during["local_mc"]["acc,none"] == fresh["local_mc"]["acc,none"] == logged[4]["eval/local_mc/acc"]
+    np.testing.assert_allclose(during["local_rolling"]["word_perplexity,none"],
+                               fresh["local_rolling"]["word_perplexity,none"], rtol=1e-5)

@@ -31,7 +31,8 @@ def check_tasks(manager, tasks: list[str]) -> None:
 
 def run_tasks(lm, tasks: list[str], manager, num_fewshot: int | None = None, limit: float | None = None,
               log_samples: bool = False) -> dict:
-    """lm-eval's results for `tasks` on `lm` (every rank runs it and gets the same numbers)."""
+    """lm-eval's results for `tasks` on `lm`. Every rank runs every request; lm-eval aggregates the metrics on each
+    node's first process (``LOCAL_RANK`` 0) and returns None on the others."""
     from lm_eval import simple_evaluate
 
     return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
