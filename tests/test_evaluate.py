@@ -210,7 +210,8 @@ def test_tasks_during_training_equal_the_command_on_the_saved_checkpoint(setup, 
     # The saved step-4 checkpoint, loaded fresh by the command at TP=1, gives the same figures.
     out = tmp_path / "eval"
     saved = run_dir / "checkpoints" / "iter_0000004"
-    proc = subprocess.run([sys.executable, "tools/evaluate.py", "--ckpt", str(saved), "--tasks", "local_mc,local_rolling", "--include-path", str(tasks), "--out", str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "tools/evaluate.py", "--ckpt", str(saved), "--tasks",
+                           "local_mc,local_rolling", "--include-path", str(tasks), "--out", str(out)], cwd=REPO,
                           env={**env, "MASTER_PORT": str(free_port())}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = json.loads((out / "results.json").read_text())["results"]
