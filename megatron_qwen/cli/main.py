@@ -3,8 +3,8 @@
     megatron-qwen [--verbose] COMMAND [ARGS ...]      (megatron-qwen COMMAND --help for a command's options)
 
 Each command is a module of this package with a `main(argv) -> exit status`; it is imported only when it runs,
-so `--help` answers without loading megatron-core. `generate`, `forward` and `long-ppl` take `--nproc N` to run on N
-ranks of this machine through torchrun, as `run` does for the training stages.
+so `--help` answers without loading megatron-core. `generate`, `forward`, `long-ppl`, `serve` and `evaluate` take
+`--nproc N` to run on N ranks of this machine through torchrun, as `run` does for the training stages.
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ COMMANDS = {
     "generate": ("megatron_qwen.cli.generate", "generate from a checkpoint: prompts, files of prompts or a chat"),
     "forward": ("megatron_qwen.cli.forward", "full-vocabulary logits of token arrays at any parallel layout"),
     "long-ppl": ("megatron_qwen.cli.long_ppl", "perplexity against context length, with and without NTK/LogN/windows"),
+    "serve": ("megatron_qwen.cli.serve", "serve a checkpoint over an OpenAI-compatible HTTP API at any layout"),
+    "evaluate": ("megatron_qwen.cli.evaluate", "run lm-evaluation-harness tasks on a checkpoint at any layout"),
     "plan": ("megatron_qwen.cli.plan", "rank the parallel layouts that fit a model on a cluster"),
     "plot": ("megatron_qwen.cli.plot", "draw a run's metrics.jsonl into a PNG, per stage"),
     "build-cache": ("megatron_qwen.cli.build_cache", "build the pretraining dataset's index cache ahead of a job"),
     "run": ("megatron_qwen.cli.run", "train a stage (pretrain, sft, reward, ppo, ...) with torchrun on this machine"),
 }
 # Commands that run on several ranks: `--nproc N` relaunches them under torchrun.
-LAUNCHED = ("generate", "forward", "long-ppl")
+LAUNCHED = ("generate", "forward", "long-ppl", "serve", "evaluate")
 
 # megatron-core's import-time notes that Transformer Engine and Apex are absent (four, and one for Apex alone);
 # the start-up line of a run says what it uses instead. Matched by message, category and megatron-core's modules.

@@ -152,17 +152,20 @@ class GenerationEngine:
                     f"{max_positions}; shorten the prompt or lower --max-new-tokens"
                 )
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, on_token=None) -> Generation:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, on_token=None,
+                 stop_rows=None) -> Generation:
         """Continue every prompt; the result is on every rank. ``on_token(row, id)`` is called on each new
-        token (e.g. to stream one prompt's text)."""
+        token (e.g. to stream one prompt's text). ``stop_rows(rows, ids)``, called on every rank after each
+        step with the original rows still generating and their new ids, returns the rows to end now (a server's
+        per-request token limits, stop strings and disconnected clients); every rank must return the same."""
         self.check(prompts, params)
         started = time.perf_counter()
         with torch.inference_mode(), sequence_parallel_off(self.chunks), final_hidden_states(self.head):
-            result = self._generate(prompts, params, on_token)
+            result = self._generate(prompts, params, on_token, stop_rows)
         result.seconds = time.perf_counter() - started
         return result
 
-    def _generate(self, prompts, params: SamplingParams, on_token) -> Generation:
+    def _generate(self, prompts, params: SamplingParams, on_token, stop_rows) -> Generation:
         batch, longest = len(prompts), max(len(p) for p in prompts)
         total = longest + params.max_new_tokens
         pads = [longest - len(p) for p in prompts]
@@ -210,6 +213,9 @@ class GenerationEngine:
                         out.finished[row] = token in stops
                         if on_token is not None:
                             on_token(row, token)
+                    if stop_rows is not None:
+                        ended = stop_rows(list(active), [int(t) for t in ids])
+                        done = [d or row in ended for d, row in zip(done, active)]
                     out.new_tokens += len(active)
                     if all(done):
                         break

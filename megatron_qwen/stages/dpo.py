@@ -22,6 +22,7 @@ import torch
 
 from megatron_qwen.config import Config, DPOConfig
 from megatron_qwen.data.chat_datasets import build_preference_datasets
+from megatron_qwen.evaluation.during_training import after_save_hook
 from megatron_qwen.model.context_parallel import cp_size, sum_over_cp
 from megatron_qwen.training.forward_backward import forward_collect, model_inputs
 from megatron_qwen.training.loop import Model, Stage, Trainer, run_stage, train
@@ -144,7 +145,7 @@ def dpo_stage(cfg: Config) -> Stage:
 
 def train_dpo(cfg: Config) -> int:
     """Run (or resume) a DPO job; returns the process exit code."""
-    return train(cfg, dpo_stage(cfg))
+    return train(cfg, dpo_stage(cfg), after_save_hook(cfg))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,8 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 from megatron_qwen.data.gpt import build_gpt_datasets
+from megatron_qwen.evaluation.during_training import after_save_hook
 from megatron_qwen.training.forward_backward import lm_forward_step
 from megatron_qwen.training.loop import Model, Stage, run_stage, train
 
@@ -22,4 +21,4 @@ STAGE = Stage(name="pretrain", build_datasets=build_datasets, forward_step=lm_fo
               trains={"pretrain": Model()})  # fresh weights, or training.init_from
 
 if __name__ == "__main__":
-    run_stage(STAGE.name, partial(train, stage=STAGE))
+    run_stage(STAGE.name, lambda cfg: train(cfg, STAGE, after_save_hook(cfg)))

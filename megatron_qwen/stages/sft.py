@@ -12,6 +12,7 @@ from __future__ import annotations
 from functools import partial
 
 from megatron_qwen.data.chat_datasets import build_sft_datasets, packed_rows
+from megatron_qwen.evaluation.during_training import after_save_hook
 from megatron_qwen.training.forward_backward import lm_loss, model_inputs
 from megatron_qwen.training.loop import Model, Stage, run_stage, train
 
@@ -35,4 +36,4 @@ STAGE = Stage(name="sft", build_datasets=build_datasets, forward_step=sft_forwar
               trains={"sft": Model(rope_at_positions=True)})
 
 if __name__ == "__main__":
-    run_stage(STAGE.name, partial(train, stage=STAGE))
+    run_stage(STAGE.name, lambda cfg: train(cfg, STAGE, after_save_hook(cfg)))

@@ -161,9 +161,17 @@ def check_stage(cfg: Config, stage: Stage) -> None:
 
 
 class Trainer:
-    """One training job of `stage`: `Trainer(cfg, stage).run()` builds everything, resumes, then loops."""
+    """One training job of `stage`: `Trainer(cfg, stage).run()` builds everything, resumes, then loops.
 
-    def __init__(self, cfg: Config, stage: Stage):
+    `after_save(trainer) -> metrics`, when given, runs after the checkpoints of the steps `evaluation.interval`
+    names (and the last one): the benchmarks of `evaluation.tasks`, logged with the step.
+    """
+
+    def __init__(self, cfg: Config, stage: Stage, after_save: Callable | None = None):
+        if cfg.evaluation.tasks and after_save is None:
+            raise ConfigError([f"evaluation.tasks runs benchmarks on a language model; the {stage.name} stage has "
+                               "none to run them on: evaluate its checkpoints' policy with `megatron-qwen evaluate`"])
+        self.after_save = after_save if cfg.evaluation.tasks else None
         check_stage(cfg, stage)
         self.ctx = ctx = start_run(cfg)
         self.cfg, self.stage = ctx.cfg, stage
@@ -330,8 +338,13 @@ class Trainer:
                 ctx.logger.log(self.state.step, self.evaluate())
             preempted = ctx.preemption.any_rank(ctx.runtime.device)
             periodic = t.save_interval and self.state.step % t.save_interval == 0
-            if preempted or periodic or self.state.step == t.train_iters:
+            every = self.cfg.evaluation.interval
+            benchmark = self.after_save is not None and not preempted and (
+                self.state.step == t.train_iters or (every and self.state.step % every == 0))
+            if preempted or periodic or benchmark or self.state.step == t.train_iters:
                 self.save()
+            if benchmark:  # on the weights just saved, so the figures belong to that checkpoint
+                ctx.logger.log(self.state.step, self.after_save(self))
             if preempted and self.state.step < t.train_iters:  # at the last step the run is simply done
                 ctx.say(f"signal received: saved at step {self.state.step}, exiting with {EXIT_PREEMPTED} so the job "
                         "can be requeued")
@@ -358,9 +371,9 @@ class Trainer:
         return {f"valid_{name}": totals[key] / t.eval_iters for name, key in zip(names, keys)}
 
 
-def train(cfg: Config, stage: Stage) -> int:
-    """Run (or resume) a training job of `stage`; returns the process exit code."""
-    return Trainer(cfg, stage).run()
+def train(cfg: Config, stage: Stage, after_save: Callable | None = None) -> int:
+    """Run (or resume) a training job of `stage`; returns the process exit code (`after_save`: see Trainer)."""
+    return Trainer(cfg, stage, after_save).run()
 
 
 def _memory_gb(on_cpu: bool) -> float:

@@ -1,0 +1,131 @@
+"""Serve a checkpoint over an OpenAI-compatible HTTP API, at any TP/PP layout, with the KV-cache engine.
+
+    megatron-qwen serve [--nproc N] --ckpt CKPT [--tp T --pp P --vpp V] [--host 127.0.0.1] [--port 8000] \\
+        [--api-key KEY] [--model-name NAME] [--max-batch 16] [--max-queue 256] [--batch-wait-ms 5] \\
+        [--precision auto|fp32|bf16] [--trust-checkpoint]
+
+Routes: GET /v1/models, POST /v1/completions (prompt as text, texts, ids or lists of ids; echo and logprobs
+score a prompt), POST /v1/chat/completions (messages rendered with the checkpoint family's chat template),
+GET /health. Streaming (server-sent events), n, seed, temperature, top_p, top_k, max_tokens, stop (strings),
+stop_token_ids and usage as OpenAI defines them. Rank 0 serves HTTP; the other ranks follow its broadcasts.
+The API key (--api-key, else $MEGATRON_QWEN_API_KEY) is required as `Authorization: Bearer KEY` when set.
+SIGTERM stops taking requests, finishes the queued ones and exits. The ranks are exactly TP x PP (one replica).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from megatron.core import parallel_state
+
+from megatron_qwen.checkpoint.safety import TRUST_WARNING
+from megatron_qwen.errors import UserError
+from megatron_qwen.inference import forward as inference
+from megatron_qwen.inference.engine import GenerationEngine
+from megatron_qwen.platform.launch import detect_launch, init_distributed, refuse
+from megatron_qwen.platform.runtime import resolve_runtime
+from megatron_qwen.tokenizer import load_tokenizer
+
+API_KEY_ENV = "MEGATRON_QWEN_API_KEY"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="megatron-qwen serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, type=Path, help="megatron-core checkpoint directory (any layout)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument("--api-key", default=None, help=f"require this key (default ${API_KEY_ENV}, else none)")
+    parser.add_argument("--model-name", default=None, help="the model id clients name (default: CKPT's folder name)")
+    parser.add_argument("--max-batch", type=int, default=16, help="rows (prompts x n) per engine batch (default 16)")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="rows queued or running before requests get 503 (default 256)")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0,
+                        help="how long a batch that is not full waits for more requests (default 5 ms)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    parser.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank (default 1)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle every object in CKPT, also types outside the allowlist "
+                             "(can run code: trust its source)")
+    args = parser.parse_args(argv)
+    for name in ("max_batch", "max_queue"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    if args.max_queue < args.max_batch:
+        parser.error(f"--max-queue {args.max_queue} is below --max-batch {args.max_batch}; a batch could never fill")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port} must be in 0..65535")
+    if args.batch_wait_ms < 0:
+        parser.error(f"--batch-wait-ms {args.batch_wait_ms} must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGTERM (or Ctrl-C); returns the exit status."""
+    # Imported here: aiohttp is needed only by this command.
+    from megatron_qwen.serve.batching import Scheduler
+    from megatron_qwen.serve.http import Api, HttpThread
+    from megatron_qwen.serve.protocol import Limits
+    from megatron_qwen.serve.worker import RankLoop, log
+
+    args = parse_args(argv)
+    launch = detect_launch()
+    if args.trust_checkpoint and launch.rank == 0:
+        print(f"warning: --trust-checkpoint: {TRUST_WARNING}", file=sys.stderr, flush=True)
+    try:
+        if launch.world_size != args.tp * args.pp:
+            raise UserError(f"serve runs one model replica on exactly --tp x --pp = {args.tp * args.pp} rank(s), "
+                            f"not {launch.world_size}; launch --nproc {args.tp * args.pp} (for more replicas, run "
+                            "more servers behind a load balancer)")
+        plan = inference.prepare(args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp,
+                                 precision=args.precision, config_path=args.config,
+                                 trust_checkpoint=args.trust_checkpoint)
+        tokenizer = load_tokenizer(family=plan.cfg.model.family)
+        limits = Limits(model=args.model_name or args.ckpt.resolve().name, vocab_limit=plan.generate_vocab,
+                        max_positions=plan.cfg.model.max_position_embeddings,
+                        stop_ids=tokenizer.generation_stop_ids(plan.generate_vocab), max_rows=args.max_queue)
+        runtime = resolve_runtime(plan.cfg, launch.local_rank)
+    except UserError as exc:
+        return refuse(launch, str(exc))
+
+    cfg = plan.cfg
+    init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, device=cfg.parallel.device,
+                     timeout_minutes=cfg.parallel.timeout_minutes, seed=cfg.training.seed)
+    http = None
+    try:
+        chunks = inference.load_chunks(plan, args.ckpt, runtime)
+        engine = GenerationEngine(chunks, plan.generate_vocab)
+        scheduler = None
+        if launch.rank == 0:
+            scheduler = Scheduler(args.max_queue, args.max_batch, args.batch_wait_ms / 1000)
+            api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+            http = HttpThread(Api(scheduler, tokenizer, limits, api_key), args.host, args.port)
+
+            def drain(signum, frame):
+                log(f"{signal.Signals(signum).name}: finishing the queued requests, then exiting")
+                scheduler.drain()
+
+            signal.signal(signal.SIGTERM, drain)
+            signal.signal(signal.SIGINT, drain)
+            log(f"serving '{limits.model}' (tp {args.tp}, pp {args.pp}) on http://{args.host}:{http.port}/v1"
+                + (" (API key required)" if api_key else ""))
+        else:
+            # Rank 0 decides when to stop; the others follow its broadcast.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        loop = RankLoop(engine, chunks, plan, tokenizer, limits, scheduler)
+        loop.run()
+        if launch.rank == 0:
+            log(f"drained after {loop.batches} batch(es); exiting")
+    finally:
+        if http is not None:
+            http.stop()
+        parallel_state.destroy_model_parallel()
+    return 0
