@@ -636,7 +636,14 @@ def microbatch_activation_bytes(
     return _layers_activation_bytes(shape, range(shape.num_layers), seq, micro_batch, tp, sp, recompute, act_bytes,
                                     kernels, recompute_num_layers, hidden_dropout, cp, etp)[0] + (
         embedding_activation_bytes(shape, seq // cp, micro_batch, tp, sp, act_bytes, kernels, hidden_dropout)
-        + head_activation_bytes(shape, seq // cp, micro_batch, tp, sp, act_bytes, kernels))
+        + head_activation_bytes(shape, seq // cp, micro_batch, tp, sp, act_bytes, kernels)
+        + context_parallel_mask_bytes(seq, cp, act_bytes, kernels))
+
+
+def context_parallel_mask_bytes(seq: int, cp: int, act_bytes: int, kernels: Kernels) -> int:
+    """The local spec's context-parallel attention keeps one additive mask of its queries over the whole sequence
+    ([seq / cp, seq] in the activation dtype), built once per micro-batch and shared by every layer."""
+    return (seq // cp) * seq * act_bytes if cp > 1 and kernels.cp_gathers_kv else 0
 
 
 def _layers_activation_bytes(shape: ModelShape, layers: range, seq: int, micro_batch: int, tp: int, sp: bool,

@@ -86,6 +86,9 @@ ACTIVATION_CASES = {
     "qwen2.5-tp2-sp-selective": QWEN25_STYLE + ["parallel.tp=2", "parallel.sp=true", "training.recompute=selective"],
     "qwen3-tp1": QWEN3_STYLE,
     "qwen3-tp1-bf16": QWEN3_STYLE + ["training.precision=bf16"],
+    # Context parallelism: each rank keeps its half of every sequence, the gathered K/V and the shared mask.
+    "tp1-cp2": ["parallel.cp=2"],
+    "tp2-sp-cp2": ["parallel.tp=2", "parallel.sp=true", "parallel.cp=2"],
     "qwen3-tp2-sp": QWEN3_STYLE + ["parallel.tp=2", "parallel.sp=true"],
 }
 
@@ -106,9 +109,10 @@ def setup(overrides: list[str]):
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
         parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
-    ) != (layout.tp, layout.pp, layout.vpp):
+        parallel_state.get_context_parallel_world_size(),
+    ) != (layout.tp, layout.pp, layout.vpp, layout.cp):
         parallel_state.destroy_model_parallel()
-    init_distributed(layout.tp, layout.pp, layout.vpp, device="cpu")
+    init_distributed(layout.tp, layout.pp, layout.vpp, device="cpu", cp=layout.cp)
     return cfg, layout, Runtime.cpu(precision_dtype(cfg.training.precision, on_cpu=True))
 
 
@@ -192,6 +196,11 @@ def measure_activations(overrides: list[str]) -> dict:
     tokens = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ + 1), generator=gen)
     position_ids = torch.arange(SEQ).unsqueeze(0).expand(MICRO_BATCH, SEQ)
     inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # own storages, as a batch has
+    if layout.cp > 1:  # this rank's two chunks of each sequence, as the trainer feeds them
+        from megatron_qwen.model.context_parallel import split_batch
+
+        batch = split_batch({"tokens": inputs, "labels": labels, "position_ids": position_ids})
+        inputs, labels, position_ids = (batch[k].contiguous() for k in ("tokens", "labels", "position_ids"))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = model(inputs, position_ids, None, labels=labels)
     assert loss.requires_grad
