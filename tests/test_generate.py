@@ -232,6 +232,21 @@ def test_one_host_transfer_per_step(small_model, sampling):
         assert len({len(tokens) for tokens in result.tokens}) > 1 and any(result.finished), result.tokens
 
 
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, top_p=0.9, seed=7)])
+def test_without_logprobs_the_same_ids_and_nan(small_model, sampling):
+    """logprobs=False (greedy: the argmax of the output layer's vocabulary-major product, no softmax) chooses the
+    ids the full path chooses; its log-probabilities are NaN."""
+    from megatron_qwen.inference.engine import GenerationEngine
+    from megatron_qwen.inference.sampling import SamplingParams
+
+    engine = GenerationEngine([small_model], SMALL_VOCAB)
+    full = engine.generate(RAGGED, SamplingParams(max_new_tokens=8, stop_ids=STOPS, **sampling))
+    bare = engine.generate(RAGGED, SamplingParams(max_new_tokens=8, stop_ids=STOPS, logprobs=False, **sampling))
+    assert bare.tokens == full.tokens and bare.finished == full.finished
+    assert all(math.isnan(x) for row in bare.logprobs + bare.sampling_logprobs for x in row)
+    assert not any(math.isnan(x) for row in full.logprobs for x in row)
+
+
 def reference_sampling(model, prompt: list[int], seed: int, new_tokens: int, temperature: float, top_p: float,
                        stops: tuple[int, ...]) -> tuple[list[int], list[float], list[float]]:
     """One prompt alone, the whole sequence recomputed at each step; the next id by inverse CDF, in id order, of

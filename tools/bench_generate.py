@@ -6,7 +6,8 @@
 On the tiny config (configs/tiny.yaml: 4 layers, hidden 256, Qwen's 151,936-row vocabulary) with random
 weights, one process, the same torch threads for every contender, greedy, no stop token, it measures
 new tokens per second of
-  (1) the KV-cache engine (megatron_qwen.inference.engine, one prefill then one token per step),
+  (1) the KV-cache engine (megatron_qwen.inference.engine, one prefill then one token per step; ids only,
+      `SamplingParams(logprobs=False)`, as (3) returns them),
   (2) full recompute: the whole batch's sequences through the same model at every new token,
   (3) transformers' Qwen2ForCausalLM.generate (its own KV cache) on the model exported with mcore-to-hf,
 checks that the three give the same tokens, then runs (1) again at TP=2 on 2 CPU ranks (torchrun, one
@@ -80,7 +81,8 @@ def engine_setup(args, weights: Path):
     chunks = build_model(cfg, Runtime.cpu(), rope_at_positions=True)
     load_model(chunks, weights)
     engine = GenerationEngine(chunks, 151851)
-    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
+    # The ids only, as transformers' generate returns them (no per-token log-probabilities).
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, logprobs=False)
     engine.generate(prompts_of(args)[:1], SamplingParams(max_new_tokens=2, temperature=0.0))  # warm-up
     return lambda: engine.generate(prompts_of(args), params).tokens
 

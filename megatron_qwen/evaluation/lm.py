@@ -139,7 +139,8 @@ class QwenLM(TemplateLM):
             if room < 1:
                 raise ValueError(f"max_gen_toks={new} leaves no room for a context in max_length={self.max_length}")
             params = SamplingParams(max_new_tokens=new, temperature=temperature,
-                                    stop_ids=self.tokenizer_.generation_stop_ids(self.plan.generate_vocab))
+                                    stop_ids=self.tokenizer_.generation_stop_ids(self.plan.generate_vocab),
+                                    logprobs=False)
             for start in range(0, len(members), self.batch_size):
                 rows = members[start:start + self.batch_size]
                 prompts = [self.tok_encode(requests[i].args[0])[-room:] or [self.eot_token_id] for i in rows]

@@ -262,25 +262,38 @@ class GenerationEngine:
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [b, vocab_limit] of the final hidden states [b, h], gathered over tensor parallelism."""
+        full = self._vocab_major_logits(hidden)
+        logits = torch.empty(hidden.shape[0], self.vocab_limit, dtype=torch.float32, device=hidden.device)
+        return logits.copy_(full[:self.vocab_limit].t())  # ids past the tokenizer's are never drawn
+
+    def _vocab_major_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer's product [V, b] for final hidden states [b, h], gathered over tensor parallelism."""
         # weight [V / tp, h] times hidden^T reads the weight once; on CPU (MKL) that is about twice as fast as
         # megatron-core's hidden x weight^T for a few rows, and the output layer dominates a decode step.
         local = torch.mm(self.output_weight, hidden.t())  # [V / tp, b]
-        full = local
-        if self.tp_group is not None:
-            full = local.new_empty(local.shape[0] * self.tp_group.size(), local.shape[1])
-            torch.distributed.all_gather_into_tensor(full, local, group=self.tp_group)
-        logits = torch.empty(hidden.shape[0], self.vocab_limit, dtype=torch.float32, device=hidden.device)
-        return logits.copy_(full[:self.vocab_limit].t())  # ids past the tokenizer's are never drawn
+        if self.tp_group is None:
+            return local
+        full = local.new_empty(local.shape[0] * self.tp_group.size(), local.shape[1])
+        torch.distributed.all_gather_into_tensor(full, local, group=self.tp_group)
+        return full
 
     def _choose(self, hidden, params: SamplingParams, uniforms, rows: int):
         """Device ids [rows] and the float64 [3, rows] of ids, log-probabilities and sampling log-probabilities,
         chosen on the last stage and broadcast to every pipeline stage."""
         result = torch.empty(3, rows, dtype=torch.float64, device=self.device)
-        if self.last_stage:
+        if self.last_stage and params.greedy and not params.logprobs:
+            # The argmax straight from the output layer's [vocab, rows] product: no transposed copy, no softmax.
+            chosen = self._vocab_major_logits(hidden[-1])[:self.vocab_limit].argmax(0)
+            nan = torch.full_like(chosen, float("nan"), dtype=torch.float64)
+            result = torch.stack([chosen.double(), nan, nan])
+        elif self.last_stage:
             logits = self._logits(hidden[-1])
             chosen = sample(logits, params, uniforms)
-            raw = token_logprobs(logits, chosen)
-            scaled = raw if params.greedy else token_logprobs(logits, chosen, params.temperature)
+            if params.logprobs:
+                raw = token_logprobs(logits, chosen)
+                scaled = raw if params.greedy else token_logprobs(logits, chosen, params.temperature)
+            else:
+                raw = scaled = torch.full_like(chosen, float("nan"), dtype=torch.float64)
             result = torch.stack([chosen.double(), raw.double(), scaled.double()])
         if self.pp_group is not None:
             torch.distributed.broadcast(result, src=parallel_state.get_pipeline_model_parallel_last_rank(),

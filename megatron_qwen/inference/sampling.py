@@ -29,6 +29,9 @@ class SamplingParams:
     seed: int = 0
     stop_ids: tuple[int, ...] = ()
     row_seeds: tuple[int, ...] | None = None  # one seed per prompt, instead of `seed` for the batch
+    # Each new id's log-probabilities (Generation.logprobs, sampling_logprobs); off, they are NaN and a greedy step
+    # skips the softmax over the vocabulary (what a caller that keeps only the ids needs).
+    logprobs: bool = True
 
     def check(self) -> None:
         """Raise UserError naming a value out of range."""

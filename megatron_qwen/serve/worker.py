@@ -122,6 +122,7 @@ class RankLoop:
                 max_new_tokens=max(rows[i].max_tokens for i in generating), temperature=batch.temperature,
                 top_k=batch.top_k, top_p=batch.top_p, stop_ids=self.limits.stop_ids,
                 row_seeds=tuple(rows[i].seed for i in generating),
+                logprobs=False,  # asked-for log-probabilities come from the scoring forward afterwards
             )
             result = self.engine.generate(
                 [list(rows[i].prompt) for i in generating], params,
