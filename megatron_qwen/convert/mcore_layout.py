@@ -30,6 +30,7 @@ class StoredTensor:
     global_shape: tuple
     offsets: tuple  # in the global tensor
     sizes: tuple  # the piece, with the stacked layer axis (size 1) included
+    prepend: int = 0  # leading axes of size 1 in `sizes`: the stacked layer's, or a routed expert's
 
 
 @contextlib.contextmanager
@@ -78,7 +79,7 @@ def stored_layout(cfg: Config) -> tuple[list[StoredTensor], dict[str, object]]:
         if isinstance(item, ShardedTensor):
             prepend = (1,) * item.prepend_axis_num
             tensors.append(StoredTensor(item.key, tuple(item.global_shape), tuple(item.global_offset),
-                                        prepend + tuple(item.local_shape)))
+                                        prepend + tuple(item.local_shape), item.prepend_axis_num))
         elif isinstance(item, ShardedObject):
             objects[item.unique_key] = item.data
         else:

@@ -252,6 +252,61 @@ def _patch_checkpoint_writes():
     return undo
 
 
+MOE_UTILS = "megatron.core.transformer.moe.moe_utils"
+MOE_DISPATCHER = "megatron.core.transformer.moe.token_dispatcher"
+
+
+def _patch_moe_router_gemm():
+    # moe_utils binds te_general_gemm only when Transformer Engine imports; the router's gating linear then tests
+    # `te_general_gemm is not None`, a NameError without it. None takes the torch.mm branch beside that test.
+    module = importlib.import_module(MOE_UTILS)
+    if hasattr(module, "te_general_gemm"):
+        return _set_attr(module, "te_general_gemm", None)
+    module.te_general_gemm = None
+    return lambda: delattr(module, "te_general_gemm")
+
+
+class _HostStream:
+    """A CUDA stream / event stand-in for CPU ranks: CPU work is already ordered, so waiting does nothing."""
+
+    def wait_stream(self, stream) -> None:
+        return None
+
+    def record_event(self) -> "_HostStream":
+        return self
+
+    def synchronize(self) -> None:
+        return None
+
+
+_HOST_STREAM = _HostStream()
+
+
+def _patch_moe_dispatcher_streams():
+    module = importlib.import_module(MOE_DISPATCHER)
+    cuda = types.ModuleType("torch.cuda")
+    cuda.__getattr__ = lambda name: getattr(torch.cuda, name)  # type: ignore[method-assign]
+    cuda.Stream = lambda *args, **kwargs: _HOST_STREAM
+    cuda.current_stream = lambda device=None: _HOST_STREAM
+    cuda.stream = lambda stream: contextlib.nullcontext()
+    proxy = types.ModuleType("torch")
+    proxy.__getattr__ = lambda name: getattr(torch, name)  # type: ignore[method-assign]
+    proxy.cuda = cuda
+    return _set_attr(module, "torch", proxy)
+
+
+def _host_split_sizes(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """moe_utils.maybe_move_tensor_to_cpu for CPU ranks: the tensor is already on the host; split sizes asked
+    `as_numpy` come back as a NumPy array, as they do from a GPU tensor."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def _patch_moe_split_sizes():
+    return _set_attr(importlib.import_module(MOE_DISPATCHER), "maybe_move_tensor_to_cpu", _host_split_sizes)
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         "cuda_current_device",
@@ -341,6 +396,38 @@ PATCHES: tuple[Patch, ...] = (
             ("megatron.core.dist_checkpointing.strategies.filesystem_async",
              "FileSystemWriterAsync.get_save_function_and_args", "self.write_preloaded_data_multiproc"),
         ),
+    ),
+    Patch(
+        "moe_router_gemm_without_te",
+        "megatron-core's MoE router computes its logits with RouterGatingLinearFunction, which calls Transformer "
+        "Engine's te_general_gemm when `te_general_gemm is not None`; moe_utils binds that name only when Transformer "
+        "Engine imports, so without it (every CPU rank) the test is a NameError. Bound to None, the same function "
+        "takes its own torch.mm branch (forward and backward).",
+        _patch_moe_router_gemm,
+        sites=((MOE_UTILS, "RouterGatingLinearFunction.forward", "if te_general_gemm is not None"),
+               (MOE_UTILS, "RouterGatingLinearFunction.backward", "if te_general_gemm is not None")),
+    ),
+    Patch(
+        "moe_dispatcher_streams",
+        "The alltoall token dispatcher creates a CUDA stream when it is built and copies the routing counts to the "
+        "host on it (wait_stream, a stream context, record_event, event.synchronize) so the copy overlaps compute. "
+        "On CPU ranks the counts are already on the host and every operation is ordered: inside the dispatcher's "
+        "module the stream, the current stream and the event are a stand-in whose waits do nothing.",
+        _patch_moe_dispatcher_streams,
+        sites=((MOE_DISPATCHER, "MoEAlltoAllTokenDispatcher.__init__", "torch.cuda.Stream()"),
+               (MOE_DISPATCHER, "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
+                "torch.cuda.current_stream()"),
+               (MOE_DISPATCHER, "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize", ".record_event()")),
+    ),
+    Patch(
+        "moe_split_sizes_on_host",
+        "The alltoall dispatcher turns the per-rank token counts into split sizes with maybe_move_tensor_to_cpu("
+        "..., as_numpy=True), which converts only CUDA tensors; CPU counts stay tensors, and gloo's all_to_all_single "
+        "refuses tensors as split sizes (it takes a list of ints). On CPU ranks split sizes asked as NumPy become "
+        "NumPy arrays, what the GPU path hands on.",
+        _patch_moe_split_sizes,
+        sites=((MOE_UTILS, "maybe_move_tensor_to_cpu", "if torch.is_tensor(tensor) and tensor.is_cuda:"),
+               (MOE_DISPATCHER, "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize", "as_numpy=True")),
     ),
 )
 
