@@ -18,6 +18,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 
 from megatron_qwen.config import Config
 from megatron_qwen.model.qwen import QwenModel, transformer_config
+from megatron_qwen.platform.cpu import patched_while
 from megatron_qwen.platform.runtime import Runtime
 
 
@@ -68,7 +69,9 @@ def stored_layout(cfg: Config) -> tuple[list[StoredTensor], dict[str, object]]:
     model_cfg = dataclasses.replace(cfg.model, rope_scaling=None, use_dynamic_ntk=False)
     one_rank = dataclasses.replace(cfg, model=model_cfg,
                                    parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False))
-    with single_process_model_parallel():
+    # A mixture-of-experts layer's token dispatcher makes a CUDA stream when it is built (see the CPU harness).
+    cpu_only = () if torch.cuda.is_available() else ("moe_dispatcher_streams",)
+    with single_process_model_parallel(), patched_while(cpu_only):
         config = dataclasses.replace(transformer_config(one_rank, Runtime.cpu()), perform_initialization=False)
         with torch.device("meta"):
             model = QwenModel(config, one_rank, None, use_te=False)

@@ -448,6 +448,17 @@ def remove_cpu_harness(names: tuple[str, ...] | None = None) -> None:
             _undo.pop(name)()
 
 
+@contextlib.contextmanager
+def patched_while(names: tuple[str, ...]):
+    """The named patches applied for the block (those already applied stay applied afterwards)."""
+    added = tuple(name for name in names if name not in _undo)
+    apply_cpu_harness(added)
+    try:
+        yield
+    finally:
+        remove_cpu_harness(added)
+
+
 def applied_patches() -> tuple[str, ...]:
     """Names of the patches currently applied in this process."""
     return tuple(_undo)

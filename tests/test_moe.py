@@ -1,0 +1,124 @@
+"""Mixture-of-experts Qwen (Qwen1.5/2-MoE with its gated shared expert and a dense layer among MoE layers;
+Qwen3-MoE with query/key norms, a decoupled head width and renormalised top-k) against transformers.
+
+Tiny random fp32 models built by transformers (tests/moe_reference.py) are converted, run by `megatron-qwen
+forward` at expert-parallel layouts on 4 CPU ranks (one spawn) and compared with transformers' logits and greedy
+`generate`; the conversion round trip is bit-identical and its export loads in transformers. The router's
+numerics (pre-softmax top-k or the renormalised one) are checked against transformers' router on its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moe_reference import ARCHS, TOPK, VOCAB, make_moe_model
+from test_convert import run_worker
+from test_convert_family import load_safetensors_dir
+
+WORKER = str(Path(__file__).parent / "parallel" / "convert_worker.py")
+BATCH, SEQ, NEW_TOKENS = 2, 12, 4
+ATOL = 1e-4
+# name: (hf-to-mcore --tp --pp --ep, megatron-qwen forward flags); 4 ranks, data parallelism takes the rest.
+LAYOUTS = {
+    "ep2": ((1, 1, 2), "--ep 2"),
+    "tp2-ep2-sp": ((2, 1, 2), "--tp 2 --ep 2 --sequence-parallel"),
+    "pp2-ep2": ((1, 2, 2), "--pp 2 --ep 2"),
+}
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """The two tiny models, saved and converted at every layout."""
+    from megatron_qwen.convert import hf_to_mcore
+
+    root = tmp_path_factory.mktemp("moe")
+    models, ckpts = {}, {}
+    for kind in ARCHS:
+        models[kind] = make_moe_model(kind, root / kind / "hf")
+        for name, ((tp, pp, ep), _) in LAYOUTS.items():
+            ckpts[kind, name] = hf_to_mcore(root / kind / "hf", root / kind / f"mcore-{name}", tp=tp, pp=pp, ep=ep,
+                                            log=lambda _: None)
+    return {"root": root, "models": models, "ckpts": ckpts}
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHS))
+def test_round_trip_is_bit_identical_and_the_export_loads_in_transformers(moe, kind):
+    import transformers
+
+    from megatron_qwen.convert import mcore_to_hf
+
+    root = moe["root"] / kind
+    out = mcore_to_hf(moe["ckpts"][kind, "tp2-ep2-sp"], root / "back", log=lambda _: None)
+    source, back = load_safetensors_dir(root / "hf"), load_safetensors_dir(out)
+    assert sorted(source) == sorted(back)
+    for name, tensor in source.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(exported).__name__ == ARCHS[kind][0] + "ForCausalLM"
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens).logits, moe["models"][kind](tokens).logits, rtol=0, atol=1e-6)
+
+
+def test_forward_and_generation_match_transformers_at_expert_parallel_layouts(moe):
+    """`megatron-qwen forward` at EP=2, TP=2 x EP=2 (SP) and PP=2 x EP=2 (one 4-rank spawn) against transformers'
+    logits and greedy generate."""
+    root = moe["root"]
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
+    np.save(root / "tokens.npy", tokens.numpy())
+    argv = [WORKER]
+    for kind in ARCHS:
+        for name, (_, flags) in LAYOUTS.items():
+            out = root / kind / f"logits-{name}.npy"
+            argv += ["--forward", f"--ckpt {moe['ckpts'][kind, name]} --tokens {root / 'tokens.npy'} --out {out} "
+                                  f"{flags} --generate {NEW_TOKENS}"]
+    run_worker(argv)
+    report = []
+    for kind, model in moe["models"].items():
+        with torch.no_grad():
+            logits = model(input_ids=tokens).logits.numpy()
+            generated = model.generate(tokens, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                       eos_token_id=None, pad_token_id=0).numpy()
+        for name in LAYOUTS:
+            got = np.load(root / kind / f"logits-{name}.npy")
+            assert got.shape == (BATCH, SEQ, VOCAB), (kind, name, got.shape)
+            diff = float(np.abs(got - logits).max())
+            report.append(f"{kind} {name}: max |logit - transformers| = {diff:.2e}")
+            assert diff < ATOL, report[-1]
+            continued = np.load(root / kind / f"logits-{name}.generated.npy")
+            assert np.array_equal(continued, generated), (kind, name, continued[:, SEQ:], generated[:, SEQ:])
+    print("\n" + "\n".join(report))
+
+
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_router_weights_equal_transformers(norm_topk_prob):
+    """megatron-core's top-k routing as the model configures it (pre-softmax unless norm_topk_prob) gives
+    transformers' Qwen2-MoE / Qwen3-MoE routing weights and experts."""
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+
+    from megatron_qwen.config import ModelConfig, Config
+    from megatron_qwen.model.qwen import moe_settings
+    from megatron_qwen.platform.runtime import Runtime
+
+    experts, hidden = 8, 16
+    cfg = Config(model=ModelConfig(num_experts=experts, moe_router_topk=TOPK, moe_ffn_hidden_size=8,
+                                   moe_norm_topk_prob=norm_topk_prob))
+    settings = moe_settings(cfg, Runtime.cpu())
+    router = Qwen2MoeTopKRouter(Qwen2MoeConfig(num_experts=experts, num_experts_per_tok=TOPK, hidden_size=hidden,
+                                               norm_topk_prob=norm_topk_prob))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(experts, hidden, generator=generator))
+        tokens = torch.randn(32, hidden, generator=generator)
+        logits, weights, chosen = router(tokens)
+        probs, routing_map = topk_routing_with_score_function(
+            logits, TOPK, use_pre_softmax=settings["moe_router_pre_softmax"], score_function="softmax")
+    expected = torch.zeros(32, experts).scatter(1, chosen, weights)
+    assert torch.equal(routing_map, expected > 0)
+    torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
