@@ -209,6 +209,50 @@ def _probe_moe_split_sizes():
         assert isinstance(splits, np.ndarray) and splits.tolist() == expected, (name, splits)
 
 
+def _uneven_collectives_rank(rank: int, port: int, patched: bool, results) -> None:
+    """One of two gloo ranks: rank r gathers r + 1 rows of r's and reduce-scatters 3 rows to [1, 2] rows."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from megatron.core.tensor_parallel import mappings
+
+        if patched:
+            harness.apply_cpu_harness(("cuda_current_device", "uneven_collectives_on_gloo"))
+        else:
+            harness.apply_cpu_harness(("cuda_current_device",))
+        group = torch.distributed.group.WORLD
+        gathered = mappings._gather_along_first_dim(torch.full((rank + 1, 2), float(rank)), group, [1, 2])
+        scattered = mappings._reduce_scatter_along_first_dim(torch.arange(6.0).view(3, 2) * (rank + 1), group, [1, 2])
+        results.put((rank, gathered.tolist(), scattered.tolist()))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
+        results.put((rank, "error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _probe_uneven_collectives():
+    """Two gloo ranks gather 1 and 2 rows and reduce-scatter into 1 and 2 rows (what the alltoall dispatcher does
+    over TP ranks that routed different token counts)."""
+    import torch.multiprocessing as mp
+    from spawn import free_port
+
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    patched = "uneven_collectives_on_gloo" in harness.applied_patches()
+    mp.start_processes(_uneven_collectives_rank, args=(free_port(), patched, results), nprocs=2,
+                       start_method="spawn")
+    by_rank = {}
+    while not results.empty():
+        rank, gathered, scattered = results.get()
+        by_rank[rank] = (gathered, scattered)
+    assert set(by_rank) == {0, 1} and all(g != "error" for g, _ in by_rank.values()), by_rank
+    whole = [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    for rank, (gathered, scattered) in by_rank.items():
+        assert gathered == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+        rows = [[3 * v for v in row] for row in whole]  # ranks contribute 1x and 2x
+        assert scattered == (rows[:1] if rank == 0 else rows[1:]), (rank, scattered)
+
+
 PROBES = {
     "cuda_current_device": _probe_current_device,
     "cuda_rng_tracker": _probe_rng_tracker,
@@ -221,6 +265,7 @@ PROBES = {
     "moe_router_gemm_without_te": _probe_moe_router_gemm,
     "moe_dispatcher_streams": _probe_moe_dispatcher_streams,
     "moe_split_sizes_on_host": _probe_moe_split_sizes,
+    "uneven_collectives_on_gloo": _probe_uneven_collectives,
 }
 # Probes that reduce over a process group (the one-rank group of the `single_rank` fixture).
 NEEDS_PROCESS_GROUP = {"tied_embedding_copy", "cpu_checkpoint_writes_in_process"}

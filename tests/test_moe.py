@@ -81,8 +81,10 @@ def test_forward_and_generation_match_transformers_at_expert_parallel_layouts(mo
     for kind, model in moe["models"].items():
         with torch.no_grad():
             logits = model(input_ids=tokens).logits.numpy()
-            generated = model.generate(tokens, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                                       eos_token_id=None, pad_token_id=0).numpy()
+            # The prompts hold id 0: an explicit mask keeps generate from taking it for padding.
+            generated = model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=NEW_TOKENS,
+                                       min_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                                       pad_token_id=0).numpy()
         for name in LAYOUTS:
             got = np.load(root / kind / f"logits-{name}.npy")
             assert got.shape == (BATCH, SEQ, VOCAB), (kind, name, got.shape)

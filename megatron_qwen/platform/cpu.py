@@ -307,6 +307,46 @@ def _patch_moe_split_sizes():
     return _set_attr(importlib.import_module(MOE_DISPATCHER), "maybe_move_tensor_to_cpu", _host_split_sizes)
 
 
+TP_MAPPINGS = "megatron.core.tensor_parallel.mappings"
+_MAPPINGS_ORIGINAL: dict[str, Callable] = {}
+
+
+def _gather_uneven_on_gloo(input_, group, output_split_sizes=None, use_global_buffer=False):
+    """mappings._gather_along_first_dim with uneven `output_split_sizes` as gloo can run it: every rank's rows
+    padded to the largest count, one even all-gather, the padding cut off again."""
+    if output_split_sizes is None or group.size() == 1:
+        return _MAPPINGS_ORIGINAL["_gather_along_first_dim"](input_, group, output_split_sizes, use_global_buffer)
+    sizes = [int(n) for n in output_split_sizes]
+    rows = max(sizes)
+    padded = input_.new_zeros((rows, *input_.shape[1:]))
+    padded[: input_.shape[0]] = input_
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(gathered, padded.contiguous(), group=group)
+    return torch.cat([part[:n] for part, n in zip(gathered, sizes)])
+
+
+def _reduce_scatter_uneven_on_gloo(input_, group, input_split_sizes=None, use_global_buffer=False):
+    """mappings._reduce_scatter_along_first_dim with uneven `input_split_sizes` as gloo can run it: the whole
+    tensor summed over the group, each rank keeping its own rows."""
+    if input_split_sizes is None or group.size() == 1:
+        return _MAPPINGS_ORIGINAL["_reduce_scatter_along_first_dim"](input_, group, input_split_sizes,
+                                                                     use_global_buffer)
+    summed = input_.contiguous().clone()
+    torch.distributed.all_reduce(summed, group=group)
+    sizes = [int(n) for n in input_split_sizes]
+    start = sum(sizes[: group.rank()])
+    return summed[start : start + sizes[group.rank()]].contiguous()
+
+
+def _patch_uneven_collectives():
+    module = importlib.import_module(TP_MAPPINGS)
+    for name in ("_gather_along_first_dim", "_reduce_scatter_along_first_dim"):
+        _MAPPINGS_ORIGINAL.setdefault(name, getattr(module, name))
+    undo = [_set_attr(module, "_gather_along_first_dim", _gather_uneven_on_gloo),
+            _set_attr(module, "_reduce_scatter_along_first_dim", _reduce_scatter_uneven_on_gloo)]
+    return lambda: [u() for u in undo]
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         "cuda_current_device",
@@ -428,6 +468,18 @@ PATCHES: tuple[Patch, ...] = (
         _patch_moe_split_sizes,
         sites=((MOE_UTILS, "maybe_move_tensor_to_cpu", "if torch.is_tensor(tensor) and tensor.is_cuda:"),
                (MOE_DISPATCHER, "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize", "as_numpy=True")),
+    ),
+    Patch(
+        "uneven_collectives_on_gloo",
+        "With tensor (or expert-tensor) parallelism the alltoall dispatcher gathers the routed tokens of every TP rank "
+        "and scatters their sum back, each rank contributing as many rows as it routed: "
+        "torch.distributed.all_gather of a list of unequal tensors and torch.distributed.reduce_scatter, which NCCL "
+        "runs and gloo refuses (unequal sizes; no reduce_scatter). On CPU ranks, for unequal splits only, the gather "
+        "pads every rank's rows to the largest count and the reduce-scatter sums the whole tensor and keeps the "
+        "rank's rows: the same values.",
+        _patch_uneven_collectives,
+        sites=((TP_MAPPINGS, "_gather_along_first_dim", "torch.distributed.all_gather(output_tensor_list"),
+               (TP_MAPPINGS, "_reduce_scatter_along_first_dim", "torch.distributed.reduce_scatter(")),
     ),
 )
 
