@@ -124,3 +124,62 @@ def test_router_weights_equal_transformers(norm_topk_prob):
     expected = torch.zeros(32, experts).scatter(1, chosen, weights)
     assert torch.equal(routing_map, expected > 0)
     torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
+
+
+def test_aux_loss_equals_a_hand_computation_and_tokens_per_expert_sum_to_the_routed_slots(single_rank):
+    """One MoE layer's router on fixed tokens: megatron-core's tracked load-balancing loss is
+    E * sum_i f_i P_i (f_i: expert i's share of the token x top-k slots, P_i: its mean softmax probability),
+    and `MoEMetrics` counts every slot once."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_qwen.config import load_config, resolve
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
+    from megatron_qwen.training.moe_metrics import MoEMetrics
+    from parallel.moe_worker import MOE_OVERRIDES
+
+    cfg, _, _ = resolve(load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml",
+                                    [*MOE_OVERRIDES, "training.micro_batch_size=1", "training.global_batch_size=1"]), 1)
+    model = build_model(cfg, Runtime.cpu())[0].train()
+    metrics = MoEMetrics([model], cfg)
+    router = model.decoder.layers[0].mlp.router
+    tokens, experts, topk = 24, cfg.model.num_experts, cfg.model.moe_router_topk
+    hidden = torch.randn(tokens, 1, cfg.model.hidden_size, generator=torch.Generator().manual_seed(0))
+    moe_utils.clear_aux_losses_tracker()
+    _, routing_map = router(hidden)
+    scores = torch.softmax(hidden.view(tokens, -1) @ router.weight.detach().t(), dim=-1)
+    share = routing_map.sum(0).float() / (tokens * topk)
+    expected = experts * (share * scores.mean(0)).sum()
+    tracked = moe_utils.get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"][0]
+    torch.testing.assert_close(tracked, expected.detach(), rtol=1e-6, atol=0)
+    counts, slots = metrics.layer_counts()
+    first = cfg.model.moe_layers.index(True)
+    assert counts[first].sum().item() == slots[first].item() == tokens * topk
+    assert counts[first].tolist() == routing_map.sum(0).tolist()
+
+
+def test_training_at_expert_parallel_layouts_equals_ep1(tmp_path):
+    """10 Adam steps of a tiny Qwen2-MoE (aux and z-loss on) at EP=2 and TP=2 x EP=2 with SP equal EP=1 (one 4-rank
+    spawn): losses, gradient norms, the load-balancing loss and the tokens-per-expert metrics."""
+    from spawn import run_torchrun
+
+    worker = str(Path(__file__).parent / "parallel" / "moe_worker.py")
+    layouts = ("ep1", "ep2", "tp2-ep2-sp")
+    run_torchrun(4, [worker, "--workdir", str(tmp_path), "--train", ",".join(layouts)], timeout=900)
+    import json
+
+    runs = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in layouts}
+    reference = runs["ep1"]["steps"]
+    slots = runs["ep1"]["tokens"] * runs["ep1"]["topk"]
+    report = []
+    for name in layouts[1:]:
+        for key in ("loss", "grad_norm", "moe_aux_loss", "moe_tokens_per_expert_min", "moe_tokens_per_expert_max",
+                    "moe_tokens_per_expert_cv"):
+            diff = max(abs(a[key] - b[key]) for a, b in zip(reference, runs[name]["steps"]))
+            report.append(f"{name} {key}: max |diff| over 10 steps = {diff:.1e}")
+            assert diff < 1e-5, report[-1]
+    for name, run in runs.items():
+        for step in run["steps"]:
+            assert step["counts_per_layer"] == step["slots_per_layer"] == [slots] * len(step["slots_per_layer"])
+    assert reference[-1]["loss"] < reference[0]["loss"]
+    print("\n" + "\n".join(report))

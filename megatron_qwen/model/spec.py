@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_qwen.model.attention import SDPAttention
+from megatron_qwen.model.moe import QwenTopKRouter
 from megatron_qwen.model.norm import QwenRMSNorm
 
 
@@ -97,6 +98,7 @@ def moe_mlp_spec(fc1, fc2, shared_expert: bool) -> ModuleSpec:
     return ModuleSpec(
         module=MoELayer,
         submodules=MoESubmodules(
+            router=QwenTopKRouter,
             experts=ModuleSpec(module=SequentialMLP, submodules=expert),
             shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=expert) if shared_expert else None,
         ),
