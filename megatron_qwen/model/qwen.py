@@ -155,6 +155,13 @@ def moe_settings(cfg: Config, runtime: Runtime) -> dict:
     m, p = cfg.model, cfg.parallel
     if not m.is_moe:
         return {}
+    if m.fp8 is not None:
+        raise ValueError(
+            f"model.fp8={m.fp8} with a mixture-of-experts model (model.num_experts={m.num_experts}) is not supported: "
+            "each routed expert's GEMM takes however many tokens the router sends it, and FP8 GEMMs need multiples "
+            "of 16 rows (Transformer Engine's grouped GEMMs pad them; the local spec's sequential experts do not); "
+            "train MoE models without model.fp8"
+        )
     return dict(
         num_moe_experts=m.num_experts,
         moe_router_topk=m.moe_router_topk,
