@@ -183,3 +183,46 @@ def test_training_at_expert_parallel_layouts_equals_ep1(tmp_path):
             assert step["counts_per_layer"] == step["slots_per_layer"] == [slots] * len(step["slots_per_layer"])
     assert reference[-1]["loss"] < reference[0]["loss"]
     print("\n" + "\n".join(report))
+
+
+PRETRAIN_MOE = ["model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=256",
+                "model.moe_norm_topk_prob=true", "model.moe_aux_loss_coeff=0.01"]
+
+
+def test_pretraining_a_moe_learns_and_resumes_at_another_ep(tmp_path, training_seed):
+    """The pretraining stage on a tiny MoE (every layer 4 experts, top-2) at EP=2 for 30 steps: the loss falls and
+    the MoE metrics are logged; its step-10 checkpoint resumed at EP=4 gives the same losses."""
+    import json
+
+    from corpus import write_dense_corpus
+    from spawn import run_torchrun
+    from test_pretrain import STAGE, losses, overrides
+
+    prefix = tmp_path / "corpus" / "email_text_document"
+    prefix.parent.mkdir()
+    corpus = (str(prefix), write_dense_corpus(prefix))
+    seeded = [] if training_seed is None else [f"training.seed={training_seed}"]
+    run = tmp_path / "ep2"
+    run_torchrun(2, STAGE + overrides(corpus, run, *PRETRAIN_MOE, "parallel.ep=2", *seeded))
+    curve = losses(run)
+    first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in range(26, 31)) / 5
+    print(f"MoE loss {first:.3f} -> {last:.3f}: a {first - last:.3f}-nat drop over 30 steps")
+    assert last < first - 1.0, (first, last)
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("moe_aux_loss", "moe_tokens_per_expert_min", "moe_tokens_per_expert_max", "moe_tokens_per_expert_cv"):
+        assert key in record, key
+    # An expert takes each token at most once: at most the 8 x 64 tokens of a global batch.
+    assert 0 <= record["moe_tokens_per_expert_min"] <= record["moe_tokens_per_expert_max"] <= 8 * 64
+
+    start = tmp_path / "from_ep2"
+    start.mkdir()
+    (start / "latest").write_text("iter_0000010\n")
+    (start / "iter_0000010").symlink_to(run / "checkpoints" / "iter_0000010")
+    resumed = tmp_path / "ep4"
+    out = run_torchrun(4, STAGE + overrides(corpus, resumed, *PRETRAIN_MOE, *seeded, "training.train_iters=20",
+                                            f"training.load={start}", "parallel.ep=4"))
+    assert "layout changed" in out.stdout
+    got = losses(resumed)
+    assert sorted(got) == list(range(11, 21))
+    worst = max(abs(got[s] - curve[s]) / curve[s] for s in got)
+    assert worst < 1e-4, {s: (curve[s], got[s]) for s in got}
