@@ -207,6 +207,7 @@ def test_pretraining_a_moe_learns_and_resumes_at_another_ep(tmp_path, training_s
     curve = losses(run)
     first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in range(26, 31)) / 5
     print(f"MoE loss {first:.3f} -> {last:.3f}: a {first - last:.3f}-nat drop over 30 steps")
+    # Measured: 1.80 nats at the default seed, 1.70-1.89 at training seeds 1-5 (worst: seed 2, 8.46 -> 6.77).
     assert last < first - 1.0, (first, last)
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("moe_aux_loss", "moe_tokens_per_expert_min", "moe_tokens_per_expert_max", "moe_tokens_per_expert_cv"):
@@ -224,5 +225,9 @@ def test_pretraining_a_moe_learns_and_resumes_at_another_ep(tmp_path, training_s
     assert "layout changed" in out.stdout
     got = losses(resumed)
     assert sorted(got) == list(range(11, 21))
+    # The first resumed step shows the weights and optimizer state loaded. Later steps may drift a little more than
+    # a dense model's (1e-4): a token whose top-2 experts nearly tie can take the other expert once the reduction
+    # order differs (measured at training seeds 1-5: seed 1 5.6e-4, the others below 1e-4).
+    assert abs(got[11] - curve[11]) / curve[11] < 1e-5, (curve[11], got[11])
     worst = max(abs(got[s] - curve[s]) / curve[s] for s in got)
-    assert worst < 1e-4, {s: (curve[s], got[s]) for s in got}
+    assert worst < 2e-3, {s: (curve[s], got[s]) for s in got}
