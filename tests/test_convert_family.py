@@ -186,9 +186,9 @@ def test_refusals_name_the_problem_and_the_fix_and_write_nothing(family, tmp_pat
     cases = [
         (qwen25, {"tp": 4}, r"parallel\.tp=4 does not divide model\.num_query_groups=2 .*choose tp from \[1, 2\]"),
         (_variant(tmp_path, qwen25, "moe", architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe"), {},
-         r"architecture Qwen2MoeForCausalLM .*MoE models are not supported yet"),
-        (_variant(tmp_path, qwen3, "moe3", architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe"), {},
-         r"architecture Qwen3MoeForCausalLM .*MoE models are not supported yet"),
+         r"config\.json has no 'num_experts' .*Qwen2MoeForCausalLM config gives its routed experts"),
+        (_variant(tmp_path, qwen3, "next", architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next"), {},
+         r"architecture Qwen3NextForCausalLM .*Qwen3-Next .* is not modelled"),
         (_variant(tmp_path, qwen25, "vl", architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl"),
          {}, r"architecture Qwen2VLForConditionalGeneration .*not a causal language model this converts"),
         (_variant(tmp_path, qwen25, "llama", architectures=["LlamaForCausalLM"], model_type="llama"), {},

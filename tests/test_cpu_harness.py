@@ -156,6 +156,103 @@ def _probe_checkpoint_writes():
     assert torch.equal(loaded["w"], weight)
 
 
+def _probe_moe_router_gemm():
+    from megatron.core.transformer.moe.moe_utils import router_gating_linear
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(5, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(4, 8, generator=generator, requires_grad=True)
+    try:
+        logits = router_gating_linear(tokens, weight, None, torch.float32)
+    except NameError as exc:  # the unbound te_general_gemm
+        raise AssertionError(str(exc)) from exc
+    logits.sum().backward()
+    assert torch.allclose(logits, tokens @ weight.t())
+    assert torch.allclose(weight.grad, tokens.sum(0).expand(4, 8))
+
+
+def _dispatcher_counts():
+    """A stand-in for the alltoall dispatcher's state after routing: token counts per rank and per expert."""
+    import types
+
+    from megatron.core.transformer.moe import token_dispatcher
+
+    return types.SimpleNamespace(
+        drop_and_pad=False, cuda_dtoh_point="before_permutation_1", cuda_sync_point="before_permutation_1",
+        cuda_dtoh_stream=token_dispatcher.torch.cuda.Stream(), input_splits=torch.tensor([3, 1]),
+        output_splits=torch.tensor([2, 2]), output_splits_tp=torch.tensor([4]), num_out_tokens=torch.tensor(4),
+        num_local_experts=2, num_global_tokens_per_local_expert=torch.tensor([[1, 3]]),
+        config=types.SimpleNamespace(moe_permute_fusion=False),
+    )
+
+
+def _probe_moe_dispatcher_streams():
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    state = _dispatcher_counts()
+    tokens_per_expert = MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize(
+        state, "before_permutation_1", torch.tensor([1, 3]))
+    assert torch.equal(tokens_per_expert, torch.tensor([1, 3]))
+
+
+def _probe_moe_split_sizes():
+    """Split sizes reach torch.distributed.all_to_all_single as a sequence of ints (a tensor of several counts is
+    refused there with a TypeError; the two-rank MoE runs of tests/test_moe.py exercise the exchange itself)."""
+    import numpy as np
+
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    state = _dispatcher_counts()
+    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize(state, "before_permutation_1", torch.tensor([1, 3]))
+    for name, expected in (("input_splits", [3, 1]), ("output_splits", [2, 2]), ("output_splits_tp", [4])):
+        splits = getattr(state, name)
+        assert isinstance(splits, np.ndarray) and splits.tolist() == expected, (name, splits)
+
+
+def _uneven_collectives_rank(rank: int, port: int, patched: bool, results) -> None:
+    """One of two gloo ranks: rank r gathers r + 1 rows of r's and reduce-scatters 3 rows to [1, 2] rows."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from megatron.core.tensor_parallel import mappings
+
+        if patched:
+            harness.apply_cpu_harness(("cuda_current_device", "uneven_collectives_on_gloo"))
+        else:
+            harness.apply_cpu_harness(("cuda_current_device",))
+        group = torch.distributed.group.WORLD
+        gathered = mappings._gather_along_first_dim(torch.full((rank + 1, 2), float(rank)), group, [1, 2])
+        scattered = mappings._reduce_scatter_along_first_dim(torch.arange(6.0).view(3, 2) * (rank + 1), group, [1, 2])
+        results.put((rank, gathered.tolist(), scattered.tolist()))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
+        results.put((rank, "error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _probe_uneven_collectives():
+    """Two gloo ranks gather 1 and 2 rows and reduce-scatter into 1 and 2 rows (what the alltoall dispatcher does
+    over TP ranks that routed different token counts)."""
+    import torch.multiprocessing as mp
+    from spawn import free_port
+
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    patched = "uneven_collectives_on_gloo" in harness.applied_patches()
+    mp.start_processes(_uneven_collectives_rank, args=(free_port(), patched, results), nprocs=2,
+                       start_method="spawn")
+    by_rank = {}
+    while not results.empty():
+        rank, gathered, scattered = results.get()
+        by_rank[rank] = (gathered, scattered)
+    assert set(by_rank) == {0, 1} and all(g != "error" for g, _ in by_rank.values()), by_rank
+    whole = [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    for rank, (gathered, scattered) in by_rank.items():
+        assert gathered == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+        rows = [[3 * v for v in row] for row in whole]  # ranks contribute 1x and 2x
+        assert scattered == (rows[:1] if rank == 0 else rows[1:]), (rank, scattered)
+
+
 PROBES = {
     "cuda_current_device": _probe_current_device,
     "cuda_rng_tracker": _probe_rng_tracker,
@@ -165,6 +262,10 @@ PROBES = {
     "cpu_fp8_gemm_kernel": _probe_fp8_gemm_kernel,
     "cpu_checkpoint_writes_in_process": _probe_checkpoint_writes,
     "tied_embedding_copy": _probe_tied_embedding_copy,
+    "moe_router_gemm_without_te": _probe_moe_router_gemm,
+    "moe_dispatcher_streams": _probe_moe_dispatcher_streams,
+    "moe_split_sizes_on_host": _probe_moe_split_sizes,
+    "uneven_collectives_on_gloo": _probe_uneven_collectives,
 }
 # Probes that reduce over a process group (the one-rank group of the `single_rank` fixture).
 NEEDS_PROCESS_GROUP = {"tied_embedding_copy", "cpu_checkpoint_writes_in_process"}

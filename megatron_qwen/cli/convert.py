@@ -1,6 +1,6 @@
 """Convert Qwen checkpoints between Hugging Face and megatron-core (dist_checkpointing).
 
-    megatron-qwen convert hf-to-mcore --hf DIR --out CKPT --tp T --pp P [--vpp V] [--family F]
+    megatron-qwen convert hf-to-mcore --hf DIR --out CKPT --tp T --pp P [--vpp V] [--ep E] [--family F]
     megatron-qwen convert mcore-to-hf --ckpt CKPT --out DIR [--layout qwen2|qwen3|qwen] [--task lm|reward] \
         [--trust-checkpoint]
 
@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel size: checked and recorded (default 1)")
     to_mcore.add_argument("--vpp", type=int, default=1,
                           help="model chunks per pipeline rank: checked and recorded (default 1)")
+    to_mcore.add_argument("--ep", type=int, default=1,
+                          help="expert-parallel size of a mixture-of-experts model: checked and recorded (default 1)")
     to_mcore.add_argument("--family", choices=TOKENIZER_FAMILIES, default=None,
                           help="tokenizer family (model.family; default: from the checkpoint's tokenizer files, "
                                "else qwen2 -> qwen2.5, qwen3 -> qwen3, v1 -> qwen)")
@@ -87,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hf-to-mcore":
             from megatron_qwen.convert.to_mcore import hf_to_mcore
 
-            hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, max_chunk_bytes=args.max_chunk_size,
-                        family=args.family)
+            hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
+                        max_chunk_bytes=args.max_chunk_size, family=args.family)
         elif args.task == "reward":
             from megatron_qwen.convert.reward_export import export_reward_to_hf
 

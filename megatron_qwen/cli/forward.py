@@ -1,7 +1,7 @@
 """Full-vocabulary logits (and greedy continuations) of a checkpoint at any parallel layout.
 
     megatron-qwen forward [--nproc N] --ckpt CKPT --tokens TOKENS.npy --out LOGITS.npy \
-        [--tp T --pp P --vpp V --sequence-parallel] [--generate K] [--trust-checkpoint]
+        [--tp T --pp P --vpp V --ep E --sequence-parallel] [--generate K] [--trust-checkpoint]
 
 `torchrun --nproc-per-node N tools/forward.py ...` is the same. Loads CKPT (saved or converted at any
 layout) at the layout given here; ranks beyond TP x PP are data-parallel replicas that repeat the work.
@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
     parser.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank (default 1)")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="expert-parallel size of a mixture-of-experts model (default 1)")
     parser.add_argument("--sequence-parallel", action="store_true", help="split the sequence over TP ranks")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: bf16 on GPU, fp32 on CPU")
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = inference.prepare(
             args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp, sp=args.sequence_parallel,
-            precision=args.precision, config_path=args.config, trust_checkpoint=args.trust_checkpoint,
+            ep=args.ep, precision=args.precision, config_path=args.config, trust_checkpoint=args.trust_checkpoint,
         )
         tokens = inference.load_tokens(args.tokens, plan.vocab_size)
         runtime = resolve_runtime(plan.cfg, launch.local_rank)
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = plan.cfg
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, device=cfg.parallel.device,
+                     ep=cfg.parallel.ep,
                      timeout_minutes=cfg.parallel.timeout_minutes, seed=cfg.training.seed)
     try:
         chunks = inference.load_chunks(plan, args.ckpt, runtime)

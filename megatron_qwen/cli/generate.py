@@ -3,7 +3,7 @@
     megatron-qwen generate [--nproc N] --ckpt CKPT \\
         (--prompt TEXT | --prompts FILE.jsonl | --prompt-tokens FILE.npy | --interactive) \\
         [--chat [--system TEXT]] [--max-new-tokens 128] [--temperature 1.0] [--top-p 1.0] [--top-k 0] \\
-        [--seed 0] [--tp T --pp P --vpp V] [--precision auto|fp32|bf16] [--batch-size 8] [--out OUT.jsonl] \
+        [--seed 0] [--tp T --pp P --vpp V --ep E] [--precision auto|fp32|bf16] [--batch-size 8] [--out OUT.jsonl] \
         [--trust-checkpoint]
 
 Prompts: --prompt is one text; --prompts a JSONL file of {"prompt": "..."} lines (with --chat also
@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
     parser.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank (default 1)")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="expert-parallel size of a mixture-of-experts model (default 1)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.trust_checkpoint and launch.rank == 0:
         print(f"warning: --trust-checkpoint: {TRUST_WARNING}", file=sys.stderr, flush=True)
     try:
-        plan = inference.prepare(args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp,
+        plan = inference.prepare(args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
                                  precision=args.precision,
                                  config_path=args.config, trust_checkpoint=args.trust_checkpoint)
         tokenizer = load_tokenizer(family=plan.cfg.model.family)
@@ -233,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = plan.cfg
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, device=cfg.parallel.device,
+                     ep=cfg.parallel.ep,
                      timeout_minutes=cfg.parallel.timeout_minutes, seed=cfg.training.seed)
     try:
         engine = GenerationEngine(inference.load_chunks(plan, args.ckpt, runtime), vocab_limit)

@@ -127,16 +127,21 @@ class HFCheckpoint:
             raise ConversionError(f"tensor {name} appears in both {self.tensors[name].file.name} and {info.file.name}")
         self.tensors[name] = info
 
-    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """Rows [start, stop) of tensor `name` (all of it by default), as a tensor that owns its memory."""
+    def read(self, name: str, start: int | None = None, stop: int | None = None, slab: int | None = None
+             ) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (all of it by default), as a tensor that owns its memory; with
+        `slab`, rows of `name[slab]` (one expert of a fused expert tensor)."""
         info = self.tensors[name]
         if info.file.suffix != ".safetensors":
-            return _load_bin(info.file)[name][start:stop].clone()  # a view of the mapping until cloned
-        start, stop, _ = slice(start, stop).indices(info.shape[0])
-        out = torch.empty((max(stop - start, 0), *info.shape[1:]), dtype=info.dtype)
-        row_bytes = math.prod(info.shape[1:]) * out.element_size()
+            whole = _load_bin(info.file)[name]
+            return (whole if slab is None else whole[slab])[start:stop].clone()  # a view of the mapping until cloned
+        shape = info.shape if slab is None else info.shape[1:]
+        start, stop, _ = slice(start, stop).indices(shape[0])
+        out = torch.empty((max(stop - start, 0), *shape[1:]), dtype=info.dtype)
+        row_bytes = math.prod(shape[1:]) * out.element_size()
+        first = start if slab is None else slab * shape[0] + start
         with open(info.file, "rb") as f:
-            f.seek(info.offset + start * row_bytes)
+            f.seek(info.offset + first * row_bytes)
             if f.readinto(out.view(-1).view(torch.uint8).numpy()) != out.numel() * out.element_size():
                 raise ConversionError(
                     f"{info.file}: ends inside tensor {name}; the file is truncated, download it again"

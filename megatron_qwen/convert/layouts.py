@@ -13,6 +13,14 @@ config.json keys of each layout and how they map onto the project's `ModelConfig
 | mlp.w2 (gate) / mlp.w1 (up) / mlp.c_proj   | mlp.gate_proj / up_proj / down_proj              |
 | transformer.ln_f, lm_head                  | model.norm, lm_head (absent when tied)           |
 | intermediate_size = 2 x per-branch width   | intermediate_size = per-branch width             |
+
+The mixture-of-experts classes (Qwen2MoeForCausalLM: Qwen1.5-MoE, Qwen2-MoE; Qwen3MoeForCausalLM) are Qwen2 /
+Qwen3 with, in each MoE layer, `mlp.gate` (the router, [experts, hidden]), the routed experts fused as transformers
+5 stores them (`mlp.experts.gate_up_proj` [experts, 2 x width, hidden], rows [gate; up], and `mlp.experts.down_proj`
+[experts, hidden, width]) and, for Qwen2-MoE, `mlp.shared_expert.{gate,up,down}_proj` with the sigmoid gate
+`mlp.shared_expert_gate` ([1, hidden]). Released checkpoints store each expert on its own
+(`mlp.experts.{e}.gate_proj` ...); both are read, the fused form is written. Dense layers among MoE layers
+(`decoder_sparse_step`, `mlp_only_layers`) keep the plain MLP of `intermediate_size`.
 """
 
 from __future__ import annotations
@@ -27,25 +35,33 @@ from megatron_qwen.tokenizer import FAMILIES, FAMILY_DEFAULT_SYSTEM, FAMILY_SPEC
 QWEN2 = "qwen2"
 QWEN3 = "qwen3"
 QWEN = "qwen"
-LAYOUTS = (QWEN2, QWEN3, QWEN)
+QWEN2_MOE = "qwen2_moe"
+QWEN3_MOE = "qwen3_moe"
+LAYOUTS = (QWEN2, QWEN3, QWEN, QWEN2_MOE, QWEN3_MOE)
+# The dense layout whose attention, norms and dense MLPs a mixture-of-experts layout shares.
+BASE_LAYOUT = {QWEN2: QWEN2, QWEN3: QWEN3, QWEN: QWEN, QWEN2_MOE: QWEN2, QWEN3_MOE: QWEN3}
+MOE_LAYOUTS = (QWEN2_MOE, QWEN3_MOE)
 
 # Qwen's <|endoftext|>: the release uses it as BOS, EOS and padding.
 QWEN_ENDOFTEXT_ID = 151643
 
 # The transformers class (config.json `architectures`) and `model_type` of each layout.
-ARCHITECTURES = {QWEN2: "Qwen2ForCausalLM", QWEN3: "Qwen3ForCausalLM", QWEN: "QWenLMHeadModel"}
-MODEL_TYPES = {QWEN2: "qwen2", QWEN3: "qwen3", QWEN: "qwen"}
-# Qwen relatives that are not dense causal language models, refused by name with what to do instead.
-_MOE = "MoE models are not supported yet; convert a dense Qwen model (Qwen1.5/2/2.5 or Qwen3 dense)"
+ARCHITECTURES = {QWEN2: "Qwen2ForCausalLM", QWEN3: "Qwen3ForCausalLM", QWEN: "QWenLMHeadModel",
+                 QWEN2_MOE: "Qwen2MoeForCausalLM", QWEN3_MOE: "Qwen3MoeForCausalLM"}
+MODEL_TYPES = {QWEN2: "qwen2", QWEN3: "qwen3", QWEN: "qwen", QWEN2_MOE: "qwen2_moe", QWEN3_MOE: "qwen3_moe"}
+# Qwen relatives that are not these causal language models, refused by name with what to do instead.
+_NEXT = ("Qwen3-Next (hybrid linear attention, gated attention, multi-token prediction) is not modelled; convert "
+         "a Qwen2-MoE or Qwen3-MoE model")
 _NOT_LM = ("not a causal language model this converts (it has a vision/audio encoder or another head); convert "
-           "the text-only causal LM of the same release (Qwen2ForCausalLM / Qwen3ForCausalLM)")
-REFUSED_MODEL_TYPES = {"qwen2_moe": _MOE, "qwen3_moe": _MOE, "qwen3_next": _MOE}
+           "the text-only causal LM of the same release (Qwen2ForCausalLM / Qwen3ForCausalLM / Qwen2MoeForCausalLM / "
+           "Qwen3MoeForCausalLM)")
+REFUSED_MODEL_TYPES = {"qwen3_next": _NEXT}
 
 GLOBAL_NAMES = {
     QWEN2: {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"},
     QWEN: {"embed": "transformer.wte.weight", "final_norm": "transformer.ln_f.weight", "lm_head": "lm_head.weight"},
 }
-GLOBAL_NAMES[QWEN3] = GLOBAL_NAMES[QWEN2]
+GLOBAL_NAMES[QWEN3] = GLOBAL_NAMES[QWEN2_MOE] = GLOBAL_NAMES[QWEN3_MOE] = GLOBAL_NAMES[QWEN2]
 
 # Per-layer tensors other than the attention input projection, by role.
 LAYER_NAMES = {
@@ -71,6 +87,21 @@ LAYER_NAMES[QWEN3] = {
     "q_norm": "model.layers.{i}.self_attn.q_norm.weight",
     "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
 }
+# A mixture-of-experts layer's MLP (transformers 5 names; the per-expert names are the released checkpoints').
+MOE_NAMES = {
+    "router": "model.layers.{i}.mlp.gate.weight",
+    "experts_gate_up": "model.layers.{i}.mlp.experts.gate_up_proj",
+    "experts_down": "model.layers.{i}.mlp.experts.down_proj",
+    "expert_gate": "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
+    "expert_up": "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
+    "expert_down": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
+    "shared_gate": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+    "shared_up": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+    "shared_down": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
+    "shared_expert_gate": "model.layers.{i}.mlp.shared_expert_gate.weight",
+}
+LAYER_NAMES[QWEN2_MOE] = {**LAYER_NAMES[QWEN2], **MOE_NAMES}
+LAYER_NAMES[QWEN3_MOE] = {**LAYER_NAMES[QWEN3], **MOE_NAMES}
 
 # Buffers some exports carry that are not weights (recomputed by every implementation).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -79,19 +110,48 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 def qkv_source(layout: str, layer: int, part: int, kind: str, m: ModelConfig) -> tuple[str, int]:
     """Where part `part` (0 = Q, 1 = K, 2 = V) of a layer's attention input projection starts:
     (Hugging Face tensor name, first row). `kind` is "weight" or "bias"."""
-    if layout in (QWEN2, QWEN3):
+    if layout != QWEN:
         return f"model.layers.{layer}.self_attn.{'qkv'[part]}_proj.{kind}", 0
     return f"transformer.h.{layer}.attn.c_attn.{kind}", part * m.num_attention_heads * m.head_dim
 
 
-def layer_name(layout: str, role: str, layer: int) -> str:
-    """The Hugging Face name of role `role` (see LAYER_NAMES) in layer `layer`."""
-    return LAYER_NAMES[layout][role].format(i=layer)
+def layer_name(layout: str, role: str, layer: int, expert: int | None = None) -> str:
+    """The Hugging Face name of role `role` (see LAYER_NAMES) in layer `layer` (of expert `expert`)."""
+    return LAYER_NAMES[layout][role].format(i=layer, e=expert)
 
 
-def expected_tensors(layout: str, m: ModelConfig, vocab_size: int, include_lm_head: bool = True) -> dict[str, tuple]:
+def fused_experts(names) -> bool:
+    """Whether a mixture-of-experts checkpoint stores its experts fused (transformers 5) rather than one by one."""
+    return any(name.endswith("mlp.experts.gate_up_proj") for name in names)
+
+
+def _moe_tensors(layout: str, m: ModelConfig, i: int, fused: bool) -> dict[str, tuple]:
+    """The tensors of MoE layer `i` with their shapes: experts fused (transformers 5) or one by one."""
+    H, E, I = m.hidden_size, m.num_experts, m.moe_ffn_hidden_size
+    out = {layer_name(layout, "router", i): (E, H)}
+    if fused:
+        out[layer_name(layout, "experts_gate_up", i)] = (E, 2 * I, H)
+        out[layer_name(layout, "experts_down", i)] = (E, H, I)
+    else:
+        for e in range(E):
+            out[layer_name(layout, "expert_gate", i, e)] = (I, H)
+            out[layer_name(layout, "expert_up", i, e)] = (I, H)
+            out[layer_name(layout, "expert_down", i, e)] = (H, I)
+    S = m.moe_shared_expert_ffn_hidden_size
+    if S is not None:
+        out[layer_name(layout, "shared_gate", i)] = (S, H)
+        out[layer_name(layout, "shared_up", i)] = (S, H)
+        out[layer_name(layout, "shared_down", i)] = (H, S)
+        if m.moe_shared_expert_gate:
+            out[layer_name(layout, "shared_expert_gate", i)] = (1, H)
+    return out
+
+
+def expected_tensors(layout: str, m: ModelConfig, vocab_size: int, include_lm_head: bool = True,
+                     fused: bool = False) -> dict[str, tuple]:
     """Every Hugging Face tensor of the model with its shape, in the order checkpoints list them.
-    `lm_head` is listed when `include_lm_head` and the embeddings are not tied."""
+    `lm_head` is listed when `include_lm_head` and the embeddings are not tied; a mixture-of-experts layer's
+    experts are listed `fused` (transformers 5) or one by one (the released checkpoints)."""
     H, F, d = m.hidden_size, m.ffn_hidden_size, m.head_dim
     q_rows, kv_rows = m.num_attention_heads * d, m.kv_heads * d
     names = GLOBAL_NAMES[layout]
@@ -111,6 +171,9 @@ def expected_tensors(layout: str, m: ModelConfig, vocab_size: int, include_lm_he
             out[layer_name(layout, "k_norm", i)] = (d,)
         out[layer_name(layout, "proj", i)] = (H, q_rows)
         out[layer_name(layout, "post_norm", i)] = (H,)
+        if m.moe_layers[i]:
+            out.update(_moe_tensors(layout, m, i, fused))
+            continue
         out[layer_name(layout, "gate", i)] = (F, H)
         out[layer_name(layout, "up", i)] = (F, H)
         out[layer_name(layout, "down", i)] = (H, F)
@@ -129,7 +192,7 @@ def detect_layout(config: dict, tensor_names: Iterable[str], where: str) -> str:
     by_arch = {arch: layout for layout, arch in ARCHITECTURES.items()}
     for arch in architectures:
         if arch not in by_arch:
-            reason = REFUSED_MODEL_TYPES.get(model_type) or (_MOE if "Moe" in arch else _NOT_LM)
+            reason = REFUSED_MODEL_TYPES.get(model_type) or _NOT_LM
             raise ConversionError(
                 f"{where}: architecture {arch} (model_type={model_type!r}) is {reason}; this converter reads "
                 f"{', '.join(ARCHITECTURES.values())}"
@@ -149,6 +212,8 @@ def detect_layout(config: dict, tensor_names: Iterable[str], where: str) -> str:
             "fix config.json so both name the same one"
         )
     by_keys = QWEN if "transformer.wte.weight" in names else QWEN2 if "model.embed_tokens.weight" in names else None
+    if by_keys == QWEN2 and any(".mlp.gate.weight" in name for name in names):
+        by_keys = QWEN3_MOE if any(".self_attn.q_norm." in name for name in names) else QWEN2_MOE
     if not by_config and by_keys is None:
         raise ConversionError(
             f"{where}: cannot tell the checkpoint layout: config.json has model_type={model_type!r} and "
@@ -246,7 +311,7 @@ def detect_family(layout: str, vocab: int, added_tokens: Mapping[int, str] | Non
         except ValueError as exc:
             raise ConversionError(f"{where}: {exc}") from None
         return explicit, None
-    family = {QWEN2: "qwen2.5", QWEN3: "qwen3", QWEN: "qwen"}[layout]
+    family = {QWEN2: "qwen2.5", QWEN3: "qwen3", QWEN: "qwen"}[BASE_LAYOUT[layout]]
     if TOKENIZER_VOCAB_SIZES[family] > vocab:
         return family, (f"model.family={family} (from the architecture; no tokenizer files) has "
                         f"{TOKENIZER_VOCAB_SIZES[family]:,} tokens but the vocabulary {vocab:,}: the Qwen tokenizer "
@@ -268,7 +333,8 @@ def model_from_hf(config: dict, layout: str, where: str) -> tuple[ModelConfig, i
     intermediate = int(_require(config, "intermediate_size", where))
     tied = bool(config.get("tie_word_embeddings", False))
 
-    if layout in (QWEN2, QWEN3):
+    if layout != QWEN:
+        base = BASE_LAYOUT[layout]
         kv_heads = int(config.get("num_key_value_heads") or heads)
         # transformers' Qwen3Config defaults head_dim to 128; Qwen2 takes hidden / heads unless config.json says.
         default_head_dim = 128 if layout == QWEN3 else (hidden // heads if heads else 0)
@@ -285,11 +351,13 @@ def model_from_hf(config: dict, layout: str, where: str) -> tuple[ModelConfig, i
                 f"{where}: use_sliding_window=true (or sliding layer_types): sliding-window attention is not "
                 "supported; the released Qwen models attend to the full context, set use_sliding_window to false"
             )
-        if layout == QWEN3 and config.get("attention_bias"):
+        if base == QWEN3 and config.get("attention_bias"):
             raise ConversionError(
-                f"{where}: attention_bias=true: Qwen3ForCausalLM then also biases o_proj, which this model does not "
-                "have; the released Qwen3 models use attention_bias=false"
+                f"{where}: attention_bias=true: {ARCHITECTURES[layout]} then also biases o_proj, which this model does "
+                "not have; the released Qwen3 models use attention_bias=false"
             )
+        if layout == QWEN2_MOE and config.get("qkv_bias") is False:
+            raise ConversionError(f"{where}: qkv_bias=false: the released Qwen2-MoE models bias q/k/v; set it to true")
         rope = rope_from_hf(config, where)
         max_positions = int(config.get("max_position_embeddings", 32768))
         model = ModelConfig(
@@ -298,8 +366,8 @@ def model_from_hf(config: dict, layout: str, where: str) -> tuple[ModelConfig, i
             num_attention_heads=heads,
             num_query_groups=kv_heads if kv_heads != heads else None,
             kv_channels=head_dim if hidden % heads or head_dim != hidden // heads else None,
-            qkv_bias=layout == QWEN2,  # Qwen2's q/k/v always have a bias; Qwen3's none (attention_bias=false)
-            qk_layernorm=layout == QWEN3,
+            qkv_bias=base == QWEN2,  # Qwen2's q/k/v always have a bias; Qwen3's none (attention_bias=false)
+            qk_layernorm=base == QWEN3,
             tie_word_embeddings=tied,
             ffn_hidden_size=intermediate,
             padded_vocab_size=vocab,
@@ -315,6 +383,7 @@ def model_from_hf(config: dict, layout: str, where: str) -> tuple[ModelConfig, i
             yarn_beta_slow=rope.beta_slow,
             norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
             init_method_std=float(config.get("initializer_range", 0.02)),
+            **(moe_from_hf(config, layout, where) if layout in MOE_LAYOUTS else {}),
         )
         return model, vocab, tied
 
@@ -354,12 +423,46 @@ def model_from_hf(config: dict, layout: str, where: str) -> tuple[ModelConfig, i
     return model, vocab, False
 
 
+def moe_from_hf(config: dict, layout: str, where: str) -> dict:
+    """ModelConfig's mixture-of-experts keys of a Qwen2-MoE / Qwen3-MoE config.json (transformers' defaults where
+    the file leaves a key out)."""
+    # transformers 5 writes Qwen3-MoE's expert count as num_local_experts; the releases say num_experts.
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    if not experts:
+        raise ConversionError(f"{where}: config.json has no 'num_experts' (or 'num_local_experts'); a "
+                              f"{ARCHITECTURES[layout]} config gives its routed experts per MoE layer")
+    experts = int(experts)
+    out = dict(
+        num_experts=experts,
+        moe_router_topk=int(_require(config, "num_experts_per_tok", where)),
+        moe_ffn_hidden_size=int(_require(config, "moe_intermediate_size", where)),
+        moe_norm_topk_prob=bool(config.get("norm_topk_prob", layout == QWEN3_MOE)),
+        moe_decoder_sparse_step=int(config.get("decoder_sparse_step", 1)),
+        moe_mlp_only_layers=[int(i) for i in config.get("mlp_only_layers") or []],
+        moe_aux_loss_coeff=float(config.get("router_aux_loss_coef", 0.001)),
+    )
+    if layout == QWEN2_MOE:
+        # transformers' Qwen2-MoE always has the shared expert and its sigmoid gate.
+        out.update(moe_shared_expert_ffn_hidden_size=int(_require(config, "shared_expert_intermediate_size", where)),
+                   moe_shared_expert_gate=True)
+    return out
+
+
 def layout_problem(layout: str, m: ModelConfig) -> str | None:
     """Why `layout`'s Hugging Face class cannot hold model `m` (None when it can)."""
-    if layout == QWEN2 and (m.qk_layernorm or not m.qkv_bias):
-        return "transformers' Qwen2ForCausalLM has q/k/v biases and no query/key norms"
-    if layout == QWEN3 and (not m.qk_layernorm or m.qkv_bias):
-        return "transformers' Qwen3ForCausalLM has query/key norms and no q/k/v biases"
+    if m.is_moe != (layout in MOE_LAYOUTS):
+        return (f"transformers' {ARCHITECTURES[layout]} {'has' if layout in MOE_LAYOUTS else 'has no'} routed experts "
+                f"and this model {'has' if m.is_moe else 'has none'}")
+    base = BASE_LAYOUT[layout]
+    if base == QWEN2 and (m.qk_layernorm or not m.qkv_bias):
+        return f"transformers' {ARCHITECTURES[layout]} has q/k/v biases and no query/key norms"
+    if base == QWEN3 and (not m.qk_layernorm or m.qkv_bias):
+        return f"transformers' {ARCHITECTURES[layout]} has query/key norms and no q/k/v biases"
+    shared = m.moe_shared_expert_ffn_hidden_size is not None
+    if layout == QWEN2_MOE and not (shared and m.moe_shared_expert_gate):
+        return "transformers' Qwen2MoeForCausalLM has a shared expert with a sigmoid gate in every MoE layer"
+    if layout == QWEN3_MOE and shared:
+        return "transformers' Qwen3MoeForCausalLM has no shared expert"
     plain_heads = m.kv_heads == m.num_attention_heads and m.head_dim * m.num_attention_heads == m.hidden_size
     if layout == QWEN and not (plain_heads and m.qkv_bias and not m.qk_layernorm and not m.tie_word_embeddings
                                and m.rope_scaling is None):
@@ -369,7 +472,10 @@ def layout_problem(layout: str, m: ModelConfig) -> str | None:
 
 
 def default_layout(m: ModelConfig) -> str:
-    """The transformers layout of a model: Qwen3 with query/key norms, else Qwen2."""
+    """The transformers layout of a model: Qwen3 with query/key norms, else Qwen2 (their MoE classes for a
+    mixture of experts)."""
+    if m.is_moe:
+        return QWEN3_MOE if m.qk_layernorm else QWEN2_MOE
     return QWEN3 if m.qk_layernorm else QWEN2
 
 
@@ -381,7 +487,7 @@ def hf_config(layout: str, m: ModelConfig, vocab_size: int, dtype_name: str, bas
         raise ConversionError(f"--layout {layout} cannot hold this model: {problem}; use --layout {default_layout(m)}")
     qwen_vocab = vocab_size >= TOKENIZER_VOCAB_SIZES[m.family]  # the family's tokens all have rows
     out = dict(base or {})
-    if layout in (QWEN2, QWEN3):
+    if layout != QWEN:
         rope_scaling, rope_parameters = rope_to_hf(m)
         out.update(
             architectures=[ARCHITECTURES[layout]],
@@ -406,8 +512,21 @@ def hf_config(layout: str, m: ModelConfig, vocab_size: int, dtype_name: str, bas
             attention_dropout=0.0,
             initializer_range=m.init_method_std,
         )
-        if layout == QWEN3:
+        if BASE_LAYOUT[layout] == QWEN3:
             out["attention_bias"] = False
+        if layout in MOE_LAYOUTS:
+            out["num_local_experts" if "num_local_experts" in out else "num_experts"] = m.num_experts
+            out.update(
+                num_experts_per_tok=m.moe_router_topk,
+                moe_intermediate_size=m.moe_ffn_hidden_size,
+                norm_topk_prob=m.moe_norm_topk_prob,
+                decoder_sparse_step=m.moe_decoder_sparse_step,
+                mlp_only_layers=list(m.moe_mlp_only_layers),
+                router_aux_loss_coef=m.moe_aux_loss_coeff,
+                output_router_logits=False,
+            )
+            if layout == QWEN2_MOE:
+                out.update(shared_expert_intermediate_size=m.moe_shared_expert_ffn_hidden_size, qkv_bias=True)
         out.pop("layer_types", None)  # derived from use_sliding_window by transformers
     else:
         out.update(

@@ -18,6 +18,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 
 from megatron_qwen.config import Config
 from megatron_qwen.model.qwen import QwenModel, transformer_config
+from megatron_qwen.platform.cpu import patched_while
 from megatron_qwen.platform.runtime import Runtime
 
 
@@ -30,6 +31,7 @@ class StoredTensor:
     global_shape: tuple
     offsets: tuple  # in the global tensor
     sizes: tuple  # the piece, with the stacked layer axis (size 1) included
+    prepend: int = 0  # leading axes of size 1 in `sizes`: the stacked layer's, or a routed expert's
 
 
 @contextlib.contextmanager
@@ -67,7 +69,9 @@ def stored_layout(cfg: Config) -> tuple[list[StoredTensor], dict[str, object]]:
     model_cfg = dataclasses.replace(cfg.model, rope_scaling=None, use_dynamic_ntk=False)
     one_rank = dataclasses.replace(cfg, model=model_cfg,
                                    parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False))
-    with single_process_model_parallel():
+    # A mixture-of-experts layer's token dispatcher makes a CUDA stream when it is built (see the CPU harness).
+    cpu_only = () if torch.cuda.is_available() else ("moe_dispatcher_streams",)
+    with single_process_model_parallel(), patched_while(cpu_only):
         config = dataclasses.replace(transformer_config(one_rank, Runtime.cpu()), perform_initialization=False)
         with torch.device("meta"):
             model = QwenModel(config, one_rank, None, use_te=False)
@@ -78,7 +82,7 @@ def stored_layout(cfg: Config) -> tuple[list[StoredTensor], dict[str, object]]:
         if isinstance(item, ShardedTensor):
             prepend = (1,) * item.prepend_axis_num
             tensors.append(StoredTensor(item.key, tuple(item.global_shape), tuple(item.global_offset),
-                                        prepend + tuple(item.local_shape)))
+                                        prepend + tuple(item.local_shape), item.prepend_axis_num))
         elif isinstance(item, ShardedObject):
             objects[item.unique_key] = item.data
         else:

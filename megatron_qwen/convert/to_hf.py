@@ -57,17 +57,33 @@ class LayerReader:
         self.ckpt, self.stored, self.target, self.trust = ckpt, stored, target, trust
         self.cache: dict[str, tuple[int, torch.Tensor]] = {}
 
-    def dtype(self, key: str) -> torch.dtype:
-        return self.target or self.stored[key].dtype
-
     def _read(self, key: str, offsets: tuple, sizes: tuple) -> torch.Tensor:
         block = read_chunks(self.ckpt, {key: (offsets, sizes, self.stored[key].dtype)}, self.trust)[key]
         return block.to(self.target) if self.target else block
 
+    def dtype(self, key: str) -> torch.dtype:
+        """The written dtype of (logical) key `key`: the target, else as stored (in any layer)."""
+        if key in self.stored:
+            return self.target or self.stored[key].dtype
+        return self.target or next(info.dtype for name, info in self.stored.items()
+                                   if K.split_layer_key(name)[0] == key)
+
     def layer(self, key: str, i: int) -> torch.Tensor:
+        """Layer `i` of layer key `key`, stacked or (a mixture-of-experts model) stored per layer."""
         if self.cache.get(key, (None,))[0] != i:
-            shape = self.stored[key].shape[1:]
-            self.cache[key] = (i, self._read(key, (i,) + (0,) * len(shape), (1,) + shape)[0])
+            if key not in self.stored:
+                self.cache[key] = (i, self.whole(K.layer_key(key, i)))
+            else:
+                shape = self.stored[key].shape[1:]
+                self.cache[key] = (i, self._read(key, (i,) + (0,) * len(shape), (1,) + shape)[0])
+        return self.cache[key][1]
+
+    def expert(self, key: str, i: int, e: int) -> torch.Tensor:
+        """Routed expert `e`'s tensor of layer key `key` in layer `i` (experts are read one at a time)."""
+        if self.cache.get(key, (None,))[0] != (i, e):
+            stored = K.layer_key(key, i)
+            shape = self.stored[stored].shape
+            self.cache[key] = ((i, e), self._read(stored, (e,) + (0,) * (len(shape) - 1), (1,) + shape[1:])[0])
         return self.cache[key][1]
 
     def rows(self, key: str, count: int) -> Iterator[torch.Tensor]:
@@ -106,7 +122,8 @@ def check_stored(stored: dict, expected: dict, m, ckpt: Path, config_path) -> in
             raise ConversionError(
                 f"--ckpt {ckpt}: tensor {key} has shape {list(stored[key].shape)}, but {described} needs {list(shape)}"
             )
-    left_out = [key for key in (K.OUTPUT, K.QKV_BIAS, K.Q_NORM, K.K_NORM) if key in stored and key not in expected]
+    left_out = [key for key in stored if key not in expected
+                and K.split_layer_key(key)[0] in (K.OUTPUT, K.QKV_BIAS, K.Q_NORM, K.K_NORM)]
     if left_out:
         raise ConversionError(
             f"--ckpt {ckpt} holds {left_out[0]}, which {described} does not have; exporting would drop it: pass the "
@@ -121,7 +138,7 @@ def plan_tensors(reader: LayerReader, layout: str, m, vocab: int) -> list[Planne
     F, d, groups = m.ffn_hidden_size, m.head_dim, m.kv_heads
     q_rows = m.num_attention_heads // groups * d  # query rows per group
     names = GLOBAL_NAMES[layout]
-    shapes = expected_tensors(layout, m, vocab)
+    shapes = expected_tensors(layout, m, vocab, fused=False)
 
     def planned(name, key, produce):
         return PlannedTensor(name, shapes[name], reader.dtype(key), produce)
@@ -147,6 +164,10 @@ def plan_tensors(reader: LayerReader, layout: str, m, vocab: int) -> list[Planne
                 out.append(planned(name, key, lambda key=key, i=i, part=part: qkv(key, i, part)))
         if m.qk_layernorm:
             out += [whole("q_norm", K.Q_NORM), whole("k_norm", K.K_NORM)]
+        if m.moe_layers[i]:
+            out += [whole("proj", K.PROJ), whole("post_norm", K.PRE_MLP_NORM)]
+            out += moe_tensors(reader, layout, m, i, planned, whole)
+            continue
         out += [whole("proj", K.PROJ), whole("post_norm", K.POST_NORM)]
         out.append(planned(layer_name(layout, "gate", i), K.FC1, lambda i=i: iter([reader.layer(K.FC1, i)[:F]])))
         out.append(planned(layer_name(layout, "up", i), K.FC1, lambda i=i: iter([reader.layer(K.FC1, i)[F:]])))
@@ -156,6 +177,32 @@ def plan_tensors(reader: LayerReader, layout: str, m, vocab: int) -> list[Planne
         out.append(planned(names["lm_head"], K.OUTPUT, lambda: reader.rows(K.OUTPUT, vocab)))
     if [t.name for t in out] != list(shapes):
         raise AssertionError("export order differs from the layout table")
+    return out
+
+
+def moe_tensors(reader: LayerReader, layout: str, m, i: int, planned, whole) -> list[PlannedTensor]:
+    """The tensors of MoE layer `i`: the router, each routed expert's gate/up/down (the form transformers'
+    save_pretrained writes and the releases use; read one expert at a time) and, for Qwen2-MoE, the shared expert
+    and its gate."""
+    I, S = m.moe_ffn_hidden_size, m.moe_shared_expert_ffn_hidden_size
+    out = [whole("router", K.ROUTER)]
+    for e in range(m.num_experts):
+        out += [
+            planned(layer_name(layout, "expert_gate", i, e), K.EXPERT_FC1,
+                    lambda e=e: iter([reader.expert(K.EXPERT_FC1, i, e)[:I]])),
+            planned(layer_name(layout, "expert_up", i, e), K.EXPERT_FC1,
+                    lambda e=e: iter([reader.expert(K.EXPERT_FC1, i, e)[I:]])),
+            planned(layer_name(layout, "expert_down", i, e), K.EXPERT_FC2,
+                    lambda e=e: iter([reader.expert(K.EXPERT_FC2, i, e)])),
+        ]
+    if S is not None:
+        out.append(planned(layer_name(layout, "shared_gate", i), K.SHARED_FC1,
+                           lambda: iter([reader.layer(K.SHARED_FC1, i)[:S]])))
+        out.append(planned(layer_name(layout, "shared_up", i), K.SHARED_FC1,
+                           lambda: iter([reader.layer(K.SHARED_FC1, i)[S:]])))
+        out.append(whole("shared_down", K.SHARED_FC2))
+        if m.moe_shared_expert_gate:
+            out.append(whole("shared_expert_gate", K.SHARED_GATE))
     return out
 
 

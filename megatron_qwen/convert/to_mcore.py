@@ -36,6 +36,7 @@ from megatron_qwen.convert.layouts import (
     detect_family,
     detect_layout,
     expected_tensors,
+    fused_experts,
     layer_name,
     model_from_hf,
     qkv_source,
@@ -50,7 +51,7 @@ def _check_tensors(hf: HFCheckpoint, layout: str, cfg: Config, vocab: int, tied:
     """Every tensor the config implies is there with its shape and a floating dtype, and nothing else is."""
     m = cfg.model
     lm_head = GLOBAL_NAMES[layout]["lm_head"]
-    expected = expected_tensors(layout, m, vocab)
+    expected = expected_tensors(layout, m, vocab, fused=fused_experts(hf.tensors))
     sizes = (
         f"hidden_size={m.hidden_size}, num_attention_heads={m.num_attention_heads}, num_key_value_heads={m.kv_heads}, "
         f"head_dim={m.head_dim}, num_hidden_layers={m.num_layers}, "
@@ -96,11 +97,22 @@ class _Sources:
         self.embed = names["embed"]
         self.lm_head = names["embed"] if tied and names["lm_head"] not in hf.tensors else names["lm_head"]
         self.final_norm = names["final_norm"]
+        self.fused = fused_experts(hf.tensors)
 
-    def names(self, key: str, layer: int | None) -> list[str]:
-        """The Hugging Face tensors that `key` (of layer `layer`) is made of."""
+    def names(self, key: str, layer: int | None, expert: int = 0) -> list[str]:
+        """The Hugging Face tensors that `key` (of layer `layer`, routed expert `expert`) is made of."""
         simple = {K.INPUT_NORM: "input_norm", K.POST_NORM: "post_norm", K.PROJ: "proj", K.FC2: "down",
-                  K.Q_NORM: "q_norm", K.K_NORM: "k_norm"}
+                  K.Q_NORM: "q_norm", K.K_NORM: "k_norm", K.PRE_MLP_NORM: "post_norm", K.ROUTER: "router",
+                  K.SHARED_FC2: "shared_down", K.SHARED_GATE: "shared_expert_gate"}
+        if key == K.SHARED_FC1:
+            return [layer_name(self.layout, "shared_gate", layer), layer_name(self.layout, "shared_up", layer)]
+        if key in K.EXPERT_KEYS and self.fused:
+            return [layer_name(self.layout, "experts_gate_up" if key == K.EXPERT_FC1 else "experts_down", layer)]
+        if key == K.EXPERT_FC1:
+            return [layer_name(self.layout, "expert_gate", layer, expert),
+                    layer_name(self.layout, "expert_up", layer, expert)]
+        if key == K.EXPERT_FC2:
+            return [layer_name(self.layout, "expert_down", layer, expert)]
         if key == K.EMBED:
             return [self.embed]
         if key == K.OUTPUT:
@@ -127,9 +139,21 @@ class _Sources:
         """Rows that must stay together in one block: a whole query group (its q, k and v heads) for linear_qkv."""
         return K.qkv_group_rows(self.m) if key in (K.QKV_WEIGHT, K.QKV_BIAS) else 1
 
-    def rows(self, key: str, layer: int | None, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows [start, stop) of `key`'s tensor for `layer` (without the layer axis)."""
+    def rows(self, key: str, layer: int | None, start: int, stop: int, dtype: torch.dtype,
+             expert: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of `key`'s tensor for `layer` (without the layer axis; of routed expert `expert`)."""
         read = self.hf.read
+        if key in K.EXPERT_KEYS and self.fused:
+            # transformers 5's gate_up_proj rows are [gate; up] per expert, as megatron-core's fc1.
+            return read(self.names(key, layer)[0], start, stop, slab=expert).to(dtype)
+        if key in (K.EXPERT_FC1, K.SHARED_FC1):
+            width = self.m.moe_ffn_hidden_size if key == K.EXPERT_FC1 else self.m.moe_shared_expert_ffn_hidden_size
+            gate, up = self.names(key, layer, expert or 0)
+            if start >= width:
+                return read(up, start - width, stop - width).to(dtype)
+            return read(gate, start, stop).to(dtype)
+        if key == K.EXPERT_FC2:
+            return read(self.names(key, layer, expert)[0], start, stop).to(dtype)
         if key in (K.EMBED, K.OUTPUT):
             name = self.names(key, layer)[0]
             real = min(stop, self.vocab)
@@ -165,12 +189,16 @@ def _chunks(pieces: list[StoredTensor], sources: _Sources, max_chunk_bytes: int)
     """Cut each stored piece into row blocks of at most `max_chunk_bytes` (at least one row unit)."""
     chunks = []
     for piece in pieces:
-        # Layer tensors carry the stacked layer axis first; rows are the axis after it.
-        layer = piece.offsets[0] if piece.key in K.LAYER_KEYS else None
-        row_axis = 1 if layer is not None else 0
-        dtype = sources.dtype(piece.key, layer)
+        # Layer tensors carry the stacked layer axis first, routed experts' the expert axis (the layer is then in
+        # the key); rows are the axis after it.
+        key, layer = K.split_layer_key(piece.key)
+        expert = piece.offsets[0] if key in K.EXPERT_KEYS else None
+        if layer is None and key in K.LAYER_KEYS:
+            layer = piece.offsets[0]
+        row_axis = 1 if piece.prepend else 0
+        dtype = sources.dtype(key, layer)
         row_bytes = math.prod(piece.sizes[row_axis + 1:]) * dtype.itemsize
-        unit = sources.row_unit(piece.key)
+        unit = sources.row_unit(key)
         step = max(unit, (max_chunk_bytes // max(row_bytes * unit, 1)) * unit)
         first_row, n_rows = piece.offsets[row_axis], piece.sizes[row_axis]
         for start in range(first_row, first_row + n_rows, step):
@@ -185,14 +213,14 @@ def _chunks(pieces: list[StoredTensor], sources: _Sources, max_chunk_bytes: int)
                     offsets=tuple(offsets),
                     sizes=tuple(sizes),
                     dtype=dtype,
-                    load=_loader(sources, piece.key, layer, start, stop, dtype, tuple(sizes)),
+                    load=_loader(sources, key, layer, start, stop, dtype, tuple(sizes), expert),
                 )
             )
     return chunks
 
 
-def _loader(sources: _Sources, key, layer, start, stop, dtype, sizes) -> Callable[[], torch.Tensor]:
-    return lambda: sources.rows(key, layer, start, stop, dtype).reshape(sizes)
+def _loader(sources: _Sources, key, layer, start, stop, dtype, sizes, expert) -> Callable[[], torch.Tensor]:
+    return lambda: sources.rows(key, layer, start, stop, dtype, expert).reshape(sizes)
 
 
 def hf_to_mcore(
@@ -201,14 +229,16 @@ def hf_to_mcore(
     tp: int = 1,
     pp: int = 1,
     vpp: int = 1,
+    ep: int = 1,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     log: Callable[[str], None] = print,
     family: str | None = None,
 ) -> Path:
     """Convert the Hugging Face Qwen checkpoint in `hf_dir` into a megatron-core checkpoint at `out`.
 
-    `tp`, `pp`, `vpp` are checked against the model and recorded in `out/model_config.yaml`; the
-    vocabulary is padded with zero rows to a multiple of `tp`. The checkpoint itself loads at any
+    `tp`, `pp`, `vpp`, `ep` (expert parallelism, a mixture-of-experts model's) are checked against the model and
+    recorded in `out/model_config.yaml`; the vocabulary is padded with zero rows to a multiple of `tp`. The
+    checkpoint itself loads at any
     layout with the same padded vocabulary. `out` must not exist; it appears only when complete.
     `family` (the tokenizer family, model.family) defaults to the one the checkpoint's tokenizer files show,
     else the architecture's newest; it must fit the vocabulary. Every refusal comes before anything is written.
@@ -222,10 +252,11 @@ def hf_to_mcore(
     added_tokens, chat_template = tokenizer_files(hf.dir)
     family, family_note = detect_family(layout, vocab, added_tokens, chat_template, family, str(hf.dir))
     model = dataclasses.replace(model, name=f"hf-{hf.dir.resolve().name}", family=family)
-    cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, vpp=vpp))
+    cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, vpp=vpp, ep=ep))
     errors, notes = validate(cfg)
     if errors:
-        raise ConversionError(f"layout --tp {tp} --pp {pp} --vpp {vpp} does not fit the model: " + "; ".join(errors))
+        raise ConversionError(f"layout --tp {tp} --pp {pp} --vpp {vpp} --ep {ep} does not fit the model: "
+                              + "; ".join(errors))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(model, padded_vocab_size=padded_vocab_size(vocab, tp)))
     _check_tensors(hf, layout, cfg, vocab, tied)
     for note in notes + ([family_note] if family_note else []):
@@ -261,5 +292,5 @@ def hf_to_mcore(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    log(f"wrote {out} ({size / 2**20:.1f} MiB, {len(chunks)} chunks) for --tp {tp} --pp {pp} --vpp {vpp}")
+    log(f"wrote {out} ({size / 2**20:.1f} MiB, {len(chunks)} chunks) for --tp {tp} --pp {pp} --vpp {vpp} --ep {ep}")
     return out

@@ -1,4 +1,4 @@
-"""Loading a checkpoint for inference at any TP/PP/VPP/SP layout, and its full-vocabulary logits (tools/forward.py,
+"""Loading a checkpoint for inference at any TP/PP/VPP/SP/EP layout, and its full-vocabulary logits (tools/forward.py,
 tools/generate.py).
 
 Everything that can be refused is checked before any process group exists (`prepare`), identically
@@ -49,6 +49,7 @@ class ForwardPlan:
 def prepare(
     ckpt: str | os.PathLike, world_size: int, tp: int = 1, pp: int = 1, vpp: int = 1, sp: bool = False,
     precision: str = "auto", config_path: str | os.PathLike | None = None, trust_checkpoint: bool = False,
+    ep: int = 1,
 ) -> ForwardPlan:
     """Check the checkpoint and the layout for `world_size` ranks; raise ConversionError naming the problem
     (or CheckpointError, for a checkpoint that holds objects outside the unpickling allowlist)."""
@@ -70,7 +71,7 @@ def prepare(
     dp = world_size // mp if mp > 0 and world_size % mp == 0 else 1
     overrides = [
         f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.vpp={vpp}", f"parallel.sp={str(sp).lower()}",
-        f"training.precision={precision}",
+        f"parallel.ep={ep}", f"training.precision={precision}",
         # Forward passes need no batch recipe; these values satisfy the training-batch checks for any layout.
         "training.micro_batch_size=1", f"training.global_batch_size={dp * pp}",
     ]
@@ -78,7 +79,8 @@ def prepare(
         cfg = load_config(None, overrides)
         cfg, layout, _ = resolve(dataclasses.replace(cfg, model=model), world_size)
     except ConfigError as exc:
-        raise ConversionError(f"layout --tp {tp} --pp {pp} --vpp {vpp} on {world_size} rank(s): {exc}") from exc
+        raise ConversionError(f"layout --tp {tp} --pp {pp} --vpp {vpp} --ep {ep} on {world_size} rank(s): {exc}"
+                              ) from exc
     if cfg.model.padded_vocab_size != stored_rows:
         raise ConversionError(
             f"--tp {tp} needs the vocabulary padded to a multiple of {tp} ({cfg.model.padded_vocab_size} rows) but the "

@@ -23,7 +23,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factor
 # Whole tensors are drawn in blocks of rows of at most this many elements, each block from its own seed:
 # a rank draws only the blocks its rows need, and never holds more than a block beyond its shard.
 BLOCK_ELEMENTS = 1 << 22
-OUTPUT_PROJECTIONS = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+# Also every expert's fc2 (routed: ``mlp.experts.experts.linear_fc2``, shared: ``mlp.shared_experts.linear_fc2``).
+OUTPUT_PROJECTIONS = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight", "experts.linear_fc2.weight")
 
 
 def initial_distribution(key: str, std: float, num_layers: int) -> tuple[float, float]:

@@ -30,6 +30,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from megatron_qwen.config import Config
@@ -144,6 +145,46 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         attention_windows=tuple(m.attention_windows),
         yarn_rotary_scaling_factor=m.rope_scaling_factor if m.rope_scaling == "yarn" else 1.0,
         **recompute,
+        **moe_settings(cfg, runtime),
+    )
+
+
+def moe_settings(cfg: Config, runtime: Runtime) -> dict:
+    """megatron-core's mixture-of-experts fields for the model (none for a dense one).
+
+    transformers' Qwen2-MoE / Qwen3-MoE router takes the softmax over all experts, then the top k, renormalised
+    to sum to 1 when ``norm_topk_prob``: without renormalisation that is megatron-core's pre-softmax routing, with
+    it the softmax over the top k logits (megatron-core's default). Routing is dropless unless a capacity
+    factor is set; tokens travel by all-to-all; each expert is its own SwiGLU MLP (grouped GEMMs need GPU kernels).
+    """
+    m, p = cfg.model, cfg.parallel
+    if not m.is_moe:
+        return {}
+    if m.fp8 is not None:
+        raise ValueError(
+            f"model.fp8={m.fp8} with a mixture-of-experts model (model.num_experts={m.num_experts}) is not supported: "
+            "each routed expert's GEMM takes however many tokens the router sends it, and FP8 GEMMs need multiples "
+            "of 16 rows (Transformer Engine's grouped GEMMs pad them; the local spec's sequential experts do not); "
+            "train MoE models without model.fp8"
+        )
+    return dict(
+        num_moe_experts=m.num_experts,
+        moe_router_topk=m.moe_router_topk,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        moe_router_pre_softmax=not m.moe_norm_topk_prob,
+        moe_shared_expert_intermediate_size=m.moe_shared_expert_ffn_hidden_size,
+        moe_shared_expert_gate=m.moe_shared_expert_gate,
+        moe_layer_freq=[int(moe) for moe in m.moe_layers],
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_z_loss_coeff=m.moe_z_loss_coeff,
+        moe_expert_capacity_factor=m.moe_capacity_factor,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=p.tp if p.etp is None else p.etp,
     )
 
 
@@ -185,13 +226,16 @@ class QwenModel(GPTModel):
     def __init__(self, config: QwenTransformerConfig, cfg: Config, vp_stage: int | None, use_te: bool,
                  head: Head = "lm", rope_at_positions: bool = False):
         m = cfg.model
+        num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+        offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         super().__init__(
             config=config,
             transformer_layer_spec=qwen_block_spec(
-                get_num_layers_to_build(config, vp_stage=vp_stage), use_te, config.local_fp8_recipe,
-                qk_layernorm=config.qk_layernorm,
+                num_layers, use_te, config.local_fp8_recipe, qk_layernorm=config.qk_layernorm,
+                moe_layers=m.moe_layers[offset:offset + num_layers] if m.is_moe else None,
+                shared_expert=m.moe_shared_expert_ffn_hidden_size is not None,
             ),
             vocab_size=m.padded_vocab_size,
             max_sequence_length=m.max_position_embeddings,

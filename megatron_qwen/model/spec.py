@@ -16,18 +16,23 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_qwen.model.attention import SDPAttention
+from megatron_qwen.model.moe import QwenTopKRouter
 from megatron_qwen.model.norm import QwenRMSNorm
 
 
 def qwen_layer_spec(use_transformer_engine: bool = False, local_fp8_recipe: str | None = None,
-                    qk_layernorm: bool = False) -> ModuleSpec:
+                    qk_layernorm: bool = False, moe: bool = False, shared_expert: bool = False) -> ModuleSpec:
     """One Qwen decoder layer; `local_fp8_recipe` (local spec only) runs its four linears' GEMMs in FP8;
-    `qk_layernorm` (Qwen3) adds an RMSNorm over head_dim on every query and key head, before RoPE."""
+    `qk_layernorm` (Qwen3) adds an RMSNorm over head_dim on every query and key head, before RoPE; `moe` makes
+    the MLP a mixture of experts, with a shared expert beside the routed ones when `shared_expert`."""
     if use_transformer_engine:
         # Imported only for the TE spec: the module needs Transformer Engine, which is optional.
         from megatron.core.extensions.transformer_engine import (
@@ -54,6 +59,13 @@ def qwen_layer_spec(use_transformer_engine: bool = False, local_fp8_recipe: str 
             "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
             "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
         }
+    if moe:
+        mlp = moe_mlp_spec(fc1, fc2, shared_expert)
+        if use_transformer_engine:
+            pre_mlp_norm = head_norm  # TENorm: the router and the experts read the normed input separately
+        keys_map = {k: v for k, v in keys_map.items() if k != "pre_mlp_layernorm."}
+    else:
+        mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2))
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -71,23 +83,43 @@ def qwen_layer_spec(use_transformer_engine: bool = False, local_fp8_recipe: str 
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=pre_mlp_norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=keys_map,
         ),
     )
 
 
+def moe_mlp_spec(fc1, fc2, shared_expert: bool) -> ModuleSpec:
+    """megatron-core's MoELayer whose routed experts (and shared expert, when asked) are SwiGLU MLPs of the
+    given column/row-parallel linears. Whether the shared expert is gated is the config's
+    (``moe_shared_expert_gate``, read by MoELayer)."""
+    expert = MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)
+    return ModuleSpec(
+        module=MoELayer,
+        submodules=MoESubmodules(
+            router=QwenTopKRouter,
+            experts=ModuleSpec(module=SequentialMLP, submodules=expert),
+            shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=expert) if shared_expert else None,
+        ),
+    )
+
+
 def qwen_block_spec(
     num_layers: int, use_transformer_engine: bool = False, local_fp8_recipe: str | None = None,
-    qk_layernorm: bool = False,
+    qk_layernorm: bool = False, moe_layers: list[bool] | None = None, shared_expert: bool = False,
 ) -> TransformerBlockSubmodules:
-    """`num_layers` Qwen layers (this pipeline stage's share) and the final RMSNorm."""
+    """`num_layers` Qwen layers (this pipeline stage's share) and the final RMSNorm; `moe_layers` (one flag per
+    layer of this share) marks the mixture-of-experts layers, `shared_expert` gives them a shared expert."""
     if use_transformer_engine:
         from megatron.core.extensions.transformer_engine import TENorm  # optional, as above
 
         final_norm = TENorm
     else:
         final_norm = QwenRMSNorm
-    layer = qwen_layer_spec(use_transformer_engine, local_fp8_recipe, qk_layernorm)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)
+    flags = moe_layers if moe_layers is not None else [False] * num_layers
+    if len(flags) != num_layers:
+        raise ValueError(f"moe_layers has {len(flags)} flags for {num_layers} layers")
+    specs = {moe: qwen_layer_spec(use_transformer_engine, local_fp8_recipe, qk_layernorm, moe, shared_expert)
+             for moe in set(flags)}
+    return TransformerBlockSubmodules(layer_specs=[specs[moe] for moe in flags], layer_norm=final_norm)

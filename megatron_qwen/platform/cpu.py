@@ -252,6 +252,101 @@ def _patch_checkpoint_writes():
     return undo
 
 
+MOE_UTILS = "megatron.core.transformer.moe.moe_utils"
+MOE_DISPATCHER = "megatron.core.transformer.moe.token_dispatcher"
+
+
+def _patch_moe_router_gemm():
+    # moe_utils binds te_general_gemm only when Transformer Engine imports; the router's gating linear then tests
+    # `te_general_gemm is not None`, a NameError without it. None takes the torch.mm branch beside that test.
+    module = importlib.import_module(MOE_UTILS)
+    if hasattr(module, "te_general_gemm"):
+        return _set_attr(module, "te_general_gemm", None)
+    module.te_general_gemm = None
+    return lambda: delattr(module, "te_general_gemm")
+
+
+class _HostStream:
+    """A CUDA stream / event stand-in for CPU ranks: CPU work is already ordered, so waiting does nothing."""
+
+    def wait_stream(self, stream) -> None:
+        return None
+
+    def record_event(self) -> "_HostStream":
+        return self
+
+    def synchronize(self) -> None:
+        return None
+
+
+_HOST_STREAM = _HostStream()
+
+
+def _patch_moe_dispatcher_streams():
+    module = importlib.import_module(MOE_DISPATCHER)
+    cuda = types.ModuleType("torch.cuda")
+    cuda.__getattr__ = lambda name: getattr(torch.cuda, name)  # type: ignore[method-assign]
+    cuda.Stream = lambda *args, **kwargs: _HOST_STREAM
+    cuda.current_stream = lambda device=None: _HOST_STREAM
+    cuda.stream = lambda stream: contextlib.nullcontext()
+    proxy = types.ModuleType("torch")
+    proxy.__getattr__ = lambda name: getattr(torch, name)  # type: ignore[method-assign]
+    proxy.cuda = cuda
+    return _set_attr(module, "torch", proxy)
+
+
+def _host_split_sizes(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """moe_utils.maybe_move_tensor_to_cpu for CPU ranks: the tensor is already on the host; split sizes asked
+    `as_numpy` come back as a NumPy array, as they do from a GPU tensor."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def _patch_moe_split_sizes():
+    return _set_attr(importlib.import_module(MOE_DISPATCHER), "maybe_move_tensor_to_cpu", _host_split_sizes)
+
+
+TP_MAPPINGS = "megatron.core.tensor_parallel.mappings"
+_MAPPINGS_ORIGINAL: dict[str, Callable] = {}
+
+
+def _gather_uneven_on_gloo(input_, group, output_split_sizes=None, use_global_buffer=False):
+    """mappings._gather_along_first_dim with uneven `output_split_sizes` as gloo can run it: every rank's rows
+    padded to the largest count, one even all-gather, the padding cut off again."""
+    if output_split_sizes is None or group.size() == 1:
+        return _MAPPINGS_ORIGINAL["_gather_along_first_dim"](input_, group, output_split_sizes, use_global_buffer)
+    sizes = [int(n) for n in output_split_sizes]
+    rows = max(sizes)
+    padded = input_.new_zeros((rows, *input_.shape[1:]))
+    padded[: input_.shape[0]] = input_
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(gathered, padded.contiguous(), group=group)
+    return torch.cat([part[:n] for part, n in zip(gathered, sizes)])
+
+
+def _reduce_scatter_uneven_on_gloo(input_, group, input_split_sizes=None, use_global_buffer=False):
+    """mappings._reduce_scatter_along_first_dim with uneven `input_split_sizes` as gloo can run it: the whole
+    tensor summed over the group, each rank keeping its own rows."""
+    if input_split_sizes is None or group.size() == 1:
+        return _MAPPINGS_ORIGINAL["_reduce_scatter_along_first_dim"](input_, group, input_split_sizes,
+                                                                     use_global_buffer)
+    summed = input_.contiguous().clone()
+    torch.distributed.all_reduce(summed, group=group)
+    sizes = [int(n) for n in input_split_sizes]
+    start = sum(sizes[: group.rank()])
+    return summed[start : start + sizes[group.rank()]].contiguous()
+
+
+def _patch_uneven_collectives():
+    module = importlib.import_module(TP_MAPPINGS)
+    for name in ("_gather_along_first_dim", "_reduce_scatter_along_first_dim"):
+        _MAPPINGS_ORIGINAL.setdefault(name, getattr(module, name))
+    undo = [_set_attr(module, "_gather_along_first_dim", _gather_uneven_on_gloo),
+            _set_attr(module, "_reduce_scatter_along_first_dim", _reduce_scatter_uneven_on_gloo)]
+    return lambda: [u() for u in undo]
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         "cuda_current_device",
@@ -342,6 +437,50 @@ PATCHES: tuple[Patch, ...] = (
              "FileSystemWriterAsync.get_save_function_and_args", "self.write_preloaded_data_multiproc"),
         ),
     ),
+    Patch(
+        "moe_router_gemm_without_te",
+        "megatron-core's MoE router computes its logits with RouterGatingLinearFunction, which calls Transformer "
+        "Engine's te_general_gemm when `te_general_gemm is not None`; moe_utils binds that name only when Transformer "
+        "Engine imports, so without it (every CPU rank) the test is a NameError. Bound to None, the same function "
+        "takes its own torch.mm branch (forward and backward).",
+        _patch_moe_router_gemm,
+        sites=((MOE_UTILS, "RouterGatingLinearFunction.forward", "if te_general_gemm is not None"),
+               (MOE_UTILS, "RouterGatingLinearFunction.backward", "if te_general_gemm is not None")),
+    ),
+    Patch(
+        "moe_dispatcher_streams",
+        "The alltoall token dispatcher creates a CUDA stream when it is built and copies the routing counts to the "
+        "host on it (wait_stream, a stream context, record_event, event.synchronize) so the copy overlaps compute. "
+        "On CPU ranks the counts are already on the host and every operation is ordered: inside the dispatcher's "
+        "module the stream, the current stream and the event are a stand-in whose waits do nothing.",
+        _patch_moe_dispatcher_streams,
+        sites=((MOE_DISPATCHER, "MoEAlltoAllTokenDispatcher.__init__", "torch.cuda.Stream()"),
+               (MOE_DISPATCHER, "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
+                "torch.cuda.current_stream()"),
+               (MOE_DISPATCHER, "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize", ".record_event()")),
+    ),
+    Patch(
+        "moe_split_sizes_on_host",
+        "The alltoall dispatcher turns the per-rank token counts into split sizes with maybe_move_tensor_to_cpu("
+        "..., as_numpy=True), which converts only CUDA tensors; CPU counts stay tensors, and gloo's all_to_all_single "
+        "refuses tensors as split sizes (it takes a list of ints). On CPU ranks split sizes asked as NumPy become "
+        "NumPy arrays, what the GPU path hands on.",
+        _patch_moe_split_sizes,
+        sites=((MOE_UTILS, "maybe_move_tensor_to_cpu", "if torch.is_tensor(tensor) and tensor.is_cuda:"),
+               (MOE_DISPATCHER, "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize", "as_numpy=True")),
+    ),
+    Patch(
+        "uneven_collectives_on_gloo",
+        "With tensor (or expert-tensor) parallelism the alltoall dispatcher gathers the routed tokens of every TP rank "
+        "and scatters their sum back, each rank contributing as many rows as it routed: "
+        "torch.distributed.all_gather of a list of unequal tensors and torch.distributed.reduce_scatter, which NCCL "
+        "runs and gloo refuses (unequal sizes; no reduce_scatter). On CPU ranks, for unequal splits only, the gather "
+        "pads every rank's rows to the largest count and the reduce-scatter sums the whole tensor and keeps the "
+        "rank's rows: the same values.",
+        _patch_uneven_collectives,
+        sites=((TP_MAPPINGS, "_gather_along_first_dim", "torch.distributed.all_gather(output_tensor_list"),
+               (TP_MAPPINGS, "_reduce_scatter_along_first_dim", "torch.distributed.reduce_scatter(")),
+    ),
 )
 
 _undo: dict[str, Callable[[], None]] = {}
@@ -359,6 +498,17 @@ def remove_cpu_harness(names: tuple[str, ...] | None = None) -> None:
     for name in list(_undo):
         if names is None or name in names:
             _undo.pop(name)()
+
+
+@contextlib.contextmanager
+def patched_while(names: tuple[str, ...]):
+    """The named patches applied for the block (those already applied stay applied afterwards)."""
+    added = tuple(name for name in names if name not in _undo)
+    apply_cpu_harness(added)
+    try:
+        yield
+    finally:
+        remove_cpu_harness(added)
 
 
 def applied_patches() -> tuple[str, ...]:

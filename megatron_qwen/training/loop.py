@@ -31,6 +31,7 @@ from megatron_qwen.training.checkpointer import Checkpointer
 from megatron_qwen.training.context import EXIT_PREEMPTED, start_run
 from megatron_qwen.training.flops import hardware_flops_per_token, model_flops_per_token, peak_flops, utilisation
 from megatron_qwen.training.forward_backward import forward_backward, micro_batch_iterators
+from megatron_qwen.training.moe_metrics import moe_metrics
 from megatron_qwen.training.metrics import ProgressClock
 from megatron_qwen.training.sampler import GlobalBatches
 from megatron_qwen.training.units import ModelUnit, build_unit
@@ -212,6 +213,8 @@ class Trainer:
         self.peak = peak_flops(None if ctx.runtime.on_cpu else torch.cuda.get_device_name(),
                                self.cfg.logging.peak_tflops)
         self.prepare_seconds = 0.0
+        self.moe = moe_metrics(self.model, self.cfg)  # None for a dense model
+        self.report_keys = self.stage.report_keys + (self.moe.keys if self.moe else ())
         if stage.start is not None:
             stage.start(self)
 
@@ -265,6 +268,8 @@ class Trainer:
         micro = self.batches.next_global_batch()
         self.prepare(micro)
         reports = self.forward_backward(micro)
+        if self.moe:
+            reports.update(self.moe.step_reports(len(micro)))
         loss_key = self.stage.report_keys[0]
         if self.ctx.faults.nan_loss(self.state.step + 1):
             reports[loss_key] = torch.tensor(float("nan"))
@@ -306,7 +311,7 @@ class Trainer:
         ctx, t = self.ctx, self.cfg.training
         if t.train_iters == 0 and ctx.resume_from is None:
             self.save()  # train_iters=0 writes the initial weights (to inspect them, or start other runs from)
-        window = MetricWindow(self.stage.report_keys)
+        window = MetricWindow(self.report_keys)
         clock = ProgressClock(self.state.step, t.train_iters)
         skipped_in_row = 0
         while self.state.step < t.train_iters:
@@ -333,7 +338,7 @@ class Trainer:
                     self.log(window, result, clock)
                 else:  # a stage's own step reports its metrics whole
                     ctx.logger.log(self.state.step, result.reports, progress=clock.progress(self.state.step))
-                window = MetricWindow(self.stage.report_keys)
+                window = MetricWindow(self.report_keys)
             if self.valid_ds is not None and t.eval_interval and self.state.step % t.eval_interval == 0:
                 ctx.logger.log(self.state.step, self.evaluate())
             preempted = ctx.preemption.any_rank(ctx.runtime.device)

@@ -1,0 +1,95 @@
+"""Worker for tests/test_moe.py, launched with torchrun on gloo CPU ranks.
+
+--train LAYOUT,... : TRAIN_STEPS Adam steps of a tiny Qwen2-MoE (shared expert with its gate, a dense layer among
+MoE layers, load-balancing and z-loss on) at each layout (``ep1``, ``ep2``, ``tp2-ep2-sp``), each step on its own
+global batch; rank 0 writes ``LAYOUT.json`` with every step's loss, gradient norm and MoE metrics, and the
+routed-slot check of the tokens-per-expert counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
+
+SEQ, GLOBAL_BATCH, MICRO_BATCH, SEED, TRAIN_STEPS = 16, 8, 1, 1234, 10
+MOE_OVERRIDES = [
+    "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2", "model.ffn_hidden_size=96",
+    "model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
+    "model.moe_shared_expert_ffn_hidden_size=48", "model.moe_shared_expert_gate=true", "model.moe_mlp_only_layers=[1]",
+    "model.moe_aux_loss_coeff=0.01", "model.moe_z_loss_coeff=0.001", "model.padded_vocab_size=256",
+    f"model.seq_length={SEQ}", "model.family=qwen1.5",
+]
+
+
+def parse_layout(name: str) -> dict:
+    """``tp2-ep2-sp`` -> {"tp": 2, "ep": 2, "sp": True}."""
+    match = re.fullmatch(r"(?:tp(\d+)-)?ep(\d+)(-sp)?", name)
+    if not match:
+        raise SystemExit(f"bad layout {name!r}; expected e.g. ep2 or tp2-ep2-sp")
+    return {"tp": int(match.group(1) or 1), "ep": int(match.group(2)), "sp": match.group(3) is not None}
+
+
+def train(name: str, workdir: Path) -> None:
+    from megatron.core import parallel_state
+
+    from megatron_qwen.config import load_config, resolve
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.launch import detect_launch, init_distributed
+    from megatron_qwen.platform.runtime import Runtime
+    from megatron_qwen.training.forward_backward import forward_backward
+    from megatron_qwen.training.moe_metrics import MoEMetrics
+    from megatron_qwen.training.units import build_optimizer, guarded_step, wrap_ddp
+
+    layout_args = parse_layout(name)
+    overrides = [*MOE_OVERRIDES, *(f"parallel.{k}={str(v).lower()}" for k, v in layout_args.items())]
+    overrides += [f"training.micro_batch_size={MICRO_BATCH}", f"training.global_batch_size={GLOBAL_BATCH}",
+                  "training.adam_eps=1e-5"]  # as tests/parallel/equivalence_worker.py: updates follow the gradient
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml", overrides)
+    cfg, layout, _ = resolve(cfg, detect_launch().world_size)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    init_distributed(layout.tp, layout.pp, layout.vpp, device="cpu", seed=SEED, ep=layout.ep)
+    model = wrap_ddp(build_model(cfg, Runtime.cpu()), cfg)
+    metrics = MoEMetrics(model, cfg)
+    optimizer = build_optimizer(cfg, model, bf16=False)
+    num_micro = GLOBAL_BATCH // (MICRO_BATCH * layout.dp)
+    steps = []
+    for step in range(TRAIN_STEPS):
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        gen = torch.Generator().manual_seed(SEED + step)
+        tokens = torch.randint(0, cfg.model.padded_vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+        mine = tokens.view(layout.dp, num_micro, MICRO_BATCH, SEQ + 1)[parallel_state.get_data_parallel_rank()]
+        batches = [{"tokens": b[:, :-1], "labels": b[:, 1:], "loss_mask": torch.ones(MICRO_BATCH, SEQ)} for b in mine]
+        loss = forward_backward(model, iter(batches), num_micro, SEQ, MICRO_BATCH)["lm loss"].item()
+        counts, slots = metrics.layer_counts()
+        reports = metrics.step_reports(num_micro)
+        grad_norm, updated = guarded_step(optimizer, cfg.training.clip_grad)
+        assert updated, f"step {step} skipped"
+        steps.append({"loss": loss, "grad_norm": float(grad_norm), **reports,
+                      "counts_per_layer": counts.sum(dim=1).tolist(), "slots_per_layer": slots.tolist()})
+    if torch.distributed.get_rank() == 0:
+        (workdir / f"{name}.json").write_text(json.dumps({"steps": steps, "tokens": GLOBAL_BATCH * SEQ,
+                                                          "topk": cfg.model.moe_router_topk}))
+    parallel_state.destroy_model_parallel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--train", type=str, required=True)
+    args = parser.parse_args()
+    for name in args.train.split(","):
+        train(name, args.workdir)
+
+
+if __name__ == "__main__":
+    main()

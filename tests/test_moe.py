@@ -1,0 +1,233 @@
+"""Mixture-of-experts Qwen (Qwen1.5/2-MoE with its gated shared expert and a dense layer among MoE layers;
+Qwen3-MoE with query/key norms, a decoupled head width and renormalised top-k) against transformers.
+
+Tiny random fp32 models built by transformers (tests/moe_reference.py) are converted, run by `megatron-qwen
+forward` at expert-parallel layouts on 4 CPU ranks (one spawn) and compared with transformers' logits and greedy
+`generate`; the conversion round trip is bit-identical and its export loads in transformers. The router's
+numerics (pre-softmax top-k or the renormalised one) are checked against transformers' router on its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moe_reference import ARCHS, TOPK, VOCAB, make_moe_model
+from test_convert import run_worker
+from test_convert_family import load_safetensors_dir
+
+WORKER = str(Path(__file__).parent / "parallel" / "convert_worker.py")
+BATCH, SEQ, NEW_TOKENS = 2, 12, 4
+ATOL = 1e-4
+# name: (hf-to-mcore --tp --pp --ep, megatron-qwen forward flags); 4 ranks, data parallelism takes the rest.
+LAYOUTS = {
+    "ep2": ((1, 1, 2), "--ep 2"),
+    "tp2-ep2-sp": ((2, 1, 2), "--tp 2 --ep 2 --sequence-parallel"),
+    "pp2-ep2": ((1, 2, 2), "--pp 2 --ep 2"),
+}
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """The two tiny models, saved and converted at every layout."""
+    from megatron_qwen.convert import hf_to_mcore
+
+    root = tmp_path_factory.mktemp("moe")
+    models, ckpts = {}, {}
+    for kind in ARCHS:
+        models[kind] = make_moe_model(kind, root / kind / "hf")
+        for name, ((tp, pp, ep), _) in LAYOUTS.items():
+            ckpts[kind, name] = hf_to_mcore(root / kind / "hf", root / kind / f"mcore-{name}", tp=tp, pp=pp, ep=ep,
+                                            log=lambda _: None)
+    return {"root": root, "models": models, "ckpts": ckpts}
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHS))
+def test_round_trip_is_bit_identical_and_the_export_loads_in_transformers(moe, kind):
+    import transformers
+
+    from megatron_qwen.convert import mcore_to_hf
+
+    root = moe["root"] / kind
+    out = mcore_to_hf(moe["ckpts"][kind, "tp2-ep2-sp"], root / "back", log=lambda _: None)
+    source, back = load_safetensors_dir(root / "hf"), load_safetensors_dir(out)
+    assert sorted(source) == sorted(back)
+    for name, tensor in source.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(exported).__name__ == ARCHS[kind][0] + "ForCausalLM"
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens).logits, moe["models"][kind](tokens).logits, rtol=0, atol=1e-6)
+
+
+def test_forward_and_generation_match_transformers_at_expert_parallel_layouts(moe):
+    """`megatron-qwen forward` at EP=2, TP=2 x EP=2 (SP) and PP=2 x EP=2 (one 4-rank spawn) against transformers'
+    logits and greedy generate."""
+    root = moe["root"]
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
+    np.save(root / "tokens.npy", tokens.numpy())
+    argv = [WORKER]
+    for kind in ARCHS:
+        for name, (_, flags) in LAYOUTS.items():
+            out = root / kind / f"logits-{name}.npy"
+            argv += ["--forward", f"--ckpt {moe['ckpts'][kind, name]} --tokens {root / 'tokens.npy'} --out {out} "
+                                  f"{flags} --generate {NEW_TOKENS}"]
+    run_worker(argv)
+    report = []
+    for kind, model in moe["models"].items():
+        with torch.no_grad():
+            logits = model(input_ids=tokens).logits.numpy()
+            # The prompts hold id 0: an explicit mask keeps generate from taking it for padding.
+            generated = model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=NEW_TOKENS,
+                                       min_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                                       pad_token_id=0).numpy()
+        for name in LAYOUTS:
+            got = np.load(root / kind / f"logits-{name}.npy")
+            assert got.shape == (BATCH, SEQ, VOCAB), (kind, name, got.shape)
+            diff = float(np.abs(got - logits).max())
+            report.append(f"{kind} {name}: max |logit - transformers| = {diff:.2e}")
+            assert diff < ATOL, report[-1]
+            continued = np.load(root / kind / f"logits-{name}.generated.npy")
+            assert np.array_equal(continued, generated), (kind, name, continued[:, SEQ:], generated[:, SEQ:])
+    print("\n" + "\n".join(report))
+
+
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_router_weights_equal_transformers(norm_topk_prob):
+    """megatron-core's top-k routing as the model configures it (pre-softmax unless norm_topk_prob) gives
+    transformers' Qwen2-MoE / Qwen3-MoE routing weights and experts."""
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+
+    from megatron_qwen.config import ModelConfig, Config
+    from megatron_qwen.model.qwen import moe_settings
+    from megatron_qwen.platform.runtime import Runtime
+
+    experts, hidden = 8, 16
+    cfg = Config(model=ModelConfig(num_experts=experts, moe_router_topk=TOPK, moe_ffn_hidden_size=8,
+                                   moe_norm_topk_prob=norm_topk_prob))
+    settings = moe_settings(cfg, Runtime.cpu())
+    router = Qwen2MoeTopKRouter(Qwen2MoeConfig(num_experts=experts, num_experts_per_tok=TOPK, hidden_size=hidden,
+                                               norm_topk_prob=norm_topk_prob))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(experts, hidden, generator=generator))
+        tokens = torch.randn(32, hidden, generator=generator)
+        logits, weights, chosen = router(tokens)
+        probs, routing_map = topk_routing_with_score_function(
+            logits, TOPK, use_pre_softmax=settings["moe_router_pre_softmax"], score_function="softmax")
+    expected = torch.zeros(32, experts).scatter(1, chosen, weights)
+    assert torch.equal(routing_map, expected > 0)
+    torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
+
+
+def test_aux_loss_equals_a_hand_computation_and_tokens_per_expert_sum_to_the_routed_slots(single_rank):
+    """One MoE layer's router on fixed tokens: megatron-core's tracked load-balancing loss is
+    E * sum_i f_i P_i (f_i: expert i's share of the token x top-k slots, P_i: its mean softmax probability),
+    and `MoEMetrics` counts every slot once."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_qwen.config import load_config, resolve
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
+    from megatron_qwen.training.moe_metrics import MoEMetrics
+    from parallel.moe_worker import MOE_OVERRIDES
+
+    cfg, _, _ = resolve(load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml",
+                                    [*MOE_OVERRIDES, "training.micro_batch_size=1", "training.global_batch_size=1"]), 1)
+    model = build_model(cfg, Runtime.cpu())[0].train()
+    metrics = MoEMetrics([model], cfg)
+    router = model.decoder.layers[0].mlp.router
+    tokens, experts, topk = 24, cfg.model.num_experts, cfg.model.moe_router_topk
+    hidden = torch.randn(tokens, 1, cfg.model.hidden_size, generator=torch.Generator().manual_seed(0))
+    moe_utils.clear_aux_losses_tracker()
+    _, routing_map = router(hidden)
+    scores = torch.softmax(hidden.view(tokens, -1) @ router.weight.detach().t(), dim=-1)
+    share = routing_map.sum(0).float() / (tokens * topk)
+    expected = experts * (share * scores.mean(0)).sum()
+    tracked = moe_utils.get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"][0]
+    torch.testing.assert_close(tracked, expected.detach(), rtol=1e-6, atol=0)
+    counts, slots = metrics.layer_counts()
+    first = cfg.model.moe_layers.index(True)
+    assert counts[first].sum().item() == slots[first].item() == tokens * topk
+    assert counts[first].tolist() == routing_map.sum(0).tolist()
+
+
+def test_training_at_expert_parallel_layouts_equals_ep1(tmp_path):
+    """10 Adam steps of a tiny Qwen2-MoE (aux and z-loss on) at EP=2 and TP=2 x EP=2 with SP equal EP=1 (one 4-rank
+    spawn): losses, gradient norms, the load-balancing loss and the tokens-per-expert metrics."""
+    from spawn import run_torchrun
+
+    worker = str(Path(__file__).parent / "parallel" / "moe_worker.py")
+    layouts = ("ep1", "ep2", "tp2-ep2-sp")
+    run_torchrun(4, [worker, "--workdir", str(tmp_path), "--train", ",".join(layouts)], timeout=900)
+    import json
+
+    runs = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in layouts}
+    reference = runs["ep1"]["steps"]
+    slots = runs["ep1"]["tokens"] * runs["ep1"]["topk"]
+    report = []
+    for name in layouts[1:]:
+        for key in ("loss", "grad_norm", "moe_aux_loss", "moe_tokens_per_expert_min", "moe_tokens_per_expert_max",
+                    "moe_tokens_per_expert_cv"):
+            diff = max(abs(a[key] - b[key]) for a, b in zip(reference, runs[name]["steps"]))
+            report.append(f"{name} {key}: max |diff| over 10 steps = {diff:.1e}")
+            assert diff < 1e-5, report[-1]
+    for name, run in runs.items():
+        for step in run["steps"]:
+            assert step["counts_per_layer"] == step["slots_per_layer"] == [slots] * len(step["slots_per_layer"])
+    assert reference[-1]["loss"] < reference[0]["loss"]
+    print("\n" + "\n".join(report))
+
+
+PRETRAIN_MOE = ["model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=256",
+                "model.moe_norm_topk_prob=true", "model.moe_aux_loss_coeff=0.01"]
+
+
+def test_pretraining_a_moe_learns_and_resumes_at_another_ep(tmp_path, training_seed):
+    """The pretraining stage on a tiny MoE (every layer 4 experts, top-2) at EP=2 for 30 steps: the loss falls and
+    the MoE metrics are logged; its step-10 checkpoint resumed at EP=4 gives the same losses."""
+    import json
+
+    from corpus import write_dense_corpus
+    from spawn import run_torchrun
+    from test_pretrain import STAGE, losses, overrides
+
+    prefix = tmp_path / "corpus" / "email_text_document"
+    prefix.parent.mkdir()
+    corpus = (str(prefix), write_dense_corpus(prefix))
+    seeded = [] if training_seed is None else [f"training.seed={training_seed}"]
+    run = tmp_path / "ep2"
+    run_torchrun(2, STAGE + overrides(corpus, run, *PRETRAIN_MOE, "parallel.ep=2", *seeded))
+    curve = losses(run)
+    first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in range(26, 31)) / 5
+    print(f"MoE loss {first:.3f} -> {last:.3f}: a {first - last:.3f}-nat drop over 30 steps")
+    # Measured: 1.80 nats at the default seed, 1.70-1.89 at training seeds 1-5 (worst: seed 2, 8.46 -> 6.77).
+    assert last < first - 1.0, (first, last)
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("moe_aux_loss", "moe_tokens_per_expert_min", "moe_tokens_per_expert_max", "moe_tokens_per_expert_cv"):
+        assert key in record, key
+    # An expert takes each token at most once: at most the 8 x 64 tokens of a global batch.
+    assert 0 <= record["moe_tokens_per_expert_min"] <= record["moe_tokens_per_expert_max"] <= 8 * 64
+
+    start = tmp_path / "from_ep2"
+    start.mkdir()
+    (start / "latest").write_text("iter_0000010\n")
+    (start / "iter_0000010").symlink_to(run / "checkpoints" / "iter_0000010")
+    resumed = tmp_path / "ep4"
+    out = run_torchrun(4, STAGE + overrides(corpus, resumed, *PRETRAIN_MOE, *seeded, "training.train_iters=20",
+                                            f"training.load={start}", "parallel.ep=4"))
+    assert "layout changed" in out.stdout
+    got = losses(resumed)
+    assert sorted(got) == list(range(11, 21))
+    # The first resumed step shows the weights and optimizer state loaded. Later steps may drift a little more than
+    # a dense model's (1e-4): a token whose top-2 experts nearly tie can take the other expert once the reduction
+    # order differs (measured at training seeds 1-5: seed 1 5.6e-4, the others below 1e-4).
+    assert abs(got[11] - curve[11]) / curve[11] < 1e-5, (curve[11], got[11])
+    worst = max(abs(got[s] - curve[s]) / curve[s] for s in got)
+    assert worst < 2e-3, {s: (curve[s], got[s]) for s in got}
