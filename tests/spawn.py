@@ -32,6 +32,28 @@ def cpu_env(**extra: str) -> dict:
     return env
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid`, its process group and every process below it: torchrun starts each rank in a session of its
+    own, so killing torchrun's group alone would leave the ranks running."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        procs = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        procs = []
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=60)
+
+
 def _run_group(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
     """subprocess.run in a session of its own: on a timeout the whole group (torchrun and its ranks) is killed,
     so no rank outlives the test, spinning on the CPU the next tests need or holding the output pipes open."""
@@ -40,7 +62,7 @@ def _run_group(cmd: list[str], env: dict, timeout: float) -> subprocess.Complete
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         stdout, stderr = proc.communicate()
         raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

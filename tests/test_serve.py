@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from spawn import REPO, cpu_env, free_port
+from spawn import REPO, cpu_env, free_port, kill_tree
 
 MODEL = ["model.hidden_size=128", "model.ffn_hidden_size=256", "model.max_position_embeddings=4096"]
 API_KEY = "test-key"
@@ -214,11 +214,9 @@ class Server:
             self.log.append(line)
 
     def stop(self):
-        if self.proc.poll() is None:
-            import os
-
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        """Kill the server and every process below it (torchrun's ranks run in sessions of their own)."""
+        kill_tree(self.proc.pid)
+        self.proc.wait()
 
 
 @pytest.fixture(scope="module")
