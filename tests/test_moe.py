@@ -231,3 +231,14 @@ def test_pretraining_a_moe_learns_and_resumes_at_another_ep(tmp_path, training_s
     assert abs(got[11] - curve[11]) / curve[11] < 1e-5, (curve[11], got[11])
     worst = max(abs(got[s] - curve[s]) / curve[s] for s in got)
     assert worst < 2e-3, {s: (curve[s], got[s]) for s in got}
+
+
+def test_resume_across_ep_one_and_more_is_refused_with_the_fix():
+    from megatron_qwen.errors import CheckpointError
+    from megatron_qwen.training.checkpointer import check_expert_split
+
+    for saved, now in ((2, 1), (1, 4)):
+        with pytest.raises(CheckpointError, match=f"saved at parallel.ep={saved} and this run has parallel.ep={now}"):
+            check_expert_split(True, saved, now, "runs/x/checkpoints/iter_0000010")
+    check_expert_split(True, 2, 4, "ckpt")  # both split the experts: resumes (tested in the pretraining test)
+    check_expert_split(False, 1, 1, "ckpt")
