@@ -19,7 +19,7 @@ from pathlib import Path
 
 from megatron.core import parallel_state
 
-from megatron_qwen.checkpoint.safety import TRUST_WARNING
+from megatron_qwen.cli.loading import add_loading_options, warn_if_trusted
 from megatron_qwen.errors import UserError
 from megatron_qwen.inference import forward as inference
 from megatron_qwen.platform.launch import detect_launch, init_distributed, refuse
@@ -40,15 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="where to write results.json (default CKPT/../eval)")
     parser.add_argument("--log-samples", action="store_true", help="also write every document's requests and answers")
     parser.add_argument("--wandb-project", default=None, help="log the metrics to this W&B project")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
-    parser.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank (default 1)")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="auto: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle every object in CKPT, also types outside the allowlist "
-                             "(can run code: trust its source)")
+    add_loading_options(parser)
     args = parser.parse_args(argv)
     args.task_list = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not args.task_list:
@@ -78,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     """Evaluate on this process's rank; returns the exit status."""
     args = parse_args(argv)
     launch = detect_launch()
-    if args.trust_checkpoint and launch.rank == 0:
-        print(f"warning: --trust-checkpoint: {TRUST_WARNING}", file=sys.stderr, flush=True)
+    warn_if_trusted(args, launch.rank)
     try:
         from megatron_qwen.evaluation import harness
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from megatron_qwen.checkpoint.safety import TRUST_WARNING
+from megatron_qwen.cli.loading import add_loading_options, warn_if_trusted
 from megatron_qwen.data.chat import ChatFormatError, render_prompt
 from megatron_qwen.errors import UserError
 from megatron_qwen.inference import forward as inference
@@ -62,19 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely ids (default 0: off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
-    parser.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank (default 1)")
-    parser.add_argument("--ep", type=int, default=1,
-                        help="expert-parallel size of a mixture-of-experts model (default 1)")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="auto: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
     parser.add_argument("--out", type=Path, default=None, help="write one JSON line per prompt here")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle every object in CKPT, also types outside the allowlist "
-                             "(can run code: trust its source)")
+    add_loading_options(parser, ep=True)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size} must be >= 1")
@@ -212,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one generation request on this process's rank; returns the exit status."""
     args = parse_args(argv)
     launch = detect_launch()
-    if args.trust_checkpoint and launch.rank == 0:
-        print(f"warning: --trust-checkpoint: {TRUST_WARNING}", file=sys.stderr, flush=True)
+    warn_if_trusted(args, launch.rank)
     try:
         plan = inference.prepare(args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
                                  precision=args.precision,

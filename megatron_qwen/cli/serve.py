@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 from pathlib import Path
 
 from megatron.core import parallel_state
 
-from megatron_qwen.checkpoint.safety import TRUST_WARNING
+from megatron_qwen.cli.loading import add_loading_options, warn_if_trusted
 from megatron_qwen.errors import UserError
 from megatron_qwen.inference import forward as inference
 from megatron_qwen.inference.engine import GenerationEngine
@@ -45,15 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="rows queued or running before requests get 503 (default 256)")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0,
                         help="how long a batch that is not full waits for more requests (default 5 ms)")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
-    parser.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank (default 1)")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="auto: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle every object in CKPT, also types outside the allowlist "
-                             "(can run code: trust its source)")
+    add_loading_options(parser)
     args = parser.parse_args(argv)
     for name in ("max_batch", "max_queue"):
         if getattr(args, name) < 1:
@@ -77,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     launch = detect_launch()
-    if args.trust_checkpoint and launch.rank == 0:
-        print(f"warning: --trust-checkpoint: {TRUST_WARNING}", file=sys.stderr, flush=True)
+    warn_if_trusted(args, launch.rank)
     try:
         if launch.world_size != args.tp * args.pp:
             raise UserError(f"serve runs one model replica on exactly --tp x --pp = {args.tp * args.pp} rank(s), "

@@ -1,0 +1,32 @@
+"""The options of the commands that load a checkpoint for inference (generate, serve, evaluate): the layout to run
+at, the precision, the model config and whether to trust the checkpoint's pickled objects."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from megatron_qwen.checkpoint.safety import TRUST_WARNING
+
+
+def add_loading_options(parser: argparse.ArgumentParser, ep: bool = False) -> None:
+    """--tp, --pp, --vpp (and with `ep` --ep), --precision, --config, --trust-checkpoint."""
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    parser.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank (default 1)")
+    if ep:
+        parser.add_argument("--ep", type=int, default=1,
+                            help="expert-parallel size of a mixture-of-experts model (default 1)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle every object in CKPT, also types outside the allowlist "
+                             "(can run code: trust its source)")
+
+
+def warn_if_trusted(args: argparse.Namespace, rank: int) -> None:
+    """Rank 0 says what --trust-checkpoint allows."""
+    if args.trust_checkpoint and rank == 0:
+        print(f"warning: --trust-checkpoint: {TRUST_WARNING}", file=sys.stderr, flush=True)
