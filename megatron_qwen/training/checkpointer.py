@@ -29,7 +29,7 @@ class Checkpointer:
         if ctx.resume_from is None:
             return None
         layout = dataclasses.asdict(ctx.layout)
-        saved_layout = ctx.saved_state.get("layout")
+        saved_layout = filled_layout(ctx.saved_state.get("layout"))
         check_expert_split(ctx.cfg.model.is_moe, (saved_layout or {}).get("ep", 1), layout["ep"], ctx.resume_from)
         # RNG streams are per rank: they are restored only at the layout that wrote them.
         saved = checkpointing.load_checkpoint(ctx.resume_from, units, restore_rng=saved_layout == layout,
@@ -85,4 +85,12 @@ def check_expert_split(moe: bool, saved_ep: int, ep: int, path) -> None:
             f"their own only when EP > 1); resume at an EP {'> 1' if saved_ep > 1 else 'of 1'}, or start a new run "
             f"from its weights with training.init_from={path}"
         )
+
+
+def filled_layout(saved: dict | None) -> dict | None:
+    """A saved layout with the sizes checkpoints written before context and expert parallelism lack (CP = EP = 1,
+    ETP = TP), so that a resume at the same layout still restores its RNG streams."""
+    if saved is None:
+        return None
+    return {"cp": 1, "ep": 1, "etp": saved.get("tp", 1), **saved}
 
