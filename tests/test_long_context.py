@@ -277,7 +277,9 @@ def test_long_ppl_equals_a_direct_forward_at_tp1_and_tp2(pretrained, tmp_path):
     commands = [["long-ppl", *common, "--lengths", ",".join(map(str, LENGTHS)), "--tp", "1",
                  "--out", str(tmp_path / "tp1.json"), "--plot", str(tmp_path / "tp1.png")],
                 ["long-ppl", *common, "--lengths", ",".join(map(str, CHECKED)), "--tp", "2",
-                 "--out", str(tmp_path / "tp2.json")]]
+                 "--out", str(tmp_path / "tp2.json")],
+                ["long-ppl", *common, "--lengths", ",".join(map(str, CHECKED)), "--cp", "2",
+                 "--out", str(tmp_path / "cp2.json")]]
     # The reference: the project's forward pass with each variant's keys in the model config, NLL computed here.
     model = yaml.safe_load((ckpt / "model_config.yaml").read_text())
     section = model.get("model", model)
@@ -292,7 +294,7 @@ def test_long_ppl_equals_a_direct_forward_at_tp1_and_tp2(pretrained, tmp_path):
     proc = run_torchrun(2, ["tests/parallel/long_context_worker.py", *map(json.dumps, commands)], timeout=600)
     print(proc.stdout)
 
-    tp1, tp2 = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("tp1", "tp2"))
+    tp1, tp2, cp2 = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("tp1", "tp2", "cp2"))
     assert tp1["lengths"] == list(LENGTHS) and tp1["variants"] == list(VARIANTS)
     assert tp1["predictions"] == {str(n): MAX_TOKENS // n * (n - 1) for n in LENGTHS}
     for v, name in enumerate(VARIANTS):
@@ -301,6 +303,7 @@ def test_long_ppl_equals_a_direct_forward_at_tp1_and_tp2(pretrained, tmp_path):
             expected = hand_nll(np.load(tmp_path / f"logits{v}_{length}.npy"), windows)
             assert tp1["nll"][name][str(length)] == pytest.approx(expected, rel=1e-6, abs=1e-6), (name, length)
             assert tp2["nll"][name][str(length)] == pytest.approx(expected, rel=1e-5), (name, length, "TP=2")
+            assert cp2["nll"][name][str(length)] == pytest.approx(expected, rel=1e-5), (name, length, "CP=2")
     nll = {name: tp1["nll"][name] for name in VARIANTS}
     # Within the training length every variant is the plain model (windows >= 64 limit nothing at 64) ...
     assert len({round(row["64"], 9) for row in nll.values()}) == 1, nll

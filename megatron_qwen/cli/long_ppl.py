@@ -1,7 +1,7 @@
 """Perplexity against context length, with and without Qwen's long-context tricks (the Qwen report's table).
 
     megatron-qwen long-ppl [--nproc N] --ckpt CKPT --data DOCS.jsonl|SHARD_PREFIX [--lengths 1024,2048,...]
-        [--windows W1,W2,...] [--max-tokens T] [--tp T --pp P --vpp V --sequence-parallel] [--out RESULT.json]
+        [--windows W1,W2,...] [--max-tokens T] [--tp T --pp P --vpp V --sequence-parallel --cp C] [--out RESULT.json]
         [--plot RESULT.png]
 
 `torchrun --nproc-per-node N tools/long_context_ppl.py ...` is the same. The held-out documents (JSON lines read
@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
     parser.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank (default 1)")
     parser.add_argument("--sequence-parallel", action="store_true", help="split the sequence over TP ranks")
+    parser.add_argument("--cp", type=int, default=1,
+                        help="context-parallel size: each window split over this many ranks (default 1)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--config", type=Path, default=None, help="model config YAML (default CKPT/model_config.yaml)")
@@ -168,10 +170,15 @@ def _nll_step(data_iterator, model):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+    from megatron_qwen.model.context_parallel import gather_sequence, split_batch
+
     tokens, vocab_size = next(data_iterator)
     positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    output = model(tokens, positions, None)
     labels = torch.nn.functional.pad(tokens[:, 1:], (0, 1))  # the last position predicts nothing scored
+    # With context parallelism each rank runs its two chunks of the window (global positions kept).
+    mine = split_batch({"tokens": tokens, "position_ids": positions, "labels": labels})
+    output = model(mine["tokens"].contiguous(), mine["position_ids"].contiguous(), None)
+    labels = mine["labels"]
 
     def token_nll(logits, non_loss_data=True):
         # Vocabulary-parallel logits [b, s, v / tp]: rows past the real vocabulary (padding for TP) take no
@@ -181,7 +188,7 @@ def _nll_step(data_iterator, model):
         first = parallel_state.get_tensor_model_parallel_rank() * width
         padding = torch.arange(first, first + width, device=logits.device) >= vocab_size
         logits = logits.masked_fill(padding, float("-inf"))
-        return vocab_parallel_cross_entropy(logits, labels)  # [b, s]
+        return gather_sequence(vocab_parallel_cross_entropy(logits, labels), dim=1)  # [b, s], the whole window
 
     return output, token_nll
 
@@ -198,7 +205,9 @@ def window_nll(chunks: list[torch.nn.Module], plan, windows: torch.Tensor) -> to
 
     n, length = windows.shape
     layout, m = plan.layout, plan.cfg.model
-    padded = -(-length // layout.tp) * layout.tp if layout.sp else length
+    # SP splits each CP rank's share over TP; CP cuts the window into 2 x CP chunks.
+    multiple = (layout.tp if layout.sp else 1) * 2 * layout.cp if layout.cp > 1 else (layout.tp if layout.sp else 1)
+    padded = -(-length // multiple) * multiple
     rows = [(torch.nn.functional.pad(row[None], (0, padded - length)), plan.vocab_size) for row in windows]
     if layout.vpp > 1:
         rows += rows[-1:] * (-len(rows) % layout.pp)
@@ -264,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: --trust-checkpoint: {TRUST_WARNING}", file=sys.stderr, flush=True)
     try:
         base = inference.prepare(
-            args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp, sp=args.sequence_parallel,
+            args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp, sp=args.sequence_parallel, cp=args.cp,
             precision=args.precision, config_path=args.config, trust_checkpoint=args.trust_checkpoint,
         )
         m = base.cfg.model
@@ -290,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = base.cfg
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, device=cfg.parallel.device,
-                     timeout_minutes=cfg.parallel.timeout_minutes, seed=cfg.training.seed)
+                     timeout_minutes=cfg.parallel.timeout_minutes, seed=cfg.training.seed, cp=cfg.parallel.cp)
     results: dict[str, dict[int, float]] = {}
     nll: dict[str, dict[int, float]] = {}
     predictions = {length: cut_windows(stream, length).shape[0] * (length - 1) for length in lengths}
@@ -323,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                     "seq_length": m.seq_length, "lengths": lengths, "predictions": predictions,
                     "windows": windows, "variants": list(results), "perplexity": results, "nll": nll,
                     "skipped": skipped, "layout": {"tp": args.tp, "pp": args.pp, "vpp": args.vpp,
-                                                   "sp": args.sequence_parallel, "dp": base.layout.dp},
+                                                   "sp": args.sequence_parallel, "cp": args.cp,
+                                                   "dp": base.layout.dp},
                 }
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(record, indent=1) + "\n")

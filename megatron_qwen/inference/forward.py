@@ -49,7 +49,7 @@ class ForwardPlan:
 def prepare(
     ckpt: str | os.PathLike, world_size: int, tp: int = 1, pp: int = 1, vpp: int = 1, sp: bool = False,
     precision: str = "auto", config_path: str | os.PathLike | None = None, trust_checkpoint: bool = False,
-    ep: int = 1,
+    ep: int = 1, cp: int = 1,
 ) -> ForwardPlan:
     """Check the checkpoint and the layout for `world_size` ranks; raise ConversionError naming the problem
     (or CheckpointError, for a checkpoint that holds objects outside the unpickling allowlist)."""
@@ -67,11 +67,11 @@ def prepare(
         raise ConversionError(f"--ckpt {ckpt} has no {K.OUTPUT}: it is {kind}; logits and generation need a "
                               "language-model checkpoint")
     stored_rows = stored[K.EMBED].shape[0]
-    mp = tp * pp
+    mp = tp * pp * cp
     dp = world_size // mp if mp > 0 and world_size % mp == 0 else 1
     overrides = [
         f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.vpp={vpp}", f"parallel.sp={str(sp).lower()}",
-        f"parallel.ep={ep}", f"training.precision={precision}",
+        f"parallel.ep={ep}", f"parallel.cp={cp}", f"training.precision={precision}",
         # Forward passes need no batch recipe; these values satisfy the training-batch checks for any layout.
         "training.micro_batch_size=1", f"training.global_batch_size={dp * pp}",
     ]
@@ -79,8 +79,8 @@ def prepare(
         cfg = load_config(None, overrides)
         cfg, layout, _ = resolve(dataclasses.replace(cfg, model=model), world_size)
     except ConfigError as exc:
-        raise ConversionError(f"layout --tp {tp} --pp {pp} --vpp {vpp} --ep {ep} on {world_size} rank(s): {exc}"
-                              ) from exc
+        raise ConversionError(f"layout --tp {tp} --pp {pp} --vpp {vpp} --ep {ep} --cp {cp} on {world_size} rank(s): "
+                              f"{exc}") from exc
     if cfg.model.padded_vocab_size != stored_rows:
         raise ConversionError(
             f"--tp {tp} needs the vocabulary padded to a multiple of {tp} ({cfg.model.padded_vocab_size} rows) but the "

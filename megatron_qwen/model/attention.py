@@ -130,8 +130,11 @@ class SDPAttention(MegatronModule):
         if self.attention_window is not None and not self.training and sk > self.attention_window:
             if packed_seq_params is not None:
                 raise ValueError("model.attention_windows takes unpacked rows; unset it or set sft.pack=false")
-            positions = torch.arange(sk - sq, sk, device=q.device) if query_positions is None else query_positions
-            keep = window_keep_mask(positions, torch.arange(sk, device=q.device), self.attention_window)
+            if query_positions is None:
+                positions, key_positions = torch.arange(sk - sq, sk, device=q.device), torch.arange(sk, device=q.device)
+            else:  # context parallelism: the gathered keys come rank by rank, each rank's two chunks
+                positions, key_positions = query_positions, cp.gathered_positions(sq, cp.cp_size(), q.device)
+            keep = window_keep_mask(positions, key_positions, self.attention_window)
             if mask is not None and mask.dtype != torch.bool:  # context parallelism's additive mask
                 mask = mask.masked_fill(~keep, float("-inf"))
             else:

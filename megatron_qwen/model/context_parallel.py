@@ -62,6 +62,22 @@ def split_sequence(tensor: torch.Tensor, dim: int, rank: int, size: int) -> torc
     return picked.reshape(*tensor.shape[:dim], -1, *tensor.shape[dim + 1:])
 
 
+def gather_sequence(local: torch.Tensor, dim: int) -> torch.Tensor:
+    """The whole sequence back from every CP rank's share along `dim` (the inverse of `split_sequence`, gathered
+    over the CP group); the identity without CP."""
+    size = cp_size()
+    if size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(size)]
+    torch.distributed.all_gather(parts, local.contiguous(), group=parallel_state.get_context_parallel_group())
+    chunk = local.shape[dim] // 2
+    pieces: list[torch.Tensor | None] = [None] * (2 * size)
+    for rank, part in enumerate(parts):
+        first, second = chunk_ids(rank, size)
+        pieces[first], pieces[second] = part.narrow(dim, 0, chunk), part.narrow(dim, chunk, chunk)
+    return torch.cat(pieces, dim)
+
+
 def split_batch(batch: dict, rank: int | None = None, size: int | None = None) -> dict:
     """A micro-batch with each per-token entry (`SEQUENCE_KEYS`, [b, s]) cut to this CP rank's share; other
     entries (per-sequence values) are kept whole. The identity without CP."""
