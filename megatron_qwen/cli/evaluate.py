@@ -19,12 +19,10 @@ from pathlib import Path
 
 from megatron.core import parallel_state
 
-from megatron_qwen.cli.loading import add_loading_options, warn_if_trusted
+from megatron_qwen.cli.loading import add_loading_options, prepare_replica, start_replica, warn_if_trusted
 from megatron_qwen.errors import UserError
 from megatron_qwen.inference import forward as inference
-from megatron_qwen.platform.launch import detect_launch, init_distributed, refuse
-from megatron_qwen.platform.runtime import resolve_runtime
-from megatron_qwen.tokenizer import load_tokenizer
+from megatron_qwen.platform.launch import detect_launch, refuse
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,23 +74,14 @@ def main(argv: list[str] | None = None) -> int:
 
         manager = harness.task_manager(args.include_path)
         harness.check_tasks(manager, args.task_list)
-        if launch.world_size != args.tp * args.pp:
-            raise UserError(f"evaluate runs one model replica on exactly --tp x --pp = {args.tp * args.pp} rank(s), "
-                            f"not {launch.world_size}; launch --nproc {args.tp * args.pp}")
-        plan = inference.prepare(args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp,
-                                 precision=args.precision, config_path=args.config,
-                                 trust_checkpoint=args.trust_checkpoint)
-        tokenizer = load_tokenizer(family=plan.cfg.model.family)
-        runtime = resolve_runtime(plan.cfg, launch.local_rank)
+        plan, tokenizer, runtime = prepare_replica(args, launch.world_size, "evaluate", launch.local_rank)
     except UserError as exc:
         return refuse(launch, str(exc))
 
     from megatron_qwen.evaluation.lm import QwenLM
     from megatron_qwen.training.metrics import MetricsLogger
 
-    cfg = plan.cfg
-    init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, device=cfg.parallel.device,
-                     timeout_minutes=cfg.parallel.timeout_minutes, seed=cfg.training.seed)
+    start_replica(plan)
     try:
         lm = QwenLM(inference.load_chunks(plan, args.ckpt, runtime), plan, tokenizer, batch_size=args.batch_size)
         results = harness.run_tasks(lm, args.task_list, manager, args.num_fewshot, args.limit, args.log_samples)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from megatron_qwen.checkpoint.safety import TRUST_WARNING
+from megatron_qwen.errors import UserError
 
 
 def add_loading_options(parser: argparse.ArgumentParser, ep: bool = False) -> None:
@@ -30,3 +31,29 @@ def warn_if_trusted(args: argparse.Namespace, rank: int) -> None:
     """Rank 0 says what --trust-checkpoint allows."""
     if args.trust_checkpoint and rank == 0:
         print(f"warning: --trust-checkpoint: {TRUST_WARNING}", file=sys.stderr, flush=True)
+
+
+
+def prepare_replica(args: argparse.Namespace, world_size: int, command: str, local_rank: int, hint: str = ""):
+    """For a command that runs one model replica on exactly TP x PP ranks: the checked plan, the tokenizer of its
+    family and the runtime; UserError (before any process group exists) for another number of ranks."""
+    from megatron_qwen.inference import forward as inference
+    from megatron_qwen.platform.runtime import resolve_runtime
+    from megatron_qwen.tokenizer import load_tokenizer
+
+    ranks = args.tp * args.pp
+    if world_size != ranks:
+        raise UserError(f"{command} runs one model replica on exactly --tp x --pp = {ranks} rank(s), not {world_size}; "
+                        f"launch --nproc {ranks}{hint}")
+    plan = inference.prepare(args.ckpt, world_size, tp=args.tp, pp=args.pp, vpp=args.vpp, precision=args.precision,
+                             config_path=args.config, trust_checkpoint=args.trust_checkpoint)
+    return plan, load_tokenizer(family=plan.cfg.model.family), resolve_runtime(plan.cfg, local_rank)
+
+
+def start_replica(plan) -> None:
+    """The process group and megatron-core's groups for `plan`'s layout."""
+    from megatron_qwen.platform.launch import init_distributed
+
+    p = plan.cfg.parallel
+    init_distributed(p.tp, p.pp, p.vpp, device=p.device, timeout_minutes=p.timeout_minutes, seed=plan.cfg.training.seed)
+

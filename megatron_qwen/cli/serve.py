@@ -21,13 +21,11 @@ from pathlib import Path
 
 from megatron.core import parallel_state
 
-from megatron_qwen.cli.loading import add_loading_options, warn_if_trusted
+from megatron_qwen.cli.loading import add_loading_options, prepare_replica, start_replica, warn_if_trusted
 from megatron_qwen.errors import UserError
 from megatron_qwen.inference import forward as inference
 from megatron_qwen.inference.engine import GenerationEngine
-from megatron_qwen.platform.launch import detect_launch, init_distributed, refuse
-from megatron_qwen.platform.runtime import resolve_runtime
-from megatron_qwen.tokenizer import load_tokenizer
+from megatron_qwen.platform.launch import detect_launch, refuse
 
 API_KEY_ENV = "MEGATRON_QWEN_API_KEY"
 
@@ -70,24 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     launch = detect_launch()
     warn_if_trusted(args, launch.rank)
     try:
-        if launch.world_size != args.tp * args.pp:
-            raise UserError(f"serve runs one model replica on exactly --tp x --pp = {args.tp * args.pp} rank(s), "
-                            f"not {launch.world_size}; launch --nproc {args.tp * args.pp} (for more replicas, run "
-                            "more servers behind a load balancer)")
-        plan = inference.prepare(args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp,
-                                 precision=args.precision, config_path=args.config,
-                                 trust_checkpoint=args.trust_checkpoint)
-        tokenizer = load_tokenizer(family=plan.cfg.model.family)
+        plan, tokenizer, runtime = prepare_replica(
+            args, launch.world_size, "serve", launch.local_rank,
+            hint=" (for more replicas, run more servers behind a load balancer)")
         limits = Limits(model=args.model_name or args.ckpt.resolve().name, vocab_limit=plan.generate_vocab,
                         max_positions=plan.cfg.model.max_position_embeddings,
                         stop_ids=tokenizer.generation_stop_ids(plan.generate_vocab), max_rows=args.max_queue)
-        runtime = resolve_runtime(plan.cfg, launch.local_rank)
     except UserError as exc:
         return refuse(launch, str(exc))
 
-    cfg = plan.cfg
-    init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, device=cfg.parallel.device,
-                     timeout_minutes=cfg.parallel.timeout_minutes, seed=cfg.training.seed)
+    start_replica(plan)
     http = None
     try:
         chunks = inference.load_chunks(plan, args.ckpt, runtime)

@@ -19,7 +19,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from megatron_qwen.inference.engine import GenerationEngine
-from megatron_qwen.inference.forward import ForwardPlan, forward_logits, is_writer
+from megatron_qwen.inference.forward import ForwardPlan, forward_logits, writer_rank
 from megatron_qwen.inference.sampling import SamplingParams
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default when a task gives none
@@ -35,10 +35,7 @@ class QwenLM(TemplateLM):
         self.batch_size = batch_size
         self.max_length = max_length or plan.cfg.model.max_position_embeddings
         self.device_ = self.engine.device
-        world = torch.distributed.get_world_size()
-        flags = [None] * world
-        torch.distributed.all_gather_object(flags, is_writer())
-        self.writer = flags.index(True)
+        self.writer = writer_rank()
         self.requests_run = 0
 
     # lm-eval splits requests over data-parallel ranks by these; every rank here runs every request.

@@ -209,6 +209,13 @@ def is_writer() -> bool:
     )
 
 
+def writer_rank() -> int:
+    """The global rank of `is_writer()`'s rank, agreed by every rank (a collective: call it on all of them)."""
+    flags = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(flags, is_writer())
+    return flags.index(True)
+
+
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """np.save to a temporary name, renamed when complete."""
     path = Path(path)

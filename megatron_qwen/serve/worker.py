@@ -17,7 +17,7 @@ import sys
 import torch
 
 from megatron_qwen.inference.engine import GenerationEngine
-from megatron_qwen.inference.forward import ForwardPlan, forward_logits, is_writer
+from megatron_qwen.inference.forward import ForwardPlan, forward_logits, writer_rank
 from megatron_qwen.inference.sampling import SamplingParams
 from megatron_qwen.serve.batching import RowText, Scheduler
 from megatron_qwen.serve.protocol import Choice, Job, Limits, RequestError
@@ -67,9 +67,7 @@ class RankLoop:
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
         # The rank that holds the last stage's logits for TP rank 0: it sends log-probabilities to rank 0.
-        flags = [None] * self.world
-        torch.distributed.all_gather_object(flags, is_writer())
-        self.writer = flags.index(True)
+        self.writer = writer_rank()
         self.batches = 0
 
     def run(self) -> None:
