@@ -131,6 +131,9 @@ class ParallelConfig:
     vpp: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
     sp: bool = False  # sequence parallelism over the TP group
     cp: int = 1  # context parallelism: each sequence split over this many ranks (two mirrored chunks per rank)
+    # How Transformer Engine's attention exchanges keys and values across the CP group (its `cp_comm_type`); the
+    # local layers always all-gather them.
+    cp_comm_type: Literal["p2p", "all_gather", "a2a"] = "p2p"
     ep: int = 1  # expert parallelism (MoE): the routed experts split over this many ranks
     etp: Optional[int] = None  # tensor parallelism inside each expert; None: parallel.tp (megatron-core's default)
     use_distributed_optimizer: bool = False
@@ -294,6 +297,34 @@ class EvaluationConfig:
     batch_size: int = 8  # rows scored or generated together
 
 
+# The projections a low-rank adapter can target: the Hugging Face names, and the megatron-core linear each is part of.
+LORA_PROJECTIONS = {"q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv", "o_proj": "linear_proj",
+                    "gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2"}
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning: low-rank adapters on the layers' linears, the base weights frozen."""
+
+    method: Optional[Literal["lora"]] = None  # None: every parameter is trained
+    rank: int = 16  # r: the adapters' inner width
+    alpha: float = 32.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input
+    # Hugging Face projection names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or
+    # megatron-core linears (linear_qkv = q/k/v, linear_proj = o, linear_fc1 = gate/up, linear_fc2 = down).
+    target: list = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    # An adapter checkpoint (or a converted `peft` adapter) whose adapters training starts from; the base weights
+    # come from training.init_from (ppo.policy_from).
+    adapters_from: Optional[str] = None
+
+    def projections(self) -> list[str]:
+        """The targeted Hugging Face projections, in LORA_PROJECTIONS order (the config's names expanded)."""
+        wanted = set()
+        for name in self.target:
+            wanted |= {hf for hf, linear in LORA_PROJECTIONS.items() if name in (hf, linear)}
+        return [hf for hf in LORA_PROJECTIONS if hf in wanted]
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -307,6 +338,7 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -665,6 +697,7 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
     errors += _moe_problems(cfg)
     errors += _window_problems(m)
     errors += _evaluation_problems(cfg)
+    errors += _peft_problems(cfg.peft)
 
     if world_size is not None:
         mp = p.tp * p.pp * p.cp
@@ -710,6 +743,26 @@ def _window_problems(m: ModelConfig) -> list[str]:
         return [f"model.attention_windows[{i}]={w!r} is not a window: use a whole number of positions >= 1, "
                 f"or 0 / null for full attention" for i, w in bad]
     return []
+def _peft_problems(peft: PeftConfig) -> list[str]:
+    """peft.* problems: the adapter's rank, scale, dropout and target names."""
+    if peft.method is None:
+        return []
+    errors = []
+    if peft.rank < 1:
+        errors.append(f"peft.rank={peft.rank} must be >= 1 (the adapters' inner width; 8-64 is usual)")
+    if peft.alpha <= 0:
+        errors.append(f"peft.alpha={peft.alpha} must be > 0 (the adapter's output is scaled by alpha / rank)")
+    if not 0 <= peft.dropout < 1:
+        errors.append(f"peft.dropout={peft.dropout} must be in [0, 1)")
+    known = sorted(set(LORA_PROJECTIONS) | set(LORA_PROJECTIONS.values()))
+    unknown = [name for name in peft.target if name not in known]
+    if unknown:
+        errors.append(f"peft.target has {', '.join(map(repr, unknown))}: adapters go on {', '.join(known)}")
+    elif not peft.target:
+        errors.append(f"peft.target is empty: name the projections to adapt from {', '.join(known)}")
+    return errors
+
+
 def _evaluation_problems(cfg: Config) -> list[str]:
     """evaluation.* values out of range."""
     e = cfg.evaluation

@@ -35,6 +35,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from megatron_qwen.config import Config
 from megatron_qwen.model.init import initialize_weights
+from megatron_qwen.model.lora import add_adapters
 from megatron_qwen.model.rotary import QwenRotaryEmbedding, yarn_settings
 from megatron_qwen.model.spec import qwen_block_spec
 from megatron_qwen.platform.runtime import Runtime
@@ -295,9 +296,11 @@ class QwenModel(GPTModel):
                                                  ensure_metadata_has_dp_cp_group(metadata))
 
 
-def build_model(cfg: Config, runtime: Runtime, head: Head = "lm", rope_at_positions: bool = False) -> list[QwenModel]:
+def build_model(cfg: Config, runtime: Runtime, head: Head = "lm", rope_at_positions: bool = False,
+                adapters: bool = False) -> list[QwenModel]:
     """This rank's model chunks: one per virtual pipeline stage (a single chunk without VPP), initialised from
-    ``training.seed`` with the weights the single-process model has at every layout (`model.init`).
+    ``training.seed`` with the weights the single-process model has at every layout (`model.init`). With
+    `adapters`, the ``peft.*`` low-rank adapters are added and every other weight is frozen (`model.lora`).
 
     Needs megatron-core's parallel state (see `megatron_qwen.platform.launch.init_distributed`).
     """
@@ -311,4 +314,6 @@ def build_model(cfg: Config, runtime: Runtime, head: Head = "lm", rope_at_positi
     # counts only TP rank 0's shards).
     for chunk in chunks:
         initialize_weights(chunk, cfg.training.seed, cfg.model.init_method_std, cfg.model.num_layers)
+        if adapters:
+            add_adapters(chunk, cfg)
     return chunks
