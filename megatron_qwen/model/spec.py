@@ -3,7 +3,8 @@
 Qwen in megatron-core terms: pre-norm RMSNorm, fused QKV projection (with bias up to Qwen2.5: the config's
 ``add_qkv_bias``; grouped-query rows by ``num_query_groups``), Qwen3's per-head query/key RMSNorm when asked, no
 bias on the attention output or the MLP, SwiGLU with fc1 = [gate; up], rotate-half RoPE (set on the model), SDPA
-core attention. The Transformer Engine spec fuses each RMSNorm into the following linear layer; both specs
+core attention (Transformer Engine's when its context parallelism runs). The Transformer Engine spec fuses each
+RMSNorm into the following linear layer; both specs
 keep the same checkpoint keys. FP8 runs in either: Transformer Engine's own, or (local spec) the same
 tensor-parallel linears with their GEMMs in FP8 through torchao (`megatron_qwen.model.fp8`).
 """
@@ -29,17 +30,25 @@ from megatron_qwen.model.norm import QwenRMSNorm
 
 
 def qwen_layer_spec(use_transformer_engine: bool = False, local_fp8_recipe: str | None = None,
-                    qk_layernorm: bool = False, moe: bool = False, shared_expert: bool = False) -> ModuleSpec:
+                    qk_layernorm: bool = False, moe: bool = False, shared_expert: bool = False,
+                    te_core_attention: bool = False) -> ModuleSpec:
     """One Qwen decoder layer; `local_fp8_recipe` (local spec only) runs its four linears' GEMMs in FP8;
     `qk_layernorm` (Qwen3) adds an RMSNorm over head_dim on every query and key head, before RoPE; `moe` makes
-    the MLP a mixture of experts, with a shared expert beside the routed ones when `shared_expert`."""
+    the MLP a mixture of experts, with a shared expert beside the routed ones when `shared_expert`;
+    `te_core_attention` (TE spec only) makes the core attention Transformer Engine's, whose context parallelism
+    is megatron-core's own (`megatron_qwen.model.qwen.te_context_parallel` decides), instead of SDPAttention."""
+    core_attention = SDPAttention
     if use_transformer_engine:
         # Imported only for the TE spec: the module needs Transformer Engine, which is optional.
         from megatron.core.extensions.transformer_engine import (
+            TEDotProductAttention,
             TELayerNormColumnParallelLinear,
             TENorm,
             TERowParallelLinear,
         )
+
+        if te_core_attention:
+            core_attention = TEDotProductAttention
 
         qkv, proj, fc1, fc2 = (TELayerNormColumnParallelLinear, TERowParallelLinear,
                                TELayerNormColumnParallelLinear, TERowParallelLinear)
@@ -75,7 +84,7 @@ def qwen_layer_spec(use_transformer_engine: bool = False, local_fp8_recipe: str 
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=qkv,
-                    core_attention=SDPAttention,
+                    core_attention=core_attention,
                     linear_proj=proj,
                     q_layernorm=head_norm if qk_layernorm else IdentityOp,
                     k_layernorm=head_norm if qk_layernorm else IdentityOp,
@@ -108,9 +117,11 @@ def moe_mlp_spec(fc1, fc2, shared_expert: bool) -> ModuleSpec:
 def qwen_block_spec(
     num_layers: int, use_transformer_engine: bool = False, local_fp8_recipe: str | None = None,
     qk_layernorm: bool = False, moe_layers: list[bool] | None = None, shared_expert: bool = False,
+    te_core_attention: bool = False,
 ) -> TransformerBlockSubmodules:
     """`num_layers` Qwen layers (this pipeline stage's share) and the final RMSNorm; `moe_layers` (one flag per
-    layer of this share) marks the mixture-of-experts layers, `shared_expert` gives them a shared expert."""
+    layer of this share) marks the mixture-of-experts layers, `shared_expert` gives them a shared expert;
+    `te_core_attention`: Transformer Engine's core attention (see `qwen_layer_spec`)."""
     if use_transformer_engine:
         from megatron.core.extensions.transformer_engine import TENorm  # optional, as above
 
@@ -120,6 +131,7 @@ def qwen_block_spec(
     flags = moe_layers if moe_layers is not None else [False] * num_layers
     if len(flags) != num_layers:
         raise ValueError(f"moe_layers has {len(flags)} flags for {num_layers} layers")
-    specs = {moe: qwen_layer_spec(use_transformer_engine, local_fp8_recipe, qk_layernorm, moe, shared_expert)
+    specs = {moe: qwen_layer_spec(use_transformer_engine, local_fp8_recipe, qk_layernorm, moe, shared_expert,
+                                  te_core_attention)
              for moe in set(flags)}
     return TransformerBlockSubmodules(layer_specs=[specs[moe] for moe in flags], layer_norm=final_norm)
