@@ -10,6 +10,17 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 
+def packed_boundaries(position_ids: torch.Tensor) -> list[int] | None:
+    """Sequence boundaries (`PackedRows.from_boundaries`) of rows [b, s] whose position ids restart at 0 where a
+    packed sequence begins, or None when no row holds more than one (every row starts a sequence)."""
+    b, s = position_ids.shape
+    starts = (position_ids == 0).cpu()
+    starts[:, 0] = True
+    if int(starts.sum()) == b:
+        return None
+    return torch.nonzero(starts.reshape(-1)).flatten().tolist() + [b * s]
+
+
 @dataclass
 class PackedRows(PackedSeqParams):
     """Boundaries of the sequences packed into the rows of a micro-batch, in megatron-core's sbhd layout.

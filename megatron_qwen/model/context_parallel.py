@@ -13,13 +13,18 @@ as their core attention, so this is the context parallelism of every run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
+import math
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, reduce_from_tensor_model_parallel_region
 
 from megatron_qwen.errors import UserError
+from megatron_qwen.packed_rows import packed_boundaries
 
 # The micro-batch entries that hold one value per token ([b, s]) and are split along the sequence per CP rank.
 SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -78,18 +83,31 @@ def gather_sequence(local: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat(pieces, dim)
 
 
-def split_batch(batch: dict, rank: int | None = None, size: int | None = None) -> dict:
+def split_batch(batch: dict, rank: int | None = None, size: int | None = None, model=None) -> dict:
     """A micro-batch with each per-token entry (`SEQUENCE_KEYS`, [b, s]) cut to this CP rank's share; other
-    entries (per-sequence values) are kept whole. The identity without CP."""
+    entries (per-sequence values) are kept whole. The identity without CP. Packed rows for a `model` whose context
+    parallelism is Transformer Engine's go in the THD layout instead (`thd_batch`)."""
     size = cp_size() if size is None else size
     if size == 1:
         return batch
     rank = cp_rank() if rank is None else rank
+    config = _config_of(model)
+    if getattr(config, "te_context_parallel", False) and batch.get("position_ids") is not None:
+        boundaries = packed_boundaries(batch["position_ids"])
+        if boundaries is not None:
+            return thd_batch(batch, thd_layout(boundaries, size, thd_multiple(config)), rank, size)
     if batch.get("attention_mask") is not None:
         raise UserError("an explicit attention_mask cannot be split over context-parallel ranks: set parallel.cp=1 "
                         "or give packed rows / position ids instead")
     return {k: split_sequence(v, 1, rank, size) if k in SEQUENCE_KEYS and isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
+
+
+def _config_of(model):
+    """The TransformerConfig of a model chunk, through its DDP wrapper; None without a model."""
+    while model is not None and hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "config", None)
 
 
 def token_positions(local_seq: int, rank: int, size: int, device=None) -> torch.Tensor:
@@ -160,3 +178,84 @@ def sum_over_cp(tensor: torch.Tensor) -> torch.Tensor:
     if cp_size() == 1:
         return tensor
     return reduce_from_tensor_model_parallel_region(tensor, group=parallel_state.get_context_parallel_group())
+
+
+# ------------------------------------------------------------------ Transformer Engine's THD layout of packed rows
+# With Transformer Engine's context parallelism (`megatron_qwen.model.qwen.te_context_parallel`) packed rows travel
+# as one stream of tokens ("thd": tokens x heads x dim, batch 1) described by cumulative sequence lengths, as
+# megatron-core's get_thd_batch_on_this_cp_rank passes them: every packed sequence is padded to a multiple of
+# 2 x cp and each CP rank holds chunks r and 2 x cp - 1 - r of every sequence (TE's thd_get_partitioned_indices).
+
+
+@dataclasses.dataclass(frozen=True)
+class ThdLayout:
+    """Where the tokens of packed rows go in the THD stream: `source` [T] is, for every stream position, the index
+    of its token among the b x s tokens of the rows (-1: padding); `cu_seqlens` / `cu_seqlens_padded` are the
+    offsets of the sequences without / with their padding (the stream holds sequence i at
+    ``cu_seqlens_padded[i]``); `max_seqlen` is the longest padded sequence."""
+
+    source: torch.Tensor
+    cu_seqlens: tuple[int, ...]
+    cu_seqlens_padded: tuple[int, ...]
+    max_seqlen: int
+
+
+def thd_layout(boundaries: tuple[int, ...], size: int, multiple: int = 1) -> ThdLayout:
+    """The THD stream of packed rows with sequence `boundaries` (`PackedRows.boundaries`) for `size` CP ranks:
+    each sequence padded to a multiple of 2 x size (TE's rule for splitting it), the last one further so that every
+    rank's share is a multiple of `multiple` (the TP size under sequence parallelism)."""
+    unit = 2 * size if size > 1 else 1
+    lengths = [end - start for start, end in zip(boundaries, boundaries[1:])]
+    padded = [-(-n // unit) * unit for n in lengths]
+    whole = math.lcm(unit, size * multiple)
+    padded[-1] += -sum(padded) % whole
+    cu = tuple(itertools.accumulate(lengths, initial=0))
+    cu_padded = tuple(itertools.accumulate(padded, initial=0))
+    source = torch.full((cu_padded[-1],), -1, dtype=torch.int64)
+    for start, length, at in zip(boundaries, lengths, cu_padded):
+        source[at:at + length] = torch.arange(start, start + length)
+    return ThdLayout(source, cu, cu_padded, max(padded))
+
+
+def thd_multiple(config) -> int:
+    """What every CP rank's share of a THD stream must be a multiple of: the TP size under sequence parallelism."""
+    return config.tensor_model_parallel_size if config.sequence_parallel else 1
+
+
+def thd_partitioned_indices(cu_seqlens_padded: tuple[int, ...], rank: int, size: int) -> torch.Tensor:
+    """The stream positions CP rank `rank` of `size` holds: chunks ``rank`` and ``2 x size - 1 - rank`` of each
+    sequence's 2 x size (what Transformer Engine's ``tex.thd_get_partitioned_indices`` returns)."""
+    if size == 1:
+        return torch.arange(cu_seqlens_padded[-1])
+    parts = []
+    for start, end in zip(cu_seqlens_padded, cu_seqlens_padded[1:]):
+        if (end - start) % (2 * size):
+            raise ValueError(f"a THD sequence of {end - start} tokens does not cut into 2 x cp = {2 * size} chunks")
+        chunk = (end - start) // (2 * size)
+        parts += [torch.arange(start + c * chunk, start + (c + 1) * chunk) for c in chunk_ids(rank, size)]
+    return torch.cat(parts)
+
+
+def thd_batch(batch: dict, layout: ThdLayout, rank: int, size: int) -> dict:
+    """This CP rank's share of a micro-batch of packed rows in the THD layout: each per-token entry
+    (`SEQUENCE_KEYS`, [b, s]) becomes [1, T / cp], padding positions hold 0 (a padded token is never trained:
+    its loss_mask is 0); other entries are kept."""
+    mine = layout.source[thd_partitioned_indices(layout.cu_seqlens_padded, rank, size)]
+    real = mine >= 0
+    out = dict(batch)
+    for key in SEQUENCE_KEYS:
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor):
+            flat = value.reshape(-1)[mine.clamp(min=0).to(value.device)]
+            out[key] = torch.where(real.to(value.device), flat, torch.zeros_like(flat))[None]
+    return out
+
+
+def thd_packed_seq_params(layout: ThdLayout, device: torch.device) -> PackedSeqParams:
+    """megatron-core's PackedSeqParams of the THD stream, as get_thd_batch_on_this_cp_rank builds them: the real
+    and the padded cumulative lengths (int32, on the device), the longest padded sequence."""
+    cu, cu_padded = (torch.tensor(c, dtype=torch.int32, device=device)
+                     for c in (layout.cu_seqlens, layout.cu_seqlens_padded))
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+                           cu_seqlens_kv_padded=cu_padded, max_seqlen_q=layout.max_seqlen,
+                           max_seqlen_kv=layout.max_seqlen)

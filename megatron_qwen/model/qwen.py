@@ -34,10 +34,12 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from megatron_qwen.config import Config
+from megatron_qwen.model.context_parallel import cp_size, thd_layout, thd_multiple, thd_packed_seq_params
 from megatron_qwen.model.init import initialize_weights
 from megatron_qwen.model.lora import add_adapters
 from megatron_qwen.model.rotary import QwenRotaryEmbedding, yarn_settings
 from megatron_qwen.model.spec import qwen_block_spec
+from megatron_qwen.packed_rows import PackedRows
 from megatron_qwen.platform.runtime import Runtime
 
 Head = Literal["lm", "scalar"]
@@ -57,6 +59,9 @@ class QwenTransformerConfig(TransformerConfig):
     # megatron-core's attention multiplies RoPE's cos/sin by YaRN's attention factor (0.1 ln(factor) + 1, as
     # transformers does) for a config with this attribute; 1.0 (no YaRN) gives the factor 1.
     yarn_rotary_scaling_factor: float = 1.0
+    # Context parallelism in Transformer Engine's core attention (`te_context_parallel`): the spec takes TE's core
+    # attention, and packed rows travel in the THD layout.
+    te_context_parallel: bool = False
 
 
 def te_fp8_settings(recipe: str | None) -> dict:
@@ -70,6 +75,41 @@ def te_fp8_settings(recipe: str | None) -> dict:
     settings = {"fp8": "hybrid", "fp8_recipe": recipe}
     if recipe == "delayed":
         settings.update(fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
+    return settings
+
+
+def te_context_parallel(cfg: Config, runtime: Runtime) -> bool:
+    """Whether context parallelism runs in Transformer Engine's core attention (megatron-core's own CP, with
+    ``parallel.cp_comm_type`` and packed rows in the THD layout) rather than in SDPAttention's all-gather.
+
+    Only on the TE spec, and only where TE's attention computes what the model asks: it has neither Qwen's LogN
+    scaling nor per-layer windows, so a model with ``model.use_logn_attn`` or ``model.attention_windows`` keeps
+    SDPAttention's exact CP on the TE spec too (`context_parallel_note` says so).
+    """
+    m = cfg.model
+    return runtime.use_te and cfg.parallel.cp > 1 and not m.use_logn_attn and not any(m.attention_windows)
+
+
+def context_parallel_note(cfg: Config, runtime: Runtime) -> str | None:
+    """What the run's context parallelism does with ``parallel.cp_comm_type``, when it is not what it says."""
+    p, m = cfg.parallel, cfg.model
+    if p.cp == 1 or te_context_parallel(cfg, runtime):
+        return None
+    why = ("model.use_logn_attn / model.attention_windows, which Transformer Engine's attention does not compute"
+           if runtime.use_te else "the local layer spec")
+    return (f"parallel.cp={p.cp} runs in SDPAttention ({why}): keys and values are all-gathered over the CP group "
+            f"in every layer; parallel.cp_comm_type={p.cp_comm_type} applies to Transformer Engine's attention only")
+
+
+def context_parallel_settings(cfg: Config, runtime: Runtime) -> dict:
+    """megatron-core's context-parallel fields: the size always; with Transformer Engine's CP (`te_context_parallel`)
+    the comm type (p2p ring, all_gather, or a2a: heads scattered over the CP group, DeepSpeed-Ulysses style) and,
+    for pipelines, variable sequence lengths (THD micro-batches of packed rows differ in length)."""
+    p = cfg.parallel
+    settings = {"context_parallel_size": p.cp}
+    if te_context_parallel(cfg, runtime):
+        settings.update(te_context_parallel=True, cp_comm_type=p.cp_comm_type,
+                        hierarchical_context_parallel_sizes=None, variable_seq_lengths=p.pp > 1)
     return settings
 
 
@@ -108,9 +148,9 @@ def transformer_config(cfg: Config, runtime: Runtime) -> QwenTransformerConfig:
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp if p.vpp > 1 else None,
         sequence_parallel=p.sp,
-        # Both specs' core attention is SDPAttention, which gathers K/V over the CP group (model.context_parallel);
-        # megatron-core reads the size for its CP groups, the rotary's split and the schedules' tensor shapes.
-        context_parallel_size=p.cp,
+        # megatron-core reads the size for its CP groups, the rotary's split and the schedules' tensor shapes; the
+        # core attention is Transformer Engine's (its own CP, `cp_comm_type`) or SDPAttention (`te_context_parallel`).
+        **context_parallel_settings(cfg, runtime),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -237,6 +277,7 @@ class QwenModel(GPTModel):
                 num_layers, use_te, config.local_fp8_recipe, qk_layernorm=config.qk_layernorm,
                 moe_layers=m.moe_layers[offset:offset + num_layers] if m.is_moe else None,
                 shared_expert=m.moe_shared_expert_ffn_hidden_size is not None,
+                te_core_attention=config.te_context_parallel,
             ),
             vocab_size=m.padded_vocab_size,
             max_sequence_length=m.max_position_embeddings,
@@ -272,8 +313,22 @@ class QwenModel(GPTModel):
             )
             self.reward_head = ScalarHead(config)  # stored as SCALAR_HEAD_KEY
 
+    def forward(self, input_ids, position_ids, attention_mask, *args, packed_seq_params=None, **kwargs):
+        """GPTModel's forward; with Transformer Engine's context parallelism, packed rows (`PackedRows`, the full
+        rows' boundaries) become the THD layout's PackedSeqParams: the tokens then come as this CP rank's share of
+        the THD stream (`context_parallel.split_batch` with the model), [1, T / cp]."""
+        if self.config.te_context_parallel and isinstance(packed_seq_params, PackedRows):
+            layout = thd_layout(packed_seq_params.boundaries, cp_size(), thd_multiple(self.config))
+            packed_seq_params = thd_packed_seq_params(layout, packed_seq_params.cu_seqlens_q.device)
+        return super().forward(input_ids, position_ids, attention_mask, *args, packed_seq_params=packed_seq_params,
+                               **kwargs)
+
     def _preprocess(self, input_ids, position_ids, **kwargs):
-        if not self.rope_at_positions or position_ids is None:
+        packed = kwargs.get("packed_seq_params")
+        thd = packed is not None and packed.qkv_format == "thd"
+        # In the THD layout megatron-core's attention rotates each packed sequence from position 0 itself, taking
+        # every CP rank's chunks of it from the angle table (rope_utils._apply_rotary_pos_emb_thd).
+        if not self.rope_at_positions or position_ids is None or thd:
             return super()._preprocess(input_ids=input_ids, position_ids=position_ids, **kwargs)
         # GPTModel would build the angle table of rows 0..S-1; here each token is rotated at its own position.
         self.position_embedding_type = "none"
