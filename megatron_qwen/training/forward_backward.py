@@ -31,10 +31,11 @@ def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def model_inputs(batch: dict, model: torch.nn.Module) -> dict:
     """The micro-batch as this rank's model takes it: per-token entries cut to this context-parallel rank's
-    share of each sequence (`model.context_parallel.split_batch`; whole without CP), every tensor on the device
+    share of each sequence (`model.context_parallel.split_batch`; whole without CP; packed rows in the THD layout
+    for Transformer Engine's CP), every tensor on the device
     of the model's parameters (datasets yield CPU tensors). Every forward step feeds the model through it."""
     device = next(model.parameters()).device
-    batch = split_batch(batch)
+    batch = split_batch(batch, model=model)
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
