@@ -694,6 +694,9 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
             f"sequence parallelism splits each context-parallel rank's {m.seq_length // p.cp} tokens over "
             f"parallel.tp={p.tp}; choose a seq_length that is a multiple of {p.cp * p.tp}"
         )
+    cp_errors, cp_notes = _cp_comm_problems(cfg)
+    errors += cp_errors
+    notes += cp_notes
     errors += _moe_problems(cfg)
     errors += _window_problems(m)
     errors += _evaluation_problems(cfg)
@@ -726,6 +729,24 @@ def validate(cfg: Config, world_size: int | None = None) -> tuple[list[str], lis
                     f"({t.global_batch_size // (t.micro_batch_size * dp)}) to be a multiple of parallel.pp={p.pp}; "
                     "change global_batch_size or micro_batch_size"
                 )
+    return errors, notes
+
+
+def _cp_comm_problems(cfg: Config) -> tuple[list[str], list[str]]:
+    """parallel.cp_comm_type: what Transformer Engine's attention needs for it, and where it does not apply."""
+    m, p = cfg.model, cfg.parallel
+    if p.cp == 1:
+        return [], []
+    errors, notes = [], []
+    heads, kv = m.num_attention_heads // p.tp, m.kv_heads // p.tp
+    if p.cp_comm_type == "a2a" and (heads % p.cp or kv % p.cp):
+        errors.append(f"parallel.cp_comm_type=a2a scatters each tensor-parallel rank's attention heads ({heads} "
+                      f"query, {kv} key/value) over parallel.cp={p.cp} ranks and needs both divisible by it; use "
+                      "parallel.cp_comm_type=p2p or all_gather, or a cp that divides them")
+    if p.cp_comm_type != "p2p" or p.device == "cpu":
+        notes.append(f"parallel.cp_comm_type={p.cp_comm_type} is how Transformer Engine's attention exchanges keys "
+                     "and values (the TE spec on GPUs, for models without model.use_logn_attn or "
+                     "model.attention_windows); elsewhere (the local spec, CPU ranks) every layer all-gathers them")
     return errors, notes
 
 
