@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -106,6 +107,146 @@ def test_packed_rows_attend_within_each_sequence(monkeypatch):
             is_causal=True, scale=1 / math.sqrt(HEAD_DIM))
         expected = alone.permute(2, 0, 1, 3).reshape(end - start, HEADS * HEAD_DIM)
         assert (out[start:end, row] - expected).abs().max().item() < 1e-6, (row, start, end)
+
+
+# --------------------------------------------------------------------------- Transformer Engine's CP (no TE here)
+
+
+def _te_config(*overrides: str):
+    """megatron-core's TransformerConfig of a run on the Transformer Engine spec (its constructor needs no TE)."""
+    import dataclasses
+
+    from megatron_qwen.config import load_config
+    from megatron_qwen.model.qwen import transformer_config
+    from megatron_qwen.platform.runtime import Runtime
+
+    cfg = load_config("configs/tiny.yaml", ["model.seq_length=32", "model.num_attention_heads=4",
+                                            "model.num_query_groups=2", *overrides])
+    return transformer_config(cfg, dataclasses.replace(Runtime.cpu(), use_te=True))
+
+
+def test_te_run_passes_context_parallelism_to_megatron_core():
+    """On the TE spec, CP=2 sets megatron-core's size and comm type and TE's core attention; pipelines exchange
+    tensor shapes (THD micro-batches vary in length). CP=1, LogN or per-layer windows (which TE's attention does not
+    compute), and the local spec keep SDPAttention: no comm type."""
+    from megatron_qwen.model.qwen import transformer_config
+    from megatron_qwen.platform.runtime import Runtime
+
+    config = _te_config("parallel.cp=2", "parallel.cp_comm_type=a2a", "parallel.pp=2", "model.num_layers=2")
+    assert (config.context_parallel_size, config.cp_comm_type, config.te_context_parallel) == (2, "a2a", True)
+    assert config.hierarchical_context_parallel_sizes is None and config.variable_seq_lengths
+    config = _te_config("parallel.cp=2", "parallel.cp_comm_type=all_gather")
+    assert (config.cp_comm_type, config.variable_seq_lengths) == ("all_gather", False)
+    for overrides in (("parallel.cp=1",), ("parallel.cp=2", "model.use_logn_attn=true"),
+                      ("parallel.cp=2", "model.num_layers=2", "model.attention_windows=[8,0]")):
+        config = _te_config(*overrides)
+        assert (config.cp_comm_type, config.te_context_parallel) == (None, False), overrides
+    from megatron_qwen.config import load_config
+
+    local = transformer_config(load_config("configs/tiny.yaml", ["model.seq_length=32", "parallel.cp=2"]),
+                               Runtime.cpu())
+    assert (local.context_parallel_size, local.cp_comm_type, local.te_context_parallel) == (2, None, False)
+
+
+def test_cp_comm_type_rules():
+    """a2a scatters each TP rank's heads over the CP ranks: refused when they do not divide, naming the fix; a comm
+    type set where SDPAttention runs is noted as Transformer Engine's only."""
+    from megatron_qwen.config import load_config, validate
+
+    def check(*overrides):
+        return validate(load_config("configs/tiny.yaml", ["model.seq_length=48", *overrides]), 4)
+
+    errors, _ = check("parallel.cp=2", "parallel.tp=2", "parallel.cp_comm_type=a2a")  # 2 heads / tp 2 = 1 per rank
+    assert any("parallel.cp_comm_type=a2a scatters" in e and "(1 query, 1 key/value)" in e
+               and "p2p or all_gather" in e for e in errors), errors
+    errors, notes = check("parallel.cp=2", "model.num_attention_heads=4", "parallel.cp_comm_type=a2a")
+    assert not errors and any("every layer all-gathers them" in n for n in notes), notes
+    errors, notes = check("parallel.cp=3", "parallel.cp_comm_type=a2a")
+    assert any("parallel.cp_comm_type=a2a" in e for e in errors)
+    assert check("parallel.cp=1", "parallel.cp_comm_type=a2a") == ([], [])
+
+
+# Three rows of 8 packed with sequences of 3, 2, 3 | 6, 2 | 8 tokens (boundaries over the 24 tokens).
+THD_BOUNDARIES = (0, 3, 5, 8, 14, 16, 24)
+
+
+def test_thd_layout_by_hand():
+    """Each packed sequence padded to a multiple of 2 x cp = 4 at cumulative offsets (the padded offsets place them
+    in the stream); under SP the last one grows until every CP rank's share divides by TP."""
+    from megatron_qwen.model.context_parallel import thd_layout
+
+    layout = thd_layout(THD_BOUNDARIES, 2)
+    assert layout.cu_seqlens == THD_BOUNDARIES
+    assert layout.cu_seqlens_padded == (0, 4, 8, 12, 20, 24, 32) and layout.max_seqlen == 8
+    assert layout.source.tolist() == [0, 1, 2, -1, 3, 4, -1, -1, 5, 6, 7, -1, 8, 9, 10, 11, 12, 13, -1, -1,
+                                      14, 15, -1, -1, *range(16, 24)]
+    # TP 3 under SP: 32 / 2 = 16 tokens per CP rank do not divide by 3; the last sequence grows by 4 to 12 (a
+    # multiple of 4 still), 36 in all: 18 per rank.
+    assert thd_layout(THD_BOUNDARIES, 2, 3).cu_seqlens_padded == (0, 4, 8, 12, 20, 24, 36)
+    assert thd_layout(THD_BOUNDARIES, 1).cu_seqlens_padded == THD_BOUNDARIES  # no CP: no padding
+
+
+def test_thd_partition_matches_megatron_core():
+    """Rank r holds chunks r and 2cp-1-r of every padded sequence: by hand for cp=2, and for cp=2 and 4 equal to
+    the chunks megatron-core's THD RoPE takes for a rank (rope_utils._get_thd_freqs_on_this_cp_rank with offsets:
+    the positions TE's thd_get_partitioned_indices gives it)."""
+    from megatron.core.models.common.embeddings.rope_utils import _get_thd_freqs_on_this_cp_rank
+
+    from megatron_qwen.model.context_parallel import thd_layout, thd_partitioned_indices
+
+    padded = thd_layout(THD_BOUNDARIES, 2).cu_seqlens_padded
+    assert thd_partitioned_indices(padded, 0, 2).tolist() == [0, 3, 4, 7, 8, 11, 12, 13, 18, 19, 20, 23,
+                                                              24, 25, 30, 31]
+    for size in (2, 4):
+        padded = thd_layout(THD_BOUNDARIES, size).cu_seqlens_padded
+        stream = torch.arange(padded[-1])
+        for rank in range(size):
+            expected = torch.cat([_get_thd_freqs_on_this_cp_rank(rank, size, torch.empty((end - start) // size),
+                                                                 stream, start)
+                                  for start, end in zip(padded, padded[1:])])
+            assert torch.equal(thd_partitioned_indices(padded, rank, size), expected), (size, rank)
+
+
+def test_thd_batch_and_packed_seq_params():
+    """A micro-batch of packed rows cut for CP rank 1 of 2 in the THD layout (padding: token 0, never trained),
+    and PackedSeqParams as megatron-core's get_thd_batch_on_this_cp_rank builds them (compared at CP=1, where it
+    needs no TE)."""
+    from megatron.core.utils import get_thd_batch_on_this_cp_rank
+
+    from megatron_qwen.model.context_parallel import split_batch, thd_batch, thd_layout, thd_packed_seq_params
+    from megatron_qwen.packed_rows import packed_boundaries
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 1], list(range(8))])
+    assert tuple(packed_boundaries(positions)) == THD_BOUNDARIES
+    batch = {"tokens": torch.arange(24).view(3, 8) + 100, "loss_mask": torch.ones(3, 8), "position_ids": positions,
+             "weight": 0.5}
+    layout = thd_layout(THD_BOUNDARIES, 2)
+    mine = thd_batch(batch, layout, 1, 2)
+    # Stream positions 1, 2 | 5, 6 | 9, 10 | 14, 15, 16, 17 | 21, 22 | 26, 27, 28, 29 of the padded sequences.
+    assert mine["tokens"].tolist() == [[101, 102, 104, 0, 106, 107, 110, 111, 112, 113, 115, 0,
+                                        118, 119, 120, 121]]
+    assert mine["loss_mask"].tolist() == [[1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1]]
+    assert mine["weight"] == 0.5
+
+    class Chunk(torch.nn.Module):  # a model chunk as split_batch sees it (DDP-wrapped)
+        config = _te_config("parallel.cp=2")
+
+    assert torch.equal(split_batch(batch, 1, 2, model=types.SimpleNamespace(module=Chunk()))["tokens"],
+                       mine["tokens"])
+    assert split_batch(batch, 1, 2)["tokens"].shape == (3, 4)  # without TE's CP: two chunks of each row
+    params = thd_packed_seq_params(layout, torch.device("cpu"))
+    assert params.qkv_format == "thd" and params.max_seqlen_q == params.max_seqlen_kv == 8
+    assert params.cu_seqlens_q.dtype == torch.int32 and params.cu_seqlens_q_padded.tolist() == list(
+        layout.cu_seqlens_padded)
+    one = thd_layout(THD_BOUNDARIES, 1)
+    cu = torch.tensor(one.cu_seqlens, dtype=torch.int32)
+    _, theirs = get_thd_batch_on_this_cp_rank({"tokens": batch["tokens"].view(1, -1)}, cu, cu,
+                                              torch.tensor([one.max_seqlen]), cp_size=1, cp_rank=0)
+    ours = thd_packed_seq_params(one, torch.device("cpu"))
+    for field in ("qkv_format", "max_seqlen_q", "max_seqlen_kv"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    for field in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+        assert torch.equal(getattr(ours, field), getattr(theirs, field)), field
 
 
 REFERENCE = "tp1-pp1-vpp1-cp1"  # CP=1: data-parallel over the 4 ranks

@@ -393,6 +393,83 @@ def check_pretrain_stage(device: str = "cuda") -> Result:
                                         f"{last['hfu']}, kept {kept}; {startup}")
 
 
+def check_te_context_parallel() -> Result:
+    """Context parallelism in Transformer Engine's attention (CP = 2, each parallel.cp_comm_type; packed SFT rows
+    in the THD layout) against CP = 1 on the same two GPUs, bf16: logits, the packed rows' loss, two training
+    steps. Two torchrun ranks, one GPU each."""
+    from megatron_qwen.platform.runtime import Accelerators
+
+    reason = Accelerators.detect().transformer_engine
+    if reason is not None:
+        return "SKIP", f"Transformer Engine is {reason}"
+    if torch.cuda.device_count() < 2:
+        return "SKIP", (f"CP = 2 needs two GPUs (NCCL ranks cannot share one); this machine has "
+                        f"{torch.cuda.device_count()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                   str(_free_port()), str(Path(__file__).resolve()), "--te-cp-worker", tmp]
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=subprocess_timeout(600),
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        if proc.returncode:
+            return "FAIL", f"the ranks exited with {proc.returncode}: {(proc.stdout + proc.stderr)[-600:]}"
+        result = json.loads((Path(tmp) / "te_cp.json").read_text())
+    reference = result.pop("cp1")
+    worst = {}
+    for comm, got in result.items():
+        worst[comm] = {"logits": got["logits_diff"] / reference["logits_max"],
+                       "packed": abs(got["packed_loss"] - reference["packed_loss"]) / reference["packed_loss"],
+                       "steps": max(abs(a - b) / b for a, b in zip(got["losses"], reference["losses"]))}
+    # bf16 against bf16 through other attention kernels: differences of a few bf16 roundings.
+    ok = all(value < 2e-2 for errors in worst.values() for value in errors.values())
+    return ("PASS" if ok else "FAIL"), "; ".join(
+        f"{comm}: relative logits {e['logits']:.1e}, packed loss {e['packed']:.1e}, step losses {e['steps']:.1e}"
+        for comm, e in worst.items())
+
+
+def te_context_parallel_worker(out: Path) -> None:
+    """One rank of `check_te_context_parallel`: every rank runs the same batches (at CP = 1 the two ranks are
+    data-parallel replicas of one another, so means and gradients are one copy's)."""
+    from megatron.core import parallel_state
+
+    from megatron_qwen.model.context_parallel import gather_sequence
+    from megatron_qwen.platform.launch import detect_launch, init_distributed
+    from megatron_qwen.platform.runtime import resolve_runtime
+    from megatron_qwen.stages.sft import sft_forward_step
+    from megatron_qwen.training.forward_backward import forward_backward, model_inputs
+    from megatron_qwen.training.units import build_unit
+
+    local_rank, results = detect_launch().local_rank, {}
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, VOCAB, (2, SEQ + 1), generator=gen)
+    positions = torch.cat([torch.arange(n) for n in (40, 30, 58)])[None].expand(2, SEQ)  # three packed sequences
+    packed = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(2, SEQ),
+              "position_ids": positions.contiguous()}
+    for name in ("cp1", "p2p", "all_gather", "a2a"):
+        cp = ["parallel.cp=1"] if name == "cp1" else ["parallel.cp=2", f"parallel.cp_comm_type={name}"]
+        cfg = _config("model.transformer_impl=transformer_engine", "training.precision=bf16",
+                      "model.num_attention_heads=4", "model.num_query_groups=2", *cp)
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        init_distributed(1, 1, None, device="cuda", cp=cfg.parallel.cp)
+        unit = build_unit(cfg, resolve_runtime(cfg, local_rank), "model", rope_at_positions=True)
+        model = unit.chunks[0]
+        with torch.no_grad():
+            model.eval()
+            batch = model_inputs({"tokens": tokens[:, :-1], "position_ids": torch.arange(SEQ).expand(2, SEQ)}, model)
+            logits = gather_sequence(model(batch["tokens"], batch["position_ids"], None).float(), dim=1)
+            packed_loss = forward_backward(unit.chunks, iter([packed]), 1, SEQ, 2, sft_forward_step,
+                                           forward_only=True)["lm loss"].item()
+            model.train()
+        if name == "cp1":
+            reference_logits = logits
+            results[name] = {"logits_max": logits.abs().max().item(), "packed_loss": packed_loss}
+        else:
+            results[name] = {"logits_diff": (logits - reference_logits).abs().max().item(), "packed_loss": packed_loss}
+        results[name]["losses"] = _train(unit, 2)
+    if torch.distributed.get_rank() == 0:
+        (out / "te_cp.json").write_text(json.dumps(results))
+
+
 CHECKS: dict[str, Callable[[], Result]] = {
     "runtime": check_runtime,
     "cuda_work_ordering": check_cuda_work_ordering,
@@ -403,6 +480,7 @@ CHECKS: dict[str, Callable[[], Result]] = {
     "distributed_optimizer_checkpoint": check_distributed_optimizer_checkpoint,
     "packed_attention": check_packed_attention,
     "pretrain_stage": check_pretrain_stage,
+    "te_context_parallel": check_te_context_parallel,
 }
 
 
@@ -430,4 +508,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--te-cp-worker"]:  # one rank of check_te_context_parallel, under torchrun
+        te_context_parallel_worker(Path(sys.argv[2]))
+        sys.exit(0)
     sys.exit(main())

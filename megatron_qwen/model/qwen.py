@@ -84,21 +84,10 @@ def te_context_parallel(cfg: Config, runtime: Runtime) -> bool:
 
     Only on the TE spec, and only where TE's attention computes what the model asks: it has neither Qwen's LogN
     scaling nor per-layer windows, so a model with ``model.use_logn_attn`` or ``model.attention_windows`` keeps
-    SDPAttention's exact CP on the TE spec too (`context_parallel_note` says so).
+    SDPAttention's exact CP on the TE spec too (config validation notes it).
     """
     m = cfg.model
     return runtime.use_te and cfg.parallel.cp > 1 and not m.use_logn_attn and not any(m.attention_windows)
-
-
-def context_parallel_note(cfg: Config, runtime: Runtime) -> str | None:
-    """What the run's context parallelism does with ``parallel.cp_comm_type``, when it is not what it says."""
-    p, m = cfg.parallel, cfg.model
-    if p.cp == 1 or te_context_parallel(cfg, runtime):
-        return None
-    why = ("model.use_logn_attn / model.attention_windows, which Transformer Engine's attention does not compute"
-           if runtime.use_te else "the local layer spec")
-    return (f"parallel.cp={p.cp} runs in SDPAttention ({why}): keys and values are all-gathered over the CP group "
-            f"in every layer; parallel.cp_comm_type={p.cp_comm_type} applies to Transformer Engine's attention only")
 
 
 def context_parallel_settings(cfg: Config, runtime: Runtime) -> dict:
@@ -109,7 +98,11 @@ def context_parallel_settings(cfg: Config, runtime: Runtime) -> dict:
     settings = {"context_parallel_size": p.cp}
     if te_context_parallel(cfg, runtime):
         settings.update(te_context_parallel=True, cp_comm_type=p.cp_comm_type,
-                        hierarchical_context_parallel_sizes=None, variable_seq_lengths=p.pp > 1)
+                        hierarchical_context_parallel_sizes=None)
+        if p.pp > 1:
+            settings["variable_seq_lengths"] = True
+            if not cfg.model.is_moe:  # megatron-core refuses its default (allgather) dispatcher with it, unused here
+                settings["moe_token_dispatcher_type"] = "alltoall"
     return settings
 
 
