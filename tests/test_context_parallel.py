@@ -255,6 +255,7 @@ TRAIN_LAYOUTS = ("tp1-pp1-vpp1-cp2-dopt", "tp2-pp1-vpp1-cp2-sp", "tp1-pp2-vpp2-c
 # Saved at step 5 at one CP size, resumed at the other (the same optimizer kind: its state layouts differ).
 RESUMED = (f"{REFERENCE}@tp2-pp1-vpp1-cp2-sp", f"tp1-pp1-vpp1-cp2@{REFERENCE}")
 STAGE_LAYOUTS = ("tp1-pp1-vpp1-cp2", "tp1-pp2-vpp1-cp2")  # against REFERENCE
+CLI_LAYOUTS = ("tp1-pp1-vpp1-cp2", "tp2-pp1-vpp1-cp2-sp")  # `megatron-qwen forward --cp 2`, against --cp 1
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +264,8 @@ def cp_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cp")
     run_torchrun(4, ["tests/parallel/cp_worker.py", "--workdir", str(root), "--forward", ",".join(FORWARD_LAYOUTS),
                      "--resume", "--train", ",".join((REFERENCE, *TRAIN_LAYOUTS, *RESUMED)),
-                     "--stages", ",".join((REFERENCE, *STAGE_LAYOUTS))], timeout=900)
+                     "--stages", ",".join((REFERENCE, *STAGE_LAYOUTS)), "--cli-forward", ",".join(CLI_LAYOUTS)],
+                  timeout=900)
     return root
 
 
@@ -318,6 +320,28 @@ def test_reward_and_dpo_steps_equal_cp1(cp_runs, layout):
         assert reference[stage]["grad_norm"] > 0
         for key, expected in reference[stage].items():
             assert abs(result[stage][key] - expected) <= 1e-5 * max(1.0, abs(expected)), (stage, key, result[stage])
+
+
+@pytest.mark.parametrize("layout", CLI_LAYOUTS)
+def test_forward_command_at_cp2_equals_cp1(cp_runs, layout):
+    """`megatron-qwen forward --cp 2` (alone, and with TP=2 and SP) writes the logits of --cp 1, full vocabulary,
+    for rows of 30 tokens (padded to cut into 2 x CP chunks, the padding cut off again)."""
+    import numpy as np
+
+    reference = np.load(cp_runs / "cli_forward" / f"{REFERENCE}.npy")
+    got = np.load(cp_runs / "cli_forward" / f"{layout}.npy")
+    assert reference.shape == got.shape == (2, 30, 1024)
+    assert np.abs(got - reference).max() < 1e-5 and np.abs(reference).max() > 0.1
+
+
+def test_forward_command_refuses_generation_at_cp(capsys):
+    """--generate decodes with a KV cache, which context parallelism does not split: refused, naming --cp 1."""
+    from megatron_qwen.cli import forward
+
+    with pytest.raises(SystemExit):
+        forward.parse_args(["--ckpt", "c", "--tokens", "t.npy", "--out", "o.npy", "--generate", "2", "--cp", "2"])
+    assert "run --generate at --cp 1" in capsys.readouterr().err
+    assert forward.parse_args(["--ckpt", "c", "--tokens", "t.npy", "--out", "o.npy", "--cp", "2"]).cp == 2
 
 
 def test_ppo_at_cp2_refused_with_the_fix():

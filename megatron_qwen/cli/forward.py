@@ -1,7 +1,7 @@
 """Full-vocabulary logits (and greedy continuations) of a checkpoint at any parallel layout.
 
     megatron-qwen forward [--nproc N] --ckpt CKPT --tokens TOKENS.npy --out LOGITS.npy \
-        [--tp T --pp P --vpp V --ep E --sequence-parallel] [--generate K] [--trust-checkpoint]
+        [--tp T --pp P --vpp V --ep E --cp C --sequence-parallel] [--generate K] [--trust-checkpoint]
 
 `torchrun --nproc-per-node N tools/forward.py ...` is the same. Loads CKPT (saved or converted at any
 layout) at the layout given here; ranks beyond TP x PP are data-parallel replicas that repeat the work.
@@ -9,7 +9,7 @@ Writes fp32 logits [batch, seq, vocab] of the (batch, seq) integer array in TOKE
 TP, from the last pipeline stage. With --generate K, K greedy tokens (from the KV-cache engine of
 `megatron-qwen generate`, among the model family's token ids) are appended to each row, printed (decoded
 when the vocabulary holds the family's tokens) and saved to --generated-out (default:
-LOGITS.generated.npy). Exit status 2: the request was refused, e.g. a checkpoint holding pickled objects
+LOGITS.generated.npy); generation runs at --cp 1 only. Exit status 2: the request was refused, e.g. a checkpoint holding pickled objects
 outside the allowlist (--trust-checkpoint unpickles them: only for a checkpoint from a source you trust).
 """
 
@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank (default 1)")
     parser.add_argument("--ep", type=int, default=1,
                         help="expert-parallel size of a mixture-of-experts model (default 1)")
+    parser.add_argument("--cp", type=int, default=1,
+                        help="context-parallel size: each row split over this many ranks (default 1)")
     parser.add_argument("--sequence-parallel", action="store_true", help="split the sequence over TP ranks")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: bf16 on GPU, fp32 on CPU")
@@ -56,6 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.generate < 0:
         parser.error(f"--generate {args.generate}: the number of tokens must be >= 0")
+    if args.generate and args.cp > 1:
+        parser.error(f"--generate {args.generate} with --cp {args.cp}: generation decodes one token at a time with a "
+                     "KV cache, which context parallelism does not split; run --generate at --cp 1 (or give the "
+                     "ranks to --tp), or drop --generate to get the logits at --cp")
     if args.generated_out is None:
         args.generated_out = args.out.with_suffix(".generated.npy")
     return args
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = inference.prepare(
             args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp, sp=args.sequence_parallel,
-            ep=args.ep, precision=args.precision, config_path=args.config, trust_checkpoint=args.trust_checkpoint,
+            ep=args.ep, cp=args.cp, precision=args.precision, config_path=args.config, trust_checkpoint=args.trust_checkpoint,
         )
         tokens = inference.load_tokens(args.tokens, plan.vocab_size)
         runtime = resolve_runtime(plan.cfg, launch.local_rank)
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = plan.cfg
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, device=cfg.parallel.device,
-                     ep=cfg.parallel.ep,
+                     ep=cfg.parallel.ep, cp=cfg.parallel.cp,
                      timeout_minutes=cfg.parallel.timeout_minutes, seed=cfg.training.seed)
     try:
         chunks = inference.load_chunks(plan, args.ckpt, runtime)
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if inference.is_writer():
             inference.save_npy(args.out, logits.cpu().numpy())
             print(f"wrote {args.out}: logits {list(logits.shape)} (tp {args.tp}, pp {args.pp}, vpp {args.vpp}, "
-                  f"sp {args.sequence_parallel}, dp {plan.layout.dp})")
+                  f"sp {args.sequence_parallel}, cp {args.cp}, dp {plan.layout.dp})")
         if args.generate:
             # Greedy, exactly --generate tokens per row (no stop token), with the KV-cache engine.
             result = GenerationEngine(chunks, plan.generate_vocab).generate(

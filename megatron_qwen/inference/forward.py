@@ -1,4 +1,4 @@
-"""Loading a checkpoint for inference at any TP/PP/VPP/SP/EP layout, and its full-vocabulary logits (tools/forward.py,
+"""Loading a checkpoint for inference at any TP/PP/VPP/SP/EP/CP layout, and its full-vocabulary logits (tools/forward.py,
 tools/generate.py).
 
 Everything that can be refused is checked before any process group exists (`prepare`), identically
@@ -29,6 +29,7 @@ from megatron_qwen.convert import mcore_keys as K
 from megatron_qwen.checkpoint.dcp_io import tensor_metadata
 from megatron_qwen.convert.to_hf import exported_vocab
 from megatron_qwen.errors import ConversionError
+from megatron_qwen.model.context_parallel import gather_sequence, split_batch
 from megatron_qwen.model.qwen import build_model
 from megatron_qwen.model.rotary import ntk_alpha, pinned_ntk_alphas
 from megatron_qwen.platform.runtime import Runtime
@@ -138,11 +139,14 @@ def load_chunks(plan: ForwardPlan, ckpt: str | os.PathLike, runtime: Runtime) ->
 def _forward_step(data_iterator, model):
     tokens = next(data_iterator)
     positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    output = model(tokens, positions, None)
+    # With context parallelism each rank runs its two chunks of the row, at their global positions.
+    mine = split_batch({"tokens": tokens, "position_ids": positions})
+    output = model(mine["tokens"].contiguous(), mine["position_ids"].contiguous(), None)
 
     def gather(output_tensor, non_loss_data=True):
-        # The output layer is column-parallel: each TP rank holds a slice of the vocabulary.
-        return gather_from_tensor_model_parallel_region(output_tensor).float()
+        # The output layer is column-parallel: each TP rank holds a slice of the vocabulary; each CP rank a share
+        # of the positions.
+        return gather_sequence(gather_from_tensor_model_parallel_region(output_tensor).float(), dim=1)
 
     return output, gather
 
@@ -151,14 +155,15 @@ def forward_logits(chunks: list[torch.nn.Module], plan: ForwardPlan, tokens: tor
     """fp32 logits [batch, seq, vocab_size] on the last pipeline stage's ranks, None on the others.
 
     Each row is one micro-batch of megatron-core's schedule for this layout. Sequence parallelism
-    splits the sequence over TP ranks, so rows are right-padded to a multiple of TP (causal
-    attention: the padding cannot change earlier positions) and the padding is cut off again; the
-    dynamic-NTK alpha is pinned to the unpadded length, so padding cannot change it. Interleaved
-    pipelining needs a multiple of PP micro-batches, made up by repeating the last row.
+    splits the sequence over TP ranks and context parallelism cuts it into 2 x CP chunks, so rows are
+    right-padded to a multiple of both (causal attention: the padding cannot change earlier positions) and the
+    padding is cut off again; the dynamic-NTK alpha is pinned to the unpadded length, so padding cannot change it.
+    Interleaved pipelining needs a multiple of PP micro-batches, made up by repeating the last row.
     """
     batch, seq = tokens.shape
     layout, m = plan.layout, plan.cfg.model
-    seq_padded = -(-seq // layout.tp) * layout.tp if layout.sp else seq
+    multiple = (layout.tp if layout.sp else 1) * (2 * layout.cp if layout.cp > 1 else 1)
+    seq_padded = -(-seq // multiple) * multiple
     rows = [torch.nn.functional.pad(row[None], (0, seq_padded - seq)) for row in tokens]
     if layout.vpp > 1:
         rows += rows[-1:] * (-len(rows) % layout.pp)
@@ -201,10 +206,12 @@ def recompute_greedy(chunks: list[torch.nn.Module], plan: ForwardPlan, tokens: t
 
 
 def is_writer() -> bool:
-    """The rank that writes results: TP rank 0 of the last pipeline stage of data-parallel replica 0."""
+    """The rank that writes results: TP rank 0 and CP rank 0 of the last pipeline stage of data-parallel replica
+    0."""
     return (
         parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0
         and parallel_state.get_data_parallel_rank() == 0
     )
 

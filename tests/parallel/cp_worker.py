@@ -10,6 +10,7 @@ seed, so all hold the same weights. Per layout it writes under --workdir/LAYOUT:
   each on its own global batch: losses.json and the final weights. With --resume a layout also saves at
   RESUME_AT (ckpt/) and ``LAYOUT@FROM`` resumes from layout FROM's checkpoint for the remaining steps.
 - stages.json: one step of the reward and of the DPO stage (reports, gradient norm).
+- cli_forward/LAYOUT.npy: `megatron-qwen forward`'s logits of the CP=1 run's final weights (--cli-forward).
 --measure LAYOUT@SEQ prints the activation bytes and the forward+backward time of one sequence (a figure for the
 docs, not a test).
 """
@@ -28,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL = ["model.padded_vocab_size=1024", "model.seq_length=32", "model.num_attention_heads=4",
          "model.num_query_groups=2", "model.kv_channels=64"]
 SEQ, GLOBAL_BATCH, MICRO_BATCH, SEED = 32, 8, 1, 1234
+REFERENCE = "tp1-pp1-vpp1-cp1"
 TRAIN_STEPS, RESUME_AT = 10, 5
 FORWARD_LENGTHS = (8, 16, 32)
 PACKED_STARTS = ((0, 5, 13, 20), (0, 11))
@@ -190,6 +192,31 @@ def train(name: str, workdir: Path, resume: bool) -> None:
         (out / "losses.json").write_text(json.dumps(losses))
 
 
+def cli_forward(layouts: list[str], workdir: Path) -> None:
+    """`megatron-qwen forward` on the CP=1 run's final weights (the training runs come first) at CP=1 and at each
+    of `layouts` (``--cp 2``, ``--cp 2 --tp 2 --sequence-parallel``): logits of two 30-token rows, a length that
+    does not cut into 2 x CP chunks, so the command pads it; under --workdir/cli_forward/LAYOUT.npy."""
+    import numpy as np
+    import yaml
+
+    from megatron_qwen.cli import forward
+
+    out = workdir / "cli_forward"
+    cfg, _ = setup(REFERENCE)
+    if torch.distributed.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.yaml").write_text(yaml.safe_dump({"model": cfg.to_dict()["model"]}))
+        np.save(out / "tokens.npy", tokens_of(30, 2, 21)[:, :-1].numpy())
+    torch.distributed.barrier()
+    for name in (REFERENCE, *layouts):
+        layout = parse_layout(name)
+        args = ["--ckpt", str(workdir / REFERENCE / "train" / "final"), "--config", str(out / "model.yaml"),
+                "--tokens", str(out / "tokens.npy"), "--out", str(out / f"{name}.npy"),
+                "--tp", str(layout["tp"]), "--pp", str(layout["pp"]), "--cp", str(layout["cp"])]
+        code = forward.main(args + (["--sequence-parallel"] if layout["sp"] else []))
+        assert code == 0, (name, code)
+
+
 def preference_rows(rows: int) -> list[dict]:
     """`rows` sequences of SEQ tokens, pairs side by side (a shared 10-token prompt), each marked at its last
     token as the preference shards mark them."""
@@ -295,6 +322,7 @@ def main() -> None:
     parser.add_argument("--train", default="", help="layouts to train (LAYOUT@FROM: resume from FROM's checkpoint)")
     parser.add_argument("--resume", action="store_true", help="save at RESUME_AT while training")
     parser.add_argument("--stages", default="", help="layouts at which one reward and one DPO step run")
+    parser.add_argument("--cli-forward", default="", help="layouts at which `megatron-qwen forward` runs")
     parser.add_argument("--measure", default="", help="LAYOUT@SEQ,...: activation bytes and step time (not a test)")
     args = parser.parse_args()
     if args.forward:
@@ -306,6 +334,8 @@ def main() -> None:
         train(name, args.workdir, args.resume)
     for name in filter(None, args.stages.split(",")):
         check_stages(name, args.workdir)
+    if args.cli_forward:
+        cli_forward(args.cli_forward.split(","), args.workdir)
     for item in filter(None, args.measure.split(",")):
         name, seq = item.split("@")
         measure(name, int(seq), args.workdir)
