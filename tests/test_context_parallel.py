@@ -1,6 +1,9 @@
 """Context parallelism (`parallel.cp`) on the local spec: megatron-core's load-balanced split, the attention over
 keys gathered from every CP rank, and whole models at CP=2 (alone, with TP and sequence parallelism, with PP)
-against CP=1 on gloo CPU ranks: logits, ten training steps, packed SFT rows, and resuming at another CP."""
+against CP=1 on gloo CPU ranks: logits, ten training steps, packed SFT rows, resuming at another CP, the reward and
+DPO stages, PPO and GRPO, `megatron-qwen forward --cp`. Transformer Engine's context parallelism (which needs TE
+and two GPUs: tools/gpu_checks.py) is checked here for what megatron-core receives: its config fields, the THD
+layout of packed rows and the comm-type rules."""
 
 from __future__ import annotations
 
@@ -256,6 +259,7 @@ TRAIN_LAYOUTS = ("tp1-pp1-vpp1-cp2-dopt", "tp2-pp1-vpp1-cp2-sp", "tp1-pp2-vpp2-c
 RESUMED = (f"{REFERENCE}@tp2-pp1-vpp1-cp2-sp", f"tp1-pp1-vpp1-cp2@{REFERENCE}")
 STAGE_LAYOUTS = ("tp1-pp1-vpp1-cp2", "tp1-pp2-vpp1-cp2")  # against REFERENCE
 CLI_LAYOUTS = ("tp1-pp1-vpp1-cp2", "tp2-pp1-vpp1-cp2-sp")  # `megatron-qwen forward --cp 2`, against --cp 1
+PPO_LAYOUT = "tp1-pp1-vpp1-cp2"  # PPO and GRPO, against REFERENCE
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +268,7 @@ def cp_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cp")
     run_torchrun(4, ["tests/parallel/cp_worker.py", "--workdir", str(root), "--forward", ",".join(FORWARD_LAYOUTS),
                      "--resume", "--train", ",".join((REFERENCE, *TRAIN_LAYOUTS, *RESUMED)),
-                     "--stages", ",".join((REFERENCE, *STAGE_LAYOUTS)), "--cli-forward", ",".join(CLI_LAYOUTS)],
+                     "--stages", ",".join((REFERENCE, *STAGE_LAYOUTS)), "--cli-forward", ",".join(CLI_LAYOUTS), "--ppo", PPO_LAYOUT],
                   timeout=900)
     return root
 
@@ -344,13 +348,22 @@ def test_forward_command_refuses_generation_at_cp(capsys):
     assert forward.parse_args(["--ckpt", "c", "--tokens", "t.npy", "--out", "o.npy", "--cp", "2"]).cp == 2
 
 
-def test_ppo_at_cp2_refused_with_the_fix():
-    """PPO's rollouts are generated with a KV cache, which context-parallel attention refuses: the stage says so
-    before any process group exists, naming parallel.cp=1."""
-    from megatron_qwen.config import load_config
-    from megatron_qwen.errors import ConfigError
-    from megatron_qwen.rl.checks import validate_ppo
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_ppo_and_grpo_at_cp2_equal_cp1(cp_runs, estimator):
+    """Two PPO steps (GAE with a value model) and two GRPO steps at CP=2 give CP=1's rollouts, rewards, KL, losses
+    and gradient norms (fp32 summation order apart): rollouts generated on whole sequences, shared out over the CP
+    ranks and exchanged; old/reference log-probabilities, values and the updates on each rank's share of the rows."""
+    def metrics(layout):
+        lines = (cp_runs / "ppo" / estimator / layout / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r for r in map(json.loads, lines)}
 
-    cfg = load_config("configs/stage/ppo.yaml", ["ppo.policy_from=/nowhere", "parallel.cp=2"])
-    with pytest.raises(ConfigError, match=r"parallel.cp=2: PPO and GRPO generate .* set parallel.cp=1"):
-        validate_ppo(cfg, world_size=2)
+    reference, got = metrics(REFERENCE), metrics(PPO_LAYOUT)
+    assert sorted(got) == sorted(reference) == [1, 2]
+    keys = ["reward_mean", "response_length", "kl_to_reference", "entropy", "policy_loss", "policy_grad_norm"]
+    if estimator == "gae":
+        keys += ["value_loss", "value_grad_norm", "explained_variance"]
+    for step in (1, 2):
+        for key in keys:
+            assert got[step][key] == pytest.approx(reference[step][key], rel=1e-4, abs=1e-6), (step, key)
+    # The first update moved the policy away from the reference, and every update had a gradient.
+    assert reference[2]["kl_to_reference"] > 1e-4 and min(reference[s]["policy_grad_norm"] for s in (1, 2)) > 0.1

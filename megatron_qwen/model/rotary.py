@@ -18,7 +18,7 @@ import math
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-from megatron_qwen.model.context_parallel import cp_size, split_sequence
+from megatron_qwen.model.context_parallel import cp_rank, cp_size, split_sequence
 
 
 def ntk_alpha(length: int, seq_length: int) -> int:
@@ -143,11 +143,13 @@ class QwenRotaryEmbedding(RotaryEmbedding):
             self._alpha = alpha
         # Not the parent's forward: it is lru-cached on the length alone, which would hide an alpha change.
         emb = self.get_emb(max_seq_len, offset)
-        cp_group = cp_group if cp_group is not None else self.cp_group
         if cp_group is not None and cp_group.size() > 1 and not packed_seq:
-            # The rows of this CP rank's two chunks (megatron-core's get_pos_emb_on_this_cp_rank, which pins
-            # host memory and so needs CUDA): `max_seq_len` is the whole sequence's length.
             emb = split_sequence(emb, 0, cp_group.rank(), cp_group.size())
+        elif cp_group is None and cp_size() > 1 and not packed_seq:
+            # The rows of this CP rank's two chunks (megatron-core's get_pos_emb_on_this_cp_rank, which pins
+            # host memory and so needs CUDA): `max_seq_len` is the whole sequence's length. cp_size() rather than
+            # the group kept at construction: it is 1 while `context_parallel_off` runs whole sequences.
+            emb = split_sequence(emb, 0, cp_rank(), cp_size())
         return emb
 
     def angles(self, position_ids: torch.Tensor) -> torch.Tensor:

@@ -34,12 +34,6 @@ def validate_ppo(cfg: Config, world_size: int) -> None:
     if cfg.model.fp8 is not None:
         problems.append(f"model.fp8={cfg.model.fp8}: PPO generates one token at a time, shapes the FP8 GEMMs do "
                         "not take; train PPO without FP8 (model.fp8=null)")
-    if cfg.parallel.cp > 1:
-        # Rollouts are generated with a KV cache, which context-parallel attention does not take, and the collected
-        # per-token log-probabilities and values would be CP shares of each rollout.
-        problems.append(f"parallel.cp={cfg.parallel.cp}: PPO and GRPO generate their rollouts token by token, which "
-                        "context parallelism does not do; set parallel.cp=1 (give the ranks to parallel.tp or DP: "
-                        "checkpoints trained at any CP size load at CP=1)")
     if cfg.model.hidden_dropout or cfg.model.attention_dropout:
         problems.append("PPO needs the old log-probabilities and the first update's to agree: set "
                         "model.hidden_dropout=0 and model.attention_dropout=0")

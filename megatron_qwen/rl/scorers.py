@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from megatron.core import parallel_state
 
+from megatron_qwen.model.context_parallel import cp_rank, cp_size
 from megatron_qwen.rl.experience import Rollouts, Rows
 from megatron_qwen.rl.rewards import RewardFunctionError, call_reward_fn
 from megatron_qwen.training.forward_backward import forward_collect
@@ -47,11 +48,12 @@ class RewardFunctionScorer:
 
     def __call__(self, rollouts: Rollouts, rows: Rows, micro: list[dict], step: int) -> torch.Tensor:
         """Each rollout's score ([n] float); RewardFunctionError on every rank, naming `step`, when one fails."""
-        group = parallel_state.get_model_parallel_group()
+        group = parallel_state.get_model_parallel_group()  # TP x PP: each context-parallel rank has its own
         source = torch.distributed.get_process_group_ranks(group)[0]
         scores = torch.zeros(len(rollouts), dtype=torch.float64)
         error = None
-        if torch.distributed.get_rank() == source:
+        # One call per rollout on CP rank 0's source, so a function that is not deterministic scores once.
+        if torch.distributed.get_rank() == source and cp_rank() == 0:
             try:
                 for i, (prompt, response) in enumerate(zip(rollouts.prompts, rollouts.responses)):
                     body = [t for t in response if t not in self.stop_ids]
@@ -66,5 +68,8 @@ class RewardFunctionScorer:
         if first is not None:
             raise RewardFunctionError(f"step {step}: {first}; stopping without saving this step")
         scores = scores.to(self.device)
+        if cp_size() > 1 and torch.distributed.get_rank() == source:  # the sources of the CP ranks share a group
+            cp_group = parallel_state.get_context_parallel_group()
+            torch.distributed.broadcast(scores, torch.distributed.get_process_group_ranks(cp_group)[0], group=cp_group)
         torch.distributed.broadcast(scores, source, group=group)
         return scores.float()

@@ -5,6 +5,8 @@ and ``mask`` (1 where the label is a response token), plus the experience fields
 steps (old and reference log-probabilities, values, rewards) return per-token tensors; update steps return
 megatron-core's (loss sum, token count, {report: [sum, count]}) so the loss is the per-token mean over the
 whole data-parallel batch at every layout, as `training.forward_backward` does for the language-model loss.
+With context parallelism each CP rank runs its share of every row (the per-token experience fields split as the
+tokens are); collecting steps gather whole rows back, update steps sum their share's tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from megatron_qwen.model.context_parallel import cp_rank, cp_size, gather_sequence, split_sequence
 from megatron_qwen.rl.logprobs import token_entropy, token_logprobs
 from megatron_qwen.rl.ppo_math import kl_estimate, policy_loss, value_loss
 from megatron_qwen.training.forward_backward import model_inputs
@@ -24,8 +27,17 @@ POLICY_REPORTS = ("policy_loss", "clip_fraction", "approx_kl", "policy_entropy",
 VALUE_REPORTS = ("value_loss", "value_clip_fraction")
 
 
+# The experience fields that hold one value per token ([b, s]): split over CP ranks as the tokens are.
+ROLLOUT_TOKEN_KEYS = ("mask", "old_logprobs", "ref_logprobs", "advantages", "old_values", "returns")
+
+
 def _forward(data_iterator, model):
-    batch = model_inputs(next(data_iterator), model)
+    """The model's output on a micro-batch cut to this CP rank's share of every row (whole without CP)."""
+    batch = next(data_iterator)
+    size = cp_size()
+    if size > 1:
+        batch = {k: split_sequence(v, 1, cp_rank(), size) if k in ROLLOUT_TOKEN_KEYS else v for k, v in batch.items()}
+    batch = model_inputs(batch, model)
     return model(batch["tokens"], batch["position_ids"], None), batch
 
 
@@ -35,9 +47,10 @@ def logprob_step(vocab_limit: int, temperature: float, data_iterator, model):
 
     def collect(logits, non_loss_data=True):
         mask = batch["mask"]
-        return {
-            "logprobs": token_logprobs(logits, batch["labels"], vocab_limit, temperature).detach() * mask,
-            "entropy": token_entropy(logits, vocab_limit, temperature) * mask,
+        return {  # whole rows, gathered from the CP ranks' shares
+            "logprobs": gather_sequence(token_logprobs(logits, batch["labels"], vocab_limit, temperature).detach()
+                                        * mask, dim=1),
+            "entropy": gather_sequence(token_entropy(logits, vocab_limit, temperature) * mask, dim=1),
         }
 
     return output, collect
@@ -46,7 +59,7 @@ def logprob_step(vocab_limit: int, temperature: float, data_iterator, model):
 def scalar_step(data_iterator, model):
     """Collect a scalar-head model's value at every token (values; rewards read at one token later)."""
     output, _ = _forward(data_iterator, model)
-    return output, lambda values, non_loss_data=True: values.detach().float()
+    return output, lambda values, non_loss_data=True: gather_sequence(values.detach().float(), dim=1)
 
 
 def _pair(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

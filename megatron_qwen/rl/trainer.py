@@ -3,7 +3,7 @@ and a reward model held frozen, all four at the training layout on every rank. T
 order is `megatron_qwen.stages.ppo`; the skeleton (`training.loop`) builds, loads, resumes, logs and saves.
 
 Each step: this data-parallel rank's prompts, ``ppo.samples_per_prompt`` responses each from the KV-cache
-engine; old and reference log-probabilities and values recomputed by the training-layout forward (never
+engine (on whole sequences, the rollouts shared out over the context-parallel ranks and exchanged); old and reference log-probabilities and values recomputed by the training-layout forward (never
 taken from the sampler); scores from the reward model or function (`rl.scorers`), shaped and normalised by
 their running moments, the KL penalty and advantages (GAE, whitened over the data-parallel batch, or GRPO)
 (`rl.experience`); then ``ppo.epochs`` x ``ppo.minibatches`` optimizer steps of the value model and (after
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 
 import torch
 from megatron.core import parallel_state
@@ -25,6 +26,7 @@ from megatron_qwen.data.gpt import build_gpt_datasets
 from megatron_qwen.errors import ConfigError
 from megatron_qwen.inference.engine import GenerationEngine
 from megatron_qwen.inference.sampling import SamplingParams
+from megatron_qwen.model.context_parallel import context_parallel_off, cp_rank, cp_size
 from megatron_qwen.rl import steps as ppo_steps
 from megatron_qwen.rl.experience import (Rollouts, Rows, experience_metrics, experience_reports, gae_advantages,
                                          grpo_advantages, layout_rows, per_token_rewards, shape_scores)
@@ -103,12 +105,27 @@ class PPORun:
         # rollouts whatever the data-parallel split.
         first = indices[0] * samples
         seeds = tuple((t.seed * 1_000_003 + self.step * 100_003 + first + i) % 2**63 for i in range(len(batch)))
+        # With context parallelism each CP rank generates its own share of the rollouts on whole sequences (every
+        # CP rank holds the whole model), and the CP group exchanges them: each rollout keeps its seed.
+        size, rank = cp_size(), cp_rank()
+        share = math.ceil(len(batch) / size)
+        mine = slice(rank * share, (rank + 1) * share)
         params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
-                                stop_ids=self.stop_ids, row_seeds=seeds)
-        result = self.engine.generate(batch, params)
+                                stop_ids=self.stop_ids, row_seeds=seeds[mine])
+        started = time.perf_counter()
+        with context_parallel_off(self.policy.chunks):
+            result = self.engine.generate(batch[mine], params) if batch[mine] else None
         self.policy.train()
-        return Rollouts(batch, result.tokens, result.finished, result.sampling_logprobs,
-                        [i for i in indices for _ in range(samples)], result.seconds, result.new_tokens)
+        generated = (result.tokens, result.finished, result.sampling_logprobs, result.new_tokens) if result else \
+            ([], [], [], 0)
+        if size > 1:
+            shares = [None] * size
+            torch.distributed.all_gather_object(shares, generated, group=parallel_state.get_context_parallel_group())
+            generated = tuple([x for share in shares for x in share[i]] for i in range(3)) + (
+                sum(share[3] for share in shares),)
+        tokens, finished, logprobs, new_tokens = generated
+        return Rollouts(batch, tokens, finished, logprobs, [i for i in indices for _ in range(samples)],
+                        time.perf_counter() - started, new_tokens)
 
     def _collect(self, unit: ModelUnit, micro: list[dict], step, length: int, *keys: str) -> list[torch.Tensor]:
         """Per-token outputs of `unit` over `micro`, each [n, length] on the device (zeros off the last stage);
@@ -125,7 +142,9 @@ class PPORun:
         Everything stays on the device: the statistics over the data-parallel batch (running moments, whitening,
         explained variance, the reports) are reduced by that group's collectives, which are NCCL's on GPUs."""
         p, cfg = self.cfg.ppo, self.cfg
-        rows = layout_rows(rollouts, multiple=cfg.parallel.tp if cfg.parallel.sp else 1).to(self.device)
+        # SP splits each row (each CP rank's share of it) over TP; CP cuts it into 2 x CP chunks.
+        multiple = (cfg.parallel.tp if cfg.parallel.sp else 1) * (2 * cfg.parallel.cp if cfg.parallel.cp > 1 else 1)
+        rows = layout_rows(rollouts, multiple=multiple).to(self.device)
         micro = rows.micro_batches(cfg.training.micro_batch_size)
         old_logprobs, entropy = self._collect(self.policy, micro, self.steps.logprobs, rows.length,
                                               "logprobs", "entropy")

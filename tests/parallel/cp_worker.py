@@ -10,6 +10,7 @@ seed, so all hold the same weights. Per layout it writes under --workdir/LAYOUT:
   each on its own global batch: losses.json and the final weights. With --resume a layout also saves at
   RESUME_AT (ckpt/) and ``LAYOUT@FROM`` resumes from layout FROM's checkpoint for the remaining steps.
 - stages.json: one step of the reward and of the DPO stage (reports, gradient norm).
+- ppo/ESTIMATOR/LAYOUT/metrics.jsonl: a few PPO (GAE) and GRPO steps from the CP=1 run's final weights (--ppo).
 - cli_forward/LAYOUT.npy: `megatron-qwen forward`'s logits of the CP=1 run's final weights (--cli-forward).
 --measure LAYOUT@SEQ prints the activation bytes and the forward+backward time of one sequence (a figure for the
 docs, not a test).
@@ -217,6 +218,53 @@ def cli_forward(layouts: list[str], workdir: Path) -> None:
         assert code == 0, (name, code)
 
 
+PPO_RUNS = {"gae": [], "grpo": ["ppo.estimator=grpo"]}
+PPO_STEPS = 2
+
+
+def low_half(prompt_tokens, response_tokens, prompt, response) -> float:
+    """The PPO runs' rule reward: the fraction of response ids in the lower half of the vocabulary."""
+    return sum(t < 512 for t in response_tokens) / max(len(response_tokens), 1)
+
+
+def ppo(layouts: list[str], workdir: Path) -> None:
+    """PPO_STEPS steps of the PPO stage (GAE with a value model, and GRPO) from the CP=1 run's final weights, at
+    CP=1 and at each of `layouts`: metrics.jsonl under --workdir/ppo/ESTIMATOR/LAYOUT."""
+    from megatron.core import parallel_state
+
+    from megatron_qwen.config import load_config
+    from megatron_qwen.data.indexed import IndexedShardWriter
+    from megatron_qwen.data.shard_names import shard_prefix
+    from megatron_qwen.stages.ppo import train_ppo
+
+    setup(REFERENCE)  # the process group, when nothing ran before
+    root = workdir / "ppo"
+    prompts = root / "prompts"
+    if torch.distributed.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        gen = torch.Generator().manual_seed(4)
+        with IndexedShardWriter(shard_prefix(str(prompts), "prompt"), 1024) as writer:
+            for _ in range(64):
+                writer.add_document(torch.randint(0, 1000, (int(torch.randint(4, 12, (1,), generator=gen)),),
+                                                  generator=gen).numpy())
+    torch.distributed.barrier()
+    for estimator, extra in PPO_RUNS.items():
+        for name in (REFERENCE, *layouts):
+            if parallel_state.model_parallel_is_initialized():
+                parallel_state.destroy_model_parallel()
+            overrides = [*MODEL, *(f"parallel.{k}={str(v).lower()}" for k, v in parse_layout(name).items()),
+                         "model.hidden_dropout=0", "model.attention_dropout=0", f"data.paths=[{prompts}]",
+                         f"data.cache_dir={root / 'cache'}", "data.split=100,0,0",
+                         f"ppo.policy_from={workdir / REFERENCE / 'train' / 'final'}",
+                         "ppo.reward_fn=tests.parallel.cp_worker:low_half", "ppo.prompts_per_step=4",
+                         "ppo.samples_per_prompt=2", "ppo.max_new_tokens=6", "ppo.critic_warmup_steps=0",
+                         "training.micro_batch_size=2", "training.global_batch_size=8", "training.lr=5e-3",
+                         "training.min_lr=5e-3", "ppo.value_lr=5e-3", f"training.train_iters={PPO_STEPS}",
+                         "logging.log_interval=1", f"logging.run_dir={root / estimator / name}", *extra]
+            code = train_ppo(load_config(REPO / "configs" / "tiny.yaml", overrides, stage="ppo"))
+            assert code == 0, (estimator, name, code)
+
+
 def preference_rows(rows: int) -> list[dict]:
     """`rows` sequences of SEQ tokens, pairs side by side (a shared 10-token prompt), each marked at its last
     token as the preference shards mark them."""
@@ -323,6 +371,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="save at RESUME_AT while training")
     parser.add_argument("--stages", default="", help="layouts at which one reward and one DPO step run")
     parser.add_argument("--cli-forward", default="", help="layouts at which `megatron-qwen forward` runs")
+    parser.add_argument("--ppo", default="", help="layouts at which PPO and GRPO run a few steps")
     parser.add_argument("--measure", default="", help="LAYOUT@SEQ,...: activation bytes and step time (not a test)")
     args = parser.parse_args()
     if args.forward:
@@ -336,6 +385,8 @@ def main() -> None:
         check_stages(name, args.workdir)
     if args.cli_forward:
         cli_forward(args.cli_forward.split(","), args.workdir)
+    if args.ppo:
+        ppo(args.ppo.split(","), args.workdir)
     for item in filter(None, args.measure.split(",")):
         name, seq = item.split("@")
         measure(name, int(seq), args.workdir)
