@@ -268,8 +268,8 @@ def cp_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cp")
     run_torchrun(4, ["tests/parallel/cp_worker.py", "--workdir", str(root), "--forward", ",".join(FORWARD_LAYOUTS),
                      "--resume", "--train", ",".join((REFERENCE, *TRAIN_LAYOUTS, *RESUMED)),
-                     "--stages", ",".join((REFERENCE, *STAGE_LAYOUTS)), "--cli-forward", ",".join(CLI_LAYOUTS), "--ppo", PPO_LAYOUT],
-                  timeout=900)
+                     "--stages", ",".join((REFERENCE, *STAGE_LAYOUTS)), "--cli-forward", ",".join(CLI_LAYOUTS),
+                     "--ppo", PPO_LAYOUT], timeout=900)
     return root
 
 

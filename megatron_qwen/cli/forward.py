@@ -9,8 +9,9 @@ Writes fp32 logits [batch, seq, vocab] of the (batch, seq) integer array in TOKE
 TP, from the last pipeline stage. With --generate K, K greedy tokens (from the KV-cache engine of
 `megatron-qwen generate`, among the model family's token ids) are appended to each row, printed (decoded
 when the vocabulary holds the family's tokens) and saved to --generated-out (default:
-LOGITS.generated.npy); generation runs at --cp 1 only. Exit status 2: the request was refused, e.g. a checkpoint holding pickled objects
-outside the allowlist (--trust-checkpoint unpickles them: only for a checkpoint from a source you trust).
+LOGITS.generated.npy); generation runs at --cp 1 only. Exit status 2: the request was refused, e.g. a checkpoint
+holding pickled objects outside the allowlist (--trust-checkpoint unpickles them: only for a checkpoint from a
+source you trust).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = inference.prepare(
             args.ckpt, launch.world_size, tp=args.tp, pp=args.pp, vpp=args.vpp, sp=args.sequence_parallel,
-            ep=args.ep, cp=args.cp, precision=args.precision, config_path=args.config, trust_checkpoint=args.trust_checkpoint,
+            ep=args.ep, cp=args.cp, precision=args.precision, config_path=args.config,
+            trust_checkpoint=args.trust_checkpoint,
         )
         tokens = inference.load_tokens(args.tokens, plan.vocab_size)
         runtime = resolve_runtime(plan.cfg, launch.local_rank)

@@ -1,5 +1,5 @@
-"""Loading a checkpoint for inference at any TP/PP/VPP/SP/EP/CP layout, and its full-vocabulary logits (tools/forward.py,
-tools/generate.py).
+"""Loading a checkpoint for inference at any TP/PP/VPP/SP/EP/CP layout, and its full-vocabulary logits
+(tools/forward.py, tools/generate.py).
 
 Everything that can be refused is checked before any process group exists (`prepare`), identically
 on every rank, so a bad request ends all ranks with the same message instead of a hang.

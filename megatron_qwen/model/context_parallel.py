@@ -45,28 +45,21 @@ def cp_size() -> int:
 @contextlib.contextmanager
 def context_parallel_off(chunks: list[torch.nn.Module]):
     """Run `chunks` on whole sequences for the block, as at CP=1 (each CP rank holds the whole model): what
-    generation with a KV cache needs (PPO's rollouts). The attention, the rotary split and the batch split all ask
-    `cp_size()` or the config's ``context_parallel_size``; Transformer Engine's attention is told to drop its CP
-    group, as megatron-core's ``local_cp_size=1`` does, and given it back after."""
+    generation with a KV cache needs (PPO's rollouts). SDPAttention, the rotary split and the batch split all ask
+    `cp_size()` or the config's ``context_parallel_size``, which read 1 inside the block. (Transformer Engine's
+    attention keeps its own CP group: `megatron_qwen.rl.trainer` does not generate with it.)"""
     global _OFF
     configs = {id(c.config): c.config for c in (getattr(chunk, "module", chunk) for chunk in chunks)}
     sizes = {key: config.context_parallel_size for key, config in configs.items()}
-    te_attention = [m for chunk in chunks for m in chunk.modules()
-                    if hasattr(m, "set_context_parallel_group") and getattr(m, "cp_group", None) is not None]
-    te_groups = [(m.cp_group, m.cp_global_ranks, m.cp_stream, m.cp_comm_type) for m in te_attention]
     was, _OFF = _OFF, True
     try:
         for config in configs.values():
             config.context_parallel_size = 1
-        for module, (_, _, _, comm) in zip(te_attention, te_groups):
-            module.set_context_parallel_group(None, None, None, comm)
         yield
     finally:
         _OFF = was
         for key, config in configs.items():
             config.context_parallel_size = sizes[key]
-        for module, group in zip(te_attention, te_groups):
-            module.set_context_parallel_group(*group)
 
 
 def cp_rank() -> int:

@@ -2,13 +2,13 @@
 and a reward model held frozen, all four at the training layout on every rank. The recipe that runs them in
 order is `megatron_qwen.stages.ppo`; the skeleton (`training.loop`) builds, loads, resumes, logs and saves.
 
-Each step: this data-parallel rank's prompts, ``ppo.samples_per_prompt`` responses each from the KV-cache
-engine (on whole sequences, the rollouts shared out over the context-parallel ranks and exchanged); old and reference log-probabilities and values recomputed by the training-layout forward (never
-taken from the sampler); scores from the reward model or function (`rl.scorers`), shaped and normalised by
-their running moments, the KL penalty and advantages (GAE, whitened over the data-parallel batch, or GRPO)
-(`rl.experience`); then ``ppo.epochs`` x ``ppo.minibatches`` optimizer steps of the value model and (after
-``ppo.critic_warmup_steps``) the policy, with ``ppo.ptx_coef`` times the language-model loss of pretraining
-micro-batches in the policy's steps.
+Each step: this data-parallel rank's prompts, ``ppo.samples_per_prompt`` responses each from the KV-cache engine (on
+whole sequences, the rollouts shared out over the context-parallel ranks and exchanged); old and reference log-
+probabilities and values recomputed by the training-layout forward (never taken from the sampler); scores from the
+reward model or function (`rl.scorers`), shaped and normalised by their running moments, the KL penalty and
+advantages (GAE, whitened over the data-parallel batch, or GRPO) (`rl.experience`); then ``ppo.epochs`` x
+``ppo.minibatches`` optimizer steps of the value model and (after ``ppo.critic_warmup_steps``) the policy, with
+``ppo.ptx_coef`` times the language-model loss of pretraining micro-batches in the policy's steps.
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ class PPORun:
         p, t = cfg.ppo, cfg.training
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.runtime.device
         self.policy: ModelUnit = trainer.units["policy"]
+        if getattr(self.policy.chunks[0], "module", self.policy.chunks[0]).config.te_context_parallel:
+            raise ConfigError([f"parallel.cp={cfg.parallel.cp} on the Transformer Engine spec: PPO generates its "
+                               "rollouts on whole sequences, which Transformer Engine's context-parallel attention "
+                               "is not switched out of here; set model.transformer_impl=local (its CP all-gathers "
+                               "keys and values) or parallel.cp=1"])
         self.value: ModelUnit | None = trainer.units.get("value")
         # Rollouts draw only the family's token ids, never the embedding's padding rows after them.
         family_vocab = TOKENIZER_VOCAB_SIZES[cfg.model.family]
