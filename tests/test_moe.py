@@ -158,30 +158,59 @@ def test_aux_loss_equals_a_hand_computation_and_tokens_per_expert_sum_to_the_rou
     assert counts[first].tolist() == routing_map.sum(0).tolist()
 
 
-def test_training_at_expert_parallel_layouts_equals_ep1(tmp_path):
-    """10 Adam steps of a tiny Qwen2-MoE (aux and z-loss on) at EP=2 and TP=2 x EP=2 with SP equal EP=1 (one 4-rank
-    spawn): losses, gradient norms, the load-balancing loss and the tokens-per-expert metrics."""
-    from spawn import run_torchrun
+TRAIN_LAYOUTS = ("ep1", "ep2", "tp2-ep2-sp")
 
-    worker = str(Path(__file__).parent / "parallel" / "moe_worker.py")
-    layouts = ("ep1", "ep2", "tp2-ep2-sp")
-    run_torchrun(4, [worker, "--workdir", str(tmp_path), "--train", ",".join(layouts)], timeout=900)
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Every layout's 10 steps, next-token (pretraining) and SFT, from one 4-rank spawn of the MoE worker."""
     import json
 
-    runs = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in layouts}
-    reference = runs["ep1"]["steps"]
-    slots = runs["ep1"]["tokens"] * runs["ep1"]["topk"]
+    from spawn import run_torchrun
+
+    workdir = tmp_path_factory.mktemp("moe-train")
+    worker = str(Path(__file__).parent / "parallel" / "moe_worker.py")
+    names = [*TRAIN_LAYOUTS, *(f"sft-{name}" for name in TRAIN_LAYOUTS)]
+    run_torchrun(4, [worker, "--workdir", str(workdir), "--train", ",".join(names)], timeout=900)
+    return {name: json.loads((workdir / f"{name}.json").read_text()) for name in names}
+
+
+def assert_layouts_equal_ep1(runs: dict, prefix: str = "") -> list[str]:
+    """Each layout's steps equal EP=1's within 1e-5 (losses, gradient norms, MoE metrics); every layer's
+    tokens-per-expert counts sum to the routed slots. Returns the report lines."""
+    reference = runs[prefix + "ep1"]["steps"]
+    slots = runs[prefix + "ep1"]["tokens"] * runs[prefix + "ep1"]["topk"]
     report = []
-    for name in layouts[1:]:
+    for name in TRAIN_LAYOUTS[1:]:
         for key in ("loss", "grad_norm", "moe_aux_loss", "moe_tokens_per_expert_min", "moe_tokens_per_expert_max",
                     "moe_tokens_per_expert_cv"):
-            diff = max(abs(a[key] - b[key]) for a, b in zip(reference, runs[name]["steps"]))
-            report.append(f"{name} {key}: max |diff| over 10 steps = {diff:.1e}")
+            diff = max(abs(a[key] - b[key]) for a, b in zip(reference, runs[prefix + name]["steps"]))
+            report.append(f"{prefix}{name} {key}: max |diff| over 10 steps = {diff:.1e}")
             assert diff < 1e-5, report[-1]
-    for name, run in runs.items():
-        for step in run["steps"]:
+    for name in TRAIN_LAYOUTS:
+        for step in runs[prefix + name]["steps"]:
             assert step["counts_per_layer"] == step["slots_per_layer"] == [slots] * len(step["slots_per_layer"])
-    assert reference[-1]["loss"] < reference[0]["loss"]
+    return report
+
+
+def test_training_at_expert_parallel_layouts_equals_ep1(trained):
+    """10 Adam steps of a tiny Qwen2-MoE (aux and z-loss on) at EP=2 and TP=2 x EP=2 with SP equal EP=1 (one 4-rank
+    spawn): losses, gradient norms, the load-balancing loss and the tokens-per-expert metrics."""
+    report = assert_layouts_equal_ep1(trained)
+    assert trained["ep1"]["steps"][-1]["loss"] < trained["ep1"]["steps"][0]["loss"]
+    print("\n" + "\n".join(report))
+
+
+def test_sft_on_a_moe_at_expert_parallel_layouts_equals_ep1_and_learns(trained):
+    """The SFT stage's forward step (packed ChatML-shaped rows, loss on the replies) on the tiny Qwen2-MoE: 10
+    steps at EP=2 and TP=2 x EP=2 with SP equal EP=1 within 1e-5, and the loss falls on the repeated
+    conversations."""
+    report = assert_layouts_equal_ep1(trained, "sft-")
+    curve = [step["loss"] for step in trained["sft-ep1"]["steps"]]
+    first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
+    report.append(f"sft-ep1 loss {first:.3f} -> {last:.3f} (first / last three steps)")
+    # Measured: 5.42 -> 4.80 (0.62 nats) at the worker's seed.
+    assert last < first - 0.3, report[-1]
     print("\n" + "\n".join(report))
 
 
