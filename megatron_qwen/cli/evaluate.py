@@ -1,7 +1,7 @@
-"""Evaluate a checkpoint with lm-evaluation-harness in process, at any TP/PP layout, without an export.
+"""Evaluate a checkpoint with lm-evaluation-harness in process, at any TP/PP/EP layout, without an export.
 
     megatron-qwen evaluate [--nproc N] --ckpt CKPT --tasks T1,T2 [--num-fewshot N] [--limit N] \\
-        [--include-path DIR] [--tp T --pp P --vpp V] [--batch-size 8] [--out DIR] [--log-samples] \\
+        [--include-path DIR] [--tp T --pp P --vpp V --ep E] [--batch-size 8] [--out DIR] [--log-samples] \\
         [--wandb-project P] [--precision auto|fp32|bf16] [--trust-checkpoint]
 
 Tasks are lm-eval's names, or YAML task files in --include-path folders (tasks over local JSONL files for
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="where to write results.json (default CKPT/../eval)")
     parser.add_argument("--log-samples", action="store_true", help="also write every document's requests and answers")
     parser.add_argument("--wandb-project", default=None, help="log the metrics to this W&B project")
-    add_loading_options(parser)
+    add_loading_options(parser, ep=True)
     args = parser.parse_args(argv)
     args.task_list = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not args.task_list:
