@@ -5,7 +5,9 @@ MoE layers, load-balancing and z-loss on) at each layout (``ep1``, ``ep2``, ``tp
 global batch; rank 0 writes ``LAYOUT.json`` with every step's loss, gradient norm and MoE metrics, and the
 routed-slot check of the tokens-per-expert counts. A layout named ``sft-...`` (``sft-ep2``) runs the SFT stage's
 forward step instead: packed rows of ChatML-shaped conversations (the SFT dataset's packing, position ids restarting
-at each conversation, the loss on the replies only), the same few conversations every step, so the loss falls.
+at each conversation, the loss on the replies only), the same few conversations every step, so the loss falls. A
+layout named ``fp8-...`` (``fp8-sft-ep2``) trains with ``model.fp8=tensorwise`` (the torchao FP8 linears; the routed
+experts pad their token rows).
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ MOE_OVERRIDES = [
 
 
 def parse_layout(name: str) -> dict:
-    """``tp2-ep2-sp`` -> {"tp": 2, "ep": 2, "sp": True} (an ``sft-`` prefix names the task, not the layout)."""
-    match = re.fullmatch(r"(?:sft-)?(?:tp(\d+)-)?ep(\d+)(-sp)?", name)
+    """``tp2-ep2-sp`` -> {"tp": 2, "ep": 2, "sp": True} (``fp8-`` and ``sft-`` prefixes name the run, not the
+    layout)."""
+    match = re.fullmatch(r"(?:fp8-)?(?:sft-)?(?:tp(\d+)-)?ep(\d+)(-sp)?", name)
     if not match:
-        raise SystemExit(f"bad layout {name!r}; expected e.g. ep2, tp2-ep2-sp or sft-ep2")
+        raise SystemExit(f"bad layout {name!r}; expected e.g. ep2, tp2-ep2-sp, sft-ep2 or fp8-sft-ep2")
     return {"tp": int(match.group(1) or 1), "ep": int(match.group(2)), "sp": match.group(3) is not None}
 
 
@@ -95,6 +98,7 @@ def train(name: str, workdir: Path) -> None:
 
     layout_args = parse_layout(name)
     overrides = [*MOE_OVERRIDES, *(f"parallel.{k}={str(v).lower()}" for k, v in layout_args.items())]
+    overrides += ["model.fp8=tensorwise"] if name.startswith("fp8-") else []
     overrides += [f"training.micro_batch_size={MICRO_BATCH}", f"training.global_batch_size={GLOBAL_BATCH}",
                   "training.adam_eps=1e-5"]  # as tests/parallel/equivalence_worker.py: updates follow the gradient
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml", overrides)
@@ -102,7 +106,7 @@ def train(name: str, workdir: Path) -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     init_distributed(layout.tp, layout.pp, layout.vpp, device="cpu", seed=SEED, ep=layout.ep)
-    sft = name.startswith("sft-")
+    sft = "sft-" in name
     model = wrap_ddp(build_model(cfg, Runtime.cpu(), rope_at_positions=sft), cfg)
     metrics = MoEMetrics(model, cfg)
     optimizer = build_optimizer(cfg, model, bf16=False)
