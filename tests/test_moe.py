@@ -293,3 +293,50 @@ def test_resume_across_ep_one_and_more_is_refused_with_the_fix():
             check_expert_split(True, saved, now, "runs/x/checkpoints/iter_0000010")
     check_expert_split(True, 2, 4, "ckpt")  # both split the experts: resumes (tested in the pretraining test)
     check_expert_split(False, 1, 1, "ckpt")
+
+
+# tests/test_ppo.py's tiny policy as a Qwen2-MoE: layer 0 routes to 4 experts (top-2) beside a gated shared expert,
+# layer 1 is dense.
+PPO_MOE = ["model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
+           "model.moe_shared_expert_ffn_hidden_size=48", "model.moe_shared_expert_gate=true",
+           "model.moe_mlp_only_layers=[1]", "model.moe_aux_loss_coeff=0.01"]
+
+
+@pytest.mark.parallel
+def test_ppo_and_grpo_on_a_moe_policy_at_ep2(tmp_path):
+    """The PPO stage with a MoE policy (and value model) at EP=2 on 2 ranks, rule reward, as tests/test_ppo.py runs
+    the dense one: rollouts from the KV-cache engine at EP=2 score the same log-probabilities as the trainer's
+    forward (the first update's ratio is exactly 1), and the reward rises; GRPO runs as well."""
+    import numpy as np
+
+    from spawn import run_torchrun
+    from test_ppo import MODEL, metrics, ppo_args, write_prompts
+
+    write_prompts(tmp_path / "prompts")
+    init = tmp_path / "init"
+    run_torchrun(1, ["-m", "megatron_qwen.stages.pretrain", "configs/tiny.yaml", *MODEL, *PPO_MOE, "data.split=100,0,0",
+                     f"data.paths=[{tmp_path / 'prompts_prompt_document'}]", f"data.cache_dir={tmp_path / 'cache'}",
+                     "training.train_iters=0", f"logging.run_dir={init}"])
+    start = (tmp_path, init / "checkpoints" / "iter_0000000")
+    report = []
+    for name, steps, extra in (("gae", 24, []), ("grpo", 8, ["ppo.estimator=grpo", "ppo.kl_coef=0.2"])):
+        run = tmp_path / name
+        run_torchrun(2, ppo_args(start, run, *PPO_MOE, "parallel.ep=2", f"training.train_iters={steps}", *extra))
+        curve = metrics(run)
+        assert sorted(curve) == list(range(1, steps + 1))
+        gap = max(abs(curve[s]["sampler_trainer_logprob_gap"]) for s in curve)
+        first = np.mean([curve[s]["reward_mean"] for s in range(1, 4)])
+        last = np.mean([curve[s]["reward_mean"] for s in range(steps - 4, steps + 1)])
+        report.append(f"{name} at EP=2: reward {first:.3f} -> {last:.3f}, max |sampler - trainer log-prob| {gap:.1e}, "
+                      f"KL to the reference at most {max(curve[s]['kl_to_reference'] for s in curve):.2f}")
+        # The engine's sampling log-probabilities (EP=2, KV cache) are the trainer's old ones; one update per step
+        # from that same forward: ratio exactly 1.
+        assert gap < 1e-5, report[-1]
+        assert all(curve[s]["approx_kl"] == 0.0 and curve[s]["clip_fraction"] == 0.0 for s in curve), report[-1]
+        assert ("value_loss" in curve[steps]) == (name == "gae")
+    print("\n" + "\n".join(report))
+    # Chance is 0.25 (tests/ppo_rewards.py). Measured with GAE: 0.27 -> 1.0 over 24 steps.
+    gae = metrics(tmp_path / "gae")
+    start_reward = np.mean([gae[s]["reward_mean"] for s in range(1, 4)])
+    end_reward = np.mean([gae[s]["reward_mean"] for s in range(20, 25)])
+    assert start_reward < 0.35 and end_reward >= 2 * start_reward, (start_reward, end_reward)
