@@ -340,3 +340,57 @@ def test_ppo_and_grpo_on_a_moe_policy_at_ep2(tmp_path):
     start_reward = np.mean([gae[s]["reward_mean"] for s in range(1, 4)])
     end_reward = np.mean([gae[s]["reward_mean"] for s in range(20, 25)])
     assert start_reward < 0.35 and end_reward >= 2 * start_reward, (start_reward, end_reward)
+
+
+def test_the_policy_update_adds_the_load_balancing_loss(single_rank):
+    """The PPO policy update (rl.steps.policy_update_step through megatron-core's schedule) on a MoE policy adds each
+    MoE layer's load-balancing loss to the clipped surrogate: with model.moe_aux_loss_coeff c the router's gradient
+    exceeds that at c = 0 by c x T x d(aux)/dW / N (aux by hand from the router's input, T the micro-batch's
+    routed tokens, N its response tokens: the surrogate's per-token mean divides both), and the output layer's
+    gradient, which the auxiliary loss does not reach, is unchanged."""
+    import dataclasses
+    from functools import partial
+
+    from megatron_qwen.config import load_config
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
+    from megatron_qwen.rl.steps import POLICY_REPORTS, policy_update_step
+    from megatron_qwen.training.forward_backward import forward_backward
+    from megatron_qwen.training.units import wrap_ddp
+    from test_ppo import MODEL, VOCAB
+
+    coeff, seq, rows = 0.01, 32, 2
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml",
+                      [*MODEL, *PPO_MOE, f"training.micro_batch_size={rows}", f"training.global_batch_size={rows}"])
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (rows, seq + 1), generator=gen)
+    mask = torch.zeros(rows, seq)
+    mask[:, 20:] = 1  # the responses
+    batch = {"kind": "rollout", "tokens": tokens[:, :-1], "labels": tokens[:, 1:], "mask": mask,
+             "position_ids": torch.arange(seq).expand(rows, seq), "old_logprobs": torch.full((rows, seq), -4.8),
+             "advantages": torch.randn(rows, seq, generator=gen), "weight": 1.0}
+    grads, inputs = {}, []
+    for c in (0.0, coeff):
+        with_coeff = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe_aux_loss_coeff=c))
+        model = wrap_ddp(build_model(with_coeff, Runtime.cpu()), cfg)
+        router = model[0].module.decoder.layers[0].mlp.router
+        hook = router.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+        model[0].zero_grad_buffer()
+        forward_backward(model, iter([batch]), 1, seq, rows, partial(policy_update_step, VOCAB, 1.0, 0.2, 0.0),
+                         report_keys=POLICY_REPORTS)
+        hook.remove()
+        grads[c] = {name: p.main_grad.clone() for name, p in model[0].module.named_parameters()}
+        weight = router.weight.detach()
+    torch.testing.assert_close(inputs[0], inputs[1], rtol=0, atol=0)  # the same forward
+    experts, topk = cfg.model.num_experts, cfg.model.moe_router_topk
+    hidden = inputs[0].reshape(-1, cfg.model.hidden_size)
+    w = weight.clone().requires_grad_(True)
+    logits = hidden @ w.t()
+    chosen = torch.zeros_like(logits).scatter(1, logits.topk(topk, dim=-1).indices, 1.0)
+    share = chosen.sum(0) / (hidden.shape[0] * topk)
+    aux = experts * (share * torch.softmax(logits, dim=-1).mean(0)).sum()
+    expected = coeff * hidden.shape[0] * torch.autograd.grad(aux, w)[0] / mask.sum()
+    added = grads[coeff]["decoder.layers.0.mlp.router.weight"] - grads[0.0]["decoder.layers.0.mlp.router.weight"]
+    assert expected.norm() > 0
+    torch.testing.assert_close(added, expected, rtol=1e-4, atol=1e-7)
+    assert torch.equal(grads[coeff]["output_layer.weight"], grads[0.0]["output_layer.weight"])
