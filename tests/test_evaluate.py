@@ -199,6 +199,7 @@ def test_a_moe_evaluated_at_ep2_answers_as_the_model_at_ep1(monkeypatch, tmp_pat
         (out / f"samples_{task}.jsonl").read_text().splitlines(), key=lambda line: json.loads(line)["doc_id"])]
         for task in MOE_TASKS}
     assert_same(wide, ours, atol=1e-5, tasks=MOE_TASKS)
+    assert json.loads((out / "results.json").read_text())["layout"] == {"tp": 1, "pp": 1, "vpp": 1, "ep": 2}
 
 
 def test_unknown_task_is_refused_before_loading(setup, monkeypatch):

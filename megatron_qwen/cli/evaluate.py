@@ -6,7 +6,8 @@
 
 Tasks are lm-eval's names, or YAML task files in --include-path folders (tasks over local JSONL files for
 machines without network: see docs/evaluation.md). Writes DIR/results.json (per task its metrics, shots and
-version; default DIR: CKPT/../eval), DIR/metrics.jsonl and, with --wandb-project, a W&B run; prints a table.
+version, the checkpoint and the layout it ran at; default DIR: CKPT/../eval), DIR/metrics.jsonl and, with
+--wandb-project, a W&B run; prints a table.
 lm-eval is an optional dependency: `pip install lm_eval` (pinned in constraints.txt).
 """
 
@@ -19,7 +20,13 @@ from pathlib import Path
 
 from megatron.core import parallel_state
 
-from megatron_qwen.cli.loading import add_loading_options, prepare_replica, start_replica, warn_if_trusted
+from megatron_qwen.cli.loading import (
+    add_loading_options,
+    prepare_replica,
+    running_layout,
+    start_replica,
+    warn_if_trusted,
+)
 from megatron_qwen.errors import UserError
 from megatron_qwen.inference import forward as inference
 from megatron_qwen.platform.launch import detect_launch, refuse
@@ -90,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
             summary = harness.summary(results)
             summary["checkpoint"] = str(args.ckpt.resolve())
+            summary["layout"] = running_layout(plan)
             (out / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
             if args.log_samples:
                 for task, samples in results.get("samples", {}).items():

@@ -61,3 +61,13 @@ def start_replica(plan) -> None:
     init_distributed(p.tp, p.pp, p.vpp, device=p.device, ep=p.ep, timeout_minutes=p.timeout_minutes,
                      seed=plan.cfg.training.seed)
 
+
+
+def running_layout(plan) -> dict[str, int]:
+    """The layout the replica's process groups run at (after `start_replica`): TP, PP and EP as megatron-core's
+    parallel state has them, VPP as the plan's."""
+    from megatron.core import parallel_state
+
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(), "vpp": plan.cfg.parallel.vpp,
+            "ep": parallel_state.get_expert_model_parallel_world_size()}

@@ -22,7 +22,13 @@ from pathlib import Path
 
 from megatron.core import parallel_state
 
-from megatron_qwen.cli.loading import add_loading_options, prepare_replica, start_replica, warn_if_trusted
+from megatron_qwen.cli.loading import (
+    add_loading_options,
+    prepare_replica,
+    running_layout,
+    start_replica,
+    warn_if_trusted,
+)
 from megatron_qwen.errors import UserError
 from megatron_qwen.inference import forward as inference
 from megatron_qwen.inference.engine import GenerationEngine
@@ -95,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
             signal.signal(signal.SIGTERM, drain)
             signal.signal(signal.SIGINT, drain)
-            layout = plan.cfg.parallel
-            log(f"serving '{limits.model}' (tp {layout.tp}, pp {layout.pp}, ep {layout.ep}) on "
+            layout = running_layout(plan)
+            log(f"serving '{limits.model}' (tp {layout['tp']}, pp {layout['pp']}, ep {layout['ep']}) on "
                 f"http://{args.host}:{http.port}/v1"
                 + (" (API key required)" if api_key else ""))
         else:
