@@ -131,3 +131,13 @@ def test_fp8_dimension_checks_name_the_experts_widths(overrides, fragment):
     assert any(fragment in e for e in errors), errors
     errors, _ = validate(load_config("configs/tiny.yaml", [*MOE_OVERRIDES, "model.fp8=tensorwise"]))
     assert not errors, errors
+
+
+def test_fp8_sizes_of_the_released_moe_models_pass():
+    from megatron_qwen.config import load_config, validate
+
+    for path, tp in (("configs/qwen1.5-moe-a2.7b.yaml", 2), ("configs/qwen2-57b-a14b.yaml", 4),
+                     ("configs/qwen3-30b-a3b.yaml", 1), ("configs/qwen3-235b-a22b.yaml", 4)):
+        errors, _ = validate(load_config(path, ["model.fp8=tensorwise", f"parallel.tp={tp}", "model.seq_length=4096",
+                                                "training.micro_batch_size=1"]))
+        assert not errors, (path, errors)
