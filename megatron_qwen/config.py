@@ -843,24 +843,47 @@ def _moe_problems(cfg: Config) -> list[str]:
 def fp8_gemm_dims(cfg: Config) -> list[tuple[str, str, int]]:
     """Every matrix dimension an FP8 GEMM of a layer sees on one rank: (where, what, size).
 
-    The linears' input and output features at this TP size, and the tokens of a micro-batch, which the
-    weight-gradient GEMM contracts over (under SP the GEMMs see the whole gathered sequence).
+    The linears' input and output features at this TP size (expert TP for the routed experts), and the tokens of a
+    micro-batch, which the weight-gradient GEMM contracts over (under SP the GEMMs see the whole gathered
+    sequence). A routed expert's token count is the router's choice: its linears pad it (`model.fp8`).
     """
     m, tp = cfg.model, cfg.parallel.tp
     h, f = m.hidden_size, m.ffn_hidden_size
     rank = "" if tp == 1 else f" / parallel.tp={tp}"
     q, kv = m.num_attention_heads * m.head_dim, m.kv_heads * m.head_dim
-    return [
+    dims = [
         ("self_attention.linear_qkv", f"input features (model.hidden_size={h})", h),
         ("self_attention.linear_qkv", f"output features per rank (query width {q} + 2 x key/value width {kv}{rank})",
          (q + 2 * kv) // tp),
         ("self_attention.linear_proj", f"input features per rank (query width {q}{rank})", q // tp),
         ("self_attention.linear_proj", f"output features (model.hidden_size={h})", h),
-        ("mlp.linear_fc1", f"output features per rank (2 x model.ffn_hidden_size={f}{rank})", 2 * f // tp),
-        ("mlp.linear_fc2", f"input features per rank (model.ffn_hidden_size={f}{rank})", f // tp),
-        ("every layer linear", f"tokens per micro-batch (model.seq_length={m.seq_length} x "
-         f"training.micro_batch_size={cfg.training.micro_batch_size})", m.seq_length * cfg.training.micro_batch_size),
     ]
+    if not m.is_moe or not all(m.moe_layers):
+        dims += [
+            ("mlp.linear_fc1", f"output features per rank (2 x model.ffn_hidden_size={f}{rank})", 2 * f // tp),
+            ("mlp.linear_fc2", f"input features per rank (model.ffn_hidden_size={f}{rank})", f // tp),
+        ]
+    if m.is_moe and m.moe_ffn_hidden_size is not None:
+        etp = tp if cfg.parallel.etp is None else cfg.parallel.etp
+        e, erank = m.moe_ffn_hidden_size, "" if etp == 1 else f" / expert tensor parallelism {etp}"
+        dims += [
+            ("mlp.experts linear_fc1", f"output features per rank (2 x model.moe_ffn_hidden_size={e}{erank})",
+             2 * e // etp),
+            ("mlp.experts linear_fc2", f"input features per rank (model.moe_ffn_hidden_size={e}{erank})", e // etp),
+        ]
+        shared = m.moe_shared_expert_ffn_hidden_size
+        if shared is not None:
+            dims += [
+                ("mlp.shared_experts linear_fc1",
+                 f"output features per rank (2 x model.moe_shared_expert_ffn_hidden_size={shared}{rank})",
+                 2 * shared // tp),
+                ("mlp.shared_experts linear_fc2",
+                 f"input features per rank (model.moe_shared_expert_ffn_hidden_size={shared}{rank})", shared // tp),
+            ]
+    dims.append(("every layer linear", f"tokens per micro-batch (model.seq_length={m.seq_length} x "
+                 f"training.micro_batch_size={cfg.training.micro_batch_size})",
+                 m.seq_length * cfg.training.micro_batch_size))
+    return dims
 
 
 def _fp8_problems(cfg: Config) -> list[str]:

@@ -43,3 +43,33 @@ def make_moe_model(kind: str, directory: Path | None = None):
     if directory is not None:
         model.save_pretrained(directory)
     return model
+
+
+# The MoE worker's tiny Qwen2-MoE (tests/parallel/moe_worker.py) with the real vocabulary, for the commands that
+# take text (serve, evaluate).
+CHECKPOINT_OVERRIDES = ["model.padded_vocab_size=151936", "model.seq_length=64", "model.max_position_embeddings=512",
+                        "training.seed=7"]
+
+
+def save_moe_checkpoint(path: Path) -> list:
+    """A tiny Qwen2-MoE (shared expert with its gate, a dense layer among MoE layers) saved as a checkpoint of this
+    project at `path` (with its model config); returns the saved model chunks, in eval mode, as the reference.
+    The weights are the seed's plus noise, so a command that ignored the checkpoint would not pass. Needs
+    megatron-core for one rank in this process (the `single_rank` fixture)."""
+    import yaml
+
+    from megatron_qwen.checkpoint.io import save_model
+    from megatron_qwen.config import load_config
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
+    from parallel.moe_worker import MOE_OVERRIDES
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml", [*MOE_OVERRIDES, *CHECKPOINT_OVERRIDES])
+    chunks = build_model(cfg, Runtime.cpu(), rope_at_positions=True)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for param in chunks[0].parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    save_model(chunks, path)
+    (path / "model_config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    return [chunk.eval() for chunk in chunks]

@@ -36,6 +36,7 @@ TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3, "Scores of a rolli
 GENERATION = [("Count: 1, 2, 3,", " 4"), ("Hello", " world"), ("Q: capital of France?\nA:", " Paris"),
               ("x = ", "1")]
 TASKS = ["local_mc", "local_rolling", "local_gen"]
+MOE_TASKS = ["local_mc", "local_gen"]  # scoring and generation; the rolling task scores as local_mc does
 
 
 def write_tasks(folder: Path) -> Path:
@@ -108,8 +109,8 @@ def per_item(results: dict) -> dict:
             for task, samples in results["samples"].items()}
 
 
-def assert_same(ours: dict, reference: dict, atol: float) -> None:
-    for task in TASKS:
+def assert_same(ours: dict, reference: dict, atol: float, tasks: list[str] = TASKS) -> None:
+    for task in tasks:
         for mine, theirs in zip(ours[task], reference[task], strict=True):
             if task == "local_gen":
                 assert mine == theirs
@@ -168,6 +169,37 @@ def test_in_process_lm_equals_lm_eval_huggingface_backend_and_tp2_pp2(setup, mon
     logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert logged["eval/local_mc/acc"] == ours["results"]["local_mc"]["acc,none"]
     assert "local_mc" in proc.stdout
+
+
+@pytest.mark.parallel
+def test_a_moe_evaluated_at_ep2_answers_as_the_model_at_ep1(monkeypatch, tmp_path, single_rank):
+    """The command at --ep 2 (2 ranks, each with half of every MoE layer's experts) on a tiny Qwen2-MoE: the
+    per-item answers of the saved model evaluated in this process (EP=1), on the scoring and the generation task."""
+    from moe_reference import save_moe_checkpoint
+
+    from megatron_qwen.evaluation import harness
+    from megatron_qwen.evaluation.lm import QwenLM
+    from megatron_qwen.inference import forward as inference
+    from megatron_qwen.tokenizer import load_tokenizer
+
+    tasks = write_tasks(tmp_path)
+    offline(monkeypatch)
+    ckpt = tmp_path / "moe"
+    chunks = save_moe_checkpoint(ckpt)
+    lm = QwenLM(chunks, inference.prepare(ckpt, 1, precision="fp32"), load_tokenizer(family="qwen1.5"), batch_size=4)
+    ours = per_item(harness.run_tasks(lm, MOE_TASKS, harness.task_manager([str(tasks)]), log_samples=True))
+    out = tmp_path / "eval"
+    env = cpu_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, "tools/evaluate.py", "--nproc", "2", "--ckpt", str(ckpt), "--tasks",
+                           ",".join(MOE_TASKS), "--include-path", str(tasks), "--ep", "2", "--out", str(out),
+                           "--log-samples", "--batch-size", "3"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    wide = {task: [json.loads(line)["filtered_resps"] for line in sorted(
+        (out / f"samples_{task}.jsonl").read_text().splitlines(), key=lambda line: json.loads(line)["doc_id"])]
+        for task in MOE_TASKS}
+    assert_same(wide, ours, atol=1e-5, tasks=MOE_TASKS)
+    assert json.loads((out / "results.json").read_text())["layout"] == {"tp": 1, "pp": 1, "vpp": 1, "ep": 2}
 
 
 def test_unknown_task_is_refused_before_loading(setup, monkeypatch):

@@ -158,30 +158,81 @@ def test_aux_loss_equals_a_hand_computation_and_tokens_per_expert_sum_to_the_rou
     assert counts[first].tolist() == routing_map.sum(0).tolist()
 
 
-def test_training_at_expert_parallel_layouts_equals_ep1(tmp_path):
-    """10 Adam steps of a tiny Qwen2-MoE (aux and z-loss on) at EP=2 and TP=2 x EP=2 with SP equal EP=1 (one 4-rank
-    spawn): losses, gradient norms, the load-balancing loss and the tokens-per-expert metrics."""
-    from spawn import run_torchrun
+TRAIN_LAYOUTS = ("ep1", "ep2", "tp2-ep2-sp")
 
-    worker = str(Path(__file__).parent / "parallel" / "moe_worker.py")
-    layouts = ("ep1", "ep2", "tp2-ep2-sp")
-    run_torchrun(4, [worker, "--workdir", str(tmp_path), "--train", ",".join(layouts)], timeout=900)
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Every layout's 10 steps, next-token (pretraining), SFT and FP8, from one 4-rank spawn of the MoE worker."""
     import json
 
-    runs = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in layouts}
-    reference = runs["ep1"]["steps"]
-    slots = runs["ep1"]["tokens"] * runs["ep1"]["topk"]
+    from spawn import run_torchrun
+
+    workdir = tmp_path_factory.mktemp("moe-train")
+    worker = str(Path(__file__).parent / "parallel" / "moe_worker.py")
+    names = [*TRAIN_LAYOUTS, *(f"sft-{name}" for name in TRAIN_LAYOUTS), "fp8-sft-ep1", "fp8-sft-ep2"]
+    run_torchrun(4, [worker, "--workdir", str(workdir), "--train", ",".join(names)], timeout=900)
+    return {name: json.loads((workdir / f"{name}.json").read_text()) for name in names}
+
+
+def assert_layouts_equal_ep1(runs: dict, prefix: str = "") -> list[str]:
+    """Each layout's steps equal EP=1's within 1e-5 (losses, gradient norms, MoE metrics); every layer's
+    tokens-per-expert counts sum to the routed slots. Returns the report lines."""
+    reference = runs[prefix + "ep1"]["steps"]
+    slots = runs[prefix + "ep1"]["tokens"] * runs[prefix + "ep1"]["topk"]
     report = []
-    for name in layouts[1:]:
+    for name in TRAIN_LAYOUTS[1:]:
         for key in ("loss", "grad_norm", "moe_aux_loss", "moe_tokens_per_expert_min", "moe_tokens_per_expert_max",
                     "moe_tokens_per_expert_cv"):
-            diff = max(abs(a[key] - b[key]) for a, b in zip(reference, runs[name]["steps"]))
-            report.append(f"{name} {key}: max |diff| over 10 steps = {diff:.1e}")
+            diff = max(abs(a[key] - b[key]) for a, b in zip(reference, runs[prefix + name]["steps"]))
+            report.append(f"{prefix}{name} {key}: max |diff| over 10 steps = {diff:.1e}")
             assert diff < 1e-5, report[-1]
-    for name, run in runs.items():
-        for step in run["steps"]:
+    for name in TRAIN_LAYOUTS:
+        for step in runs[prefix + name]["steps"]:
             assert step["counts_per_layer"] == step["slots_per_layer"] == [slots] * len(step["slots_per_layer"])
-    assert reference[-1]["loss"] < reference[0]["loss"]
+    return report
+
+
+def test_training_at_expert_parallel_layouts_equals_ep1(trained):
+    """10 Adam steps of a tiny Qwen2-MoE (aux and z-loss on) at EP=2 and TP=2 x EP=2 with SP equal EP=1 (one 4-rank
+    spawn): losses, gradient norms, the load-balancing loss and the tokens-per-expert metrics."""
+    report = assert_layouts_equal_ep1(trained)
+    assert trained["ep1"]["steps"][-1]["loss"] < trained["ep1"]["steps"][0]["loss"]
+    print("\n" + "\n".join(report))
+
+
+def test_sft_on_a_moe_at_expert_parallel_layouts_equals_ep1_and_learns(trained):
+    """The SFT stage's forward step (packed ChatML-shaped rows, loss on the replies) on the tiny Qwen2-MoE: 10
+    steps at EP=2 and TP=2 x EP=2 with SP equal EP=1 within 1e-5, and the loss falls on the repeated
+    conversations."""
+    report = assert_layouts_equal_ep1(trained, "sft-")
+    curve = [step["loss"] for step in trained["sft-ep1"]["steps"]]
+    first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
+    report.append(f"sft-ep1 loss {first:.3f} -> {last:.3f} (first / last three steps)")
+    # Measured: 5.42 -> 4.80 (0.62 nats) at the worker's seed.
+    assert last < first - 0.3, report[-1]
+    print("\n" + "\n".join(report))
+
+
+def test_fp8_training_at_ep2_follows_fp32_and_learns(trained):
+    """10 SFT steps of the tiny Qwen2-MoE with model.fp8=tensorwise (the experts pad their token rows) at EP=1 and
+    EP=2: the losses stay within 2 % of the fp32 run's but differ from them (FP8 ran), and the loss falls. EP=2 is
+    not bit-equal to EP=1 in FP8: an expert's input scale is taken over the rows it receives, and at EP=2 those are
+    two ranks' tokens (the difference is reported)."""
+    fp32 = [step["loss"] for step in trained["sft-ep1"]["steps"]]
+    report = []
+    for name in ("fp8-sft-ep1", "fp8-sft-ep2"):
+        fp8 = [step["loss"] for step in trained[name]["steps"]]
+        rel = max(abs(a - b) / b for a, b in zip(fp8, fp32))
+        first, last = sum(fp8[:3]) / 3, sum(fp8[-3:]) / 3
+        report.append(f"{name} loss vs fp32 sft-ep1: max relative difference {rel:.1e}; {first:.3f} -> {last:.3f} "
+                      "(first / last three steps)")
+        assert rel < 2e-2 and all(a != b for a, b in zip(fp8, fp32)), report[-1]
+        assert last < first - 0.3, report[-1]
+    for key in ("loss", "grad_norm"):
+        diff = max(abs(a[key] - b[key]) for a, b in zip(trained["fp8-sft-ep1"]["steps"],
+                                                         trained["fp8-sft-ep2"]["steps"]))
+        report.append(f"fp8-sft-ep2 {key}: max |diff| from fp8-sft-ep1 over 10 steps = {diff:.1e}")
     print("\n" + "\n".join(report))
 
 
@@ -242,3 +293,104 @@ def test_resume_across_ep_one_and_more_is_refused_with_the_fix():
             check_expert_split(True, saved, now, "runs/x/checkpoints/iter_0000010")
     check_expert_split(True, 2, 4, "ckpt")  # both split the experts: resumes (tested in the pretraining test)
     check_expert_split(False, 1, 1, "ckpt")
+
+
+# tests/test_ppo.py's tiny policy as a Qwen2-MoE: layer 0 routes to 4 experts (top-2) beside a gated shared expert,
+# layer 1 is dense.
+PPO_MOE = ["model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
+           "model.moe_shared_expert_ffn_hidden_size=48", "model.moe_shared_expert_gate=true",
+           "model.moe_mlp_only_layers=[1]", "model.moe_aux_loss_coeff=0.01"]
+
+
+@pytest.mark.parallel
+def test_ppo_and_grpo_on_a_moe_policy_at_ep2(tmp_path):
+    """The PPO stage with a MoE policy (and value model) at EP=2 on 2 ranks, rule reward, as tests/test_ppo.py runs
+    the dense one: rollouts from the KV-cache engine at EP=2 score the same log-probabilities as the trainer's
+    forward (the first update's ratio is exactly 1), and the reward rises; GRPO runs as well."""
+    import numpy as np
+
+    from spawn import run_torchrun
+    from test_ppo import MODEL, metrics, ppo_args, write_prompts
+
+    write_prompts(tmp_path / "prompts")
+    init = tmp_path / "init"
+    run_torchrun(1, ["-m", "megatron_qwen.stages.pretrain", "configs/tiny.yaml", *MODEL, *PPO_MOE, "data.split=100,0,0",
+                     f"data.paths=[{tmp_path / 'prompts_prompt_document'}]", f"data.cache_dir={tmp_path / 'cache'}",
+                     "training.train_iters=0", f"logging.run_dir={init}"])
+    start = (tmp_path, init / "checkpoints" / "iter_0000000")
+    report = []
+    for name, steps, extra in (("gae", 24, []), ("grpo", 8, ["ppo.estimator=grpo", "ppo.kl_coef=0.2"])):
+        run = tmp_path / name
+        run_torchrun(2, ppo_args(start, run, *PPO_MOE, "parallel.ep=2", f"training.train_iters={steps}", *extra))
+        curve = metrics(run)
+        assert sorted(curve) == list(range(1, steps + 1))
+        gap = max(abs(curve[s]["sampler_trainer_logprob_gap"]) for s in curve)
+        first = np.mean([curve[s]["reward_mean"] for s in range(1, 4)])
+        last = np.mean([curve[s]["reward_mean"] for s in range(steps - 4, steps + 1)])
+        report.append(f"{name} at EP=2: reward {first:.3f} -> {last:.3f}, max |sampler - trainer log-prob| {gap:.1e}, "
+                      f"KL to the reference at most {max(curve[s]['kl_to_reference'] for s in curve):.2f}")
+        # The engine's sampling log-probabilities (EP=2, KV cache) are the trainer's old ones; one update per step
+        # from that same forward: ratio exactly 1.
+        assert gap < 1e-5, report[-1]
+        assert all(curve[s]["approx_kl"] == 0.0 and curve[s]["clip_fraction"] == 0.0 for s in curve), report[-1]
+        assert ("value_loss" in curve[steps]) == (name == "gae")
+    print("\n" + "\n".join(report))
+    # Chance is 0.25 (tests/ppo_rewards.py). Measured with GAE: 0.27 -> 1.0 over 24 steps.
+    gae = metrics(tmp_path / "gae")
+    start_reward = np.mean([gae[s]["reward_mean"] for s in range(1, 4)])
+    end_reward = np.mean([gae[s]["reward_mean"] for s in range(20, 25)])
+    assert start_reward < 0.35 and end_reward >= 2 * start_reward, (start_reward, end_reward)
+
+
+def test_the_policy_update_adds_the_load_balancing_loss(single_rank):
+    """The PPO policy update (rl.steps.policy_update_step through megatron-core's schedule) on a MoE policy adds each
+    MoE layer's load-balancing loss to the clipped surrogate: with model.moe_aux_loss_coeff c the router's gradient
+    exceeds that at c = 0 by c x T x d(aux)/dW / N (aux by hand from the router's input, T the micro-batch's
+    routed tokens, N its response tokens: the surrogate's per-token mean divides both), and the output layer's
+    gradient, which the auxiliary loss does not reach, is unchanged."""
+    import dataclasses
+    from functools import partial
+
+    from megatron_qwen.config import load_config
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
+    from megatron_qwen.rl.steps import POLICY_REPORTS, policy_update_step
+    from megatron_qwen.training.forward_backward import forward_backward
+    from megatron_qwen.training.units import wrap_ddp
+    from test_ppo import MODEL, VOCAB
+
+    coeff, seq, rows = 0.01, 32, 2
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml",
+                      [*MODEL, *PPO_MOE, f"training.micro_batch_size={rows}", f"training.global_batch_size={rows}"])
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (rows, seq + 1), generator=gen)
+    mask = torch.zeros(rows, seq)
+    mask[:, 20:] = 1  # the responses
+    batch = {"kind": "rollout", "tokens": tokens[:, :-1], "labels": tokens[:, 1:], "mask": mask,
+             "position_ids": torch.arange(seq).expand(rows, seq), "old_logprobs": torch.full((rows, seq), -4.8),
+             "advantages": torch.randn(rows, seq, generator=gen), "weight": 1.0}
+    grads, inputs = {}, []
+    for c in (0.0, coeff):
+        with_coeff = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe_aux_loss_coeff=c))
+        model = wrap_ddp(build_model(with_coeff, Runtime.cpu()), cfg)
+        router = model[0].module.decoder.layers[0].mlp.router
+        hook = router.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+        model[0].zero_grad_buffer()
+        forward_backward(model, iter([batch]), 1, seq, rows, partial(policy_update_step, VOCAB, 1.0, 0.2, 0.0),
+                         report_keys=POLICY_REPORTS)
+        hook.remove()
+        grads[c] = {name: p.main_grad.clone() for name, p in model[0].module.named_parameters()}
+        weight = router.weight.detach()
+    torch.testing.assert_close(inputs[0], inputs[1], rtol=0, atol=0)  # the same forward
+    experts, topk = cfg.model.num_experts, cfg.model.moe_router_topk
+    hidden = inputs[0].reshape(-1, cfg.model.hidden_size)
+    w = weight.clone().requires_grad_(True)
+    logits = hidden @ w.t()
+    chosen = torch.zeros_like(logits).scatter(1, logits.topk(topk, dim=-1).indices, 1.0)
+    share = chosen.sum(0) / (hidden.shape[0] * topk)
+    aux = experts * (share * torch.softmax(logits, dim=-1).mean(0)).sum()
+    expected = coeff * hidden.shape[0] * torch.autograd.grad(aux, w)[0] / mask.sum()
+    added = grads[coeff]["decoder.layers.0.mlp.router.weight"] - grads[0.0]["decoder.layers.0.mlp.router.weight"]
+    assert expected.norm() > 0
+    torch.testing.assert_close(added, expected, rtol=1e-4, atol=1e-7)
+    assert torch.equal(grads[coeff]["output_layer.weight"], grads[0.0]["output_layer.weight"])

@@ -392,6 +392,42 @@ def test_tp2_pp2_serves_the_same_tokens_as_tp1(server, ckpt):
 
 
 @pytest.mark.parallel
+def test_a_moe_served_at_ep2_answers_as_the_model_at_ep1(tmp_path, single_rank):
+    """A tiny Qwen2-MoE served at --ep 2 (2 ranks, each with half of every MoE layer's experts): the greedy tokens
+    equal the saved model's generation engine in this process (EP=1), their log-probabilities its plain forward."""
+    from moe_reference import save_moe_checkpoint
+
+    from megatron_qwen.config import TOKENIZER_VOCAB_SIZES
+    from megatron_qwen.inference.engine import GenerationEngine
+    from megatron_qwen.inference.sampling import SamplingParams
+    from megatron_qwen.tokenizer import load_tokenizer
+
+    ckpt = tmp_path / "tiny-moe"
+    chunks = save_moe_checkpoint(ckpt)
+    tokenizer = load_tokenizer(family="qwen1.5")
+    vocab = TOKENIZER_VOCAB_SIZES["qwen1.5"]
+    prompts = [tokenizer.encode(text) for text in PROMPTS[:3]]
+    params = SamplingParams(max_new_tokens=8, temperature=0, stop_ids=tokenizer.generation_stop_ids(vocab))
+    expected = GenerationEngine(chunks, vocab).generate(prompts, params)
+    served = Server(ckpt, "--ep", 2, nproc=2)
+    try:
+        replies = [httpx.post(served.url + "/v1/completions", json={"prompt": ids, "max_tokens": 8, "temperature": 0,
+                                                                    "logprobs": 0}, timeout=600).json()
+                   for ids in prompts]
+    finally:
+        served.stop()
+    assert any("ep 2" in line for line in served.log)
+    for reply, prompt, tokens in zip(replies, prompts, expected.tokens):
+        choice = reply["choices"][0]
+        assert choice["text"] == tokenizer.decode(tokens), (choice["text"], tokens)
+        full = torch.tensor([prompt + tokens])
+        with torch.no_grad():
+            logits = chunks[0](full, torch.arange(full.shape[1])[None], None)[0].double()  # [s, vocab]
+        reference = torch.log_softmax(logits, dim=-1)[torch.arange(len(prompt) - 1, full.shape[1] - 1), tokens]
+        np.testing.assert_allclose(choice["logprobs"]["token_logprobs"], reference.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parallel
 def test_sigterm_answers_the_requests_in_flight_then_exits(server):
     # The module's server, last: it is stopped here.
     answers = []

@@ -1,12 +1,13 @@
-"""Evaluate a checkpoint with lm-evaluation-harness in process, at any TP/PP layout, without an export.
+"""Evaluate a checkpoint with lm-evaluation-harness in process, at any TP/PP/EP layout, without an export.
 
     megatron-qwen evaluate [--nproc N] --ckpt CKPT --tasks T1,T2 [--num-fewshot N] [--limit N] \\
-        [--include-path DIR] [--tp T --pp P --vpp V] [--batch-size 8] [--out DIR] [--log-samples] \\
+        [--include-path DIR] [--tp T --pp P --vpp V --ep E] [--batch-size 8] [--out DIR] [--log-samples] \\
         [--wandb-project P] [--precision auto|fp32|bf16] [--trust-checkpoint]
 
 Tasks are lm-eval's names, or YAML task files in --include-path folders (tasks over local JSONL files for
 machines without network: see docs/evaluation.md). Writes DIR/results.json (per task its metrics, shots and
-version; default DIR: CKPT/../eval), DIR/metrics.jsonl and, with --wandb-project, a W&B run; prints a table.
+version, the checkpoint and the layout it ran at; default DIR: CKPT/../eval), DIR/metrics.jsonl and, with
+--wandb-project, a W&B run; prints a table.
 lm-eval is an optional dependency: `pip install lm_eval` (pinned in constraints.txt).
 """
 
@@ -19,7 +20,13 @@ from pathlib import Path
 
 from megatron.core import parallel_state
 
-from megatron_qwen.cli.loading import add_loading_options, prepare_replica, start_replica, warn_if_trusted
+from megatron_qwen.cli.loading import (
+    add_loading_options,
+    prepare_replica,
+    running_layout,
+    start_replica,
+    warn_if_trusted,
+)
 from megatron_qwen.errors import UserError
 from megatron_qwen.inference import forward as inference
 from megatron_qwen.platform.launch import detect_launch, refuse
@@ -38,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="where to write results.json (default CKPT/../eval)")
     parser.add_argument("--log-samples", action="store_true", help="also write every document's requests and answers")
     parser.add_argument("--wandb-project", default=None, help="log the metrics to this W&B project")
-    add_loading_options(parser)
+    add_loading_options(parser, ep=True)
     args = parser.parse_args(argv)
     args.task_list = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not args.task_list:
@@ -90,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
             summary = harness.summary(results)
             summary["checkpoint"] = str(args.ckpt.resolve())
+            summary["layout"] = running_layout(plan)
             (out / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
             if args.log_samples:
                 for task, samples in results.get("samples", {}).items():

@@ -35,18 +35,21 @@ def warn_if_trusted(args: argparse.Namespace, rank: int) -> None:
 
 
 def prepare_replica(args: argparse.Namespace, world_size: int, command: str, local_rank: int, hint: str = ""):
-    """For a command that runs one model replica on exactly TP x PP ranks: the checked plan, the tokenizer of its
-    family and the runtime; UserError (before any process group exists) for another number of ranks."""
+    """For a command that runs one model replica on exactly TP x PP x EP ranks: the checked plan, the tokenizer of
+    its family and the runtime; UserError (before any process group exists) for another number of ranks.
+
+    Expert parallelism takes its ranks from data parallelism: at EP > 1 the replica's dense layers are repeated on EP
+    data-parallel ranks that all run every request in lockstep, each serving every token's routes to its experts."""
     from megatron_qwen.inference import forward as inference
     from megatron_qwen.platform.runtime import resolve_runtime
     from megatron_qwen.tokenizer import load_tokenizer
 
-    ranks = args.tp * args.pp
+    ranks = args.tp * args.pp * args.ep
     if world_size != ranks:
-        raise UserError(f"{command} runs one model replica on exactly --tp x --pp = {ranks} rank(s), not {world_size}; "
-                        f"launch --nproc {ranks}{hint}")
-    plan = inference.prepare(args.ckpt, world_size, tp=args.tp, pp=args.pp, vpp=args.vpp, precision=args.precision,
-                             config_path=args.config, trust_checkpoint=args.trust_checkpoint)
+        raise UserError(f"{command} runs one model replica on exactly --tp x --pp x --ep = {ranks} rank(s), not "
+                        f"{world_size}; launch --nproc {ranks}{hint}")
+    plan = inference.prepare(args.ckpt, world_size, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
+                             precision=args.precision, config_path=args.config, trust_checkpoint=args.trust_checkpoint)
     return plan, load_tokenizer(family=plan.cfg.model.family), resolve_runtime(plan.cfg, local_rank)
 
 
@@ -55,5 +58,16 @@ def start_replica(plan) -> None:
     from megatron_qwen.platform.launch import init_distributed
 
     p = plan.cfg.parallel
-    init_distributed(p.tp, p.pp, p.vpp, device=p.device, timeout_minutes=p.timeout_minutes, seed=plan.cfg.training.seed)
+    init_distributed(p.tp, p.pp, p.vpp, device=p.device, ep=p.ep, timeout_minutes=p.timeout_minutes,
+                     seed=plan.cfg.training.seed)
 
+
+
+def running_layout(plan) -> dict[str, int]:
+    """The layout the replica's process groups run at (after `start_replica`): TP, PP and EP as megatron-core's
+    parallel state has them, VPP as the plan's."""
+    from megatron.core import parallel_state
+
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(), "vpp": plan.cfg.parallel.vpp,
+            "ep": parallel_state.get_expert_model_parallel_world_size()}

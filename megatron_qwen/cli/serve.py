@@ -1,6 +1,6 @@
-"""Serve a checkpoint over an OpenAI-compatible HTTP API, at any TP/PP layout, with the KV-cache engine.
+"""Serve a checkpoint over an OpenAI-compatible HTTP API, at any TP/PP/EP layout, with the KV-cache engine.
 
-    megatron-qwen serve [--nproc N] --ckpt CKPT [--tp T --pp P --vpp V] [--host 127.0.0.1] [--port 8000] \\
+    megatron-qwen serve [--nproc N] --ckpt CKPT [--tp T --pp P --vpp V --ep E] [--host 127.0.0.1] [--port 8000] \\
         [--api-key KEY] [--model-name NAME] [--max-batch 16] [--max-queue 256] [--batch-wait-ms 5] \\
         [--precision auto|fp32|bf16] [--trust-checkpoint]
 
@@ -9,7 +9,8 @@ score a prompt), POST /v1/chat/completions (messages rendered with the checkpoin
 GET /health. Streaming (server-sent events), n, seed, temperature, top_p, top_k, max_tokens, stop (strings),
 stop_token_ids and usage as OpenAI defines them. Rank 0 serves HTTP; the other ranks follow its broadcasts.
 The API key (--api-key, else $MEGATRON_QWEN_API_KEY) is required as `Authorization: Bearer KEY` when set.
-SIGTERM stops taking requests, finishes the queued ones and exits. The ranks are exactly TP x PP (one replica).
+SIGTERM stops taking requests, finishes the queued ones and exits. The ranks are exactly TP x PP x EP (one replica;
+at EP > 1 every rank runs every batch and each holds 1/EP of every MoE layer's experts).
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from pathlib import Path
 
 from megatron.core import parallel_state
 
-from megatron_qwen.cli.loading import add_loading_options, prepare_replica, start_replica, warn_if_trusted
+from megatron_qwen.cli.loading import (
+    add_loading_options,
+    prepare_replica,
+    running_layout,
+    start_replica,
+    warn_if_trusted,
+)
 from megatron_qwen.errors import UserError
 from megatron_qwen.inference import forward as inference
 from megatron_qwen.inference.engine import GenerationEngine
@@ -42,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="rows queued or running before requests get 503 (default 256)")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0,
                         help="how long a batch that is not full waits for more requests (default 5 ms)")
-    add_loading_options(parser)
+    add_loading_options(parser, ep=True)
     args = parser.parse_args(argv)
     for name in ("max_batch", "max_queue"):
         if getattr(args, name) < 1:
@@ -94,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
 
             signal.signal(signal.SIGTERM, drain)
             signal.signal(signal.SIGINT, drain)
-            log(f"serving '{limits.model}' (tp {args.tp}, pp {args.pp}) on http://{args.host}:{http.port}/v1"
+            layout = running_layout(plan)
+            log(f"serving '{limits.model}' (tp {layout['tp']}, pp {layout['pp']}, ep {layout['ep']}) on "
+                f"http://{args.host}:{http.port}/v1"
                 + (" (API key required)" if api_key else ""))
         else:
             # Rank 0 decides when to stop; the others follow its broadcast.

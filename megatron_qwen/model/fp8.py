@@ -21,6 +21,14 @@ sharded weights, the row-parallel inputs, the column-parallel output gradients a
 parallelism, the activations cast to e4m3 before their all-gather (tensorwise; the all-gather then moves one
 byte per element). So each rank's float8 operand is exactly its slice of the TP=1 operand, and the layouts
 differ only in fp32 summation order. torchtitan gets the same from DTensor; here it is explicit.
+
+Routed experts (megatron-core's SequentialMLP builds each expert's MLP from the same two linears, ``is_expert``)
+take however many tokens the router sends them, and FP8 GEMMs need row counts in multiples of 16. An expert's
+linear pads its token rows with zero rows to the next multiple (at least one: an expert that got no tokens still
+runs its GEMMs, so that its weight gradient exists and the expert-TP group's amax all-reduces line up) and drops
+the padded outputs. Zero rows change no amax and add nothing to the weight gradient, so the padded GEMMs give the
+unpadded products exactly (Transformer Engine's grouped GEMMs pad the same way; megatron-core's SequentialMLP pads
+only for Transformer Engine's ``config.fp8``).
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ with _quiet("torchao", "torch.utils._pytree"):
     from torchao.float8.float8_utils import amax_to_scale, tensor_to_amax
 
 RECIPES = ("tensorwise", "rowwise")
+FP8_ROW_MULTIPLE = 16  # torch._scaled_mm's (and Transformer Engine's) multiple for every GEMM dimension
 
 
 def float8_linear_config(recipe: str) -> Float8LinearConfig:
@@ -262,6 +271,16 @@ def _check_config(layer, config) -> None:
         )
 
 
+def _expert_rows_padded(gemm, x: torch.Tensor) -> torch.Tensor:
+    """`gemm(x)` of an expert's input (tokens first), its tokens padded with zeros to a positive multiple of
+    FP8_ROW_MULTIPLE and the padded outputs dropped (module docstring)."""
+    rows = x.shape[0]
+    padded = max(1, -(-rows // FP8_ROW_MULTIPLE)) * FP8_ROW_MULTIPLE
+    if padded == rows:
+        return gemm(x)
+    return gemm(torch.nn.functional.pad(x, [0, 0] * (x.dim() - 1) + [0, padded - rows]))[:rows]
+
+
 class Float8ColumnParallelLinear(ColumnParallelLinear):
     """megatron-core's ColumnParallelLinear (QKV, SwiGLU fc1) with its GEMMs in FP8 (module docstring)."""
 
@@ -272,8 +291,11 @@ class Float8ColumnParallelLinear(ColumnParallelLinear):
 
     def _forward_impl(self, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
                       grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None):
-        out = _Float8ParallelLinear.apply(input, weight, self.fp8, True, sequence_parallel, allreduce_dgrad,
-                                          self.tp_group)
+        def gemm(x):
+            return _Float8ParallelLinear.apply(x, weight, self.fp8, True, sequence_parallel, allreduce_dgrad,
+                                               self.tp_group)
+
+        out = _expert_rows_padded(gemm, input) if self.is_expert else gemm(input)
         return out if bias is None else out + bias
 
 
@@ -288,7 +310,10 @@ class Float8RowParallelLinear(RowParallelLinear):
     def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
                       sequence_parallel=False, tp_group=None, grad_output_buffer=None):
         # RowParallelLinear reduces (or reduce-scatters) the partial outputs itself, after this GEMM.
-        out = _Float8ParallelLinear.apply(input, weight, self.fp8, False, False, False, self.tp_group)
+        def gemm(x):
+            return _Float8ParallelLinear.apply(x, weight, self.fp8, False, False, False, self.tp_group)
+
+        out = _expert_rows_padded(gemm, input) if self.is_expert else gemm(input)
         return out if bias is None else out + bias
 
 

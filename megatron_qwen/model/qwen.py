@@ -194,12 +194,11 @@ def moe_settings(cfg: Config, runtime: Runtime) -> dict:
     m, p = cfg.model, cfg.parallel
     if not m.is_moe:
         return {}
-    if m.fp8 is not None:
+    if m.fp8 is not None and runtime.use_te:
+        # The local layers pad each expert's rows for FP8 (model.fp8); Transformer Engine's MoE FP8 is not tested here.
         raise ValueError(
-            f"model.fp8={m.fp8} with a mixture-of-experts model (model.num_experts={m.num_experts}) is not supported: "
-            "each routed expert's GEMM takes however many tokens the router sends it, and FP8 GEMMs need multiples "
-            "of 16 rows (Transformer Engine's grouped GEMMs pad them; the local spec's sequential experts do not); "
-            "train MoE models without model.fp8"
+            f"model.fp8={m.fp8} with a mixture-of-experts model (model.num_experts={m.num_experts}) runs on the local "
+            "layers' torchao FP8, not Transformer Engine's; set model.fp8_backend=torchao (or model.fp8=null)"
         )
     return dict(
         num_moe_experts=m.num_experts,
