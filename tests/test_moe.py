@@ -394,3 +394,16 @@ def test_the_policy_update_adds_the_load_balancing_loss(single_rank):
     assert expected.norm() > 0
     torch.testing.assert_close(added, expected, rtol=1e-4, atol=1e-7)
     assert torch.equal(grads[coeff]["output_layer.weight"], grads[0.0]["output_layer.weight"])
+
+
+def test_a_model_whose_ep_the_process_groups_lack_is_refused(single_rank):
+    """megatron-core builds a model whose config says EP=2 on process groups made at EP=1, every expert on every
+    rank; build_model refuses it instead."""
+    from megatron_qwen.config import load_config
+    from megatron_qwen.model.qwen import build_model
+    from megatron_qwen.platform.runtime import Runtime
+    from parallel.moe_worker import MOE_OVERRIDES
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml", [*MOE_OVERRIDES, "parallel.ep=2"])
+    with pytest.raises(ValueError, match="parallel.ep=2 but the process groups were made with EP=1"):
+        build_model(cfg, Runtime.cpu())

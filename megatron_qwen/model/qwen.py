@@ -352,6 +352,11 @@ def build_model(cfg: Config, runtime: Runtime, head: Head = "lm", rope_at_positi
     Needs megatron-core's parallel state (see `megatron_qwen.platform.launch.init_distributed`).
     """
     config = transformer_config(cfg, runtime)
+    groups_ep = parallel_state.get_expert_model_parallel_world_size()
+    if cfg.model.is_moe and groups_ep != cfg.parallel.ep:
+        # megatron-core would build every expert on every rank without a word.
+        raise ValueError(f"parallel.ep={cfg.parallel.ep} but the process groups were made with EP={groups_ep}: pass "
+                         "ep to init_distributed")
     stages = list(range(cfg.parallel.vpp)) if cfg.parallel.vpp > 1 else [None]
     chunks = [QwenModel(config, cfg, stage, runtime.use_te, head, rope_at_positions) for stage in stages]
     if not runtime.on_cpu:

@@ -41,6 +41,7 @@ def qwen_layer_spec(use_transformer_engine: bool = False, local_fp8_recipe: str 
     if use_transformer_engine:
         # Imported only for the TE spec: the module needs Transformer Engine, which is optional.
         from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
             TEDotProductAttention,
             TELayerNormColumnParallelLinear,
             TENorm,
@@ -69,9 +70,11 @@ def qwen_layer_spec(use_transformer_engine: bool = False, local_fp8_recipe: str 
             "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
         }
     if moe:
-        mlp = moe_mlp_spec(fc1, fc2, shared_expert)
         if use_transformer_engine:
-            pre_mlp_norm = head_norm  # TENorm: the router and the experts read the normed input separately
+            # The router and the experts read the normed input separately: the norm is a TENorm of its own, and the
+            # experts' fc1 a plain TE linear (a fused-norm one would normalise a second time).
+            pre_mlp_norm, fc1 = head_norm, TEColumnParallelLinear
+        mlp = moe_mlp_spec(fc1, fc2, shared_expert)
         keys_map = {k: v for k, v in keys_map.items() if k != "pre_mlp_layernorm."}
     else:
         mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2))
