@@ -261,6 +261,30 @@ def test_merged_and_peft_exports_give_the_models_logits(built):
           f"{(peft_logits - own).abs().max().item():.2e} against the model")
 
 
+# A Qwen2-MoE-shaped model whose layer 1 is dense among MoE layers (the experts take no adapters).
+MOE = ["model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2", "model.ffn_hidden_size=96",
+       "model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
+       "model.moe_shared_expert_ffn_hidden_size=48", "model.moe_shared_expert_gate=true",
+       "model.moe_mlp_only_layers=[1]", "model.padded_vocab_size=256"]
+
+
+@pytest.mark.parametrize("overrides", [[], MOE], ids=["dense", "moe"])
+def test_adapter_key_table_is_the_models_checkpoint_layout(overrides):
+    """The keys and full shapes the converter expects equal what megatron-core's sharded state dict of the model
+    with adapters lays out (stacked for a dense model, per layer for a mixture of experts, MLP adapters on dense
+    layers only)."""
+    from megatron_qwen.config import load_config
+    from megatron_qwen.convert.lora import stored_adapter_shapes
+    from megatron_qwen.convert.mcore_layout import stored_layout
+    from megatron_qwen.model.lora import is_adapter_key
+
+    cfg = load_config("configs/tiny.yaml", [*overrides, *OWN_PEFT])
+    laid_out = {piece.key: piece.global_shape for piece in stored_layout(cfg, adapters=True)[0]
+                if is_adapter_key(piece.key)}
+    assert laid_out == stored_adapter_shapes(cfg.model, cfg.peft)
+    assert any("linear_fc1.adapter" in key for key in laid_out)
+
+
 def _refused(capsys, argv: list[str], out: Path, *words: str) -> None:
     from megatron_qwen.cli.convert import main
 
