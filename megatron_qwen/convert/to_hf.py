@@ -280,8 +280,8 @@ def mcore_to_hf(
             f"{layout} class does not model: its logits match only up to that length (--layout qwen keeps both)"
         )
 
-    base = source["config"] if source and source.get("layout") == layout else None
-    config = hf_config(layout, m, vocab, str(out_dtype).removeprefix("torch."), base)
+    source_config = source["config"] if source and source.get("layout") == layout else None
+    config = hf_config(layout, m, vocab, str(out_dtype).removeprefix("torch."), source_config)
     tensors = plan_tensors(reader, layout, m, vocab)
     if adapters is not None:
         tensors = merged(tensors, adapters)
