@@ -2,7 +2,9 @@
 
     megatron-qwen convert hf-to-mcore --hf DIR --out CKPT --tp T --pp P [--vpp V] [--ep E] [--family F]
     megatron-qwen convert mcore-to-hf --ckpt CKPT --out DIR [--layout qwen2|qwen3|qwen] [--task lm|reward] \
-        [--trust-checkpoint]
+        [--base BASE] [--trust-checkpoint]
+    megatron-qwen convert mcore-to-peft --ckpt CKPT --out DIR [--base-model NAME]
+    megatron-qwen convert peft-to-mcore --adapter DIR --base BASE --out CKPT --tp T --pp P [--vpp V] [--ep E]
 
 hf-to-mcore reads transformers' Qwen2ForCausalLM (Qwen1.5, 2, 2.5) and Qwen3ForCausalLM (Qwen3 dense) or the
 Qwen v1 release's (remote code) layout, told apart by config.json's architectures and model_type, from
@@ -13,6 +15,11 @@ names and config keys (qwen). Both run in one process and stream tensor by tenso
 means the input or the request was refused (the message says why and what to do), e.g. a checkpoint
 whose metadata holds pickled objects outside the allowlist (--trust-checkpoint unpickles them: only for
 a checkpoint from a source you trust). `python tools/convert_checkpoint.py` takes the same arguments.
+
+LoRA adapters: mcore-to-hf merges the adapters of a checkpoint into the exported weights (an adapter-only
+checkpoint's base comes from its adapter_base.json or --base); mcore-to-peft writes them as a `peft` adapter
+(adapter_config.json + adapter_model.safetensors); peft-to-mcore reads a `peft` adapter into an adapter-only
+checkpoint on the base checkpoint BASE.
 """
 
 from __future__ import annotations
@@ -74,9 +81,36 @@ def main(argv: list[str] | None = None) -> int:
                             "(score head)")
     to_hf.add_argument("--pad-token-id", type=int, default=151643,
                        help="reward export: pad id (rewards are read at the last non-pad token; default <|endoftext|>)")
+    to_hf.add_argument("--base", type=Path, default=None,
+                       help="base checkpoint of an adapter-only CKPT (default: the one its adapter_base.json names)")
     to_hf.add_argument("--trust-checkpoint", action="store_true",
                        help="unpickle every object in CKPT, also types outside the allowlist "
                             "(can run code: trust its source)")
+
+    to_peft = sub.add_parser("mcore-to-peft", help="the LoRA adapters of a checkpoint -> a peft adapter directory")
+    to_peft.add_argument("--ckpt", required=True, type=Path,
+                         help="checkpoint with adapters (base and adapters, or adapters only)")
+    to_peft.add_argument("--out", required=True, type=Path, help="new peft adapter directory")
+    to_peft.add_argument("--base-model", default=None,
+                         help="adapter_config.json's base_model_name_or_path: the exported base model's directory "
+                              "or hub name (default: none)")
+    to_peft.add_argument("--config", type=Path, default=None,
+                         help="model config YAML with the peft section (default CKPT/model_config.yaml)")
+    to_peft.add_argument("--trust-checkpoint", action="store_true",
+                         help="unpickle every object in CKPT, also types outside the allowlist")
+
+    from_peft = sub.add_parser("peft-to-mcore", help="a peft LoRA adapter -> an adapter-only checkpoint")
+    from_peft.add_argument("--adapter", required=True, type=Path,
+                           help="peft adapter directory (adapter_config.json + adapter_model.safetensors)")
+    from_peft.add_argument("--base", required=True, type=Path,
+                           help="checkpoint of the base model the adapter was trained on (e.g. from hf-to-mcore)")
+    from_peft.add_argument("--out", required=True, type=Path, help="new adapter-only checkpoint directory")
+    from_peft.add_argument("--tp", type=int, default=1, help="tensor-parallel size: checked and recorded (default 1)")
+    from_peft.add_argument("--pp", type=int, default=1, help="pipeline-parallel size: checked and recorded (default 1)")
+    from_peft.add_argument("--vpp", type=int, default=1, help="model chunks per pipeline rank (default 1)")
+    from_peft.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
+    from_peft.add_argument("--trust-checkpoint", action="store_true",
+                           help="unpickle every object in BASE, also types outside the allowlist")
 
     args = parser.parse_args(argv)
     trust = getattr(args, "trust_checkpoint", False)
@@ -91,9 +125,21 @@ def main(argv: list[str] | None = None) -> int:
 
             hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
                         max_chunk_bytes=args.max_chunk_size, family=args.family)
+        elif args.command == "mcore-to-peft":
+            from megatron_qwen.convert.lora import mcore_to_peft
+
+            mcore_to_peft(args.ckpt, args.out, base_model=args.base_model, config_path=args.config,
+                          trust_checkpoint=trust)
+        elif args.command == "peft-to-mcore":
+            from megatron_qwen.convert.lora import peft_to_mcore
+
+            peft_to_mcore(args.adapter, args.base, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
+                          trust_checkpoint=trust)
         elif args.task == "reward":
             from megatron_qwen.convert.reward_export import export_reward_to_hf
 
+            if args.base is not None:
+                raise ConversionError(f"--base {args.base}: the reward export does not merge adapters; drop --base")
             if args.layout == QWEN:
                 raise ConversionError(
                     f"--task reward writes transformers' Qwen2/Qwen3ForSequenceClassification; --layout {args.layout} "
@@ -109,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
             mcore_to_hf(
                 args.ckpt, args.out, layout=args.layout, config_path=args.config, dtype=args.dtype,
-                max_shard_bytes=args.max_shard_size, trust_checkpoint=trust,
+                max_shard_bytes=args.max_shard_size, trust_checkpoint=trust, base=args.base,
             )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -3,7 +3,9 @@
 - `hf_to_mcore`: a transformers Qwen2 or Qwen v1 (remote code) checkpoint -> a megatron-core checkpoint
   that loads at any TP/PP/VPP layout, plus its `model_config.yaml`.
 - `mcore_to_hf`: a megatron-core checkpoint saved at any layout -> safetensors + config.json in either
-  Hugging Face layout.
+  Hugging Face layout; LoRA adapters in the checkpoint are merged into their projections.
+- `megatron_qwen.convert.lora`: a checkpoint's LoRA adapters as a `peft` adapter (`mcore_to_peft`), and a `peft`
+  adapter as an adapter-only checkpoint (`peft_to_mcore`).
 
 Both directions stream: they hold one tensor (or one bounded block of rows of it) at a time, plus one
 output shard when writing safetensors.

@@ -69,6 +69,16 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def read_safetensors_tensor(info: TensorInfo, name: str) -> torch.Tensor:
+    """The whole tensor `name` of a safetensors file, read straight from its byte range."""
+    out = torch.empty(info.shape, dtype=info.dtype)
+    with open(info.file, "rb") as f:
+        f.seek(info.offset)
+        if f.readinto(out.view(-1).view(torch.uint8).numpy()) != out.numel() * out.element_size():
+            raise ConversionError(f"{info.file}: ends inside tensor {name}; the file is truncated")
+    return out
+
+
 class HFCheckpoint:
     """A Hugging Face model directory: `config` (config.json) and `tensors` (name -> TensorInfo), read lazily.
 
@@ -203,9 +213,10 @@ class PlannedTensor:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def write_safetensors(directory: Path, tensors: list[PlannedTensor], max_shard_bytes: int) -> list[str]:
+def write_safetensors(directory: Path, tensors: list[PlannedTensor], max_shard_bytes: int,
+                      single_name: str = "model.safetensors") -> list[str]:
     """Write `tensors` (in order) as Hugging Face safetensors shards of at most `max_shard_bytes` (a tensor is
-    never split); returns the file names. ``model.safetensors`` when one file suffices, else
+    never split); returns the file names. `single_name` when one file suffices, else
     ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
 
     Shapes and dtypes are known in advance, so each file's header is written first and every tensor's
@@ -217,7 +228,7 @@ def write_safetensors(directory: Path, tensors: list[PlannedTensor], max_shard_b
             shards.append([])
         shards[-1].append(tensor)
     n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    names = [single_name] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     for file_name, shard in zip(names, shards):
         header: dict = {"__metadata__": {"format": "pt"}}

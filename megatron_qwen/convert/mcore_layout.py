@@ -17,6 +17,7 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
 from megatron_qwen.config import Config
+from megatron_qwen.model.lora import add_adapters
 from megatron_qwen.model.qwen import QwenModel, transformer_config
 from megatron_qwen.platform.cpu import patched_while
 from megatron_qwen.platform.runtime import Runtime
@@ -63,8 +64,9 @@ def single_process_model_parallel():
             torch.distributed.destroy_process_group()
 
 
-def stored_layout(cfg: Config) -> tuple[list[StoredTensor], dict[str, object]]:
-    """(tensor pieces, {object unique key: value}) of a checkpoint of the model `cfg` describes."""
+def stored_layout(cfg: Config, adapters: bool = False) -> tuple[list[StoredTensor], dict[str, object]]:
+    """(tensor pieces, {object unique key: value}) of a checkpoint of the model `cfg` describes; with `adapters`,
+    of the model with its ``peft.*`` low-rank adapters (`megatron_qwen.model.lora`)."""
     # RoPE stores nothing: its scaling is left out so that no frequency table is computed on the meta device.
     model_cfg = dataclasses.replace(cfg.model, rope_scaling=None, use_dynamic_ntk=False)
     one_rank = dataclasses.replace(cfg, model=model_cfg,
@@ -75,6 +77,8 @@ def stored_layout(cfg: Config) -> tuple[list[StoredTensor], dict[str, object]]:
         config = dataclasses.replace(transformer_config(one_rank, Runtime.cpu()), perform_initialization=False)
         with torch.device("meta"):
             model = QwenModel(config, one_rank, None, use_te=False)
+            if adapters:
+                add_adapters(model, one_rank)
         sharded = model.sharded_state_dict()
     apply_factories(sharded)
     tensors, objects = [], {}

@@ -32,6 +32,7 @@ from megatron_qwen.convert.to_hf import (
     write_hf_dir,
 )
 from megatron_qwen.errors import ConversionError
+from megatron_qwen.model.lora import is_adapter_key
 
 SCORE = "score.weight"
 
@@ -63,6 +64,12 @@ def export_reward_to_hf(
     config_path = config_path or ckpt / ckdir.MODEL_CONFIG_FILE
 
     stored = tensor_metadata(ckpt, trust_checkpoint)
+    adapters = [key for key in stored if is_adapter_key(key)]
+    if adapters:
+        raise ConversionError(
+            f"--ckpt {ckpt} holds LoRA adapters ({adapters[0]}), which the reward export does not merge; export "
+            "the adapters with mcore-to-peft and load them onto the reward model exported from the base checkpoint"
+        )
     if K.SCALAR_HEAD not in stored:
         raise ConversionError(
             f"--ckpt {ckpt} has no reward head ({K.SCALAR_HEAD}); it is not a checkpoint of "

@@ -36,7 +36,9 @@ from megatron_qwen.convert.layouts import (
     layout_problem,
     qkv_source,
 )
+from megatron_qwen.convert.lora import base_checkpoint, merged, open_adapters
 from megatron_qwen.errors import ConversionError
+from megatron_qwen.model.lora import is_adapter_key
 from megatron_qwen.tokenizer import default_tokenizer_file
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
@@ -232,6 +234,7 @@ def mcore_to_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     log: Callable[[str], None] = print,
     trust_checkpoint: bool = False,
+    base: str | os.PathLike | None = None,
 ) -> Path:
     """Write the megatron-core checkpoint `ckpt` as a Hugging Face model directory `out` in `layout` (default:
     transformers' Qwen3 for a model with query/key norms, else Qwen2; `qwen` writes the v1 release's layout).
@@ -239,6 +242,9 @@ def mcore_to_hf(
     The model's shape comes from `config_path` (default `ckpt/model_config.yaml`). `dtype` casts every
     tensor (default: as stored). `out` must not exist; it appears only when complete. `trust_checkpoint`
     lifts the unpickling allowlist.
+
+    LoRA adapters in `ckpt` are merged into their projections (`megatron_qwen.convert.lora`); the base weights of an
+    adapter-only checkpoint come from `base`, by default the checkpoint its adapter_base.json names.
     """
     out = Path(out)
     if layout is not None and layout not in LAYOUTS:
@@ -248,16 +254,25 @@ def mcore_to_hf(
     ckpt = ckdir.require_checkpoint(ckpt, f"--ckpt {ckpt}")
     m = ckdir.read_model_config(ckpt, config_path)
     config_path = config_path or ckpt / ckdir.MODEL_CONFIG_FILE
-    source = ckdir.read_hf_source(ckpt)
+    adapters = open_adapters(ckpt, config_path, trust_checkpoint)
+    if adapters is None and base is not None:
+        raise ConversionError(f"--base {base}: --ckpt {ckpt} holds no LoRA adapters, so it has no base to name; "
+                              "drop --base")
+    weights = ckpt if adapters is None else base_checkpoint(adapters, base)  # where the base weights are
+    source = ckdir.read_hf_source(weights)
     layout = layout or default_layout(m)
     problem = layout_problem(layout, m)
     if problem:
         raise ConversionError(f"--layout {layout} cannot hold this model: {problem}; use --layout {default_layout(m)}")
+    if adapters is not None and layout == QWEN:
+        raise ConversionError(f"--ckpt {ckpt} holds LoRA adapters, which are merged in the transformers layouts only; "
+                              f"use --layout {default_layout(m)}")
 
-    stored = tensor_metadata(ckpt, trust_checkpoint)
-    rows = check_stored(stored, K.full_shapes(m, rows_of(stored, m)), m, ckpt, config_path)
-    vocab = exported_vocab(ckpt, rows)
-    reader = LayerReader(ckpt, stored, getattr(torch, dtype) if dtype else None, trust_checkpoint)
+    stored = {key: info for key, info in tensor_metadata(weights, trust_checkpoint).items()
+              if not is_adapter_key(key)}
+    rows = check_stored(stored, K.full_shapes(m, rows_of(stored, m)), m, weights, config_path)
+    vocab = exported_vocab(weights, rows)
+    reader = LayerReader(weights, stored, getattr(torch, dtype) if dtype else None, trust_checkpoint)
     out_dtype = reader.dtype(K.EMBED)
     if layout != QWEN and (m.use_dynamic_ntk or m.use_logn_attn):
         log(
@@ -265,12 +280,16 @@ def mcore_to_hf(
             f"{layout} class does not model: its logits match only up to that length (--layout qwen keeps both)"
         )
 
-    base = source["config"] if source and source.get("layout") == layout else None
-    config = hf_config(layout, m, vocab, str(out_dtype).removeprefix("torch."), base)
+    source_config = source["config"] if source and source.get("layout") == layout else None
+    config = hf_config(layout, m, vocab, str(out_dtype).removeprefix("torch."), source_config)
     tensors = plan_tensors(reader, layout, m, vocab)
+    if adapters is not None:
+        tensors = merged(tensors, adapters)
     files = write_hf_dir(out, tensors, config, vocab, max_shard_bytes, log)
     size = sum(t.nbytes for t in tensors)
-    log(f"wrote {out}: {layout} layout, {len(files)} safetensors file(s), {size / 2**20:.1f} MiB, vocab_size {vocab}")
+    merge = "" if adapters is None else f", LoRA adapters merged (base {weights})"
+    log(f"wrote {out}: {layout} layout, {len(files)} safetensors file(s), {size / 2**20:.1f} MiB, vocab_size {vocab}"
+        f"{merge}")
     return out
 
 

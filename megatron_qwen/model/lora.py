@@ -179,8 +179,10 @@ class LoRALinear(torch.nn.Module):
                 axes[f"adapter.{part}.lora_b"] = 0
             else:
                 axes[f"adapter.{part}.lora_a"] = 1
+        # Both groups given: megatron-core takes a missing one for a group of one rank once either is passed.
         state.update(make_sharded_tensors_for_checkpoint(
             tensors, prefix, axes, sharded_offsets,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
             dp_cp_group=(metadata or {}).get("dp_cp_group") or parallel_state.get_data_parallel_group(
                 with_context_parallel=True)))
         return state
