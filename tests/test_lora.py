@@ -62,7 +62,7 @@ def test_one_step_at_tp2_pp2_sp_equals_one_rank(one_step):
                 assert max_relative_difference(after[key], ref_after[key]) < 1e-5, (name, key)
             else:
                 assert torch.equal(after[key], init[key]), (name, key)
-        if (one_step / name / "grads").exists():  # every adapter's reduced gradient (not with the distributed optimizer)
+        if (one_step / name / "grads").exists():  # the adapters' reduced gradients (without the distributed optimizer)
             grads = read_full_state_dict(one_step / name / "grads")
             for key in adapters:
                 assert max_relative_difference(grads[key], ref_grads[key]) < 1e-5, (name, key)

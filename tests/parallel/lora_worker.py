@@ -3,8 +3,9 @@
 ``--reference`` (one rank) writes the starting model (base weights from the seed, every adapter's B made nonzero
 so that A's gradient is too) and the TP=1 results; ``--layouts`` then runs each layout on the launch's ranks (data
 parallelism takes the rest) from that checkpoint and the same global batch. Each run saves the model after the step
-(base and adapters at full shape), the adapters' reduced gradients in the same form, and writes its loss, gradient norm, and what DDP and the optimizer hold: which
-parameters have a main gradient and how many elements the Adam moments cover, against the adapters' element count.
+(base and adapters at full shape) and the adapters' reduced gradients in the same form, and writes its loss,
+gradient norm and what DDP and the optimizer hold: which parameters have a main gradient and how many elements
+the Adam moments cover, against the adapters' element count.
 """
 
 from __future__ import annotations
