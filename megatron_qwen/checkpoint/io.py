@@ -30,7 +30,8 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_qwen.checkpoint import directory as ckdir
 from megatron_qwen.checkpoint import safety
-from megatron_qwen.checkpoint.adapters import is_adapter_key
+from megatron_qwen.checkpoint.adapters import (ADAPTER_BASE_FILE, base_fingerprint, check_base, is_adapter_key,
+                                               read_adapter_base)
 from megatron_qwen.checkpoint.dcp_io import read_chunks, tensor_metadata
 from megatron_qwen.errors import CheckpointError
 
@@ -281,8 +282,19 @@ def load_weights(
 
 
 def load_model(chunks: list[torch.nn.Module], path: str | os.PathLike, trust: bool = False) -> None:
-    """Load a model checkpoint's weights, every one of them, into this rank's chunks (all ranks call this)."""
-    load_weights([getattr(c, "module", c) for c in chunks], path, str(path), trust=trust)
+    """Load a model checkpoint's weights, every one of them, into this rank's chunks (all ranks call this). An
+    adapter-only checkpoint (``adapter_base.json``) loads its base first, refused when the base's fingerprint is not
+    the recorded one; the chunks must then have adapters (`megatron_qwen.model.qwen.build_model`). Chunks with
+    adapters take a checkpoint without any as their base, the adapters kept as initialised (B = 0: the base)."""
+    modules = [getattr(c, "module", c) for c in chunks]
+    record = read_adapter_base(path) if ckdir.is_checkpoint(path) else None
+    if record is None:
+        load_weights(modules, path, str(path), trust=trust, optional=is_adapter_key)
+        return
+    base = record["base"]
+    check_base(path, record, base, base_fingerprint(base, trust), f'"base" in {Path(path) / ADAPTER_BASE_FILE}')
+    load_weights(modules, base, f"the base {base} of {path}", trust=trust, select=lambda name: not is_adapter_key(name))
+    load_weights(modules, path, str(path), trust=trust, select=is_adapter_key)
 
 
 def read_full_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, torch.Tensor]:
