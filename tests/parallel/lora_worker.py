@@ -71,6 +71,7 @@ def run(name: str, layout: dict, workdir: Path, reference: bool) -> None:
         f"parallel.sp={str(layout['sp']).lower()}",
         f"parallel.use_distributed_optimizer={str(layout['distopt']).lower()}",
         f"training.micro_batch_size={MICRO}", f"training.global_batch_size={ROWS}",
+        *(["model.fp8=tensorwise"] if layout["fp8"] else []),
     ])
     cfg, resolved, _ = resolve(cfg, world)
     if parallel_state.model_parallel_is_initialized():
@@ -123,16 +124,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--reference", action="store_true")
-    parser.add_argument("--layouts", default="", help="name:tp,pp,vpp,sp,distopt;...")
+    parser.add_argument("--layouts", default="", help="name:tp,pp,vpp,sp,distopt,fp8;... (fp8: FP8 base GEMMs)")
     args = parser.parse_args()
     if args.reference:
-        run("reference", {"tp": 1, "pp": 1, "vpp": 1, "sp": False, "distopt": False}, args.workdir, reference=True)
+        run("reference", {"tp": 1, "pp": 1, "vpp": 1, "sp": False, "distopt": False, "fp8": False}, args.workdir,
+            reference=True)
         return
     for item in args.layouts.split(";"):
         name, sizes = item.split(":")
-        tp, pp, vpp, sp, distopt = (int(x) for x in sizes.split(","))
-        run(name, {"tp": tp, "pp": pp, "vpp": vpp, "sp": bool(sp), "distopt": bool(distopt)}, args.workdir,
-            reference=False)
+        tp, pp, vpp, sp, distopt, fp8 = (int(x) for x in sizes.split(","))
+        run(name, {"tp": tp, "pp": pp, "vpp": vpp, "sp": bool(sp), "distopt": bool(distopt), "fp8": bool(fp8)},
+            args.workdir, reference=False)
 
 
 if __name__ == "__main__":
