@@ -62,15 +62,15 @@ def test_one_step_at_tp2_pp2_sp_equals_one_rank(one_step):
         assert abs(got["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"], (name, got, ref)
         after = read_full_state_dict(one_step / name / "after")
         assert after.keys() == init.keys()
-        for key in init:
-            if is_adapter_key(key):
-                assert max_relative_difference(after[key], ref_after[key]) < 1e-5, (name, key)
-            else:
-                assert torch.equal(after[key], init[key]), (name, key)
+        assert all(torch.equal(after[key], init[key]) for key in init if key not in adapters), name
+        worst = {"weights": max(max_relative_difference(after[key], ref_after[key]) for key in adapters)}
         if (one_step / name / "grads").exists():  # the adapters' reduced gradients (without the distributed optimizer)
             grads = read_full_state_dict(one_step / name / "grads")
-            for key in adapters:
-                assert max_relative_difference(grads[key], ref_grads[key]) < 1e-5, (name, key)
+            worst["gradients"] = max(max_relative_difference(grads[key], ref_grads[key]) for key in adapters)
+        print(f"{name}: loss {got['loss']} (one rank {ref['loss']}), grad norm relative difference "
+              f"{abs(got['grad_norm'] - ref['grad_norm']) / ref['grad_norm']:.1e}, worst adapter "
+              + ", ".join(f"{what} {value:.1e}" for what, value in worst.items()))
+        assert max(worst.values()) < 1e-5, (name, worst)
 
 
 @pytest.mark.parallel
@@ -107,7 +107,7 @@ from test_sft import MODEL as SFT_MODEL  # noqa: E402
 from test_sft import SEQ, exact_match  # noqa: E402
 
 digit_data = test_sft.digit_data
-SFT_STEPS = 200
+SFT_STEPS = 300
 BASE_STEPS = 80
 PPO_STEPS = 24
 LORA = ["peft.method=lora", "peft.rank=16", "peft.alpha=32"]
@@ -158,8 +158,8 @@ def test_sft_with_adapters_learns_the_chat_task(digit_data, sft_base_at, trainin
 
     dense, remap, vocab = digit_data
     base = sft_base_at(training_seed)
-    overrides = sft_overrides(dense, vocab, tmp_path, f"training.init_from={base}", *LORA, "training.lr=3e-3",
-                              "training.min_lr=3e-4", f"training.train_iters={SFT_STEPS}",
+    overrides = sft_overrides(dense, vocab, tmp_path, f"training.init_from={base}", *LORA, "training.lr=5e-3",
+                              "training.min_lr=5e-4", f"training.train_iters={SFT_STEPS}",
                               f"training.save_interval={SFT_STEPS // 2}", *seeded(training_seed))
     run_torchrun(1, ["-m", "megatron_qwen.stages.sft", "configs/tiny.yaml", *overrides])
 
