@@ -153,6 +153,7 @@ def test_sft_with_adapters_learns_the_chat_task(digit_data, sft_base_at, trainin
 
     from megatron_qwen.checkpoint.io import load_model, read_full_state_dict
     from megatron_qwen.config import load_config
+    from megatron_qwen.errors import CheckpointError
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.runtime import Runtime
 
@@ -180,6 +181,10 @@ def test_sft_with_adapters_learns_the_chat_task(digit_data, sft_base_at, trainin
     print(f"held-out exact match with adapters: {scores} (the base: {untrained:.3f})")
     assert untrained < 0.05
     assert scores[SFT_STEPS] > 0.9, scores  # measured 0.995
+    # A model without adapters is not silently given the base alone.
+    with pytest.raises(CheckpointError, match="holds LoRA adapters alone, and this model has none"):
+        load_model(build_model(load_config("configs/tiny.yaml", overrides), Runtime.cpu()),
+                   tmp_path / "checkpoints" / f"iter_{SFT_STEPS:07d}")
     # The adapter-only checkpoint: adapters, their optimizer state and the loop state; the base left where it is.
     saved = read_full_state_dict(tmp_path / "checkpoints" / f"iter_{SFT_STEPS:07d}")
     assert saved and all(".adapter." in key for key in saved), [k for k in saved if ".adapter." not in k][:5]

@@ -291,6 +291,11 @@ def load_model(chunks: list[torch.nn.Module], path: str | os.PathLike, trust: bo
     if record is None:
         load_weights(modules, path, str(path), trust=trust, optional=is_adapter_key)
         return
+    if not any(is_adapter_key(name) for module in modules for name, _ in module.named_parameters()):
+        raise CheckpointError(
+            f"{path} holds LoRA adapters alone, and this model has none: merge them into their base first (see "
+            "docs/conversion.md), or build the model with the checkpoint's peft.* settings"
+        )
     base = record["base"]
     check_base(path, record, base, base_fingerprint(base, trust), f'"base" in {Path(path) / ADAPTER_BASE_FILE}')
     load_weights(modules, base, f"the base {base} of {path}", trust=trust, select=lambda name: not is_adapter_key(name))
