@@ -30,6 +30,8 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_qwen.checkpoint import directory as ckdir
 from megatron_qwen.checkpoint import safety
+from megatron_qwen.checkpoint.adapters import (ADAPTER_BASE_FILE, base_fingerprint, check_base, is_adapter_key,
+                                               read_adapter_base)
 from megatron_qwen.checkpoint.dcp_io import read_chunks, tensor_metadata
 from megatron_qwen.errors import CheckpointError
 
@@ -46,6 +48,7 @@ class ModelUnit(Protocol):
 
     namespace: str
     optimizer: object | None
+    adapters: bool  # trained with low-rank adapters: only the adapter tensors are saved (and loaded) with it
 
     @property
     def modules(self) -> list[torch.nn.Module]: ...
@@ -145,11 +148,20 @@ def _load_optimizer(optimizer, state: dict) -> None:
             inner.state[param]["step"] = step.clone()
 
 
+def adapters_only(state: dict) -> dict:
+    """A chunks' sharded state dict (`chunks_state`) with only the adapter tensors (the base weights left out)."""
+    return {key: {name: item for name, item in chunk.items() if is_adapter_key(name)} for key, chunk in state.items()}
+
+
 def units_state(units: Iterable[ModelUnit], loading: bool = False) -> dict:
-    """The sharded state dict of several units: the root unit at the top, the others under their namespace."""
+    """The sharded state dict of several units: the root unit at the top, the others under their namespace. A
+    unit with adapters contributes only its adapter tensors (and their optimizer state): its base is frozen and
+    stays in the checkpoint it came from (`megatron_qwen.checkpoint.adapters`)."""
     state: dict = {}
     for unit in units:
         unit_state = chunks_state(unit.modules, unit.namespace)
+        if getattr(unit, "adapters", False):
+            unit_state = adapters_only(unit_state)
         if unit.optimizer is not None:
             # Loading needs the state to load into; saving an optimizer that has not stepped yet (PPO's policy
             # during the value warm-up, training.train_iters=0) needs it too.
@@ -169,14 +181,17 @@ def _unprefixed(state: dict, prefix: str) -> dict:
     return {name[len(prefix):] if prefix and name.startswith(prefix) else name: value for name, value in state.items()}
 
 
-def _load_into(modules: list[torch.nn.Module], loaded: dict, namespace: str, where: str, trust: bool) -> None:
+def _load_into(modules: list[torch.nn.Module], loaded: dict, namespace: str, where: str, trust: bool,
+               adapters: bool = False) -> None:
     # Transformer Engine modules carry an _extra_state (FP8 scaling history) that checkpoints of the local spec
-    # and of the converter lack; such a module keeps its fresh one.
+    # and of the converter lack; such a module keeps its fresh one. A unit with adapters loads only those (its
+    # base weights were loaded from their own checkpoint).
     prefix = ckdir.unit_prefix(namespace)
     for key, module in zip(ckdir.chunk_keys(len(modules)), modules):
         safety.screen_extra_states(loaded[key], where, trust)
         missing, unexpected = module.load_state_dict(_unprefixed(loaded[key], prefix), strict=False)
-        missing = [name for name in missing if not name.endswith("_extra_state")]
+        missing = [name for name in missing if not name.endswith("_extra_state")
+                   and (is_adapter_key(name) or not adapters)]
         if missing or unexpected:
             raise CheckpointError(
                 f"{where}: weights do not fit this model (missing {missing}, unexpected {unexpected})"
@@ -225,14 +240,18 @@ def load_weights(
     modules: list[torch.nn.Module], path: str | os.PathLike, what: str, namespace: str = "",
     fresh: tuple[str, ...] = (),
     trust: bool = False,
+    select: Callable[[str], bool] | None = None,
+    optional: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """Load a checkpoint's weights (saved at any layout) into this rank's model chunks; all ranks call this.
 
     The weights are read from the unit at `namespace` of the checkpoint. Tensors the checkpoint has and the
     model lacks (a language model's output layer, for a reward model) are left out; tensors the model has
     and the checkpoint lacks are allowed only when their local names start with one of `fresh` (a scalar
-    head started anew), and keep their initialisation. Returns those names. `what` names the checkpoint in
-    errors (e.g. ``training.init_from=DIR``). `trust` lifts the unpickling allowlist.
+    head started anew), or when `optional(name)` holds, and keep their initialisation. Returns those names.
+    `select(name)`, when given, picks the tensors to load by local name (the others are left as they are: the base
+    weights or the adapters of a model with adapters). `what` names the checkpoint in errors (e.g.
+    ``training.init_from=DIR``). `trust` lifts the unpickling allowlist.
     """
     path = ckdir.require_checkpoint(path, what)
     stored = set(dist_checkpointing.load_tensors_metadata(str(path), safety.AllowlistLoadStrategy(trust)))
@@ -240,10 +259,12 @@ def load_weights(
     request, started_fresh = {}, []
     for key, module in zip(ckdir.chunk_keys(len(modules)), modules):
         sharded = module.sharded_state_dict(prefix=prefix)
+        if select is not None:
+            sharded = {name: item for name, item in sharded.items() if select(name[len(prefix):])}
         absent = {name for name, item in sharded.items()
                   if getattr(item, "key", None) is not None and item.key not in stored}
         local = [name[len(prefix):] for name in absent if not name.endswith("_extra_state")]
-        unexpected = [name for name in local if not name.startswith(fresh)]
+        unexpected = [name for name in local if not name.startswith(fresh) and not (optional and optional(name))]
         if unexpected:
             raise CheckpointError(
                 f"{what}: the checkpoint has no {prefix}{unexpected[0]} ({len(unexpected)} tensor(s) of this model "
@@ -254,15 +275,31 @@ def load_weights(
     loaded = dist_checkpointing.load(request, str(path), **safety.load_strategies(trust))
     for key, module in zip(ckdir.chunk_keys(len(modules)), modules):
         missing, unexpected = module.load_state_dict(_unprefixed(loaded[key], prefix), strict=False)
-        missing = [name for name in missing if not name.endswith("_extra_state")]
+        missing = [name for name in missing if not name.endswith("_extra_state") and (select is None or select(name))]
         if unexpected or set(missing) - set(started_fresh):
             raise CheckpointError(f"{what}: weights do not fit this model (missing {missing}, unexpected {unexpected})")
     return sorted(set(started_fresh))
 
 
 def load_model(chunks: list[torch.nn.Module], path: str | os.PathLike, trust: bool = False) -> None:
-    """Load a model checkpoint's weights, every one of them, into this rank's chunks (all ranks call this)."""
-    load_weights([getattr(c, "module", c) for c in chunks], path, str(path), trust=trust)
+    """Load a model checkpoint's weights, every one of them, into this rank's chunks (all ranks call this). An
+    adapter-only checkpoint (``adapter_base.json``) loads its base first, refused when the base's fingerprint is not
+    the recorded one; the chunks must then have adapters (`megatron_qwen.model.qwen.build_model`). Chunks with
+    adapters take a checkpoint without any as their base, the adapters kept as initialised (B = 0: the base)."""
+    modules = [getattr(c, "module", c) for c in chunks]
+    record = read_adapter_base(path) if ckdir.is_checkpoint(path) else None
+    if record is None:
+        load_weights(modules, path, str(path), trust=trust, optional=is_adapter_key)
+        return
+    if not any(is_adapter_key(name) for module in modules for name, _ in module.named_parameters()):
+        raise CheckpointError(
+            f"{path} holds LoRA adapters alone, and this model has none: merge them into their base first (see "
+            "docs/conversion.md), or build the model with the checkpoint's peft.* settings"
+        )
+    base = record["base"]
+    check_base(path, record, base, base_fingerprint(base, trust), f'"base" in {Path(path) / ADAPTER_BASE_FILE}')
+    load_weights(modules, base, f"the base {base} of {path}", trust=trust, select=lambda name: not is_adapter_key(name))
+    load_weights(modules, path, str(path), trust=trust, select=is_adapter_key)
 
 
 def read_full_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, torch.Tensor]:
@@ -416,7 +453,7 @@ def load_checkpoint(path: str | os.PathLike, units: list[ModelUnit], restore_rng
                               "another kind or size of model; check training.load and the model.* sizes")
     for unit in units:
         unit_loaded = loaded[unit.namespace] if unit.namespace else loaded
-        _load_into(unit.modules, unit_loaded, unit.namespace, str(path), trust)
+        _load_into(unit.modules, unit_loaded, unit.namespace, str(path), trust, getattr(unit, "adapters", False))
         if unit.optimizer is not None:
             _load_optimizer(unit.optimizer, unit_loaded[ckdir.OPTIMIZER_KEY])
     if restore_rng:

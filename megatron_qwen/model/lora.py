@@ -43,6 +43,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from megatron_qwen.checkpoint.adapters import ADAPTER_KEY, is_adapter_key
 from megatron_qwen.config import LORA_PROJECTIONS, Config
 
 # Hugging Face projection -> the short name used in checkpoint keys.
@@ -52,7 +53,6 @@ PART = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj":
 LINEAR_PARTS = {"linear_qkv": ("q", "k", "v"), "linear_proj": ("o",), "linear_fc1": ("gate", "up"),
                 "linear_fc2": ("down",)}
 COLUMN_PARALLEL = ("linear_qkv", "linear_fc1")
-ADAPTER_KEY = ".adapter."  # every adapter tensor's checkpoint key contains it
 
 
 class LoRALinear(torch.nn.Module):
@@ -81,8 +81,9 @@ class LoRALinear(torch.nn.Module):
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         dtype = config.params_dtype
         device = next(base.parameters()).device
-        self.lora_a = torch.nn.ParameterDict()
-        self.lora_b = torch.nn.ParameterDict()
+        # Module names equal the checkpoint keys (``adapter.<part>.lora_a``); the base's own entries are renamed by
+        # the state-dict hooks below, so that `state_dict` and `load_state_dict` use the checkpoint's names too.
+        self.adapter = torch.nn.ModuleDict()
         for part, (fan_in, fan_out) in shapes.items():
             # peft's start: A ~ Kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0 (the adapter is off).
             generator = torch.Generator().manual_seed(_adapter_seed(seed, layer, part))
@@ -93,8 +94,8 @@ class LoRALinear(torch.nn.Module):
                 b = b.chunk(self.tp, dim=0)[tp_rank]
             else:
                 a = a.chunk(self.tp, dim=1)[tp_rank]
-            self.lora_a[part] = torch.nn.Parameter(a.to(device=device, dtype=dtype))
-            self.lora_b[part] = torch.nn.Parameter(b.to(device=device, dtype=dtype).contiguous())
+            self.adapter[part] = _Adapter(torch.nn.Parameter(a.to(device=device, dtype=dtype)),
+                                          torch.nn.Parameter(b.to(device=device, dtype=dtype).contiguous()))
             split, dim = (self.lora_b[part], 0) if self.column else (self.lora_a[part], 1)
             set_tensor_model_parallel_attributes(split, True, dim, 1)
             if not self.column:
@@ -104,12 +105,24 @@ class LoRALinear(torch.nn.Module):
         # A Transformer Engine linear with a fused input norm normalises inside the GEMM; the adapters read the
         # same normalised input.
         self.norm_eps = config.layernorm_epsilon if hasattr(base, "layer_norm_weight") else None
+        self._register_state_dict_hook(_base_names_out)
+        self._register_load_state_dict_pre_hook(_base_names_in)
+
+    @property
+    def lora_a(self) -> dict[str, torch.nn.Parameter]:
+        """Each adapted projection's A ([rank, in], this rank's columns for a row-parallel linear)."""
+        return {part: adapter.lora_a for part, adapter in self.adapter.items()}
+
+    @property
+    def lora_b(self) -> dict[str, torch.nn.Parameter]:
+        """Each adapted projection's B ([out, rank], this rank's rows for a column-parallel linear)."""
+        return {part: adapter.lora_b for part, adapter in self.adapter.items()}
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base", "lora_a", "lora_b"):
+            if name in ("base", "adapter"):
                 raise
             return getattr(self.base, name)  # weight, bias, config, ... of the wrapped linear
 
@@ -179,13 +192,36 @@ class LoRALinear(torch.nn.Module):
                 axes[f"adapter.{part}.lora_b"] = 0
             else:
                 axes[f"adapter.{part}.lora_a"] = 1
-        # Both groups given: megatron-core takes a missing one for a group of one rank once either is passed.
+        # Both groups given: with only one, megatron-core takes no TP group and stores the split tensors unsplit.
         state.update(make_sharded_tensors_for_checkpoint(
             tensors, prefix, axes, sharded_offsets,
             tp_group=parallel_state.get_tensor_model_parallel_group(),
             dp_cp_group=(metadata or {}).get("dp_cp_group") or parallel_state.get_data_parallel_group(
                 with_context_parallel=True)))
         return state
+
+
+class _Adapter(torch.nn.Module):
+    """One projection's A and B (named as in checkpoints: ``adapter.<part>.lora_a``)."""
+
+    def __init__(self, lora_a: torch.nn.Parameter, lora_b: torch.nn.Parameter):
+        super().__init__()
+        self.lora_a = lora_a
+        self.lora_b = lora_b
+
+
+def _base_names_out(module, state_dict, prefix, local_metadata):
+    """`state_dict` hook: the base linear's entries under the linear's own names (``weight``, not ``base.weight``)."""
+    for key in [k for k in state_dict if k.startswith(prefix + "base.")]:
+        state_dict[prefix + key[len(prefix) + len("base."):]] = state_dict.pop(key)
+    return state_dict
+
+
+def _base_names_in(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """`load_state_dict` pre-hook: entries under the linear's names go to the base linear (the inverse of the above)."""
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith((prefix + "adapter.",
+                                                                                     prefix + "base."))]:
+        state_dict[prefix + "base." + key[len(prefix):]] = state_dict.pop(key)
 
 
 def _adapter_seed(seed: int, layer: int, part: str) -> int:
@@ -247,11 +283,6 @@ def adapters_disabled(chunks: list[torch.nn.Module]):
     finally:
         for module, state in zip(modules, states):
             module.enabled = state
-
-
-def is_adapter_key(key: str) -> bool:
-    """Whether checkpoint key `key` is an adapter tensor's."""
-    return ADAPTER_KEY in key
 
 
 __all__ = ["ADAPTER_KEY", "LINEAR_PARTS", "LORA_PROJECTIONS", "LoRALinear", "PART", "adapters_disabled",

@@ -24,6 +24,7 @@ import torch
 
 from megatron_qwen.config import Config, ConfigError, load_config
 from megatron_qwen.errors import UserError
+from megatron_qwen.model.lora import adapters_disabled
 from megatron_qwen.model.qwen import SCALAR_HEAD_KEY, Head
 from megatron_qwen.platform.launch import destroy_distributed, detect_launch, refuse
 from megatron_qwen.tokenizer import load_tokenizer
@@ -157,8 +158,24 @@ def check_stage(cfg: Config, stage: Stage) -> None:
             problems.append(f"the {stage.name} stage holds a frozen {name} model: set {keys} to its checkpoint")
     if stage.step is None and len(stage.trains) != 1:
         problems.append(f"the {stage.name} stage trains {len(stage.trains)} models; give Stage.step to update them")
+    problems += peft_problems(cfg, stage)
     if problems:
         raise ConfigError(problems)
+
+
+def peft_problems(cfg: Config, stage: Stage) -> list[str]:
+    """What a stage cannot do with ``peft.method`` set: adapters go on a language model (not a reward model's
+    scalar head) and train on a base checkpoint that its config key names."""
+    if cfg.peft.method is None:
+        return []
+    models = [model for model in stage.trains.values() if model.head == "lm"]
+    if not models:
+        return [f"peft.method={cfg.peft.method}: the {stage.name} stage trains a scalar-head model, which takes no "
+                "adapters; train it with every parameter (peft.method=null)"]
+    if model_source(cfg, models[0]) is None:
+        return [f"peft.method={cfg.peft.method} trains adapters on a frozen base model: set "
+                f"{' or '.join(models[0].from_keys)} to its checkpoint"]
+    return []
 
 
 class Trainer:
@@ -185,12 +202,20 @@ class Trainer:
             self.units[name] = build_unit(self.cfg, ctx.runtime, name, head=model.head,
                                           rope_at_positions=model.rope_at_positions, lr=lr,
                                           namespace="" if i == 0 else name)
+        # A frozen model that is the base of the model trained with adapters is that model with its adapters off:
+        # no copy of it is built (DPO's and PPO's reference).
+        self.adapter_unit = next((u for u in self.units.values() if u.adapters), None)
+        base = model_source(self.cfg, stage.trains[self.adapter_unit.name]) if self.adapter_unit else None
+        self.base_views = {name for name, model in stage.frozen.items()
+                           if base is not None and model.head == "lm" and model_source(self.cfg, model)[1] == base[1]}
         self.frozen = {name: build_unit(self.cfg, ctx.runtime, name, head=model.head,
                                         rope_at_positions=model.rope_at_positions, trained=False)
-                       for name, model in stage.frozen.items()}
+                       for name, model in stage.frozen.items() if name not in self.base_views}
         self.checkpointer = Checkpointer(ctx)
         self.state = TrainState()
-        saved = self.checkpointer.resume(list(self.units.values()))
+        bases = {name: model_source(self.cfg, model) or (model.from_keys[0], None)
+                 for name, model in stage.trains.items()}
+        saved = self.checkpointer.resume(list(self.units.values()), bases)
         if saved is not None:
             self.state = TrainState(**{k: saved[k] for k in dataclasses.asdict(TrainState()) if k in saved})
         else:
@@ -200,6 +225,9 @@ class Trainer:
                     key, path = source
                     self.checkpointer.init_from(self.units[name], path, f"{key}={path}", model.fresh_keys)
         for name, model in stage.frozen.items():
+            if name in self.base_views:
+                ctx.say(f"the {name} model is the {self.adapter_unit.name} model with its adapters off")
+                continue
             key, path = model_source(self.cfg, model)
             self.checkpointer.load_frozen(self.frozen[name], path, f"{key}={path}", t.offload_frozen)
         self.state.wandb_run_id = ctx.logger.run_id
@@ -229,7 +257,19 @@ class Trainer:
 
     @contextlib.contextmanager
     def frozen_model(self, name: str):
-        """The frozen unit `name` on the device for the duration of the block (offloaded again after it)."""
+        """The frozen unit `name` on the device for the duration of the block (offloaded again after it). The base
+        of a model trained with adapters is that model, in eval mode with its adapters off for the block."""
+        if name in self.base_views:
+            unit = self.adapter_unit
+            training = unit.modules[0].training
+            unit.eval()
+            try:
+                with adapters_disabled(unit.modules):
+                    yield unit
+            finally:
+                if training:
+                    unit.train()
+            return
         unit = self.frozen[name]
         offload = self.cfg.training.offload_frozen
         if offload:

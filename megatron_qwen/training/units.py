@@ -121,6 +121,7 @@ class ModelUnit:
     schedule: LRSchedule | None = None
     weight_decay: float = 0.0
     clip_grad: float = 0.0
+    adapters: bool = False  # low-rank adapters trained on a frozen base (`peft.*`): checkpoints hold the adapters
     host_copies: list[torch.Tensor] | None = field(default=None, repr=False)  # a frozen unit's offloaded weights
 
     @property
@@ -202,8 +203,13 @@ def build_unit(
     namespace: str = "",
 ) -> ModelUnit:
     """A model unit for this rank. Trained: wrapped in DDP with an optimizer and ``training.*``'s LR schedule
-    (peaking at `lr` when given). Frozen: in eval mode, without gradients, DDP or optimizer."""
-    chunks = build_model(cfg, runtime, head, rope_at_positions)
+    (peaking at `lr` when given). Frozen: in eval mode, without gradients, DDP or optimizer.
+
+    A trained language model (head ``lm``) gets ``peft.*``'s low-rank adapters when ``peft.method`` is set: its
+    base weights are frozen, so DDP's gradient buffers and the optimizer (its main weights and Adam moments) hold
+    the adapters alone. Frozen units and scalar-head models (reward, value) stay full."""
+    adapters = trained and head == "lm" and cfg.peft.method is not None
+    chunks = build_model(cfg, runtime, head, rope_at_positions, adapters=adapters)
     if not trained:
         for chunk in chunks:
             chunk.requires_grad_(False)
@@ -217,4 +223,5 @@ def build_unit(
         schedule=LRSchedule.from_training(t, lr),
         weight_decay=t.weight_decay,
         clip_grad=t.clip_grad,
+        adapters=adapters,
     )
