@@ -214,7 +214,11 @@ def test_imported_peft_adapter_gives_peft_logits_and_exports_back_bit_identical(
     assert sorted(config["target_modules"]) == sorted(PEFT_TARGETS)
     imported = yaml_section(root / "imported", "peft")
     assert (imported["method"], imported["rank"], imported["alpha"]) == ("lora", PEFT_R, PEFT_ALPHA)
-    assert json.loads((root / "imported" / "adapter_base.json").read_text())["base"] == str((root / "base").resolve())
+    from megatron_qwen.checkpoint.adapters import base_fingerprint
+
+    # The record training checks: the base's path and its fingerprint (computed here from the base itself).
+    assert json.loads((root / "imported" / "adapter_base.json").read_text()) == {
+        "base": str((root / "base").resolve()), "fingerprint": base_fingerprint(root / "base")}
 
 
 def yaml_section(ckpt: Path, section: str) -> dict:

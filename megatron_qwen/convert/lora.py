@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from megatron_qwen.checkpoint import directory as ckdir
+from megatron_qwen.checkpoint.adapters import ADAPTER_BASE_FILE, adapter_base_record, base_fingerprint
 from megatron_qwen.checkpoint.dcp_io import Chunk, read_chunks, tensor_metadata, write_checkpoint
 from megatron_qwen.config import LORA_PROJECTIONS, ModelConfig, PeftConfig, load_config, validate
 from megatron_qwen.convert import mcore_keys as K
@@ -42,7 +43,6 @@ from megatron_qwen.convert.mcore_layout import stored_layout
 from megatron_qwen.errors import ConfigError, ConversionError
 from megatron_qwen.model.lora import PART, is_adapter_key
 
-ADAPTER_BASE_FILE = "adapter_base.json"
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -348,11 +348,6 @@ def peft_settings(config: dict, where: str) -> PeftConfig:
     return PeftConfig(method="lora", rank=rank, alpha=float(alpha), dropout=float(dropout), target=target)
 
 
-def adapter_base_record(base: Path) -> dict:
-    """adapter_base.json's content for an adapter-only checkpoint on the base checkpoint `base`."""
-    return {"base": str(base.resolve()), "fingerprint": None}
-
-
 def peft_to_mcore(
     adapter_dir: str | os.PathLike,
     base: str | os.PathLike,
@@ -438,10 +433,12 @@ def peft_to_mcore(
                             lambda info=tensors[name], name=name, sizes=piece.sizes:
                             read_safetensors_tensor(info, name).reshape(sizes)))
 
+    fingerprint = base_fingerprint(base, trust_checkpoint)  # what training checks the base against
+
     def write(tmp: Path) -> None:
         write_checkpoint(tmp, chunks, {})
         (tmp / ckdir.MODEL_CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (tmp / ADAPTER_BASE_FILE).write_text(json.dumps(adapter_base_record(base), indent=1) + "\n")
+        (tmp / ADAPTER_BASE_FILE).write_text(adapter_base_record(Path(base).resolve(), fingerprint))
 
     _new_directory(out, write)
     log(f"wrote {out}: LoRA adapters r={peft.rank}, alpha={peft.alpha}, target {peft.target} on base {base}, for "
