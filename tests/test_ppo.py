@@ -412,6 +412,7 @@ def ppo_config(start, *extra):
     (["ppo.max_new_tokens=40"], "ppo.max_new_tokens=40 leaves no room for a prompt within model.seq_length=32"),
     (["ppo.estimator=grpo", "ppo.samples_per_prompt=1", "ppo.prompts_per_step=8"],
      "ppo.samples_per_prompt=1 must be >= 2"),
+    (["peft.method=lora", "peft.dropout=0.1"], "peft.dropout=0.1: PPO needs the old log-probabilities"),
 ])
 def test_configurations_that_cannot_run_are_refused(start, extra, message):
     from megatron_qwen.errors import ConfigError

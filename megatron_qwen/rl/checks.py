@@ -34,6 +34,9 @@ def validate_ppo(cfg: Config, world_size: int) -> None:
     if cfg.model.fp8 is not None:
         problems.append(f"model.fp8={cfg.model.fp8}: PPO generates one token at a time, shapes the FP8 GEMMs do "
                         "not take; train PPO without FP8 (model.fp8=null)")
+    if cfg.peft.method is not None and cfg.peft.dropout:
+        problems.append(f"peft.dropout={cfg.peft.dropout}: PPO needs the old log-probabilities and the first update's "
+                        "to agree, and adapter dropout makes them differ: set peft.dropout=0")
     if cfg.model.hidden_dropout or cfg.model.attention_dropout:
         problems.append("PPO needs the old log-probabilities and the first update's to agree: set "
                         "model.hidden_dropout=0 and model.attention_dropout=0")
