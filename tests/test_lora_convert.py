@@ -356,3 +356,32 @@ if __name__ == "__main__":
     parser.add_argument("--imported", type=Path, required=True)
     args = parser.parse_args()
     sys.exit(worker(args.workdir, args.base, args.imported))
+
+
+@pytest.mark.parallel
+@pytest.mark.usefixtures("single_rank")
+def test_training_starts_its_adapters_from_an_imported_peft_adapter(built, tmp_path):
+    """`peft.adapters_from` on an imported peft adapter: the training unit starts with exactly the imported adapters
+    on its base (the import's adapter_base.json passes training's base check)."""
+    from types import SimpleNamespace
+
+    from megatron_qwen.checkpoint.io import read_full_state_dict, save_model
+    from megatron_qwen.config import load_config
+    from megatron_qwen.platform.runtime import Runtime
+    from megatron_qwen.training.checkpointer import Checkpointer
+    from megatron_qwen.training.units import build_unit
+
+    root = built["root"]
+    cfg = load_config(root / "imported" / "model_config.yaml",
+                      ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=1", "parallel.sp=false",
+                       f"training.init_from={root / 'base'}", f"peft.adapters_from={root / 'imported'}"])
+    said = []
+    unit = build_unit(cfg, Runtime.cpu(), "policy")
+    Checkpointer(SimpleNamespace(cfg=cfg, say=said.append)).init_from(unit, str(root / "base"),
+                                                                      f"training.init_from={root / 'base'}")
+    save_model(unit.chunks, tmp_path / "started")
+    started, imported, base = (read_full_state_dict(p) for p in (tmp_path / "started", root / "imported",
+                                                                  root / "base"))
+    assert sorted(k for k in started if ".adapter." in k) == sorted(imported)
+    assert all(torch.equal(started[k], imported[k] if ".adapter." in k else base[k]) for k in started)
+    assert "peft.adapters_from" in said[-1], said
