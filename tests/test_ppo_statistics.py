@@ -189,7 +189,7 @@ def test_nothing_moves_on_cpu_ranks_or_with_offload_off():
     for offload_frozen, expected in ((False, ["forward"]), (True, ["onload", "forward", "offload"])):
         calls.clear()
         trainer = SimpleNamespace(cfg=SimpleNamespace(training=SimpleNamespace(offload_frozen=offload_frozen)),
-                                  frozen={"reference": spy})
+                                  frozen={"reference": spy}, base_views=set())
         with Trainer.frozen_model(trainer, "reference") as unit:
             assert unit is spy
             calls.append("forward")
