@@ -58,8 +58,9 @@ COLUMN_PARALLEL = ("linear_qkv", "linear_fc1")
 class LoRALinear(torch.nn.Module):
     """A megatron-core linear (``base``, unchanged) plus low-rank adapters on some of the projections it holds.
 
-    `shapes`: projection -> (in features, out features) of the full (unsharded) projection; `column`: whether the
-    base is column-parallel; `groups`: the query groups of a ``linear_qkv`` (its rows interleave q, k, v per group).
+    `linear`: which megatron-core linear `base` is (``linear_qkv``, ...: column- or row-parallel); `shapes`:
+    projection -> (in features, out features) of the full (unsharded) projection; `groups`: the query groups of a
+    ``linear_qkv`` (its rows interleave q, k, v per group).
     """
 
     def __init__(self, base: torch.nn.Module, linear: str, shapes: dict[str, tuple[int, int]], rank: int,
@@ -74,10 +75,10 @@ class LoRALinear(torch.nn.Module):
         self.dropout = dropout
         self.groups = groups
         self.enabled = True
-        self.rows = next(iter(shapes.values()))[1] // parallel_state.get_tensor_model_parallel_world_size()
         config = base.config
         self.sequence_parallel = config.sequence_parallel
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.rows = next(iter(shapes.values()))[1] // self.tp  # this rank's output rows of each projection
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         dtype = config.params_dtype
         device = next(base.parameters()).device
