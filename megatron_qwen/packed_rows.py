@@ -15,7 +15,7 @@ def packed_boundaries(position_ids: torch.Tensor) -> list[int] | None:
     packed sequence begins, or None when no row holds more than one (every row starts a sequence)."""
     b, s = position_ids.shape
     starts = (position_ids == 0).cpu()
-    starts[:, 0] = True
+    starts[:, 0] = True  # every row starts a sequence (padding-only rows included)
     if int(starts.sum()) == b:
         return None
     return torch.nonzero(starts.reshape(-1)).flatten().tolist() + [b * s]

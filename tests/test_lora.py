@@ -43,7 +43,7 @@ def one_step(tmp_path_factory):
 @pytest.mark.parallel
 def test_one_step_at_tp2_pp2_sp_equals_one_rank(one_step):
     from megatron_qwen.checkpoint.io import read_full_state_dict
-    from megatron_qwen.model.lora import is_adapter_key
+    from megatron_qwen.checkpoint.adapters import is_adapter_key
 
     ref = json.loads((one_step / "reference" / "reports.json").read_text())["ranks"][0]
     init = read_full_state_dict(one_step / "init")
@@ -76,7 +76,7 @@ def test_one_step_at_tp2_pp2_sp_equals_one_rank(one_step):
 @pytest.mark.parallel
 def test_adapters_train_on_fp8_base_weights(one_step):
     from megatron_qwen.checkpoint.io import read_full_state_dict
-    from megatron_qwen.model.lora import is_adapter_key
+    from megatron_qwen.checkpoint.adapters import is_adapter_key
 
     ref = json.loads((one_step / "reference" / "reports.json").read_text())["ranks"][0]
     init = read_full_state_dict(one_step / "init")

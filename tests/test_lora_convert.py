@@ -67,7 +67,7 @@ def _load(chunks, base: Path, adapters: Path | None) -> None:
     checkpoint names)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_qwen.model.lora import is_adapter_key
+    from megatron_qwen.checkpoint.adapters import is_adapter_key
 
     for chunk in chunks:
         sharded = chunk.sharded_state_dict()
@@ -87,7 +87,7 @@ def _fill_adapters(chunks) -> None:
     adapters at every layout."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from megatron_qwen.model.lora import is_adapter_key
+    from megatron_qwen.checkpoint.adapters import is_adapter_key
 
     with torch.no_grad():
         for chunk in chunks:
@@ -106,7 +106,7 @@ def worker(workdir: Path, base: Path, imported: Path) -> None:
     from megatron_qwen.checkpoint.io import chunks_state, save_model, save_sharded
     from megatron_qwen.config import load_config, resolve
     from megatron_qwen.inference.forward import ForwardPlan, forward_logits, is_writer
-    from megatron_qwen.model.lora import is_adapter_key
+    from megatron_qwen.checkpoint.adapters import is_adapter_key
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.launch import detect_launch, init_distributed
     from megatron_qwen.platform.runtime import Runtime
@@ -280,7 +280,7 @@ def test_adapter_key_table_is_the_models_checkpoint_layout(overrides):
     from megatron_qwen.config import load_config
     from megatron_qwen.convert.lora import stored_adapter_shapes
     from megatron_qwen.convert.mcore_layout import stored_layout
-    from megatron_qwen.model.lora import is_adapter_key
+    from megatron_qwen.checkpoint.adapters import is_adapter_key
 
     cfg = load_config("configs/tiny.yaml", [*overrides, *OWN_PEFT])
     laid_out = {piece.key: piece.global_shape for piece in stored_layout(cfg, adapters=True)[0]

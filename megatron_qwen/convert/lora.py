@@ -29,7 +29,8 @@ import torch
 import yaml
 
 from megatron_qwen.checkpoint import directory as ckdir
-from megatron_qwen.checkpoint.adapters import ADAPTER_BASE_FILE, adapter_base_record, base_fingerprint
+from megatron_qwen.checkpoint.adapters import (ADAPTER_BASE_FILE, adapter_base_record, base_fingerprint,
+                                               is_adapter_key, read_adapter_base)
 from megatron_qwen.checkpoint.dcp_io import Chunk, read_chunks, tensor_metadata, write_checkpoint
 from megatron_qwen.config import LORA_PROJECTIONS, ModelConfig, PeftConfig, load_config, validate
 from megatron_qwen.convert import mcore_keys as K
@@ -40,8 +41,8 @@ from megatron_qwen.convert.hf_io import (
     write_safetensors,
 )
 from megatron_qwen.convert.mcore_layout import stored_layout
-from megatron_qwen.errors import ConfigError, ConversionError
-from megatron_qwen.model.lora import PART, is_adapter_key
+from megatron_qwen.errors import CheckpointError, ConfigError, ConversionError
+from megatron_qwen.model.lora import PART
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -202,16 +203,15 @@ def base_checkpoint(adapters: Adapters, base: str | os.PathLike | None = None) -
                                   "--base (it names the base of an adapter-only checkpoint)")
         return ckpt
     if base is None:
-        record = ckpt / ADAPTER_BASE_FILE
-        if not record.is_file():
+        try:
+            record = read_adapter_base(ckpt)
+        except CheckpointError as exc:
+            raise ConversionError(f"{exc}; or pass the base with --base CKPT") from None
+        if record is None:
             raise ConversionError(f"--ckpt {ckpt} holds adapters only and has no {ADAPTER_BASE_FILE} naming its "
                                   "base checkpoint; pass the base with --base CKPT")
-        try:
-            base = json.loads(record.read_text())["base"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConversionError(f"{record} does not name a base checkpoint ({exc!r}); pass the base with "
-                                  "--base CKPT") from None
-        what = f"{record}'s base {base}"
+        base = record["base"]
+        what = f"{ckpt / ADAPTER_BASE_FILE}'s base {base}"
     else:
         what = f"--base {base}"
     if not ckdir.is_checkpoint(base):

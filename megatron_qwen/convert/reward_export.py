@@ -32,7 +32,7 @@ from megatron_qwen.convert.to_hf import (
     write_hf_dir,
 )
 from megatron_qwen.errors import ConversionError
-from megatron_qwen.model.lora import is_adapter_key
+from megatron_qwen.checkpoint.adapters import is_adapter_key
 
 SCORE = "score.weight"
 

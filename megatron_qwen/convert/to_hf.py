@@ -38,7 +38,7 @@ from megatron_qwen.convert.layouts import (
 )
 from megatron_qwen.convert.lora import base_checkpoint, merged, open_adapters
 from megatron_qwen.errors import ConversionError
-from megatron_qwen.model.lora import is_adapter_key
+from megatron_qwen.checkpoint.adapters import is_adapter_key
 from megatron_qwen.tokenizer import default_tokenizer_file
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9

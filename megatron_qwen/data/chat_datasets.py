@@ -37,7 +37,7 @@ from megatron_qwen.data.chat import PREFERENCE_KEYS, PROMPT_KEYS, SFT_KEYS
 from megatron_qwen.data.indexed import check_shard
 from megatron_qwen.data.shard_names import shard_prefix
 from megatron_qwen.errors import DataError
-from megatron_qwen.packed_rows import PackedRows
+from megatron_qwen.packed_rows import PackedRows, packed_boundaries
 
 class _Shards:
     """Parallel shards of several prefixes (e.g. tokens and loss mask) addressed as one list of documents."""
@@ -184,13 +184,8 @@ def packed_rows(position_ids: torch.Tensor, device: torch.device) -> PackedRows 
     """The sequence boundaries of packed rows for the attention (`megatron_qwen.packed_rows.PackedRows`), read from
     a micro-batch's position ids on the host before it moves to the GPU, or None when no row holds more
     than one conversation (plain causal attention). A conversation starts wherever its position id is 0."""
-    b, s = position_ids.shape
-    starts = (position_ids == 0).numpy().copy()
-    starts[:, 0] = True  # every row starts a sequence (padding-only rows included)
-    if starts.sum() == b:
-        return None
-    boundaries = np.flatnonzero(starts.reshape(-1)).tolist() + [b * s]
-    return PackedRows.from_boundaries(boundaries, device)
+    boundaries = packed_boundaries(position_ids)
+    return None if boundaries is None else PackedRows.from_boundaries(boundaries, device)
 
 
 def packed_attention_mask(position_ids: torch.Tensor) -> torch.Tensor | None:

@@ -43,15 +43,11 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from megatron_qwen.checkpoint.adapters import ADAPTER_KEY, is_adapter_key
-from megatron_qwen.config import LORA_PROJECTIONS, Config
+from megatron_qwen.config import Config
 
 # Hugging Face projection -> the short name used in checkpoint keys.
 PART = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
         "down_proj": "down"}
-# The projections each fused linear holds, in its row order.
-LINEAR_PARTS = {"linear_qkv": ("q", "k", "v"), "linear_proj": ("o",), "linear_fc1": ("gate", "up"),
-                "linear_fc2": ("down",)}
 COLUMN_PARALLEL = ("linear_qkv", "linear_fc1")
 
 
@@ -59,12 +55,12 @@ class LoRALinear(torch.nn.Module):
     """A megatron-core linear (``base``, unchanged) plus low-rank adapters on some of the projections it holds.
 
     `linear`: which megatron-core linear `base` is (``linear_qkv``, ...: column- or row-parallel); `shapes`:
-    projection -> (in features, out features) of the full (unsharded) projection; `groups`: the query groups of a
-    ``linear_qkv`` (its rows interleave q, k, v per group).
+    projection -> (in features, out features) of the full (unsharded) projection (a ``linear_qkv``'s rows interleave
+    q, k, v per query group of its config).
     """
 
     def __init__(self, base: torch.nn.Module, linear: str, shapes: dict[str, tuple[int, int]], rank: int,
-                 alpha: float, dropout: float, seed: int, layer: int, groups: int = 1):
+                 alpha: float, dropout: float, seed: int, layer: int):
         super().__init__()
         self.base = base
         self.linear = linear
@@ -73,7 +69,6 @@ class LoRALinear(torch.nn.Module):
         self.rank = rank
         self.scale = alpha / rank
         self.dropout = dropout
-        self.groups = groups
         self.enabled = True
         config = base.config
         self.sequence_parallel = config.sequence_parallel
@@ -166,8 +161,8 @@ class LoRALinear(torch.nn.Module):
 
     def _interleave_qkv(self, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
         """q/k/v deltas (an untargeted one is zero) in the fused layout: per query group [its q heads; k; v]."""
-        groups = self.groups // self.tp
         config = self.base.config
+        groups = config.num_query_groups // self.tp
         kv = config.kv_channels  # one key (value) head per group
         q = config.num_attention_heads // config.num_query_groups * kv
         ref = next(iter(deltas.values()))
@@ -261,7 +256,7 @@ def add_adapters(chunk: torch.nn.Module, cfg: Config) -> list[LoRALinear]:
             if not shapes:
                 continue
             wrapper = LoRALinear(getattr(owner, linear), linear, shapes, peft.rank, peft.alpha, peft.dropout,
-                                 cfg.training.seed, index, groups=config.num_query_groups)
+                                 cfg.training.seed, index)
             setattr(owner, linear, wrapper)
             wrapped.append(wrapper)
     return wrapped
@@ -286,5 +281,4 @@ def adapters_disabled(chunks: list[torch.nn.Module]):
             module.enabled = state
 
 
-__all__ = ["ADAPTER_KEY", "LINEAR_PARTS", "LORA_PROJECTIONS", "LoRALinear", "PART", "adapters_disabled",
-           "add_adapters", "is_adapter_key", "lora_modules"]
+__all__ = ["LoRALinear", "PART", "adapters_disabled", "add_adapters", "lora_modules"]

@@ -47,7 +47,7 @@ class PPORun:
         p, t = cfg.ppo, cfg.training
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.runtime.device
         self.policy: ModelUnit = trainer.units["policy"]
-        if getattr(self.policy.chunks[0], "module", self.policy.chunks[0]).config.te_context_parallel:
+        if self.policy.modules[0].config.te_context_parallel:
             raise ConfigError([f"parallel.cp={cfg.parallel.cp} on the Transformer Engine spec: PPO generates its "
                                "rollouts on whole sequences, which Transformer Engine's context-parallel attention "
                                "is not switched out of here; set model.transformer_impl=local (its CP all-gathers "

@@ -59,7 +59,7 @@ def run(name: str, layout: dict, workdir: Path, reference: bool) -> None:
 
     from megatron_qwen.checkpoint.io import load_model, save_model
     from megatron_qwen.config import load_config, resolve
-    from megatron_qwen.model.lora import is_adapter_key
+    from megatron_qwen.checkpoint.adapters import is_adapter_key
     from megatron_qwen.platform.launch import detect_launch, init_distributed
     from megatron_qwen.platform.runtime import Runtime
     from megatron_qwen.training.forward_backward import forward_backward, micro_batch_iterators
