@@ -303,25 +303,26 @@ PPO_MOE = ["model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidd
 
 
 @pytest.mark.parallel
-def test_ppo_and_grpo_on_a_moe_policy_at_ep2(tmp_path):
+def test_ppo_and_grpo_on_a_moe_policy_at_ep2(tmp_path, training_seed):
     """The PPO stage with a MoE policy (and value model) at EP=2 on 2 ranks, rule reward, as tests/test_ppo.py runs
     the dense one: rollouts from the KV-cache engine at EP=2 score the same log-probabilities as the trainer's
     forward (the first update's ratio is exactly 1), and the reward rises; GRPO runs as well."""
     import numpy as np
 
     from spawn import run_torchrun
-    from test_ppo import MODEL, metrics, ppo_args, write_prompts
+    from test_ppo import MODEL, metrics, ppo_args, seeded, write_prompts
 
     write_prompts(tmp_path / "prompts")
     init = tmp_path / "init"
     run_torchrun(1, ["-m", "megatron_qwen.stages.pretrain", "configs/tiny.yaml", *MODEL, *PPO_MOE, "data.split=100,0,0",
                      f"data.paths=[{tmp_path / 'prompts_prompt_document'}]", f"data.cache_dir={tmp_path / 'cache'}",
-                     "training.train_iters=0", f"logging.run_dir={init}"])
+                     "training.train_iters=0", f"logging.run_dir={init}", *seeded(training_seed)])
     start = (tmp_path, init / "checkpoints" / "iter_0000000")
     report = []
     for name, steps, extra in (("gae", 24, []), ("grpo", 8, ["ppo.estimator=grpo", "ppo.kl_coef=0.2"])):
         run = tmp_path / name
-        run_torchrun(2, ppo_args(start, run, *PPO_MOE, "parallel.ep=2", f"training.train_iters={steps}", *extra))
+        run_torchrun(2, ppo_args(start, run, *PPO_MOE, "parallel.ep=2", f"training.train_iters={steps}", *extra,
+                                 *seeded(training_seed)))
         curve = metrics(run)
         assert sorted(curve) == list(range(1, steps + 1))
         gap = max(abs(curve[s]["sampler_trainer_logprob_gap"]) for s in curve)
