@@ -173,6 +173,7 @@ def test_ppo_rollouts_draw_the_family_ids_and_rewards_read_its_text(wide_checkpo
     from megatron_qwen.model.qwen import build_model
     from megatron_qwen.platform.runtime import Runtime
     from megatron_qwen.rl.trainer import PPORun
+    from megatron_qwen.training.units import ModelUnit
     from megatron_qwen.tokenizer import load_tokenizer
 
     cfg = load_config("configs/tiny.yaml", wide_model(family) + ["ppo.reward_fn=ppo_rewards:good_fraction",
@@ -182,7 +183,7 @@ def test_ppo_rollouts_draw_the_family_ids_and_rewards_read_its_text(wide_checkpo
     tok = load_tokenizer(family=family)
     trainer = SimpleNamespace(
         cfg=cfg, ctx=SimpleNamespace(runtime=Runtime.cpu(), layout=SimpleNamespace(dp=1), dp_rank=0),
-        units={"policy": SimpleNamespace(chunks=chunks)}, frozen={}, state=SimpleNamespace(stage_state={}, step=0),
+        units={"policy": ModelUnit("policy", chunks, Runtime.cpu())}, frozen={}, state=SimpleNamespace(stage_state={}, step=0),
         tokenizer=tok)
     run = PPORun(trainer)
     result = run.engine.generate([tok.encode("Hello there")],
