@@ -183,7 +183,8 @@ def test_ppo_rollouts_draw_the_family_ids_and_rewards_read_its_text(wide_checkpo
     tok = load_tokenizer(family=family)
     trainer = SimpleNamespace(
         cfg=cfg, ctx=SimpleNamespace(runtime=Runtime.cpu(), layout=SimpleNamespace(dp=1), dp_rank=0),
-        units={"policy": ModelUnit("policy", chunks, Runtime.cpu())}, frozen={}, state=SimpleNamespace(stage_state={}, step=0),
+        units={"policy": ModelUnit("policy", chunks, Runtime.cpu())}, frozen={},
+        state=SimpleNamespace(stage_state={}, step=0),
         tokenizer=tok)
     run = PPORun(trainer)
     result = run.engine.generate([tok.encode("Hello there")],

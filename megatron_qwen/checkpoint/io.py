@@ -14,8 +14,10 @@ unless the caller passes ``trust=True`` (``training.trust_checkpoint``).
 from __future__ import annotations
 
 import json
+import copy
 import os
 import random
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -24,6 +26,8 @@ from typing import Callable, Iterable, Protocol
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -146,6 +150,86 @@ def _load_optimizer(optimizer, state: dict) -> None:
         # then advance once per parameter at every step.
         for param, step in steps.items():
             inner.state[param]["step"] = step.clone()
+
+
+# megatron-core chains one optimizer per parameter kind and prefixes each one's tensors with its place in the
+# chain (``chained_1.optimizer.state.exp_avg.<parameter>``); with a single optimizer there is no prefix.
+_CHAIN_PREFIX = re.compile(r"^chained_\d+\.")
+
+
+def _match_regrouped_keys(optimizer_state: dict, stored: set[str]) -> bool:
+    """Point every optimizer tensor of `optimizer_state` (a sharded state dict to load) that the checkpoint lacks
+    at the key the checkpoint stores the same parameter's state under with another chain prefix; True when any
+    moved. This happens when the parameters were grouped into other optimizers when it was saved: megatron-core
+    gives a MoE model's experts an optimizer of their own only at EP > 1, so the chain is one optimizer at EP = 1
+    and two (dense, experts) above."""
+    by_parameter = {_CHAIN_PREFIX.sub("", key): key for key in stored}
+    moved = False
+    for item in nested_values(optimizer_state):
+        if not isinstance(item, (ShardedTensor, ShardedTensorFactory)) or item.key in stored:
+            continue
+        saved_key = by_parameter.get(_CHAIN_PREFIX.sub("", item.key))
+        if saved_key is not None:
+            item.key, moved = saved_key, True
+    return moved
+
+
+def _saved_optimizer_step(loaded: object) -> float:
+    """The optimizer step count in the common (non-tensor) part of a loaded optimizer state, whatever optimizers
+    saved it: the distributed optimizer keeps it in each parameter group, the others as ``common_step`` (absent
+    before the first step)."""
+    steps: set[float] = set()
+
+    def walk(value: object) -> None:
+        if isinstance(value, dict):
+            if "common_step" in value:
+                steps.add(float(value["common_step"]))
+            for group in value.get("param_groups", []) if isinstance(value.get("param_groups"), list) else []:
+                if isinstance(group, dict) and group.get("step") is not None:
+                    steps.add(float(group["step"]))
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    walk(loaded)
+    if len(steps) > 1:
+        raise CheckpointError(f"the saved optimizers disagree on their step count ({sorted(steps)})")
+    return steps.pop() if steps else 0.0
+
+
+def _load_regrouped_optimizer(optimizer, loaded: dict) -> None:
+    """Load optimizer state saved with the parameters grouped into other megatron-core optimizers (see
+    `_match_regrouped_keys`). Each optimizer of this run takes its parameters' tensors (moments, main weights) from
+    the checkpoint, its parameter groups from this run (their learning rate and weight decay are set from the
+    schedule at every step) and the saved step count."""
+    step = _saved_optimizer_step(loaded)
+    optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    shares = [loaded[i] for i in range(len(optimizers))] if len(optimizers) > 1 else [loaded]
+    for opt, share in zip(optimizers, shares):
+        own = copy.copy(opt.state_dict())
+        if isinstance(opt, DistributedOptimizer):
+            own["optimizer"] = copy.deepcopy(own["optimizer"])
+            for group in own["optimizer"]["param_groups"]:
+                group["step"] = step
+            _load_optimizer(opt, {**own, "param_state": share["param_state"],
+                                  "param_state_sharding_type": share.get("param_state_sharding_type",
+                                                                         "fully_reshardable")})
+            continue
+        # megatron-core's optimizers over whole parameters: Float16OptimizerWithFloat16Params keeps the torch
+        # optimizer's state under "optimizer" beside its fp32 main weights; FP32Optimizer is that state itself.
+        nested = "optimizer" in own
+        inner, saved = (own["optimizer"], share["optimizer"]) if nested else (own, share)
+        state = {index: value for index, value in saved["state"].items() if isinstance(index, int)}
+        state["common_step"] = torch.tensor(step, dtype=torch.float32)
+        inner = {"state": state, "param_groups": copy.deepcopy(inner["param_groups"])}
+        if nested:
+            own["optimizer"] = inner
+            own["fp32_from_fp16_params"] = share["fp32_from_fp16_params"]
+            opt.load_state_dict(own)
+        else:
+            opt.load_state_dict(inner)
 
 
 def adapters_only(state: dict) -> dict:
@@ -444,8 +528,11 @@ def load_checkpoint(path: str | os.PathLike, units: list[ModelUnit], restore_rng
     saved state. RNG states are restored only when `restore_rng` (one file per rank, same layout). `trust`
     lifts the unpickling allowlist."""
     path = Path(path)
-    loaded, _, absent = dist_checkpointing.load(units_state(units, loading=True), str(path),
-                                                strict=StrictHandling.RETURN_UNEXPECTED,
+    requested = units_state(units, loading=True)
+    stored = set(tensor_metadata(path, trust))
+    regrouped = {unit.namespace for unit in units if unit.optimizer is not None and _match_regrouped_keys(
+        (requested[unit.namespace] if unit.namespace else requested)[ckdir.OPTIMIZER_KEY], stored)}
+    loaded, _, absent = dist_checkpointing.load(requested, str(path), strict=StrictHandling.RETURN_UNEXPECTED,
                                                 **safety.load_strategies(trust))
     absent = sorted(key for key in absent if not key.endswith("_extra_state"))  # see _load_into
     if absent:
@@ -454,7 +541,9 @@ def load_checkpoint(path: str | os.PathLike, units: list[ModelUnit], restore_rng
     for unit in units:
         unit_loaded = loaded[unit.namespace] if unit.namespace else loaded
         _load_into(unit.modules, unit_loaded, unit.namespace, str(path), trust, getattr(unit, "adapters", False))
-        if unit.optimizer is not None:
+        if unit.namespace in regrouped:
+            _load_regrouped_optimizer(unit.optimizer, unit_loaded[ckdir.OPTIMIZER_KEY])
+        elif unit.optimizer is not None:
             _load_optimizer(unit.optimizer, unit_loaded[ckdir.OPTIMIZER_KEY])
     if restore_rng:
         rng = _read_rng_state(path, trust)

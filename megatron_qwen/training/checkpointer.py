@@ -45,7 +45,6 @@ class Checkpointer:
                 self._resume_base(unit, key, path)
         layout = dataclasses.asdict(ctx.layout)
         saved_layout = filled_layout(ctx.saved_state.get("layout"))
-        check_expert_split(ctx.cfg.model.is_moe, (saved_layout or {}).get("ep", 1), layout["ep"], ctx.resume_from)
         # RNG streams are per rank: they are restored only at the layout that wrote them.
         saved = checkpointing.load_checkpoint(ctx.resume_from, units, restore_rng=saved_layout == layout,
                                               trust=ctx.cfg.training.trust_checkpoint)
@@ -146,19 +145,6 @@ class Checkpointer:
         path = checkpointing.save_checkpoint(ctx.save_dir, step, units, train_state, t.keep_last, files,
                                              ctx.faults.before_commit)
         ctx.say(f"saved checkpoint {path}")
-
-
-def check_expert_split(moe: bool, saved_ep: int, ep: int, path) -> None:
-    """CheckpointError for a MoE run resumed across EP = 1 and EP > 1: megatron-core gives the expert parameters an
-    optimizer of their own only when EP > 1, so the saved optimizer state does not load across that change (it
-    fails deep in megatron-core's state merge otherwise)."""
-    if moe and (saved_ep > 1) != (ep > 1):
-        raise CheckpointError(
-            f"{path} was saved at parallel.ep={saved_ep} and this run has parallel.ep={ep}: the optimizer state of "
-            "a mixture-of-experts model does not carry across EP = 1 and EP > 1 (the experts have an optimizer of "
-            f"their own only when EP > 1); resume at an EP {'> 1' if saved_ep > 1 else 'of 1'}, or start a new run "
-            f"from its weights with training.init_from={path}"
-        )
 
 
 def filled_layout(saved: dict | None) -> dict | None:
