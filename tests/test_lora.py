@@ -24,6 +24,8 @@ from spawn import REPO, run_torchrun
 WORKER = str(Path(__file__).parent / "parallel" / "lora_worker.py")
 LAYOUTS = {"tp2-pp2-sp": "2,2,1,1,0,0", "tp2-sp-dp2-distopt": "2,1,1,1,1,0", "pp2-vpp2-dp2": "1,2,2,0,0,0"}
 FP8 = {"tp2-pp2-sp-fp8": "2,2,1,1,0,1"}  # the base's GEMMs in FP8 (torchao, the local spec), the adapters' in fp32
+# The worker's tiny Qwen2-MoE (shared expert adapted, routed experts frozen) at TP=2 x EP=2 with SP.
+MOE_LAYOUTS = {"moe-tp2-ep2-sp": "2,1,1,1,0,0,2"}
 
 
 def max_relative_difference(a, b) -> float:
@@ -36,26 +38,28 @@ def one_step(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora-step")
     run_torchrun(1, [WORKER, "--workdir", str(root), "--reference"])
     run_torchrun(4, [WORKER, "--workdir", str(root), "--layouts",
-                     ";".join(f"{name}:{sizes}" for name, sizes in {**LAYOUTS, **FP8}.items())])
+                     ";".join(f"{name}:{sizes}" for name, sizes in {**LAYOUTS, **FP8, **MOE_LAYOUTS}.items())])
     return root
 
 
-@pytest.mark.parallel
-def test_one_step_at_tp2_pp2_sp_equals_one_rank(one_step):
+def assert_layouts_equal_one_rank(one_step: Path, layouts, reference: str, init_name: str, expected: int) -> dict:
+    """Each of `layouts`' one step equals the one-rank `reference`'s (loss, gradient norm, every adapter after the
+    step and, without the distributed optimizer, its reduced gradient, within 1e-5 relative), the base weights
+    bit-identical; the reference holds `expected` adapter tensors and moved each. Returns the checkpoint's
+    tensors before the step."""
     from megatron_qwen.checkpoint.io import read_full_state_dict
     from megatron_qwen.checkpoint.adapters import is_adapter_key
 
-    ref = json.loads((one_step / "reference" / "reports.json").read_text())["ranks"][0]
-    init = read_full_state_dict(one_step / "init")
-    ref_after = read_full_state_dict(one_step / "reference" / "after")
-    ref_grads = read_full_state_dict(one_step / "reference" / "grads")
+    ref = json.loads((one_step / reference / "reports.json").read_text())["ranks"][0]
+    init = read_full_state_dict(one_step / init_name)
+    ref_after = read_full_state_dict(one_step / reference / "after")
+    ref_grads = read_full_state_dict(one_step / reference / "grads")
     adapters = sorted(k for k in init if is_adapter_key(k))
-    # q, k, v, o, gate, up, down: an A and a B each, layers stacked.
-    assert len(adapters) == 14, adapters
+    assert len(adapters) == expected, adapters
     # The reference moved every adapter (A too: B started nonzero) and kept the base bit for bit.
     assert all(not torch.equal(ref_after[k], init[k]) and ref_grads[k].abs().max() > 0 for k in adapters)
     assert all(torch.equal(ref_after[k], init[k]) for k in init if k not in adapters)
-    for name in LAYOUTS:
+    for name in layouts:
         got = json.loads((one_step / name / "reports.json").read_text())["ranks"][0]
         assert got["updated"]
         assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (name, got["loss"], ref["loss"])
@@ -71,6 +75,25 @@ def test_one_step_at_tp2_pp2_sp_equals_one_rank(one_step):
               f"{abs(got['grad_norm'] - ref['grad_norm']) / ref['grad_norm']:.1e}, worst adapter "
               + ", ".join(f"{what} {value:.1e}" for what, value in worst.items()))
         assert max(worst.values()) < 1e-5, (name, worst)
+    return init
+
+
+@pytest.mark.parallel
+def test_one_step_at_tp2_pp2_sp_equals_one_rank(one_step):
+    # q, k, v, o, gate, up, down: an A and a B each, layers stacked.
+    assert_layouts_equal_one_rank(one_step, LAYOUTS, "reference", "init", 14)
+
+
+@pytest.mark.parallel
+def test_one_step_of_a_moe_with_shared_expert_adapters_at_tp2_ep2_sp_equals_one_rank(one_step):
+    """The tiny Qwen2-MoE (layers 0, 2, 3 MoE with a gated shared expert, layer 1 dense) at TP=2 x EP=2 with SP:
+    its adapters (attention, the dense MLP, the shared experts) step as on one rank; the routed experts, routers
+    and shared-expert gates stay bit-identical."""
+    init = assert_layouts_equal_one_rank(one_step, MOE_LAYOUTS, "reference-moe", "init-moe",
+                                         2 * (4 * 4 + 3 * 4))  # per layer: q, k, v, o + 3 MLP projections
+    shared = [k for k in init if ".shared_experts." in k and ".adapter." in k]
+    assert len(shared) == 2 * 3 * 3, shared  # 3 MoE layers x gate, up, down x A, B
+    assert any(".experts." in k and ".shared_experts." not in k for k in init)  # routed experts exist, unadapted
 
 
 @pytest.mark.parallel
@@ -90,7 +113,7 @@ def test_adapters_train_on_fp8_base_weights(one_step):
 
 @pytest.mark.parallel
 def test_only_adapters_get_gradients_and_optimizer_state(one_step):
-    for name in ["reference", *LAYOUTS, *FP8]:
+    for name in ["reference", "reference-moe", *LAYOUTS, *FP8, *MOE_LAYOUTS]:
         for rank, checks in enumerate(json.loads((one_step / name / "reports.json").read_text())["ranks"]):
             assert checks["trainable_not_adapters"] == [], (name, rank)
             assert checks["main_grads_not_adapters"] == [], (name, rank)
@@ -337,7 +360,7 @@ def test_stages_refuse_what_adapters_cannot_do():
 
 
 @pytest.mark.usefixtures("single_rank")
-def test_moe_layers_take_adapters_on_their_attention_only():
+def test_moe_layers_take_adapters_on_their_attention_and_shared_expert_only():
     from megatron_qwen.config import load_config
     from megatron_qwen.model.lora import adapters_disabled, lora_modules
     from megatron_qwen.model.qwen import build_model
@@ -348,9 +371,13 @@ def test_moe_layers_take_adapters_on_their_attention_only():
                                             "model.num_experts=4", "model.moe_ffn_hidden_size=32",
                                             "model.moe_shared_expert_ffn_hidden_size=32"])
     chunk = build_model(cfg, Runtime.cpu(), adapters=True)[0]
-    assert sorted({m.linear for m in lora_modules([chunk])}) == ["linear_proj", "linear_qkv"]
+    assert sorted({m.linear for m in lora_modules([chunk])}) == ["linear_fc1", "linear_fc2", "linear_proj",
+                                                                 "linear_qkv"]
     trained = [n for n, p in chunk.named_parameters() if p.requires_grad]
-    assert trained and all(".adapter." in n and ".self_attention." in n for n in trained), trained
+    assert trained and all(".adapter." in n and (".self_attention." in n or ".mlp.shared_experts." in n)
+                           for n in trained), trained
+    # Each layer: q, k, v, o and the shared expert's gate, up, down; the routed experts and the router take none.
+    assert len(trained) == 2 * 2 * 7, trained
     for module in lora_modules([chunk]):  # nonzero adapters, so that switching them off shows
         for b in module.lora_b.values():
             b.data.normal_(0, 0.05)

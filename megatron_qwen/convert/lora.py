@@ -12,6 +12,11 @@ adapter-only one (the adapter tensors alone, its base checkpoint named in ``adap
 ``model_config.yaml`` carries the ``peft`` section (rank, alpha, dropout, targets). A `peft` adapter directory is
 ``adapter_config.json`` + ``adapter_model.safetensors`` with names
 ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` ... (A = lora_A, B = lora_B).
+
+Adapters sit on every layer's attention and on the MLP of dense layers; in a Qwen2-MoE layer the MLP targets adapt
+the shared expert, named here as in transformers (``shared_expert.gate_proj``: peft's
+``mlp.shared_expert.gate_proj``, the checkpoint's ``mlp.shared_experts.linear_fc1.adapter.gate``). The routed
+experts take none.
 """
 
 from __future__ import annotations
@@ -51,9 +56,12 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 LINEAR_KEYS = {"linear_qkv": "decoder.layers.self_attention.linear_qkv",
                "linear_proj": "decoder.layers.self_attention.linear_proj",
                "linear_fc1": "decoder.layers.mlp.linear_fc1", "linear_fc2": "decoder.layers.mlp.linear_fc2"}
+# A MoE layer's shared expert: its projections are named "shared_expert.gate_proj" ... (transformers' module path
+# under the layer's mlp), its checkpoint keys lie under mlp.shared_experts.
+SHARED = "shared_expert."
 _PROJECTION_OF_PART = {part: hf for hf, part in PART.items()}
 _ADAPTER_KEY = re.compile(r".*\.adapter\.(\w+)\.lora_([ab])")
-_HF_WEIGHT = re.compile(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.weight")
+_HF_WEIGHT = re.compile(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.((?:shared_expert\.)?\w+_proj)\.weight")
 
 # adapter_config.json keys whose value must be plain LoRA's: (what other values mean, the values accepted).
 _PLAIN_LORA = {
@@ -77,8 +85,20 @@ _PLAIN_LORA = {
 
 
 def adapter_key(projection: str, matrix: str) -> str:
-    """The logical (stacked) checkpoint key of `projection`'s (Hugging Face name) A (`matrix` "a") or B ("b")."""
-    return f"{LINEAR_KEYS[LORA_PROJECTIONS[projection]]}.adapter.{PART[projection]}.lora_{matrix}"
+    """The logical (stacked) checkpoint key of `projection`'s (Hugging Face name, ``shared_expert.`` in front for
+    a MoE layer's shared expert) A (`matrix` "a") or B ("b")."""
+    hf = projection.removeprefix(SHARED)
+    linear = LINEAR_KEYS[LORA_PROJECTIONS[hf]]
+    if projection.startswith(SHARED):
+        linear = linear.replace(".mlp.", ".mlp.shared_experts.")
+    return f"{linear}.adapter.{PART[hf]}.lora_{matrix}"
+
+
+def projection_of(logical_key: str) -> tuple[str, str]:
+    """(projection, "a" or "b") of a logical adapter checkpoint key (the inverse of `adapter_key`)."""
+    part, matrix = _ADAPTER_KEY.fullmatch(logical_key).groups()
+    shared = SHARED if ".shared_experts." in logical_key else ""
+    return shared + _PROJECTION_OF_PART[part], matrix
 
 
 def peft_name(projection: str, layer: int, matrix: str) -> str:
@@ -89,18 +109,29 @@ def peft_name(projection: str, layer: int, matrix: str) -> str:
 
 def adapter_shapes(m: ModelConfig, peft: PeftConfig) -> dict[tuple[str, int, str], tuple[int, int]]:
     """(projection, layer, "a" or "b") -> full shape of every adapter matrix of model `m` with `peft`'s settings:
-    every layer's attention, and the MLPs of dense layers (the experts of mixture-of-experts layers take none)."""
-    H, F, d = m.hidden_size, m.ffn_hidden_size, m.head_dim
+    every layer's attention, the MLPs of dense layers and the shared expert of mixture-of-experts layers (whose
+    projections are named ``shared_expert.gate_proj`` ...; the routed experts take none)."""
+    H, d = m.hidden_size, m.head_dim
     q, kv = m.num_attention_heads * d, m.kv_heads * d
-    fans = {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H), "gate_proj": (H, F),
-            "up_proj": (H, F), "down_proj": (F, H)}
+    attention = {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H)}
+
+    def mlp(F: int) -> dict:
+        return {"gate_proj": (H, F), "up_proj": (H, F), "down_proj": (F, H)}
+
     out = {}
     for layer in range(m.num_layers):
+        if not m.moe_layers[layer]:
+            fans = {**attention, **mlp(m.ffn_hidden_size)}
+        elif m.moe_shared_expert_ffn_hidden_size:
+            fans = {**attention, **{SHARED + hf: fan for hf, fan in mlp(m.moe_shared_expert_ffn_hidden_size).items()}}
+        else:
+            fans = attention
         for projection in peft.projections():
-            if projection in ATTENTION or not m.moe_layers[layer]:
-                fan_in, fan_out = fans[projection]
-                out[(projection, layer, "a")] = (peft.rank, fan_in)
-                out[(projection, layer, "b")] = (fan_out, peft.rank)
+            for name in (projection, SHARED + projection):
+                if name in fans:
+                    fan_in, fan_out = fans[name]
+                    out[(name, layer, "a")] = (peft.rank, fan_in)
+                    out[(name, layer, "b")] = (fan_out, peft.rank)
     return out
 
 
@@ -413,8 +444,9 @@ def peft_to_mcore(
     if unexpected:
         raise ConversionError(
             f"{weights} holds {unexpected[0]} ({len(unexpected)} tensor(s) beyond the projections' adapters); the "
-            "project's adapters cover the attention of every layer and dense MLPs only: merge the adapter with "
-            "peft's merge_and_unload() and convert the merged model with hf-to-mcore"
+            "project's adapters cover the attention of every layer, dense MLPs and shared experts only (not routed "
+            "experts, embeddings or the output layer): merge the adapter with peft's merge_and_unload() and convert "
+            "the merged model with hf-to-mcore"
         )
     chunks = []
     for piece in stored_layout(cfg, adapters=True)[0]:
@@ -422,12 +454,12 @@ def peft_to_mcore(
             continue
         logical, layer = K.split_layer_key(piece.key)
         layer = piece.offsets[0] if layer is None else layer
-        part, matrix = _ADAPTER_KEY.fullmatch(logical).groups()
-        name = peft_name(_PROJECTION_OF_PART[part], layer, matrix)
-        dtypes = {tensors[peft_name(_PROJECTION_OF_PART[part], i, matrix)].dtype for i in range(m.num_layers)
-                  if peft_name(_PROJECTION_OF_PART[part], i, matrix) in tensors}
+        projection, matrix = projection_of(logical)
+        name = peft_name(projection, layer, matrix)
+        dtypes = {tensors[peft_name(projection, i, matrix)].dtype for i in range(m.num_layers)
+                  if peft_name(projection, i, matrix) in tensors}
         if len(dtypes) > 1:
-            raise ConversionError(f"{weights}: the layers' {name.split('.')[-3]}.lora_{matrix.upper()} tensors have "
+            raise ConversionError(f"{weights}: the layers' {projection}.lora_{matrix.upper()} tensors have "
                                   f"different dtypes ({sorted(map(str, dtypes))}); save the adapter in one dtype")
         chunks.append(Chunk(piece.key, piece.global_shape, piece.offsets, piece.sizes, tensors[name].dtype,
                             lambda info=tensors[name], name=name, sizes=piece.sizes:
@@ -448,4 +480,4 @@ def peft_to_mcore(
 
 __all__ = ["ADAPTER_BASE_FILE", "Adapters", "PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE", "adapter_key",
            "adapter_shapes", "base_checkpoint", "mcore_to_peft", "merged", "open_adapters", "peft_name",
-           "peft_settings", "peft_to_mcore"]
+           "peft_settings", "peft_to_mcore", "projection_of"]

@@ -20,8 +20,10 @@ down), stored at their full (unsharded) shapes: A [rank, in], B [out, rank], row
 order. Adapters start as `peft` starts them (A Kaiming-uniform, B zero), drawn from ``training.seed``, the layer's
 global index and the projection, so every layout starts from the same adapters.
 
-Only the local layers and Transformer Engine's are wrapped; the routed experts of MoE layers stay frozen (the
-attention of every layer, dense MLPs and dense layers among MoE layers take adapters).
+Only the local layers and Transformer Engine's are wrapped. In mixture-of-experts layers the MLP targets adapt the
+shared expert (Qwen2-MoE's; its sigmoid gate stays frozen), as `peft` does on transformers' model, whose shared
+expert has gate/up/down projections while the routed experts are fused parameters; the routed experts and the
+router stay frozen.
 """
 
 from __future__ import annotations
@@ -241,9 +243,11 @@ def add_adapters(chunk: torch.nn.Module, cfg: Config) -> list[LoRALinear]:
     for layer in chunk.decoder.layers:
         index = layer.layer_number - 1  # global, 0-based
         owners = {"linear_qkv": layer.self_attention, "linear_proj": layer.self_attention}
-        if isinstance(layer.mlp, MLP):  # a dense MLP (the routed experts of a MoE layer stay frozen)
-            owners.update(linear_fc1=layer.mlp, linear_fc2=layer.mlp)
-        ffn = layer.mlp.config.ffn_hidden_size if isinstance(layer.mlp, MLP) else None
+        # A dense MLP, or a MoE layer's shared expert (an MLP of its own width); the routed experts stay frozen.
+        mlp = layer.mlp if isinstance(layer.mlp, MLP) else getattr(layer.mlp, "shared_experts", None)
+        if mlp is not None:
+            owners.update(linear_fc1=mlp, linear_fc2=mlp)
+        ffn = mlp.config.ffn_hidden_size if mlp is not None else None
         full = {
             "linear_qkv": {"q": (config.hidden_size, q_rows), "k": (config.hidden_size, kv_rows),
                            "v": (config.hidden_size, kv_rows)},

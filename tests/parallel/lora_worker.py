@@ -5,7 +5,9 @@ so that A's gradient is too) and the TP=1 results; ``--layouts`` then runs each 
 parallelism takes the rest) from that checkpoint and the same global batch. Each run saves the model after the step
 (base and adapters at full shape) and the adapters' reduced gradients in the same form, and writes its loss,
 gradient norm and what DDP and the optimizer hold: which parameters have a main gradient and how many elements
-the Adam moments cover, against the adapters' element count.
+the Adam moments cover, against the adapters' element count. A layout with ``moe`` set runs a tiny Qwen2-MoE
+instead (a shared expert with its gate, layer 1 dense among MoE layers), its reference ``reference-moe`` from
+``init-moe``: the shared experts take adapters, the routed experts and routers stay frozen.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ VOCAB, ROWS, LENGTH, MICRO = 128, 8, 16, 2
 MODEL = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
          "model.ffn_hidden_size=128", f"model.padded_vocab_size={VOCAB}", "model.seq_length=32",
          "model.max_position_embeddings=64"]
+MOE = ["model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
+       "model.moe_shared_expert_ffn_hidden_size=48", "model.moe_shared_expert_gate=true",
+       "model.moe_mlp_only_layers=[1]", "model.moe_aux_loss_coeff=0.01"]
 PEFT = ["peft.method=lora", "peft.rank=4", "peft.alpha=8", "training.lr=1e-3", "training.min_lr=1e-3",
         "training.lr_warmup_iters=0", "training.weight_decay=0.1"]
 
@@ -66,8 +71,10 @@ def run(name: str, layout: dict, workdir: Path, reference: bool) -> None:
     from megatron_qwen.training.units import build_unit
 
     world = detect_launch().world_size
-    cfg = load_config(REPO / "configs" / "tiny.yaml", MODEL + PEFT + [
-        f"parallel.tp={layout['tp']}", f"parallel.pp={layout['pp']}", f"parallel.vpp={layout['vpp']}",
+    moe = layout.get("moe", False)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", MODEL + (MOE if moe else []) + PEFT + [
+        f"parallel.tp={layout['tp']}", f"parallel.ep={layout.get('ep', 1)}", f"parallel.pp={layout['pp']}",
+        f"parallel.vpp={layout['vpp']}",
         f"parallel.sp={str(layout['sp']).lower()}",
         f"parallel.use_distributed_optimizer={str(layout['distopt']).lower()}",
         f"training.micro_batch_size={MICRO}", f"training.global_batch_size={ROWS}",
@@ -76,12 +83,13 @@ def run(name: str, layout: dict, workdir: Path, reference: bool) -> None:
     cfg, resolved, _ = resolve(cfg, world)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    init_distributed(resolved.tp, resolved.pp, resolved.vpp, device="cpu")
+    init_distributed(resolved.tp, resolved.pp, resolved.vpp, device="cpu", ep=resolved.ep)
     unit = build_unit(cfg, Runtime.cpu(), "lm")
+    init = workdir / ("init-moe" if moe else "init")
     if reference:
         perturb_adapters(unit)
-        save_model(unit.chunks, workdir / "init")
-    load_model(unit.chunks, workdir / "init")
+        save_model(unit.chunks, init)
+    load_model(unit.chunks, init)
 
     dp = resolved.dp
     share = ROWS // dp // MICRO
@@ -124,16 +132,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--reference", action="store_true")
-    parser.add_argument("--layouts", default="", help="name:tp,pp,vpp,sp,distopt,fp8;... (fp8: FP8 base GEMMs)")
+    parser.add_argument("--layouts", default="",
+                        help="name:tp,pp,vpp,sp,distopt,fp8[,ep];... (fp8: FP8 base GEMMs; ep given: the MoE model)")
     args = parser.parse_args()
     if args.reference:
-        run("reference", {"tp": 1, "pp": 1, "vpp": 1, "sp": False, "distopt": False, "fp8": False}, args.workdir,
-            reference=True)
+        one_rank = {"tp": 1, "pp": 1, "vpp": 1, "sp": False, "distopt": False, "fp8": False}
+        run("reference", one_rank, args.workdir, reference=True)
+        run("reference-moe", {**one_rank, "moe": True}, args.workdir, reference=True)
         return
     for item in args.layouts.split(";"):
         name, sizes = item.split(":")
-        tp, pp, vpp, sp, distopt, fp8 = (int(x) for x in sizes.split(","))
-        run(name, {"tp": tp, "pp": pp, "vpp": vpp, "sp": bool(sp), "distopt": bool(distopt), "fp8": bool(fp8)},
+        tp, pp, vpp, sp, distopt, fp8, *ep = (int(x) for x in sizes.split(","))
+        moe = {"moe": True, "ep": ep[0]} if ep else {}
+        run(name, {"tp": tp, "pp": pp, "vpp": vpp, "sp": bool(sp), "distopt": bool(distopt), "fp8": bool(fp8), **moe},
             args.workdir, reference=False)
 
 
