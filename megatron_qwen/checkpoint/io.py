@@ -13,8 +13,8 @@ unless the caller passes ``trust=True`` (``training.trust_checkpoint``).
 
 from __future__ import annotations
 
-import json
 import copy
+import json
 import os
 import random
 import re
