@@ -381,9 +381,21 @@ def load_model(chunks: list[torch.nn.Module], path: str | os.PathLike, trust: bo
             "docs/conversion.md), or build the model with the checkpoint's peft.* settings"
         )
     base = record["base"]
-    check_base(path, record, base, base_fingerprint(base, trust), f'"base" in {Path(path) / ADAPTER_BASE_FILE}')
-    load_weights(modules, base, f"the base {base} of {path}", trust=trust, select=lambda name: not is_adapter_key(name))
+    load_adapter_base(modules, path, record, base, f"the base {base} of {path}",
+                      f'"base" in {Path(path) / ADAPTER_BASE_FILE}', trust)
     load_weights(modules, path, str(path), trust=trust, select=is_adapter_key)
+
+
+def load_adapter_base(modules: list[torch.nn.Module], adapters: str | os.PathLike, record: dict,
+                      base: str | os.PathLike, what: str, key: str, trust: bool = False) -> str:
+    """Load into `modules` the base weights of the adapters in checkpoint `adapters` from checkpoint `base` (named
+    `what` in errors), refused unless its fingerprint is the one `record` (their ``adapter_base.json``) holds, the
+    fix named as setting `key`; the adapters are left as they are. Returns the base's fingerprint."""
+    ckdir.require_checkpoint(base, what)
+    fingerprint = base_fingerprint(base, trust)
+    check_base(adapters, record, base, fingerprint, key)
+    load_weights(modules, base, what, trust=trust, select=lambda name: not is_adapter_key(name))
+    return fingerprint
 
 
 def read_full_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, torch.Tensor]:
@@ -529,8 +541,12 @@ def load_checkpoint(path: str | os.PathLike, units: list[ModelUnit], restore_rng
     lifts the unpickling allowlist."""
     path = Path(path)
     requested = units_state(units, loading=True)
-    stored = set(tensor_metadata(path, trust))
-    regrouped = {unit.namespace for unit in units if unit.optimizer is not None and _match_regrouped_keys(
+    # Only a mixture-of-experts model's optimizers are grouped differently at another layout (EP = 1 against EP > 1):
+    # the checkpoint's key list is read for those alone, sparing every other resume a second metadata read.
+    moe = [unit for unit in units if unit.optimizer is not None
+           and getattr(getattr(unit.modules[0], "config", None), "num_moe_experts", None)]
+    stored = set(tensor_metadata(path, trust)) if moe else set()
+    regrouped = {unit.namespace for unit in moe if _match_regrouped_keys(
         (requested[unit.namespace] if unit.namespace else requested)[ckdir.OPTIMIZER_KEY], stored)}
     loaded, _, absent = dist_checkpointing.load(requested, str(path), strict=StrictHandling.RETURN_UNEXPECTED,
                                                 **safety.load_strategies(trust))

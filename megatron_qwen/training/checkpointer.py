@@ -96,9 +96,11 @@ class Checkpointer:
         checkpointing.load_weights(unit.modules, path, what, trust=self.ctx.cfg.training.trust_checkpoint,
                                    select=is_adapter_key)
 
-    def _record_base(self, path: str) -> str:
-        """Name checkpoint `path` as the adapters' base in every save; returns its fingerprint."""
-        fingerprint = base_fingerprint(path, self.ctx.cfg.training.trust_checkpoint)
+    def _record_base(self, path: str, fingerprint: str | None = None) -> str:
+        """Name checkpoint `path` (fingerprint `fingerprint`, computed when not given) as the adapters' base in every
+        save; returns its fingerprint."""
+        if fingerprint is None:
+            fingerprint = base_fingerprint(path, self.ctx.cfg.training.trust_checkpoint)
         self.carried_files[ADAPTER_BASE_FILE] = adapter_base_record(Path(path).resolve(), fingerprint)
         return fingerprint
 
@@ -114,11 +116,9 @@ class Checkpointer:
             )
         base = path or record["base"]
         what = f"{key}={base}" if path else f"the base {base} recorded in {resume_from / ADAPTER_BASE_FILE}"
-        ckdir.require_checkpoint(base, what)
-        fingerprint = self._record_base(base)
-        check_base(resume_from, record, base, fingerprint, key)
-        checkpointing.load_weights(unit.modules, base, what, trust=self.ctx.cfg.training.trust_checkpoint,
-                                   select=lambda name: not is_adapter_key(name))
+        fingerprint = checkpointing.load_adapter_base(unit.modules, resume_from, record, base, what, key,
+                                                      self.ctx.cfg.training.trust_checkpoint)
+        self._record_base(base, fingerprint)
         self.ctx.say(f"loaded the base weights of {unit.name} from {base}")
         self.carry_from(Path(base))
 
