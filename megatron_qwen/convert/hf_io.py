@@ -69,14 +69,18 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def _read_into(info: TensorInfo, name: str, offset: int, out: torch.Tensor) -> torch.Tensor:
+    """`out` filled from `info.file`'s bytes at `offset` (part of tensor `name`)."""
+    with open(info.file, "rb") as f:
+        f.seek(offset)
+        if f.readinto(out.view(-1).view(torch.uint8).numpy()) != out.numel() * out.element_size():
+            raise ConversionError(f"{info.file}: ends inside tensor {name}; the file is truncated, download it again")
+    return out
+
+
 def read_safetensors_tensor(info: TensorInfo, name: str) -> torch.Tensor:
     """The whole tensor `name` of a safetensors file, read straight from its byte range."""
-    out = torch.empty(info.shape, dtype=info.dtype)
-    with open(info.file, "rb") as f:
-        f.seek(info.offset)
-        if f.readinto(out.view(-1).view(torch.uint8).numpy()) != out.numel() * out.element_size():
-            raise ConversionError(f"{info.file}: ends inside tensor {name}; the file is truncated")
-    return out
+    return _read_into(info, name, info.offset, torch.empty(info.shape, dtype=info.dtype))
 
 
 class HFCheckpoint:
@@ -150,13 +154,7 @@ class HFCheckpoint:
         out = torch.empty((max(stop - start, 0), *shape[1:]), dtype=info.dtype)
         row_bytes = math.prod(shape[1:]) * out.element_size()
         first = start if slab is None else slab * shape[0] + start
-        with open(info.file, "rb") as f:
-            f.seek(info.offset + first * row_bytes)
-            if f.readinto(out.view(-1).view(torch.uint8).numpy()) != out.numel() * out.element_size():
-                raise ConversionError(
-                    f"{info.file}: ends inside tensor {name}; the file is truncated, download it again"
-                )
-        return out
+        return _read_into(info, name, info.offset + first * row_bytes, out)
 
 
 def tokenizer_files(directory: Path) -> tuple[dict[int, str] | None, str | None]:
