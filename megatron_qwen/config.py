@@ -858,28 +858,22 @@ def fp8_gemm_dims(cfg: Config) -> list[tuple[str, str, int]]:
         ("self_attention.linear_proj", f"input features per rank (query width {q}{rank})", q // tp),
         ("self_attention.linear_proj", f"output features (model.hidden_size={h})", h),
     ]
+
+    def mlp(where: str, key: str, width: int, split: int, note: str) -> list[tuple[str, str, int]]:
+        """An MLP's fc1 output and fc2 input dimensions (its linears named `where` + linear_fc1 ...): `width` (config
+        key `key`) split over `split` ranks."""
+        return [(f"{where}linear_fc1", f"output features per rank (2 x {key}={width}{note})", 2 * width // split),
+                (f"{where}linear_fc2", f"input features per rank ({key}={width}{note})", width // split)]
+
     if not m.is_moe or not all(m.moe_layers):
-        dims += [
-            ("mlp.linear_fc1", f"output features per rank (2 x model.ffn_hidden_size={f}{rank})", 2 * f // tp),
-            ("mlp.linear_fc2", f"input features per rank (model.ffn_hidden_size={f}{rank})", f // tp),
-        ]
+        dims += mlp("mlp.", "model.ffn_hidden_size", f, tp, rank)
     if m.is_moe and m.moe_ffn_hidden_size is not None:
         etp = tp if cfg.parallel.etp is None else cfg.parallel.etp
-        e, erank = m.moe_ffn_hidden_size, "" if etp == 1 else f" / expert tensor parallelism {etp}"
-        dims += [
-            ("mlp.experts linear_fc1", f"output features per rank (2 x model.moe_ffn_hidden_size={e}{erank})",
-             2 * e // etp),
-            ("mlp.experts linear_fc2", f"input features per rank (model.moe_ffn_hidden_size={e}{erank})", e // etp),
-        ]
-        shared = m.moe_shared_expert_ffn_hidden_size
-        if shared is not None:
-            dims += [
-                ("mlp.shared_experts linear_fc1",
-                 f"output features per rank (2 x model.moe_shared_expert_ffn_hidden_size={shared}{rank})",
-                 2 * shared // tp),
-                ("mlp.shared_experts linear_fc2",
-                 f"input features per rank (model.moe_shared_expert_ffn_hidden_size={shared}{rank})", shared // tp),
-            ]
+        erank = "" if etp == 1 else f" / expert tensor parallelism {etp}"
+        dims += mlp("mlp.experts ", "model.moe_ffn_hidden_size", m.moe_ffn_hidden_size, etp, erank)
+        if m.moe_shared_expert_ffn_hidden_size is not None:
+            dims += mlp("mlp.shared_experts ", "model.moe_shared_expert_ffn_hidden_size",
+                        m.moe_shared_expert_ffn_hidden_size, tp, rank)
     dims.append(("every layer linear", f"tokens per micro-batch (model.seq_length={m.seq_length} x "
                  f"training.micro_batch_size={cfg.training.micro_batch_size})",
                  m.seq_length * cfg.training.micro_batch_size))
